@@ -1,0 +1,5 @@
+import sys
+
+from conveyord.cli import main
+
+sys.exit(main())

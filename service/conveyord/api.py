@@ -1,0 +1,259 @@
+"""The gRPC face of the server: conveyor.v1.TaskService on top of the scheduler, store and hub.
+
+Each RPC validates its request (nothing changes for a bad one), calls the layer below,
+and turns the known failures into canonical status codes with google.rpc details.
+The method handlers are built here rather than by the generated `add_...Servicer_to_server`
+so that a request whose bytes do not parse gets INVALID_ARGUMENT instead of INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from conveyor.v1 import task_service_pb2 as pb
+from google.protobuf import duration_pb2, message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from conveyord import validation
+from conveyord.convert import change_to_proto, task_to_proto
+from conveyord.hub import EventHub, HubClosed
+from conveyord.model import Change, ChangeKind
+from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
+from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound
+from conveyord.validation import InvalidArgument, WatchQuery
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
+ERROR_DOMAIN = "conveyor.v1"
+Request = TypeVar("Request", bound=message.Message)
+Response = TypeVar("Response", bound=message.Message)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so that the RPC can refuse it cleanly."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class TaskServiceApi:
+    """The RPCs of conveyor.v1.TaskService."""
+
+    def __init__(self, scheduler: Scheduler, hub: EventHub) -> None:
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.hub = hub
+
+    async def create(self, request: pb.CreateRequest) -> pb.CreateResponse:
+        new = validation.create_request(
+            request, self.scheduler.registry, self.scheduler.config.default_timeout
+        )
+        task, _ = await self.scheduler.create(new.to_task(str(uuid.uuid4()), self.scheduler.clock()))
+        return pb.CreateResponse(task=task_to_proto(task))
+
+    async def get(self, request: pb.GetRequest) -> pb.GetResponse:
+        task_id = validation.task_id(request.task_id)
+        task = await self.store.get(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return pb.GetResponse(task=task_to_proto(task))
+
+    async def list(self, request: pb.ListRequest) -> pb.ListResponse:
+        query = validation.list_request(request)
+        tasks, revision = await self.store.list(query.filter, query.after_seq, query.page_size)
+        response = pb.ListResponse(tasks=[task_to_proto(t) for t in tasks], revision=revision)
+        if len(tasks) == query.page_size:
+            response.next_page_token = query.next_token(tasks[-1].seq)
+        return response
+
+    async def cancel(self, request: pb.CancelRequest) -> pb.CancelResponse:
+        task_id, reason = validation.cancel_request(request)
+        task = await self.scheduler.cancel(task_id, reason)
+        return pb.CancelResponse(task=task_to_proto(task))
+
+    async def watch(self, request: pb.WatchRequest) -> AsyncIterator[pb.WatchResponse]:
+        """See the Watch RPC in task_service.proto: replay or current state first, then live."""
+        query = validation.watch_request(request)
+        task_id = query.filter.task_id
+        with self.hub.subscribe(query.filter) as subscription:
+            last = self.hub.revision
+            if task_id and query.since_revision is None:
+                task = await self.store.get(task_id)
+                if task is None:
+                    raise TaskNotFound(task_id)
+                yield pb.WatchResponse(
+                    type=pb.WATCH_EVENT_TYPE_CURRENT, task=task_to_proto(task), revision=task.revision
+                )
+                if task.terminal:
+                    return
+                last = task.revision
+            elif query.since_revision is not None:
+                task = await self.store.get(task_id) if task_id else None
+                changes = await self.store.changes_since(query.since_revision, query.filter)
+                if task_id and task is None and not changes:
+                    raise TaskNotFound(task_id)
+                last = query.since_revision
+                for change in changes:
+                    yield change_to_proto(change)
+                    last = change.revision
+                    if _ends_watch(query, change):
+                        return
+                if task is not None and task.terminal:
+                    return  # it ended at or before since_revision: the caller has seen the end
+            while True:
+                change = await subscription.next(query.heartbeat)
+                if change is None:
+                    yield pb.WatchResponse(
+                        type=pb.WATCH_EVENT_TYPE_HEARTBEAT, revision=max(last, self.hub.revision)
+                    )
+                elif change.revision > last:  # not already sent from the history
+                    yield change_to_proto(change)
+                    last = change.revision
+                    if _ends_watch(query, change):
+                        return
+
+
+def _ends_watch(query: WatchQuery, change: Change) -> bool:
+    """A watch of one task ends after the task's terminal state (or its removal)."""
+    return bool(query.filter.task_id) and (
+        change.kind is ChangeKind.REMOVED or change.task.terminal
+    )
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def status_of(error: Exception) -> grpc.Status | None:
+    """The gRPC status that answers a known failure, or None for an unexpected one."""
+    details: list[message.Message]
+    match error:
+        case InvalidArgument(violations=violations):
+            code = code_pb2.INVALID_ARGUMENT
+            details = [
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in violations
+                    ]
+                )
+            ]
+        case TaskNotFound(task_id=task_id):
+            code, details = code_pb2.NOT_FOUND, [_error_info("TASK_NOT_FOUND", task_id=task_id)]
+        case RequestIdReused(request_id=request_id, task_id=task_id):
+            code = code_pb2.ALREADY_EXISTS
+            details = [_error_info("REQUEST_ID_REUSED", request_id=request_id, task_id=task_id)]
+        case TaskAlreadyEnded(task=task):
+            code = code_pb2.FAILED_PRECONDITION
+            details = [_error_info("TASK_ALREADY_ENDED", status=task.status.name)]
+        case QueueFull():
+            code = code_pb2.RESOURCE_EXHAUSTED
+            details = [
+                _error_info("QUEUE_FULL"),
+                error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)),
+            ]
+        case RevisionOutOfRange(oldest=oldest, latest=latest):
+            code = code_pb2.OUT_OF_RANGE
+            details = [
+                _error_info("REVISION_OUT_OF_RANGE", oldest=str(oldest), latest=str(latest))
+            ]
+        case ShuttingDown() | HubClosed():
+            code, details = code_pb2.UNAVAILABLE, [_error_info("SHUTTING_DOWN")]
+            error = ShuttingDown()
+        case _:
+            return None
+    status = status_pb2.Status(code=code, message=str(error))
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
+
+
+def _malformed_status(request: MalformedRequest) -> grpc.Status:
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT,
+            message=f"the request is not a valid {request.name} message",
+        )
+    )
+
+
+# -- wiring ----------------------------------------------------------------------
+
+
+def _deserializer(cls: type[Request]) -> Callable[[bytes], Request | MalformedRequest]:
+    def parse(data: bytes) -> Request | MalformedRequest:
+        try:
+            return cls.FromString(data)
+        except message.DecodeError:
+            return MalformedRequest(cls.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _unary(
+    behaviour: Callable[[Any], Awaitable[Response]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Response:
+        if isinstance(request, MalformedRequest):
+            await context.abort_with_status(_malformed_status(request))
+        try:
+            return await behaviour(request)
+        except Exception as error:
+            status = status_of(error)
+            if status is None:
+                raise
+            await context.abort_with_status(status)
+            raise  # unreachable: abort raises
+
+    return handle
+
+
+def _stream(
+    behaviour: Callable[[Any], AsyncIterator[Response]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Response]:
+        if isinstance(request, MalformedRequest):
+            await context.abort_with_status(_malformed_status(request))
+        try:
+            async for response in behaviour(request):
+                yield response
+        except Exception as error:
+            status = status_of(error)
+            if status is None:
+                raise
+            await context.abort_with_status(status)
+
+    return handle
+
+
+def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The RPC method handlers of TaskService, by method name."""
+
+    def unary(behaviour: Callable[[Any], Awaitable[Any]], request: type[message.Message]) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(behaviour),
+            request_deserializer=_deserializer(request),
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+
+    return {
+        "Create": unary(api.create, pb.CreateRequest),
+        "Get": unary(api.get, pb.GetRequest),
+        "List": unary(api.list, pb.ListRequest),
+        "Cancel": unary(api.cancel, pb.CancelRequest),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            _stream(api.watch),
+            request_deserializer=_deserializer(pb.WatchRequest),
+            response_serializer=lambda response: response.SerializeToString(),
+        ),
+    }
+

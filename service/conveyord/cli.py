@@ -1,0 +1,197 @@
+"""The `conveyord` command: parse flags (each with an environment variable), then serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from conveyord.scheduler import SchedulerConfig
+from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
+from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
+
+_DEFAULTS = SchedulerConfig()
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    return parse
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def _type_limit(text: str) -> tuple[str, int]:
+    task_type, _, limit = text.partition("=")
+    if not task_type or not limit.isdigit() or int(limit) < 1:
+        raise argparse.ArgumentTypeError(f"expected TYPE=N with N >= 1, not {text!r}")
+    return task_type, int(limit)
+
+
+def _modules(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyord",
+        description="conveyord runs tasks in the background and lets other services follow them "
+        "over gRPC (service conveyor.v1.TaskService, with health and reflection).",
+        epilog="Every option can also be set with the environment variable named after it. "
+        "SIGTERM or SIGINT stops the server gracefully: health turns NOT_SERVING, new tasks are "
+        "refused, running tasks get the shutdown grace period; a second signal stops at once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def option(flag: str, env: str, help: str, **kwargs: Any) -> None:
+        default = os.environ.get(env)
+        if default is not None and "type" in kwargs:
+            try:
+                default = kwargs["type"](default)
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                parser.error(f"{env}={default!r}: {error}")
+        kwargs.setdefault("default", None)
+        if default is not None:
+            kwargs["default"] = default
+        parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
+
+    option("--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN)
+    option(
+        "--handlers", "CONVEYORD_HANDLERS",
+        "comma-separated modules whose @handler functions to register", type=_modules, default=[],
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-builtin-handlers", action="store_true",
+        default=os.environ.get("CONVEYORD_NO_BUILTIN_HANDLERS", "") not in ("", "0"),
+        help="do not register the built-in sleep, echo and fail handlers "
+        "[env CONVEYORD_NO_BUILTIN_HANDLERS=1]",
+    )  # fmt: skip
+    option(
+        "--concurrency", "CONVEYORD_CONCURRENCY", "tasks running at once, in all",
+        type=_positive(int), default=_DEFAULTS.concurrency,
+    )  # fmt: skip
+    parser.add_argument(
+        "--type-concurrency", action="append", type=_type_limit, metavar="TYPE=N", default=[],
+        help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue)",
+    )  # fmt: skip
+    option(
+        "--max-queued", "CONVEYORD_MAX_QUEUED",
+        "tasks waiting at most; beyond it Create answers RESOURCE_EXHAUSTED",
+        type=_positive(int), default=_DEFAULTS.max_queued,
+    )  # fmt: skip
+    option(
+        "--default-timeout", "CONVEYORD_DEFAULT_TIMEOUT",
+        "seconds an attempt may run when the task does not say", type=_positive(float),
+        default=_DEFAULTS.default_timeout,
+    )  # fmt: skip
+    option(
+        "--cancel-grace", "CONVEYORD_CANCEL_GRACE",
+        "seconds a cancelled or timed-out handler has to stop before it is stopped regardless",
+        type=_not_negative, default=_DEFAULTS.cancel_grace,
+    )  # fmt: skip
+    option(
+        "--aging", "CONVEYORD_AGING",
+        "priority levels a queued task gains per minute of waiting (0: strict priority)",
+        type=_not_negative, default=_DEFAULTS.aging_per_minute,
+    )  # fmt: skip
+    option(
+        "--retry-initial", "CONVEYORD_RETRY_INITIAL", "seconds before the first retry",
+        type=_not_negative, default=_DEFAULTS.retry_initial,
+    )  # fmt: skip
+    option(
+        "--retry-multiplier", "CONVEYORD_RETRY_MULTIPLIER", "growth of the delay between retries",
+        type=_positive(float), default=_DEFAULTS.retry_multiplier,
+    )  # fmt: skip
+    option(
+        "--retry-max", "CONVEYORD_RETRY_MAX", "longest delay between retries, seconds",
+        type=_not_negative, default=_DEFAULTS.retry_max,
+    )  # fmt: skip
+    option(
+        "--retention", "CONVEYORD_RETENTION",
+        "seconds a finished task is kept before it is removed", type=_not_negative,
+        default=_DEFAULTS.retention,
+    )  # fmt: skip
+    option(
+        "--sweep-interval", "CONVEYORD_SWEEP_INTERVAL",
+        "seconds between two removals of expired tasks", type=_positive(float),
+        default=_DEFAULTS.sweep_interval,
+    )  # fmt: skip
+    option(
+        "--history-size", "CONVEYORD_HISTORY_SIZE",
+        "changes kept for Watch to resume from, at most", type=_positive(int),
+        default=DEFAULT_HISTORY_SIZE,
+    )  # fmt: skip
+    option(
+        "--history-age", "CONVEYORD_HISTORY_AGE",
+        "seconds a change is kept for Watch to resume from, at most", type=_positive(float),
+        default=DEFAULT_HISTORY_AGE,
+    )  # fmt: skip
+    option(
+        "--shutdown-grace", "CONVEYORD_SHUTDOWN_GRACE",
+        "seconds running tasks get to finish when the server stops", type=_not_negative,
+        default=30.0,
+    )  # fmt: skip
+    option(
+        "--log-level", "CONVEYORD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )  # fmt: skip
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    scheduler = SchedulerConfig(
+        concurrency=args.concurrency,
+        type_concurrency=dict(args.type_concurrency),
+        max_queued=args.max_queued,
+        default_timeout=args.default_timeout,
+        cancel_grace=args.cancel_grace,
+        aging_per_minute=args.aging,
+        retry_initial=args.retry_initial,
+        retry_multiplier=args.retry_multiplier,
+        retry_max=args.retry_max,
+        retention=args.retention,
+        sweep_interval=args.sweep_interval,
+    )
+    return ServerConfig(
+        listen=args.listen,
+        handler_modules=tuple(args.handlers),
+        builtin_handlers=not args.no_builtin_handlers,
+        scheduler=scheduler,
+        history_size=args.history_size,
+        history_age=args.history_age,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = config_from_args(args)
+    try:
+        asyncio.run(serve(config))
+    except ModuleNotFoundError as error:
+        print(f"conveyord: cannot load handlers: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"conveyord: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

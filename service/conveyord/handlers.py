@@ -1,0 +1,171 @@
+"""Task handlers: plain Python functions registered by task type, and the context they run with.
+
+A handler takes one argument, a `TaskContext`, and returns the task's result (anything
+JSON can hold). It may be `async def` (run on the server's event loop) or a plain
+`def` (run on a thread of its own, so that it never blocks the loop). Raising fails the
+attempt with the exception's message.
+
+    from conveyord import TaskContext, handler
+
+    @handler("resize")
+    def resize(ctx: TaskContext) -> dict:
+        for step in range(10):
+            if ctx.cancelled:
+                return {}
+            ...
+            ctx.report(progress=(step + 1) / 10, message=f"step {step + 1} of 10")
+        return {"ok": True}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+Handler = Callable[["TaskContext"], Any]
+H = TypeVar("H", bound=Handler)
+
+_TASK_TYPE_ATTRIBUTE = "__conveyor_task_type__"
+ProgressSink = Callable[[dict[str, Any]], None]
+
+
+def handler(task_type: str) -> Callable[[H], H]:
+    """Mark a function as the handler of `task_type`; `--handlers MODULE` registers it."""
+
+    def mark(function: H) -> H:
+        setattr(function, _TASK_TYPE_ATTRIBUTE, task_type)
+        return function
+
+    return mark
+
+
+class HandlerRegistry:
+    """The handlers a server runs, by task type."""
+
+    def __init__(self, handlers: Mapping[str, Handler] | None = None) -> None:
+        self._handlers: dict[str, Handler] = {}
+        for task_type, function in (handlers or {}).items():
+            self.register(task_type, function)
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[str], *, builtins: bool = True) -> HandlerRegistry:
+        """Import each module and register every function in it marked with `@handler`."""
+        registry = cls()
+        names = (["conveyord.builtin_handlers"] if builtins else []) + list(modules)
+        for name in names:
+            module = importlib.import_module(name)
+            for value in vars(module).values():
+                task_type = getattr(value, _TASK_TYPE_ATTRIBUTE, None)
+                if isinstance(task_type, str) and callable(value):
+                    registry.register(task_type, value)
+        return registry
+
+    def register(self, task_type: str, function: Handler) -> None:
+        if not task_type or not task_type.isprintable():
+            raise ValueError(f"invalid task type {task_type!r}")
+        self._handlers[task_type] = function
+
+    def get(self, task_type: str) -> Handler | None:
+        return self._handlers.get(task_type)
+
+    def __contains__(self, task_type: object) -> bool:
+        return task_type in self._handlers
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+def is_async(function: Handler) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - a callable object with `async def __call__`
+    )
+
+
+class TaskContext:
+    """What a handler sees of its task: its input, a way to report progress, and cancellation.
+
+    Safe to use from the handler's own thread (blocking handlers) and from the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        task_type: str,
+        parameters: Mapping[str, Any],
+        labels: Mapping[str, str],
+        attempt: int,
+        max_attempts: int,
+        loop: asyncio.AbstractEventLoop,
+        sink: ProgressSink,
+    ) -> None:
+        self.task_id = task_id
+        self.task_type = task_type
+        self.parameters: dict[str, Any] = dict(parameters)
+        self.labels: dict[str, str] = dict(labels)
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.cancel_event = threading.Event()  # set when the handler should stop; wait on it
+        self._async_cancel = asyncio.Event()
+        self._cancel_reason = ""
+        self._loop = loop
+        self._sink = sink
+        self._closed = False
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled or its attempt timed out: stop soon."""
+        return self.cancel_event.is_set()
+
+    @property
+    def cancel_reason(self) -> str:
+        return self._cancel_reason
+
+    async def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Wait (in an async handler) until cancelled or `timeout` passes; True if cancelled."""
+        try:
+            await asyncio.wait_for(self._async_cancel.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def report(
+        self,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish progress (0.0 to 1.0), a message and structured detail; returns at once.
+
+        Reports that come faster than the store takes them are merged, the latest winning.
+        Raises ValueError for a progress outside 0..1.
+        """
+        changes: dict[str, Any] = {}
+        if progress is not None:
+            if not isinstance(progress, int | float) or not 0.0 <= progress <= 1.0 or math.isnan(progress):
+                raise ValueError(f"progress must be between 0.0 and 1.0, not {progress!r}")
+            changes["progress"] = float(progress)
+        if message is not None:
+            changes["message"] = str(message)
+        if detail is not None:
+            changes["progress_detail"] = dict(detail)
+        if changes and not self._closed:
+            self._loop.call_soon_threadsafe(self._sink, changes)
+
+    def _request_stop(self, reason: str) -> None:
+        """Tell the handler to stop (called on the event loop)."""
+        if not self.cancel_event.is_set():
+            self._cancel_reason = reason
+            self.cancel_event.set()
+            self._async_cancel.set()
+
+    def _close(self) -> None:
+        """The attempt is over: later reports are ignored."""
+        self._closed = True

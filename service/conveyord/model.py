@@ -1,0 +1,165 @@
+"""The task as the server keeps it: an immutable record, its status, and the rules of its life.
+
+Every change makes a new `Task` (with `dataclasses.replace`), so a record handed to a
+watcher or kept in the change history never changes under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+class TaskStatus(enum.IntEnum):
+    """Mirrors conveyor.v1.TaskStatus, without the prefix."""
+
+    CREATED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+# The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt.
+TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.RUNNING: frozenset(
+        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.CREATED}
+    ),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+class ErrorCode:
+    """The stable codes of `TaskError.code`."""
+
+    HANDLER_ERROR = "HANDLER_ERROR"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INVALID_RESULT = "INVALID_RESULT"
+    INTERRUPTED = "INTERRUPTED"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskError:
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """One task at one revision. Times are seconds since the epoch (UTC)."""
+
+    task_id: str
+    seq: int  # creation order, the key that List pages by
+    task_type: str
+    description: str
+    parameters: Mapping[str, Any]
+    priority: int
+    timeout_seconds: float
+    max_attempts: int
+    labels: Mapping[str, str]
+    created_at: float
+    updated_at: float
+    owner: str = ""  # who the task belongs to; empty until callers are authenticated
+    request_id: str = ""
+    request_hash: bytes = b""  # fingerprint of the TaskRequest, to judge a reused request_id
+    status: TaskStatus = TaskStatus.CREATED
+    progress: float = 0.0
+    message: str = ""
+    progress_detail: Mapping[str, Any] | None = None
+    result: Any = None
+    error: TaskError | None = None
+    attempt: int = 1
+    next_attempt_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested_at: float | None = None
+    cancel_reason: str = ""
+    revision: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def evolve(self, **changes: Any) -> Task:
+        """A copy with `changes`; refuses a status change the state machine does not allow."""
+        status = changes.get("status", self.status)
+        if status != self.status and status not in TRANSITIONS[self.status]:
+            raise IllegalTransition(self.status, status)
+        return dataclasses.replace(self, **changes)
+
+
+class IllegalTransition(Exception):
+    """A move the state machine does not allow; always a bug in the server."""
+
+    def __init__(self, old: TaskStatus, new: TaskStatus) -> None:
+        super().__init__(f"a task cannot go from {old.name} to {new.name}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Which tasks a List or a Watch covers; every part that is set must match."""
+
+    task_id: str = ""
+    statuses: frozenset[TaskStatus] = frozenset()
+    task_type: str = ""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def matches(self, task: Task) -> bool:
+        if self.task_id and task.task_id != self.task_id:
+            return False
+        if self.statuses and task.status not in self.statuses:
+            return False
+        if self.task_type and task.task_type != self.task_type:
+            return False
+        return all(task.labels.get(key) == value for key, value in self.labels.items())
+
+
+class ChangeKind(enum.IntEnum):
+    """Mirrors conveyor.v1.WatchEventType for the events that a change makes."""
+
+    CHANGED = 2
+    REMOVED = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change history: a task's new state, or its removal, at `revision`."""
+
+    revision: int
+    kind: ChangeKind
+    task: Task
+    at: float  # when the change was made, to trim the history by age
+
+
+def json_problem(value: Any, path: str = "result") -> str | None:
+    """Why `value` cannot travel as JSON (a google.protobuf.Value), or None if it can."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int | float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has the key {key!r}, but JSON keys are strings"
+            if (problem := json_problem(item, f"{path}.{key}")) is not None:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if (problem := json_problem(item, f"{path}[{index}]")) is not None:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}, which JSON cannot hold"

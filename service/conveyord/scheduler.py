@@ -1,0 +1,467 @@
+"""The scheduler: runs queued tasks by priority within the concurrency limits, and ends them.
+
+It owns the life of every task after Create: it queues it, starts an attempt when a
+slot is free, stops an attempt that runs past its timeout or is cancelled (told first,
+then, after a grace period, cancelled if async or abandoned if blocking), retries a
+failed attempt with exponential backoff, and removes terminal tasks once their
+retention period is over. Every change goes through the store, which tells the event hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from conveyord.handlers import HandlerRegistry, TaskContext, is_async
+from conveyord.model import ErrorCode, Task, TaskError, TaskStatus, json_problem
+from conveyord.queue import ReadyQueue
+from conveyord.store.base import StoreError, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The limits and timings of the scheduler; `conveyord --help` documents each."""
+
+    concurrency: int = 8
+    type_concurrency: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    max_queued: int = 100_000
+    default_timeout: float = 300.0
+    cancel_grace: float = 10.0
+    aging_per_minute: float = 1.0
+    retry_initial: float = 1.0
+    retry_multiplier: float = 2.0
+    retry_max: float = 300.0
+    retention: float = 24 * 3600.0
+    sweep_interval: float = 60.0
+    sweep_batch: int = 500
+
+    def retry_delay(self, failed_attempt: int) -> float:
+        """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
+        return min(self.retry_initial * self.retry_multiplier ** (failed_attempt - 1), self.retry_max)
+
+
+class QueueFull(StoreError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the queue holds its limit of {limit} tasks; try again later")
+        self.limit = limit
+
+
+class TaskAlreadyEnded(StoreError):
+    def __init__(self, task: Task) -> None:
+        super().__init__(f"task {task.task_id} already ended {task.status.name}")
+        self.task = task
+
+
+class ShuttingDown(StoreError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and takes no new tasks")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How an attempt ended, before the retry policy is applied."""
+
+    result: Any = None
+    error: TaskError | None = None
+    retryable: bool = True
+
+
+class _Attempt:
+    """One run of one task: the handler's future, its context, and the request to stop it."""
+
+    def __init__(self, task_id: str, task_type: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.task_id = task_id
+        self.task_type = task_type
+        self.stop: asyncio.Future[_Outcome] = loop.create_future()
+        self.context: TaskContext | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self.progress: dict[str, Any] = {}
+        self.flushing = False
+
+    def request_stop(self, outcome: _Outcome) -> None:
+        if not self.stop.done():
+            self.stop.set_result(outcome)
+
+
+class Scheduler:
+    """Queues, runs, retries and retires tasks; use as an async context manager."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: HandlerRegistry,
+        config: SchedulerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.config = config or SchedulerConfig()
+        self.clock = clock
+        self._queue = ReadyQueue(self.config.aging_per_minute / 60.0)
+        self._waiting: dict[str, asyncio.TimerHandle] = {}  # retries waiting for their time
+        self._running: dict[str, _Attempt] = {}
+        self._running_by_type: dict[str, int] = {}
+        self._accepting = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown(grace=0)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="conveyor-sweeper")
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking work, let running attempts finish for `grace` seconds, then stop them.
+
+        Safe to call twice. Tasks still queued stay CREATED in the store.
+        """
+        if not self._accepting and self._sweeper is None:
+            return
+        self._accepting = False
+        for handle in self._waiting.values():
+            handle.cancel()
+        self._waiting.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        runners = [a.runner for a in self._running.values() if a.runner is not None]
+        log.info("shutting down: %d running, %d queued", len(runners), len(self._queue))
+        if runners:
+            _, pending = await asyncio.wait(runners, timeout=grace)
+            for runner in pending:
+                runner.cancel()
+            if pending:
+                log.warning("stopped %d attempts that outlived the grace period", len(pending))
+                await asyncio.wait(pending)
+        for background in list(self._background):
+            background.cancel()
+
+    # -- the requests ------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Tasks waiting to run, including retries waiting for their time."""
+        return len(self._queue) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _admit(self) -> None:
+        """Raise unless there is room for one more task (called by the store before it stores)."""
+        if not self._accepting:
+            raise ShuttingDown()
+        if self.queued >= self.config.max_queued:
+            raise QueueFull(self.config.max_queued)
+
+    async def create(self, task: Task) -> tuple[Task, bool]:
+        """Store and queue a new task; return it and whether it is new (False for a replayed request_id)."""
+        if not self._accepting:
+            raise ShuttingDown()
+        stored, created = await self.store.create(task, admit=self._admit)
+        if created:
+            self._enqueue(stored)
+        return stored, created
+
+    async def cancel(self, task_id: str, reason: str) -> Task:
+        """Cancel a task: at once if queued; by telling, then stopping, its handler if running."""
+        now = self.clock()
+        reason = reason or "cancelled by request"
+
+        def mutate(task: Task) -> Task | None:
+            if task.status is TaskStatus.CANCELLED:
+                return None
+            if task.terminal:
+                raise TaskAlreadyEnded(task)
+            if task.status is TaskStatus.CREATED:
+                return _cancelled(task, reason, now)
+            if task.cancel_requested_at is not None:
+                return None
+            return task.evolve(
+                cancel_requested_at=now, cancel_reason=reason, updated_at=now,
+                message=f"cancelling: {reason}",
+            )  # fmt: skip
+
+        task = await self.store.update(task_id, mutate)
+        if task.status is TaskStatus.CANCELLED:
+            self._unqueue(task_id)
+        elif (attempt := self._running.get(task_id)) is not None:
+            attempt.request_stop(_Outcome(error=TaskError(ErrorCode.CANCELLED, reason)))
+        return task
+
+    # -- queueing and dispatch ---------------------------------------------------
+
+    def _enqueue(self, task: Task) -> None:
+        """Queue a CREATED task now, or when its next attempt is due."""
+        delay = (task.next_attempt_at or 0.0) - self.clock()
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._waiting[task.task_id] = loop.call_later(delay, self._wake, task)
+            return
+        self._queue.push(task.task_id, task.task_type, task.priority, time.monotonic())
+        self._dispatch()
+
+    def _wake(self, task: Task) -> None:
+        self._waiting.pop(task.task_id, None)
+        self._queue.push(task.task_id, task.task_type, task.priority, time.monotonic())
+        self._dispatch()
+
+    def _unqueue(self, task_id: str) -> None:
+        self._queue.discard(task_id)
+        handle = self._waiting.pop(task_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _has_room(self, task_type: str) -> bool:
+        limit = self.config.type_concurrency.get(task_type)
+        return limit is None or self._running_by_type.get(task_type, 0) < limit
+
+    def _dispatch(self) -> None:
+        """Start attempts while there are free slots and runnable tasks."""
+        while self._accepting and len(self._running) < self.config.concurrency:
+            picked = self._queue.pop(self._has_room)
+            if picked is None:
+                return
+            task_id, task_type = picked
+            attempt = _Attempt(task_id, task_type, asyncio.get_running_loop())
+            self._running[task_id] = attempt
+            self._running_by_type[task_type] = self._running_by_type.get(task_type, 0) + 1
+            attempt.runner = asyncio.create_task(self._run(attempt), name=f"conveyor-task-{task_id}")
+
+    def _release(self, attempt: _Attempt) -> None:
+        del self._running[attempt.task_id]
+        self._running_by_type[attempt.task_type] -= 1
+        self._dispatch()
+
+    # -- one attempt -------------------------------------------------------------
+
+    async def _run(self, attempt: _Attempt) -> None:
+        """Start the attempt in the store, run the handler, record how it ended."""
+        try:
+            task = await self.store.update(attempt.task_id, self._start_mutation())
+            if task.status is not TaskStatus.RUNNING:
+                return  # cancelled while it was being picked
+            outcome = await self._execute(task, attempt)
+            ended = await self.store.update(task.task_id, self._finish_mutation(task, outcome))
+            if ended.status is TaskStatus.CREATED and self._accepting:
+                self._enqueue(ended)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the attempt of task %s broke the scheduler's bookkeeping", attempt.task_id)
+        finally:
+            if attempt.context is not None:
+                attempt.context._close()
+            self._release(attempt)
+
+    def _start_mutation(self) -> Callable[[Task], Task | None]:
+        now = self.clock()
+
+        def start(task: Task) -> Task | None:
+            if task.status is not TaskStatus.CREATED:
+                return None
+            return task.evolve(
+                status=TaskStatus.RUNNING, started_at=now, updated_at=now, next_attempt_at=None,
+                message=f"running (attempt {task.attempt} of {task.max_attempts})",
+            )  # fmt: skip
+
+        return start
+
+    async def _execute(self, task: Task, attempt: _Attempt) -> _Outcome:
+        """Run the handler until it returns, its timeout passes, or it is cancelled."""
+        loop = asyncio.get_running_loop()
+        function = self.registry.get(task.task_type)
+        if function is None:
+            message = f"no handler is registered for task type {task.task_type!r}"
+            return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
+        context = TaskContext(
+            task_id=task.task_id, task_type=task.task_type, parameters=task.parameters,
+            labels=task.labels, attempt=task.attempt, max_attempts=task.max_attempts,
+            loop=loop, sink=lambda changes: self._report(attempt, changes),
+        )  # fmt: skip
+        attempt.context = context
+        work = _start_handler(function, context, loop)
+        try:
+            done, _ = await asyncio.wait(
+                {work, attempt.stop}, timeout=task.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:  # the server is stopping and the grace period is over
+            context._request_stop("the server is shutting down")
+            work.cancel()
+            work.add_done_callback(_ignore_outcome)
+            raise
+        if work in done and not attempt.stop.done():
+            return _outcome_of(work)
+        if attempt.stop.done():
+            stopped = attempt.stop.result()
+        else:
+            message = f"attempt {task.attempt} ran longer than its timeout of {task.timeout_seconds:g} s"
+            stopped = _Outcome(error=TaskError(ErrorCode.DEADLINE_EXCEEDED, message))
+        reason = stopped.error.message if stopped.error else ""
+        context._request_stop(reason)
+        if not work.done():
+            await asyncio.wait({work}, timeout=self.config.cancel_grace)
+        if not work.done():
+            # An async handler is cancelled; a blocking one cannot be, and is abandoned:
+            # whatever it returns later is discarded.
+            work.cancel()
+        work.add_done_callback(_ignore_outcome)
+        return stopped
+
+    def _finish_mutation(self, started: Task, outcome: _Outcome) -> Callable[[Task], Task | None]:
+        now = self.clock()
+        config = self.config
+
+        def finish(task: Task) -> Task | None:
+            if task.status is not TaskStatus.RUNNING or task.attempt != started.attempt:
+                return None
+            if task.cancel_requested_at is not None:
+                return _cancelled(task, task.cancel_reason, now)
+            if outcome.error is None:
+                return task.evolve(
+                    status=TaskStatus.COMPLETED, result=outcome.result, progress=1.0,
+                    message="completed", finished_at=now, updated_at=now,
+                )  # fmt: skip
+            error = outcome.error
+            if outcome.retryable and task.attempt < task.max_attempts:
+                delay = config.retry_delay(task.attempt)
+                return task.evolve(
+                    status=TaskStatus.CREATED, attempt=task.attempt + 1, error=error,
+                    next_attempt_at=now + delay, updated_at=now,
+                    message=f"attempt {task.attempt} failed ({error.code}); retrying in {delay:g} s",
+                )  # fmt: skip
+            return task.evolve(
+                status=TaskStatus.FAILED, error=error, finished_at=now, updated_at=now,
+                message=f"failed: {error.message}",
+            )  # fmt: skip
+
+        return finish
+
+    # -- progress ----------------------------------------------------------------
+
+    def _report(self, attempt: _Attempt, changes: dict[str, Any]) -> None:
+        """Merge a handler's report and write it unless a write is already on its way."""
+        attempt.progress.update(changes)
+        if not attempt.flushing:
+            attempt.flushing = True
+            self._spawn(self._flush(attempt))
+
+    async def _flush(self, attempt: _Attempt) -> None:
+        try:
+            while attempt.progress and attempt.context is not None:
+                changes, attempt.progress = attempt.progress, {}
+                number = attempt.context.attempt
+                now = self.clock()
+
+                def apply(task: Task, changes: dict[str, Any] = changes) -> Task | None:
+                    if task.status is not TaskStatus.RUNNING or task.attempt != number:
+                        return None
+                    return task.evolve(updated_at=now, **changes)
+
+                await self.store.update(attempt.task_id, apply)
+        finally:
+            attempt.flushing = False
+
+    # -- retention ---------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("removing expired tasks failed; trying again later")
+
+    async def sweep(self) -> int:
+        """Remove terminal tasks older than the retention period, in small batches."""
+        cutoff = self.clock() - self.config.retention
+        total = 0
+        while removed := await self.store.remove_finished(cutoff, self.config.sweep_batch):
+            total += removed
+            await asyncio.sleep(0)  # let requests in between batches
+        if total:
+            log.info("removed %d tasks past their retention period", total)
+        return total
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _cancelled(task: Task, reason: str, now: float) -> Task:
+    return task.evolve(
+        status=TaskStatus.CANCELLED, error=TaskError(ErrorCode.CANCELLED, reason),
+        message=f"cancelled: {reason}", finished_at=now, updated_at=now, next_attempt_at=None,
+    )  # fmt: skip
+
+
+def _start_handler(
+    function: Callable[[TaskContext], Any], context: TaskContext, loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[Any]:
+    """Start a handler: an async one as a task on the loop, a blocking one on a thread of its own.
+
+    A thread per blocking attempt (rather than a pool) means that an abandoned handler that
+    never returns holds only its own thread, never a slot that other tasks need.
+    """
+    if is_async(function):
+        return asyncio.ensure_future(function(context))
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = function(context), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"conveyor-{context.task_id}", daemon=True).start()
+    return future
+
+
+def _outcome_of(work: asyncio.Future[Any]) -> _Outcome:
+    """Turn a finished handler into an outcome: its result, or its exception as HANDLER_ERROR."""
+    if work.cancelled():
+        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
+    error = work.exception()
+    if error is not None:
+        message = str(error) or type(error).__name__
+        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message))
+    result = work.result()
+    if (problem := json_problem(result)) is not None:
+        return _Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
+    return _Outcome(result=result)
+
+
+def _ignore_outcome(work: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned handler's outcome so that asyncio does not log it as lost."""
+    if not work.cancelled():
+        work.exception()

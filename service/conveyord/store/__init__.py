@@ -1,0 +1,1 @@
+"""Where tasks live: the store seam (`base`) and its implementations."""

@@ -1,0 +1,99 @@
+"""The store seam: what the scheduler, the API and the event hub need from wherever tasks live.
+
+A store owns the single revision counter. Every change it makes gets the next revision,
+enters the bounded change history that Watch resumes from, and is passed, once
+committed and in revision order, to the listener given to the store (the event hub).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from conveyord.model import Change, Task, TaskFilter
+
+ChangeListener = Callable[[Change], None]
+Mutation = Callable[[Task], Task | None]
+
+
+class StoreError(Exception):
+    """Base of the errors a store raises for a request it cannot honour."""
+
+
+class TaskNotFound(StoreError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} not found")
+        self.task_id = task_id
+
+
+class RequestIdReused(StoreError):
+    def __init__(self, request_id: str, task_id: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was already used for task {task_id} with a different request"
+        )
+        self.request_id = request_id
+        self.task_id = task_id
+
+
+class RevisionOutOfRange(StoreError):
+    def __init__(self, revision: int, oldest: int, latest: int) -> None:
+        super().__init__(
+            f"revision {revision} is outside the change history, which holds revisions "
+            f"after {oldest} up to {latest}; Get or List again and watch from there"
+        )
+        self.revision, self.oldest, self.latest = revision, oldest, latest
+
+
+class TaskStore(Protocol):
+    """Where tasks live. Every method is safe to call from the event loop; none blocks it."""
+
+    @property
+    def revision(self) -> int:
+        """The revision of the latest committed change."""
+        ...
+
+    def set_listener(self, listener: ChangeListener) -> None:
+        """Receive every committed change, in revision order."""
+        ...
+
+    async def create(self, task: Task, admit: Callable[[], None]) -> tuple[Task, bool]:
+        """Store a new task and return it with its revision, its `seq`, and `True`.
+
+        When the task's (owner, request_id) is already known, store nothing and return
+        the task first created with it and `False`, or raise RequestIdReused if that
+        task was created from a different request. Otherwise call `admit` first, which
+        raises to refuse the task (a full queue); then nothing is stored.
+        """
+        ...
+
+    async def get(self, task_id: str) -> Task | None:
+        """The task's latest committed state, or None."""
+        ...
+
+    async def update(self, task_id: str, mutation: Mutation) -> Task:
+        """Apply `mutation` to the task's latest state, atomically with respect to other updates.
+
+        `mutation` returns the new state, or None to change nothing (the current state is
+        returned); whatever it raises propagates and nothing changes. Raises TaskNotFound.
+        """
+        ...
+
+    async def list(
+        self, task_filter: TaskFilter, after_seq: int, limit: int
+    ) -> tuple[Sequence[Task], int]:
+        """Up to `limit` matching tasks created after `after_seq`, oldest first, and the revision."""
+        ...
+
+    async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:
+        """Matching changes after `revision`, oldest first; RevisionOutOfRange when the
+        history no longer reaches back that far or `revision` is ahead of the store."""
+        ...
+
+    async def remove_finished(self, finished_before: float, limit: int) -> int:
+        """Remove up to `limit` terminal tasks that ended before `finished_before`; each
+        removal is a change. Returns how many were removed."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the store holds; safe to call twice."""
+        ...

@@ -1,0 +1,276 @@
+"""Checks of every request field, before anything changes.
+
+Each check names the field it refuses, so that the caller gets a google.rpc.BadRequest
+listing every bad field at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import uuid
+from typing import Any
+
+from conveyor.protojson import struct_to_dict
+from conveyor.v1 import task_pb2, task_service_pb2
+from google.protobuf import duration_pb2
+
+from conveyord.handlers import HandlerRegistry
+from conveyord.model import Task, TaskFilter, TaskStatus
+
+DEFAULT_PRIORITY = 5
+MAX_DESCRIPTION = 4096
+MAX_ATTEMPTS = 100
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 255
+MAX_REQUEST_ID = 128
+MAX_REASON = 1024
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_HEARTBEAT = 15.0
+MIN_HEARTBEAT = 0.1
+MAX_HEARTBEAT = 3600.0
+_STATUS_VALUES = frozenset(int(status) for status in TaskStatus)
+_LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
+
+
+class InvalidArgument(Exception):
+    """One or more fields of a request are bad: (field path, what is wrong) pairs."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {description}" for field, description in violations))
+        self.violations = violations
+
+
+class _Checker:
+    """Collects violations so that one error names every bad field."""
+
+    def __init__(self) -> None:
+        self.violations: list[tuple[str, str]] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append((field, description))
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+
+def task_id(value: str, field: str = "task_id") -> str:
+    """The task id in its canonical form (a lowercase UUID)."""
+    checker = _Checker()
+    result = _task_id(checker, value, field)
+    checker.done()
+    return result
+
+
+def _task_id(checker: _Checker, value: str, field: str) -> str:
+    if not value:
+        checker.fail(field, "is required")
+        return ""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        checker.fail(field, f"{value[:64]!r} is not a UUID")
+        return ""
+
+
+class NewTask:
+    """A validated TaskRequest, with the defaults applied."""
+
+    __slots__ = (
+        "description", "labels", "max_attempts", "parameters", "priority", "request_hash",
+        "request_id", "task_type", "timeout_seconds",
+    )  # fmt: skip
+
+    def __init__(self, request: task_service_pb2.CreateRequest, default_timeout: float) -> None:
+        task = request.task
+        self.task_type = task.task_type
+        self.description = task.description
+        self.parameters: dict[str, Any] = struct_to_dict(task.parameters)
+        self.priority = task.priority if task.HasField("priority") else DEFAULT_PRIORITY
+        self.timeout_seconds = (
+            task.timeout_seconds if task.HasField("timeout_seconds") else default_timeout
+        )
+        self.max_attempts = task.max_attempts if task.HasField("max_attempts") else 1
+        self.labels = dict(task.labels)
+        self.request_id = request.request_id
+        self.request_hash = hashlib.sha256(task.SerializeToString(deterministic=True)).digest()
+
+    def to_task(self, task_id: str, now: float) -> Task:
+        """The record of the new task, queued and on its first attempt."""
+        return Task(
+            task_id=task_id, seq=0, task_type=self.task_type, description=self.description,
+            parameters=self.parameters, priority=self.priority,
+            timeout_seconds=self.timeout_seconds, max_attempts=self.max_attempts,
+            labels=self.labels, created_at=now, updated_at=now, request_id=self.request_id,
+            request_hash=self.request_hash, message="queued",
+        )  # fmt: skip
+
+
+def create_request(
+    request: task_service_pb2.CreateRequest, registry: HandlerRegistry, default_timeout: float
+) -> NewTask:
+    checker = _Checker()
+    if not request.HasField("task"):
+        checker.fail("task", "is required")
+        checker.done()
+    task = request.task
+    if not task.task_type:
+        checker.fail("task.task_type", "is required")
+    elif task.task_type not in registry:
+        known = ", ".join(registry.task_types) or "none"
+        checker.fail(
+            "task.task_type", f"{task.task_type[:64]!r} is not a registered task type (known: {known})"
+        )
+    if len(task.description) > MAX_DESCRIPTION:
+        checker.fail("task.description", f"is longer than {MAX_DESCRIPTION} characters")
+    if task.HasField("priority") and not 1 <= task.priority <= 10:
+        checker.fail("task.priority", f"must be between 1 and 10, not {task.priority}")
+    if task.HasField("timeout_seconds") and not (
+        math.isfinite(task.timeout_seconds) and task.timeout_seconds > 0
+    ):
+        checker.fail("task.timeout_seconds", f"must be positive, not {task.timeout_seconds}")
+    if task.HasField("max_attempts") and not 1 <= task.max_attempts <= MAX_ATTEMPTS:
+        checker.fail(
+            "task.max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, not {task.max_attempts}"
+        )
+    _labels(checker, task.labels, "task.labels")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    checker.done()
+    return NewTask(request, default_timeout)
+
+
+def _labels(checker: _Checker, labels: Any, field: str) -> None:
+    if len(labels) > MAX_LABELS:
+        checker.fail(field, f"has {len(labels)} labels; at most {MAX_LABELS} are allowed")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            checker.fail(
+                f"{field}[{key[:64]!r}]",
+                "a label key is 1 to 63 letters, digits, '-', '_', '.' or '/'",
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            checker.fail(f"{field}[{key[:64]!r}]", f"is longer than {MAX_LABEL_VALUE} characters")
+
+
+def _filter(checker: _Checker, message: task_pb2.TaskFilter, field: str) -> TaskFilter:
+    statuses: set[TaskStatus] = set()
+    for index, status in enumerate(message.statuses):
+        if status in _STATUS_VALUES:
+            statuses.add(TaskStatus(status))
+        else:
+            checker.fail(f"{field}.statuses[{index}]", f"{status} is not a task status")
+    _labels(checker, message.labels, f"{field}.labels")
+    return TaskFilter(
+        statuses=frozenset(statuses), task_type=message.task_type, labels=dict(message.labels)
+    )
+
+
+class ListQuery:
+    """A validated ListRequest: the filter, where the page starts, and its size."""
+
+    def __init__(self, task_filter: TaskFilter, after_seq: int, page_size: int) -> None:
+        self.filter = task_filter
+        self.after_seq = after_seq
+        self.page_size = page_size
+
+    def next_token(self, last_seq: int) -> str:
+        return _encode_token(last_seq, self.filter)
+
+
+def list_request(request: task_service_pb2.ListRequest) -> ListQuery:
+    checker = _Checker()
+    task_filter = _filter(checker, request.filter, "filter")
+    page_size = request.page_size or DEFAULT_PAGE_SIZE
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        checker.fail("page_size", f"must be between 0 and {MAX_PAGE_SIZE}, not {request.page_size}")
+    after_seq = 0
+    if request.page_token:
+        decoded = _decode_token(request.page_token, task_filter)
+        if isinstance(decoded, str):
+            checker.fail("page_token", decoded)
+        else:
+            after_seq = decoded
+    checker.done()
+    return ListQuery(task_filter, after_seq, page_size)
+
+
+def _fingerprint(task_filter: TaskFilter) -> str:
+    canonical = json.dumps(
+        [sorted(int(s) for s in task_filter.statuses), task_filter.task_type, task_filter.labels],
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _encode_token(after_seq: int, task_filter: TaskFilter) -> str:
+    payload = json.dumps({"after": after_seq, "filter": _fingerprint(task_filter)})
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, task_filter: TaskFilter) -> int | str:
+    """The sequence number a page token continues after, or what is wrong with the token."""
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, fingerprint = payload["after"], payload["filter"]
+    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return "is not a page token that this server issued"
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        return "is not a page token that this server issued"
+    if fingerprint != _fingerprint(task_filter):
+        return "was issued for a different filter; keep the filter the same while paging"
+    return after
+
+
+class WatchQuery:
+    """A validated WatchRequest."""
+
+    def __init__(
+        self, task_filter: TaskFilter, since_revision: int | None, heartbeat: float
+    ) -> None:
+        self.filter = task_filter
+        self.since_revision = since_revision
+        self.heartbeat = heartbeat
+
+
+def watch_request(request: task_service_pb2.WatchRequest) -> WatchQuery:
+    checker = _Checker()
+    if request.task_id:
+        watched = _task_id(checker, request.task_id, "task_id")
+        if request.HasField("filter"):
+            checker.fail("filter", "must be unset when task_id is set")
+        task_filter = TaskFilter(task_id=watched)
+    else:
+        task_filter = _filter(checker, request.filter, "filter")
+    since = request.since_revision if request.HasField("since_revision") else None
+    if since is not None and since < 0:
+        checker.fail("since_revision", f"must not be negative, not {since}")
+    heartbeat = DEFAULT_HEARTBEAT
+    if request.HasField("heartbeat_interval"):
+        heartbeat = _seconds(request.heartbeat_interval)
+        if not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+            checker.fail(
+                "heartbeat_interval",
+                f"must be between {MIN_HEARTBEAT:g} s and {MAX_HEARTBEAT:g} s, not {heartbeat:g} s",
+            )
+    checker.done()
+    return WatchQuery(task_filter, since, heartbeat)
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def cancel_request(request: task_service_pb2.CancelRequest) -> tuple[str, str]:
+    checker = _Checker()
+    cancelled = _task_id(checker, request.task_id, "task_id")
+    if len(request.reason) > MAX_REASON:
+        checker.fail("reason", f"is longer than {MAX_REASON} characters")
+    checker.done()
+    return cancelled, request.reason
