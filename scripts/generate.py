@@ -29,14 +29,19 @@ def generate(out_root: Path) -> Path:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).glob("*.proto"))
     command = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTOS}", f"-I{well_known}",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
-        f"--python_out={out_root}", f"--grpc_python_out={out_root}",
-        f"--mypy_out={out_root}", f"--mypy_grpc_out={out_root}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        f"--mypy_out={out_root}",
+        f"--mypy_grpc_out={out_root}",
         *sources,
-    ]  # fmt: skip
+    ]
     subprocess.run(command, check=True, cwd=PROTOS)
     package = out_root / PACKAGE
     (package / "__init__.py").write_text(INIT)

@@ -1,1 +1,1 @@
-"""conveyor: the client of the conveyor task service. The generated contract lives in `conveyor.v1`."""
+"""conveyor: the client of the conveyor task service; the generated contract is `conveyor.v1`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from conveyor.v1 import task_service_pb2 as pb
@@ -54,7 +54,9 @@ class TaskServiceApi:
         new = validation.create_request(
             request, self.scheduler.registry, self.scheduler.config.default_timeout
         )
-        task, _ = await self.scheduler.create(new.to_task(str(uuid.uuid4()), self.scheduler.clock()))
+        task, _ = await self.scheduler.create(
+            new.to_task(str(uuid.uuid4()), self.scheduler.clock())
+        )
         return pb.CreateResponse(task=task_to_proto(task))
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
@@ -88,7 +90,9 @@ class TaskServiceApi:
                 if task is None:
                     raise TaskNotFound(task_id)
                 yield pb.WatchResponse(
-                    type=pb.WATCH_EVENT_TYPE_CURRENT, task=task_to_proto(task), revision=task.revision
+                    type=pb.WATCH_EVENT_TYPE_CURRENT,
+                    task=task_to_proto(task),
+                    revision=task.revision,
                 )
                 if task.terminal:
                     return
@@ -107,15 +111,15 @@ class TaskServiceApi:
                 if task is not None and task.terminal:
                     return  # it ended at or before since_revision: the caller has seen the end
             while True:
-                change = await subscription.next(query.heartbeat)
-                if change is None:
+                live = await subscription.next(query.heartbeat)
+                if live is None:
                     yield pb.WatchResponse(
                         type=pb.WATCH_EVENT_TYPE_HEARTBEAT, revision=max(last, self.hub.revision)
                     )
-                elif change.revision > last:  # not already sent from the history
-                    yield change_to_proto(change)
-                    last = change.revision
-                    if _ends_watch(query, change):
+                elif live.revision > last:  # not already sent from the history
+                    yield change_to_proto(live)
+                    last = live.revision
+                    if _ends_watch(query, live):
                         return
 
 
@@ -163,9 +167,7 @@ def status_of(error: Exception) -> grpc.Status | None:
             ]
         case RevisionOutOfRange(oldest=oldest, latest=latest):
             code = code_pb2.OUT_OF_RANGE
-            details = [
-                _error_info("REVISION_OUT_OF_RANGE", oldest=str(oldest), latest=str(latest))
-            ]
+            details = [_error_info("REVISION_OUT_OF_RANGE", oldest=str(oldest), latest=str(latest))]
         case ShuttingDown() | HubClosed():
             code, details = code_pb2.UNAVAILABLE, [_error_info("SHUTTING_DOWN")]
             error = ShuttingDown()
@@ -174,15 +176,18 @@ def status_of(error: Exception) -> grpc.Status | None:
     status = status_pb2.Status(code=code, message=str(error))
     for detail in details:
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    return cast(grpc.Status, rpc_status.to_status(status))
 
 
 def _malformed_status(request: MalformedRequest) -> grpc.Status:
-    return rpc_status.to_status(
-        status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT,
-            message=f"the request is not a valid {request.name} message",
-        )
+    return cast(
+        grpc.Status,
+        rpc_status.to_status(
+            status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT,
+                message=f"the request is not a valid {request.name} message",
+            )
+        ),
     )
 
 
@@ -220,7 +225,9 @@ def _unary(
 def _stream(
     behaviour: Callable[[Any], AsyncIterator[Response]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Response]:
+    async def handle(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Response]:
         if isinstance(request, MalformedRequest):
             await context.abort_with_status(_malformed_status(request))
         try:
@@ -256,4 +263,3 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
             response_serializer=lambda response: response.SerializeToString(),
         ),
     }
-

@@ -1,4 +1,4 @@
-"""Handlers every server has unless started with --no-builtin-handlers, to try the service at once."""
+"""Handlers every server has (unless --no-builtin-handlers), to try the service at once."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def echo(ctx: TaskContext) -> dict[str, Any]:
 
 @handler("fail")
 def fail(ctx: TaskContext) -> dict[str, Any]:
-    """Fail with `message`; with `times`, fail only that many attempts, then return {"attempt": N}."""
+    """Fail with `message`; with `times`, fail that many attempts, then return {"attempt": N}."""
     times = ctx.parameters.get("times")
     if times is not None and ctx.attempt > _number(ctx, "times", 0):
         return {"attempt": ctx.attempt}

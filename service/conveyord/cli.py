@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from conveyord.handlers import HandlerLoadError
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
@@ -68,86 +69,129 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["default"] = default
         parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
 
-    option("--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN)
     option(
-        "--handlers", "CONVEYORD_HANDLERS",
-        "comma-separated modules whose @handler functions to register", type=_modules, default=[],
-    )  # fmt: skip
+        "--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN
+    )
+    option(
+        "--handlers",
+        "CONVEYORD_HANDLERS",
+        "comma-separated modules whose @handler functions to register",
+        type=_modules,
+        default=[],
+    )
     parser.add_argument(
-        "--no-builtin-handlers", action="store_true",
+        "--no-builtin-handlers",
+        action="store_true",
         default=os.environ.get("CONVEYORD_NO_BUILTIN_HANDLERS", "") not in ("", "0"),
         help="do not register the built-in sleep, echo and fail handlers "
         "[env CONVEYORD_NO_BUILTIN_HANDLERS=1]",
-    )  # fmt: skip
+    )
     option(
-        "--concurrency", "CONVEYORD_CONCURRENCY", "tasks running at once, in all",
-        type=_positive(int), default=_DEFAULTS.concurrency,
-    )  # fmt: skip
+        "--concurrency",
+        "CONVEYORD_CONCURRENCY",
+        "tasks running at once, in all",
+        type=_positive(int),
+        default=_DEFAULTS.concurrency,
+    )
     parser.add_argument(
-        "--type-concurrency", action="append", type=_type_limit, metavar="TYPE=N", default=[],
+        "--type-concurrency",
+        action="append",
+        type=_type_limit,
+        metavar="TYPE=N",
+        default=[],
         help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue)",
-    )  # fmt: skip
+    )
     option(
-        "--max-queued", "CONVEYORD_MAX_QUEUED",
+        "--max-queued",
+        "CONVEYORD_MAX_QUEUED",
         "tasks waiting at most; beyond it Create answers RESOURCE_EXHAUSTED",
-        type=_positive(int), default=_DEFAULTS.max_queued,
-    )  # fmt: skip
+        type=_positive(int),
+        default=_DEFAULTS.max_queued,
+    )
     option(
-        "--default-timeout", "CONVEYORD_DEFAULT_TIMEOUT",
-        "seconds an attempt may run when the task does not say", type=_positive(float),
+        "--default-timeout",
+        "CONVEYORD_DEFAULT_TIMEOUT",
+        "seconds an attempt may run when the task does not say",
+        type=_positive(float),
         default=_DEFAULTS.default_timeout,
-    )  # fmt: skip
+    )
     option(
-        "--cancel-grace", "CONVEYORD_CANCEL_GRACE",
+        "--cancel-grace",
+        "CONVEYORD_CANCEL_GRACE",
         "seconds a cancelled or timed-out handler has to stop before it is stopped regardless",
-        type=_not_negative, default=_DEFAULTS.cancel_grace,
-    )  # fmt: skip
+        type=_not_negative,
+        default=_DEFAULTS.cancel_grace,
+    )
     option(
-        "--aging", "CONVEYORD_AGING",
+        "--aging",
+        "CONVEYORD_AGING",
         "priority levels a queued task gains per minute of waiting (0: strict priority)",
-        type=_not_negative, default=_DEFAULTS.aging_per_minute,
-    )  # fmt: skip
+        type=_not_negative,
+        default=_DEFAULTS.aging_per_minute,
+    )
     option(
-        "--retry-initial", "CONVEYORD_RETRY_INITIAL", "seconds before the first retry",
-        type=_not_negative, default=_DEFAULTS.retry_initial,
-    )  # fmt: skip
+        "--retry-initial",
+        "CONVEYORD_RETRY_INITIAL",
+        "seconds before the first retry",
+        type=_not_negative,
+        default=_DEFAULTS.retry_initial,
+    )
     option(
-        "--retry-multiplier", "CONVEYORD_RETRY_MULTIPLIER", "growth of the delay between retries",
-        type=_positive(float), default=_DEFAULTS.retry_multiplier,
-    )  # fmt: skip
+        "--retry-multiplier",
+        "CONVEYORD_RETRY_MULTIPLIER",
+        "growth of the delay between retries",
+        type=_positive(float),
+        default=_DEFAULTS.retry_multiplier,
+    )
     option(
-        "--retry-max", "CONVEYORD_RETRY_MAX", "longest delay between retries, seconds",
-        type=_not_negative, default=_DEFAULTS.retry_max,
-    )  # fmt: skip
+        "--retry-max",
+        "CONVEYORD_RETRY_MAX",
+        "longest delay between retries, seconds",
+        type=_not_negative,
+        default=_DEFAULTS.retry_max,
+    )
     option(
-        "--retention", "CONVEYORD_RETENTION",
-        "seconds a finished task is kept before it is removed", type=_not_negative,
+        "--retention",
+        "CONVEYORD_RETENTION",
+        "seconds a finished task is kept before it is removed",
+        type=_not_negative,
         default=_DEFAULTS.retention,
-    )  # fmt: skip
+    )
     option(
-        "--sweep-interval", "CONVEYORD_SWEEP_INTERVAL",
-        "seconds between two removals of expired tasks", type=_positive(float),
+        "--sweep-interval",
+        "CONVEYORD_SWEEP_INTERVAL",
+        "seconds between two removals of expired tasks",
+        type=_positive(float),
         default=_DEFAULTS.sweep_interval,
-    )  # fmt: skip
+    )
     option(
-        "--history-size", "CONVEYORD_HISTORY_SIZE",
-        "changes kept for Watch to resume from, at most", type=_positive(int),
+        "--history-size",
+        "CONVEYORD_HISTORY_SIZE",
+        "changes kept for Watch to resume from, at most",
+        type=_positive(int),
         default=DEFAULT_HISTORY_SIZE,
-    )  # fmt: skip
+    )
     option(
-        "--history-age", "CONVEYORD_HISTORY_AGE",
-        "seconds a change is kept for Watch to resume from, at most", type=_positive(float),
+        "--history-age",
+        "CONVEYORD_HISTORY_AGE",
+        "seconds a change is kept for Watch to resume from, at most",
+        type=_positive(float),
         default=DEFAULT_HISTORY_AGE,
-    )  # fmt: skip
+    )
     option(
-        "--shutdown-grace", "CONVEYORD_SHUTDOWN_GRACE",
-        "seconds running tasks get to finish when the server stops", type=_not_negative,
+        "--shutdown-grace",
+        "CONVEYORD_SHUTDOWN_GRACE",
+        "seconds running tasks get to finish when the server stops",
+        type=_not_negative,
         default=30.0,
-    )  # fmt: skip
+    )
     option(
-        "--log-level", "CONVEYORD_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", default="INFO",
+        "--log-level",
+        "CONVEYORD_LOG_LEVEL",
+        "DEBUG, INFO, WARNING or ERROR",
+        default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -184,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     try:
         asyncio.run(serve(config))
-    except ModuleNotFoundError as error:
+    except HandlerLoadError as error:
         print(f"conveyord: cannot load handlers: {error}", file=sys.stderr)
         return 2
     except OSError as error:

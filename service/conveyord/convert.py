@@ -14,7 +14,7 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
         task_id=task.task_id,
         task_type=task.task_type,
         description=task.description,
-        status=int(task.status),
+        status=task_pb2.TaskStatus.ValueType(task.status),
         priority=task.priority,
         progress=task.progress,
         message=task.message,

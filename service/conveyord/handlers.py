@@ -44,6 +44,10 @@ def handler(task_type: str) -> Callable[[H], H]:
     return mark
 
 
+class HandlerLoadError(Exception):
+    """A handler module could not be imported."""
+
+
 class HandlerRegistry:
     """The handlers a server runs, by task type."""
 
@@ -58,7 +62,10 @@ class HandlerRegistry:
         registry = cls()
         names = (["conveyord.builtin_handlers"] if builtins else []) + list(modules)
         for name in names:
-            module = importlib.import_module(name)
+            try:
+                module = importlib.import_module(name)
+            except Exception as error:
+                raise HandlerLoadError(f"cannot import handler module {name!r}: {error}") from error
             for value in vars(module).values():
                 task_type = getattr(value, _TASK_TYPE_ATTRIBUTE, None)
                 if isinstance(task_type, str) and callable(value):
@@ -149,7 +156,11 @@ class TaskContext:
         """
         changes: dict[str, Any] = {}
         if progress is not None:
-            if not isinstance(progress, int | float) or not 0.0 <= progress <= 1.0 or math.isnan(progress):
+            if (
+                not isinstance(progress, int | float)
+                or not 0.0 <= progress <= 1.0
+                or math.isnan(progress)
+            ):
                 raise ValueError(f"progress must be between 0.0 and 1.0, not {progress!r}")
             changes["progress"] = float(progress)
         if message is not None:

@@ -48,7 +48,9 @@ class ReadyQueue:
 
     def push(self, task_id: str, task_type: str, priority: int, queued_at: float) -> None:
         """Queue a task; `queued_at` is a monotonic time in seconds."""
-        entry = _Entry(self._aging_rate * queued_at - priority, next(self._order), task_id, task_type)
+        entry = _Entry(
+            self._aging_rate * queued_at - priority, next(self._order), task_id, task_type
+        )
         self._entries[task_id] = entry
         heapq.heappush(self._heaps.setdefault(task_type, []), entry)
 
@@ -61,7 +63,7 @@ class ReadyQueue:
         return True
 
     def pop(self, has_room: Callable[[str], bool]) -> tuple[str, str] | None:
-        """Take the next task among the types for which `has_room(type)`; (task_id, type) or None."""
+        """The next (task_id, type) among the types for which `has_room(type)`, or None."""
         best: list[_Entry] | None = None
         for task_type, heap in list(self._heaps.items()):
             while heap and not heap[0].live:

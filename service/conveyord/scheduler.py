@@ -15,8 +15,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 from conveyord.handlers import HandlerRegistry, TaskContext, is_async
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus, json_problem
@@ -45,7 +45,9 @@ class SchedulerConfig:
 
     def retry_delay(self, failed_attempt: int) -> float:
         """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
-        return min(self.retry_initial * self.retry_multiplier ** (failed_attempt - 1), self.retry_max)
+        return min(
+            self.retry_initial * self.retry_multiplier ** (failed_attempt - 1), self.retry_max
+        )
 
 
 class QueueFull(StoreError):
@@ -83,8 +85,8 @@ class _Attempt:
         self.stop: asyncio.Future[_Outcome] = loop.create_future()
         self.context: TaskContext | None = None
         self.runner: asyncio.Task[None] | None = None
-        self.progress: dict[str, Any] = {}
-        self.flushing = False
+        self.progress: dict[str, Any] = {}  # reported by the handler, not yet written
+        self.flusher: asyncio.Task[None] | None = None  # writes `progress`, one write at a time
 
     def request_stop(self, outcome: _Outcome) -> None:
         if not self.stop.done():
@@ -112,7 +114,6 @@ class Scheduler:
         self._running_by_type: dict[str, int] = {}
         self._accepting = False
         self._sweeper: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life --------------------------------------------------------------------
@@ -152,8 +153,6 @@ class Scheduler:
             if pending:
                 log.warning("stopped %d attempts that outlived the grace period", len(pending))
                 await asyncio.wait(pending)
-        for background in list(self._background):
-            background.cancel()
 
     # -- the requests ------------------------------------------------------------
 
@@ -174,7 +173,7 @@ class Scheduler:
             raise QueueFull(self.config.max_queued)
 
     async def create(self, task: Task) -> tuple[Task, bool]:
-        """Store and queue a new task; return it and whether it is new (False for a replayed request_id)."""
+        """Store and queue a new task; return it, and False if it is a replayed request_id."""
         if not self._accepting:
             raise ShuttingDown()
         stored, created = await self.store.create(task, admit=self._admit)
@@ -197,9 +196,11 @@ class Scheduler:
             if task.cancel_requested_at is not None:
                 return None
             return task.evolve(
-                cancel_requested_at=now, cancel_reason=reason, updated_at=now,
+                cancel_requested_at=now,
+                cancel_reason=reason,
+                updated_at=now,
                 message=f"cancelling: {reason}",
-            )  # fmt: skip
+            )
 
         task = await self.store.update(task_id, mutate)
         if task.status is TaskStatus.CANCELLED:
@@ -245,7 +246,9 @@ class Scheduler:
             attempt = _Attempt(task_id, task_type, asyncio.get_running_loop())
             self._running[task_id] = attempt
             self._running_by_type[task_type] = self._running_by_type.get(task_type, 0) + 1
-            attempt.runner = asyncio.create_task(self._run(attempt), name=f"conveyor-task-{task_id}")
+            attempt.runner = asyncio.create_task(
+                self._run(attempt), name=f"conveyor-task-{task_id}"
+            )
 
     def _release(self, attempt: _Attempt) -> None:
         del self._running[attempt.task_id]
@@ -261,13 +264,19 @@ class Scheduler:
             if task.status is not TaskStatus.RUNNING:
                 return  # cancelled while it was being picked
             outcome = await self._execute(task, attempt)
+            if attempt.context is not None:
+                attempt.context._close()
+            if attempt.flusher is not None:
+                await attempt.flusher  # what was reported lands before the end
             ended = await self.store.update(task.task_id, self._finish_mutation(task, outcome))
             if ended.status is TaskStatus.CREATED and self._accepting:
                 self._enqueue(ended)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("the attempt of task %s broke the scheduler's bookkeeping", attempt.task_id)
+            log.exception(
+                "the attempt of task %s broke the scheduler's bookkeeping", attempt.task_id
+            )
         finally:
             if attempt.context is not None:
                 attempt.context._close()
@@ -280,9 +289,12 @@ class Scheduler:
             if task.status is not TaskStatus.CREATED:
                 return None
             return task.evolve(
-                status=TaskStatus.RUNNING, started_at=now, updated_at=now, next_attempt_at=None,
+                status=TaskStatus.RUNNING,
+                started_at=now,
+                updated_at=now,
+                next_attempt_at=None,
                 message=f"running (attempt {task.attempt} of {task.max_attempts})",
-            )  # fmt: skip
+            )
 
         return start
 
@@ -294,15 +306,22 @@ class Scheduler:
             message = f"no handler is registered for task type {task.task_type!r}"
             return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
         context = TaskContext(
-            task_id=task.task_id, task_type=task.task_type, parameters=task.parameters,
-            labels=task.labels, attempt=task.attempt, max_attempts=task.max_attempts,
-            loop=loop, sink=lambda changes: self._report(attempt, changes),
-        )  # fmt: skip
+            task_id=task.task_id,
+            task_type=task.task_type,
+            parameters=task.parameters,
+            labels=task.labels,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            loop=loop,
+            sink=lambda changes: self._report(attempt, changes),
+        )
         attempt.context = context
         work = _start_handler(function, context, loop)
         try:
             done, _ = await asyncio.wait(
-                {work, attempt.stop}, timeout=task.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+                {work, attempt.stop},
+                timeout=task.timeout_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         except asyncio.CancelledError:  # the server is stopping and the grace period is over
             context._request_stop("the server is shutting down")
@@ -314,7 +333,9 @@ class Scheduler:
         if attempt.stop.done():
             stopped = attempt.stop.result()
         else:
-            message = f"attempt {task.attempt} ran longer than its timeout of {task.timeout_seconds:g} s"
+            message = (
+                f"attempt {task.attempt} ran longer than its timeout of {task.timeout_seconds:g} s"
+            )
             stopped = _Outcome(error=TaskError(ErrorCode.DEADLINE_EXCEEDED, message))
         reason = stopped.error.message if stopped.error else ""
         context._request_stop(reason)
@@ -338,21 +359,31 @@ class Scheduler:
                 return _cancelled(task, task.cancel_reason, now)
             if outcome.error is None:
                 return task.evolve(
-                    status=TaskStatus.COMPLETED, result=outcome.result, progress=1.0,
-                    message="completed", finished_at=now, updated_at=now,
-                )  # fmt: skip
+                    status=TaskStatus.COMPLETED,
+                    result=outcome.result,
+                    progress=1.0,
+                    message="completed",
+                    finished_at=now,
+                    updated_at=now,
+                )
             error = outcome.error
             if outcome.retryable and task.attempt < task.max_attempts:
                 delay = config.retry_delay(task.attempt)
                 return task.evolve(
-                    status=TaskStatus.CREATED, attempt=task.attempt + 1, error=error,
-                    next_attempt_at=now + delay, updated_at=now,
-                    message=f"attempt {task.attempt} failed ({error.code}); retrying in {delay:g} s",
-                )  # fmt: skip
+                    status=TaskStatus.CREATED,
+                    attempt=task.attempt + 1,
+                    error=error,
+                    next_attempt_at=now + delay,
+                    updated_at=now,
+                    message=f"attempt {task.attempt} failed ({error.code}), retry in {delay:g} s",
+                )
             return task.evolve(
-                status=TaskStatus.FAILED, error=error, finished_at=now, updated_at=now,
+                status=TaskStatus.FAILED,
+                error=error,
+                finished_at=now,
+                updated_at=now,
                 message=f"failed: {error.message}",
-            )  # fmt: skip
+            )
 
         return finish
 
@@ -361,25 +392,14 @@ class Scheduler:
     def _report(self, attempt: _Attempt, changes: dict[str, Any]) -> None:
         """Merge a handler's report and write it unless a write is already on its way."""
         attempt.progress.update(changes)
-        if not attempt.flushing:
-            attempt.flushing = True
-            self._spawn(self._flush(attempt))
+        if attempt.flusher is None or attempt.flusher.done():
+            attempt.flusher = asyncio.create_task(self._flush(attempt))
 
     async def _flush(self, attempt: _Attempt) -> None:
-        try:
-            while attempt.progress and attempt.context is not None:
-                changes, attempt.progress = attempt.progress, {}
-                number = attempt.context.attempt
-                now = self.clock()
-
-                def apply(task: Task, changes: dict[str, Any] = changes) -> Task | None:
-                    if task.status is not TaskStatus.RUNNING or task.attempt != number:
-                        return None
-                    return task.evolve(updated_at=now, **changes)
-
-                await self.store.update(attempt.task_id, apply)
-        finally:
-            attempt.flushing = False
+        while attempt.progress and attempt.context is not None:
+            changes, attempt.progress = attempt.progress, {}
+            mutation = _progress_mutation(attempt.context.attempt, changes, self.clock())
+            await self.store.update(attempt.task_id, mutation)
 
     # -- retention ---------------------------------------------------------------
 
@@ -402,17 +422,29 @@ class Scheduler:
             log.info("removed %d tasks past their retention period", total)
         return total
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+def _progress_mutation(
+    number: int, changes: dict[str, Any], now: float
+) -> Callable[[Task], Task | None]:
+    """Apply a handler's report, unless its attempt is over (a late report is dropped)."""
+
+    def apply(task: Task) -> Task | None:
+        if task.status is not TaskStatus.RUNNING or task.attempt != number:
+            return None
+        return task.evolve(updated_at=now, **changes)
+
+    return apply
 
 
 def _cancelled(task: Task, reason: str, now: float) -> Task:
     return task.evolve(
-        status=TaskStatus.CANCELLED, error=TaskError(ErrorCode.CANCELLED, reason),
-        message=f"cancelled: {reason}", finished_at=now, updated_at=now, next_attempt_at=None,
-    )  # fmt: skip
+        status=TaskStatus.CANCELLED,
+        error=TaskError(ErrorCode.CANCELLED, reason),
+        message=f"cancelled: {reason}",
+        finished_at=now,
+        updated_at=now,
+        next_attempt_at=None,
+    )
 
 
 def _start_handler(
@@ -424,7 +456,7 @@ def _start_handler(
     never returns holds only its own thread, never a slot that other tasks need.
     """
     if is_async(function):
-        return asyncio.ensure_future(function(context))
+        return asyncio.ensure_future(cast(Awaitable[Any], function(context)))
     future: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:

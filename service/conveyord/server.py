@@ -79,17 +79,20 @@ class Server:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(service_names, server)
-        self.port = server.add_insecure_port(self.config.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as error:  # grpc's way of saying the address is taken or bad
+            raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
         await self.scheduler.start()
         await server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "conveyord listening on %s (port %d) with handlers: %s",
-            self.config.listen, self.port, ", ".join(self.registry.task_types),
-        )  # fmt: skip
+            self.config.listen,
+            self.port,
+            ", ".join(self.registry.task_types),
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -129,8 +132,10 @@ async def serve(config: ServerConfig) -> None:
     await stop.wait()
     log.info(
         "signal received: stopping (%d running, %d queued, grace %g s)",
-        server.scheduler.running, server.scheduler.queued, config.shutdown_grace,
-    )  # fmt: skip
+        server.scheduler.running,
+        server.scheduler.queued,
+        config.shutdown_grace,
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)  # a second signal stops at once
     await server.stop()

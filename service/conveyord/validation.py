@@ -83,9 +83,16 @@ class NewTask:
     """A validated TaskRequest, with the defaults applied."""
 
     __slots__ = (
-        "description", "labels", "max_attempts", "parameters", "priority", "request_hash",
-        "request_id", "task_type", "timeout_seconds",
-    )  # fmt: skip
+        "description",
+        "labels",
+        "max_attempts",
+        "parameters",
+        "priority",
+        "request_hash",
+        "request_id",
+        "task_type",
+        "timeout_seconds",
+    )
 
     def __init__(self, request: task_service_pb2.CreateRequest, default_timeout: float) -> None:
         task = request.task
@@ -104,12 +111,21 @@ class NewTask:
     def to_task(self, task_id: str, now: float) -> Task:
         """The record of the new task, queued and on its first attempt."""
         return Task(
-            task_id=task_id, seq=0, task_type=self.task_type, description=self.description,
-            parameters=self.parameters, priority=self.priority,
-            timeout_seconds=self.timeout_seconds, max_attempts=self.max_attempts,
-            labels=self.labels, created_at=now, updated_at=now, request_id=self.request_id,
-            request_hash=self.request_hash, message="queued",
-        )  # fmt: skip
+            task_id=task_id,
+            seq=0,
+            task_type=self.task_type,
+            description=self.description,
+            parameters=self.parameters,
+            priority=self.priority,
+            timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+            labels=self.labels,
+            created_at=now,
+            updated_at=now,
+            request_id=self.request_id,
+            request_hash=self.request_hash,
+            message="queued",
+        )
 
 
 def create_request(
@@ -125,7 +141,8 @@ def create_request(
     elif task.task_type not in registry:
         known = ", ".join(registry.task_types) or "none"
         checker.fail(
-            "task.task_type", f"{task.task_type[:64]!r} is not a registered task type (known: {known})"
+            "task.task_type",
+            f"{task.task_type[:64]!r} is not a registered task type (known: {known})",
         )
     if len(task.description) > MAX_DESCRIPTION:
         checker.fail("task.description", f"is longer than {MAX_DESCRIPTION} characters")

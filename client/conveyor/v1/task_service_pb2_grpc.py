@@ -132,7 +132,8 @@ class TaskServiceServicer:
         then each change (CHANGED); the stream ends OK right after the terminal state, so
         a task that has already ended gets its final state and the stream closes at once.
         With `task_id` and `since_revision`: each change after that revision, from the
-        server's history, then live; it ends the same way.
+        server's history, then live; it ends the same way (at once, with nothing sent, if
+        the task had already ended at `since_revision`).
 
         Without `task_id`: each change (CHANGED) and removal (REMOVED) of a task that
         matches `filter`, after `since_revision` (default: from now on). The filter

@@ -79,7 +79,8 @@ class TaskServiceStub:
     then each change (CHANGED); the stream ends OK right after the terminal state, so
     a task that has already ended gets its final state and the stream closes at once.
     With `task_id` and `since_revision`: each change after that revision, from the
-    server's history, then live; it ends the same way.
+    server's history, then live; it ends the same way (at once, with nothing sent, if
+    the task had already ended at `since_revision`).
 
     Without `task_id`: each change (CHANGED) and removal (REMOVED) of a task that
     matches `filter`, after `since_revision` (default: from now on). The filter
@@ -152,7 +153,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     then each change (CHANGED); the stream ends OK right after the terminal state, so
     a task that has already ended gets its final state and the stream closes at once.
     With `task_id` and `since_revision`: each change after that revision, from the
-    server's history, then live; it ends the same way.
+    server's history, then live; it ends the same way (at once, with nothing sent, if
+    the task had already ended at `since_revision`).
 
     Without `task_id`: each change (CHANGED) and removal (REMOVED) of a task that
     matches `filter`, after `since_revision` (default: from now on). The filter
@@ -252,7 +254,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         then each change (CHANGED); the stream ends OK right after the terminal state, so
         a task that has already ended gets its final state and the stream closes at once.
         With `task_id` and `since_revision`: each change after that revision, from the
-        server's history, then live; it ends the same way.
+        server's history, then live; it ends the same way (at once, with nothing sent, if
+        the task had already ended at `since_revision`).
 
         Without `task_id`: each change (CHANGED) and removal (REMOVED) of a task that
         matches `filter`, after `since_revision` (default: from now on). The filter

@@ -29,7 +29,8 @@ class TaskNotFound(StoreError):
 class RequestIdReused(StoreError):
     def __init__(self, request_id: str, task_id: str) -> None:
         super().__init__(
-            f"request_id {request_id!r} was already used for task {task_id} with a different request"
+            f"request_id {request_id!r} was already used for task {task_id} "
+            "with a different request"
         )
         self.request_id = request_id
         self.task_id = task_id
@@ -81,7 +82,7 @@ class TaskStore(Protocol):
     async def list(
         self, task_filter: TaskFilter, after_seq: int, limit: int
     ) -> tuple[Sequence[Task], int]:
-        """Up to `limit` matching tasks created after `after_seq`, oldest first, and the revision."""
+        """Up to `limit` matching tasks created after `after_seq`, oldest first; the revision."""
         ...
 
     async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:

@@ -1,0 +1,89 @@
+"""Test fixtures: a real conveyord on a real port (port 0), in a thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from conveyor.v1 import task_service_pb2_grpc
+from conveyord.handlers import HandlerRegistry
+from conveyord.scheduler import SchedulerConfig
+from conveyord.server import Server, ServerConfig
+
+TEST_HANDLERS = "tests.handlers"
+
+
+class ServerThread:
+    """Runs a `Server` on a loop of its own, so that tests may block without stalling it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        registry = HandlerRegistry.from_modules([TEST_HANDLERS])
+        self.server: Server = self.call(self._make(config, registry))
+        self.port = self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _make(config: ServerConfig, registry: HandlerRegistry) -> Server:
+        return Server(config, registry=registry)
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0) -> None:
+        if self.loop.is_running():
+            self.call(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+
+def server_config(**scheduler: Any) -> ServerConfig:
+    """A server config for tests: port 0, fast retries, plus any scheduler settings given."""
+    history = {k: scheduler.pop(k) for k in ("history_size", "history_age") if k in scheduler}
+    base = SchedulerConfig(retry_initial=0.05, cancel_grace=0.2)
+    return ServerConfig(
+        listen="127.0.0.1:0",
+        scheduler=dataclasses.replace(base, **scheduler),
+        shutdown_grace=0,
+        **history,
+    )
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerThread]]:
+    """Start servers with scheduler settings of the test's choosing; all stop at the end."""
+    started: list[ServerThread] = []
+
+    def start(**scheduler: Any) -> ServerThread:
+        running = ServerThread(server_config(**scheduler))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    return start_server()
+
+
+@pytest.fixture
+async def channel(server: ServerThread) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> task_service_pb2_grpc.TaskServiceStub:
+    return task_service_pb2_grpc.TaskServiceStub(channel)

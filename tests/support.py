@@ -1,0 +1,105 @@
+"""Small helpers for talking to a server through the generated stubs in tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from conveyor.protojson import dict_to_struct
+from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+Status = task_pb2.TaskStatus
+CREATED = task_pb2.TASK_STATUS_CREATED
+RUNNING = task_pb2.TASK_STATUS_RUNNING
+COMPLETED = task_pb2.TASK_STATUS_COMPLETED
+FAILED = task_pb2.TASK_STATUS_FAILED
+CANCELLED = task_pb2.TASK_STATUS_CANCELLED
+TERMINAL = {COMPLETED, FAILED, CANCELLED}
+
+
+def task_request(task_type: str, parameters: dict[str, Any] | None = None, **fields: Any) -> Any:
+    request = task_pb2.TaskRequest(task_type=task_type, **fields)
+    if parameters:
+        request.parameters.CopyFrom(dict_to_struct(parameters))
+    return request
+
+
+async def create(
+    stub: TaskServiceStub,
+    task_type: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    request_id: str = "",
+    **fields: Any,
+) -> task_pb2.TaskResponse:
+    request = pb.CreateRequest(
+        task=task_request(task_type, parameters, **fields), request_id=request_id
+    )
+    return (await stub.Create(request)).task
+
+
+async def watch(stub: TaskServiceStub, **request: Any) -> list[pb.WatchResponse]:
+    """Every response of a Watch of one task, until the server ends the stream."""
+    return [response async for response in stub.Watch(pb.WatchRequest(**request))]
+
+
+async def run_and_watch(
+    stub: TaskServiceStub, task_type: str, parameters: dict[str, Any] | None = None, **fields: Any
+) -> list[task_pb2.TaskResponse]:
+    """Create a task and return every state it went through, from CREATED to its end."""
+    since = await revision(stub)
+    task = await create(stub, task_type, parameters, **fields)
+    responses = await watch(stub, task_id=task.task_id, since_revision=since)
+    return [response.task for response in responses]
+
+
+async def wait_until(
+    stub: TaskServiceStub, task_id: str, condition: Callable[[task_pb2.TaskResponse], bool]
+) -> task_pb2.TaskResponse:
+    """Watch a task until its state meets `condition`; return that state."""
+    async for response in stub.Watch(pb.WatchRequest(task_id=task_id)):
+        if condition(response.task):
+            return response.task
+    raise AssertionError(f"task {task_id} ended without meeting the condition")
+
+
+async def wait_status(stub: TaskServiceStub, task_id: str, status: int) -> task_pb2.TaskResponse:
+    return await wait_until(stub, task_id, lambda task: task.status == status)
+
+
+async def final(stub: TaskServiceStub, task_id: str) -> task_pb2.TaskResponse:
+    """The task's terminal state, as the last response of its Watch."""
+    responses = await watch(stub, task_id=task_id)
+    assert responses[-1].task.status in TERMINAL
+    return responses[-1].task
+
+
+async def revision(stub: TaskServiceStub) -> int:
+    return (await stub.List(pb.ListRequest(page_size=1))).revision
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations of an INVALID_ARGUMENT error, by field."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status details"
+    violations: dict[str, str] = {}
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations.update({v.field: v.description for v in bad_request.field_violations})
+    return violations
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    raise AssertionError("the error carries no ErrorInfo")

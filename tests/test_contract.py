@@ -1,0 +1,71 @@
+"""The contract: buf lint and format, fresh generated code, health and reflection."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.conftest import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def buf() -> str:
+    found = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    assert found, "the buf CLI (buf-bin) is not installed"
+    return found
+
+
+def test_buf_lint_passes() -> None:
+    result = subprocess.run([buf(), "lint"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_format_changes_nothing() -> None:
+    result = subprocess.run(
+        [buf(), "format", "--diff", "--exit-code"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_code_is_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_health_reports_serving_overall_and_per_service(server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "conveyor.v1.TaskService"):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for response in stub.ServerReflectionInfo(iter([request])):
+            names = {s.name for s in response.list_services_response.service}
+            break
+    assert {"conveyor.v1.TaskService", "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_describes_the_task_service(server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="conveyor.v1.TaskService"
+        )
+        async for response in stub.ServerReflectionInfo(iter([request])):
+            files = response.file_descriptor_response.file_descriptor_proto
+            break
+    assert files, "reflection returned no file for conveyor.v1.TaskService"

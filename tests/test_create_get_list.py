@@ -1,0 +1,217 @@
+"""Create, Get and List through a real server: ids, defaults, idempotency, paging, queue limit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from conveyor.protojson import struct_to_dict, to_python
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_pb2 import TaskFilter
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+
+from tests.conftest import ServerThread
+from tests.support import (
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    RUNNING,
+    create,
+    error_reason,
+    final,
+    revision,
+    task_request,
+    wait_status,
+)
+
+
+async def test_create_answers_at_once_with_a_queued_task_and_defaults(
+    stub: TaskServiceStub,
+) -> None:
+    task = await create(stub, "echo", {"n": 1}, description="say it", labels={"session": "s1"})
+    assert uuid.UUID(task.task_id).version == 4
+    assert task.status == CREATED
+    assert (task.priority, task.max_attempts, task.attempt) == (5, 1, 1)
+    assert task.timeout_seconds == 300
+    assert task.description == "say it"
+    assert dict(task.labels) == {"session": "s1"}
+    assert struct_to_dict(task.parameters) == {"n": 1}
+    assert task.revision > 0
+    assert task.HasField("created_at") and not task.HasField("finished_at")
+
+
+async def test_get_returns_the_task_as_it_stands(stub: TaskServiceStub) -> None:
+    created = await create(stub, "echo", {"word": "hi"})
+    ended = await final(stub, created.task_id)
+    got = (await stub.Get(pb.GetRequest(task_id=created.task_id))).task
+    assert got == ended
+    assert got.status == COMPLETED
+    assert to_python(got.result) == {"word": "hi"}
+    assert got.progress == 1.0
+    assert got.HasField("started_at") and got.HasField("finished_at")
+
+
+async def test_get_accepts_a_task_id_in_upper_case(stub: TaskServiceStub) -> None:
+    created = await create(stub, "echo")
+    got = (await stub.Get(pb.GetRequest(task_id=created.task_id.upper()))).task
+    assert got.task_id == created.task_id
+
+
+async def test_get_of_an_unknown_task_is_not_found(stub: TaskServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Get(pb.GetRequest(task_id=str(uuid.uuid4())))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(caught.value) == "TASK_NOT_FOUND"
+
+
+async def test_a_repeated_request_id_returns_the_first_task(stub: TaskServiceStub) -> None:
+    request_id = str(uuid.uuid4())
+    first = await create(stub, "echo", {"a": 1}, request_id=request_id)
+    again = await create(stub, "echo", {"a": 1}, request_id=request_id)
+    assert again.task_id == first.task_id
+    listed = await stub.List(pb.ListRequest())
+    assert [t.task_id for t in listed.tasks] == [first.task_id]
+
+
+async def test_a_request_id_reused_with_a_different_request_is_already_exists(
+    stub: TaskServiceStub,
+) -> None:
+    request_id = str(uuid.uuid4())
+    first = await create(stub, "echo", {"a": 1}, request_id=request_id)
+    before = await revision(stub)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create(stub, "echo", {"a": 2}, request_id=request_id)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(caught.value) == "REQUEST_ID_REUSED"
+    assert first.task_id in caught.value.details()
+    assert await revision(stub) == before
+
+
+async def test_a_thousand_concurrent_creates_get_distinct_ids_and_none_is_lost(
+    stub: TaskServiceStub,
+) -> None:
+    tasks = await asyncio.gather(*(create(stub, "echo", {"i": i}) for i in range(1000)))
+    ids = {task.task_id for task in tasks}
+    assert len(ids) == 1000
+    listed: set[str] = set()
+    token = ""
+    while True:
+        page = await stub.List(pb.ListRequest(page_size=1000, page_token=token))
+        listed.update(t.task_id for t in page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == ids
+
+
+async def test_list_filters_by_status_type_and_labels(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: ServerThread = start_server(concurrency=1)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        blocker = await create(stub, "sleep", {"seconds": 60}, labels={"team": "a"})
+        await wait_status(stub, blocker.task_id, RUNNING)
+        queued_a = await create(stub, "echo", labels={"team": "a", "env": "prod"})
+        queued_b = await create(stub, "echo", labels={"team": "b"})
+        cancelled = await create(stub, "sleep", labels={"team": "a"})
+        await stub.Cancel(pb.CancelRequest(task_id=cancelled.task_id))
+
+        async def ids(**filter_fields: object) -> list[str]:
+            request = pb.ListRequest(filter=TaskFilter(**filter_fields))
+            return [t.task_id for t in (await stub.List(request)).tasks]
+
+        assert await ids() == [
+            blocker.task_id,
+            queued_a.task_id,
+            queued_b.task_id,
+            cancelled.task_id,
+        ]
+        assert await ids(statuses=[CREATED]) == [queued_a.task_id, queued_b.task_id]
+        assert await ids(statuses=[RUNNING, CANCELLED]) == [blocker.task_id, cancelled.task_id]
+        assert await ids(task_type="sleep") == [blocker.task_id, cancelled.task_id]
+        assert await ids(labels={"team": "a"}) == [
+            blocker.task_id,
+            queued_a.task_id,
+            cancelled.task_id,
+        ]
+        assert await ids(labels={"team": "a", "env": "prod"}) == [queued_a.task_id]
+        assert await ids(task_type="sleep", statuses=[CREATED]) == []
+        await stub.Cancel(pb.CancelRequest(task_id=blocker.task_id))
+
+
+async def test_paging_stays_correct_while_tasks_are_created(stub: TaskServiceStub) -> None:
+    first = [(await create(stub, "sleep", {"seconds": 0})).task_id for _ in range(25)]
+    seen: list[str] = []
+    added: list[str] = []
+    token = ""
+    while True:
+        page = await stub.List(pb.ListRequest(page_size=10, page_token=token))
+        seen.extend(t.task_id for t in page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+        added.append((await create(stub, "sleep", {"seconds": 0})).task_id)  # between pages
+    assert seen == first + added  # nothing skipped, nothing twice, creation order
+    assert len(seen) == len(set(seen))
+
+
+async def test_a_page_token_belongs_to_its_filter(stub: TaskServiceStub) -> None:
+    for _ in range(3):
+        await create(stub, "echo")
+    page = await stub.List(pb.ListRequest(page_size=1))
+    other = pb.ListRequest(
+        page_size=1, page_token=page.next_page_token, filter=TaskFilter(task_type="echo")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.List(other)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "different filter" in caught.value.details()
+
+
+async def test_list_reports_the_store_revision(stub: TaskServiceStub) -> None:
+    task = await create(stub, "sleep", {"seconds": 60})
+    listed = await stub.List(pb.ListRequest())
+    assert listed.revision >= task.revision
+    assert listed.revision == max(t.revision for t in listed.tasks)
+    await stub.Cancel(pb.CancelRequest(task_id=task.task_id))
+
+
+async def test_create_beyond_the_queue_limit_is_resource_exhausted(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: ServerThread = start_server(concurrency=1, max_queued=2)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        blocker = await create(stub, "sleep", {"seconds": 60})
+        await wait_status(stub, blocker.task_id, RUNNING)
+        kept = [await create(stub, "echo", request_id=f"r{i}") for i in range(2)]
+        before = await revision(stub)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(stub, "echo")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(caught.value) == "QUEUE_FULL"
+        assert await revision(stub) == before
+        # A replay of a task already accepted is still answered while the queue is full.
+        assert (await create(stub, "echo", request_id="r0")).task_id == kept[0].task_id
+        await stub.Cancel(pb.CancelRequest(task_id=kept[0].task_id))
+        assert (await create(stub, "echo")).status == CREATED  # room again
+        await stub.Cancel(pb.CancelRequest(task_id=blocker.task_id))
+
+
+async def test_request_with_every_field_set_round_trips(stub: TaskServiceStub) -> None:
+    request = pb.CreateRequest(
+        task=task_request(
+            "echo",
+            {"nested": {"list": [1, "two", None, True]}},
+            description="d",
+            priority=9,
+            timeout_seconds=12.5,
+            max_attempts=3,
+            labels={"a": "1", "b.c/d-e_f": ""},
+        ),
+        request_id="every-field",
+    )
+    task = (await stub.Create(request)).task
+    assert (task.priority, task.timeout_seconds, task.max_attempts) == (9, 12.5, 3)
+    assert dict(task.labels) == {"a": "1", "b.c/d-e_f": ""}
+    ended = await final(stub, task.task_id)
+    assert to_python(ended.result) == {"nested": {"list": [1, "two", None, True]}}
