@@ -156,6 +156,15 @@ async def test_paging_stays_correct_while_tasks_are_created(stub: TaskServiceStu
     assert len(seen) == len(set(seen))
 
 
+async def test_a_page_holds_50_tasks_unless_asked_otherwise(stub: TaskServiceStub) -> None:
+    await asyncio.gather(*(create(stub, "sleep", {"seconds": 0}) for _ in range(51)))
+    first = await stub.List(pb.ListRequest())
+    assert len(first.tasks) == 50 and first.next_page_token
+    rest = await stub.List(pb.ListRequest(page_token=first.next_page_token))
+    assert len(rest.tasks) == 1 and not rest.next_page_token
+    assert len((await stub.List(pb.ListRequest(page_size=1000))).tasks) == 51
+
+
 async def test_a_page_token_belongs_to_its_filter(stub: TaskServiceStub) -> None:
     for _ in range(3):
         await create(stub, "echo")

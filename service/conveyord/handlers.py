@@ -20,6 +20,7 @@ attempt with the exception's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import math
@@ -168,7 +169,8 @@ class TaskContext:
         if detail is not None:
             changes["progress_detail"] = dict(detail)
         if changes and not self._closed:
-            self._loop.call_soon_threadsafe(self._sink, changes)
+            with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
+                self._loop.call_soon_threadsafe(self._sink, changes)
 
     def _request_stop(self, reason: str) -> None:
         """Tell the handler to stop (called on the event loop)."""
