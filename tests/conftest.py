@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
+
 from conveyor.v1 import task_service_pb2_grpc
 from conveyord.handlers import HandlerRegistry
 from conveyord.scheduler import SchedulerConfig
@@ -46,16 +48,32 @@ class ServerThread:
             self.loop.close()
 
 
-def server_config(**scheduler: Any) -> ServerConfig:
-    """A server config for tests: port 0, fast retries, plus any scheduler settings given."""
-    history = {k: scheduler.pop(k) for k in ("history_size", "history_age") if k in scheduler}
+SERVER_SETTINGS = ("history_size", "history_age", "store")
+
+
+def server_config(**settings: Any) -> ServerConfig:
+    """A server config for tests: port 0, the memory store, fast retries, plus the settings
+    given (those of ServerConfig named in SERVER_SETTINGS, the rest of SchedulerConfig)."""
+    server = {"store": "memory", **{k: settings.pop(k) for k in SERVER_SETTINGS if k in settings}}
     base = SchedulerConfig(retry_initial=0.05, cancel_grace=0.2)
     return ServerConfig(
         listen="127.0.0.1:0",
-        scheduler=dataclasses.replace(base, **scheduler),
+        scheduler=dataclasses.replace(base, **settings),
         shutdown_grace=0,
-        **history,
+        **server,
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_store_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the default store path of every server the tests start out of the user's home."""
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))
+    yield
+    if previous is None:
+        del os.environ["XDG_DATA_HOME"]
+    else:
+        os.environ["XDG_DATA_HOME"] = previous
 
 
 @pytest.fixture
@@ -63,8 +81,8 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
     """Start servers with scheduler settings of the test's choosing; all stop at the end."""
     started: list[ServerThread] = []
 
-    def start(**scheduler: Any) -> ServerThread:
-        running = ServerThread(server_config(**scheduler))
+    def start(**settings: Any) -> ServerThread:
+        running = ServerThread(server_config(**settings))
         started.append(running)
         return running
 

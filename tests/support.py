@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from conveyor.protojson import dict_to_struct
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 Status = task_pb2.TaskStatus
 CREATED = task_pb2.TASK_STATUS_CREATED

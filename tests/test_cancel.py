@@ -8,9 +8,9 @@ import uuid
 
 import grpc
 import pytest
+
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-
 from tests import handlers
 from tests.conftest import ServerThread
 from tests.support import (

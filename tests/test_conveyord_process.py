@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.cli import build_parser, config_from_args
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.support import FAILED, RUNNING, create, wait_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,16 @@ class Conveyord:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "conveyord", "--listen", "127.0.0.1:0", *args],
+            [
+                sys.executable,
+                "-m",
+                "conveyord",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                "memory",
+                *args,
+            ],
             cwd=ROOT,
             env=environment,
             stderr=subprocess.PIPE,

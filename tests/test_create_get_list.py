@@ -7,11 +7,11 @@ import uuid
 
 import grpc
 import pytest
+
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-
 from tests.conftest import ServerThread
 from tests.support import (
     CANCELLED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from conveyord.model import TRANSITIONS, IllegalTransition, Task, TaskStatus, json_problem
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from conveyord.queue import ReadyQueue
 from hypothesis import given
 from hypothesis import strategies as st
+
+from conveyord.queue import ReadyQueue
 
 
 def _drain(queue: ReadyQueue, has_room=lambda task_type: True) -> list[str]:  # type: ignore[no-untyped-def]

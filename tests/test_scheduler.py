@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Callable
 
 import grpc
+
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.scheduler import SchedulerConfig
-
 from tests.conftest import ServerThread
 from tests.support import (
     COMPLETED,

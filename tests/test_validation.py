@@ -8,12 +8,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor.v1 import task_service_pb2 as pb
-from conveyor.v1.task_pb2 import TaskFilter
-from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_pb2 import TaskFilter
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.conftest import ServerThread
 from tests.support import field_violations, revision, task_request
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
+
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-from google.protobuf import duration_pb2
-
 from tests.conftest import ServerThread
 from tests.support import (
     COMPLETED,

@@ -14,17 +14,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
-from conveyor.v1 import task_service_pb2 as pb
 from google.protobuf import duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
 from conveyord.convert import change_to_proto, task_to_proto
 from conveyord.hub import EventHub, HubClosed
 from conveyord.model import Change, ChangeKind
 from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
 from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound
+from conveyord.store.sqlite import StoreFailed
 from conveyord.validation import InvalidArgument, WatchQuery
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def status_of(error: Exception) -> grpc.Status | None:
         case ShuttingDown() | HubClosed():
             code, details = code_pb2.UNAVAILABLE, [_error_info("SHUTTING_DOWN")]
             error = ShuttingDown()
+        case StoreFailed():
+            code, details = code_pb2.UNAVAILABLE, [_error_info("STORE_FAILED")]
         case _:
             return None
     status = status_pb2.Status(code=code, message=str(error))

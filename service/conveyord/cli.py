@@ -13,7 +13,9 @@ from typing import Any
 from conveyord.handlers import HandlerLoadError
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
+from conveyord.store import default_store_path
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
+from conveyord.store.sqlite import StoreOpenError
 
 _DEFAULTS = SchedulerConfig()
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="conveyord runs tasks in the background and lets other services follow them "
         "over gRPC (service conveyor.v1.TaskService, with health and reflection).",
         epilog="Every option can also be set with the environment variable named after it. "
+        "Exit codes: 0 stopped on a signal, 1 the store failed while serving, 2 bad option or "
+        "handler module, 3 cannot listen, 4 store in use by another conveyord, 5 store "
+        "unreadable or corrupt, 6 store written by a newer conveyord. "
         "SIGTERM or SIGINT stops the server gracefully: health turns NOT_SERVING, new tasks are "
         "refused, running tasks get the shutdown grace period; a second signal stops at once.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -71,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     option(
         "--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN
+    )
+    option(
+        "--store",
+        "CONVEYORD_STORE",
+        "where tasks live: sqlite:PATH, sqlite (the file "
+        f"{default_store_path()}), or memory (forgotten at exit)",
+        default="sqlite",
     )
     option(
         "--handlers",
@@ -211,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         listen=args.listen,
+        store=args.store,
         handler_modules=tuple(args.handlers),
         builtin_handlers=not args.no_builtin_handlers,
         scheduler=scheduler,
@@ -227,14 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config = config_from_args(args)
     try:
-        asyncio.run(serve(config))
+        return 0 if asyncio.run(serve(config)) else 1
     except HandlerLoadError as error:
         print(f"conveyord: cannot load handlers: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a malformed --store
+        print(f"conveyord: {error}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"conveyord: {error}", file=sys.stderr)
         return 3
-    return 0
+    except StoreOpenError as error:
+        print(f"conveyord: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

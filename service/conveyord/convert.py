@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from conveyor.protojson import dict_to_struct, seconds_to_timestamp, to_value
 from conveyor.v1 import task_pb2, task_service_pb2
-
 from conveyord.model import Change, ChangeKind, Task
 
 

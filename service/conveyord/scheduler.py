@@ -126,9 +126,46 @@ class Scheduler:
         await self.shutdown(grace=0)
 
     async def start(self) -> None:
+        """Recover what the store holds, then take work."""
         self._loop = asyncio.get_running_loop()
         self._accepting = True
+        await self._recover()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="conveyor-sweeper")
+
+    async def _recover(self) -> None:
+        """Queue the store's CREATED tasks again, and settle the ones that were RUNNING when
+        the server stopped: retried if attempts are left, FAILED (INTERRUPTED) otherwise, and
+        CANCELLED if a Cancel had been accepted. No task stays RUNNING."""
+        unfinished = await self.store.unfinished()
+        interrupted = 0
+        for task in unfinished:
+            if task.status is TaskStatus.RUNNING:
+                task = await self.store.update(task.task_id, self._interrupted_mutation())
+                interrupted += 1
+            if task.status is TaskStatus.CREATED:
+                self._enqueue(task)
+        if unfinished:
+            log.info(
+                "recovered %d tasks: %d queued, %d interrupted",
+                len(unfinished),
+                self.queued,
+                interrupted,
+            )
+
+    def _interrupted_mutation(self) -> Callable[[Task], Task | None]:
+        now = self.clock()
+
+        def settle(task: Task) -> Task | None:
+            if task.status is not TaskStatus.RUNNING:
+                return None
+            if task.cancel_requested_at is not None:
+                return _cancelled(task, task.cancel_reason, now)
+            error = TaskError(
+                ErrorCode.INTERRUPTED, f"the server stopped while attempt {task.attempt} ran"
+            )
+            return self._after_failure(task, error, retryable=True, now=now, delay=0.0)
+
+        return settle
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking work, let running attempts finish for `grace` seconds, then stop them.
@@ -218,12 +255,18 @@ class Scheduler:
             loop = asyncio.get_running_loop()
             self._waiting[task.task_id] = loop.call_later(delay, self._wake, task)
             return
-        self._queue.push(task.task_id, task.task_type, task.priority, time.monotonic())
+        self._queue.push(task.task_id, task.task_type, task.priority, self._queued_at(task))
         self._dispatch()
+
+    def _queued_at(self, task: Task) -> float:
+        """When, on the monotonic clock, the task became runnable: its place in the queue
+        and its aging survive a restart."""
+        runnable_since = task.next_attempt_at or task.updated_at
+        return time.monotonic() - max(0.0, self.clock() - runnable_since)
 
     def _wake(self, task: Task) -> None:
         self._waiting.pop(task.task_id, None)
-        self._queue.push(task.task_id, task.task_type, task.priority, time.monotonic())
+        self._queue.push(task.task_id, task.task_type, task.priority, self._queued_at(task))
         self._dispatch()
 
     def _unqueue(self, task_id: str) -> None:
@@ -367,25 +410,35 @@ class Scheduler:
                     updated_at=now,
                 )
             error = outcome.error
-            if outcome.retryable and task.attempt < task.max_attempts:
-                delay = config.retry_delay(task.attempt)
-                return task.evolve(
-                    status=TaskStatus.CREATED,
-                    attempt=task.attempt + 1,
-                    error=error,
-                    next_attempt_at=now + delay,
-                    updated_at=now,
-                    message=f"attempt {task.attempt} failed ({error.code}), retry in {delay:g} s",
-                )
-            return task.evolve(
-                status=TaskStatus.FAILED,
-                error=error,
-                finished_at=now,
-                updated_at=now,
-                message=f"failed: {error.message}",
+            delay = config.retry_delay(task.attempt)
+            return self._after_failure(
+                task, error, retryable=outcome.retryable, now=now, delay=delay
             )
 
         return finish
+
+    @staticmethod
+    def _after_failure(
+        task: Task, error: TaskError, *, retryable: bool, now: float, delay: float
+    ) -> Task:
+        """A failed attempt: back to CREATED for the next one after `delay`, or FAILED."""
+        if retryable and task.attempt < task.max_attempts:
+            when = f"in {delay:g} s" if delay else "now"
+            return task.evolve(
+                status=TaskStatus.CREATED,
+                attempt=task.attempt + 1,
+                error=error,
+                next_attempt_at=now + delay,
+                updated_at=now,
+                message=f"attempt {task.attempt} failed ({error.code}), retry {when}",
+            )
+        return task.evolve(
+            status=TaskStatus.FAILED,
+            error=error,
+            finished_at=now,
+            updated_at=now,
+            message=f"failed: {error.message}",
+        )
 
     # -- progress ----------------------------------------------------------------
 

@@ -21,8 +21,10 @@ from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import EventHub
 from conveyord.scheduler import Scheduler, SchedulerConfig
+from conveyord.store import store_from_url
 from conveyord.store.base import TaskStore
-from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
+from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
+from conveyord.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class ServerConfig:
     """Everything `conveyord` can be told; `conveyord --help` documents each."""
 
     listen: str = DEFAULT_LISTEN
+    store: str = "sqlite"
     handler_modules: tuple[str, ...] = ()
     builtin_handlers: bool = True
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
@@ -56,9 +59,13 @@ class Server:
         self.registry = registry or HandlerRegistry.from_modules(
             config.handler_modules, builtins=config.builtin_handlers
         )
-        self.store = store or MemoryStore(
-            history_size=config.history_size, history_age=config.history_age
+        self.store = store or store_from_url(
+            config.store, history_size=config.history_size, history_age=config.history_age
         )
+        self.failed = False  # the store failed: the server must stop, and say so
+        self.stop_requested = asyncio.Event()  # set by a signal or by a failed store
+        if isinstance(self.store, SqliteStore):
+            self.store.on_failure = self._store_failed
         self.hub = EventHub(self.store.revision)
         self.store.set_listener(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
@@ -79,6 +86,8 @@ class Server:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(service_names, server)
+        await self.store.open()
+        self.hub.revision = self.store.revision
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad
@@ -110,8 +119,9 @@ class Server:
         await self.store.close()
         log.info("conveyord stopped")
 
-    async def wait(self) -> None:
-        await self._grpc.wait_for_termination()
+    def _store_failed(self, error: Exception) -> None:
+        self.failed = True
+        self.stop_requested.set()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -121,21 +131,26 @@ class Server:
         await self.stop()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run a server until SIGTERM or SIGINT, then stop it gracefully."""
+async def serve(config: ServerConfig) -> bool:
+    """Run a server until SIGTERM or SIGINT, then stop it gracefully; False if its store failed."""
     server = Server(config)
-    await server.start()
-    stop = asyncio.Event()
+    try:
+        await server.start()
+    except BaseException:
+        await server.store.close()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, server.stop_requested.set)
+    await server.stop_requested.wait()
     log.info(
-        "signal received: stopping (%d running, %d queued, grace %g s)",
+        "%s: stopping (%d running, %d queued, grace %g s)",
+        "the store failed" if server.failed else "signal received",
         server.scheduler.running,
         server.scheduler.queued,
         config.shutdown_grace,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)  # a second signal stops at once
-    await server.stop()
+    await server.stop(grace=0 if server.failed else None)
+    return not server.failed

@@ -15,10 +15,10 @@ import re
 import uuid
 from typing import Any
 
-from conveyor.protojson import struct_to_dict
-from conveyor.v1 import task_pb2, task_service_pb2
 from google.protobuf import duration_pb2
 
+from conveyor.protojson import struct_to_dict
+from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.handlers import HandlerRegistry
 from conveyord.model import Task, TaskFilter, TaskStatus
 

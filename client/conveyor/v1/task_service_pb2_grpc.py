@@ -31,7 +31,9 @@ class TaskServiceStub:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     def __init__(self, channel):
@@ -73,7 +75,9 @@ class TaskServiceServicer:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     def Create(self, request, context):
@@ -200,7 +204,9 @@ class TaskService:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     @staticmethod

@@ -32,7 +32,9 @@ class TaskServiceStub:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     @_typing.overload
@@ -109,7 +111,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -182,7 +186,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
+    worth retrying, on this server once restarted or on another.
     """
 
     @_abc_1.abstractmethod

@@ -1,1 +1,35 @@
-"""Where tasks live: the store seam (`base`) and its implementations."""
+"""Where tasks live: the seam (`base`), in memory (`memory`), in a SQLite file (`sqlite`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conveyord.store.base import TaskStore
+from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
+from conveyord.store.sqlite import SqliteStore
+
+
+def default_store_path() -> Path:
+    """$XDG_DATA_HOME/conveyor/conveyor.db (XDG_DATA_HOME defaults to ~/.local/share)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "conveyor" / "conveyor.db"
+
+
+def store_from_url(
+    url: str,
+    *,
+    history_size: int = DEFAULT_HISTORY_SIZE,
+    history_age: float = DEFAULT_HISTORY_AGE,
+) -> TaskStore:
+    """`memory`, `sqlite` (the default path) or `sqlite:PATH`; ValueError for anything else."""
+    kind, _, path = url.partition(":")
+    if kind == "memory" and not path:
+        return MemoryStore(history_size=history_size, history_age=history_age)
+    if kind == "sqlite":
+        location = Path(path).expanduser() if path else default_store_path()
+        return SqliteStore(location, history_size=history_size, history_age=history_age)
+    raise ValueError(f"unknown store {url!r}: use memory, sqlite or sqlite:PATH")
+
+
+__all__ = ["MemoryStore", "SqliteStore", "TaskStore", "default_store_path", "store_from_url"]

@@ -95,6 +95,14 @@ class TaskStore(Protocol):
         removal is a change. Returns how many were removed."""
         ...
 
+    async def unfinished(self) -> Sequence[Task]:
+        """Tasks that are CREATED or RUNNING, in creation order (for recovery at start)."""
+        ...
+
+    async def open(self) -> None:
+        """Load what the store holds; called once, before anything else."""
+        ...
+
     async def close(self) -> None:
         """Release what the store holds; safe to call twice."""
         ...

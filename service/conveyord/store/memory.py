@@ -1,15 +1,24 @@
-"""The in-memory store: fast, and forgets everything when the server stops."""
+"""The in-memory store, and the core that the durable store builds on.
+
+Every change goes through two steps. It is *staged*: given the next revision and
+applied to the working view, which later mutations and request_id look-ups see, so
+that concurrent changes chain correctly. Then it is *persisted* (`_persist`), and only
+then applied to the committed view that Get, List and Watch read and passed to the
+listener. In memory, persisting is instant; the SQLite store writes staged changes in
+batches (group commit) and applies them once they are on disk, so that nothing a
+client has been told or shown can be lost.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from sortedcontainers import SortedDict
 
-from conveyord.model import Change, ChangeKind, Task, TaskFilter
+from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
     ChangeListener,
     Mutation,
@@ -32,18 +41,22 @@ class MemoryStore:
         history_age: float = DEFAULT_HISTORY_AGE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tasks: dict[str, Task] = {}
-        self._by_seq: SortedDict[int, str] = SortedDict()
-        self._request_ids: dict[tuple[str, str], str] = {}
-        self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
-        self._history: deque[Change] = deque()
         self._history_size = history_size
         self._history_age = history_age
-        self._compacted = 0  # changes up to this revision have left the history
-        self._revision = 0
-        self._seq = itertools.count(1)
         self._clock = clock
         self._listener: ChangeListener = lambda change: None
+        # The working view: the latest staged state of every task.
+        self._working: dict[str, Task] = {}
+        self._request_ids: dict[tuple[str, str], str] = {}
+        self._staged_revision = 0
+        self._last_seq = 0  # creation order; never reused, so that page tokens stay right
+        # The committed view: what readers see.
+        self._tasks: dict[str, Task] = {}
+        self._by_seq: SortedDict[int, str] = SortedDict()
+        self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
+        self._history: deque[Change] = deque()
+        self._compacted = 0  # changes up to this revision have left the history
+        self._revision = 0
 
     @property
     def revision(self) -> int:
@@ -52,35 +65,90 @@ class MemoryStore:
     def set_listener(self, listener: ChangeListener) -> None:
         self._listener = listener
 
+    # -- writes ------------------------------------------------------------------
+
     async def create(self, task: Task, admit: Callable[[], None]) -> tuple[Task, bool]:
         key = (task.owner, task.request_id)
         if task.request_id and (first_id := self._request_ids.get(key)) is not None:
-            first = self._tasks[first_id]
+            first = self._working[first_id]
             if first.request_hash != task.request_hash:
                 raise RequestIdReused(task.request_id, first_id)
+            await self._settled(first_id)
             return first, False
         admit()
-        task = task.evolve(seq=next(self._seq))
-        stored = self._commit(ChangeKind.CHANGED, task)
-        self._by_seq[stored.seq] = stored.task_id
-        if stored.request_id:
-            self._request_ids[key] = stored.task_id
-        return stored, True
-
-    async def get(self, task_id: str) -> Task | None:
-        return self._tasks.get(task_id)
+        self._last_seq += 1
+        change = self._stage(ChangeKind.CHANGED, task.evolve(seq=self._last_seq))
+        if task.request_id:
+            self._request_ids[key] = task.task_id
+        await self._persist([change])
+        return change.task, True
 
     async def update(self, task_id: str, mutation: Mutation) -> Task:
-        current = self._tasks.get(task_id)
+        current = self._working.get(task_id)
         if current is None:
             raise TaskNotFound(task_id)
         new = mutation(current)
         if new is None:
+            await self._settled(task_id)
             return current
-        stored = self._commit(ChangeKind.CHANGED, new)
-        if stored.terminal and not current.terminal:
-            self._finished.append((stored.finished_at or stored.updated_at, task_id))
-        return stored
+        change = self._stage(ChangeKind.CHANGED, new)
+        await self._persist([change])
+        return change.task
+
+    async def remove_finished(self, finished_before: float, limit: int) -> int:
+        changes: list[Change] = []
+        while self._finished and len(changes) < limit and self._finished[0][0] < finished_before:
+            _, task_id = self._finished.popleft()
+            task = self._working.get(task_id)
+            if task is None or not task.terminal:
+                continue
+            changes.append(self._stage(ChangeKind.REMOVED, task))
+        if changes:
+            await self._persist(changes)
+        return len(changes)
+
+    def _stage(self, kind: ChangeKind, task: Task) -> Change:
+        """Give a change the next revision and apply it to the working view."""
+        self._staged_revision += 1
+        if kind is ChangeKind.CHANGED:
+            task = task.evolve(revision=self._staged_revision)
+            self._working[task.task_id] = task
+        else:
+            del self._working[task.task_id]
+            if task.request_id:
+                self._request_ids.pop((task.owner, task.request_id), None)
+        return Change(self._staged_revision, kind, task, self._clock())
+
+    async def _persist(self, changes: list[Change]) -> None:
+        """Make staged changes durable, then commit them. In memory: at once."""
+        self._commit(changes)
+
+    async def _settled(self, task_id: str) -> None:
+        """Wait until the task's latest staged change is committed. In memory: it is."""
+
+    def _commit(self, changes: Iterable[Change]) -> None:
+        """Apply persisted changes to the committed view and tell the listener, in order."""
+        for change in changes:
+            task = change.task
+            if change.kind is ChangeKind.REMOVED:
+                self._tasks.pop(task.task_id, None)
+                self._by_seq.pop(task.seq, None)
+            else:
+                previous = self._tasks.get(task.task_id)
+                self._tasks[task.task_id] = task
+                if previous is None:
+                    self._by_seq[task.seq] = task.task_id
+                if task.terminal and (previous is None or not previous.terminal):
+                    self._finished.append((task.finished_at or task.updated_at, task.task_id))
+            self._revision = change.revision
+            self._history.append(change)
+            self._listener(change)
+        self._trim_history()
+
+    # -- reads -------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
 
     async def list(
         self, task_filter: TaskFilter, after_seq: int, limit: int
@@ -99,42 +167,40 @@ class MemoryStore:
         if revision < self._compacted or revision > self._revision:
             raise RevisionOutOfRange(revision, self._compacted, self._revision)
         # The history holds every revision after _compacted, one change each.
-        start = revision - self._compacted
-        tail = itertools.islice(self._history, start, None)
+        tail = itertools.islice(self._history, revision - self._compacted, None)
         return [change for change in tail if task_filter.matches(change.task)]
 
-    async def remove_finished(self, finished_before: float, limit: int) -> int:
-        removed = 0
-        while self._finished and removed < limit and self._finished[0][0] < finished_before:
-            _, task_id = self._finished.popleft()
-            task = self._tasks.pop(task_id, None)
-            if task is None:
-                continue
-            del self._by_seq[task.seq]
-            if task.request_id:
-                self._request_ids.pop((task.owner, task.request_id), None)
-            self._commit(ChangeKind.REMOVED, task, keep=False)
-            removed += 1
-        return removed
+    async def unfinished(self) -> Sequence[Task]:
+        """Tasks that are CREATED or RUNNING, in creation order (for recovery at start)."""
+        active = (TaskStatus.CREATED, TaskStatus.RUNNING)
+        tasks = (self._tasks[task_id] for task_id in self._by_seq.values())
+        return [task for task in tasks if task.status in active]
+
+    async def open(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass
-
-    def _commit(self, kind: ChangeKind, task: Task, *, keep: bool = True) -> Task:
-        """Give the change the next revision, record it, and tell the listener."""
-        self._revision += 1
-        if kind is ChangeKind.CHANGED:
-            task = task.evolve(revision=self._revision)
-        if keep:
-            self._tasks[task.task_id] = task
-        change = Change(self._revision, kind, task, self._clock())
-        self._history.append(change)
-        self._trim_history()
-        self._listener(change)
-        return task
 
     def _trim_history(self) -> None:
         oldest_kept = self._clock() - self._history_age
         history = self._history
         while history and (len(history) > self._history_size or history[0].at < oldest_kept):
             self._compacted = history.popleft().revision
+
+    def _restore(
+        self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
+    ) -> None:
+        """Fill both views from what a durable store read back at start."""
+        for task in sorted(tasks, key=lambda t: t.seq):
+            self._working[task.task_id] = self._tasks[task.task_id] = task
+            self._by_seq[task.seq] = task.task_id
+            if task.request_id:
+                self._request_ids[(task.owner, task.request_id)] = task.task_id
+            if task.terminal:
+                self._finished.append((task.finished_at or task.updated_at, task.task_id))
+        self._finished = deque(sorted(self._finished))
+        self._history.extend(history)
+        self._compacted = self._history[0].revision - 1 if self._history else revision
+        self._revision = self._staged_revision = revision
+        self._last_seq = last_seq

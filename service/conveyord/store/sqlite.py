@@ -1,0 +1,294 @@
+"""The durable store: tasks and their change history in a SQLite file.
+
+Everything a client reads is served from memory (the core in `memory.py`); the file is
+the journal that makes it survive a crash. Staged changes are written in batches by
+one writer thread (group commit: while one batch is being written and synced, the next
+one gathers), in write-ahead-log mode with a full sync at each commit, and a change is
+committed to memory, answered and published to watchers only once it is on disk.
+
+The file holds one conveyord at a time (SQLite's exclusive locking mode), carries its
+schema version (`PRAGMA user_version`) and an application id, and is never overwritten:
+a file that is locked, unreadable, corrupt, foreign or from a newer server stops the
+start with a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from conveyord.model import Change, ChangeKind, Task, TaskError, TaskStatus
+from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
+
+log = logging.getLogger(__name__)
+
+APPLICATION_ID = 0x436F6E76  # "Conv": marks a file as a conveyor store
+
+# Each entry upgrades the schema by one version; a file at version N gets entries N and on.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (task_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+    CREATE TABLE changes (
+        revision INTEGER PRIMARY KEY, kind INTEGER NOT NULL, at REAL NOT NULL, data TEXT NOT NULL
+    );
+    CREATE TABLE state (
+        id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL, next_seq INTEGER NOT NULL
+    );
+    INSERT INTO state (id, revision, next_seq) VALUES (1, 0, 1);
+    """,
+)
+
+
+class StoreOpenError(Exception):
+    """The store cannot be opened; `exit_code` tells conveyord how to exit."""
+
+    exit_code = 5
+
+
+class StoreLocked(StoreOpenError):
+    exit_code = 4
+
+
+class StoreTooNew(StoreOpenError):
+    exit_code = 6
+
+
+class StoreFailed(Exception):
+    """A write to the store failed: what was staged is not durable, and the store stops."""
+
+
+class SqliteStore(MemoryStore):
+    """A MemoryStore whose changes are journaled to a SQLite file before they count."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        history_age: float = DEFAULT_HISTORY_AGE,
+        migrations: Sequence[str] = MIGRATIONS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+        super().__init__(history_size=history_size, history_age=history_age, **kwargs)
+        self.path = Path(path)
+        self._migrations = tuple(migrations)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conveyor-store")
+        self._connection: sqlite3.Connection | None = None
+        self._batch: list[Change] = []
+        self._batch_done: asyncio.Future[None] | None = None
+        self._in_flight: dict[str, asyncio.Future[None]] = {}  # task_id -> its latest batch
+        self._writing: asyncio.Task[None] | None = None
+        self._failure: Exception | None = None
+        self.on_failure: Callable[[Exception], None] = lambda error: None
+
+    # -- opening -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or create) the file, upgrade its schema, and load what it holds."""
+        loop = asyncio.get_running_loop()
+        tasks, history, revision, next_seq = await loop.run_in_executor(self._writer, self._load)
+        self._restore(tasks, history, revision, next_seq - 1)
+        self._trim_history()
+        log.info(
+            "store %s: %d tasks, revision %d, %d changes of history",
+            self.path, len(self._tasks), revision, len(self._history),
+        )  # fmt: skip
+
+    def _load(self) -> tuple[list[Task], list[Change], int, int]:
+        connection = self._connect()
+        try:
+            revision, next_seq = connection.execute(
+                "SELECT revision, next_seq FROM state"
+            ).fetchone()
+            tasks = [_decode(data) for (data,) in connection.execute("SELECT data FROM tasks")]
+            history = [
+                Change(rev, ChangeKind(kind), _decode(data), at)
+                for rev, kind, at, data in connection.execute(
+                    "SELECT revision, kind, at, data FROM changes ORDER BY revision"
+                )
+            ]
+        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as error:
+            connection.close()
+            raise StoreOpenError(f"store file {self.path} is corrupt: {error}") from error
+        self._connection = connection
+        return tasks, history, revision, next_seq
+
+    def _connect(self) -> sqlite3.Connection:
+        """Connect, take the file for this server alone, and bring its schema up to date."""
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        except sqlite3.Error as error:
+            raise StoreOpenError(f"cannot open store file {self.path}: {error}") from error
+        try:
+            connection.execute("PRAGMA locking_mode = EXCLUSIVE")
+            connection.execute("BEGIN EXCLUSIVE")  # takes the lock, and keeps it
+            self._upgrade(connection)
+            connection.execute("COMMIT")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+        except StoreOpenError:
+            connection.close()
+            raise
+        except sqlite3.OperationalError as error:
+            connection.close()
+            if "locked" in str(error) or "busy" in str(error):
+                raise StoreLocked(
+                    f"store file {self.path} is in use by another conveyord; "
+                    "give each server a store of its own"
+                ) from error
+            raise StoreOpenError(f"cannot read store file {self.path}: {error}") from error
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise StoreOpenError(
+                f"store file {self.path} is not a SQLite database or is corrupt: {error}"
+            ) from error
+        return connection
+
+    def _upgrade(self, connection: sqlite3.Connection) -> None:
+        """Apply the migrations the file lacks; refuse a file that is foreign or newer."""
+        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        latest = len(self._migrations)
+        if application_id != APPLICATION_ID:
+            tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+            if tables or version:
+                raise StoreOpenError(f"{self.path} is a SQLite file but not a conveyor store")
+            connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if version > latest:
+            raise StoreTooNew(
+                f"store file {self.path} has schema version {version}, newer than the "
+                f"{latest} this conveyord knows; run a newer conveyord"
+            )
+        for number in range(version, latest):
+            for statement in self._migrations[number].split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            if version:
+                log.info("store %s upgraded to schema version %d", self.path, number + 1)
+        connection.execute(f"PRAGMA user_version = {latest}")
+
+    # -- writing -----------------------------------------------------------------
+
+    async def _persist(self, changes: list[Change]) -> None:
+        """Add the changes to the batch being gathered and wait until it is on disk."""
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+        done = self._batch_done
+        self._batch.extend(changes)
+        for change in changes:
+            self._in_flight[change.task.task_id] = done
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_batches())
+        await asyncio.shield(done)
+
+    async def _settled(self, task_id: str) -> None:
+        done = self._in_flight.get(task_id)
+        if done is not None:
+            await asyncio.shield(done)
+
+    async def _write_batches(self) -> None:
+        """Write gathered batches one after the other until none is left."""
+        loop = asyncio.get_running_loop()
+        while self._batch:
+            batch, done = self._batch, self._batch_done
+            assert done is not None
+            self._batch, self._batch_done = [], None
+            state = (self._staged_revision, self._last_seq + 1, self._compacted)
+            try:
+                await loop.run_in_executor(self._writer, self._write, batch, state)
+            except Exception as error:
+                self._fail(error, done)
+                return
+            self._commit(batch)
+            for change in batch:
+                if self._in_flight.get(change.task.task_id) is done:
+                    del self._in_flight[change.task.task_id]
+            done.set_result(None)
+
+    def _fail(self, error: Exception, done: asyncio.Future[None]) -> None:
+        """A write failed: refuse every further change, and tell the server, which must stop
+        (on restart, the file holds every change that was answered)."""
+        self._failure = error
+        log.critical(
+            "writing to store %s failed; no further change is accepted: %s", self.path, error
+        )
+        failure = StoreFailed(f"writing to the store failed: {error}")
+        for pending in (done, self._batch_done):
+            if pending is not None and not pending.done():
+                pending.set_exception(failure)
+                pending.exception()  # retrieved here too, in case no request waits on it
+        self._batch, self._batch_done = [], None
+        self.on_failure(error)
+
+    def _write(self, batch: list[Change], state: tuple[int, int, int]) -> None:
+        """One transaction: the tasks' new rows, the changes, the counters, the trimmed history."""
+        assert self._connection is not None
+        revision, next_seq, compacted = state
+        upserts: list[tuple[str, str]] = []
+        deletes: list[tuple[str]] = []
+        changes: list[tuple[int, int, float, str]] = []
+        for change in batch:
+            data = _encode(change.task)
+            if change.kind is ChangeKind.REMOVED:
+                deletes.append((change.task.task_id,))
+            else:
+                upserts.append((change.task.task_id, data))
+            changes.append((change.revision, int(change.kind), change.at, data))
+        connection = self._connection
+        connection.execute("BEGIN")
+        try:
+            connection.executemany(
+                "INSERT OR REPLACE INTO tasks (task_id, data) VALUES (?, ?)", upserts
+            )
+            connection.executemany("DELETE FROM tasks WHERE task_id = ?", deletes)
+            connection.executemany(
+                "INSERT INTO changes (revision, kind, at, data) VALUES (?, ?, ?, ?)", changes
+            )
+            connection.execute("DELETE FROM changes WHERE revision <= ?", (compacted,))
+            connection.execute("UPDATE state SET revision = ?, next_seq = ?", (revision, next_seq))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        """Finish the writes under way, then close the file; safe to call twice."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await asyncio.get_running_loop().run_in_executor(self._writer, connection.close)
+        self._writer.shutdown(wait=True)
+
+
+_TASK_FIELDS = tuple(field.name for field in dataclasses.fields(Task))
+
+
+def _encode(task: Task) -> str:
+    """A task as a JSON object of its fields."""
+    record: dict[str, Any] = {name: getattr(task, name) for name in _TASK_FIELDS}
+    record["status"] = int(task.status)
+    record["request_hash"] = task.request_hash.hex()
+    record["error"] = [task.error.code, task.error.message] if task.error else None
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _decode(data: str) -> Task:
+    record = json.loads(data)
+    record["status"] = TaskStatus(record["status"])
+    record["request_hash"] = bytes.fromhex(record["request_hash"])
+    record["error"] = TaskError(*record["error"]) if record["error"] else None
+    return Task(**{name: record[name] for name in _TASK_FIELDS if name in record})

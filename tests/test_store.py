@@ -1,0 +1,223 @@
+"""One suite for every store: the memory store and the SQLite store behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
+from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound, TaskStore
+from conveyord.store.memory import MemoryStore
+from conveyord.store.sqlite import SqliteStore
+
+Opener = Callable[..., TaskStore]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Makes stores of the kind under test; SQLite ones share one file, one at a time."""
+
+    def make(**options: object) -> TaskStore:
+        if request.param == "memory":
+            return MemoryStore(**options)  # type: ignore[arg-type]
+        return SqliteStore(tmp_path / "tasks.db", **options)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> AsyncIterator[TaskStore]:
+    opened = open_store()
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def new_task(request_id: str = "", request_hash: bytes = b"h", **fields: object) -> Task:
+    base: dict[str, object] = {
+        "task_id": str(uuid.uuid4()), "seq": 0, "task_type": "echo", "description": "",
+        "parameters": {"n": 1}, "priority": 5, "timeout_seconds": 10.0, "max_attempts": 1,
+        "labels": {}, "created_at": 1.0, "updated_at": 1.0, "request_id": request_id,
+        "request_hash": request_hash,
+    }  # fmt: skip
+    return Task(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def admit() -> None:
+    pass
+
+
+def start(task: Task) -> Task:
+    return task.evolve(status=TaskStatus.RUNNING, started_at=2.0, updated_at=2.0)
+
+
+def complete(task: Task) -> Task:
+    return task.evolve(status=TaskStatus.COMPLETED, result={"ok": True}, finished_at=3.0)
+
+
+async def test_create_assigns_revision_and_creation_order(store: TaskStore) -> None:
+    first, created = await store.create(new_task(), admit)
+    second, _ = await store.create(new_task(), admit)
+    assert created
+    assert (first.revision, second.revision) == (1, 2)
+    assert first.seq < second.seq
+    assert store.revision == 2
+    assert await store.get(first.task_id) == first
+
+
+async def test_a_known_request_id_returns_the_first_task(store: TaskStore) -> None:
+    first, _ = await store.create(new_task("r1"), admit)
+    again, created = await store.create(new_task("r1"), admit)
+    assert (again, created) == (first, False)
+    with pytest.raises(RequestIdReused):
+        await store.create(new_task("r1", request_hash=b"other"), admit)
+    assert store.revision == 1
+
+
+async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskStore) -> None:
+    results = await asyncio.gather(*(store.create(new_task("same"), admit) for _ in range(20)))
+    assert len({task.task_id for task, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+
+
+async def test_a_refused_admission_stores_nothing(store: TaskStore) -> None:
+    def full() -> None:
+        raise RuntimeError("full")
+
+    with pytest.raises(RuntimeError):
+        await store.create(new_task(), full)
+    assert store.revision == 0
+    assert (await store.list(TaskFilter(), 0, 10))[0] == []
+
+
+async def test_update_applies_the_mutation_to_the_latest_state(store: TaskStore) -> None:
+    task, _ = await store.create(new_task(), admit)
+    running = await store.update(task.task_id, start)
+    assert (running.status, running.revision) == (TaskStatus.RUNNING, 2)
+    assert await store.update(task.task_id, lambda t: None) == running
+    assert store.revision == 2
+
+    def refuse(t: Task) -> Task:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        await store.update(task.task_id, refuse)
+    assert await store.get(task.task_id) == running
+    with pytest.raises(TaskNotFound):
+        await store.update(str(uuid.uuid4()), start)
+
+
+async def test_concurrent_updates_chain(store: TaskStore) -> None:
+    task, _ = await store.create(new_task(parameters={"n": 0}), admit)
+
+    def bump(t: Task) -> Task:
+        return t.evolve(progress=t.progress + 0.01)
+
+    await asyncio.gather(*(store.update(task.task_id, bump) for _ in range(50)))
+    final = await store.get(task.task_id)
+    assert final is not None and final.progress == pytest.approx(0.5)
+    assert final.revision == 51
+
+
+async def test_list_pages_by_creation_order_with_filters(store: TaskStore) -> None:
+    tasks = [(await store.create(new_task(labels={"i": str(i % 2)}), admit))[0] for i in range(7)]
+    await store.update(tasks[3].task_id, start)
+    page, revision = await store.list(TaskFilter(), 0, 3)
+    assert [t.task_id for t in page] == [t.task_id for t in tasks[:3]]
+    assert revision == store.revision
+    rest, _ = await store.list(TaskFilter(), page[-1].seq, 10)
+    assert [t.task_id for t in rest] == [t.task_id for t in tasks[3:]]
+    odd, _ = await store.list(TaskFilter(labels={"i": "1"}), 0, 10)
+    assert [t.task_id for t in odd] == [t.task_id for t in tasks[1::2]]
+    running, _ = await store.list(TaskFilter(statuses=frozenset({TaskStatus.RUNNING})), 0, 10)
+    assert [t.task_id for t in running] == [tasks[3].task_id]
+
+
+async def test_every_change_reaches_the_listener_in_order(store: TaskStore) -> None:
+    seen: list[Change] = []
+    store.set_listener(seen.append)
+    task, _ = await store.create(new_task(), admit)
+    await store.update(task.task_id, start)
+    await store.update(task.task_id, complete)
+    assert [c.revision for c in seen] == [1, 2, 3]
+    assert [c.task.status for c in seen] == [
+        TaskStatus.CREATED, TaskStatus.RUNNING, TaskStatus.COMPLETED,
+    ]  # fmt: skip
+
+
+async def test_changes_since_replays_the_history(store: TaskStore) -> None:
+    a, _ = await store.create(new_task(), admit)
+    b, _ = await store.create(new_task(), admit)
+    await store.update(a.task_id, start)
+    changes = await store.changes_since(1, TaskFilter())
+    assert [c.revision for c in changes] == [2, 3]
+    only_a = await store.changes_since(0, TaskFilter(task_id=a.task_id))
+    assert [c.revision for c in only_a] == [1, 3]
+    assert await store.changes_since(3, TaskFilter()) == []
+    with pytest.raises(RevisionOutOfRange):
+        await store.changes_since(4, TaskFilter())
+    assert b.revision == 2
+
+
+async def test_the_history_is_bounded(open_store: Opener) -> None:
+    store = open_store(history_size=3)
+    await store.open()
+    for _ in range(5):
+        await store.create(new_task(), admit)
+    with pytest.raises(RevisionOutOfRange):
+        await store.changes_since(1, TaskFilter())
+    assert [c.revision for c in await store.changes_since(2, TaskFilter())] == [3, 4, 5]
+    await store.close()
+
+
+async def test_the_history_is_bounded_by_age(open_store: Opener) -> None:
+    now = [100.0]
+    store = open_store(history_age=10.0, clock=lambda: now[0])
+    await store.open()
+    await store.create(new_task(), admit)
+    now[0] += 5
+    await store.create(new_task(), admit)
+    now[0] += 6  # the first change is 11 s old now
+    with pytest.raises(RevisionOutOfRange):
+        await store.changes_since(0, TaskFilter())
+    assert [c.revision for c in await store.changes_since(1, TaskFilter())] == [2]
+    await store.close()
+
+
+async def test_finished_tasks_are_removed_in_batches(store: TaskStore) -> None:
+    tasks = [(await store.create(new_task(), admit))[0] for _ in range(5)]
+    for task in tasks[:4]:
+        await store.update(task.task_id, start)
+        await store.update(task.task_id, complete)
+    seen: list[Change] = []
+    store.set_listener(seen.append)
+    assert await store.remove_finished(finished_before=2.0, limit=10) == 0  # they ended at 3.0
+    assert await store.remove_finished(finished_before=4.0, limit=3) == 3
+    assert await store.remove_finished(finished_before=4.0, limit=3) == 1
+    assert [c.kind for c in seen] == [ChangeKind.REMOVED] * 4
+    assert await store.get(tasks[0].task_id) is None
+    assert await store.get(tasks[4].task_id) is not None
+    listed, _ = await store.list(TaskFilter(), 0, 10)
+    assert [t.task_id for t in listed] == [tasks[4].task_id]
+
+
+async def test_a_removed_task_frees_its_request_id(store: TaskStore) -> None:
+    task, _ = await store.create(new_task("again"), admit)
+    await store.update(task.task_id, start)
+    await store.update(task.task_id, complete)
+    await store.remove_finished(finished_before=10.0, limit=10)
+    fresh, created = await store.create(new_task("again"), admit)
+    assert created and fresh.task_id != task.task_id
+
+
+async def test_unfinished_lists_created_and_running_in_creation_order(store: TaskStore) -> None:
+    tasks = [(await store.create(new_task(), admit))[0] for _ in range(4)]
+    await store.update(tasks[0].task_id, start)
+    await store.update(tasks[1].task_id, start)
+    await store.update(tasks[1].task_id, complete)
+    unfinished = await store.unfinished()
+    assert [t.task_id for t in unfinished] == [tasks[0].task_id, tasks[2].task_id, tasks[3].task_id]
