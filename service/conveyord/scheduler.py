@@ -143,7 +143,8 @@ class Scheduler:
                 task = await self.store.update(task.task_id, self._interrupted_mutation())
                 interrupted += 1
             if task.status is TaskStatus.CREATED:
-                self._enqueue(task)
+                self._enqueue(task, dispatch=False)
+        self._dispatch()  # only now, so that the best of them runs first
         if unfinished:
             log.info(
                 "recovered %d tasks: %d queued, %d interrupted",
@@ -248,7 +249,7 @@ class Scheduler:
 
     # -- queueing and dispatch ---------------------------------------------------
 
-    def _enqueue(self, task: Task) -> None:
+    def _enqueue(self, task: Task, *, dispatch: bool = True) -> None:
         """Queue a CREATED task now, or when its next attempt is due."""
         delay = (task.next_attempt_at or 0.0) - self.clock()
         if delay > 0:
@@ -256,7 +257,8 @@ class Scheduler:
             self._waiting[task.task_id] = loop.call_later(delay, self._wake, task)
             return
         self._queue.push(task.task_id, task.task_type, task.priority, self._queued_at(task))
-        self._dispatch()
+        if dispatch:
+            self._dispatch()
 
     def _queued_at(self, task: Task) -> float:
         """When, on the monotonic clock, the task became runnable: its place in the queue

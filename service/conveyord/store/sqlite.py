@@ -176,7 +176,8 @@ class SqliteStore(MemoryStore):
                     connection.execute(statement)
             if version:
                 log.info("store %s upgraded to schema version %d", self.path, number + 1)
-        connection.execute(f"PRAGMA user_version = {latest}")
+        if version != latest:
+            connection.execute(f"PRAGMA user_version = {latest}")
 
     # -- writing -----------------------------------------------------------------
 
