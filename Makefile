@@ -25,6 +25,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+bench: setup
+	$(BIN)/python -m bench.run $(ARGS)
+
 generate: setup
 	$(BIN)/python scripts/generate.py
 
