@@ -48,7 +48,7 @@ class ServerThread:
             self.loop.close()
 
 
-SERVER_SETTINGS = ("history_size", "history_age", "store")
+SERVER_SETTINGS = ("history_size", "history_age", "store", "watch_buffer")
 
 
 def server_config(**settings: Any) -> ServerConfig:

@@ -20,7 +20,7 @@ from conveyord.store.sqlite import (
     StoreOpenError,
     StoreTooNew,
 )
-from tests.test_store import admit, complete, new_task, start
+from tests.test_store import complete, create_one, new_task, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +34,10 @@ async def _opened(path: Path, **options: object) -> SqliteStore:
 async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     store = await _opened(path)
-    done, _ = await store.create(new_task("r1", parameters={"deep": {"list": [1, "a"]}}), admit)
+    done, _ = await create_one(store, new_task("r1", parameters={"deep": {"list": [1, "a"]}}))
     await store.update(done.task_id, start)
     done = await store.update(done.task_id, complete)
-    queued, _ = await store.create(new_task(labels={"k": "v"}, priority=9), admit)
+    queued, _ = await create_one(store, new_task(labels={"k": "v"}, priority=9))
     revision = store.revision
     await store.close()
 
@@ -47,8 +47,8 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     assert await store.get(queued.task_id) == queued
     assert [c.revision for c in await store.changes_since(0, TaskFilter())] == [1, 2, 3, 4]
     # The request_id is still known, creation order and revisions carry on.
-    assert (await store.create(new_task("r1"), admit)) == (done, False)
-    later, _ = await store.create(new_task(), admit)
+    assert (await create_one(store, new_task("r1"))) == (done, False)
+    later, _ = await create_one(store, new_task())
     assert later.revision == revision + 1 and later.seq > queued.seq
     await store.close()
 
@@ -56,13 +56,13 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
 async def test_sequence_numbers_are_never_reused_after_removals(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     store = await _opened(path)
-    last, _ = await store.create(new_task(), admit)
+    last, _ = await create_one(store, new_task())
     await store.update(last.task_id, start)
     await store.update(last.task_id, complete)
     await store.remove_finished(finished_before=10, limit=10)
     await store.close()
     store = await _opened(path)
-    fresh, _ = await store.create(new_task(), admit)
+    fresh, _ = await create_one(store, new_task())
     assert fresh.seq > last.seq
     await store.close()
 
@@ -70,7 +70,7 @@ async def test_sequence_numbers_are_never_reused_after_removals(tmp_path: Path) 
 async def test_an_older_file_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     store = await _opened(path)
-    task, _ = await store.create(new_task(), admit)
+    task, _ = await create_one(store, new_task())
     await store.close()
     newer = (*MIGRATIONS, "CREATE TABLE upgraded_marker (x INTEGER)")
     store = await _opened(path, migrations=newer)
@@ -84,7 +84,7 @@ async def test_an_older_file_is_upgraded(tmp_path: Path) -> None:
 async def test_a_file_from_a_newer_server_is_refused_and_untouched(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     store = await _opened(path)
-    await store.create(new_task(), admit)
+    await create_one(store, new_task())
     await store.close()
     with sqlite3.connect(path) as connection:
         connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
@@ -100,7 +100,7 @@ async def test_a_file_in_use_by_another_store_is_refused(tmp_path: Path) -> None
     first = await _opened(path)
     with pytest.raises(StoreLocked, match="in use by another conveyord"):
         await _opened(path)
-    task, _ = await first.create(new_task(), admit)  # the first one carries on
+    task, _ = await create_one(first, new_task())  # the first one carries on
     assert await first.get(task.task_id) == task
     await first.close()
 
@@ -118,7 +118,7 @@ async def test_a_corrupt_store_is_refused_and_untouched(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     store = await _opened(path)
     for _ in range(200):
-        await store.create(new_task(description="x" * 200), admit)
+        await create_one(store, new_task(description="x" * 200))
     await store.close()
     data = bytearray(path.read_bytes())
     page = 4096
@@ -150,13 +150,13 @@ async def test_a_failed_write_refuses_every_later_change(tmp_path: Path) -> None
     store = await _opened(tmp_path / "tasks.db")
     failures: list[Exception] = []
     store.on_failure = failures.append
-    task, _ = await store.create(new_task(), admit)
+    task, _ = await create_one(store, new_task())
     assert store._connection is not None
     store._writer.submit(store._connection.close).result()  # the disk goes away under the store
     with pytest.raises(StoreFailed):
         await store.update(task.task_id, start)
     with pytest.raises(StoreFailed):
-        await store.create(new_task(), admit)
+        await create_one(store, new_task())
     assert len(failures) == 1
     assert await store.get(task.task_id) == task  # readers still see what was committed
     store._connection = None
@@ -168,7 +168,7 @@ async def test_the_file_stays_bounded_under_a_steady_load(tmp_path: Path) -> Non
     store = await _opened(path, history_size=200)
 
     async def one() -> None:
-        task, _ = await store.create(new_task(description="d" * 500), admit)
+        task, _ = await create_one(store, new_task(description="d" * 500))
         await store.update(task.task_id, start)
         await store.update(task.task_id, complete)
 

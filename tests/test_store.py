@@ -47,8 +47,15 @@ def new_task(request_id: str = "", request_hash: bytes = b"h", **fields: object)
     return Task(**{**base, **fields})  # type: ignore[arg-type]
 
 
-def admit() -> None:
+def admit(count: int) -> None:
     pass
+
+
+async def create_one(
+    store: TaskStore, task: Task, admit: Callable[[int], None] = admit
+) -> tuple[Task, bool]:
+    (result,) = await store.create([task], admit)
+    return result
 
 
 def start(task: Task) -> Task:
@@ -60,8 +67,8 @@ def complete(task: Task) -> Task:
 
 
 async def test_create_assigns_revision_and_creation_order(store: TaskStore) -> None:
-    first, created = await store.create(new_task(), admit)
-    second, _ = await store.create(new_task(), admit)
+    first, created = await create_one(store, new_task())
+    second, _ = await create_one(store, new_task())
     assert created
     assert (first.revision, second.revision) == (1, 2)
     assert first.seq < second.seq
@@ -70,32 +77,32 @@ async def test_create_assigns_revision_and_creation_order(store: TaskStore) -> N
 
 
 async def test_a_known_request_id_returns_the_first_task(store: TaskStore) -> None:
-    first, _ = await store.create(new_task("r1"), admit)
-    again, created = await store.create(new_task("r1"), admit)
+    first, _ = await create_one(store, new_task("r1"))
+    again, created = await create_one(store, new_task("r1"))
     assert (again, created) == (first, False)
     with pytest.raises(RequestIdReused):
-        await store.create(new_task("r1", request_hash=b"other"), admit)
+        await create_one(store, new_task("r1", request_hash=b"other"))
     assert store.revision == 1
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskStore) -> None:
-    results = await asyncio.gather(*(store.create(new_task("same"), admit) for _ in range(20)))
+    results = await asyncio.gather(*(create_one(store, new_task("same")) for _ in range(20)))
     assert len({task.task_id for task, _ in results}) == 1
     assert [created for _, created in results].count(True) == 1
 
 
 async def test_a_refused_admission_stores_nothing(store: TaskStore) -> None:
-    def full() -> None:
+    def full(count: int) -> None:
         raise RuntimeError("full")
 
     with pytest.raises(RuntimeError):
-        await store.create(new_task(), full)
+        await create_one(store, new_task(), full)
     assert store.revision == 0
     assert (await store.list(TaskFilter(), 0, 10))[0] == []
 
 
 async def test_update_applies_the_mutation_to_the_latest_state(store: TaskStore) -> None:
-    task, _ = await store.create(new_task(), admit)
+    task, _ = await create_one(store, new_task())
     running = await store.update(task.task_id, start)
     assert (running.status, running.revision) == (TaskStatus.RUNNING, 2)
     assert await store.update(task.task_id, lambda t: None) == running
@@ -112,7 +119,7 @@ async def test_update_applies_the_mutation_to_the_latest_state(store: TaskStore)
 
 
 async def test_concurrent_updates_chain(store: TaskStore) -> None:
-    task, _ = await store.create(new_task(parameters={"n": 0}), admit)
+    task, _ = await create_one(store, new_task(parameters={"n": 0}))
 
     def bump(t: Task) -> Task:
         return t.evolve(progress=t.progress + 0.01)
@@ -124,7 +131,7 @@ async def test_concurrent_updates_chain(store: TaskStore) -> None:
 
 
 async def test_list_pages_by_creation_order_with_filters(store: TaskStore) -> None:
-    tasks = [(await store.create(new_task(labels={"i": str(i % 2)}), admit))[0] for i in range(7)]
+    tasks = [(await create_one(store, new_task(labels={"i": str(i % 2)})))[0] for i in range(7)]
     await store.update(tasks[3].task_id, start)
     page, revision = await store.list(TaskFilter(), 0, 3)
     assert [t.task_id for t in page] == [t.task_id for t in tasks[:3]]
@@ -140,7 +147,7 @@ async def test_list_pages_by_creation_order_with_filters(store: TaskStore) -> No
 async def test_every_change_reaches_the_listener_in_order(store: TaskStore) -> None:
     seen: list[Change] = []
     store.set_listener(seen.append)
-    task, _ = await store.create(new_task(), admit)
+    task, _ = await create_one(store, new_task())
     await store.update(task.task_id, start)
     await store.update(task.task_id, complete)
     assert [c.revision for c in seen] == [1, 2, 3]
@@ -150,8 +157,8 @@ async def test_every_change_reaches_the_listener_in_order(store: TaskStore) -> N
 
 
 async def test_changes_since_replays_the_history(store: TaskStore) -> None:
-    a, _ = await store.create(new_task(), admit)
-    b, _ = await store.create(new_task(), admit)
+    a, _ = await create_one(store, new_task())
+    b, _ = await create_one(store, new_task())
     await store.update(a.task_id, start)
     changes = await store.changes_since(1, TaskFilter())
     assert [c.revision for c in changes] == [2, 3]
@@ -167,7 +174,7 @@ async def test_the_history_is_bounded(open_store: Opener) -> None:
     store = open_store(history_size=3)
     await store.open()
     for _ in range(5):
-        await store.create(new_task(), admit)
+        await create_one(store, new_task())
     with pytest.raises(RevisionOutOfRange):
         await store.changes_since(1, TaskFilter())
     assert [c.revision for c in await store.changes_since(2, TaskFilter())] == [3, 4, 5]
@@ -178,9 +185,9 @@ async def test_the_history_is_bounded_by_age(open_store: Opener) -> None:
     now = [100.0]
     store = open_store(history_age=10.0, clock=lambda: now[0])
     await store.open()
-    await store.create(new_task(), admit)
+    await create_one(store, new_task())
     now[0] += 5
-    await store.create(new_task(), admit)
+    await create_one(store, new_task())
     now[0] += 6  # the first change is 11 s old now
     with pytest.raises(RevisionOutOfRange):
         await store.changes_since(0, TaskFilter())
@@ -189,7 +196,7 @@ async def test_the_history_is_bounded_by_age(open_store: Opener) -> None:
 
 
 async def test_finished_tasks_are_removed_in_batches(store: TaskStore) -> None:
-    tasks = [(await store.create(new_task(), admit))[0] for _ in range(5)]
+    tasks = [(await create_one(store, new_task()))[0] for _ in range(5)]
     for task in tasks[:4]:
         await store.update(task.task_id, start)
         await store.update(task.task_id, complete)
@@ -206,18 +213,41 @@ async def test_finished_tasks_are_removed_in_batches(store: TaskStore) -> None:
 
 
 async def test_a_removed_task_frees_its_request_id(store: TaskStore) -> None:
-    task, _ = await store.create(new_task("again"), admit)
+    task, _ = await create_one(store, new_task("again"))
     await store.update(task.task_id, start)
     await store.update(task.task_id, complete)
     await store.remove_finished(finished_before=10.0, limit=10)
-    fresh, created = await store.create(new_task("again"), admit)
+    fresh, created = await create_one(store, new_task("again"))
     assert created and fresh.task_id != task.task_id
 
 
 async def test_unfinished_lists_created_and_running_in_creation_order(store: TaskStore) -> None:
-    tasks = [(await store.create(new_task(), admit))[0] for _ in range(4)]
+    tasks = [(await create_one(store, new_task()))[0] for _ in range(4)]
     await store.update(tasks[0].task_id, start)
     await store.update(tasks[1].task_id, start)
     await store.update(tasks[1].task_id, complete)
     unfinished = await store.unfinished()
     assert [t.task_id for t in unfinished] == [tasks[0].task_id, tasks[2].task_id, tasks[3].task_id]
+
+
+async def test_a_batch_is_stored_whole_in_order(store: TaskStore) -> None:
+    known, _ = await create_one(store, new_task("known"))
+    batch = [new_task("a"), new_task("known"), new_task(), new_task("b")]
+    admitted: list[int] = []
+    results = await store.create(batch, admitted.append)
+    assert admitted == [3]  # the replayed request is not a new task
+    assert [created for _, created in results] == [True, False, True, True]
+    assert results[1][0] == known
+    new = [task for task, created in results if created]
+    assert [t.revision for t in new] == [2, 3, 4]
+    assert [t.seq for t in new] == sorted(t.seq for t in new)
+
+
+async def test_a_batch_with_a_reused_request_id_stores_nothing(store: TaskStore) -> None:
+    await create_one(store, new_task("known"))
+    batch = [new_task("fresh"), new_task("known", request_hash=b"different")]
+    with pytest.raises(RequestIdReused):
+        await store.create(batch, admit)
+    assert store.revision == 1
+    _, created = await create_one(store, new_task("fresh"))
+    assert created  # "fresh" was not taken by the refused batch

@@ -103,7 +103,7 @@ async def test_a_bad_list_filter_is_invalid(stub: TaskServiceStub) -> None:
     assert "filter.statuses[1]" in await _invalid(stub, stub.List(request))
 
 
-METHODS = ["Create", "Get", "List", "Cancel"]
+METHODS = ["Create", "BatchCreate", "Get", "List", "Cancel"]
 
 
 @settings(

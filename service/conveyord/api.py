@@ -18,11 +18,12 @@ from google.protobuf import duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
 from conveyord.convert import change_to_proto, task_to_proto
-from conveyord.hub import EventHub, HubClosed
-from conveyord.model import Change, ChangeKind
+from conveyord.hub import EventHub, HubClosed, WatcherTooSlow
+from conveyord.model import Change, ChangeKind, Task
 from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
 from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound
 from conveyord.store.sqlite import StoreFailed
@@ -55,10 +56,18 @@ class TaskServiceApi:
         new = validation.create_request(
             request, self.scheduler.registry, self.scheduler.config.default_timeout
         )
-        task, _ = await self.scheduler.create(
-            new.to_task(str(uuid.uuid4()), self.scheduler.clock())
-        )
+        ((task, _),) = await self.scheduler.create([self._record(new)])
         return pb.CreateResponse(task=task_to_proto(task))
+
+    async def batch_create(self, request: pb.BatchCreateRequest) -> pb.BatchCreateResponse:
+        batch = validation.batch_create_request(
+            request, self.scheduler.registry, self.scheduler.config.default_timeout
+        )
+        created = await self.scheduler.create([self._record(new) for new in batch])
+        return pb.BatchCreateResponse(tasks=[task_to_proto(task) for task, _ in created])
+
+    def _record(self, new: validation.NewTask) -> Task:
+        return new.to_task(str(uuid.uuid4()), self.scheduler.clock())
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         task_id = validation.task_id(request.task_id)
@@ -80,8 +89,11 @@ class TaskServiceApi:
         task = await self.scheduler.cancel(task_id, reason)
         return pb.CancelResponse(task=task_to_proto(task))
 
-    async def watch(self, request: pb.WatchRequest) -> AsyncIterator[pb.WatchResponse]:
-        """See the Watch RPC in task_service.proto: replay or current state first, then live."""
+    async def watch(self, request: pb.WatchRequest) -> AsyncIterator[bytes]:
+        """See the Watch RPC in task_service.proto: replay or current state first, then live.
+
+        Yields encoded WatchResponses: a live change is encoded once for all its watchers.
+        """
         query = validation.watch_request(request)
         task_id = query.filter.task_id
         with self.hub.subscribe(query.filter) as subscription:
@@ -90,11 +102,7 @@ class TaskServiceApi:
                 task = await self.store.get(task_id)
                 if task is None:
                     raise TaskNotFound(task_id)
-                yield pb.WatchResponse(
-                    type=pb.WATCH_EVENT_TYPE_CURRENT,
-                    task=task_to_proto(task),
-                    revision=task.revision,
-                )
+                yield _encode(pb.WATCH_EVENT_TYPE_CURRENT, task_to_proto(task), task.revision)
                 if task.terminal:
                     return
                 last = task.revision
@@ -105,23 +113,34 @@ class TaskServiceApi:
                     raise TaskNotFound(task_id)
                 last = query.since_revision
                 for change in changes:
-                    yield change_to_proto(change)
+                    yield encode_change(change)
                     last = change.revision
                     if _ends_watch(query, change):
                         return
                 if task is not None and task.terminal:
                     return  # it ended at or before since_revision: the caller has seen the end
             while True:
-                live = await subscription.next(query.heartbeat)
-                if live is None:
-                    yield pb.WatchResponse(
-                        type=pb.WATCH_EVENT_TYPE_HEARTBEAT, revision=max(last, self.hub.revision)
-                    )
-                elif live.revision > last:  # not already sent from the history
-                    yield change_to_proto(live)
-                    last = live.revision
-                    if _ends_watch(query, live):
+                try:
+                    delivery = await subscription.next(query.heartbeat)
+                except WatcherTooSlow as too_slow:
+                    raise WatcherTooSlow(too_slow.limit, last) from None
+                if delivery is None:
+                    revision = max(last, self.hub.revision)
+                    yield _encode(pb.WATCH_EVENT_TYPE_HEARTBEAT, None, revision)
+                elif delivery.change.revision > last:  # not already sent from the history
+                    yield delivery.encoded(encode_change)
+                    last = delivery.change.revision
+                    if _ends_watch(query, delivery.change):
                         return
+
+
+def _encode(kind: int, task: task_pb2.TaskResponse | None, revision: int) -> bytes:
+    response = pb.WatchResponse(type=kind, task=task, revision=revision)  # type: ignore[arg-type]
+    return response.SerializeToString()
+
+
+def encode_change(change: Change) -> bytes:
+    return change_to_proto(change).SerializeToString()
 
 
 def _ends_watch(query: WatchQuery, change: Change) -> bool:
@@ -169,6 +188,9 @@ def status_of(error: Exception) -> grpc.Status | None:
         case RevisionOutOfRange(oldest=oldest, latest=latest):
             code = code_pb2.OUT_OF_RANGE
             details = [_error_info("REVISION_OUT_OF_RANGE", oldest=str(oldest), latest=str(latest))]
+        case WatcherTooSlow(revision=revision):
+            code = code_pb2.RESOURCE_EXHAUSTED
+            details = [_error_info("WATCHER_TOO_SLOW", resume_revision=str(revision))]
         case ShuttingDown() | HubClosed():
             code, details = code_pb2.UNAVAILABLE, [_error_info("SHUTTING_DOWN")]
             error = ShuttingDown()
@@ -257,12 +279,13 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
 
     return {
         "Create": unary(api.create, pb.CreateRequest),
+        "BatchCreate": unary(api.batch_create, pb.BatchCreateRequest),
         "Get": unary(api.get, pb.GetRequest),
         "List": unary(api.list, pb.ListRequest),
         "Cancel": unary(api.cancel, pb.CancelRequest),
         "Watch": grpc.unary_stream_rpc_method_handler(
             _stream(api.watch),
             request_deserializer=_deserializer(pb.WatchRequest),
-            response_serializer=lambda response: response.SerializeToString(),
+            response_serializer=None,  # the stream yields responses already encoded
         ),
     }

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from conveyord.handlers import HandlerLoadError
+from conveyord.hub import DEFAULT_WATCH_BUFFER
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
 from conveyord.store import default_store_path
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HISTORY_AGE,
     )
     option(
+        "--watch-buffer",
+        "CONVEYORD_WATCH_BUFFER",
+        "changes a watcher may fall behind before they are coalesced to the latest state of "
+        "each task; a watcher still that far behind is ended (RESOURCE_EXHAUSTED) to resume",
+        type=_positive(int),
+        default=DEFAULT_WATCH_BUFFER,
+    )
+    option(
         "--shutdown-grace",
         "CONVEYORD_SHUTDOWN_GRACE",
         "seconds running tasks get to finish when the server stops",
@@ -229,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=scheduler,
         history_size=args.history_size,
         history_age=args.history_age,
+        watch_buffer=args.watch_buffer,
         shutdown_grace=args.shutdown_grace,
     )
 

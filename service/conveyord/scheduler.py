@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from conveyord.handlers import HandlerRegistry, TaskContext, is_async
@@ -51,8 +51,11 @@ class SchedulerConfig:
 
 
 class QueueFull(StoreError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the queue holds its limit of {limit} tasks; try again later")
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"the queue has no room for {count} more tasks (it holds at most {limit}); "
+            "try again later"
+        )
         self.limit = limit
 
 
@@ -203,21 +206,24 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def _admit(self) -> None:
-        """Raise unless there is room for one more task (called by the store before it stores)."""
+    def _admit(self, count: int) -> None:
+        """Raise unless there is room for `count` more tasks (the store asks before storing)."""
         if not self._accepting:
             raise ShuttingDown()
-        if self.queued >= self.config.max_queued:
-            raise QueueFull(self.config.max_queued)
+        if self.queued + count > self.config.max_queued:
+            raise QueueFull(count, self.config.max_queued)
 
-    async def create(self, task: Task) -> tuple[Task, bool]:
-        """Store and queue a new task; return it, and False if it is a replayed request_id."""
+    async def create(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """Store and queue new tasks, all or none; each comes back with False if its
+        request_id was known already (it is then the task first created with it)."""
         if not self._accepting:
             raise ShuttingDown()
-        stored, created = await self.store.create(task, admit=self._admit)
-        if created:
-            self._enqueue(stored)
-        return stored, created
+        results = await self.store.create(tasks, admit=self._admit)
+        for task, created in results:
+            if created:
+                self._enqueue(task, dispatch=False)
+        self._dispatch()
+        return results
 
     async def cancel(self, task_id: str, reason: str) -> Task:
         """Cancel a task: at once if queued; by telling, then stopping, its handler if running."""

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers
 from conveyord.handlers import HandlerRegistry
-from conveyord.hub import EventHub
+from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.store import store_from_url
 from conveyord.store.base import TaskStore
@@ -42,6 +42,7 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     history_size: int = DEFAULT_HISTORY_SIZE
     history_age: float = DEFAULT_HISTORY_AGE
+    watch_buffer: int = DEFAULT_WATCH_BUFFER
     shutdown_grace: float = 30.0
 
 
@@ -66,7 +67,7 @@ class Server:
         self.stop_requested = asyncio.Event()  # set by a signal or by a failed store
         if isinstance(self.store, SqliteStore):
             self.store.on_failure = self._store_failed
-        self.hub = EventHub(self.store.revision)
+        self.hub = EventHub(self.store.revision, buffer=config.watch_buffer)
         self.store.set_listener(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.health = HealthServicer()

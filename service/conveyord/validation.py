@@ -29,6 +29,7 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 255
 MAX_REQUEST_ID = 128
 MAX_REASON = 1024
+MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT = 15.0
@@ -132,35 +133,67 @@ def create_request(
     request: task_service_pb2.CreateRequest, registry: HandlerRegistry, default_timeout: float
 ) -> NewTask:
     checker = _Checker()
-    if not request.HasField("task"):
-        checker.fail("task", "is required")
+    _create(checker, request, registry, "")
+    checker.done()
+    return NewTask(request, default_timeout)
+
+
+def batch_create_request(
+    request: task_service_pb2.BatchCreateRequest, registry: HandlerRegistry, default_timeout: float
+) -> list[NewTask]:
+    checker = _Checker()
+    count = len(request.requests)
+    if not 1 <= count <= MAX_BATCH:
+        checker.fail("requests", f"must hold 1 to {MAX_BATCH} requests, not {count}")
         checker.done()
+    first_index: dict[str, int] = {}
+    for index, create in enumerate(request.requests):
+        _create(checker, create, registry, f"requests[{index}].")
+        if create.request_id:
+            earlier = first_index.setdefault(create.request_id, index)
+            if earlier != index:
+                checker.fail(
+                    f"requests[{index}].request_id", f"is the request_id of requests[{earlier}]"
+                )
+    checker.done()
+    return [NewTask(create, default_timeout) for create in request.requests]
+
+
+def _create(
+    checker: _Checker,
+    request: task_service_pb2.CreateRequest,
+    registry: HandlerRegistry,
+    prefix: str,
+) -> None:
+    """Check one CreateRequest; its fields are named after `prefix`."""
+    if not request.HasField("task"):
+        checker.fail(f"{prefix}task", "is required")
+        return
     task = request.task
+    field = f"{prefix}task."
     if not task.task_type:
-        checker.fail("task.task_type", "is required")
+        checker.fail(f"{field}task_type", "is required")
     elif task.task_type not in registry:
         known = ", ".join(registry.task_types) or "none"
         checker.fail(
-            "task.task_type",
+            f"{field}task_type",
             f"{task.task_type[:64]!r} is not a registered task type (known: {known})",
         )
     if len(task.description) > MAX_DESCRIPTION:
-        checker.fail("task.description", f"is longer than {MAX_DESCRIPTION} characters")
+        checker.fail(f"{field}description", f"is longer than {MAX_DESCRIPTION} characters")
     if task.HasField("priority") and not 1 <= task.priority <= 10:
-        checker.fail("task.priority", f"must be between 1 and 10, not {task.priority}")
+        checker.fail(f"{field}priority", f"must be between 1 and 10, not {task.priority}")
     if task.HasField("timeout_seconds") and not (
         math.isfinite(task.timeout_seconds) and task.timeout_seconds > 0
     ):
-        checker.fail("task.timeout_seconds", f"must be positive, not {task.timeout_seconds}")
+        checker.fail(f"{field}timeout_seconds", f"must be positive, not {task.timeout_seconds}")
     if task.HasField("max_attempts") and not 1 <= task.max_attempts <= MAX_ATTEMPTS:
         checker.fail(
-            "task.max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, not {task.max_attempts}"
+            f"{field}max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, not {task.max_attempts}"
         )
-    _labels(checker, task.labels, "task.labels")
+    _labels(checker, task.labels, f"{field}labels")
     if len(request.request_id) > MAX_REQUEST_ID:
-        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
-    checker.done()
-    return NewTask(request, default_timeout)
+        checker.fail(f"{prefix}request_id", f"is longer than {MAX_REQUEST_ID} characters")
 
 
 def _labels(checker: _Checker, labels: Any, field: str) -> None:

@@ -26,35 +26,39 @@ from conveyor.v1 import task_pb2 as conveyor_dot_v1_dot_task__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\"K\n\rCreateRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x0e\x43reateResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0bGetResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"]\n\x0bListRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x0cListResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0e\x43\x61ncelResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"\xaf\x01\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_since_revision\"u\n\rWatchResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.conveyor.v1.WatchEventType\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08revision\x18\x03 \x01(\x03*\xac\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WATCH_EVENT_TYPE_CURRENT\x10\x01\x12\x1c\n\x18WATCH_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1e\n\x1aWATCH_EVENT_TYPE_HEARTBEAT\x10\x04\x32\xcc\x02\n\x0bTaskService\x12\x41\n\x06\x43reate\x12\x1a.conveyor.v1.CreateRequest\x1a\x1b.conveyor.v1.CreateResponse\x12\x38\n\x03Get\x12\x17.conveyor.v1.GetRequest\x1a\x18.conveyor.v1.GetResponse\x12;\n\x04List\x12\x18.conveyor.v1.ListRequest\x1a\x19.conveyor.v1.ListResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\"K\n\rCreateRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x0e\x43reateResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"B\n\x12\x42\x61tchCreateRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.CreateRequest\"?\n\x13\x42\x61tchCreateResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0bGetResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"]\n\x0bListRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x0cListResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0e\x43\x61ncelResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"\xaf\x01\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_since_revision\"u\n\rWatchResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.conveyor.v1.WatchEventType\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08revision\x18\x03 \x01(\x03*\xac\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WATCH_EVENT_TYPE_CURRENT\x10\x01\x12\x1c\n\x18WATCH_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1e\n\x1aWATCH_EVENT_TYPE_HEARTBEAT\x10\x04\x32\x9e\x03\n\x0bTaskService\x12\x41\n\x06\x43reate\x12\x1a.conveyor.v1.CreateRequest\x1a\x1b.conveyor.v1.CreateResponse\x12P\n\x0b\x42\x61tchCreate\x12\x1f.conveyor.v1.BatchCreateRequest\x1a .conveyor.v1.BatchCreateResponse\x12\x38\n\x03Get\x12\x17.conveyor.v1.GetRequest\x1a\x18.conveyor.v1.GetResponse\x12;\n\x04List\x12\x18.conveyor.v1.ListRequest\x1a\x19.conveyor.v1.ListResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.task_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHEVENTTYPE']._serialized_start=929
-  _globals['_WATCHEVENTTYPE']._serialized_end=1101
+  _globals['_WATCHEVENTTYPE']._serialized_start=1062
+  _globals['_WATCHEVENTTYPE']._serialized_end=1234
   _globals['_CREATEREQUEST']._serialized_start=103
   _globals['_CREATEREQUEST']._serialized_end=178
   _globals['_CREATERESPONSE']._serialized_start=180
   _globals['_CREATERESPONSE']._serialized_end=237
-  _globals['_GETREQUEST']._serialized_start=239
-  _globals['_GETREQUEST']._serialized_end=268
-  _globals['_GETRESPONSE']._serialized_start=270
-  _globals['_GETRESPONSE']._serialized_end=324
-  _globals['_LISTREQUEST']._serialized_start=326
-  _globals['_LISTREQUEST']._serialized_end=419
-  _globals['_LISTRESPONSE']._serialized_start=421
-  _globals['_LISTRESPONSE']._serialized_end=520
-  _globals['_CANCELREQUEST']._serialized_start=522
-  _globals['_CANCELREQUEST']._serialized_end=570
-  _globals['_CANCELRESPONSE']._serialized_start=572
-  _globals['_CANCELRESPONSE']._serialized_end=629
-  _globals['_WATCHREQUEST']._serialized_start=632
-  _globals['_WATCHREQUEST']._serialized_end=807
-  _globals['_WATCHRESPONSE']._serialized_start=809
-  _globals['_WATCHRESPONSE']._serialized_end=926
-  _globals['_TASKSERVICE']._serialized_start=1104
-  _globals['_TASKSERVICE']._serialized_end=1436
+  _globals['_BATCHCREATEREQUEST']._serialized_start=239
+  _globals['_BATCHCREATEREQUEST']._serialized_end=305
+  _globals['_BATCHCREATERESPONSE']._serialized_start=307
+  _globals['_BATCHCREATERESPONSE']._serialized_end=370
+  _globals['_GETREQUEST']._serialized_start=372
+  _globals['_GETREQUEST']._serialized_end=401
+  _globals['_GETRESPONSE']._serialized_start=403
+  _globals['_GETRESPONSE']._serialized_end=457
+  _globals['_LISTREQUEST']._serialized_start=459
+  _globals['_LISTREQUEST']._serialized_end=552
+  _globals['_LISTRESPONSE']._serialized_start=554
+  _globals['_LISTRESPONSE']._serialized_end=653
+  _globals['_CANCELREQUEST']._serialized_start=655
+  _globals['_CANCELREQUEST']._serialized_end=703
+  _globals['_CANCELRESPONSE']._serialized_start=705
+  _globals['_CANCELRESPONSE']._serialized_end=762
+  _globals['_WATCHREQUEST']._serialized_start=765
+  _globals['_WATCHREQUEST']._serialized_end=940
+  _globals['_WATCHRESPONSE']._serialized_start=942
+  _globals['_WATCHRESPONSE']._serialized_end=1059
+  _globals['_TASKSERVICE']._serialized_start=1237
+  _globals['_TASKSERVICE']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

@@ -116,6 +116,56 @@ class CreateResponse(_message.Message):
 Global___CreateResponse: _TypeAlias = CreateResponse  # noqa: Y015
 
 @_typing.final
+class BatchCreateRequest(_message.Message):
+    """The request of BatchCreate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateRequest]:
+        """The tasks to create, 1 to 1000, each as it would be sent to Create."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___CreateRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateRequest: _TypeAlias = BatchCreateRequest  # noqa: Y015
+
+@_typing.final
+class BatchCreateResponse(_message.Message):
+    """The response of BatchCreate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskResponse]:
+        """The tasks, in the order of the requests (for a known request_id, the task first
+        created with it).
+        """
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[_task_pb2.TaskResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateResponse: _TypeAlias = BatchCreateResponse  # noqa: Y015
+
+@_typing.final
 class GetRequest(_message.Message):
     """The request of Get."""
 

@@ -31,7 +31,8 @@ class TaskServiceStub:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -46,6 +47,11 @@ class TaskServiceStub:
                 '/conveyor.v1.TaskService/Create',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.CreateRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.CreateResponse.FromString,
+                _registered_method=True)
+        self.BatchCreate = channel.unary_unary(
+                '/conveyor.v1.TaskService/BatchCreate',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.BatchCreateRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.BatchCreateResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_unary(
                 '/conveyor.v1.TaskService/Get',
@@ -75,7 +81,8 @@ class TaskServiceServicer:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -90,6 +97,22 @@ class TaskServiceServicer:
         priority outside 1..10); ALREADY_EXISTS (request_id reused with a different
         TaskRequest); RESOURCE_EXHAUSTED (the queue is at its configured limit; a
         google.rpc.RetryInfo says when to try again); UNAVAILABLE (the server is shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreate(self, request, context):
+        """Accepts up to 1000 tasks at once: all are validated before any is stored, and then
+        all are stored together (in one transaction of a durable store) and queued. Each
+        request keeps its own `request_id`, with the meaning it has in Create; the answer
+        holds the tasks in the order of the requests.
+
+        Codes: OK; INVALID_ARGUMENT (no request, more than 1000, a bad field of any request,
+        named as `requests[i].task...`, or two requests with one request_id); ALREADY_EXISTS
+        (a request_id reused with a different TaskRequest; nothing is stored);
+        RESOURCE_EXHAUSTED (the queue has no room for all of the new tasks; nothing is
+        stored); UNAVAILABLE (the server is shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,9 +177,19 @@ class TaskServiceServicer:
         Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
         a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
+        Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+        changes unless configured). When a watcher that reads slowly lets it fill, the changes
+        waiting for it are coalesced: it gets the latest state of each task, and every
+        terminal state; intermediate states of a task may be skipped, never its end. A
+        watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
+        (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
+        and resumes from there with `since_revision`. A slow watcher never slows the server
+        or the other watchers.
+
         Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
         heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
-        outside the history); UNAVAILABLE (the server is shutting down; resume elsewhere or later).
+        outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
+        UNAVAILABLE (the server is shutting down; resume elsewhere or later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +202,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Create,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.CreateRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.CreateResponse.SerializeToString,
+            ),
+            'BatchCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreate,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.BatchCreateRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.BatchCreateResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -204,7 +242,8 @@ class TaskService:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -226,6 +265,33 @@ class TaskService:
             '/conveyor.v1.TaskService/Create',
             conveyor_dot_v1_dot_task__service__pb2.CreateRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.CreateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/BatchCreate',
+            conveyor_dot_v1_dot_task__service__pb2.BatchCreateRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.BatchCreateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,7 +32,8 @@ class TaskServiceStub:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -51,6 +52,18 @@ class TaskServiceStub:
     priority outside 1..10); ALREADY_EXISTS (request_id reused with a different
     TaskRequest); RESOURCE_EXHAUSTED (the queue is at its configured limit; a
     google.rpc.RetryInfo says when to try again); UNAVAILABLE (the server is shutting down).
+    """
+    BatchCreate: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.BatchCreateRequest, _task_service_pb2.BatchCreateResponse]
+    """Accepts up to 1000 tasks at once: all are validated before any is stored, and then
+    all are stored together (in one transaction of a durable store) and queued. Each
+    request keeps its own `request_id`, with the meaning it has in Create; the answer
+    holds the tasks in the order of the requests.
+
+    Codes: OK; INVALID_ARGUMENT (no request, more than 1000, a bad field of any request,
+    named as `requests[i].task...`, or two requests with one request_id); ALREADY_EXISTS
+    (a request_id reused with a different TaskRequest; nothing is stored);
+    RESOURCE_EXHAUSTED (the queue has no room for all of the new tasks; nothing is
+    stored); UNAVAILABLE (the server is shutting down).
     """
     Get: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetRequest, _task_service_pb2.GetResponse]
     """Returns a task as it stands.
@@ -99,9 +112,19 @@ class TaskServiceStub:
     Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
     a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
+    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+    changes unless configured). When a watcher that reads slowly lets it fill, the changes
+    waiting for it are coalesced: it gets the latest state of each task, and every
+    terminal state; intermediate states of a task may be skipped, never its end. A
+    watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
+    (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
+    and resumes from there with `since_revision`. A slow watcher never slows the server
+    or the other watchers.
+
     Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
     heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
-    outside the history); UNAVAILABLE (the server is shutting down; resume elsewhere or later).
+    outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
+    UNAVAILABLE (the server is shutting down; resume elsewhere or later).
     """
 
 @_typing.type_check_only
@@ -111,7 +134,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -127,6 +151,18 @@ class TaskServiceAsyncStub(TaskServiceStub):
     priority outside 1..10); ALREADY_EXISTS (request_id reused with a different
     TaskRequest); RESOURCE_EXHAUSTED (the queue is at its configured limit; a
     google.rpc.RetryInfo says when to try again); UNAVAILABLE (the server is shutting down).
+    """
+    BatchCreate: _aio.UnaryUnaryMultiCallable[_task_service_pb2.BatchCreateRequest, _task_service_pb2.BatchCreateResponse]  # type: ignore[assignment]
+    """Accepts up to 1000 tasks at once: all are validated before any is stored, and then
+    all are stored together (in one transaction of a durable store) and queued. Each
+    request keeps its own `request_id`, with the meaning it has in Create; the answer
+    holds the tasks in the order of the requests.
+
+    Codes: OK; INVALID_ARGUMENT (no request, more than 1000, a bad field of any request,
+    named as `requests[i].task...`, or two requests with one request_id); ALREADY_EXISTS
+    (a request_id reused with a different TaskRequest; nothing is stored);
+    RESOURCE_EXHAUSTED (the queue has no room for all of the new tasks; nothing is
+    stored); UNAVAILABLE (the server is shutting down).
     """
     Get: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetRequest, _task_service_pb2.GetResponse]  # type: ignore[assignment]
     """Returns a task as it stands.
@@ -175,9 +211,19 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
     a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
+    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+    changes unless configured). When a watcher that reads slowly lets it fill, the changes
+    waiting for it are coalesced: it gets the latest state of each task, and every
+    terminal state; intermediate states of a task may be skipped, never its end. A
+    watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
+    (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
+    and resumes from there with `since_revision`. A slow watcher never slows the server
+    or the other watchers.
+
     Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
     heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
-    outside the history); UNAVAILABLE (the server is shutting down; resume elsewhere or later).
+    outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
+    UNAVAILABLE (the server is shutting down; resume elsewhere or later).
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -186,7 +232,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, SHUTTING_DOWN, STORE_FAILED) and whose domain is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
+    is "conveyor.v1".
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -206,6 +253,24 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         priority outside 1..10); ALREADY_EXISTS (request_id reused with a different
         TaskRequest); RESOURCE_EXHAUSTED (the queue is at its configured limit; a
         google.rpc.RetryInfo says when to try again); UNAVAILABLE (the server is shutting down).
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCreate(
+        self,
+        request: _task_service_pb2.BatchCreateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.BatchCreateResponse, _abc.Awaitable[_task_service_pb2.BatchCreateResponse]]:
+        """Accepts up to 1000 tasks at once: all are validated before any is stored, and then
+        all are stored together (in one transaction of a durable store) and queued. Each
+        request keeps its own `request_id`, with the meaning it has in Create; the answer
+        holds the tasks in the order of the requests.
+
+        Codes: OK; INVALID_ARGUMENT (no request, more than 1000, a bad field of any request,
+        named as `requests[i].task...`, or two requests with one request_id); ALREADY_EXISTS
+        (a request_id reused with a different TaskRequest; nothing is stored);
+        RESOURCE_EXHAUSTED (the queue has no room for all of the new tasks; nothing is
+        stored); UNAVAILABLE (the server is shutting down).
         """
 
     @_abc_1.abstractmethod
@@ -278,9 +343,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
         a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
+        Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+        changes unless configured). When a watcher that reads slowly lets it fill, the changes
+        waiting for it are coalesced: it gets the latest state of each task, and every
+        terminal state; intermediate states of a task may be skipped, never its end. A
+        watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
+        (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
+        and resumes from there with `since_revision`. A slow watcher never slows the server
+        or the other watchers.
+
         Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
         heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
-        outside the history); UNAVAILABLE (the server is shutting down; resume elsewhere or later).
+        outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
+        UNAVAILABLE (the server is shutting down; resume elsewhere or later).
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -57,13 +57,16 @@ class TaskStore(Protocol):
         """Receive every committed change, in revision order."""
         ...
 
-    async def create(self, task: Task, admit: Callable[[], None]) -> tuple[Task, bool]:
-        """Store a new task and return it with its revision, its `seq`, and `True`.
+    async def create(
+        self, tasks: Sequence[Task], admit: Callable[[int], None]
+    ) -> list[tuple[Task, bool]]:
+        """Store new tasks, all or none, and return each with its revision, its `seq`, and
+        `True`.
 
-        When the task's (owner, request_id) is already known, store nothing and return
-        the task first created with it and `False`, or raise RequestIdReused if that
-        task was created from a different request. Otherwise call `admit` first, which
-        raises to refuse the task (a full queue); then nothing is stored.
+        A task whose (owner, request_id) is already known is not stored again: the task
+        first created with it comes back with `False`; if that task was created from a
+        different request, RequestIdReused is raised and nothing is stored. Before storing,
+        `admit(number of new tasks)` is called, which raises to refuse them (a full queue).
         """
         ...
 

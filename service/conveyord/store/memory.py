@@ -67,21 +67,38 @@ class MemoryStore:
 
     # -- writes ------------------------------------------------------------------
 
-    async def create(self, task: Task, admit: Callable[[], None]) -> tuple[Task, bool]:
-        key = (task.owner, task.request_id)
-        if task.request_id and (first_id := self._request_ids.get(key)) is not None:
-            first = self._working[first_id]
-            if first.request_hash != task.request_hash:
-                raise RequestIdReused(task.request_id, first_id)
-            await self._settled(first_id)
-            return first, False
-        admit()
-        self._last_seq += 1
-        change = self._stage(ChangeKind.CHANGED, task.evolve(seq=self._last_seq))
-        if task.request_id:
-            self._request_ids[key] = task.task_id
-        await self._persist([change])
-        return change.task, True
+    async def create(
+        self, tasks: Sequence[Task], admit: Callable[[int], None]
+    ) -> list[tuple[Task, bool]]:
+        known = [self._known_request(task) for task in tasks]
+        admit(known.count(None))
+        changes: list[Change] = []
+        for task, first in zip(tasks, known, strict=True):
+            if first is None:
+                self._last_seq += 1
+                changes.append(self._stage(ChangeKind.CHANGED, task.evolve(seq=self._last_seq)))
+                if task.request_id:
+                    self._request_ids[(task.owner, task.request_id)] = task.task_id
+        for first in known:
+            if first is not None:
+                await self._settled(first.task_id)
+        if changes:
+            await self._persist(changes)
+        new = iter(changes)
+        return [(next(new).task, True) if first is None else (first, False) for first in known]
+
+    def _known_request(self, task: Task) -> Task | None:
+        """The task first created with this task's request_id, if any (RequestIdReused if
+        it came from a different request)."""
+        if not task.request_id:
+            return None
+        first_id = self._request_ids.get((task.owner, task.request_id))
+        if first_id is None:
+            return None
+        first = self._working[first_id]
+        if first.request_hash != task.request_hash:
+            raise RequestIdReused(task.request_id, first_id)
+        return first
 
     async def update(self, task_id: str, mutation: Mutation) -> Task:
         current = self._working.get(task_id)
