@@ -1,4 +1,4 @@
-"""What every benchmark needs: a conveyord process, closed-loop load, and percentiles."""
+"""What every benchmark needs: server processes, closed-loop load, percentiles, the machine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclasses.dataclass(frozen=True)
 class Load:
-    """The outcome of a closed loop: calls completed, seconds taken, each call's latency."""
+    """The outcome of some calls: how many, in how many seconds, and each one's latency."""
 
     calls: int
     seconds: float
@@ -54,27 +53,55 @@ async def closed_loop(
     return Load(len(latencies), time.perf_counter() - began, latencies)
 
 
+def best(loads: list[Load]) -> Load:
+    """Of repeated runs, the one with the highest rate: the least disturbed by the machine."""
+    return max(loads, key=lambda load: load.rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """A server under test: where it listens, and its pid (to read its memory)."""
+
+    address: str
+    pid: int
+
+    def rss(self) -> int:
+        """Its resident memory, in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+def conveyord(*args: str) -> contextlib.AbstractAsyncContextManager[Process]:
+    """A conveyord process (memory store unless told otherwise) with the benchmark handlers."""
+    command = ["-m", "conveyord", "--listen", "127.0.0.1:0", "--store", "memory"]
+    return server_process(*command, "--handlers", "bench.handlers", "--log-level", "INFO", *args)
+
+
+def bare() -> contextlib.AbstractAsyncContextManager[Process]:
+    """The bare grpc.aio server that is the ceiling."""
+    return server_process("-m", "bench.bare")
+
+
 @contextlib.asynccontextmanager
-async def conveyord(*args: str) -> AsyncIterator[str]:
-    """A conveyord process with the benchmark handlers; yields its address."""
+async def server_process(*args: str) -> AsyncIterator[Process]:
+    """A Python server process that logs "(port N)" once it listens."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "conveyord", "--listen", "127.0.0.1:0"]
-    command += ["--handlers", "bench.handlers", "--log-level", "INFO", *args]
     process = await asyncio.create_subprocess_exec(
-        *command, cwd=ROOT, env=environment,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE
+    )
     assert process.stderr is not None
     address = None
     while address is None:
         line = (await process.stderr.readline()).decode()
         if not line:
-            raise RuntimeError("conveyord did not start")
+            raise RuntimeError(f"{' '.join(args)} did not start")
         if match := re.search(r"\(port (\d+)\)", line):
             address = f"127.0.0.1:{match.group(1)}"
     drain = asyncio.create_task(process.stderr.read())
     try:
-        yield address
+        yield Process(address, process.pid)
     finally:
         process.terminate()
         await process.wait()
@@ -96,5 +123,5 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def ratio(value: float) -> str:
+    return f"{value:.2f}"

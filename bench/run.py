@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import store
+from bench import batch, end_to_end, fanout, rpc, scheduling, store
 from bench.harness import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = {"store": store}
+SECTIONS = {
+    "rpc": rpc,
+    "end_to_end": end_to_end,
+    "fanout": fanout,
+    "batch": batch,
+    "scheduling": scheduling,
+    "store": store,
+}
 
 
 def print_table(title: str, rows: list[list[str]]) -> None:

@@ -57,8 +57,8 @@ async def create_to_completed(stub: TaskServiceAsyncStub, calls: int) -> Load:
 
 async def measure(store: str, creates: int, sequential: int) -> dict[str, Any]:
     async with (
-        conveyord("--store", store, "--concurrency", "64", "--max-queued", "1000000") as address,
-        grpc.aio.insecure_channel(address) as channel,
+        conveyord("--store", store, "--concurrency", "64", "--max-queued", "1000000") as server,
+        grpc.aio.insecure_channel(server.address) as channel,
     ):
         stub = TaskServiceStub(channel)
         await closed_loop(lambda: create_noop(stub), concurrency=16, calls=creates // 10)  # warm-up

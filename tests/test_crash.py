@@ -144,12 +144,15 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
     for _ in range(ROUNDS):
         restarted_at = time.time()
         server = Conveyord(*store)
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            tasks, revision = await _all_tasks(TaskServiceStub(channel))
-        _check_recovered(tasks, revision, seen, restarted_at)
-        await _round(server.address, rng, seen, server.process.kill)
-        server.process.wait()
-        server.process.stderr.close()  # type: ignore[union-attr]
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                tasks, revision = await _all_tasks(TaskServiceStub(channel))
+            _check_recovered(tasks, revision, seen, restarted_at)
+            await _round(server.address, rng, seen, server.process.kill)
+        finally:
+            server.process.kill()
+            server.process.wait()
+            server.process.stderr.close()  # type: ignore[union-attr]
 
     restarted_at = time.time()
     server = Conveyord(*store)

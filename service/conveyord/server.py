@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
+# Keep long, quiet Watch streams healthy through proxies and NATs: ping a quiet connection
+# every 30 s and drop it if the ping goes unanswered for 10 s, and accept the pings of
+# clients that do the same (one every 10 s at most, even with no call open).
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -72,7 +83,7 @@ class Server:
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.health = HealthServicer()
         self.port = 0
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(options=KEEPALIVE_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
