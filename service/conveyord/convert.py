@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from conveyor.protojson import dict_to_struct, seconds_to_timestamp, to_value
+from google.protobuf import timestamp_pb2
+
+from conveyor.protojson import to_value
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.model import Change, ChangeKind, Task
 
 
 def task_to_proto(task: Task) -> task_pb2.TaskResponse:
-    """The task as a TaskResponse; unset optional parts stay unset."""
+    """The task as a TaskResponse; unset optional parts stay unset.
+
+    This runs for every answer and every change a watcher gets, so it sets fields in
+    place rather than building and copying sub-messages.
+    """
     message = task_pb2.TaskResponse(
         task_id=task.task_id,
         task_type=task.task_type,
@@ -17,28 +23,37 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
         priority=task.priority,
         progress=task.progress,
         message=task.message,
-        labels=task.labels,
         attempt=task.attempt,
         max_attempts=task.max_attempts,
-        created_at=seconds_to_timestamp(task.created_at),
-        updated_at=seconds_to_timestamp(task.updated_at),
         revision=task.revision,
         timeout_seconds=task.timeout_seconds,
     )
+    if task.labels:
+        message.labels.update(task.labels)
+    _stamp(message.created_at, task.created_at)
+    _stamp(message.updated_at, task.updated_at)
+    if task.started_at is not None:
+        _stamp(message.started_at, task.started_at)
+    if task.finished_at is not None:
+        _stamp(message.finished_at, task.finished_at)
+    if task.next_attempt_at is not None:
+        _stamp(message.next_attempt_at, task.next_attempt_at)
+    if task.cancel_requested_at is not None:
+        _stamp(message.cancel_requested_at, task.cancel_requested_at)
     if task.parameters:
-        message.parameters.CopyFrom(dict_to_struct(task.parameters))
+        message.parameters.update(task.parameters)
     if task.progress_detail is not None:
-        message.progress_detail.CopyFrom(dict_to_struct(task.progress_detail))
+        message.progress_detail.update(task.progress_detail)
     if task.result is not None:
         message.result.CopyFrom(to_value(task.result))
     if task.error is not None:
         message.error.code = task.error.code
         message.error.message = task.error.message
-    for field in ("next_attempt_at", "started_at", "finished_at", "cancel_requested_at"):
-        seconds = getattr(task, field)
-        if seconds is not None:
-            getattr(message, field).CopyFrom(seconds_to_timestamp(seconds))
     return message
+
+
+def _stamp(timestamp: timestamp_pb2.Timestamp, seconds: float) -> None:
+    timestamp.seconds, timestamp.nanos = divmod(round(seconds * 1e9), 1_000_000_000)
 
 
 _EVENT_TYPES = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,9 +58,15 @@ class TaskError:
     message: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Task:
-    """One task at one revision. Times are seconds since the epoch (UTC)."""
+    """One task at one revision. Times are seconds since the epoch (UTC).
+
+    A Task is never changed once made: every change makes a new one with `evolve`, so
+    that a record held by a watcher or by the history stays as it was. (It is not a frozen
+    dataclass only because a frozen one takes four times as long to copy, and a task is
+    copied at every change.)
+    """
 
     task_id: str
     seq: int  # creation order, the key that List pages by
@@ -98,7 +105,13 @@ class Task:
         status = changes.get("status", self.status)
         if status != self.status and status not in TRANSITIONS[self.status]:
             raise IllegalTransition(self.status, status)
-        return dataclasses.replace(self, **changes)
+        copy = Task(*_all_fields(self))
+        for name, value in changes.items():
+            setattr(copy, name, value)
+        return copy
+
+
+_all_fields = operator.attrgetter(*(field.name for field in dataclasses.fields(Task)))
 
 
 class IllegalTransition(Exception):

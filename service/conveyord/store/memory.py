@@ -15,6 +15,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from sortedcontainers import SortedDict
 
@@ -76,7 +77,7 @@ class MemoryStore:
         for task, first in zip(tasks, known, strict=True):
             if first is None:
                 self._last_seq += 1
-                changes.append(self._stage(ChangeKind.CHANGED, task.evolve(seq=self._last_seq)))
+                changes.append(self._stage(ChangeKind.CHANGED, task, seq=self._last_seq))
                 if task.request_id:
                     self._request_ids[(task.owner, task.request_id)] = task.task_id
         for first in known:
@@ -124,11 +125,11 @@ class MemoryStore:
             await self._persist(changes)
         return len(changes)
 
-    def _stage(self, kind: ChangeKind, task: Task) -> Change:
+    def _stage(self, kind: ChangeKind, task: Task, **changes: Any) -> Change:
         """Give a change the next revision and apply it to the working view."""
         self._staged_revision += 1
         if kind is ChangeKind.CHANGED:
-            task = task.evolve(revision=self._staged_revision)
+            task = task.evolve(revision=self._staged_revision, **changes)
             self._working[task.task_id] = task
         else:
             del self._working[task.task_id]
