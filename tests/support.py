@@ -96,11 +96,16 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return violations
 
 
-def error_reason(error: grpc.aio.AioRpcError) -> str:
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo an error carries."""
     status = rpc_status.from_call(error)
     assert status is not None
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return info
     raise AssertionError("the error carries no ErrorInfo")
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    return error_info(error).reason

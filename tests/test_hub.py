@@ -6,15 +6,13 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.hub import Delivery, EventHub, HubClosed, WatcherTooSlow
 from conveyord.model import Change, ChangeKind, TaskFilter, TaskStatus
 from tests.conftest import ServerThread
-from tests.support import create, revision
+from tests.support import create, error_info, revision
 from tests.test_store import new_task
 
 StartServer = Callable[..., ServerThread]
@@ -145,11 +143,6 @@ async def _watchers(server: ServerThread) -> int:
 
 
 def _resume_revision(error: grpc.aio.AioRpcError) -> int:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            assert info.reason == "WATCHER_TOO_SLOW"
-            return int(info.metadata["resume_revision"])
-    raise AssertionError("no ErrorInfo")
+    info = error_info(error)
+    assert info.reason == "WATCHER_TOO_SLOW"
+    return int(info.metadata["resume_revision"])

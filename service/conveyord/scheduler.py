@@ -21,7 +21,7 @@ from typing import Any, cast
 from conveyord.handlers import HandlerRegistry, TaskContext, is_async
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus, json_problem
 from conveyord.queue import ReadyQueue
-from conveyord.store.base import StoreError, TaskStore
+from conveyord.store.base import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SchedulerConfig:
         )
 
 
-class QueueFull(StoreError):
+class QueueFull(Exception):
     def __init__(self, count: int, limit: int) -> None:
         super().__init__(
             f"the queue has no room for {count} more tasks (it holds at most {limit}); "
@@ -59,13 +59,13 @@ class QueueFull(StoreError):
         self.limit = limit
 
 
-class TaskAlreadyEnded(StoreError):
+class TaskAlreadyEnded(Exception):
     def __init__(self, task: Task) -> None:
         super().__init__(f"task {task.task_id} already ended {task.status.name}")
         self.task = task
 
 
-class ShuttingDown(StoreError):
+class ShuttingDown(Exception):
     def __init__(self) -> None:
         super().__init__("the server is shutting down and takes no new tasks")
 
@@ -117,7 +117,6 @@ class Scheduler:
         self._running_by_type: dict[str, int] = {}
         self._accepting = False
         self._sweeper: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life --------------------------------------------------------------------
 
@@ -130,7 +129,6 @@ class Scheduler:
 
     async def start(self) -> None:
         """Recover what the store holds, then take work."""
-        self._loop = asyncio.get_running_loop()
         self._accepting = True
         await self._recover()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="conveyor-sweeper")
