@@ -36,6 +36,7 @@ DEFAULT_HEARTBEAT = 15.0
 MIN_HEARTBEAT = 0.1
 MAX_HEARTBEAT = 3600.0
 _STATUS_VALUES = frozenset(int(status) for status in TaskStatus)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 
 
@@ -70,6 +71,8 @@ def task_id(value: str, field: str = "task_id") -> str:
 
 
 def _task_id(checker: _Checker, value: str, field: str) -> str:
+    if _CANONICAL_UUID.fullmatch(value):
+        return value  # the form ids are given out in: no need to parse it
     if not value:
         checker.fail(field, "is required")
         return ""

@@ -11,13 +11,12 @@ client has been told or shown can be lost.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
-
-from sortedcontainers import SortedDict
 
 from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
@@ -53,7 +52,7 @@ class MemoryStore:
         self._last_seq = 0  # creation order; never reused, so that page tokens stay right
         # The committed view: what readers see.
         self._tasks: dict[str, Task] = {}
-        self._by_seq: SortedDict[int, str] = SortedDict()
+        self._order = CreationOrder()
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
         self._history: deque[Change] = deque()
         self._compacted = 0  # changes up to this revision have left the history
@@ -150,12 +149,12 @@ class MemoryStore:
             task = change.task
             if change.kind is ChangeKind.REMOVED:
                 self._tasks.pop(task.task_id, None)
-                self._by_seq.pop(task.seq, None)
+                self._order.removed(self._tasks)
             else:
                 previous = self._tasks.get(task.task_id)
                 self._tasks[task.task_id] = task
                 if previous is None:
-                    self._by_seq[task.seq] = task.task_id
+                    self._order.append(task.seq, task.task_id)
                 if task.terminal and (previous is None or not previous.terminal):
                     self._finished.append((task.finished_at or task.updated_at, task.task_id))
             self._revision = change.revision
@@ -172,9 +171,9 @@ class MemoryStore:
         self, task_filter: TaskFilter, after_seq: int, limit: int
     ) -> tuple[Sequence[Task], int]:
         page: list[Task] = []
-        for seq in self._by_seq.irange(minimum=after_seq, inclusive=(False, True)):
-            task = self._tasks[self._by_seq[seq]]
-            if task_filter.matches(task):
+        for task_id in self._order.after(after_seq):
+            task = self._tasks.get(task_id)
+            if task is not None and task_filter.matches(task):
                 page.append(task)
                 if len(page) == limit:
                     break
@@ -191,8 +190,8 @@ class MemoryStore:
     async def unfinished(self) -> Sequence[Task]:
         """Tasks that are CREATED or RUNNING, in creation order (for recovery at start)."""
         active = (TaskStatus.CREATED, TaskStatus.RUNNING)
-        tasks = (self._tasks[task_id] for task_id in self._by_seq.values())
-        return [task for task in tasks if task.status in active]
+        tasks = (self._tasks.get(task_id) for task_id in self._order.after(0))
+        return [task for task in tasks if task is not None and task.status in active]
 
     async def open(self) -> None:
         pass
@@ -212,7 +211,7 @@ class MemoryStore:
         """Fill both views from what a durable store read back at start."""
         for task in sorted(tasks, key=lambda t: t.seq):
             self._working[task.task_id] = self._tasks[task.task_id] = task
-            self._by_seq[task.seq] = task.task_id
+            self._order.append(task.seq, task.task_id)
             if task.request_id:
                 self._request_ids[(task.owner, task.request_id)] = task.task_id
             if task.terminal:
@@ -222,3 +221,35 @@ class MemoryStore:
         self._compacted = self._history[0].revision - 1 if self._history else revision
         self._revision = self._staged_revision = revision
         self._last_seq = last_seq
+
+
+class CreationOrder:
+    """Task ids in the order the tasks were created, for List to page through.
+
+    Appending and finding where a page starts (by `seq`) are cheap; a removed task leaves
+    a gap, skipped when paging, and the gaps are swept out once they are half the index.
+    """
+
+    def __init__(self) -> None:
+        self._seqs: list[int] = []
+        self._ids: list[str] = []
+        self._gaps = 0
+
+    def append(self, seq: int, task_id: str) -> None:
+        self._seqs.append(seq)
+        self._ids.append(task_id)
+
+    def after(self, seq: int) -> Iterator[str]:
+        """The ids of the tasks created after `seq`, oldest first (removed ones included)."""
+        ids = self._ids
+        for index in range(bisect.bisect_right(self._seqs, seq), len(ids)):
+            yield ids[index]
+
+    def removed(self, alive: Mapping[str, object]) -> None:
+        """Note that a task was removed; sweep the gaps out when there are many."""
+        self._gaps += 1
+        if self._gaps * 2 > len(self._ids):
+            kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in alive]
+            self._seqs = [s for s, _ in kept]
+            self._ids = [i for _, i in kept]
+            self._gaps = 0
