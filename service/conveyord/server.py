@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,7 +44,10 @@ class ServerConfig:
 
 
 class Server:
-    """One conveyord: start it, then stop it (or use `async with`)."""
+    """One conveyord: start it, then stop it (or use `async with`).
+
+    `interceptors` run around every RPC (in order), for concerns such as authentication.
+    """
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class Server:
         *,
         registry: HandlerRegistry | None = None,
         store: TaskStore | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.config = config
         self.registry = registry or HandlerRegistry.from_modules(
@@ -64,7 +69,7 @@ class Server:
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.health = HealthServicer()
         self.port = 0
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(interceptors=interceptors)
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
