@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 _FRAME_HEADER = 9  # 3-byte length, type, flags, 4-byte stream id
 _HEADERS = 0x1
@@ -43,6 +44,7 @@ class Proxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.connections = 0  # connections accepted so far
+        self._accepted = threading.Condition()
         self.dropped_answers = 0
         self._open = threading.Event()
         self._open.set()
@@ -67,6 +69,11 @@ class Proxy:
     def release(self) -> None:
         self._open.set()
 
+    def wait_for_connections(self, count: int, timeout: float = 30) -> bool:
+        """Wait until `count` connections in all have been accepted (held ones included)."""
+        with self._accepted:
+            return self._accepted.wait_for(lambda: self.connections >= count, timeout)
+
     def drop_next_answer(self) -> None:
         """Close the connection that carries the next answer, just before it reaches the client."""
         with self._lock:
@@ -74,6 +81,8 @@ class Proxy:
 
     def close(self) -> None:
         self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         self.release()
         self.cut()
@@ -86,8 +95,8 @@ class Proxy:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
         self._threads.append(thread)
         thread.start()
 
@@ -97,7 +106,9 @@ class Proxy:
                 client, _ = self._listener.accept()
             except OSError:  # the listener was closed
                 return
-            self.connections += 1
+            with self._accepted:
+                self.connections += 1
+                self._accepted.notify_all()
             self._spawn(self._connect, client)
 
     def _connect(self, client: socket.socket) -> None:

@@ -207,11 +207,12 @@ class TaskCancelled(ConveyorError):
 
 
 class WaitTimeout(ConveyorError, TimeoutError):
-    """A wait ran out of time before the task ended; `task` is the last state seen, if any."""
+    """A wait ran out of its `timeout` before the task ended; `task` is the last state seen."""
 
     def __init__(self, task_id: str, timeout: float | None, task: Task | None) -> None:
+        within = f" within {timeout:g} s" if timeout is not None else ""
         seen = f"; last seen {task.status.name}" if task is not None else ""
-        super().__init__(f"task {task_id} did not end within {timeout:g} s{seen}")
+        super().__init__(f"task {task_id} did not end{within}{seen}")
         self.task_id = task_id
         self.timeout = timeout
         self.task = task
