@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -91,6 +92,13 @@ def server_record(address: str, task_id: str, since_revision: int) -> list[task_
 def store_revision(address: str) -> int:
     with direct_stub(address) as stub:
         return stub.List(pb.ListRequest(page_size=1), timeout=10).revision
+
+
+def closed_port_address() -> str:
+    """An address where nothing listens (a port just freed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def first_item(stream: Iterator[Any] | AsyncIterator[Any]) -> Awaitable[Any]:

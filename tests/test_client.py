@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC
@@ -33,7 +32,15 @@ from conveyor import (
 )
 from conveyor.v1 import task_pb2
 
-from tests.client_support import KINDS, Calls, Twin, first_item, open_twin, server_record
+from tests.client_support import (
+    KINDS,
+    Calls,
+    Twin,
+    closed_port_address,
+    first_item,
+    open_twin,
+    server_record,
+)
 from tests.conftest import ServerThread
 
 StartServer = Callable[..., ServerThread]
@@ -52,12 +59,6 @@ async def twin(kind: str, server: ServerThread) -> AsyncIterator[Twin]:
 
 def unique_labels() -> dict[str, str]:
     return {"test": uuid.uuid4().hex}
-
-
-def closed_port_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 # -- create, get --------------------------------------------------------------------
