@@ -27,7 +27,7 @@ from conveyor import (
 from conveyor._deadline import Deadline
 from conveyor._polling import Polling, PollingPolicy
 from conveyor._retry import STREAM_RETRY, UNARY_RETRY, Backoff
-from conveyor._watching import AllTasksWatch, TaskWatch
+from conveyor._watching import AllTasksWatch, TaskWatch, WatchSettings
 from conveyor.errors import from_rpc_error, outcome
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
@@ -81,10 +81,8 @@ def response(kind: int, revision: int, status: int = task_pb2.TASK_STATUS_RUNNIN
     return pb.WatchResponse(type=kind, task=state(revision, status), revision=revision)
 
 
-def task_watch(**options: float | None) -> TaskWatch:
-    settings: dict[str, float | None] = {"reconnect_timeout": 30.0, "timeout": None}
-    settings.update(options)
-    return TaskWatch("t", heartbeat_interval=10.0, **settings)
+def task_watch(reconnect_timeout: float = 30.0, timeout: float | None = None) -> TaskWatch:
+    return TaskWatch("t", WatchSettings(10.0, reconnect_timeout, timeout))
 
 
 CURRENT, CHANGED, REMOVED, HEARTBEAT = (
@@ -271,11 +269,7 @@ def test_a_wait_polls_only_when_the_server_refuses_to_let_it_watch() -> None:
 
 def all_tasks_watch(since: int) -> AllTasksWatch:
     return AllTasksWatch(
-        task_pb2.TaskFilter(task_type="sleep"),
-        since,
-        heartbeat_interval=10.0,
-        reconnect_timeout=30.0,
-        timeout=None,
+        task_pb2.TaskFilter(task_type="sleep"), since, WatchSettings(10.0, 30.0, None)
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from conveyor import _requests
 from conveyor._deadline import Deadline
 from conveyor._polling import Polling, PollingPolicy
-from conveyor._watching import AllTasksWatch, TaskWatch
+from conveyor._watching import AllTasksWatch, TaskWatch, WatchSettings
 from conveyor.tasks import TaskStatus
 
 
@@ -36,14 +36,13 @@ class ClientBase:
         _requests.check_timeout(timeout)
         return Deadline(self._timeout if timeout is None else timeout)
 
-    def _task_watch(self, task_id: str, timeout: float | None) -> TaskWatch:
+    def _watch_settings(self, timeout: float | None) -> WatchSettings:
+        """A watch lasts `timeout` in all; it may keep reconnecting for the client's timeout."""
         _requests.check_timeout(timeout)
-        return TaskWatch(
-            task_id,
-            heartbeat_interval=self._heartbeat,
-            reconnect_timeout=self._timeout,
-            timeout=timeout,
-        )
+        return WatchSettings(self._heartbeat, self._timeout, timeout)
+
+    def _task_watch(self, task_id: str, timeout: float | None) -> TaskWatch:
+        return TaskWatch(task_id, self._watch_settings(timeout))
 
     def _all_tasks_watch(
         self,
@@ -53,13 +52,8 @@ class ClientBase:
         since_revision: int,
         timeout: float | None,
     ) -> AllTasksWatch:
-        return AllTasksWatch(
-            _requests.task_filter(statuses, task_type, labels),
-            since_revision,
-            heartbeat_interval=self._heartbeat,
-            reconnect_timeout=self._timeout,
-            timeout=timeout,
-        )
+        task_filter = _requests.task_filter(statuses, task_type, labels)
+        return AllTasksWatch(task_filter, since_revision, self._watch_settings(timeout))
 
     def _polling(
         self,

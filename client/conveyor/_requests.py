@@ -29,9 +29,9 @@ def target(given: str | None) -> str:
     return given or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
-def check_timeout(timeout: float | None, name: str = "timeout") -> None:
+def check_timeout(timeout: float | None) -> None:
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {timeout}")
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout}")
 
 
 def check_heartbeat(seconds: float) -> None:

@@ -13,6 +13,7 @@ many tasks lists them again instead, like a Kubernetes informer.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Generic, TypeVar
 
 import grpc
@@ -49,22 +50,26 @@ WATCH_REFUSALS = frozenset(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class WatchSettings:
+    """How a watch runs: the quiet time before a heartbeat, how long it may keep trying to
+    reconnect after a break (None: forever), and how long it may last in all (None: no limit)."""
+
+    heartbeat_interval: float
+    reconnect_timeout: float | None
+    timeout: float | None
+
+
 class Watch(abc.ABC, Generic[Item]):
     """What every watch shares: its deadline, the last revision seen, and reconnecting."""
 
-    def __init__(
-        self,
-        *,
-        heartbeat_interval: float,
-        reconnect_timeout: float | None,
-        timeout: float | None,
-    ) -> None:
-        self.deadline = Deadline(timeout)
+    def __init__(self, settings: WatchSettings) -> None:
+        self.deadline = Deadline(settings.timeout)
         self.revision: int | None = None
         self.done = False
         self._heartbeat = duration_pb2.Duration()
-        self._heartbeat.FromNanoseconds(round(heartbeat_interval * 1e9))
-        self._reconnect_timeout = reconnect_timeout
+        self._heartbeat.FromNanoseconds(round(settings.heartbeat_interval * 1e9))
+        self._reconnect_timeout = settings.reconnect_timeout
         self._backoff = self._new_backoff()
 
     @abc.abstractmethod
@@ -113,19 +118,8 @@ class Watch(abc.ABC, Generic[Item]):
 class TaskWatch(Watch[Task]):
     """A watch of one task: its states, until the terminal one."""
 
-    def __init__(
-        self,
-        task_id: str,
-        *,
-        heartbeat_interval: float,
-        reconnect_timeout: float | None,
-        timeout: float | None,
-    ) -> None:
-        super().__init__(
-            heartbeat_interval=heartbeat_interval,
-            reconnect_timeout=reconnect_timeout,
-            timeout=timeout,
-        )
+    def __init__(self, task_id: str, settings: WatchSettings) -> None:
+        super().__init__(settings)
         self.task_id = task_id
         self.last: Task | None = None
         self._resume = True
@@ -179,19 +173,9 @@ class AllTasksWatch(Watch[TaskEvent]):
     """A watch of every task that matches a filter; it never ends on its own."""
 
     def __init__(
-        self,
-        task_filter: task_pb2.TaskFilter,
-        since_revision: int,
-        *,
-        heartbeat_interval: float,
-        reconnect_timeout: float | None,
-        timeout: float | None,
+        self, task_filter: task_pb2.TaskFilter, since_revision: int, settings: WatchSettings
     ) -> None:
-        super().__init__(
-            heartbeat_interval=heartbeat_interval,
-            reconnect_timeout=reconnect_timeout,
-            timeout=timeout,
-        )
+        super().__init__(settings)
         self.revision = since_revision
         self._filter = task_filter
         self._relisting = False

@@ -276,6 +276,22 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     )
 
 
+def _labels(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        metavar="KEY=VALUE",
+        type=_label,
+        action="append",
+        default=[],
+        help=f"{help}; repeat for several",
+    )
+
+
+def _seconds(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    parser.add_argument(flag, type=_positive, metavar="S", help=help)
+
+
 def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--status",
@@ -285,15 +301,7 @@ def _filters(parser: argparse.ArgumentParser) -> None:
         "repeat for several",
     )
     parser.add_argument("--type", metavar="TYPE", help="only tasks of this type")
-    parser.add_argument(
-        "--label",
-        dest="labels",
-        metavar="KEY=VALUE",
-        type=_label,
-        action="append",
-        default=[],
-        help="only tasks with this label; repeat for several",
-    )
+    _labels(parser, "only tasks with this label")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,19 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--priority", type=int, metavar="N", help="1 to 10, 10 the most urgent (default: 5)"
     )
-    create.add_argument(
-        "--timeout", type=_positive, metavar="S", help="seconds one attempt of the task may run"
-    )
+    _seconds(create, "--timeout", "seconds one attempt of the task may run")
     create.add_argument("--max-attempts", type=int, metavar="N", help="attempts the task gets")
-    create.add_argument(
-        "--label",
-        dest="labels",
-        metavar="KEY=VALUE",
-        type=_label,
-        action="append",
-        default=[],
-        help="a label; repeat for several",
-    )
+    _labels(create, "a label")
     create.add_argument("--description", metavar="TEXT", default="", help="free text for people")
     create.add_argument(
         "--request-id", metavar="ID", help="makes a repeated create return the same task"
@@ -358,12 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     follow = create.add_mutually_exclusive_group()
     follow.add_argument("--wait", action="store_true", help="wait for the task to end")
     follow.add_argument("--watch", action="store_true", help="show its progress until it ends")
-    create.add_argument(
-        "--wait-timeout",
-        type=_positive,
-        metavar="S",
-        help="with --wait or --watch: give up after S seconds",
-    )
+    _seconds(create, "--wait-timeout", "with --wait or --watch: give up after S seconds")
 
     get = command("get", _get, "show a task")
     get.add_argument("task_id", metavar="ID")
@@ -384,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="follow every change to the tasks that match"
     )
     _filters(watch)
-    watch.add_argument("--timeout", type=_positive, metavar="S", help="give up after S seconds")
+    _seconds(watch, "--timeout", "give up after S seconds")
 
     wait = command("wait", _wait, "wait for a task to end, and show it")
     wait.add_argument("task_id", metavar="ID")
-    wait.add_argument("--timeout", type=_positive, metavar="S", help="give up after S seconds")
+    _seconds(wait, "--timeout", "give up after S seconds")
     return parser
