@@ -222,6 +222,8 @@ def test_create_watch_without_a_terminal_shows_a_line_per_state(
     run = conveyor("create", "sleep", "-p", "seconds=0.2", "-p", "steps=2", "--watch")
     assert run.code == 0
     lines = run.out.splitlines()
+    created = lines[0].split()
+    assert created[:2] == ["created", "task"] and len(created[2]) == 36  # the id, in full
     assert any("step 2 of 2" in line for line in lines)
     assert lines[-1].startswith("COMPLETED in") and '"slept": 0.2' in lines[-1]
 
@@ -269,7 +271,8 @@ def test_list_prints_an_aligned_table_and_keeps_the_filters(
     by_type = conveyor("--json", "list", "--label", label, "--type", "echo")
     assert [t["task_id"] for t in by_type.json_lines()] == [echo.task_id]
     assert len(conveyor("--json", "list", "--label", label, "--limit", "1").json_lines()) == 1
-    assert conveyor("list", "--status", "sleeping").code == 2
+    for bad in (["--status", "sleeping"], ["--limit", "0"], ["--limit", "-1"]):
+        assert conveyor("list", *bad).code == 2
 
 
 def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
@@ -286,6 +289,9 @@ def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
     waited = conveyor("wait", task.task_id)
     assert waited.code == 3
     assert "CANCELLED" in waited.out and "enough" in waited.out
+    watched = conveyor("watch", task.task_id)
+    assert watched.code == 3
+    assert watched.out.splitlines()[-1] == "CANCELLED: enough"
 
 
 def test_cancel_of_a_task_that_completed_is_another_error(

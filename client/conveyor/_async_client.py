@@ -31,7 +31,8 @@ class AsyncClient(ClientBase):
     open. `timeout` is the default of every call's `timeout` (None: no limit), and also
     how long a broken watch keeps trying to reconnect. Watches ask the server for a
     heartbeat after `heartbeat_interval` quiet seconds, which keeps proxies from closing
-    idle streams and gives a recent revision to resume from.
+    idle streams and gives a recent revision to resume from. A watch left before its end
+    keeps its stream open until it is closed: use `contextlib.aclosing` around it.
     """
 
     def __init__(

@@ -91,8 +91,9 @@ def ending(task: Task) -> Text:
     how = ""
     if task.status is TaskStatus.COMPLETED:
         how = f" in {elapsed(task).total_seconds():.1f} s; result: {json.dumps(task.result)}"
-    elif task.error is not None:
-        how = f": {task.error.code}: {task.error.message}"
+    elif task.error is not None:  # a cancel's code says what the status says already
+        code = "" if task.error.code == task.status.name else f"{task.error.code}: "
+        how = f": {code}{task.error.message}"
     return Text.assemble(status_text(task.status), how)
 
 
@@ -165,12 +166,17 @@ class Output:
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
 
+    def note(self, text: str) -> None:
+        """A line for people only; scripts get the same from the JSON that follows."""
+        if not self.json_lines:
+            self.console.print(text)
+
     def created(self, task: Task) -> None:
         """The news that a task was created, before following it."""
         if self.json_lines:
             self._json(task_json(task))
         else:
-            self.console.print(f"created task {task.task_id} ({task.task_type})")
+            self.note(f"created task {task.task_id} ({task.task_type})")
 
     def tasks(self, tasks: Iterable[Task]) -> None:
         """Tasks as JSON lines, or as one aligned table."""

@@ -144,6 +144,7 @@ def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
         request_id=args.request_id,
     )
     if args.watch:
+        out.note(f"created task {task.task_id} ({task.task_type})")
         return outcome_code(out.follow(client.watch(task.task_id, timeout=args.wait_timeout)))
     if not args.wait:
         out.task(task)
@@ -237,6 +238,12 @@ def _status(text: str) -> TaskStatus:
         raise argparse.ArgumentTypeError(f"expected one of {names}, not {text!r}") from None
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, not {text!r}")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -272,7 +279,8 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         metavar="S",
         type=_positive,
         default=default(10.0),
-        help="seconds each request to the server may take, retries included (default: 10)",
+        help="seconds each request to the server may take, retries included, and that a "
+        "broken watch keeps trying to reconnect (default: 10)",
     )
 
 
@@ -363,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = command("list", _list, "list tasks, oldest first")
     _filters(listing)
-    listing.add_argument("--limit", type=int, metavar="N", help="at most N tasks")
+    listing.add_argument("--limit", type=_count, metavar="N", help="at most N tasks")
 
     cancel = command("cancel", _cancel, "cancel a task")
     cancel.add_argument("task_id", metavar="ID")
