@@ -331,13 +331,21 @@ def test_watch_and_wait_of_an_unknown_task_exit_not_found(conveyor: Callable[...
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["watch"], ["watch", "--all", str(uuid.uuid4())], ["watch", str(uuid.uuid4()), "--type", "x"]],
+    ("args", "message"),
+    [
+        (["watch"], "a task ID or --all"),
+        (["watch", "--all", str(uuid.uuid4())], "a task ID or --all"),
+        (["watch", str(uuid.uuid4()), "--type", "x"], "go with --all"),
+        (["create", "echo", "--wait-timeout", "5"], "goes with --wait or --watch"),
+        (["create", "echo", "--wait", "--watch"], "not allowed with"),
+    ],
 )
-def test_watch_needs_an_id_or_all(conveyor: Callable[..., Run], args: list[str]) -> None:
+def test_options_that_do_not_go_together_are_a_usage_error(
+    conveyor: Callable[..., Run], args: list[str], message: str
+) -> None:
     run = conveyor(*args)
-    assert run.code == 2
-    assert "watch" in run.err
+    assert (run.code, run.out) == (2, "")
+    assert message in run.err
 
 
 def test_wait_that_runs_out_of_time_exits_timed_out(

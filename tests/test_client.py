@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC
@@ -319,10 +320,11 @@ async def test_wait_returns_the_terminal_state(twin: Twin) -> None:
 
 async def test_wait_that_runs_out_of_time_raises_wait_timeout(twin: Twin) -> None:
     task = await twin.create("report_then_wait", {"seconds": 30})
+    running = await twin.collect("watch", task.task_id, each=lambda state: state.progress == 0.25)
     with pytest.raises(WaitTimeout) as caught:
-        await twin.wait(task.task_id, timeout=0.5)
+        await twin.wait(task.task_id, timeout=1)
     assert isinstance(caught.value, TimeoutError)
-    assert caught.value.task is not None and caught.value.task.status is TaskStatus.RUNNING
+    assert caught.value.task == running[-1]  # the last state seen, which does not change
     assert caught.value.task_id == task.task_id
     await twin.cancel(task.task_id)
 
@@ -336,7 +338,7 @@ async def test_poll_returns_the_terminal_state(twin: Twin) -> None:
 async def test_poll_that_runs_out_of_time_raises_wait_timeout(twin: Twin) -> None:
     task = await twin.create("report_then_wait", {"seconds": 30})
     with pytest.raises(WaitTimeout) as caught:
-        await twin.poll(task.task_id, timeout=0.3, initial=0.05)
+        await twin.poll(task.task_id, timeout=1, initial=0.05)
     assert caught.value.task is not None and not caught.value.task.status.terminal
     await twin.cancel(task.task_id)
 
@@ -507,6 +509,19 @@ def test_each_twin_drives_its_own_kind_of_channel() -> None:
     for source, other in ((async_source, "_sync_client"), (sync_source, "_async_client")):
         assert other not in source and "to_thread" not in source and "run_in_executor" not in source
     assert "import asyncio" not in sync_source
+
+
+def test_a_blocking_watch_runs_on_the_thread_that_reads_it(server: ServerThread) -> None:
+    """grpc's own stream thread fails when the channel closes under it: none may be started."""
+    with Client(server.address) as client:
+        task = client.create("report_then_wait", {"seconds": 30})
+        before = set(threading.enumerate())
+        states = client.watch(task.task_id)
+        next(states)
+        started = set(threading.enumerate()) - before
+        states.close()
+        client.cancel(task.task_id)
+    assert not [thread.name for thread in started if thread.name.endswith("(_run)")]
 
 
 def test_the_twins_have_the_same_methods_with_the_same_parameters() -> None:

@@ -18,6 +18,11 @@ from conveyor.tasks import Task, TaskEvent, TaskStatus
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
+# grpc.experimental.ChannelOptions.SingleThreadedUnaryStream: streams are driven by the
+# thread that reads them rather than by a thread of grpc's own, which fails (a TypeError)
+# when the channel is closed while it still finishes a stream (a watch left early, Ctrl-C).
+_CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1)]
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Item = TypeVar("Item")
@@ -28,10 +33,11 @@ class Client(ClientBase):
 
     `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
     or pass a `channel` of your own (for TLS or channel options), which `close` leaves
-    open. `timeout` is the default of every call's `timeout` (None: no limit), and also
-    how long a broken watch keeps trying to reconnect. Watches ask the server for a
-    heartbeat after `heartbeat_interval` quiet seconds, which keeps proxies from closing
-    idle streams and gives a recent revision to resume from.
+    open; give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
+    client's own channel has. `timeout` is the default of every call's `timeout` (None:
+    no limit), and also how long a broken watch keeps trying to reconnect. Watches ask
+    the server for a heartbeat after `heartbeat_interval` quiet seconds, which keeps
+    proxies from closing idle streams and gives a recent revision to resume from.
     """
 
     def __init__(
@@ -43,7 +49,7 @@ class Client(ClientBase):
         channel: grpc.Channel | None = None,
     ) -> None:
         super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
-        self._channel = channel or grpc.insecure_channel(self._target)
+        self._channel = channel or grpc.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
         self._stub = TaskServiceStub(self._channel)
 
     def close(self) -> None:
@@ -220,7 +226,8 @@ class Client(ClientBase):
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
-                    raise from_rpc_error(error) from error
+                    reported = backoff.reported(error)
+                    raise from_rpc_error(reported) from reported
             time.sleep(delay)
 
     def _pages(self, request: pb.ListRequest, timeout: float | None) -> Iterator[pb.ListResponse]:
