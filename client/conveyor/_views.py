@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,7 @@ STATUS_STYLES = {
     TaskStatus.CANCELLED: "magenta",
 }
 PIPE_WIDTH = 240  # off a terminal, rich would wrap tables at 80 columns
+WIDE_SCREEN = 120  # enough for every column of a table of tasks
 
 
 def task_json(task: Task) -> dict[str, Any]:
@@ -65,10 +67,10 @@ def status_text(status: TaskStatus) -> Text:
     return Text(status.name, style=STATUS_STYLES[status])
 
 
-def elapsed(task: Task, now: datetime | None = None) -> timedelta:
+def elapsed(task: Task) -> timedelta:
     """How long the task has run (or waited, before it started), to its end or to now."""
     start = task.started_at or task.created_at
-    end = task.finished_at or now or datetime.now(UTC)
+    end = task.finished_at or datetime.now(UTC)
     return max(end - start, timedelta(0))
 
 
@@ -78,8 +80,8 @@ def _clock(span: timedelta) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}"
 
 
-def _time(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
+def _time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _percent(task: Task) -> str:
@@ -95,6 +97,25 @@ def ending(task: Task) -> Text:
         code = "" if task.error.code == task.status.name else f"{task.error.code}: "
         how = f": {code}{task.error.message}"
     return Text.assemble(status_text(task.status), how)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Task], str | Text]
+    width: int | None = None  # never narrower: an id cut short is no use
+    optional: bool = False  # shown only on a wide screen
+
+
+_COLUMNS = [
+    _Column("ID", lambda task: task.task_id, width=36),
+    _Column("TYPE", lambda task: task.task_type),
+    _Column("STATUS", lambda task: status_text(task.status), width=9),
+    _Column("PROGRESS", _percent),
+    _Column("PRIORITY", lambda task: str(task.priority), optional=True),
+    _Column("CREATED", lambda task: _time(task.created_at), optional=True),
+    _Column("MESSAGE", lambda task: task.message),
+]
 
 
 class _ElapsedColumn(ProgressColumn):
@@ -184,27 +205,19 @@ class Output:
             for task in tasks:
                 self._json(task_json(task))
             return
-        table = self._table()
-        for task in tasks:
-            self._add_row(table, task)
-        self.console.print(table)
+        self.console.print(self._table(tasks))
 
-    def _table(self) -> Table:
+    def _table(self, tasks: Iterable[Task]) -> Table:
+        """An aligned table; the columns that are nice to have only when the screen is wide."""
+        columns = [c for c in _COLUMNS if not c.optional or self.console.width >= WIDE_SCREEN]
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("ID", "TYPE", "STATUS", "PROGRESS", "PRIORITY", "CREATED", "MESSAGE"):
-            table.add_column(column, no_wrap=column != "MESSAGE")
+        for column in columns:
+            table.add_column(
+                column.header, no_wrap=column.header != "MESSAGE", min_width=column.width
+            )
+        for task in tasks:
+            table.add_row(*(column.cell(task) for column in columns))
         return table
-
-    def _add_row(self, table: Table, task: Task) -> None:
-        table.add_row(
-            task.task_id,
-            task.task_type,
-            status_text(task.status),
-            _percent(task),
-            str(task.priority),
-            _time(task.created_at),
-            task.message,
-        )
 
     def follow(self, states: Iterable[Task]) -> Task | None:
         """Show each state of a task as it comes; returns the last one."""
@@ -273,7 +286,7 @@ class Output:
                 self._plain_event(event)
             return
         rows: dict[str, Task] = {}
-        with Live(self._table(), console=self.console, auto_refresh=False) as live:
+        with Live(self._table([]), console=self.console, auto_refresh=False) as live:
             for event in events:
                 if event.kind is EventKind.REMOVED:
                     rows.pop(event.task.task_id, None)
@@ -283,12 +296,8 @@ class Output:
 
     def _live_table(self, rows: dict[str, Task]) -> Table:
         """The most recently changed tasks, as many as the terminal shows."""
-        table = self._table()
         room = max(self.console.size.height - 3, 1)
-        recent = sorted(rows.values(), key=lambda task: task.revision, reverse=True)[:room]
-        for task in recent:
-            self._add_row(table, task)
-        return table
+        return self._table(heapq.nlargest(room, rows.values(), key=lambda task: task.revision))
 
     def _plain_event(self, event: TaskEvent) -> None:
         task = event.task
