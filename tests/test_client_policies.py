@@ -141,6 +141,17 @@ def test_retrying_stops_when_the_next_try_would_start_past_the_deadline() -> Non
     assert backoff.next_delay() is None
 
 
+def test_a_deadline_that_cuts_retries_short_reports_what_they_were_retrying() -> None:
+    backoff = Backoff(UNARY_RETRY, Deadline(None))
+    late = FakeRpcError(CODE.DEADLINE_EXCEEDED)
+    assert backoff.reported(late) is late  # nothing was retried: the call was slow
+    down = FakeRpcError(CODE.UNAVAILABLE)
+    backoff.delay_after(down)
+    assert backoff.reported(late) is down
+    denied = FakeRpcError(CODE.PERMISSION_DENIED)
+    assert backoff.reported(denied) is denied
+
+
 # -- polling ------------------------------------------------------------------------
 
 

@@ -227,7 +227,8 @@ class AsyncClient(ClientBase):
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
-                    raise from_rpc_error(error) from error
+                    reported = backoff.reported(error)
+                    raise from_rpc_error(reported) from reported
             await asyncio.sleep(delay)
 
     async def _pages(

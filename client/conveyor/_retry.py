@@ -52,12 +52,24 @@ class Backoff:
         self._deadline = deadline
         self._jitter = jitter
         self._ceiling = policy.initial
+        self._retried: grpc.RpcError | None = None
 
     def delay_after(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before trying again after `error`, or None to give up."""
         if error.code() not in self._policy.codes:
             return None
+        self._retried = error
         return self.next_delay()
+
+    def reported(self, error: grpc.RpcError) -> grpc.RpcError:
+        """The error to raise on giving up after `error`.
+
+        When the deadline cut the retries short, the error they were retrying says more
+        (a server that cannot be reached is not a slow one).
+        """
+        if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and self._retried is not None:
+            return self._retried
+        return error
 
     def next_delay(self) -> float | None:
         """Seconds to wait before the next try, or None when it would start past the deadline."""
