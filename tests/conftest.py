@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -23,18 +23,24 @@ TEST_HANDLERS = "tests.handlers"
 class ServerThread:
     """Runs a `Server` on a loop of its own, so that tests may block without stalling it."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         registry = HandlerRegistry.from_modules([TEST_HANDLERS])
-        self.server: Server = self.call(self._make(config, registry))
+        self.server: Server = self.call(self._make(config, registry, interceptors))
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"
 
     @staticmethod
-    async def _make(config: ServerConfig, registry: HandlerRegistry) -> Server:
-        return Server(config, registry=registry)
+    async def _make(
+        config: ServerConfig,
+        registry: HandlerRegistry,
+        interceptors: Sequence[grpc.aio.ServerInterceptor],
+    ) -> Server:
+        return Server(config, registry=registry, interceptors=interceptors)
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -78,11 +84,16 @@ def _no_store_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerThread]]:
-    """Start servers with scheduler settings of the test's choosing; all stop at the end."""
+    """Start servers with scheduler settings (and interceptors) of the test's choosing.
+
+    All of them stop at the end of the test.
+    """
     started: list[ServerThread] = []
 
-    def start(**settings: Any) -> ServerThread:
-        running = ServerThread(server_config(**settings))
+    def start(
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **settings: Any
+    ) -> ServerThread:
+        running = ServerThread(server_config(**settings), interceptors)
         started.append(running)
         return running
 

@@ -1,1 +1,54 @@
-"""conveyor: the client of the conveyor task service; the generated contract is `conveyor.v1`."""
+"""conveyor: the client of the conveyor task service; the generated contract is `conveyor.v1`.
+
+`Client` (blocking) and `AsyncClient` (asyncio) have the same methods: create, get, list,
+cancel, watch, watch_all, wait, poll, result and revision. They return plain Python
+(`Task`, `TaskEvent`) and raise subclasses of `ConveyorError`.
+"""
+
+from conveyor._async_client import AsyncClient
+from conveyor._sync_client import Client
+from conveyor.errors import (
+    AlreadyExists,
+    ConveyorError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    RpcError,
+    TaskCancelled,
+    TaskFailed,
+    Unauthenticated,
+    Unavailable,
+    WaitTimeout,
+)
+from conveyor.tasks import EventKind, Task, TaskError, TaskEvent, TaskStatus
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "Client",
+    "ConveyorError",
+    "DeadlineExceeded",
+    "EventKind",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RpcError",
+    "Task",
+    "TaskCancelled",
+    "TaskError",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskStatus",
+    "Unauthenticated",
+    "Unavailable",
+    "WaitTimeout",
+]

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,7 +59,10 @@ class ServerConfig:
 
 
 class Server:
-    """One conveyord: start it, then stop it (or use `async with`)."""
+    """One conveyord: start it, then stop it (or use `async with`).
+
+    `interceptors` run around every RPC (in order), for concerns such as authentication.
+    """
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class Server:
         *,
         registry: HandlerRegistry | None = None,
         store: TaskStore | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.config = config
         self.registry = registry or HandlerRegistry.from_modules(
@@ -83,7 +88,7 @@ class Server:
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.health = HealthServicer()
         self.port = 0
-        self._grpc = grpc.aio.server(options=KEEPALIVE_OPTIONS)
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:

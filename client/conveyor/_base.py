@@ -1,0 +1,68 @@
+"""What `Client` and `AsyncClient` share beside their I/O: options and the watches they make."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from conveyor import _requests
+from conveyor._deadline import Deadline
+from conveyor._polling import Polling, PollingPolicy
+from conveyor._watching import AllTasksWatch, TaskWatch, WatchSettings
+from conveyor.tasks import TaskStatus
+
+
+class ClientBase:
+    """Checks and keeps the options; makes the I/O-free state of each watch and poll."""
+
+    def __init__(
+        self,
+        target: str | None,
+        channel: object | None,
+        *,
+        timeout: float | None,
+        heartbeat_interval: float,
+    ) -> None:
+        if target is not None and channel is not None:
+            raise ValueError("give a target or a channel, not both")
+        _requests.check_timeout(timeout)
+        _requests.check_heartbeat(heartbeat_interval)
+        self._target = _requests.target(target)
+        self._timeout = timeout
+        self._heartbeat = heartbeat_interval
+        self._own_channel = channel is None
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        """The deadline of one unary call: its own `timeout`, else the client's."""
+        _requests.check_timeout(timeout)
+        return Deadline(self._timeout if timeout is None else timeout)
+
+    def _watch_settings(self, timeout: float | None) -> WatchSettings:
+        """A watch lasts `timeout` in all; it may keep reconnecting for the client's timeout."""
+        _requests.check_timeout(timeout)
+        return WatchSettings(self._heartbeat, self._timeout, timeout)
+
+    def _task_watch(self, task_id: str, timeout: float | None) -> TaskWatch:
+        return TaskWatch(task_id, self._watch_settings(timeout))
+
+    def _all_tasks_watch(
+        self,
+        statuses: Iterable[TaskStatus] | None,
+        task_type: str | None,
+        labels: Mapping[str, str] | None,
+        since_revision: int,
+        timeout: float | None,
+    ) -> AllTasksWatch:
+        task_filter = _requests.task_filter(statuses, task_type, labels)
+        return AllTasksWatch(task_filter, since_revision, self._watch_settings(timeout))
+
+    def _polling(
+        self,
+        task_id: str,
+        timeout: float | None,
+        initial: float,
+        multiplier: float,
+        maximum: float,
+    ) -> Polling:
+        _requests.check_timeout(timeout)
+        policy = PollingPolicy(initial, multiplier, maximum)
+        return Polling(task_id, Deadline(timeout), policy, self._timeout)

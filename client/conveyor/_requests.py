@@ -1,0 +1,87 @@
+"""What both clients send: requests built from plain Python arguments, and checks on those."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from conveyor.protojson import dict_to_struct
+from conveyor.tasks import TaskStatus
+from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "CONVEYOR_SERVER"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_HEARTBEAT = 10.0
+MIN_HEARTBEAT, MAX_HEARTBEAT = 0.1, 3600.0  # what the server accepts
+RELIST_PAGE_SIZE = 1000  # the largest page the server gives
+
+# The store's revision comes with every List page; one task is the least a page can hold.
+REVISION_REQUEST = pb.ListRequest(page_size=1)
+
+
+def target(given: str | None) -> str:
+    """The server to talk to: the one given, else $CONVEYOR_SERVER, else the default."""
+    return given or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout}")
+
+
+def check_heartbeat(seconds: float) -> None:
+    if not MIN_HEARTBEAT <= seconds <= MAX_HEARTBEAT:
+        raise ValueError(
+            f"heartbeat_interval must be {MIN_HEARTBEAT} to {MAX_HEARTBEAT} seconds, not {seconds}"
+        )
+
+
+def create_request(
+    task_type: str,
+    parameters: Mapping[str, Any] | None,
+    *,
+    priority: int | None,
+    timeout_seconds: float | None,
+    max_attempts: int | None,
+    labels: Mapping[str, str] | None,
+    description: str,
+    request_id: str | None,
+) -> pb.CreateRequest:
+    """The CreateRequest; a request_id is made up when none is given, so that a retry is safe."""
+    task = task_pb2.TaskRequest(
+        task_type=task_type,
+        description=description,
+        priority=priority,
+        timeout_seconds=timeout_seconds,
+        max_attempts=max_attempts,
+        labels=labels,
+    )
+    if parameters:
+        try:
+            task.parameters.CopyFrom(dict_to_struct(parameters))
+        except (ValueError, TypeError, AttributeError) as error:
+            raise TypeError(f"parameters must be a dict of JSON values: {error}") from error
+    return pb.CreateRequest(
+        task=task, request_id=str(uuid.uuid4()) if request_id is None else request_id
+    )
+
+
+def task_filter(
+    statuses: Iterable[TaskStatus] | None,
+    task_type: str | None,
+    labels: Mapping[str, str] | None,
+) -> task_pb2.TaskFilter:
+    return task_pb2.TaskFilter(
+        statuses=[task_pb2.TaskStatus.ValueType(TaskStatus(s)) for s in statuses or ()],
+        task_type=task_type or "",
+        labels=labels,
+    )
+
+
+def list_request(task_filter: task_pb2.TaskFilter, page_size: int | None) -> pb.ListRequest:
+    return pb.ListRequest(filter=task_filter, page_size=page_size or 0)

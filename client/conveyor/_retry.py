@@ -1,0 +1,79 @@
+"""How a failed call is tried again: exponential backoff with full jitter, within a deadline.
+
+Only failures that mean "the call did not get through, and trying again is safe" are
+retried: UNAVAILABLE for the idempotent calls (Get, List, and Create with its
+request_id). A broken Watch stream is re-opened on more codes, because a watch resumes
+from its last revision and so can never do anything twice: INTERNAL and CANCELLED are
+also how a connection reset or a proxy ending a stream (RST_STREAM) reach the client. The
+delays start below `initial` (0.1 s), grow `multiplier` (2) times up to `maximum` (5 s), and
+each is drawn at random between 0 and that ceiling ("full jitter"), so that clients that
+failed together do not come back together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+import grpc
+
+from conveyor._deadline import Deadline
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Which codes are retried, and the ceilings of the delays between tries."""
+
+    codes: frozenset[grpc.StatusCode]
+    initial: float = 0.1
+    multiplier: float = 2.0
+    maximum: float = 5.0
+
+
+UNARY_RETRY = RetryPolicy(frozenset({grpc.StatusCode.UNAVAILABLE}))
+NO_RETRY = RetryPolicy(frozenset())
+STREAM_RETRY = RetryPolicy(
+    frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED})
+)
+
+
+class Backoff:
+    """The delays of one run of retries; it gives up when the next try would start too late."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        deadline: Deadline,
+        *,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._policy = policy
+        self._deadline = deadline
+        self._jitter = jitter
+        self._ceiling = policy.initial
+        self._retried: grpc.RpcError | None = None
+
+    def delay_after(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before trying again after `error`, or None to give up."""
+        if error.code() not in self._policy.codes:
+            return None
+        self._retried = error
+        return self.next_delay()
+
+    def reported(self, error: grpc.RpcError) -> grpc.RpcError:
+        """The error to raise on giving up after `error`.
+
+        When the deadline cut the retries short, the error they were retrying says more
+        (a server that cannot be reached is not a slow one).
+        """
+        if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and self._retried is not None:
+            return self._retried
+        return error
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next try, or None when it would start past the deadline."""
+        delay = self._jitter() * self._ceiling
+        self._ceiling = min(self._ceiling * self._policy.multiplier, self._policy.maximum)
+        remaining = self._deadline.remaining()
+        return None if remaining is not None and delay >= remaining else delay

@@ -1,0 +1,272 @@
+"""`Client`: the blocking client, on a `grpc` channel and the generated stub."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from conveyor import _requests
+from conveyor._base import ClientBase
+from conveyor._polling import Polling
+from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
+from conveyor._watching import Watch
+from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
+from conveyor.tasks import Task, TaskEvent, TaskStatus
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+
+# grpc.experimental.ChannelOptions.SingleThreadedUnaryStream: streams are driven by the
+# thread that reads them rather than by a thread of grpc's own, which fails (a TypeError)
+# when the channel is closed while it still finishes a stream (a watch left early, Ctrl-C).
+_CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1)]
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Item = TypeVar("Item")
+
+
+class Client(ClientBase):
+    """A blocking client of a conveyor server; `AsyncClient` is its asyncio twin.
+
+    `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
+    or pass a `channel` of your own (for TLS or channel options), which `close` leaves
+    open; give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
+    client's own channel has. `timeout` is the default of every call's `timeout` (None:
+    no limit), and also how long a broken watch keeps trying to reconnect. Watches ask
+    the server for a heartbeat after `heartbeat_interval` quiet seconds, which keeps
+    proxies from closing idle streams and gives a recent revision to resume from.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = _requests.DEFAULT_TIMEOUT,
+        heartbeat_interval: float = _requests.DEFAULT_HEARTBEAT,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
+        self._channel = channel or grpc.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        self._stub = TaskServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel (unless it was passed in); calls under way are cancelled."""
+        if self._own_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def create(
+        self,
+        task_type: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        timeout_seconds: float | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        description: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Task:
+        """Create a task and return it (CREATED). `timeout_seconds` bounds each attempt of the task.
+
+        A `request_id` is made up when none is given, which makes the call safe to retry:
+        it is retried on UNAVAILABLE, and a retry never makes a second task. Pass
+        `request_id=""` to opt out (no retry then). `timeout` bounds the whole call,
+        retries included (default: the client's).
+        """
+        request = _requests.create_request(
+            task_type,
+            parameters,
+            priority=priority,
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+            labels=labels,
+            description=description,
+            request_id=request_id,
+        )
+        response = self._call(self._stub.Create, request, timeout, retry=bool(request.request_id))
+        return Task._from_proto(response.task)
+
+    def get(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """The task as it stands. `timeout` bounds the whole call, retries included."""
+        request = pb.GetRequest(task_id=task_id)
+        response = self._call(self._stub.Get, request, timeout, retry=True)
+        return Task._from_proto(response.task)
+
+    def list(
+        self,
+        *,
+        statuses: Iterable[TaskStatus] | None = None,
+        task_type: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Task]:
+        """Every task that matches, oldest first, fetched a page at a time as you iterate.
+
+        A task matches when its status is one of `statuses` (any, if None), its type is
+        `task_type` and it carries all of `labels`. `timeout` bounds the call for each
+        page, retries included.
+        """
+        task_filter = _requests.task_filter(statuses, task_type, labels)
+        for page in self._pages(_requests.list_request(task_filter, page_size), timeout):
+            for task in page.tasks:
+                yield Task._from_proto(task)
+
+    def cancel(self, task_id: str, *, reason: str = "", timeout: float | None = None) -> Task:
+        """Cancel a task; returns it CANCELLED, or still RUNNING with `cancel_requested_at` set.
+
+        A running task ends CANCELLED once its handler stops (watch or wait for that).
+        Not retried. `timeout` bounds the call.
+        """
+        request = pb.CancelRequest(task_id=task_id, reason=reason)
+        response = self._call(self._stub.Cancel, request, timeout, retry=False)
+        return Task._from_proto(response.task)
+
+    def revision(self, *, timeout: float | None = None) -> int:
+        """The server's latest revision: a `watch_all` from it sees every change made after.
+
+        `timeout` bounds the whole call, retries included.
+        """
+        response = self._call(self._stub.List, _requests.REVISION_REQUEST, timeout, retry=True)
+        return response.revision
+
+    def watch(self, task_id: str, *, timeout: float | None = None) -> Iterator[Task]:
+        """The task's states: the current one, then each change, ending after the terminal one.
+
+        A broken stream is re-opened with backoff (for up to the client's timeout) and
+        resumes after the last revision seen: no state is missed or repeated. `timeout`
+        bounds the whole watch (None: until the task ends); DeadlineExceeded when it passes.
+        """
+        yield from self._follow(self._task_watch(task_id, timeout))
+
+    def watch_all(
+        self,
+        *,
+        statuses: Iterable[TaskStatus] | None = None,
+        task_type: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        since_revision: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[TaskEvent]:
+        """Each change to a task that matches (the filters of `list`), as a TaskEvent.
+
+        It starts after `since_revision` (default: the latest revision when iteration
+        begins) and never ends on its own. It resumes like `watch`; when the server's
+        history no longer reaches back, it lists the matching tasks again and passes on
+        (as CHANGED) those that changed meanwhile. `timeout` bounds the whole watch.
+        """
+        if since_revision is None:
+            since_revision = self.revision(timeout=timeout)
+        watch = self._all_tasks_watch(statuses, task_type, labels, since_revision, timeout)
+        yield from self._follow(watch)
+
+    def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """The task in its terminal state, once it has one.
+
+        It watches the task, and polls instead (see `poll`) if the server refuses to let
+        it watch. `timeout` bounds the whole wait (None: no limit); WaitTimeout, a
+        TimeoutError, when it passes.
+        """
+        watch = self._task_watch(task_id, timeout)
+        try:
+            for _ in self._follow(watch):
+                pass
+        except RpcError as error:
+            return self._poll(watch.fallback(error, self._timeout))
+        return watch.final()
+
+    def poll(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,
+        initial: float = 1.0,
+        multiplier: float = 1.5,
+        maximum: float = 30.0,
+    ) -> Task:
+        """The task in its terminal state, found by getting it again and again.
+
+        The first pause is `initial` seconds, each next one `multiplier` times longer, at most
+        `maximum`, counted from the start of each Get. `timeout` bounds the whole wait
+        (None: no limit); WaitTimeout, a TimeoutError, when it passes.
+        """
+        return self._poll(self._polling(task_id, timeout, initial, multiplier, maximum))
+
+    def result(self, task_id: str, *, timeout: float | None = None) -> Any:
+        """The result of the task once it COMPLETED; TaskFailed or TaskCancelled otherwise.
+
+        `timeout` bounds the whole wait, as in `wait`.
+        """
+        return outcome(self.wait(task_id, timeout=timeout))
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        timeout: float | None,
+        *,
+        retry: bool,
+    ) -> Response:
+        """One unary call, retried on UNAVAILABLE if `retry`, within `timeout` (or the default)."""
+        deadline = self._deadline(timeout)
+        backoff = Backoff(UNARY_RETRY if retry else NO_RETRY, deadline)
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining())
+            except grpc.RpcError as error:
+                delay = backoff.delay_after(error)
+                if delay is None:
+                    reported = backoff.reported(error)
+                    raise from_rpc_error(reported) from reported
+            time.sleep(delay)
+
+    def _pages(self, request: pb.ListRequest, timeout: float | None) -> Iterator[pb.ListResponse]:
+        while True:
+            page = self._call(self._stub.List, request, timeout, retry=True)
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def _follow(self, watch: Watch[Item]) -> Iterator[Item]:
+        """Drive a watch: open the stream, pass on what it yields, re-open it when it breaks."""
+        while not watch.done:
+            if (relist := watch.relist_request()) is not None:
+                for page in self._pages(relist, watch.deadline.cap(self._timeout)):
+                    yield from watch.relisted(page)
+            call = self._stub.Watch(watch.request(), timeout=watch.deadline.remaining())
+            error = None
+            try:
+                for response in call:
+                    item = watch.receive(response)
+                    if item is not None:
+                        yield item
+                    if watch.done:
+                        return
+            except grpc.RpcError as caught:
+                error = caught
+            finally:
+                call.cancel()
+            time.sleep(watch.broken(error))
+
+    def _poll(self, polling: Polling) -> Task:
+        while True:
+            timeout = polling.start()
+            try:
+                task = self.get(polling.task_id, timeout=timeout)
+            except DeadlineExceeded as error:
+                polling.timed_out(error)
+                raise
+            if polling.ended(task):
+                return task
+            time.sleep(polling.pause())

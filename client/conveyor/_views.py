@@ -1,0 +1,307 @@
+"""How the command line shows tasks: a JSON object per line for scripts, and for people a
+detail block, a table, or (on a terminal) a live progress bar or a live table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+)
+from rich.progress import Task as Bar
+from rich.table import Table
+from rich.text import Text
+
+from conveyor.tasks import EventKind, Task, TaskEvent, TaskStatus
+
+STATUS_STYLES = {
+    TaskStatus.CREATED: "cyan",
+    TaskStatus.RUNNING: "yellow",
+    TaskStatus.COMPLETED: "green",
+    TaskStatus.FAILED: "red",
+    TaskStatus.CANCELLED: "magenta",
+}
+PIPE_WIDTH = 240  # off a terminal, rich would wrap tables at 80 columns
+WIDE_SCREEN = 120  # enough for every column of a table of tasks
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    """The task as a JSON object: statuses by name, times in ISO 8601."""
+    return {
+        field.name: _json_value(getattr(task, field.name))
+        for field in dataclasses.fields(task)
+        if field.name != "proto"
+    }
+
+
+def event_json(event: TaskEvent) -> dict[str, Any]:
+    return {"kind": event.kind.name, "revision": event.revision, "task": task_json(event.task)}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, enum.Enum):
+        return value.name
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def status_text(status: TaskStatus) -> Text:
+    return Text(status.name, style=STATUS_STYLES[status])
+
+
+def elapsed(task: Task) -> timedelta:
+    """How long the task has run (or waited, before it started), to its end or to now."""
+    start = task.started_at or task.created_at
+    end = task.finished_at or datetime.now(UTC)
+    return max(end - start, timedelta(0))
+
+
+def _clock(span: timedelta) -> str:
+    minutes, seconds = divmod(int(span.total_seconds()), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02}:{seconds:02}"
+
+
+def _time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _percent(task: Task) -> str:
+    return f"{task.progress:.0%}"
+
+
+def ending(task: Task) -> Text:
+    """One line on how a task ended: its result, or why it failed or was cancelled."""
+    how = ""
+    if task.status is TaskStatus.COMPLETED:
+        how = f" in {elapsed(task).total_seconds():.1f} s; result: {json.dumps(task.result)}"
+    elif task.error is not None:  # a cancel's code says what the status says already
+        code = "" if task.error.code == task.status.name else f"{task.error.code}: "
+        how = f": {code}{task.error.message}"
+    return Text.assemble(status_text(task.status), how)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Task], str | Text]
+    width: int | None = None  # never narrower: an id cut short is no use
+    optional: bool = False  # shown only on a wide screen
+
+
+_COLUMNS = [
+    _Column("ID", lambda task: task.task_id, width=36),
+    _Column("TYPE", lambda task: task.task_type),
+    _Column("STATUS", lambda task: status_text(task.status), width=9),
+    _Column("PROGRESS", _percent),
+    _Column("PRIORITY", lambda task: str(task.priority), optional=True),
+    _Column("CREATED", lambda task: _time(task.created_at), optional=True),
+    _Column("MESSAGE", lambda task: task.message),
+]
+
+
+class _ElapsedColumn(ProgressColumn):
+    """The task's own running time (not the view's), ticking while it runs."""
+
+    def render(self, task: Bar) -> Text:
+        state: Task = task.fields["state"]
+        return Text(_clock(elapsed(state)), style="progress.elapsed")
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Leave a closed pipe to the command, which ends the same way whatever was writing."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
+class Output:
+    """Where a command writes: JSON lines (`json_lines`), or text and live views for people."""
+
+    def __init__(self, *, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self.console = _Console(highlight=False, markup=False)
+        if not self.console.is_terminal:
+            self.console.width = PIPE_WIDTH
+
+    def _json(self, data: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+
+    def task(self, task: Task) -> None:
+        """A task in full."""
+        if self.json_lines:
+            self._json(task_json(task))
+            return
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        for name, value in self._details(task):
+            grid.add_row(name, value)
+        self.console.print(grid)
+
+    def _details(self, task: Task) -> Iterator[tuple[str, str | Text]]:
+        yield "task", task.task_id
+        yield "type", task.task_type
+        if task.description:
+            yield "description", task.description
+        yield "status", status_text(task.status)
+        yield "progress", f"{_percent(task)}  {task.message}".rstrip()
+        if task.progress_detail:
+            yield "detail", json.dumps(task.progress_detail)
+        if task.status is TaskStatus.COMPLETED:
+            yield "result", json.dumps(task.result)
+        if task.error is not None:
+            yield "error", f"{task.error.code}: {task.error.message}"
+        if task.parameters:
+            yield "parameters", json.dumps(task.parameters)
+        if task.labels:
+            yield "labels", " ".join(f"{k}={v}" for k, v in sorted(task.labels.items()))
+        yield "priority", str(task.priority)
+        yield "attempt", f"{task.attempt} of {task.max_attempts}"
+        yield "created", _time(task.created_at)
+        if task.started_at:
+            yield "started", _time(task.started_at)
+        if task.finished_at:
+            yield "finished", _time(task.finished_at)
+        if task.next_attempt_at:
+            yield "next attempt", _time(task.next_attempt_at)
+        if task.cancel_requested_at:
+            yield "cancel asked", _time(task.cancel_requested_at)
+
+    def note(self, text: str) -> None:
+        """A line for people only; scripts get the same from the JSON that follows."""
+        if not self.json_lines:
+            self.console.print(text)
+
+    def created(self, task: Task) -> None:
+        """The news that a task was created, before following it."""
+        if self.json_lines:
+            self._json(task_json(task))
+        else:
+            self.note(f"created task {task.task_id} ({task.task_type})")
+
+    def tasks(self, tasks: Iterable[Task]) -> None:
+        """Tasks as JSON lines, or as one aligned table."""
+        if self.json_lines:
+            for task in tasks:
+                self._json(task_json(task))
+            return
+        self.console.print(self._table(tasks))
+
+    def _table(self, tasks: Iterable[Task]) -> Table:
+        """An aligned table; the columns that are nice to have only when the screen is wide."""
+        columns = [c for c in _COLUMNS if not c.optional or self.console.width >= WIDE_SCREEN]
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in columns:
+            table.add_column(
+                column.header, no_wrap=column.header != "MESSAGE", min_width=column.width
+            )
+        for task in tasks:
+            table.add_row(*(column.cell(task) for column in columns))
+        return table
+
+    def follow(self, states: Iterable[Task]) -> Task | None:
+        """Show each state of a task as it comes; returns the last one."""
+        if self.json_lines:
+            return self._follow_lines(states, self._json_state)
+        if not self.console.is_terminal:
+            return self._follow_lines(states, self._plain_state)
+        return self._follow_live(states)
+
+    def _follow_lines(self, states: Iterable[Task], show: Callable[[Task], None]) -> Task | None:
+        last = None
+        for last in states:
+            show(last)
+        if last is not None and not self.json_lines:
+            self.console.print(ending(last))
+        return last
+
+    def _json_state(self, task: Task) -> None:
+        self._json(task_json(task))
+
+    def _plain_state(self, task: Task) -> None:
+        self.console.print(
+            f"{_time(task.updated_at)}  {task.status.name:<9}  {_percent(task):>4}  {task.message}"
+        )
+
+    def _follow_live(self, states: Iterable[Task]) -> Task | None:
+        progress = Progress(
+            SpinnerColumn(finished_text="•"),
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            TaskProgressColumn(),
+            _ElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[message]}", markup=False),
+            console=self.console,
+        )
+        last = None
+        with progress:
+            bar = None
+            for last in states:
+                if bar is None:
+                    description = f"{last.task_type} {last.task_id[:8]}"
+                    bar = progress.add_task(
+                        description, total=1.0, state=last, status="", message=""
+                    )
+                progress.update(
+                    bar,
+                    completed=last.progress,
+                    status=f"[{STATUS_STYLES[last.status]}]{last.status.name}[/]",
+                    message=last.message,
+                    state=last,
+                )
+        if last is not None:
+            self.console.print(ending(last))
+        return last
+
+    def follow_all(self, events: Iterable[TaskEvent], heading: str) -> None:
+        """Show each change to the watched tasks as it comes, until interrupted."""
+        if self.json_lines:
+            for event in events:
+                self._json(event_json(event))
+            return
+        self.console.print(heading)
+        if not self.console.is_terminal:
+            for event in events:
+                self._plain_event(event)
+            return
+        rows: dict[str, Task] = {}
+        with Live(self._table([]), console=self.console, auto_refresh=False) as live:
+            for event in events:
+                if event.kind is EventKind.REMOVED:
+                    rows.pop(event.task.task_id, None)
+                else:
+                    rows[event.task.task_id] = event.task
+                live.update(self._live_table(rows), refresh=True)
+
+    def _live_table(self, rows: dict[str, Task]) -> Table:
+        """The most recently changed tasks, as many as the terminal shows."""
+        room = max(self.console.size.height - 3, 1)
+        return self._table(heapq.nlargest(room, rows.values(), key=lambda task: task.revision))
+
+    def _plain_event(self, event: TaskEvent) -> None:
+        task = event.task
+        self.console.print(
+            f"{_time(task.updated_at)}  {event.kind.name:<8} {task.task_id}  {task.task_type}  "
+            f"{task.status.name:<9}  {_percent(task):>4}  {task.message}"
+        )

@@ -1,0 +1,233 @@
+"""Watches that resume by themselves, apart from their I/O: both clients drive these.
+
+A watch remembers the last revision the server sent (heartbeats included), re-opens a
+broken stream from it with backoff, and passes nothing on twice. When the server's
+history no longer reaches that revision (OUT_OF_RANGE), a watch of one task asks again
+without a revision, which makes the server send the task's current state first, read
+together with the start of the new watch: the fallback Get, with no gap between it and
+the watch that follows (a plain Get, then a watch from the task's own revision, would
+hit OUT_OF_RANGE again whenever that revision is older than the history too). A watch of
+many tasks lists them again instead, like a Kubernetes informer.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Generic, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+
+from conveyor._deadline import Deadline
+from conveyor._polling import Polling, PollingPolicy
+from conveyor._requests import RELIST_PAGE_SIZE
+from conveyor._retry import STREAM_RETRY, Backoff
+from conveyor.errors import (
+    ConveyorError,
+    DeadlineExceeded,
+    RpcError,
+    Unavailable,
+    WaitTimeout,
+    from_rpc_error,
+)
+from conveyor.tasks import EventKind, Task, TaskEvent
+from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
+
+Item = TypeVar("Item")
+
+_TERMINAL = frozenset(
+    {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
+)
+# A server that refuses Watch this way may still answer Get: a wait then polls instead.
+WATCH_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.UNIMPLEMENTED,  # an older server, or a gateway without streams
+        grpc.StatusCode.PERMISSION_DENIED,  # allowed to Get but not to Watch
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # too many watchers: polling spares the server
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchSettings:
+    """How a watch runs: the quiet time before a heartbeat, how long it may keep trying to
+    reconnect after a break (None: forever), and how long it may last in all (None: no limit)."""
+
+    heartbeat_interval: float
+    reconnect_timeout: float | None
+    timeout: float | None
+
+
+class Watch(abc.ABC, Generic[Item]):
+    """What every watch shares: its deadline, the last revision seen, and reconnecting."""
+
+    def __init__(self, settings: WatchSettings) -> None:
+        self.deadline = Deadline(settings.timeout)
+        self.revision: int | None = None
+        self.done = False
+        self._heartbeat = duration_pb2.Duration()
+        self._heartbeat.FromNanoseconds(round(settings.heartbeat_interval * 1e9))
+        self._reconnect_timeout = settings.reconnect_timeout
+        self._backoff = self._new_backoff()
+
+    @abc.abstractmethod
+    def request(self) -> pb.WatchRequest:
+        """The request that (re-)opens the stream."""
+
+    @abc.abstractmethod
+    def receive(self, response: pb.WatchResponse) -> Item | None:
+        """What to pass on for a response: None for a heartbeat or something passed on before."""
+
+    def relist_request(self) -> pb.ListRequest | None:
+        """The List to page through before the stream re-opens, if one is needed."""
+        return None
+
+    def relisted(self, page: pb.ListResponse) -> list[Item]:
+        """What a page of that List makes the watch pass on."""
+        return []
+
+    def broken(self, error: grpc.RpcError | None) -> float:
+        """The stream ended early (`error` None: it ended cleanly though it should not have).
+
+        Returns how long to wait before re-opening it, or raises the error that ends the watch.
+        """
+        delay = self._backoff.next_delay() if error is None else self._backoff.delay_after(error)
+        if delay is None:
+            if error is None:
+                raise Unavailable("the server kept ending the watch early")
+            raise from_rpc_error(error) from error
+        return self.deadline.cap(delay)
+
+    def _advance(self, revision: int) -> int | None:
+        """Note a revision from the server; returns the last one seen before it.
+
+        A newer revision is progress: the next break starts its backoff afresh.
+        """
+        seen = self.revision
+        if seen is None or revision > seen:
+            self.revision = revision
+            self._backoff = self._new_backoff()
+        return seen
+
+    def _new_backoff(self) -> Backoff:
+        return Backoff(STREAM_RETRY, Deadline(self._reconnect_timeout))
+
+
+class TaskWatch(Watch[Task]):
+    """A watch of one task: its states, until the terminal one."""
+
+    def __init__(self, task_id: str, settings: WatchSettings) -> None:
+        super().__init__(settings)
+        self.task_id = task_id
+        self.last: Task | None = None
+        self._resume = True
+
+    def request(self) -> pb.WatchRequest:
+        request = pb.WatchRequest(task_id=self.task_id, heartbeat_interval=self._heartbeat)
+        if self._resume and self.revision is not None:
+            request.since_revision = self.revision
+        return request
+
+    def receive(self, response: pb.WatchResponse) -> Task | None:
+        self._resume = True
+        seen = self._advance(response.revision)
+        if response.type == pb.WATCH_EVENT_TYPE_HEARTBEAT:
+            return None
+        state = response.task  # for REMOVED, the last state, at a revision of its own
+        self.done = response.type == pb.WATCH_EVENT_TYPE_REMOVED or state.status in _TERMINAL
+        if seen is not None and state.revision <= seen:
+            return None
+        self.last = Task._from_proto(state)
+        return self.last
+
+    def broken(self, error: grpc.RpcError | None) -> float:
+        if error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            self._resume = False
+            return 0.0
+        if error is None:  # the server did not end with the terminal state: ask it for that
+            self._resume = False
+        return super().broken(error)
+
+    def final(self) -> Task:
+        """The terminal state the watch ended with."""
+        if self.last is None or not self.last.status.terminal:
+            raise ConveyorError(f"the watch of task {self.task_id} ended before the task did")
+        return self.last
+
+    def fallback(self, error: RpcError, call_timeout: float | None) -> Polling:
+        """How a wait goes on after this watch failed with `error`.
+
+        WaitTimeout when the wait's deadline passed; polling when the server refused the
+        watch; any other error stands.
+        """
+        if isinstance(error, DeadlineExceeded):
+            raise WaitTimeout(self.task_id, self.deadline.timeout, self.last) from error
+        if error.code not in WATCH_REFUSALS:
+            raise error
+        return Polling(self.task_id, self.deadline, PollingPolicy(), call_timeout, self.last)
+
+
+class AllTasksWatch(Watch[TaskEvent]):
+    """A watch of every task that matches a filter; it never ends on its own."""
+
+    def __init__(
+        self, task_filter: task_pb2.TaskFilter, since_revision: int, settings: WatchSettings
+    ) -> None:
+        super().__init__(settings)
+        self.revision = since_revision
+        self._filter = task_filter
+        self._relisting = False
+        self._listed_at: int | None = None
+
+    def request(self) -> pb.WatchRequest:
+        return pb.WatchRequest(
+            filter=self._filter,
+            since_revision=self.revision,
+            heartbeat_interval=self._heartbeat,
+        )
+
+    def receive(self, response: pb.WatchResponse) -> TaskEvent | None:
+        seen = self._advance(response.revision)
+        if response.type == pb.WATCH_EVENT_TYPE_HEARTBEAT or (
+            seen is not None and response.revision <= seen
+        ):
+            return None
+        task = Task._from_proto(response.task)
+        return TaskEvent(EventKind(response.type), task, response.revision)
+
+    def broken(self, error: grpc.RpcError | None) -> float:
+        if error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            self._relisting = True
+            return 0.0
+        return super().broken(error)
+
+    def relist_request(self) -> pb.ListRequest | None:
+        """After OUT_OF_RANGE, the first page of a List of the matching tasks."""
+        if not self._relisting:
+            return None
+        self._listed_at = None
+        return pb.ListRequest(filter=self._filter, page_size=RELIST_PAGE_SIZE)
+
+    def relisted(self, page: pb.ListResponse) -> list[TaskEvent]:
+        """The events a page of the relist makes: tasks changed since the last revision seen.
+
+        The watch resumes from the first page's revision, so a task changed after that
+        comes with the watch's replay instead. A server whose revisions went back (an
+        in-memory one that restarted) has nothing in common with what was seen: all counts.
+        """
+        if self._listed_at is None:
+            self._listed_at = page.revision
+        listed_at = self._listed_at
+        seen = self.revision if self.revision is not None and self.revision <= listed_at else -1
+        events = [
+            TaskEvent(EventKind.CHANGED, Task._from_proto(task), task.revision)
+            for task in page.tasks
+            if seen < task.revision <= listed_at
+        ]
+        if not page.next_page_token:
+            self._relisting = False
+            self.revision = listed_at
+            self._backoff = self._new_backoff()
+        return events

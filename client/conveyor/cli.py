@@ -1,0 +1,393 @@
+"""The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell.
+
+For people it draws tables and live views; with `--json`, every command prints one JSON
+object per line for scripts, and the exit code says how a followed task ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import Any
+
+from conveyor import _requests
+from conveyor._sync_client import Client
+from conveyor._views import Output
+from conveyor.errors import (
+    ConveyorError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    WaitTimeout,
+)
+from conveyor.tasks import Task, TaskStatus
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 3
+EXIT_NOT_FOUND = 4
+EXIT_UNREACHABLE = 5
+EXIT_TIMED_OUT = 6
+EXIT_ERROR = 7
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a Unix tool killed by SIGPIPE
+
+EXIT_CODES = f"""exit codes:
+  {EXIT_COMPLETED}    done; for wait, watch and create --wait/--watch: the task COMPLETED
+  {EXIT_FAILED}    the task FAILED
+  {EXIT_USAGE}    bad usage or input (a malformed -p, or a request the server calls invalid)
+  {EXIT_CANCELLED}    the task was CANCELLED
+  {EXIT_NOT_FOUND}    no such task
+  {EXIT_UNREACHABLE}    cannot reach the server
+  {EXIT_TIMED_OUT}    timed out: the wait, the watch or a request to the server ran out of time
+  {EXIT_ERROR}    any other error
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_BROKEN_PIPE}  the reader of the output went away (as with | head)"""
+
+_BY_OUTCOME = {
+    TaskStatus.COMPLETED: EXIT_COMPLETED,
+    TaskStatus.FAILED: EXIT_FAILED,
+    TaskStatus.CANCELLED: EXIT_CANCELLED,
+}
+
+Command = Callable[[Client, argparse.Namespace, Output], int]
+
+
+class UsageError(Exception):
+    """Input the command cannot use, found after the arguments were parsed."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check(parser, args)
+    except SystemExit as exit:  # --help, or a usage error that argparse has reported
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    output = Output(json_lines=args.json)
+    try:
+        with Client(args.server, timeout=args.rpc_timeout) as client:
+            code: int = args.run(client, args, output)
+            return code
+    except UsageError as error:
+        return _fail(str(error), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # Nobody reads any more: end quietly, and keep Python's own flush at exit from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except ConveyorError as error:
+        return _fail(*_explain(error, _requests.target(args.server)))
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone; a usage error (exit 2) otherwise."""
+    if args.command == "watch":
+        if args.all == bool(args.task_id):
+            parser.error("watch needs a task ID or --all, not both")
+        if args.task_id and (args.status or args.type or args.labels):
+            parser.error("watch: --status, --type and --label go with --all")
+    if args.command == "create" and args.wait_timeout and not (args.wait or args.watch):
+        parser.error("create: --wait-timeout goes with --wait or --watch")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"conveyor: {message}", file=sys.stderr)
+    return code
+
+
+def _explain(error: ConveyorError, server: str) -> tuple[str, int]:
+    """What to tell the person, and the exit code, for an error."""
+    match error:
+        case Unavailable():
+            return (
+                f"cannot reach the conveyor server at {server} ({error.message}); is it "
+                "running? Point --server or $CONVEYOR_SERVER at it.",
+                EXIT_UNREACHABLE,
+            )
+        case InvalidArgument():
+            return f"invalid request: {error.message}", EXIT_USAGE
+        case NotFound():
+            return error.message, EXIT_NOT_FOUND
+        case WaitTimeout() | DeadlineExceeded():
+            return f"timed out: {error}", EXIT_TIMED_OUT
+        case _:
+            return str(error), EXIT_ERROR
+
+
+def outcome_code(task: Task | None) -> int:
+    """The exit code that says how a followed task ended."""
+    return _BY_OUTCOME.get(task.status, EXIT_ERROR) if task is not None else EXIT_ERROR
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    parameters = {**_json_parameters(args.json_params), **dict(args.params)}
+    task = client.create(
+        args.task_type,
+        parameters,
+        priority=args.priority,
+        timeout_seconds=args.timeout,
+        max_attempts=args.max_attempts,
+        labels=dict(args.labels),
+        description=args.description,
+        request_id=args.request_id,
+    )
+    if args.watch:
+        out.note(f"created task {task.task_id} ({task.task_type})")
+        return outcome_code(out.follow(client.watch(task.task_id, timeout=args.wait_timeout)))
+    if not args.wait:
+        out.task(task)
+        return EXIT_COMPLETED
+    out.created(task)
+    ended = client.wait(task.task_id, timeout=args.wait_timeout)
+    out.task(ended)
+    return outcome_code(ended)
+
+
+def _json_parameters(source: str | None) -> dict[str, Any]:
+    """The JSON object of --json-params (a file, or - for standard input)."""
+    if source is None:
+        return {}
+    try:
+        if source == "-":
+            data = json.load(sys.stdin)
+        else:
+            with open(source, encoding="utf-8") as file:
+                data = json.load(file)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--json-params {source}: {error}") from error
+    if not isinstance(data, dict):
+        raise UsageError(f"--json-params {source}: expected a JSON object")
+    return data
+
+
+def _get(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.get(args.task_id))
+    return EXIT_COMPLETED
+
+
+def _list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    tasks = client.list(statuses=args.status, task_type=args.type, labels=dict(args.labels))
+    out.tasks(islice(tasks, args.limit))
+    return EXIT_COMPLETED
+
+
+def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.cancel(args.task_id, reason=args.reason))
+    return EXIT_COMPLETED
+
+
+def _watch(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if not args.all:
+        return outcome_code(out.follow(client.watch(args.task_id, timeout=args.timeout)))
+    since = client.revision()
+    events = client.watch_all(
+        statuses=args.status,
+        task_type=args.type,
+        labels=dict(args.labels),
+        since_revision=since,
+        timeout=args.timeout,
+    )
+    out.follow_all(events, f"watching tasks from revision {since}; Ctrl-C to stop")
+    return EXIT_COMPLETED
+
+
+def _wait(client: Client, args: argparse.Namespace, out: Output) -> int:
+    ended = client.wait(args.task_id, timeout=args.timeout)
+    out.task(ended)
+    return outcome_code(ended)
+
+
+# -- arguments ----------------------------------------------------------------------
+
+
+def _parameter(text: str) -> tuple[str, Any]:
+    """KEY=VALUE; the value is JSON when it parses as JSON (1, true, [1,2]), else a string."""
+    key, equals, raw = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _status(text: str) -> TaskStatus:
+    try:
+        return TaskStatus[text.upper()]
+    except KeyError:
+        names = ", ".join(status.name.lower() for status in TaskStatus)
+        raise argparse.ArgumentTypeError(f"expected one of {names}, not {text!r}") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, not {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
+    """--server, --json and --rpc-timeout. With `inherit` (on a command), an option left
+    out keeps the value given before the command's name."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if inherit else value
+
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="the conveyor server (default: $CONVEYOR_SERVER, else "
+        f"{_requests.DEFAULT_TARGET}, where `make serve` starts it)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print one JSON object per line (a task, or each state or event followed)",
+    )
+    parser.add_argument(
+        "--rpc-timeout",
+        metavar="S",
+        type=_positive,
+        default=default(10.0),
+        help="seconds each request to the server may take, retries included, and that a "
+        "broken watch keeps trying to reconnect (default: 10)",
+    )
+
+
+def _labels(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        metavar="KEY=VALUE",
+        type=_label,
+        action="append",
+        default=[],
+        help=f"{help}; repeat for several",
+    )
+
+
+def _seconds(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    parser.add_argument(flag, type=_positive, metavar="S", help=help)
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--status",
+        type=_status,
+        action="append",
+        help="only tasks in this status (created, running, completed, failed, cancelled); "
+        "repeat for several",
+    )
+    parser.add_argument("--type", metavar="TYPE", help="only tasks of this type")
+    _labels(parser, "only tasks with this label")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor",
+        description="Create, follow and manage the tasks of a conveyor server.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_options(parser, inherit=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, inherit=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            parents=[common],
+            help=help,
+            description=help,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    create = command("create", _create, "create a task")
+    create.add_argument("task_type", metavar="TYPE", help="the task's type, such as sleep")
+    create.add_argument(
+        "-p",
+        "--param",
+        dest="params",
+        metavar="KEY=VALUE",
+        type=_parameter,
+        action="append",
+        default=[],
+        help="a parameter; VALUE is JSON when it parses as JSON (2, true, [1,2]), else a string",
+    )
+    create.add_argument(
+        "--json-params", metavar="FILE", help="parameters from a JSON object in FILE (- for stdin)"
+    )
+    create.add_argument(
+        "--priority", type=int, metavar="N", help="1 to 10, 10 the most urgent (default: 5)"
+    )
+    _seconds(create, "--timeout", "seconds one attempt of the task may run")
+    create.add_argument("--max-attempts", type=int, metavar="N", help="attempts the task gets")
+    _labels(create, "a label")
+    create.add_argument("--description", metavar="TEXT", default="", help="free text for people")
+    create.add_argument(
+        "--request-id", metavar="ID", help="makes a repeated create return the same task"
+    )
+    follow = create.add_mutually_exclusive_group()
+    follow.add_argument("--wait", action="store_true", help="wait for the task to end")
+    follow.add_argument("--watch", action="store_true", help="show its progress until it ends")
+    _seconds(create, "--wait-timeout", "with --wait or --watch: give up after S seconds")
+
+    get = command("get", _get, "show a task")
+    get.add_argument("task_id", metavar="ID")
+
+    listing = command("list", _list, "list tasks, oldest first")
+    _filters(listing)
+    listing.add_argument("--limit", type=_count, metavar="N", help="at most N tasks")
+
+    cancel = command("cancel", _cancel, "cancel a task")
+    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument(
+        "--reason", metavar="TEXT", default="", help="why; kept as the task's error message"
+    )
+
+    watch = command("watch", _watch, "show a task's progress until it ends, or every change")
+    watch.add_argument("task_id", metavar="ID", nargs="?", help="the task to follow")
+    watch.add_argument(
+        "--all", action="store_true", help="follow every change to the tasks that match"
+    )
+    _filters(watch)
+    _seconds(watch, "--timeout", "give up after S seconds")
+
+    wait = command("wait", _wait, "wait for a task to end, and show it")
+    wait.add_argument("task_id", metavar="ID")
+    _seconds(wait, "--timeout", "give up after S seconds")
+    return parser

@@ -1,0 +1,126 @@
+"""Tasks as the client hands them out: plain Python values built from conveyor.v1 messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+from typing import Any, Literal
+
+from conveyor.protojson import struct_to_dict, timestamp_to_datetime, to_python
+from conveyor.v1 import task_pb2
+
+
+class TaskStatus(enum.IntEnum):
+    """Where a task is in its life; mirrors conveyor.v1.TaskStatus without the prefix."""
+
+    CREATED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        """True for COMPLETED, FAILED and CANCELLED: a task in one of them never changes again."""
+        return self >= TaskStatus.COMPLETED
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskError:
+    """Why a task failed or was cancelled: a stable `code` (HANDLER_ERROR, ...) and a message."""
+
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task:
+    """A task as the server reported it at one revision.
+
+    Times are aware datetimes in UTC, None where the server left them unset; parameters,
+    progress_detail and result are dicts, lists and scalars, as JSON would give them. The
+    TaskResponse it was built from is `proto` (left out of comparisons and repr).
+    """
+
+    task_id: str
+    task_type: str
+    description: str
+    status: TaskStatus
+    priority: int
+    progress: float
+    message: str
+    progress_detail: dict[str, Any]
+    result: Any
+    error: TaskError | None
+    labels: dict[str, str]
+    attempt: int
+    max_attempts: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    revision: int
+    parameters: dict[str, Any]
+    timeout_seconds: float
+    cancel_requested_at: datetime | None
+    proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
+
+    @classmethod
+    def _from_proto(cls, message: task_pb2.TaskResponse) -> Task:
+        return cls(
+            task_id=message.task_id,
+            task_type=message.task_type,
+            description=message.description,
+            status=TaskStatus(message.status),
+            priority=message.priority,
+            progress=message.progress,
+            message=message.message,
+            progress_detail=struct_to_dict(message.progress_detail),
+            result=to_python(message.result) if message.HasField("result") else None,
+            error=(
+                TaskError(message.error.code, message.error.message)
+                if message.HasField("error")
+                else None
+            ),
+            labels=dict(message.labels),
+            attempt=message.attempt,
+            max_attempts=message.max_attempts,
+            next_attempt_at=_time(message, "next_attempt_at"),
+            created_at=timestamp_to_datetime(message.created_at),
+            updated_at=timestamp_to_datetime(message.updated_at),
+            started_at=_time(message, "started_at"),
+            finished_at=_time(message, "finished_at"),
+            revision=message.revision,
+            parameters=struct_to_dict(message.parameters),
+            timeout_seconds=message.timeout_seconds,
+            cancel_requested_at=_time(message, "cancel_requested_at"),
+            proto=message,
+        )
+
+
+_OptionalTime = Literal["next_attempt_at", "started_at", "finished_at", "cancel_requested_at"]
+
+
+def _time(message: task_pb2.TaskResponse, field: _OptionalTime) -> datetime | None:
+    return timestamp_to_datetime(getattr(message, field)) if message.HasField(field) else None
+
+
+class EventKind(enum.IntEnum):
+    """What a TaskEvent reports; mirrors conveyor.v1.WatchEventType without the prefix."""
+
+    CHANGED = 2
+    REMOVED = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEvent:
+    """One event of `watch_all`: a task CHANGED to `task`, or was REMOVED (`task`: its last state).
+
+    `revision` orders the events of a watch and is where a later watch can resume from.
+    """
+
+    kind: EventKind
+    task: Task
+    revision: int

@@ -1,0 +1,182 @@
+"""A TCP proxy for tests: forwards to a server, and breaks connections when told to.
+
+It can cut every live connection (a real TCP break), hold new connections off until it is
+released, and drop the server's answer to the next request by closing the connection at
+the moment that answer starts: it reads the server's bytes as HTTP/2 frames and, when
+armed, closes both sockets instead of forwarding the first HEADERS frame of a stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+_FRAME_HEADER = 9  # 3-byte length, type, flags, 4-byte stream id
+_HEADERS = 0x1
+
+
+class _Link:
+    """One client connection and its connection to the server."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client = client
+        self.server = server
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for sock in (self.client, self.server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class Proxy:
+    """Listens on 127.0.0.1 (a port of its own) and forwards each connection to `upstream`."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0  # connections accepted so far
+        self._accepted = threading.Condition()
+        self.dropped_answers = 0
+        self._open = threading.Event()
+        self._open.set()
+        self._closing = False
+        self._drop_armed = False
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def cut(self) -> None:
+        """Close every live connection, as a network failure would."""
+        with self._lock:
+            links, self._links = self._links, set()
+        for link in links:
+            link.close()
+
+    def hold(self) -> None:
+        """Accept new connections but forward nothing until `release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def wait_for_connections(self, count: int, timeout: float = 30) -> bool:
+        """Wait until `count` connections in all have been accepted (held ones included)."""
+        with self._accepted:
+            return self._accepted.wait_for(lambda: self.connections >= count, timeout)
+
+    def drop_next_answer(self) -> None:
+        """Close the connection that carries the next answer, just before it reaches the client."""
+        with self._lock:
+            self._drop_armed = True
+
+    def close(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        self._listener.close()
+        self.release()
+        self.cut()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # the listener was closed
+                return
+            with self._accepted:
+                self.connections += 1
+                self._accepted.notify_all()
+            self._spawn(self._connect, client)
+
+    def _connect(self, client: socket.socket) -> None:
+        self._open.wait()
+        try:
+            server = socket.create_connection(self._upstream)
+        except OSError:
+            client.close()
+            return
+        link = _Link(client, server)
+        with self._lock:
+            if self._closing:
+                link.close()
+                return
+            self._links.add(link)
+        self._spawn(self._pump_to_server, link)
+        self._pump_to_client(link)
+
+    def _pump_to_server(self, link: _Link) -> None:
+        while data := _receive(link.client):
+            if not _send(link.server, data):
+                break
+        link.close()
+
+    def _pump_to_client(self, link: _Link) -> None:
+        pending = b""
+        while data := _receive(link.server):
+            pending += data
+            forward, pending, drop = self._split_at_answer(pending)
+            if forward and not _send(link.client, forward):
+                break
+            if drop:
+                break
+        link.close()
+
+    def _split_at_answer(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        """(whole frames to forward, the incomplete rest, whether to drop the connection now)."""
+        offset = 0
+        while len(data) - offset >= _FRAME_HEADER:
+            length = int.from_bytes(data[offset : offset + 3], "big")
+            end = offset + _FRAME_HEADER + length
+            if end > len(data):
+                break
+            frame_type = data[offset + 3]
+            stream = int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFF_FFFF
+            if frame_type == _HEADERS and stream != 0 and self._take_drop():
+                return data[:offset], b"", True
+            offset = end
+        return data[:offset], data[offset:], False
+
+    def _take_drop(self) -> bool:
+        with self._lock:
+            armed, self._drop_armed = self._drop_armed, False
+            if armed:
+                self.dropped_answers += 1
+            return armed
+
+
+def _receive(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    try:
+        sock.sendall(data)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,548 @@
+"""The `conveyor` command through its entry point: what it prints, and its exit codes.
+
+Most tests call `main` in the test process; the live views, Ctrl-C and a closed pipe are
+tried on real processes, the live views in a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor import Client, TaskStatus
+from conveyor.cli import main
+from tests.client_support import Calls, closed_port_address
+from tests.conftest import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, cursor moves, clearing lines
+StartServer = Callable[..., ServerThread]
+
+
+class Run:
+    """What one run of the command printed, and how it exited."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+@pytest.fixture
+def conveyor(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """Run `conveyor --server <the test server> ARGS...` in this process."""
+
+    def run(*args: str) -> Run:
+        code = main(["--server", server.address, *args])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    with Client(server.address) as running:
+        yield running
+
+
+# -- help ---------------------------------------------------------------------------
+
+
+def test_help_documents_the_commands_and_the_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("create", "get", "list", "cancel", "watch", "wait"):
+        assert command in text
+    for code, meaning in [
+        ("0", "COMPLETED"),
+        ("1", "FAILED"),
+        ("2", "bad usage"),
+        ("3", "CANCELLED"),
+        ("4", "no such task"),
+        ("5", "cannot reach the server"),
+        ("6", "timed out"),
+        ("7", "any other error"),
+    ]:
+        assert any(line.split()[:1] == [code] and meaning in line for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("create", ["-p", "--json-params", "--priority", "--timeout", "--label", "--wait"]),
+        ("create", ["--watch", "--max-attempts", "--request-id", "--wait-timeout"]),
+        ("get", []),
+        ("list", ["--status", "--type", "--label", "--limit"]),
+        ("cancel", ["--reason"]),
+        ("watch", ["--all", "--status", "--type", "--label", "--timeout"]),
+        ("wait", ["--timeout"]),
+    ],
+)
+def test_every_command_has_help_with_its_options(
+    command: str, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in [*options, "--server", "--json", "--rpc-timeout", "exit codes"]:
+        assert option in text
+
+
+# -- create -------------------------------------------------------------------------
+
+
+def test_create_shows_the_new_task(conveyor: Callable[..., Run]) -> None:
+    run = conveyor("create", "sleep", "-p", "seconds=0.01", "--label", "team=data")
+    assert run.code == 0
+    assert "CREATED" in run.out and "sleep" in run.out and "team=data" in run.out
+
+
+def test_parameters_are_json_when_they_parse_and_strings_otherwise(
+    conveyor: Callable[..., Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_file = tmp_path / "params.json"
+    from_file.write_text('{"from_file": 1, "n": 0}')
+    run = conveyor(
+        "--json",
+        "create",
+        "echo",
+        "--json-params",
+        str(from_file),
+        "-p",
+        "n=2",
+        "-p",
+        "ratio=0.5",
+        "-p",
+        "flag=true",
+        "-p",
+        "none=null",
+        "-p",
+        "list=[1, 2]",
+        "-p",
+        'object={"a": "b"}',
+        "-p",
+        "word=hello",
+        "-p",
+        "spaced=two words",
+        "-p",
+        'quoted="7"',
+        "-p",
+        "equation=a=b",
+    )
+    assert run.code == 0
+    assert run.json_lines()[0]["parameters"] == {
+        "from_file": 1,
+        "n": 2,
+        "ratio": 0.5,
+        "flag": True,
+        "none": None,
+        "list": [1, 2],
+        "object": {"a": "b"},
+        "word": "hello",
+        "spaced": "two words",
+        "quoted": "7",
+        "equation": "a=b",
+    }
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"piped": [true]}'))
+    run = conveyor("--json", "create", "echo", "--json-params", "-")
+    assert run.json_lines()[0]["parameters"] == {"piped": [True]}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=1"])
+def test_a_malformed_parameter_is_a_usage_error(conveyor: Callable[..., Run], bad: str) -> None:
+    run = conveyor("create", "echo", "-p", bad)
+    assert run.code == 2
+    assert "KEY=VALUE" in run.err
+
+
+def test_bad_json_parameters_are_a_usage_error(
+    conveyor: Callable[..., Run], tmp_path: Path
+) -> None:
+    not_an_object = tmp_path / "list.json"
+    not_an_object.write_text("[1, 2]")
+    for source, message in [
+        (str(not_an_object), "expected a JSON object"),
+        (str(tmp_path / "missing.json"), "No such file"),
+    ]:
+        run = conveyor("create", "echo", "--json-params", source)
+        assert (run.code, run.out) == (2, "")
+        assert message in run.err
+
+
+def test_a_request_the_server_calls_invalid_is_a_usage_error(conveyor: Callable[..., Run]) -> None:
+    run = conveyor("create", "no_such_type", "--priority", "11")
+    assert run.code == 2
+    assert "invalid request" in run.err
+    assert "task.task_type" in run.err and "task.priority" in run.err
+
+
+def test_create_wait_exits_with_how_the_task_ended(conveyor: Callable[..., Run]) -> None:
+    completed = conveyor("--json", "create", "echo", "-p", "x=1", "--wait")
+    assert completed.code == 0
+    created, ended = completed.json_lines()
+    assert (created["status"], ended["status"]) == ("CREATED", "COMPLETED")
+    assert created["task_id"] == ended["task_id"]
+    assert ended["result"] == {"x": 1}
+    failed = conveyor("create", "fail", "-p", "message=disk full", "--wait")
+    assert failed.code == 1
+    assert "FAILED" in failed.out and "HANDLER_ERROR: disk full" in failed.out
+
+
+def test_create_with_a_request_id_twice_gives_one_task(conveyor: Callable[..., Run]) -> None:
+    request_id = str(uuid.uuid4())
+    first = conveyor("--json", "create", "echo", "--request-id", request_id).json_lines()[0]
+    again = conveyor("--json", "create", "echo", "--request-id", request_id).json_lines()[0]
+    assert first["task_id"] == again["task_id"]
+
+
+def test_create_watch_without_a_terminal_shows_a_line_per_state(
+    conveyor: Callable[..., Run],
+) -> None:
+    run = conveyor("create", "sleep", "-p", "seconds=0.2", "-p", "steps=2", "--watch")
+    assert run.code == 0
+    lines = run.out.splitlines()
+    created = lines[0].split()
+    assert created[:2] == ["created", "task"] and len(created[2]) == 36  # the id, in full
+    assert any("step 2 of 2" in line for line in lines)
+    assert lines[-1].startswith("COMPLETED in") and '"slept": 0.2' in lines[-1]
+
+
+# -- get, list, cancel --------------------------------------------------------------
+
+
+def test_get_shows_the_task_or_says_there_is_none(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("echo", {"k": "v"}, description="for get")
+    client.wait(task.task_id)
+    run = conveyor("get", task.task_id)
+    assert run.code == 0
+    assert task.task_id in run.out and "COMPLETED" in run.out and "for get" in run.out
+    data = conveyor("--json", "get", task.task_id).json_lines()
+    assert len(data) == 1
+    assert data[0]["result"] == {"k": "v"}
+    assert data[0]["finished_at"].endswith("Z")
+    missing = conveyor("get", str(uuid.uuid4()))
+    assert (missing.code, missing.out) == (4, "")
+    assert "not found" in missing.err
+    malformed = conveyor("get", "not-a-uuid")
+    assert malformed.code == 2
+
+
+def test_list_prints_an_aligned_table_and_keeps_the_filters(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    label = f"run={uuid.uuid4().hex}"
+    labels = dict([label.split("=")])
+    echo = client.create("echo", labels=labels)
+    failing = client.create("fail", labels=labels)
+    for task in (echo, failing):
+        client.wait(task.task_id)
+    run = conveyor("list", "--label", label)
+    assert run.code == 0
+    header, *rows = run.out.splitlines()
+    assert header.split() == ["ID", "TYPE", "STATUS", "PROGRESS", "PRIORITY", "CREATED", "MESSAGE"]
+    assert [row.split()[0] for row in rows] == [echo.task_id, failing.task_id]
+    status_at = header.index("STATUS")
+    assert [row[status_at:].split()[0] for row in rows] == ["COMPLETED", "FAILED"]
+    only_failed = conveyor("--json", "list", "--label", label, "--status", "failed")
+    assert [t["task_id"] for t in only_failed.json_lines()] == [failing.task_id]
+    by_type = conveyor("--json", "list", "--label", label, "--type", "echo")
+    assert [t["task_id"] for t in by_type.json_lines()] == [echo.task_id]
+    assert len(conveyor("--json", "list", "--label", label, "--limit", "1").json_lines()) == 1
+    for bad in (["--status", "sleeping"], ["--limit", "0"], ["--limit", "-1"]):
+        assert conveyor("list", *bad).code == 2
+
+
+def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("report_then_wait", {"seconds": 30})
+    for state in client.watch(task.task_id):
+        if state.progress == 0.25:
+            break
+    run = conveyor("--json", "cancel", task.task_id, "--reason", "enough")
+    assert run.code == 0
+    answer = run.json_lines()[0]
+    assert answer["status"] == "RUNNING" and answer["cancel_requested_at"]
+    waited = conveyor("wait", task.task_id)
+    assert waited.code == 3
+    assert "CANCELLED" in waited.out and "enough" in waited.out
+    watched = conveyor("watch", task.task_id)
+    assert watched.code == 3
+    assert watched.out.splitlines()[-1] == "CANCELLED: enough"
+
+
+def test_cancel_of_a_task_that_completed_is_another_error(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("echo")
+    client.wait(task.task_id)
+    run = conveyor("cancel", task.task_id)
+    assert run.code == 7
+    assert "already ended" in run.err
+
+
+# -- watch, wait --------------------------------------------------------------------
+
+
+def test_watch_json_prints_each_state_and_exits_with_how_the_task_ended(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("fail", {"message": "nope", "times": 1}, max_attempts=2)
+    run = conveyor("--json", "watch", task.task_id)
+    assert run.code == 0  # the second attempt succeeds
+    states = run.json_lines()
+    assert states[-1]["status"] == "COMPLETED"
+    assert "FAILED" not in [state["status"] for state in states]
+    assert any(state["attempt"] == 2 for state in states)
+    failed = client.create("fail", {"message": "nope"})
+    run = conveyor("watch", failed.task_id)
+    assert run.code == 1
+    assert run.out.splitlines()[-1] == "FAILED: HANDLER_ERROR: nope"
+
+
+def test_watch_and_wait_of_an_unknown_task_exit_not_found(conveyor: Callable[..., Run]) -> None:
+    for command in ("watch", "wait"):
+        run = conveyor(command, str(uuid.uuid4()))
+        assert run.code == 4
+        assert "not found" in run.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["watch"], "a task ID or --all"),
+        (["watch", "--all", str(uuid.uuid4())], "a task ID or --all"),
+        (["watch", str(uuid.uuid4()), "--type", "x"], "go with --all"),
+        (["create", "echo", "--wait-timeout", "5"], "goes with --wait or --watch"),
+        (["create", "echo", "--wait", "--watch"], "not allowed with"),
+    ],
+)
+def test_options_that_do_not_go_together_are_a_usage_error(
+    conveyor: Callable[..., Run], args: list[str], message: str
+) -> None:
+    run = conveyor(*args)
+    assert (run.code, run.out) == (2, "")
+    assert message in run.err
+
+
+def test_wait_that_runs_out_of_time_exits_timed_out(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("report_then_wait", {"seconds": 30})
+    run = conveyor("wait", task.task_id, "--timeout", "0.3")
+    assert run.code == 6
+    assert "timed out" in run.err and task.task_id in run.err
+    watched = conveyor("watch", task.task_id, "--timeout", "0.3")
+    assert watched.code == 6
+    client.cancel(task.task_id)
+
+
+def test_wait_of_a_task_that_ended_prints_it(conveyor: Callable[..., Run], client: Client) -> None:
+    task = client.create("echo", {"n": 3})
+    run = conveyor("--json", "wait", task.task_id)
+    assert run.code == 0
+    assert run.json_lines()[0]["result"] == {"n": 3}
+
+
+# -- where the server is ------------------------------------------------------------
+
+
+def test_the_server_comes_from_the_option_or_the_environment(
+    server: ServerThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Client(server.address) as client:
+        task = client.create("echo")
+    assert main(["get", task.task_id, "--server", server.address]) == 0  # after the command
+    monkeypatch.setenv("CONVEYOR_SERVER", server.address)
+    assert main(["get", task.task_id]) == 0
+    assert capsys.readouterr().out.count(task.task_id) == 2
+
+
+def test_a_server_that_is_down_is_a_clear_message_and_exit_five(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address = closed_port_address()
+    for args in (["get", str(uuid.uuid4())], ["create", "echo"], ["watch", str(uuid.uuid4())]):
+        code = main(["--server", address, "--rpc-timeout", "0.5", *args])
+        captured = capsys.readouterr()
+        assert code == 5
+        assert f"cannot reach the conveyor server at {address}" in captured.err
+        assert "Traceback" not in captured.err
+        assert captured.out == ""
+
+
+# -- real processes: the installed command, live views, Ctrl-C, a closed pipe ------
+
+
+def command_line() -> list[str]:
+    installed = shutil.which("conveyor", path=str(Path(sys.executable).parent))
+    assert installed, "the conveyor command is not installed (make setup)"
+    return [installed]
+
+
+def process_env(server: ServerThread) -> dict[str, str]:
+    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": str(ROOT)}
+
+
+class Terminal:
+    """A process on a pseudo-terminal of 120 columns by 30 rows; its output as the screen got it."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self._master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        self.process = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "30"},
+            cwd=ROOT,
+        )
+        os.close(slave)
+        self.output = ""
+
+    @property
+    def text(self) -> str:
+        """What was written, without the terminal's control sequences."""
+        return ESCAPE.sub("", self.output)
+
+    def read_until(self, text: str, timeout: float = 30) -> str:
+        """Read until `text` shows (select waits on the terminal itself); returns `self.text`."""
+        while text not in self.text:
+            ready, _, _ = select.select([self._master], [], [], timeout)
+            assert ready, f"{text!r} did not show; got:\n{self.output}"
+            chunk = self._read()
+            assert chunk, f"the process ended before {text!r} showed; got:\n{self.output}"
+        return self.text
+
+    def finish(self, timeout: float = 30) -> int:
+        """Read everything up to the end of the process; returns its exit code."""
+        while self._read():
+            pass
+        os.close(self._master)
+        return self.process.wait(timeout)
+
+    def _read(self) -> str:
+        try:
+            chunk = os.read(self._master, 65536).decode(errors="replace")
+        except OSError:  # the process closed the terminal
+            return ""
+        self.output += chunk
+        return chunk
+
+
+def test_watch_in_a_terminal_draws_a_live_progress_bar_and_ends_with_the_result(
+    server: ServerThread,
+) -> None:
+    args = [sys.executable, "-m", "conveyor", "create", "sleep", "-p", "seconds=1", "-p", "steps=4"]
+    terminal = Terminal([*args, "--watch"], process_env(server))
+    assert terminal.finish() == 0
+    assert "\x1b[2K" in terminal.output  # the line is cleared and drawn again in place
+    screen = terminal.text
+    assert "━" in screen  # the bar
+    for text in ("sleep", "step 2 of 4", "RUNNING", "25%", "100%", "0:00:0"):
+        assert text in screen
+    assert "COMPLETED in" in screen and '"slept": 1' in screen
+    assert "Traceback" not in screen
+
+
+def test_watch_in_a_terminal_ends_with_the_error_of_a_failed_task(
+    server: ServerThread, client: Client
+) -> None:
+    task = client.create("fail", {"message": "out of paper"})
+    terminal = Terminal([*command_line(), "watch", task.task_id], process_env(server))
+    assert terminal.finish() == 1
+    assert "FAILED: HANDLER_ERROR: out of paper" in terminal.text
+
+
+def test_watch_all_in_a_terminal_keeps_a_live_table_until_ctrl_c(
+    server: ServerThread, client: Client
+) -> None:
+    label = f"run={uuid.uuid4().hex}"
+    terminal = Terminal([*command_line(), "watch", "--all", "--label", label], process_env(server))
+    terminal.read_until("Ctrl-C to stop")
+    first = client.create("echo", labels=dict([label.split("=")]))
+    second = client.create("fail", labels=dict([label.split("=")]))
+    screen = terminal.read_until(second.task_id)
+    screen = terminal.read_until("FAILED")
+    assert first.task_id in screen
+    assert "ID" in screen and "STATUS" in screen
+    terminal.process.send_signal(signal.SIGINT)
+    assert terminal.finish() == 130
+    assert "interrupted" in terminal.text
+    assert "Traceback" not in terminal.text
+
+
+def test_watch_all_for_a_script_prints_each_change_as_json_until_ctrl_c(
+    start_server: StartServer,
+) -> None:
+    calls = Calls()
+    server = start_server(interceptors=[calls])
+    labels = {"run": uuid.uuid4().hex}
+    process = subprocess.Popen(
+        [*command_line(), "--json", "watch", "--all", "--label", f"run={labels['run']}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=process_env(server),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert calls.arrived["Watch"].wait(30)  # it has read the revision to start from
+    with Client(server.address) as client:
+        task = client.create("echo", labels=labels)
+    events = []
+    for line in process.stdout:
+        events.append(json.loads(line))
+        if events[-1]["task"]["status"] == "COMPLETED":
+            break
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 130
+    assert [event["kind"] for event in events] == ["CHANGED"] * len(events)
+    assert {event["task"]["task_id"] for event in events} == {task.task_id}
+    assert events[0]["task"]["status"] == TaskStatus.CREATED.name
+    assert "Traceback" not in process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
+
+
+@pytest.mark.parametrize("args", [["list"], ["--json", "list"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(
+    server: ServerThread, args: list[str]
+) -> None:
+    with Client(server.address) as client:
+        for _ in range(3):
+            client.create("echo")
+    process = subprocess.Popen(
+        [*command_line(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=process_env(server),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # as `| head` does once it has what it wants
+    assert process.wait(30) == 141
+    assert process.stderr.read() == b""
+    process.stderr.close()
