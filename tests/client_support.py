@@ -67,7 +67,7 @@ class Twin:
 
 
 @contextlib.asynccontextmanager
-async def open_twin(kind: str, target: str, **options: Any) -> AsyncIterator[Twin]:
+async def open_twin(kind: str, target: str | None, **options: Any) -> AsyncIterator[Twin]:
     if kind == "Client":
         with Client(target, **options) as client:
             yield Twin(client)

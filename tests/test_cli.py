@@ -209,6 +209,52 @@ def test_create_wait_exits_with_how_the_task_ended(conveyor: Callable[..., Run])
     assert "FAILED" in failed.out and "HANDLER_ERROR: disk full" in failed.out
 
 
+def test_create_from_a_file_creates_every_task_in_order(
+    conveyor: Callable[..., Run], client: Client, tmp_path: Path
+) -> None:
+    label = uuid.uuid4().hex
+    lines = [
+        json.dumps({"task_type": "echo", "parameters": {"i": i}, "labels": {"batch": label}})
+        for i in range(3)
+    ]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join([lines[0], "", *lines[1:]]) + "\n")
+    run = conveyor("--json", "create", "--from-file", str(tasks))
+    assert run.code == 0
+    created = run.json_lines()
+    assert [t["parameters"] for t in created] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    listed = [t.task_id for t in client.list(labels={"batch": label})]
+    assert listed == [t["task_id"] for t in created]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"task_type": "echo"}\n[1, 2]\n', "line 2: expected a JSON object"),
+        ('{"task_type": "echo"}\n{oops\n', "line 2:"),
+        ('{"task_type": "echo", "colour": "red"}\n', "unknown keys ['colour']"),
+    ],
+)
+def test_a_bad_task_file_is_a_usage_error_and_creates_nothing(
+    conveyor: Callable[..., Run], client: Client, tmp_path: Path, content: str, message: str
+) -> None:
+    before = client.revision()
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(content)
+    run = conveyor("create", "--from-file", str(tasks))
+    assert run.code == 2
+    assert message in run.err
+    assert client.revision() == before
+
+
+def test_a_task_file_that_is_not_there_is_a_usage_error(
+    conveyor: Callable[..., Run], tmp_path: Path
+) -> None:
+    run = conveyor("create", "--from-file", str(tmp_path / "missing.jsonl"))
+    assert run.code == 2
+    assert "missing.jsonl" in run.err
+
+
 def test_create_with_a_request_id_twice_gives_one_task(conveyor: Callable[..., Run]) -> None:
     request_id = str(uuid.uuid4())
     first = conveyor("--json", "create", "echo", "--request-id", request_id).json_lines()[0]
@@ -338,6 +384,9 @@ def test_watch_and_wait_of_an_unknown_task_exit_not_found(conveyor: Callable[...
         (["watch", str(uuid.uuid4()), "--type", "x"], "go with --all"),
         (["create", "echo", "--wait-timeout", "5"], "goes with --wait or --watch"),
         (["create", "echo", "--wait", "--watch"], "not allowed with"),
+        (["create"], "a task TYPE or --from-file"),
+        (["create", "echo", "--from-file", "tasks.jsonl"], "a task TYPE or --from-file"),
+        (["create", "--from-file", "tasks.jsonl", "--priority", "3"], "go in the file"),
     ],
 )
 def test_options_that_do_not_go_together_are_a_usage_error(

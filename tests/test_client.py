@@ -87,6 +87,42 @@ async def test_create_returns_the_task_as_plain_python(twin: Twin) -> None:
     assert "proto" not in repr(task)
 
 
+async def test_create_many_creates_every_task_in_order(twin: Twin) -> None:
+    labels = unique_labels()
+    specs = [
+        {"task_type": "echo", "parameters": {"i": i}, "labels": labels, "priority": 1 + i % 10}
+        for i in range(1005)  # more than one batch of 1,000
+    ]
+    tasks = await twin.create_many(specs)
+    assert [t.parameters for t in tasks] == [{"i": i} for i in range(1005)]
+    assert [t.priority for t in tasks] == [1 + i % 10 for i in range(1005)]
+    assert len({t.task_id for t in tasks}) == 1005
+    assert len(await twin.list(labels=labels)) == 1005
+
+
+async def test_create_many_with_request_ids_is_idempotent(twin: Twin) -> None:
+    specs = [{"task_type": "echo", "request_id": f"many-{uuid.uuid4()}"} for _ in range(3)]
+    first = await twin.create_many(specs)
+    again = await twin.create_many(specs)
+    assert [t.task_id for t in again] == [t.task_id for t in first]
+
+
+async def test_create_many_refuses_a_bad_task_and_creates_none(twin: Twin) -> None:
+    labels = unique_labels()
+    specs = [{"task_type": "echo", "labels": labels}, {"task_type": "echo", "priority": 99}]
+    with pytest.raises(InvalidArgument) as caught:
+        await twin.create_many(specs)
+    assert [v.field for v in caught.value.field_violations] == ["requests[1].task.priority"]
+    assert await twin.list(labels=labels) == []
+
+
+async def test_create_many_names_an_item_it_cannot_use(twin: Twin) -> None:
+    with pytest.raises(TypeError, match="task 1: unknown keys \\['kind'\\]"):
+        await twin.create_many([{"task_type": "echo"}, {"kind": "echo"}])
+    with pytest.raises(TypeError, match="task 0: no task_type"):
+        await twin.create_many([{"parameters": {}}])
+
+
 async def test_get_returns_the_task_as_it_stands(twin: Twin) -> None:
     task = await twin.create("echo", {"x": [1, 2]})
     ended = await twin.wait(task.task_id)

@@ -22,6 +22,7 @@ from tests.client_support import (
     KINDS,
     Calls,
     direct_stub,
+    first_item,
     open_twin,
     server_record,
     store_revision,
@@ -59,12 +60,16 @@ def end_directly(address: str, task_id: str) -> None:
                 return
 
 
+def wait_directly(address: str, task_id: str) -> None:
+    """Wait, behind the client's back, until the server has ended a task."""
+    with direct_stub(address) as stub:
+        list(stub.Watch(pb.WatchRequest(task_id=task_id), timeout=30))
+
+
 def churn(address: str, changes: int) -> None:
     """Make at least `changes` changes to other tasks, each finished before this returns."""
     for _ in range(changes // 3 + 1):  # an echo makes three: created, running, completed
-        task_id = create_directly(address, "echo")
-        with direct_stub(address) as stub:
-            list(stub.Watch(pb.WatchRequest(task_id=task_id), timeout=30))
+        wait_directly(address, create_directly(address, "echo"))
 
 
 def assert_out_of_history(address: str, task_id: str, revision: int) -> None:
@@ -354,3 +359,45 @@ async def test_list_whose_answer_was_lost_is_retried(
         proxy.drop_next_answer()
         assert [t.task_id for t in await twin.list(labels=labels)] == [task.task_id]
         assert proxy.dropped_answers == 1
+
+
+# -- watch: a reader too slow for the server ----------------------------------------
+
+
+async def test_a_watch_the_server_lets_go_for_reading_slowly_carries_on(
+    kind: str, start_server: StartServer
+) -> None:
+    server = start_server(watch_buffer=50)
+    options = [("grpc.http2.bdp_probe", 0)]  # keep the client's window small, so that it fills
+    if kind == "Client":
+        options.append(("SingleThreadedUnaryStream", 1))  # as the Client's own channel has
+        channel: Any = grpc.insecure_channel(server.address, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(server.address, options=options)
+    async with open_twin(kind, None, channel=channel) as twin:
+        since = store_revision(server.address)
+        stream = twin.client.watch_all(
+            statuses=[TaskStatus.COMPLETED], task_type="echo", since_revision=since
+        )
+        expected = [create_directly(server.address, "echo")]
+        seen = [(await first_item(stream)).task.task_id]
+        # Now the reader stops reading while the changes pile up, until the server lets it go.
+        while server.call(_watchers(server)):
+            assert len(expected) < 5000, "the server never let the slow watcher go"
+            expected.append(create_directly(server.address, "echo", padding="x" * 500))
+            wait_directly(server.address, expected[-1])
+        revisions = []
+        while len(seen) < len(expected):
+            event = await first_item(stream)
+            seen.append(event.task.task_id)
+            revisions.append(event.revision)
+        assert seen == expected  # each one's end, once, in order: no gap, no duplicate
+        assert revisions == sorted(set(revisions))
+    if kind == "Client":
+        channel.close()
+    else:
+        await channel.close()
+
+
+async def _watchers(server: ServerThread) -> int:
+    return server.server.hub.watchers

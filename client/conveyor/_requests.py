@@ -19,6 +19,18 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_HEARTBEAT = 10.0
 MIN_HEARTBEAT, MAX_HEARTBEAT = 0.1, 3600.0  # what the server accepts
 RELIST_PAGE_SIZE = 1000  # the largest page the server gives
+MAX_BATCH = 1000  # the most tasks one BatchCreate takes
+# Keep quiet connections alive through proxies, at the pace the server accepts (see README).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+CREATE_KEYS = frozenset(
+    {"task_type", "parameters", "priority", "timeout_seconds", "max_attempts", "labels"}
+    | {"description", "request_id"}
+)
 
 # The store's revision comes with every List page; one task is the least a page can hold.
 REVISION_REQUEST = pb.ListRequest(page_size=1)
@@ -68,6 +80,33 @@ def create_request(
             raise TypeError(f"parameters must be a dict of JSON values: {error}") from error
     return pb.CreateRequest(
         task=task, request_id=str(uuid.uuid4()) if request_id is None else request_id
+    )
+
+
+def batch_requests(tasks: Iterable[Mapping[str, Any]]) -> list[pb.BatchCreateRequest]:
+    """BatchCreateRequests of at most MAX_BATCH tasks each, from mappings of `create`'s
+    arguments (`task_type` required); each task gets a request_id unless it has one."""
+    requests = [_create_request_of(index, spec) for index, spec in enumerate(tasks)]
+    return [
+        pb.BatchCreateRequest(requests=requests[start : start + MAX_BATCH])
+        for start in range(0, len(requests), MAX_BATCH)
+    ]
+
+
+def _create_request_of(index: int, spec: Mapping[str, Any]) -> pb.CreateRequest:
+    unknown = set(spec) - CREATE_KEYS
+    if unknown or "task_type" not in spec:
+        problem = f"unknown keys {sorted(unknown)}" if unknown else "no task_type"
+        raise TypeError(f"task {index}: {problem}; the keys are those of create()")
+    return create_request(
+        spec["task_type"],
+        spec.get("parameters"),
+        priority=spec.get("priority"),
+        timeout_seconds=spec.get("timeout_seconds"),
+        max_attempts=spec.get("max_attempts"),
+        labels=spec.get("labels"),
+        description=spec.get("description", ""),
+        request_id=spec.get("request_id"),
     )
 
 

@@ -21,7 +21,7 @@ from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream: streams are driven by the
 # thread that reads them rather than by a thread of grpc's own, which fails (a TypeError)
 # when the channel is closed while it still finishes a stream (a watch left early, Ctrl-C).
-_CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1)]
+_CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1), *_requests.KEEPALIVE_OPTIONS]
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -95,6 +95,22 @@ class Client(ClientBase):
         )
         response = self._call(self._stub.Create, request, timeout, retry=bool(request.request_id))
         return Task._from_proto(response.task)
+
+    def create_many(
+        self, tasks: Iterable[Mapping[str, Any]], *, timeout: float | None = None
+    ) -> list[Task]:
+        """Create many tasks, in order; each item holds `create`'s arguments (`task_type` at least).
+
+        They go to the server 1,000 to a BatchCreate, which stores all of a batch or none. Each
+        task gets a request_id unless it has one, so that a batch is retried on UNAVAILABLE
+        without making a task twice. `timeout` bounds each batch's call, retries included.
+        """
+        created: list[Task] = []
+        for request in _requests.batch_requests(tasks):
+            retry = all(one.request_id for one in request.requests)
+            response = self._call(self._stub.BatchCreate, request, timeout, retry=retry)
+            created += (Task._from_proto(task) for task in response.tasks)
+        return created
 
     def get(self, task_id: str, *, timeout: float | None = None) -> Task:
         """The task as it stands. `timeout` bounds the whole call, retries included."""

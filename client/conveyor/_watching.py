@@ -92,8 +92,12 @@ class Watch(abc.ABC, Generic[Item]):
         """The stream ended early (`error` None: it ended cleanly though it should not have).
 
         Returns how long to wait before re-opening it, or raises the error that ends the watch.
+        A watch the server let go because it read too slowly resumes like a broken one.
         """
-        delay = self._backoff.next_delay() if error is None else self._backoff.delay_after(error)
+        if error is None or _too_slow(error):
+            delay = self._backoff.next_delay()
+        else:
+            delay = self._backoff.delay_after(error)
         if delay is None:
             if error is None:
                 raise Unavailable("the server kept ending the watch early")
@@ -113,6 +117,14 @@ class Watch(abc.ABC, Generic[Item]):
 
     def _new_backoff(self) -> Backoff:
         return Backoff(STREAM_RETRY, Deadline(self._reconnect_timeout))
+
+
+def _too_slow(error: grpc.RpcError) -> bool:
+    """The server ended the watch because it fell too far behind (it may resume at once)."""
+    return (
+        error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and from_rpc_error(error).reason == "WATCHER_TOO_SLOW"
+    )
 
 
 class TaskWatch(Watch[Task]):

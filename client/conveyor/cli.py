@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -95,8 +95,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error("watch needs a task ID or --all, not both")
         if args.task_id and (args.status or args.type or args.labels):
             parser.error("watch: --status, --type and --label go with --all")
-    if args.command == "create" and args.wait_timeout and not (args.wait or args.watch):
-        parser.error("create: --wait-timeout goes with --wait or --watch")
+    if args.command == "create":
+        if args.wait_timeout and not (args.wait or args.watch):
+            parser.error("create: --wait-timeout goes with --wait or --watch")
+        if (args.task_type is None) == (args.from_file is None):
+            parser.error("create needs a task TYPE or --from-file, not both")
+        one_task = [args.params, args.json_params, args.labels, args.priority, args.timeout]
+        one_task += [args.max_attempts, args.description, args.request_id, args.wait, args.watch]
+        if args.from_file is not None and any(one_task):
+            parser.error("create --from-file: the options of one task go in the file")
 
 
 def _fail(message: str, code: int) -> int:
@@ -132,6 +139,8 @@ def outcome_code(task: Task | None) -> int:
 
 
 def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.from_file is not None:
+        return _create_many(client, args.from_file, out)
     parameters = {**_json_parameters(args.json_params), **dict(args.params)}
     task = client.create(
         args.task_type,
@@ -153,6 +162,39 @@ def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
     ended = client.wait(task.task_id, timeout=args.wait_timeout)
     out.task(ended)
     return outcome_code(ended)
+
+
+def _create_many(client: Client, source: str, out: Output) -> int:
+    """Create the tasks of a JSON Lines file, one object (create's arguments) a line."""
+    specs = list(_json_lines(source))
+    try:
+        tasks = client.create_many(specs)
+    except TypeError as error:  # an object with a key create() does not take
+        raise UsageError(f"--from-file {source}: {error}") from error
+    out.tasks(tasks)
+    return EXIT_COMPLETED
+
+
+def _json_lines(source: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON Lines file (- for standard input); blank lines are skipped."""
+    try:
+        if source == "-":
+            lines = sys.stdin.readlines()
+        else:
+            with open(source, encoding="utf-8") as file:
+                lines = file.readlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--from-file {source}: {error}") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as error:
+            raise UsageError(f"--from-file {source}, line {number}: {error}") from error
+        if not isinstance(item, dict):
+            raise UsageError(f"--from-file {source}, line {number}: expected a JSON object")
+        yield item
 
 
 def _json_parameters(source: str | None) -> dict[str, Any]:
@@ -337,7 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     create = command("create", _create, "create a task")
-    create.add_argument("task_type", metavar="TYPE", help="the task's type, such as sleep")
+    create.add_argument(
+        "task_type", metavar="TYPE", nargs="?", help="the task's type, such as sleep"
+    )
+    create.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="create many tasks from a JSON Lines FILE (- for stdin): one object a line, with "
+        "the keys task_type, parameters, priority, timeout_seconds, max_attempts, labels, "
+        "description and request_id",
+    )
     create.add_argument(
         "-p",
         "--param",
