@@ -3,7 +3,8 @@
 Each RPC validates its request (nothing changes for a bad one), calls the layer below,
 and turns the known failures into canonical status codes with google.rpc details.
 The method handlers are built here rather than by the generated `add_...Servicer_to_server`
-so that a request whose bytes do not parse gets INVALID_ARGUMENT instead of INTERNAL.
+so that a request whose bytes do not parse gets INVALID_ARGUMENT instead of INTERNAL, and
+so that answers can be put together from tasks encoded once (convert.py) and sent as bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from google.protobuf import duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
-from conveyord.convert import change_to_proto, task_to_proto
+from conveyord.convert import (
+    change_message,
+    list_message,
+    task_message,
+    tasks_message,
+    watch_message,
+)
 from conveyord.hub import EventHub, HubClosed, WatcherTooSlow
 from conveyord.model import Change, ChangeKind, Task
 from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
@@ -34,7 +40,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 ERROR_DOMAIN = "conveyor.v1"
 Request = TypeVar("Request", bound=message.Message)
-Response = TypeVar("Response", bound=message.Message)
 
 
 class MalformedRequest:
@@ -52,42 +57,45 @@ class TaskServiceApi:
         self.store = scheduler.store
         self.hub = hub
 
-    async def create(self, request: pb.CreateRequest) -> pb.CreateResponse:
+    async def create(self, request: pb.CreateRequest) -> bytes:
+        """A CreateResponse."""
         new = validation.create_request(
             request, self.scheduler.registry, self.scheduler.config.default_timeout
         )
         ((task, _),) = await self.scheduler.create([self._record(new)])
-        return pb.CreateResponse(task=task_to_proto(task))
+        return task_message(task)
 
-    async def batch_create(self, request: pb.BatchCreateRequest) -> pb.BatchCreateResponse:
+    async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
+        """A BatchCreateResponse."""
         batch = validation.batch_create_request(
             request, self.scheduler.registry, self.scheduler.config.default_timeout
         )
         created = await self.scheduler.create([self._record(new) for new in batch])
-        return pb.BatchCreateResponse(tasks=[task_to_proto(task) for task, _ in created])
+        return tasks_message(task for task, _ in created)
 
     def _record(self, new: validation.NewTask) -> Task:
         return new.to_task(new_task_id(), self.scheduler.clock())
 
-    async def get(self, request: pb.GetRequest) -> pb.GetResponse:
+    async def get(self, request: pb.GetRequest) -> bytes:
+        """A GetResponse."""
         task_id = validation.task_id(request.task_id)
         task = await self.store.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
-        return pb.GetResponse(task=task_to_proto(task))
+        return task_message(task)
 
-    async def list(self, request: pb.ListRequest) -> pb.ListResponse:
+    async def list(self, request: pb.ListRequest) -> bytes:
+        """A ListResponse."""
         query = validation.list_request(request)
         tasks, revision = await self.store.list(query.filter, query.after_seq, query.page_size)
-        response = pb.ListResponse(tasks=[task_to_proto(t) for t in tasks], revision=revision)
-        if len(tasks) == query.page_size:
-            response.next_page_token = query.next_token(tasks[-1].seq)
-        return response
+        token = query.next_token(tasks[-1].seq) if len(tasks) == query.page_size else ""
+        return list_message(tasks, token, revision)
 
-    async def cancel(self, request: pb.CancelRequest) -> pb.CancelResponse:
+    async def cancel(self, request: pb.CancelRequest) -> bytes:
+        """A CancelResponse."""
         task_id, reason = validation.cancel_request(request)
         task = await self.scheduler.cancel(task_id, reason)
-        return pb.CancelResponse(task=task_to_proto(task))
+        return task_message(task)
 
     async def watch(self, request: pb.WatchRequest) -> AsyncIterator[bytes]:
         """See the Watch RPC in task_service.proto: replay or current state first, then live.
@@ -102,7 +110,7 @@ class TaskServiceApi:
                 task = await self.store.get(task_id)
                 if task is None:
                     raise TaskNotFound(task_id)
-                yield _encode(pb.WATCH_EVENT_TYPE_CURRENT, task_to_proto(task), task.revision)
+                yield watch_message(pb.WATCH_EVENT_TYPE_CURRENT, task, task.revision)
                 if task.terminal:
                     return
                 last = task.revision
@@ -113,7 +121,7 @@ class TaskServiceApi:
                     raise TaskNotFound(task_id)
                 last = query.since_revision
                 for change in changes:
-                    yield encode_change(change)
+                    yield change_message(change)
                     last = change.revision
                     if _ends_watch(query, change):
                         return
@@ -126,21 +134,12 @@ class TaskServiceApi:
                     raise WatcherTooSlow(too_slow.limit, last) from None
                 if delivery is None:
                     revision = max(last, self.hub.revision)
-                    yield _encode(pb.WATCH_EVENT_TYPE_HEARTBEAT, None, revision)
+                    yield watch_message(pb.WATCH_EVENT_TYPE_HEARTBEAT, None, revision)
                 elif delivery.change.revision > last:  # not already sent from the history
-                    yield delivery.encoded(encode_change)
+                    yield delivery.encoded(change_message)
                     last = delivery.change.revision
                     if _ends_watch(query, delivery.change):
                         return
-
-
-def _encode(kind: int, task: task_pb2.TaskResponse | None, revision: int) -> bytes:
-    response = pb.WatchResponse(type=kind, task=task, revision=revision)  # type: ignore[arg-type]
-    return response.SerializeToString()
-
-
-def encode_change(change: Change) -> bytes:
-    return change_to_proto(change).SerializeToString()
 
 
 def new_task_id() -> str:
@@ -240,9 +239,9 @@ def _deserializer(cls: type[Request]) -> Callable[[bytes], Request | MalformedRe
 
 
 def _unary(
-    behaviour: Callable[[Any], Awaitable[Response]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Response:
+    behaviour: Callable[[Any], Awaitable[bytes]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         if isinstance(request, MalformedRequest):
             await context.abort_with_status(_malformed_status(request))
         try:
@@ -258,11 +257,11 @@ def _unary(
 
 
 def _stream(
-    behaviour: Callable[[Any], AsyncIterator[Response]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Response]]:
+    behaviour: Callable[[Any], AsyncIterator[bytes]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
     async def handle(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncIterator[bytes]:
         if isinstance(request, MalformedRequest):
             await context.abort_with_status(_malformed_status(request))
         try:
@@ -278,13 +277,12 @@ def _stream(
 
 
 def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The RPC method handlers of TaskService, by method name."""
+    """The RPC method handlers of TaskService, by method name. Every behaviour answers with
+    its response already encoded, so no response serializer is needed."""
 
-    def unary(behaviour: Callable[[Any], Awaitable[Any]], request: type[message.Message]) -> Any:
+    def unary(behaviour: Callable[[Any], Awaitable[bytes]], request: type[message.Message]) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            _unary(behaviour),
-            request_deserializer=_deserializer(request),
-            response_serializer=lambda response: response.SerializeToString(),
+            _unary(behaviour), request_deserializer=_deserializer(request)
         )
 
     return {
@@ -294,8 +292,6 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
         "List": unary(api.list, pb.ListRequest),
         "Cancel": unary(api.cancel, pb.CancelRequest),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            _stream(api.watch),
-            request_deserializer=_deserializer(pb.WatchRequest),
-            response_serializer=None,  # the stream yields responses already encoded
+            _stream(api.watch), request_deserializer=_deserializer(pb.WatchRequest)
         ),
     }

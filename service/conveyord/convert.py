@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf import timestamp_pb2
 
 from conveyor.protojson import to_value
@@ -56,13 +58,69 @@ def _stamp(timestamp: timestamp_pb2.Timestamp, seconds: float) -> None:
     timestamp.seconds, timestamp.nanos = divmod(round(seconds * 1e9), 1_000_000_000)
 
 
+def encode_task(task: Task) -> bytes:
+    """The task's TaskResponse, serialized: made once per state and kept with it, so that
+    every reader of a state (answers, List pages, watchers) shares one encoding."""
+    if task.wire is None:
+        task.wire = task_to_proto(task).SerializeToString()
+    return task.wire
+
+
+# The responses are put together from encoded tasks rather than built as messages and
+# serialized: a protobuf message is a run of fields, each a key (field number and wire
+# type) and a value, and a sub-message is its encoding prefixed with its length.
+
+
+def task_message(task: Task) -> bytes:
+    """A response whose field 1 is the task: Create-, Get- and CancelResponse."""
+    return _length_delimited(1, encode_task(task))
+
+
+def tasks_message(tasks: Iterable[Task]) -> bytes:
+    """A response whose repeated field 1 is the tasks: BatchCreateResponse."""
+    return b"".join(_length_delimited(1, encode_task(task)) for task in tasks)
+
+
+def list_message(tasks: Iterable[Task], next_page_token: str, revision: int) -> bytes:
+    """A ListResponse: tasks (1), next_page_token (2), revision (3)."""
+    token = _length_delimited(2, next_page_token.encode()) if next_page_token else b""
+    return tasks_message(tasks) + token + _varint_field(3, revision)
+
+
+def watch_message(kind: int, task: Task | None, revision: int) -> bytes:
+    """A WatchResponse: type (1), task (2), revision (3)."""
+    encoded = _length_delimited(2, encode_task(task)) if task is not None else b""
+    return _varint_field(1, kind) + encoded + _varint_field(3, revision)
+
+
+def change_message(change: Change) -> bytes:
+    """The WatchResponse that reports a change."""
+    return watch_message(_EVENT_TYPES[change.kind], change.task, change.revision)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value) if value else b""  # zero is left out
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer in protobuf's base-128 varint encoding."""
+    if value < 0x80:
+        return _SMALL[value]
+    encoded = bytearray()
+    while value >= 0x80:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+_SMALL = [bytes([value]) for value in range(0x80)]
+
 _EVENT_TYPES = {
     ChangeKind.CHANGED: task_service_pb2.WATCH_EVENT_TYPE_CHANGED,
     ChangeKind.REMOVED: task_service_pb2.WATCH_EVENT_TYPE_REMOVED,
 }
-
-
-def change_to_proto(change: Change) -> task_service_pb2.WatchResponse:
-    return task_service_pb2.WatchResponse(
-        type=_EVENT_TYPES[change.kind], task=task_to_proto(change.task), revision=change.revision
-    )

@@ -11,7 +11,7 @@ import enum
 import math
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class TaskStatus(enum.IntEnum):
@@ -95,6 +95,9 @@ class Task:
     cancel_requested_at: float | None = None
     cancel_reason: str = ""
     revision: int = 0
+    # This state's TaskResponse, serialized, once something has needed it (see convert.py):
+    # every reader of the same state (Get, List, watchers) shares one encoding.
+    wire: bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -111,7 +114,8 @@ class Task:
         return copy
 
 
-_all_fields = operator.attrgetter(*(field.name for field in dataclasses.fields(Task)))
+TASK_FIELDS = tuple(field.name for field in dataclasses.fields(Task) if field.init)
+_all_fields = operator.attrgetter(*TASK_FIELDS)
 
 
 class IllegalTransition(Exception):
@@ -147,9 +151,11 @@ class ChangeKind(enum.IntEnum):
     REMOVED = 3
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Change:
-    """One entry of the change history: a task's new state, or its removal, at `revision`."""
+class Change(NamedTuple):
+    """One entry of the change history: a task's new state, or its removal, at `revision`.
+
+    (A named tuple: one is made for every change, and a tuple is the cheapest to make.)
+    """
 
     revision: int
     kind: ChangeKind

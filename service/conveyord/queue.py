@@ -15,19 +15,12 @@ types that have room (the number of types is small and does not grow with the qu
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 from collections.abc import Callable
 
-
-@dataclasses.dataclass(order=True, slots=True)
-class _Entry:
-    key: float
-    order: int
-    task_id: str = dataclasses.field(compare=False)
-    task_type: str = dataclasses.field(compare=False)
-    live: bool = dataclasses.field(default=True, compare=False)
+# A heap entry: (key, arrival, task_id); tuples compare in C, which keeps the heap cheap.
+_Entry = tuple[float, int, str]
 
 
 class ReadyQueue:
@@ -37,44 +30,40 @@ class ReadyQueue:
         """`aging_rate` is in priority levels per second of waiting (0 means strict priority)."""
         self._aging_rate = aging_rate
         self._heaps: dict[str, list[_Entry]] = {}
-        self._entries: dict[str, _Entry] = {}
-        self._order = itertools.count()
+        self._arrivals: dict[str, int] = {}  # queued task -> the arrival of its live entry
+        self._next_arrival = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._arrivals)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._entries
+        return task_id in self._arrivals
 
     def push(self, task_id: str, task_type: str, priority: int, queued_at: float) -> None:
         """Queue a task; `queued_at` is a monotonic time in seconds."""
-        entry = _Entry(
-            self._aging_rate * queued_at - priority, next(self._order), task_id, task_type
-        )
-        self._entries[task_id] = entry
+        arrival = next(self._next_arrival)
+        self._arrivals[task_id] = arrival
+        entry = (self._aging_rate * queued_at - priority, arrival, task_id)
         heapq.heappush(self._heaps.setdefault(task_type, []), entry)
 
     def discard(self, task_id: str) -> bool:
-        """Take a task out of the queue; False if it was not queued."""
-        entry = self._entries.pop(task_id, None)
-        if entry is None:
-            return False
-        entry.live = False  # removed from its heap lazily, when it reaches the top
-        return True
+        """Take a task out of the queue; False if it was not queued. Its entry stays in its
+        heap, dead, until it reaches the top."""
+        return self._arrivals.pop(task_id, None) is not None
 
     def pop(self, has_room: Callable[[str], bool]) -> tuple[str, str] | None:
         """The next (task_id, type) among the types for which `has_room(type)`, or None."""
         best: list[_Entry] | None = None
+        best_type = ""
         for task_type, heap in list(self._heaps.items()):
-            while heap and not heap[0].live:
-                heapq.heappop(heap)
+            while heap and self._arrivals.get(heap[0][2]) != heap[0][1]:
+                heapq.heappop(heap)  # a dead entry
             if not heap:
                 del self._heaps[task_type]
-                continue
-            if has_room(task_type) and (best is None or heap[0] < best[0]):
-                best = heap
+            elif has_room(task_type) and (best is None or heap[0] < best[0]):
+                best, best_type = heap, task_type
         if best is None:
             return None
-        entry = heapq.heappop(best)
-        del self._entries[entry.task_id]
-        return entry.task_id, entry.task_type
+        _, _, task_id = heapq.heappop(best)
+        del self._arrivals[task_id]
+        return task_id, best_type

@@ -102,13 +102,16 @@ class NewTask:
         task = request.task
         self.task_type = task.task_type
         self.description = task.description
-        self.parameters: dict[str, Any] = struct_to_dict(task.parameters)
+        # (Protobuf maps iterate slowly; most tasks have no labels, many no parameters.)
+        self.parameters: dict[str, Any] = (
+            struct_to_dict(task.parameters) if task.parameters.fields else {}
+        )
         self.priority = task.priority if task.HasField("priority") else DEFAULT_PRIORITY
         self.timeout_seconds = (
             task.timeout_seconds if task.HasField("timeout_seconds") else default_timeout
         )
         self.max_attempts = task.max_attempts if task.HasField("max_attempts") else 1
-        self.labels = dict(task.labels)
+        self.labels = dict(task.labels) if task.labels else {}
         self.request_id = request.request_id
         self.request_hash = hashlib.sha256(task.SerializeToString(deterministic=True)).digest()
 
@@ -200,6 +203,8 @@ def _create(
 
 
 def _labels(checker: _Checker, labels: Any, field: str) -> None:
+    if not labels:
+        return
     if len(labels) > MAX_LABELS:
         checker.fail(field, f"has {len(labels)} labels; at most {MAX_LABELS} are allowed")
     for key, value in labels.items():

@@ -13,6 +13,8 @@ from typing import Protocol
 from conveyord.model import Change, Task, TaskFilter
 
 ChangeListener = Callable[[Change], None]
+# Given a task's latest state, returns its next state, made with `Task.evolve` (a record no
+# one else holds yet: the store stamps its revision on it), or None for no change.
 Mutation = Callable[[Task], Task | None]
 
 
@@ -61,7 +63,7 @@ class TaskStore(Protocol):
         self, tasks: Sequence[Task], admit: Callable[[int], None]
     ) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, and return each with its revision, its `seq`, and
-        `True`.
+        `True`. The records given become the store's (it stamps their seq and revision).
 
         A task whose (owner, request_id) is already known is not stored again: the task
         first created with it comes back with `False`; if that task was created from a

@@ -16,7 +16,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
@@ -76,7 +75,8 @@ class MemoryStore:
         for task, first in zip(tasks, known, strict=True):
             if first is None:
                 self._last_seq += 1
-                changes.append(self._stage(ChangeKind.CHANGED, task, seq=self._last_seq))
+                task.seq = self._last_seq
+                changes.append(self._stage(ChangeKind.CHANGED, task))
                 if task.request_id:
                     self._request_ids[(task.owner, task.request_id)] = task.task_id
         for first in known:
@@ -105,7 +105,7 @@ class MemoryStore:
         if current is None:
             raise TaskNotFound(task_id)
         new = mutation(current)
-        if new is None:
+        if new is None or new is current:
             await self._settled(task_id)
             return current
         change = self._stage(ChangeKind.CHANGED, new)
@@ -124,11 +124,15 @@ class MemoryStore:
             await self._persist(changes)
         return len(changes)
 
-    def _stage(self, kind: ChangeKind, task: Task, **changes: Any) -> Change:
-        """Give a change the next revision and apply it to the working view."""
+    def _stage(self, kind: ChangeKind, task: Task) -> Change:
+        """Give a change the next revision and apply it to the working view.
+
+        A CHANGED task is a new record that no one else holds yet (from `create`, or made by a
+        mutation with `evolve`): it is stamped with its revision in place, rather than copied.
+        """
         self._staged_revision += 1
         if kind is ChangeKind.CHANGED:
-            task = task.evolve(revision=self._staged_revision, **changes)
+            task.revision = self._staged_revision
             self._working[task.task_id] = task
         else:
             del self._working[task.task_id]

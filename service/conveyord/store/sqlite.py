@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from conveyord.model import Change, ChangeKind, Task, TaskError, TaskStatus
+from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskStatus
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -275,12 +274,9 @@ class SqliteStore(MemoryStore):
         self._writer.shutdown(wait=True)
 
 
-_TASK_FIELDS = tuple(field.name for field in dataclasses.fields(Task))
-
-
 def _encode(task: Task) -> str:
     """A task as a JSON object of its fields."""
-    record: dict[str, Any] = {name: getattr(task, name) for name in _TASK_FIELDS}
+    record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
     record["status"] = int(task.status)
     record["request_hash"] = task.request_hash.hex()
     record["error"] = [task.error.code, task.error.message] if task.error else None
@@ -292,4 +288,4 @@ def _decode(data: str) -> Task:
     record["status"] = TaskStatus(record["status"])
     record["request_hash"] = bytes.fromhex(record["request_hash"])
     record["error"] = TaskError(*record["error"]) if record["error"] else None
-    return Task(**{name: record[name] for name in _TASK_FIELDS if name in record})
+    return Task(**{name: record[name] for name in TASK_FIELDS if name in record})

@@ -1,0 +1,94 @@
+"""Answers put together from encoded tasks are exactly what protobuf would have serialized."""
+
+from __future__ import annotations
+
+import pytest
+
+from conveyor.v1 import task_service_pb2 as pb
+from conveyord.convert import (
+    _varint,
+    change_message,
+    encode_task,
+    list_message,
+    task_message,
+    task_to_proto,
+    tasks_message,
+    watch_message,
+)
+from conveyord.model import Change, ChangeKind, TaskError, TaskStatus
+from tests.test_store import new_task
+
+TASKS = [
+    new_task(),
+    new_task(
+        parameters={"deep": {"list": [1, "two", None]}},
+        labels={"a": "b"},
+        revision=2**40,
+        status=TaskStatus.FAILED,
+        error=TaskError("HANDLER_ERROR", "boom"),
+        started_at=2.5,
+        finished_at=3.25,
+        progress=0.5,
+        progress_detail={"step": 3},
+        attempt=2,
+        max_attempts=3,
+        description="x" * 300,
+    ),
+    new_task(status=TaskStatus.COMPLETED, result=[1, {"a": True}], revision=127),
+]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_task_answer_is_the_serialized_response(task: object) -> None:
+    proto = task_to_proto(task)  # type: ignore[arg-type]
+    assert task_message(task) == pb.GetResponse(task=proto).SerializeToString()  # type: ignore[arg-type]
+    assert task_message(task) == pb.CreateResponse(task=proto).SerializeToString()  # type: ignore[arg-type]
+
+
+def test_a_batch_answer_is_the_serialized_response() -> None:
+    expected = pb.BatchCreateResponse(tasks=[task_to_proto(t) for t in TASKS])
+    assert tasks_message(TASKS) == expected.SerializeToString()
+
+
+@pytest.mark.parametrize(("token", "revision"), [("", 0), ("eyJhZnRlciI6IDN9", 300), ("t", 1)])
+def test_a_list_page_is_the_serialized_response(token: str, revision: int) -> None:
+    expected = pb.ListResponse(
+        tasks=[task_to_proto(t) for t in TASKS], next_page_token=token, revision=revision
+    )
+    assert list_message(TASKS, token, revision) == expected.SerializeToString()
+
+
+def test_watch_responses_are_the_serialized_responses() -> None:
+    task = TASKS[1]
+    change = Change(2**40, ChangeKind.CHANGED, task, 0.0)
+    removed = Change(2**40 + 1, ChangeKind.REMOVED, task, 0.0)
+    for message, expected in [
+        (
+            change_message(change),
+            pb.WatchResponse(type=2, task=task_to_proto(task), revision=2**40),
+        ),
+        (
+            change_message(removed),
+            pb.WatchResponse(type=3, task=task_to_proto(task), revision=2**40 + 1),
+        ),
+        (
+            watch_message(pb.WATCH_EVENT_TYPE_HEARTBEAT, None, 5),
+            pb.WatchResponse(type=4, revision=5),
+        ),
+    ]:
+        assert message == expected.SerializeToString()
+
+
+def test_a_task_state_is_encoded_once_and_a_new_state_anew() -> None:
+    task = new_task()
+    first = encode_task(task)
+    assert encode_task(task) is first
+    changed = task.evolve(progress=0.5)
+    assert changed.wire is None
+    assert pb.GetResponse.FromString(task_message(changed)).task.progress == 0.5
+
+
+@pytest.mark.parametrize("value", [1, 127, 128, 300, 2**31, 2**63 - 1])
+def test_varints_are_protobufs(value: int) -> None:
+    revision_key = b"\x18"  # field 3, varint
+    assert revision_key + _varint(value) == pb.ListResponse(revision=value).SerializeToString()
