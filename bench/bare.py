@@ -5,8 +5,8 @@ the same machine, in a process of its own, so that it holds however noisy the ma
 
     python -m bench.bare   (prints "port N" once it listens)
 
-`Unary` answers an empty message. `Stream` says "ready", then sends an empty message each
-time `Publish` is called, to every open stream: the least a fan-out can do.
+`Unary` answers an empty message. `Stream` says "ready", then sends every open stream what
+`Publish` is given, as it is: the least a fan-out can do.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Bare:
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
         for queue in self.streams:
-            queue.put_nowait(b"")
+            queue.put_nowait(request)
         return b""
 
     async def stream(

@@ -84,9 +84,18 @@ def bare() -> contextlib.AbstractAsyncContextManager[Process]:
     return server_process("-m", "bench.bare")
 
 
+def stalled_watchers(
+    address: str, count: int, since_revision: int | None = None
+) -> contextlib.AbstractAsyncContextManager[Process]:
+    """A process with `count` streams to `address` that it has stopped reading."""
+    args = [address, str(count)] + ([] if since_revision is None else [str(since_revision)])
+    return server_process("-m", "bench.stalled", *args, ready=r"\(stalled \d+\)")
+
+
 @contextlib.asynccontextmanager
-async def server_process(*args: str) -> AsyncIterator[Process]:
-    """A Python server process that logs "(port N)" once it listens."""
+async def server_process(*args: str, ready: str = r"\(port (\d+)\)") -> AsyncIterator[Process]:
+    """A Python process that logs a line matching `ready` once it is ready (a server: its
+    port, which gives the address)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = await asyncio.create_subprocess_exec(
         sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE
@@ -97,8 +106,8 @@ async def server_process(*args: str) -> AsyncIterator[Process]:
         line = (await process.stderr.readline()).decode()
         if not line:
             raise RuntimeError(f"{' '.join(args)} did not start")
-        if match := re.search(r"\(port (\d+)\)", line):
-            address = f"127.0.0.1:{match.group(1)}"
+        if match := re.search(ready, line):
+            address = f"127.0.0.1:{match.group(1)}" if match.groups() else ""
     drain = asyncio.create_task(process.stderr.read())
     try:
         yield Process(address, process.pid)
