@@ -66,21 +66,23 @@ async def test_a_change_is_encoded_once_for_all_its_watchers() -> None:
 
 
 async def test_a_lagging_watcher_gets_the_latest_state_of_each_task_and_every_end() -> None:
-    hub = EventHub(buffer=4)
+    hub = EventHub(buffer=6)
     watcher = hub.subscribe(TaskFilter())
     hub.publish(_change(1, "a"))
     hub.publish(_change(2, "b"))
     hub.publish(_change(3, "a", progress=0.5))
     hub.publish(_change(4, "b", TaskStatus.COMPLETED))
-    hub.publish(_change(5, "b", TaskStatus.COMPLETED, message="again"))  # 5 > 4: coalesced
-    assert await _drain(watcher) == [3, 4, 5]
+    hub.publish(_change(5, "b", TaskStatus.COMPLETED, message="again"))
+    hub.publish(_change(6, "a", progress=0.7))
+    hub.publish(_change(7, "a", progress=0.9))  # 7 > 6: coalesced to 3, half the buffer
+    assert await _drain(watcher) == [4, 5, 7]
 
 
 async def test_a_watcher_still_too_far_behind_is_cut_loose() -> None:
-    hub = EventHub(buffer=3)
+    hub = EventHub(buffer=6)
     slow = hub.subscribe(TaskFilter())
     fast = hub.subscribe(TaskFilter(task_id="t0"))
-    for number in range(5):
+    for number in range(7):  # seven tasks: coalescing keeps all seven, more than half
         hub.publish(_change(number + 1, f"t{number}"))
     with pytest.raises(WatcherTooSlow):
         await slow.next(0.01)

@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch-buffer",
         "CONVEYORD_WATCH_BUFFER",
         "changes a watcher may fall behind before they are coalesced to the latest state of "
-        "each task; a watcher still that far behind is ended (RESOURCE_EXHAUSTED) to resume",
+        "each task; a watcher still more than half that far behind is ended "
+        "(RESOURCE_EXHAUSTED) to resume",
         type=_positive(int),
         default=DEFAULT_WATCH_BUFFER,
     )

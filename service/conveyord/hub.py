@@ -8,8 +8,10 @@ nothing for watchers of other tasks. Each change is handed to every watcher as o
 
 A slow watcher never holds anything else up. Its buffer is bounded: when it holds more
 than `limit` changes, they are coalesced to the latest change of each task (a terminal
-state is never dropped); if that is still more than `limit`, the watcher is cut loose
-(`WatcherTooSlow`) and resumes from the last revision it received.
+state is never dropped); if that still fills more than half of it, the watcher is cut
+loose (`WatcherTooSlow`) and resumes from the last revision it received. Half, so that
+coalescing happens at most once every `limit / 2` changes rather than on every one.
+Changes are shared: a buffered change costs a watcher one reference, not a copy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 from conveyord.model import Change, ChangeKind, TaskFilter
 
-DEFAULT_WATCH_BUFFER = 10_000
+DEFAULT_WATCH_BUFFER = 1_000
 
 
 class HubClosed(Exception):
@@ -76,7 +78,7 @@ class Subscription:
 
     def _coalesce(self) -> None:
         """Keep the latest change of each task and every terminal state; give up on the
-        watcher if that is still too many."""
+        watcher if that still fills more than half the buffer."""
         latest = {d.change.task.task_id: d for d in self._pending}
         kept = deque(
             d
@@ -84,7 +86,7 @@ class Subscription:
             if latest[d.change.task.task_id] is d
             or (d.change.kind is ChangeKind.CHANGED and d.change.task.terminal)
         )
-        if len(kept) > self.limit:
+        if len(kept) > self.limit // 2:
             self._too_slow = True
             self._pending.clear()
         else:

@@ -112,14 +112,14 @@ class TaskServiceStub:
     Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
     a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
-    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 1,000
     changes unless configured). When a watcher that reads slowly lets it fill, the changes
     waiting for it are coalesced: it gets the latest state of each task, and every
     terminal state; intermediate states of a task may be skipped, never its end. A
-    watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
-    (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
-    and resumes from there with `since_revision`. A slow watcher never slows the server
-    or the other watchers.
+    watcher whose coalesced changes still fill more than half its buffer is ended with
+    RESOURCE_EXHAUSTED (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last
+    revision it was sent), and resumes from there with `since_revision`. A slow watcher
+    never slows the server or the other watchers.
 
     Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
     heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
@@ -211,14 +211,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
     a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
-    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+    Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 1,000
     changes unless configured). When a watcher that reads slowly lets it fill, the changes
     waiting for it are coalesced: it gets the latest state of each task, and every
     terminal state; intermediate states of a task may be skipped, never its end. A
-    watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
-    (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
-    and resumes from there with `since_revision`. A slow watcher never slows the server
-    or the other watchers.
+    watcher whose coalesced changes still fill more than half its buffer is ended with
+    RESOURCE_EXHAUSTED (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last
+    revision it was sent), and resumes from there with `since_revision`. A slow watcher
+    never slows the server or the other watchers.
 
     Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
     heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
@@ -343,14 +343,14 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         Heartbeats: when nothing has been sent for `heartbeat_interval` (default 15 s),
         a HEARTBEAT carrying the latest revision is sent, which is a safe point to resume from.
 
-        Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 10,000
+        Slow watchers: each watcher has a bounded buffer (the server's watch buffer, 1,000
         changes unless configured). When a watcher that reads slowly lets it fill, the changes
         waiting for it are coalesced: it gets the latest state of each task, and every
         terminal state; intermediate states of a task may be skipped, never its end. A
-        watcher that is still too far behind after that is ended with RESOURCE_EXHAUSTED
-        (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last revision it was sent),
-        and resumes from there with `since_revision`. A slow watcher never slows the server
-        or the other watchers.
+        watcher whose coalesced changes still fill more than half its buffer is ended with
+        RESOURCE_EXHAUSTED (reason WATCHER_TOO_SLOW, metadata `resume_revision`, the last
+        revision it was sent), and resumes from there with `since_revision`. A slow watcher
+        never slows the server or the other watchers.
 
         Codes: OK (the watched task ended); INVALID_ARGUMENT (a bad task_id, filter or
         heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
