@@ -16,7 +16,7 @@ from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 BATCH = 1000
 
 
-def _batch() -> pb.BatchCreateRequest:
+def batch_request() -> pb.BatchCreateRequest:
     task = task_pb2.TaskRequest(task_type="parked")
     return pb.BatchCreateRequest(
         requests=[pb.CreateRequest(task=task, request_id=str(uuid.uuid4())) for _ in range(BATCH)]
@@ -25,7 +25,7 @@ def _batch() -> pb.BatchCreateRequest:
 
 async def run(quick: bool) -> dict[str, Any]:
     batches = 10 if quick else 60
-    requests = [_batch() for _ in range(batches + 2)]
+    requests = [batch_request() for _ in range(batches + 2)]
     async with (
         conveyord(*PARKED) as server,
         grpc.aio.insecure_channel(server.address) as channel,

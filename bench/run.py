@@ -1,6 +1,6 @@
 """Run the benchmarks, print their tables, and write the figures to bench/results/latest.json.
 
-python -m bench.run [--quick]
+python -m bench.run [--quick] [--only SECTION ...]
 """
 
 from __future__ import annotations
@@ -65,5 +65,7 @@ if __name__ == "__main__":
     figures = asyncio.run(main(args.quick, args.only))
     print(f"\nmachine: {figures['machine']}")
     if not args.quick:
+        if args.only and RESULTS.exists():  # the other sections keep their latest figures
+            figures = {**json.loads(RESULTS.read_text()), **figures}
         RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"written to {RESULTS}")
