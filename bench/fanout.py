@@ -64,13 +64,8 @@ class Watchers:
                     self.times.append(time.perf_counter())
                     if len(self.times) >= self._target:
                         self._all_in.set()
-            raise RuntimeError("a stream ended")
-        except asyncio.CancelledError:
-            raise
+            self._end(RuntimeError("the server ended it"))
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED or self._ended is None:
-                self._end(error)
-        except RuntimeError as error:
             self._end(error)
 
     def _end(self, error: BaseException) -> None:

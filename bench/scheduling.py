@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -196,4 +197,5 @@ def table(results: dict[str, Any]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR)  # the attempt stopped at the end is expected
     print(json.dumps(asyncio.run(probe(int(sys.argv[1])))))
