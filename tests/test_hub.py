@@ -90,6 +90,15 @@ async def test_a_watcher_still_too_far_behind_is_cut_loose() -> None:
     assert await _drain(fast) == [1]
 
 
+async def test_coalesced_changes_that_still_fill_half_the_buffer_cut_the_watcher_loose() -> None:
+    hub = EventHub(buffer=6)
+    slow = hub.subscribe(TaskFilter())
+    for number, task_id in enumerate(["a", "b", "c", "d", "a", "b", "c"], start=1):
+        hub.publish(_change(number, task_id))  # coalesced at the 7th: 4 tasks, over 3
+    with pytest.raises(WatcherTooSlow):
+        await slow.next(0.01)
+
+
 async def test_closing_the_hub_ends_watchers_after_what_they_have() -> None:
     hub = EventHub()
     watcher = hub.subscribe(TaskFilter())
