@@ -28,6 +28,7 @@ import pytest
 
 from conveyor import Client, TaskStatus
 from conveyor.cli import main
+from conveyord import api
 from tests.client_support import Calls, closed_port_address
 from tests.conftest import ServerThread
 
@@ -348,6 +349,69 @@ def test_cancel_of_a_task_that_completed_is_another_error(
     run = conveyor("cancel", task.task_id)
     assert run.code == 7
     assert "already ended" in run.err
+
+
+# -- IDs given by their start ------------------------------------------------------
+
+
+def test_every_command_takes_the_start_of_a_task_id(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("report_then_wait", {"seconds": 30})
+    short = task.task_id[:8]  # as the progress bar shows it
+    shown = conveyor("--json", "get", short)
+    assert shown.code == 0
+    assert shown.json_lines()[0]["task_id"] == task.task_id
+    for given in (task.task_id[:4], short.upper(), task.task_id[:9], task.task_id[:-1]):
+        assert task.task_id in conveyor("get", given).out
+    cancelled = conveyor("--json", "cancel", short, "--reason", "by its prefix")
+    assert cancelled.code == 0
+    assert cancelled.json_lines()[0]["task_id"] == task.task_id
+    waited = conveyor("--json", "wait", short)
+    assert waited.code == 3
+    assert waited.json_lines()[-1]["task_id"] == task.task_id
+    watched = conveyor("watch", short)
+    assert watched.code == 3
+    assert watched.out.splitlines()[-1] == "CANCELLED: by its prefix"
+
+
+def test_the_start_of_an_id_that_several_tasks_have_is_a_usage_error(
+    conveyor: Callable[..., Run], client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Have the server give out ids that start alike, as some ids do by chance among many.
+    random_id = api.new_task_id
+    monkeypatch.setattr(api, "new_task_id", lambda: "0ddba11" + random_id()[7:])
+    first, second = client.create("echo"), client.create("echo")
+    for command in ("get", "cancel", "watch", "wait"):
+        run = conveyor(command, "0DDBA11")
+        assert (run.code, run.out) == (2, "")
+        assert "0ddba11 is ambiguous" in run.err
+        assert first.task_id in run.err and second.task_id in run.err
+    assert client.get(first.task_id).status is not TaskStatus.CANCELLED
+    assert client.get(second.task_id).status is not TaskStatus.CANCELLED
+    longer = conveyor("--json", "wait", first.task_id[:-1])  # more of the id is unique again
+    assert (longer.code, longer.json_lines()[-1]["task_id"]) == (0, first.task_id)
+
+
+def test_the_start_of_an_id_that_no_task_has_is_not_found(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("echo")
+    other = ("1" if task.task_id[0] != "1" else "2") + task.task_id[1:8]
+    for command in ("get", "cancel", "watch", "wait"):
+        run = conveyor(command, other)
+        assert (run.code, run.out) == (4, "")
+        assert "not found" in run.err and other in run.err
+
+
+@pytest.mark.parametrize("given", ["1", "abc", "xyz!", "0ddba11g", "0" * 37])
+def test_what_is_neither_an_id_nor_its_start_is_a_usage_error(
+    conveyor: Callable[..., Run], given: str
+) -> None:
+    for command in ("get", "cancel", "watch", "wait"):
+        run = conveyor(command, given)
+        assert (run.code, run.out) == (2, "")
+        assert "is not a task id, nor the first 4 or more characters of one" in run.err
 
 
 # -- watch, wait --------------------------------------------------------------------

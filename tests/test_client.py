@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import threading
 import uuid
@@ -193,6 +194,34 @@ async def test_list_follows_the_page_tokens_and_keeps_the_filters(twin: Twin) ->
     assert len(await twin.list(labels=labels, statuses=[TaskStatus.COMPLETED])) == 7
     assert await twin.list(labels=labels, statuses=[TaskStatus.RUNNING]) == []
     assert await twin.list(labels=labels, task_type="sleep") == []
+
+
+async def test_list_and_watch_all_filter_by_the_start_of_the_task_id(twin: Twin) -> None:
+    since = await twin.revision()
+    ids = [(await twin.create("echo")).task_id for _ in range(17)]
+    # 17 ids, 16 hex digits: at least two start with the most common first digit.
+    shared = collections.Counter(task_id[0] for task_id in ids).most_common(1)[0][0]
+    expected = [task_id for task_id in ids if task_id.startswith(shared)]
+    assert len(expected) >= 2
+    listed = await twin.list(task_id_prefix=shared, page_size=1)
+    assert [task.task_id for task in listed] == expected
+    assert [task.task_id for task in await twin.list(task_id_prefix=ids[0][:8].upper())] == [
+        task_id for task_id in ids if task_id.startswith(ids[0][:8])
+    ]
+    ended: set[str] = set()
+
+    def until_all_end(event: conveyor.TaskEvent) -> bool:
+        if event.task.status.terminal:
+            ended.add(event.task.task_id)
+        return ended == set(expected)
+
+    events = await twin.collect(
+        "watch_all", task_id_prefix=shared, since_revision=since, each=until_all_end
+    )
+    assert {event.task.task_id for event in events} == set(expected)
+    with pytest.raises(InvalidArgument) as caught:
+        await twin.list(task_id_prefix="xyz!")
+    assert [v.field for v in caught.value.field_violations] == ["filter.task_id_prefix"]
 
 
 async def test_the_revision_rises_with_every_change(twin: Twin) -> None:

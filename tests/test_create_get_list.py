@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 
 import grpc
@@ -20,6 +21,7 @@ from tests.support import (
     RUNNING,
     create,
     error_reason,
+    field_violations,
     final,
     revision,
     task_request,
@@ -176,6 +178,85 @@ async def test_a_page_token_belongs_to_its_filter(stub: TaskServiceStub) -> None
         await stub.List(other)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "different filter" in caught.value.details()
+
+
+async def created_ids(stub: TaskServiceStub, count: int) -> list[str]:
+    return [(await create(stub, "sleep", {"seconds": 0})).task_id for _ in range(count)]
+
+
+def shared_first_digit(ids: list[str]) -> str:
+    """The first hex digit that most of the ids start with; of 17 ids or more (there are
+    16 digits), at least two start with it."""
+    return collections.Counter(task_id[0] for task_id in ids).most_common(1)[0][0]
+
+
+async def test_list_filters_by_the_start_of_the_task_id(stub: TaskServiceStub) -> None:
+    ids = await created_ids(stub, 17)
+    shared = shared_first_digit(ids)
+    hex_pairs = (a + b for a in "0123456789abcdef" for b in "0123456789abcdef")
+    unused = next(pair for pair in hex_pairs if not any(i.startswith(pair) for i in ids))
+
+    async def listed(prefix: str, **filter_fields: object) -> list[str]:
+        task_filter = TaskFilter(task_id_prefix=prefix, **filter_fields)
+        page = await stub.List(pb.ListRequest(filter=task_filter, page_size=1000))
+        return [t.task_id for t in page.tasks]
+
+    assert len(await listed(shared)) >= 2
+    for prefix in (shared, ids[0][:8], ids[0][:9], ids[-1][:13], ids[0], unused, "-"):
+        assert await listed(prefix) == [i for i in ids if i.startswith(prefix)], prefix
+    assert await listed(ids[0][:8].upper()) == await listed(ids[0][:8])  # ids are lower case
+    assert await listed(ids[0]) == [ids[0]]
+    assert await listed(unused) == []
+    assert await listed(ids[0], task_type="echo") == []  # every field that is set must match
+    assert await listed(ids[0], task_type="sleep") == [ids[0]]
+
+
+@pytest.mark.parametrize("prefix", ["xyz!", "0ddba11g", "0ddba11 ", "0" * 37])
+async def test_a_bad_task_id_prefix_is_invalid_argument(stub: TaskServiceStub, prefix: str) -> None:
+    task_filter = TaskFilter(task_id_prefix=prefix)
+    with pytest.raises(grpc.aio.AioRpcError) as listing:
+        await stub.List(pb.ListRequest(filter=task_filter))
+    with pytest.raises(grpc.aio.AioRpcError) as watching:
+        async for _ in stub.Watch(pb.WatchRequest(filter=task_filter)):
+            pass
+    for caught in (listing, watching):
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(field_violations(caught.value)) == ["filter.task_id_prefix"]
+
+
+async def test_pages_of_a_task_id_prefix_hold_its_tasks_and_their_tokens_keep_it(
+    stub: TaskServiceStub,
+) -> None:
+    ids = await created_ids(stub, 33)
+    shared = shared_first_digit(ids)  # 33 ids, 16 digits: at least three start with it
+    expected = [i for i in ids if i.startswith(shared)]
+    assert len(expected) >= 3
+    seen: list[str] = []
+    token = ""
+    while True:
+        request = pb.ListRequest(
+            filter=TaskFilter(task_id_prefix=shared), page_size=1, page_token=token
+        )
+        page = await stub.List(request)
+        seen.extend(t.task_id for t in page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+        for other in (TaskFilter(), TaskFilter(task_id_prefix=shared + "0")):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.List(pb.ListRequest(filter=other, page_size=1, page_token=token))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "different filter" in caught.value.details()
+    assert seen == expected
+    unfiltered = await stub.List(pb.ListRequest(page_size=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        request = pb.ListRequest(
+            filter=TaskFilter(task_id_prefix=shared),
+            page_size=1,
+            page_token=unfiltered.next_page_token,
+        )
+        await stub.List(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_list_reports_the_store_revision(stub: TaskServiceStub) -> None:

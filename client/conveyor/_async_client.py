@@ -123,16 +123,18 @@ class AsyncClient(ClientBase):
         statuses: Iterable[TaskStatus] | None = None,
         task_type: str | None = None,
         labels: Mapping[str, str] | None = None,
+        task_id_prefix: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[Task]:
         """Every task that matches, oldest first, fetched a page at a time as you iterate.
 
         A task matches when its status is one of `statuses` (any, if None), its type is
-        `task_type` and it carries all of `labels`. `timeout` bounds the call for each
-        page, retries included.
+        `task_type`, it carries all of `labels` and its id starts with `task_id_prefix`
+        (hex digits and '-', in either case). `timeout` bounds the call for each page,
+        retries included.
         """
-        task_filter = _requests.task_filter(statuses, task_type, labels)
+        task_filter = _requests.task_filter(statuses, task_type, labels, task_id_prefix)
         async for page in self._pages(_requests.list_request(task_filter, page_size), timeout):
             for task in page.tasks:
                 yield Task._from_proto(task)
@@ -173,6 +175,7 @@ class AsyncClient(ClientBase):
         statuses: Iterable[TaskStatus] | None = None,
         task_type: str | None = None,
         labels: Mapping[str, str] | None = None,
+        task_id_prefix: str | None = None,
         since_revision: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[TaskEvent]:
@@ -185,7 +188,9 @@ class AsyncClient(ClientBase):
         """
         if since_revision is None:
             since_revision = await self.revision(timeout=timeout)
-        watch = self._all_tasks_watch(statuses, task_type, labels, since_revision, timeout)
+        watch = self._all_tasks_watch(
+            statuses, task_type, labels, task_id_prefix, since_revision, timeout
+        )
         async for event in self._follow(watch):
             yield event
 

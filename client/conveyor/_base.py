@@ -49,10 +49,11 @@ class ClientBase:
         statuses: Iterable[TaskStatus] | None,
         task_type: str | None,
         labels: Mapping[str, str] | None,
+        task_id_prefix: str | None,
         since_revision: int,
         timeout: float | None,
     ) -> AllTasksWatch:
-        task_filter = _requests.task_filter(statuses, task_type, labels)
+        task_filter = _requests.task_filter(statuses, task_type, labels, task_id_prefix)
         return AllTasksWatch(task_filter, since_revision, self._watch_settings(timeout))
 
     def _polling(

@@ -114,11 +114,13 @@ def task_filter(
     statuses: Iterable[TaskStatus] | None,
     task_type: str | None,
     labels: Mapping[str, str] | None,
+    task_id_prefix: str | None = None,
 ) -> task_pb2.TaskFilter:
     return task_pb2.TaskFilter(
         statuses=[task_pb2.TaskStatus.ValueType(TaskStatus(s)) for s in statuses or ()],
         task_type=task_type or "",
         labels=labels,
+        task_id_prefix=task_id_prefix or "",
     )
 
 

@@ -124,16 +124,18 @@ class Client(ClientBase):
         statuses: Iterable[TaskStatus] | None = None,
         task_type: str | None = None,
         labels: Mapping[str, str] | None = None,
+        task_id_prefix: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
     ) -> Iterator[Task]:
         """Every task that matches, oldest first, fetched a page at a time as you iterate.
 
         A task matches when its status is one of `statuses` (any, if None), its type is
-        `task_type` and it carries all of `labels`. `timeout` bounds the call for each
-        page, retries included.
+        `task_type`, it carries all of `labels` and its id starts with `task_id_prefix`
+        (hex digits and '-', in either case). `timeout` bounds the call for each page,
+        retries included.
         """
-        task_filter = _requests.task_filter(statuses, task_type, labels)
+        task_filter = _requests.task_filter(statuses, task_type, labels, task_id_prefix)
         for page in self._pages(_requests.list_request(task_filter, page_size), timeout):
             for task in page.tasks:
                 yield Task._from_proto(task)
@@ -171,6 +173,7 @@ class Client(ClientBase):
         statuses: Iterable[TaskStatus] | None = None,
         task_type: str | None = None,
         labels: Mapping[str, str] | None = None,
+        task_id_prefix: str | None = None,
         since_revision: int | None = None,
         timeout: float | None = None,
     ) -> Iterator[TaskEvent]:
@@ -183,7 +186,9 @@ class Client(ClientBase):
         """
         if since_revision is None:
             since_revision = self.revision(timeout=timeout)
-        watch = self._all_tasks_watch(statuses, task_type, labels, since_revision, timeout)
+        watch = self._all_tasks_watch(
+            statuses, task_type, labels, task_id_prefix, since_revision, timeout
+        )
         yield from self._follow(watch)
 
     def wait(self, task_id: str, *, timeout: float | None = None) -> Task:

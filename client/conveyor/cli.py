@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -38,10 +40,20 @@ EXIT_ERROR = 7
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as a Unix tool killed by SIGPIPE
 
+# An ID may be the start of a task's id, as git and docker take a commit's or a container's:
+# at least this many characters (as git asks, so that a small number is not taken for one).
+MIN_ID_PREFIX = 4
+_ID_PREFIX = re.compile(rf"[0-9a-f-]{{{MIN_ID_PREFIX},36}}")
+ID_HELP = (
+    f"the task's id, or its first {MIN_ID_PREFIX} or more characters (such as the 8 that "
+    "the progress bar shows) when no other task's id starts with them"
+)
+
 EXIT_CODES = f"""exit codes:
   {EXIT_COMPLETED}    done; for wait, watch and create --wait/--watch: the task COMPLETED
   {EXIT_FAILED}    the task FAILED
-  {EXIT_USAGE}    bad usage or input (a malformed -p, or a request the server calls invalid)
+  {EXIT_USAGE}    bad usage or input (a malformed -p, an ID prefix that several tasks' ids
+       start with, or a request the server calls invalid)
   {EXIT_CANCELLED}    the task was CANCELLED
   {EXIT_NOT_FOUND}    no such task
   {EXIT_UNREACHABLE}    cannot reach the server
@@ -130,6 +142,34 @@ def _explain(error: ConveyorError, server: str) -> tuple[str, int]:
             return str(error), EXIT_ERROR
 
 
+def resolve_id(client: Client, given: str) -> str:
+    """The id of the task that an ID argument names: a whole id (in any form the server
+    takes) as it is, else the id of the one task whose id starts with it."""
+    try:
+        uuid.UUID(given)
+    except ValueError:
+        pass
+    else:
+        return given
+    prefix = given.lower()
+    if not _ID_PREFIX.fullmatch(prefix):
+        raise UsageError(
+            f"{given[:64]!r} is not a task id, nor the first {MIN_ID_PREFIX} or more "
+            "characters of one"
+        )
+    found = [task.task_id for task in islice(client.list(task_id_prefix=prefix, page_size=2), 2)]
+    if not found:
+        raise NotFound(
+            f"task not found: no task's id starts with {prefix}", reason="TASK_NOT_FOUND"
+        )
+    if len(found) > 1:
+        raise UsageError(
+            f"the ID {prefix} is ambiguous: the ids of several tasks start with it, such as "
+            f"{found[0]} and {found[1]}; give more of the id"
+        )
+    return found[0]
+
+
 def outcome_code(task: Task | None) -> int:
     """The exit code that says how a followed task ended."""
     return _BY_OUTCOME.get(task.status, EXIT_ERROR) if task is not None else EXIT_ERROR
@@ -215,7 +255,7 @@ def _json_parameters(source: str | None) -> dict[str, Any]:
 
 
 def _get(client: Client, args: argparse.Namespace, out: Output) -> int:
-    out.task(client.get(args.task_id))
+    out.task(client.get(resolve_id(client, args.task_id)))
     return EXIT_COMPLETED
 
 
@@ -226,13 +266,14 @@ def _list(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    out.task(client.cancel(args.task_id, reason=args.reason))
+    out.task(client.cancel(resolve_id(client, args.task_id), reason=args.reason))
     return EXIT_COMPLETED
 
 
 def _watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.all:
-        return outcome_code(out.follow(client.watch(args.task_id, timeout=args.timeout)))
+        task_id = resolve_id(client, args.task_id)
+        return outcome_code(out.follow(client.watch(task_id, timeout=args.timeout)))
     since = client.revision()
     events = client.watch_all(
         statuses=args.status,
@@ -246,7 +287,7 @@ def _watch(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _wait(client: Client, args: argparse.Namespace, out: Output) -> int:
-    ended = client.wait(args.task_id, timeout=args.timeout)
+    ended = client.wait(resolve_id(client, args.task_id), timeout=args.timeout)
     out.task(ended)
     return outcome_code(ended)
 
@@ -418,20 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     _seconds(create, "--wait-timeout", "with --wait or --watch: give up after S seconds")
 
     get = command("get", _get, "show a task")
-    get.add_argument("task_id", metavar="ID")
+    get.add_argument("task_id", metavar="ID", help=ID_HELP)
 
     listing = command("list", _list, "list tasks, oldest first")
     _filters(listing)
     listing.add_argument("--limit", type=_count, metavar="N", help="at most N tasks")
 
     cancel = command("cancel", _cancel, "cancel a task")
-    cancel.add_argument("task_id", metavar="ID")
+    cancel.add_argument("task_id", metavar="ID", help=ID_HELP)
     cancel.add_argument(
         "--reason", metavar="TEXT", default="", help="why; kept as the task's error message"
     )
 
     watch = command("watch", _watch, "show a task's progress until it ends, or every change")
-    watch.add_argument("task_id", metavar="ID", nargs="?", help="the task to follow")
+    watch.add_argument("task_id", metavar="ID", nargs="?", help=f"the task to follow: {ID_HELP}")
     watch.add_argument(
         "--all", action="store_true", help="follow every change to the tasks that match"
     )
@@ -439,6 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     _seconds(watch, "--timeout", "give up after S seconds")
 
     wait = command("wait", _wait, "wait for a task to end, and show it")
-    wait.add_argument("task_id", metavar="ID")
+    wait.add_argument("task_id", metavar="ID", help=ID_HELP)
     _seconds(wait, "--timeout", "give up after S seconds")
     return parser

@@ -133,9 +133,12 @@ class TaskFilter:
     statuses: frozenset[TaskStatus] = frozenset()
     task_type: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    task_id_prefix: str = ""  # lower case, as ids are
 
     def matches(self, task: Task) -> bool:
         if self.task_id and task.task_id != self.task_id:
+            return False
+        if self.task_id_prefix and not task.task_id.startswith(self.task_id_prefix):
             return False
         if self.statuses and task.status not in self.statuses:
             return False

@@ -217,6 +217,9 @@ def _labels(checker: _Checker, labels: Any, field: str) -> None:
             checker.fail(f"{field}[{key[:64]!r}]", f"is longer than {MAX_LABEL_VALUE} characters")
 
 
+_ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")  # the start of a canonical id (lower case)
+
+
 def _filter(checker: _Checker, message: task_pb2.TaskFilter, field: str) -> TaskFilter:
     statuses: set[TaskStatus] = set()
     for index, status in enumerate(message.statuses):
@@ -225,8 +228,18 @@ def _filter(checker: _Checker, message: task_pb2.TaskFilter, field: str) -> Task
         else:
             checker.fail(f"{field}.statuses[{index}]", f"{status} is not a task status")
     _labels(checker, message.labels, f"{field}.labels")
+    prefix = message.task_id_prefix.lower()
+    if prefix and not _ID_PREFIX.fullmatch(prefix):
+        checker.fail(
+            f"{field}.task_id_prefix",
+            f"{message.task_id_prefix[:64]!r} is not the start of a task id "
+            "(at most 36 hex digits and '-')",
+        )
     return TaskFilter(
-        statuses=frozenset(statuses), task_type=message.task_type, labels=dict(message.labels)
+        statuses=frozenset(statuses),
+        task_type=message.task_type,
+        labels=dict(message.labels),
+        task_id_prefix=prefix,
     )
 
 
@@ -260,30 +273,41 @@ def list_request(request: task_service_pb2.ListRequest) -> ListQuery:
 
 
 def _fingerprint(task_filter: TaskFilter) -> str:
-    canonical = json.dumps(
-        [sorted(int(s) for s in task_filter.statuses), task_filter.task_type, task_filter.labels],
-        sort_keys=True,
-    )
+    parts: list[Any] = [
+        sorted(int(s) for s in task_filter.statuses),
+        task_filter.task_type,
+        task_filter.labels,
+    ]
+    if task_filter.task_id_prefix:  # only when set: tokens issued before it existed still hold
+        parts.append(task_filter.task_id_prefix)
+    canonical = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+# A page token is base64url of "<after_seq>.<filter fingerprint>": plain text, parsed by a
+# pattern, so that no token a client makes up can reach a general-purpose decoder.
+_TOKEN = re.compile(r"([0-9]{1,19})\.([0-9a-f]{16})")
+MAX_PAGE_TOKEN = 64
+
+
 def _encode_token(after_seq: int, task_filter: TaskFilter) -> str:
-    payload = json.dumps({"after": after_seq, "filter": _fingerprint(task_filter)})
+    payload = f"{after_seq}.{_fingerprint(task_filter)}"
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
 def _decode_token(token: str, task_filter: TaskFilter) -> int | str:
     """The sequence number a page token continues after, or what is wrong with the token."""
+    if len(token) > MAX_PAGE_TOKEN:
+        return "is not a page token that this server issued"
     try:
-        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after, fingerprint = payload["after"], payload["filter"]
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        payload = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
         return "is not a page token that this server issued"
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+    if (match := _TOKEN.fullmatch(payload)) is None:
         return "is not a page token that this server issued"
-    if fingerprint != _fingerprint(task_filter):
+    if match.group(2) != _fingerprint(task_filter):
         return "was issued for a different filter; keep the filter the same while paging"
-    return after
+    return int(match.group(1))
 
 
 class WatchQuery:

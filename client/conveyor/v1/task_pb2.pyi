@@ -358,8 +358,13 @@ class TaskFilter(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TASK_ID_PREFIX_FIELD_NUMBER: _builtins.int
     task_type: _builtins.str
     """The task's type equals this; empty means any type."""
+    task_id_prefix: _builtins.str
+    """The task's id starts with this (compared in lower case): up to 36 hex digits and '-',
+    such as "3f2a9c1e"; empty means any id.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskStatus.ValueType]:
         """The task's status is one of these; empty means any status."""
@@ -374,10 +379,11 @@ class TaskFilter(_message.Message):
         statuses: _abc.Iterable[Global___TaskStatus.ValueType] | None = ...,
         task_type: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        task_id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "statuses", b"statuses", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "statuses", b"statuses", "task_id_prefix", b"task_id_prefix", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
