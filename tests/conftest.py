@@ -16,6 +16,7 @@ from conveyor.v1 import task_service_pb2_grpc
 from conveyord.handlers import HandlerRegistry
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import Server, ServerConfig
+from tests.processes import Conveyord
 
 TEST_HANDLERS = "tests.handlers"
 
@@ -116,3 +117,21 @@ async def channel(server: ServerThread) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> task_service_pb2_grpc.TaskServiceStub:
     return task_service_pb2_grpc.TaskServiceStub(channel)
+
+
+@pytest.fixture
+def conveyord() -> Iterator[type[Conveyord]]:
+    started: list[Conveyord] = []
+
+    def start(*args: str, **options: Any) -> Conveyord:
+        process = Conveyord(*args, **options)
+        started.append(process)
+        return process
+
+    yield start  # type: ignore[misc]
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+        process.process.wait()
+        if process.process.stderr:
+            process.process.stderr.close()

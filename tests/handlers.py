@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from conveyord import TaskContext, handler
@@ -52,3 +53,40 @@ async def report_then_wait(ctx: TaskContext) -> dict[str, Any]:
 @handler("bad_progress")
 def bad_progress(ctx: TaskContext) -> None:
     ctx.report(progress=1.5)
+
+
+@handler("blocks_loop")
+async def blocks_loop(ctx: TaskContext) -> str:
+    """Wrongly blocks the event loop (as `time.sleep` in `async def` does) for `seconds`."""
+    await asyncio.sleep(0)  # a step that does not block, before the one that does
+    time.sleep(float(ctx.parameters.get("seconds", 1)))  # noqa: ASYNC251 - the point of it
+    return "unblocked"
+
+
+@handler("sized_result")
+def sized_result(ctx: TaskContext) -> str:
+    """Returns a string of `bytes` characters."""
+    return "x" * int(ctx.parameters["bytes"])
+
+
+@handler("deep_result")
+def deep_result(ctx: TaskContext) -> Any:
+    """Returns lists nested `depth` deep."""
+    result: Any = []
+    for _ in range(int(ctx.parameters["depth"])):
+        result = [result]
+    return result
+
+
+@handler("bad_report")
+def bad_report(ctx: TaskContext) -> str:
+    """Reports what `kind` names, over a cap or not JSON, then waits to be told to stop."""
+    kind = ctx.parameters["kind"]
+    if kind == "big_detail":
+        ctx.report(detail={"blob": "x" * 70_000})
+    elif kind == "long_message":
+        ctx.report(message="m" * 5000)
+    else:
+        ctx.report(detail={"when": object()})
+    ctx.cancel_event.wait(timeout=30)
+    return "stopped"

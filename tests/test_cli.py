@@ -207,7 +207,7 @@ def test_create_wait_exits_with_how_the_task_ended(conveyor: Callable[..., Run])
     assert ended["result"] == {"x": 1}
     failed = conveyor("create", "fail", "-p", "message=disk full", "--wait")
     assert failed.code == 1
-    assert "FAILED" in failed.out and "HANDLER_ERROR: disk full" in failed.out
+    assert "FAILED" in failed.out and "HANDLER_ERROR: RuntimeError: disk full" in failed.out
 
 
 def test_create_from_a_file_creates_every_task_in_order(
@@ -430,7 +430,7 @@ def test_watch_json_prints_each_state_and_exits_with_how_the_task_ended(
     failed = client.create("fail", {"message": "nope"})
     run = conveyor("watch", failed.task_id)
     assert run.code == 1
-    assert run.out.splitlines()[-1] == "FAILED: HANDLER_ERROR: nope"
+    assert run.out.splitlines()[-1] == "FAILED: HANDLER_ERROR: RuntimeError: nope"
 
 
 def test_watch_and_wait_of_an_unknown_task_exit_not_found(conveyor: Callable[..., Run]) -> None:
@@ -588,7 +588,7 @@ def test_watch_in_a_terminal_ends_with_the_error_of_a_failed_task(
     task = client.create("fail", {"message": "out of paper"})
     terminal = Terminal([*command_line(), "watch", task.task_id], process_env(server))
     assert terminal.finish() == 1
-    assert "FAILED: HANDLER_ERROR: out of paper" in terminal.text
+    assert "FAILED: HANDLER_ERROR: RuntimeError: out of paper" in terminal.text
 
 
 def test_watch_all_in_a_terminal_keeps_a_live_table_until_ctrl_c(

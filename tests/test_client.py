@@ -420,9 +420,9 @@ async def test_result_of_a_completed_task(twin: Twin) -> None:
 
 async def test_result_of_a_failed_task_raises_task_failed_with_its_error(twin: Twin) -> None:
     task = await twin.create("fail", {"message": "disk full"})
-    with pytest.raises(TaskFailed, match="HANDLER_ERROR: disk full") as caught:
+    with pytest.raises(TaskFailed, match="HANDLER_ERROR: RuntimeError: disk full") as caught:
         await twin.result(task.task_id)
-    assert caught.value.task.error == TaskError("HANDLER_ERROR", "disk full")
+    assert caught.value.task.error == TaskError("HANDLER_ERROR", "RuntimeError: disk full")
     assert caught.value.task.task_id == task.task_id
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conveyor import Task, TaskStatus
 from tests.client_support import KINDS, closed_port_address, first_item, open_twin, server_record
-from tests.test_conveyord_process import Conveyord
+from tests.processes import Conveyord
 
 
 @pytest.fixture(params=KINDS)

@@ -2,78 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conveyor.protojson import to_python
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.cli import build_parser, config_from_args
-from tests.support import FAILED, RUNNING, create, wait_status
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Conveyord:
-    """A conveyord process on a free port, with its log on stderr."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "conveyord",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                "memory",
-                *args,
-            ],
-            cwd=ROOT,
-            env=environment,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stderr is not None
-        self.log: list[str] = []
-        for line in self.process.stderr:
-            self.log.append(line)
-            if match := re.search(r"\(port (\d+)\)", line):
-                self.address = f"127.0.0.1:{match.group(1)}"
-                return
-        raise AssertionError("conveyord did not start:\n" + "".join(self.log))
-
-    def rest_of_log(self) -> str:
-        assert self.process.stderr is not None
-        return "".join(self.log) + self.process.stderr.read()
-
-
-@pytest.fixture
-def conveyord() -> Iterator[type[Conveyord]]:
-    started: list[Conveyord] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Conveyord:
-        process = Conveyord(*args, env=env)
-        started.append(process)
-        return process
-
-    yield start  # type: ignore[misc]
-    for process in started:
-        if process.process.poll() is None:
-            process.process.kill()
-        process.process.wait()
-        if process.process.stderr:
-            process.process.stderr.close()
+from tests.processes import CONSOLE_SCRIPT, ROOT, Conveyord
+from tests.support import COMPLETED, CREATED, RUNNING, create, final, wait_status
 
 
 def test_help_documents_every_option_with_its_default() -> None:
@@ -164,6 +110,17 @@ def test_a_port_in_use_stops_the_start_with_a_message() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_second_conveyord_on_the_same_port_stops_with_a_message(conveyord) -> None:  # type: ignore[no-untyped-def]
+    first: Conveyord = conveyord()
+    result = subprocess.run(
+        [sys.executable, "-m", "conveyord", "--store", "memory", "--listen", first.address],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert f"cannot listen on {first.address}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_sigterm_stops_gracefully(conveyord) -> None:  # type: ignore[no-untyped-def]
     server: Conveyord = conveyord("--handlers", "tests.handlers", "--shutdown-grace", "30")
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -171,7 +128,7 @@ async def test_sigterm_stops_gracefully(conveyord) -> None:  # type: ignore[no-u
         health = health_pb2_grpc.HealthStub(channel)
         statuses = health.Watch(health_pb2.HealthCheckRequest(service="conveyor.v1.TaskService"))
         assert (await statuses.read()).status == health_pb2.HealthCheckResponse.SERVING
-        task = await create(stub, "cooperative_blocking", timeout_seconds=0.5)
+        task = await create(stub, "cooperative_blocking")
         await wait_status(stub, task.task_id, RUNNING)
         updates = stub.Watch(pb.WatchRequest(task_id=task.task_id))
         await updates.read()
@@ -182,11 +139,92 @@ async def test_sigterm_stops_gracefully(conveyord) -> None:  # type: ignore[no-u
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await create(stub, "echo")
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        # ...while the running task gets its grace period to end, and watchers see the end.
+        # ...the handler is told to stop as the grace period starts (this one stops at once),
+        # and the attempt it gave up goes back to the queue without being used.
         last = (await updates.read()).task
-        assert (last.status, last.error.code) == (FAILED, "DEADLINE_EXCEEDED")
-        assert await updates.read() == grpc.aio.EOF
+        assert (last.status, last.attempt, last.error.code) == (CREATED, 1, "INTERRUPTED")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await updates.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # the server is going away
     assert server.process.wait(timeout=30) == 0
     log = server.rest_of_log()
     assert "signal received: stopping (1 running" in log
     assert "conveyord stopped" in log
+
+
+async def test_the_console_script_finds_handler_modules_in_the_current_directory(
+    conveyord: Callable[..., Conveyord],
+    tmp_path: Path,
+) -> None:
+    """`conveyord --handlers myhandlers`, run where myhandlers.py is, as the README says."""
+    (tmp_path / "myhandlers.py").write_text(
+        "from conveyord import TaskContext, handler\n\n\n"
+        '@handler("shout")\n'
+        "def shout(ctx: TaskContext) -> str:\n"
+        '    return str(ctx.parameters["text"]).upper()\n'
+    )
+    server = conveyord("--handlers", "myhandlers", command=[str(CONSOLE_SCRIPT)], cwd=tmp_path)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        task = await create(stub, "shout", {"text": "hello"})
+        ended = await final(stub, task.task_id)
+    assert ended.status == COMPLETED
+    assert to_python(ended.result) == "HELLO"
+
+
+def test_a_handler_that_takes_a_built_in_task_type_stops_the_start(tmp_path: Path) -> None:
+    """Replacing the built-in `echo` silently would run the wrong code: say so, and stop."""
+    (tmp_path / "myhandlers.py").write_text(
+        "from conveyord import TaskContext, handler\n\n\n"
+        '@handler("echo")\n'
+        "def my_echo(ctx: TaskContext) -> str:\n"
+        '    return "mine"\n'
+    )
+    result = subprocess.run(
+        [
+            str(CONSOLE_SCRIPT),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--handlers",
+            "myhandlers",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert (
+        "conveyord: cannot load handlers: task type 'echo' has two handlers, "
+        "conveyord.builtin_handlers.echo and myhandlers.my_echo" in result.stderr
+    )
+    assert "--no-builtin-handlers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_handler_that_blocks_the_event_loop_is_named_in_the_log(
+    conveyord: Callable[..., Conveyord],
+) -> None:
+    server = conveyord("--handlers", "tests.handlers", "--blocked-loop-warning", "0.2")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        task = await create(stub, "blocks_loop", {"seconds": 1})
+        assert (await final(stub, task.task_id)).status == COMPLETED
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    log = server.rest_of_log()
+    culprit = rf"by the handler of task {task.task_id} \(type blocks_loop\)"
+    blocked = re.search(
+        rf"WARNING conveyord\.watchdog: the event loop has been blocked for ([\d.]+) s {culprit}",
+        log,
+    )
+    assert blocked is not None, log
+    assert 0.2 <= float(blocked[1]) <= 1.0
+    ended = re.search(
+        rf"the event loop ran again after being blocked for ([\d.]+) s {culprit}", log
+    )
+    assert ended is not None, log
+    assert float(ended[1]) >= 1.0
+    assert log.count("the event loop has been blocked") == 1  # once per stall

@@ -21,8 +21,8 @@ import grpc
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskResponse
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from tests.processes import Conveyord
 from tests.support import CANCELLED, RUNNING, TERMINAL, task_request
-from tests.test_conveyord_process import Conveyord
 
 ROUNDS = 6
 CLIENTS = 4

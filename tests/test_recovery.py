@@ -1,6 +1,6 @@
 """A server restarted on its SQLite file carries on: tasks, revisions, history, and the
-tasks that were running when it stopped (stopped here with no grace, which leaves them
-RUNNING in the file exactly as a crash would; test_crash.py kills real processes)."""
+tasks that were running when it stopped (killed -9 here, which leaves them RUNNING in the
+file; a graceful stop is in test_shutdown.py, and test_crash.py kills under load)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskResponse
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.conftest import ServerThread
+from tests.processes import Conveyord
 from tests.support import (
     CANCELLED,
     COMPLETED,
@@ -39,16 +40,23 @@ async def _get(stub: TaskServiceStub, task_id: str) -> TaskResponse:
     return (await stub.Get(pb.GetRequest(task_id=task_id))).task
 
 
-async def test_a_running_task_with_attempts_left_is_retried(
-    start_server: StartServer, tmp_path: Path
+def _killed(server: Conveyord) -> None:
+    """Kill -9: the tasks it was running stay RUNNING in its file, as after any crash."""
+    server.process.kill()
+    server.process.wait()
+
+
+async def test_a_crash_uses_the_attempt_and_a_task_with_attempts_left_is_retried(
+    conveyord: Callable[..., Conveyord], tmp_path: Path
 ) -> None:
-    first = start_server(store=_store(tmp_path))
+    store = _store(tmp_path)
+    first = conveyord("--store", store)
     async with grpc.aio.insecure_channel(first.address) as channel:
         stub = TaskServiceStub(channel)
         task = await create(stub, "sleep", {"seconds": 60}, max_attempts=2)
         running = await wait_status(stub, task.task_id, RUNNING)
-    first.stop()
-    second = start_server(store=_store(tmp_path))
+    _killed(first)
+    second = conveyord("--store", store)
     async with grpc.aio.insecure_channel(second.address) as channel:
         stub = TaskServiceStub(channel)
         stream = stub.Watch(pb.WatchRequest(task_id=task.task_id, since_revision=running.revision))
@@ -60,15 +68,16 @@ async def test_a_running_task_with_attempts_left_is_retried(
         assert (await final(stub, task.task_id)).status == CANCELLED
 
 
-async def test_a_running_task_without_attempts_left_fails_interrupted(
-    start_server: StartServer, tmp_path: Path
+async def test_a_crash_fails_a_running_task_without_attempts_left(
+    conveyord: Callable[..., Conveyord], tmp_path: Path
 ) -> None:
-    first = start_server(store=_store(tmp_path))
+    store = _store(tmp_path)
+    first = conveyord("--store", store)
     async with grpc.aio.insecure_channel(first.address) as channel:
         task = await create(TaskServiceStub(channel), "sleep", {"seconds": 60})
         await wait_status(TaskServiceStub(channel), task.task_id, RUNNING)
-    first.stop()
-    second = start_server(store=_store(tmp_path))
+    _killed(first)
+    second = conveyord("--store", store)
     async with grpc.aio.insecure_channel(second.address) as channel:
         ended = await _get(TaskServiceStub(channel), task.task_id)
     assert (ended.status, ended.attempt, ended.error.code) == (FAILED, 1, "INTERRUPTED")
@@ -102,7 +111,8 @@ async def test_queued_tasks_run_in_their_order_after_a_restart(
     first = start_server(store=_store(tmp_path), concurrency=1, aging_per_minute=0)
     async with grpc.aio.insecure_channel(first.address) as channel:
         stub = TaskServiceStub(channel)
-        blocker = await create(stub, "sleep", {"seconds": 60})
+        # Stopped by the server, the blocker is queued again; at the lowest priority, it comes last.
+        blocker = await create(stub, "sleep", {"seconds": 60}, priority=1)
         await wait_status(stub, blocker.task_id, RUNNING)
         queued = [
             await create(stub, "echo", {"i": i}, priority=p) for i, p in enumerate([2, 9, 2, 9, 5])

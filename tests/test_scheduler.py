@@ -110,7 +110,7 @@ async def test_a_retry_succeeds_on_the_second_attempt(stub: TaskServiceStub) -> 
     states = await run_and_watch(stub, "fail", {"times": 1, "message": "flaky"}, max_attempts=3)
     waiting = next(s for s in states if s.status == CREATED and s.attempt == 2)
     assert waiting.HasField("next_attempt_at")
-    assert (waiting.error.code, waiting.error.message) == ("HANDLER_ERROR", "flaky")
+    assert (waiting.error.code, waiting.error.message) == ("HANDLER_ERROR", "RuntimeError: flaky")
     ended = states[-1]
     assert (ended.status, ended.attempt, ended.max_attempts) == (COMPLETED, 2, 3)
     assert to_python(ended.result) == {"attempt": 2}
@@ -126,7 +126,10 @@ async def test_a_task_fails_once_its_attempts_are_spent(stub: TaskServiceStub) -
         (RUNNING, 2),
         (FAILED, 2),
     ]
-    assert (states[-1].error.code, states[-1].error.message) == ("HANDLER_ERROR", "always")
+    assert (states[-1].error.code, states[-1].error.message) == (
+        "HANDLER_ERROR",
+        "RuntimeError: always",
+    )
 
 
 def test_the_default_backoff_doubles_from_one_second() -> None:

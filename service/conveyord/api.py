@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -23,16 +23,17 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
 from conveyord.convert import (
     change_message,
+    encode_task,
     list_message,
     task_message,
     tasks_message,
     watch_message,
 )
 from conveyord.hub import EventHub, HubClosed, WatcherTooSlow
+from conveyord.limits import MAX_PAGE_BYTES, RECEIVE_LIMITS
 from conveyord.model import Change, ChangeKind, Task
 from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
-from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound
-from conveyord.store.sqlite import StoreFailed
+from conveyord.store.base import RequestIdReused, RevisionOutOfRange, StoreFailed, TaskNotFound
 from conveyord.validation import InvalidArgument, WatchQuery
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,13 @@ Request = TypeVar("Request", bound=message.Message)
 
 
 class MalformedRequest:
-    """Stands in for a request whose bytes did not parse, so that the RPC can refuse it cleanly."""
+    """Stands in for a request whose bytes did not parse, or that is larger than its method
+    can legitimately receive, so that the RPC can refuse it cleanly."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, size: int = 0, limit: int = 0) -> None:
         self.name = name
+        self.size = size  # set when the request was refused for its size
+        self.limit = limit
 
 
 class TaskServiceApi:
@@ -88,8 +92,10 @@ class TaskServiceApi:
         """A ListResponse."""
         query = validation.list_request(request)
         tasks, revision = await self.store.list(query.filter, query.after_seq, query.page_size)
-        token = query.next_token(tasks[-1].seq) if len(tasks) == query.page_size else ""
-        return list_message(tasks, token, revision)
+        page = _fitting(tasks)
+        more = len(page) < len(tasks) or len(tasks) == query.page_size
+        token = query.next_token(page[-1].seq) if more else ""
+        return list_message(page, token, revision)
 
     async def cancel(self, request: pb.CancelRequest) -> bytes:
         """A CancelResponse."""
@@ -140,6 +146,17 @@ class TaskServiceApi:
                     last = delivery.change.revision
                     if _ends_watch(query, delivery.change):
                         return
+
+
+def _fitting(tasks: Sequence[Task]) -> Sequence[Task]:
+    """The first tasks whose answer stays within MAX_PAGE_BYTES (always at least one): a
+    page of large tasks holds fewer of them rather than exceed a client's message limit."""
+    total = 0
+    for index, task in enumerate(tasks):
+        total += len(encode_task(task)) + 8  # its key and length prefix
+        if total > MAX_PAGE_BYTES and index:
+            return tasks[:index]
+    return tasks
 
 
 def new_task_id() -> str:
@@ -214,26 +231,36 @@ def status_of(error: Exception) -> grpc.Status | None:
 
 
 def _malformed_status(request: MalformedRequest) -> grpc.Status:
-    return cast(
-        grpc.Status,
-        rpc_status.to_status(
-            status_pb2.Status(
-                code=code_pb2.INVALID_ARGUMENT,
-                message=f"the request is not a valid {request.name} message",
-            )
-        ),
-    )
+    if request.limit:
+        status = status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED,
+            message=f"the {request.name} is {request.size} bytes; "
+            f"at most {request.limit} are accepted",
+        )
+        info = _error_info("REQUEST_TOO_LARGE", limit_bytes=str(request.limit))
+        status.details.add().Pack(info)
+    else:
+        status = status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT,
+            message=f"the request is not a valid {request.name} message",
+        )
+    return cast(grpc.Status, rpc_status.to_status(status))
 
 
 # -- wiring ----------------------------------------------------------------------
 
 
-def _deserializer(cls: type[Request]) -> Callable[[bytes], Request | MalformedRequest]:
+def _deserializer(cls: type[Request], limit: int) -> Callable[[bytes], Request | MalformedRequest]:
+    """Parse a request, or stand in for one that is too large for its method or malformed."""
+    name = cls.DESCRIPTOR.full_name
+
     def parse(data: bytes) -> Request | MalformedRequest:
+        if len(data) > limit:
+            return MalformedRequest(name, len(data), limit)
         try:
             return cls.FromString(data)
         except message.DecodeError:
-            return MalformedRequest(cls.DESCRIPTOR.full_name)
+            return MalformedRequest(name)
 
     return parse
 
@@ -280,18 +307,21 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
     """The RPC method handlers of TaskService, by method name. Every behaviour answers with
     its response already encoded, so no response serializer is needed."""
 
-    def unary(behaviour: Callable[[Any], Awaitable[bytes]], request: type[message.Message]) -> Any:
+    def parser(name: str, request: type[message.Message]) -> Any:
+        return _deserializer(request, RECEIVE_LIMITS[name])
+
+    def unary(name: str, behaviour: Callable[[Any], Awaitable[bytes]], request: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            _unary(behaviour), request_deserializer=_deserializer(request)
+            _unary(behaviour), request_deserializer=parser(name, request)
         )
 
     return {
-        "Create": unary(api.create, pb.CreateRequest),
-        "BatchCreate": unary(api.batch_create, pb.BatchCreateRequest),
-        "Get": unary(api.get, pb.GetRequest),
-        "List": unary(api.list, pb.ListRequest),
-        "Cancel": unary(api.cancel, pb.CancelRequest),
+        "Create": unary("Create", api.create, pb.CreateRequest),
+        "BatchCreate": unary("BatchCreate", api.batch_create, pb.BatchCreateRequest),
+        "Get": unary("Get", api.get, pb.GetRequest),
+        "List": unary("List", api.list, pb.ListRequest),
+        "Cancel": unary("Cancel", api.cancel, pb.CancelRequest),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            _stream(api.watch), request_deserializer=_deserializer(pb.WatchRequest)
+            _stream(api.watch), request_deserializer=parser("Watch", pb.WatchRequest)
         ),
     }

@@ -17,6 +17,7 @@ from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
 from conveyord.store import default_store_path
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
 from conveyord.store.sqlite import StoreOpenError
+from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
 
 _DEFAULTS = SchedulerConfig()
 
@@ -33,6 +34,13 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _not_negative(text: str) -> float:
     value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def _not_negative_int(text: str) -> int:
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
     return value
@@ -59,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "handler module, 3 cannot listen, 4 store in use by another conveyord, 5 store "
         "unreadable or corrupt, 6 store written by a newer conveyord. "
         "SIGTERM or SIGINT stops the server gracefully: health turns NOT_SERVING, new tasks are "
-        "refused, running tasks get the shutdown grace period; a second signal stops at once.",
+        "refused, running handlers are told to stop and get the shutdown grace period, and the "
+        "attempts they stop go back to the queue without being used; a second signal stops at "
+        "once.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
@@ -201,11 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_WATCH_BUFFER,
     )
     option(
+        "--max-interruptions",
+        "CONVEYORD_MAX_INTERRUPTIONS",
+        "times a task's attempt may be stopped by a server's shutdown and queued again "
+        "without using an attempt; past that, such a stop uses the attempt",
+        type=_not_negative_int,
+        default=_DEFAULTS.max_interruptions,
+    )
+    option(
         "--shutdown-grace",
         "CONVEYORD_SHUTDOWN_GRACE",
         "seconds running tasks get to finish when the server stops",
         type=_not_negative,
         default=30.0,
+    )
+    option(
+        "--blocked-loop-warning",
+        "CONVEYORD_BLOCKED_LOOP_WARNING",
+        "log a warning, naming the task, when an async handler (or anything else) blocks the "
+        "event loop, and so every call, for longer than SECONDS (0: never)",
+        type=_not_negative,
+        default=DEFAULT_BLOCKED_LOOP_WARNING,
+        metavar="SECONDS",
     )
     option(
         "--log-level",
@@ -230,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         retry_max=args.retry_max,
         retention=args.retention,
         sweep_interval=args.sweep_interval,
+        max_interruptions=args.max_interruptions,
     )
     return ServerConfig(
         listen=args.listen,
@@ -241,7 +269,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         history_age=args.history_age,
         watch_buffer=args.watch_buffer,
         shutdown_grace=args.shutdown_grace,
+        blocked_loop_warning=args.blocked_loop_warning,
     )
+
+
+def _import_from_cwd() -> None:
+    """Let --handlers name modules of the current directory, as the README says.
+
+    `python -m conveyord` puts the current directory on sys.path, but the `conveyord` console
+    script puts only its own folder there; uvicorn and celery add it the same way.
+    """
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _import_from_cwd()
     config = config_from_args(args)
     try:
         return 0 if asyncio.run(serve(config)) else 1

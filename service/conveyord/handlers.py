@@ -28,11 +28,17 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from conveyor.protojson import dict_to_struct
+from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE
+from conveyord.model import ErrorCode, TaskError, json_problem
+
 Handler = Callable[["TaskContext"], Any]
 H = TypeVar("H", bound=Handler)
 
 _TASK_TYPE_ATTRIBUTE = "__conveyor_task_type__"
-ProgressSink = Callable[[dict[str, Any]], None]
+_BUILTIN_MODULE = "conveyord.builtin_handlers"
+# Receives a handler's report, or the error that fails its attempt when the report breaks a cap.
+ProgressSink = Callable[[dict[str, Any] | TaskError], None]
 
 
 def handler(task_type: str) -> Callable[[H], H]:
@@ -46,7 +52,7 @@ def handler(task_type: str) -> Callable[[H], H]:
 
 
 class HandlerLoadError(Exception):
-    """A handler module could not be imported."""
+    """The handlers cannot be loaded: a module failed to import, or two claim one task type."""
 
 
 class HandlerRegistry:
@@ -61,7 +67,7 @@ class HandlerRegistry:
     def from_modules(cls, modules: Iterable[str], *, builtins: bool = True) -> HandlerRegistry:
         """Import each module and register every function in it marked with `@handler`."""
         registry = cls()
-        names = (["conveyord.builtin_handlers"] if builtins else []) + list(modules)
+        names = ([_BUILTIN_MODULE] if builtins else []) + list(modules)
         for name in names:
             try:
                 module = importlib.import_module(name)
@@ -74,8 +80,25 @@ class HandlerRegistry:
         return registry
 
     def register(self, task_type: str, function: Handler) -> None:
+        """Run `function` for tasks of `task_type`.
+
+        Raises HandlerLoadError if another function has that type already: silently replacing
+        a handler (a built-in one, or one from another module) would run the wrong code.
+        The same function registered again (say, imported into a second module) is fine.
+        """
         if not task_type or not task_type.isprintable():
             raise ValueError(f"invalid task type {task_type!r}")
+        existing = self._handlers.get(task_type)
+        if existing is not None and existing is not function:
+            raise HandlerLoadError(
+                f"task type {task_type!r} has two handlers, {_name_of(existing)} and "
+                f"{_name_of(function)}; give one of them another task type"
+                + (
+                    " or start with --no-builtin-handlers"
+                    if getattr(existing, "__module__", None) == _BUILTIN_MODULE
+                    else ""
+                )
+            )
         self._handlers[task_type] = function
 
     def get(self, task_type: str) -> Handler | None:
@@ -87,6 +110,35 @@ class HandlerRegistry:
     @property
     def task_types(self) -> list[str]:
         return sorted(self._handlers)
+
+
+def report_problem(changes: Mapping[str, Any]) -> TaskError | None:
+    """The error that fails an attempt whose report breaks a cap, or None if it is fine."""
+    message = changes.get("message", "")
+    if len(message) > MAX_MESSAGE:
+        return TaskError(
+            ErrorCode.REPORT_TOO_LARGE,
+            f"a progress message of {len(message)} characters; at most {MAX_MESSAGE} are kept",
+        )
+    detail = changes.get("progress_detail")
+    if detail is None:
+        return None
+    if (problem := json_problem(detail, "detail")) is not None:
+        return TaskError(ErrorCode.INVALID_REPORT, problem)
+    size = dict_to_struct(detail).ByteSize()
+    if size > MAX_DETAIL_BYTES:
+        return TaskError(
+            ErrorCode.REPORT_TOO_LARGE,
+            f"a progress detail of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
+        )
+    return None
+
+
+def _name_of(function: Handler) -> str:
+    """`module.qualname` of a handler, to tell the user which function it is."""
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
 
 
 def is_async(function: Handler) -> bool:
@@ -169,8 +221,9 @@ class TaskContext:
         if detail is not None:
             changes["progress_detail"] = dict(detail)
         if changes and not self._closed:
+            report: dict[str, Any] | TaskError = report_problem(changes) or changes
             with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
-                self._loop.call_soon_threadsafe(self._sink, changes)
+                self._loop.call_soon_threadsafe(self._sink, report)
 
     def _request_stop(self, reason: str) -> None:
         """Tell the handler to stop (called on the event loop)."""

@@ -13,6 +13,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from conveyord.limits import MAX_JSON_DEPTH
+
 
 class TaskStatus(enum.IntEnum):
     """Mirrors conveyor.v1.TaskStatus, without the prefix."""
@@ -50,6 +52,9 @@ class ErrorCode:
     CANCELLED = "CANCELLED"
     INVALID_RESULT = "INVALID_RESULT"
     INTERRUPTED = "INTERRUPTED"
+    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
+    INVALID_REPORT = "INVALID_REPORT"
+    REPORT_TOO_LARGE = "REPORT_TOO_LARGE"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,6 +99,7 @@ class Task:
     finished_at: float | None = None
     cancel_requested_at: float | None = None
     cancel_reason: str = ""
+    interruptions: int = 0  # attempts stopped by a server's shutdown, which used no attempt
     revision: int = 0
     # This state's TaskResponse, serialized, once something has needed it (see convert.py):
     # every reader of the same state (Get, List, watchers) shares one encoding.
@@ -166,22 +172,24 @@ class Change(NamedTuple):
     at: float  # when the change was made, to trim the history by age
 
 
-def json_problem(value: Any, path: str = "result") -> str | None:
+def json_problem(value: Any, path: str = "result", depth: int = 0) -> str | None:
     """Why `value` cannot travel as JSON (a google.protobuf.Value), or None if it can."""
     if value is None or isinstance(value, bool | str):
         return None
     if isinstance(value, int | float):
         return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+    if depth >= MAX_JSON_DEPTH:
+        return f"{path} nests deeper than {MAX_JSON_DEPTH} levels"
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path} has the key {key!r}, but JSON keys are strings"
-            if (problem := json_problem(item, f"{path}.{key}")) is not None:
+                return f"{path} has the key {key!r:.64}, but JSON keys are strings"
+            if (problem := json_problem(item, f"{path}.{key:.64}", depth + 1)) is not None:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            if (problem := json_problem(item, f"{path}[{index}]")) is not None:
+            if (problem := json_problem(item, f"{path}[{index}]", depth + 1)) is not None:
                 return problem
         return None
     return f"{path} is a {type(value).__name__}, which JSON cannot hold"

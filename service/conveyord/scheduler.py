@@ -18,12 +18,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
+from conveyor.protojson import to_value
 from conveyord.handlers import HandlerRegistry, TaskContext, is_async
+from conveyord.limits import MAX_MESSAGE, MAX_RESULT_BYTES
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus, json_problem
 from conveyord.queue import ReadyQueue
-from conveyord.store.base import TaskStore
+from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.watchdog import track
 
 log = logging.getLogger(__name__)
+
+
+# Seconds a shutdown waits for the attempts it stopped to be written to the store.
+_RECORDING_TIME = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,7 @@ class SchedulerConfig:
     retention: float = 24 * 3600.0
     sweep_interval: float = 60.0
     sweep_batch: int = 500
+    max_interruptions: int = 3
 
     def retry_delay(self, failed_attempt: int) -> float:
         """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
@@ -77,23 +85,35 @@ class _Outcome:
     result: Any = None
     error: TaskError | None = None
     retryable: bool = True
+    interrupted: bool = False  # stopped by the server's own shutdown, not by the task
 
 
 class _Attempt:
     """One run of one task: the handler's future, its context, and the request to stop it."""
 
-    def __init__(self, task_id: str, task_type: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, task_id: str, task_type: str, loop: asyncio.AbstractEventLoop, grace: float
+    ) -> None:
         self.task_id = task_id
         self.task_type = task_type
+        self.grace = grace  # seconds the handler has to stop once told to
         self.stop: asyncio.Future[_Outcome] = loop.create_future()
+        self.hurry: asyncio.Future[None] = loop.create_future()  # set: stop waiting for it
         self.context: TaskContext | None = None
         self.runner: asyncio.Task[None] | None = None
         self.progress: dict[str, Any] = {}  # reported by the handler, not yet written
         self.flusher: asyncio.Task[None] | None = None  # writes `progress`, one write at a time
 
-    def request_stop(self, outcome: _Outcome) -> None:
+    def request_stop(self, outcome: _Outcome, grace: float | None = None) -> None:
         if not self.stop.done():
+            if grace is not None:
+                self.grace = grace
             self.stop.set_result(outcome)
+
+    def give_up(self) -> None:
+        """Stop waiting for a handler that was told to stop: end the attempt now."""
+        if not self.hurry.done():
+            self.hurry.set_result(None)
 
 
 class Scheduler:
@@ -116,6 +136,7 @@ class Scheduler:
         self._running: dict[str, _Attempt] = {}
         self._running_by_type: dict[str, int] = {}
         self._accepting = False
+        self._refusal: Exception | None = None  # why new tasks are refused, if not a shutdown
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- life --------------------------------------------------------------------
@@ -170,9 +191,12 @@ class Scheduler:
         return settle
 
     async def shutdown(self, grace: float) -> None:
-        """Stop taking work, let running attempts finish for `grace` seconds, then stop them.
+        """Stop taking work, tell running handlers to stop at once, give them `grace` seconds,
+        then stop them regardless.
 
-        Safe to call twice. Tasks still queued stay CREATED in the store.
+        The server's own shutdown is not the task's failure: an attempt it stops goes back to
+        the queue without using an attempt (up to `max_interruptions` times per task). Safe to
+        call twice. Tasks still queued stay CREATED in the store.
         """
         if not self._accepting and self._sweeper is None:
             return
@@ -183,15 +207,24 @@ class Scheduler:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        runners = [a.runner for a in self._running.values() if a.runner is not None]
-        log.info("shutting down: %d running, %d queued", len(runners), len(self._queue))
-        if runners:
-            _, pending = await asyncio.wait(runners, timeout=grace)
+        attempts = list(self._running.values())
+        log.info("shutting down: %d running, %d queued", len(attempts), len(self._queue))
+        for attempt in attempts:
+            attempt.request_stop(_interrupted(), grace)
+        runners = {a.runner: a for a in attempts if a.runner is not None}
+        if not runners:
+            return
+        _, pending = await asyncio.wait(runners, timeout=grace)
+        if pending:
+            log.warning("%d handlers outlived the grace period and were stopped", len(pending))
             for runner in pending:
-                runner.cancel()
-            if pending:
-                log.warning("stopped %d attempts that outlived the grace period", len(pending))
-                await asyncio.wait(pending)
+                runners[runner].give_up()  # its attempt ends as it was told to: recorded
+            _, pending = await asyncio.wait(pending, timeout=_RECORDING_TIME)
+        for runner in pending:
+            runner.cancel()
+        if pending:
+            log.warning("the end of %d attempts could not be recorded", len(pending))
+            await asyncio.wait(pending)
 
     # -- the requests ------------------------------------------------------------
 
@@ -204,10 +237,16 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    def refuse(self, reason: Exception) -> None:
+        """Take no new tasks from now on, answering `reason` (the store failed: nothing more
+        can be acknowledged); the server's shutdown follows."""
+        self._refusal = reason
+        self._accepting = False
+
     def _admit(self, count: int) -> None:
         """Raise unless there is room for `count` more tasks (the store asks before storing)."""
         if not self._accepting:
-            raise ShuttingDown()
+            raise self._refusal or ShuttingDown()
         if self.queued + count > self.config.max_queued:
             raise QueueFull(count, self.config.max_queued)
 
@@ -215,7 +254,7 @@ class Scheduler:
         """Store and queue new tasks, all or none; each comes back with False if its
         request_id was known already (it is then the task first created with it)."""
         if not self._accepting:
-            raise ShuttingDown()
+            raise self._refusal or ShuttingDown()
         results = await self.store.create(tasks, admit=self._admit)
         for task, created in results:
             if created:
@@ -292,7 +331,9 @@ class Scheduler:
             if picked is None:
                 return
             task_id, task_type = picked
-            attempt = _Attempt(task_id, task_type, asyncio.get_running_loop())
+            attempt = _Attempt(
+                task_id, task_type, asyncio.get_running_loop(), self.config.cancel_grace
+            )
             self._running[task_id] = attempt
             self._running_by_type[task_type] = self._running_by_type.get(task_type, 0) + 1
             attempt.runner = asyncio.create_task(
@@ -322,6 +363,8 @@ class Scheduler:
                 self._enqueue(ended)
         except asyncio.CancelledError:
             raise
+        except StoreFailed:
+            pass  # the server stops, and says why; the store's file holds what was answered
         except Exception:
             log.exception(
                 "the attempt of task %s broke the scheduler's bookkeeping", attempt.task_id
@@ -349,6 +392,8 @@ class Scheduler:
 
     async def _execute(self, task: Task, attempt: _Attempt) -> _Outcome:
         """Run the handler until it returns, its timeout passes, or it is cancelled."""
+        if attempt.stop.done():  # stopped while it was being started: nothing to run
+            return attempt.stop.result()
         loop = asyncio.get_running_loop()
         function = self.registry.get(task.task_type)
         if function is None:
@@ -378,7 +423,7 @@ class Scheduler:
             work.add_done_callback(_ignore_outcome)
             raise
         if work in done and not attempt.stop.done():
-            return _outcome_of(work)
+            return _outcome_of(work, task)
         if attempt.stop.done():
             stopped = attempt.stop.result()
         else:
@@ -389,7 +434,9 @@ class Scheduler:
         reason = stopped.error.message if stopped.error else ""
         context._request_stop(reason)
         if not work.done():
-            await asyncio.wait({work}, timeout=self.config.cancel_grace)
+            await asyncio.wait(
+                {work, attempt.hurry}, timeout=attempt.grace, return_when=asyncio.FIRST_COMPLETED
+            )
         if not work.done():
             # An async handler is cancelled; a blocking one cannot be, and is abandoned:
             # whatever it returns later is discarded.
@@ -406,7 +453,16 @@ class Scheduler:
                 return None
             if task.cancel_requested_at is not None:
                 return _cancelled(task, task.cancel_reason, now)
-            if outcome.error is None:
+            error = outcome.error
+            if outcome.interrupted:
+                if task.interruptions < config.max_interruptions:
+                    return _requeued(task, now, config.max_interruptions)
+                error = TaskError(
+                    ErrorCode.INTERRUPTED,
+                    f"the server stopped while attempt {task.attempt} ran, after "
+                    f"{task.interruptions} earlier interruptions: this one uses the attempt",
+                )
+            if error is None:
                 return task.evolve(
                     status=TaskStatus.COMPLETED,
                     result=outcome.result,
@@ -415,7 +471,6 @@ class Scheduler:
                     finished_at=now,
                     updated_at=now,
                 )
-            error = outcome.error
             delay = config.retry_delay(task.attempt)
             return self._after_failure(
                 task, error, retryable=outcome.retryable, now=now, delay=delay
@@ -448,8 +503,12 @@ class Scheduler:
 
     # -- progress ----------------------------------------------------------------
 
-    def _report(self, attempt: _Attempt, changes: dict[str, Any]) -> None:
-        """Merge a handler's report and write it unless a write is already on its way."""
+    def _report(self, attempt: _Attempt, changes: dict[str, Any] | TaskError) -> None:
+        """Merge a handler's report and write it unless a write is already on its way;
+        a report over its caps fails the attempt."""
+        if isinstance(changes, TaskError):
+            attempt.request_stop(_Outcome(error=changes, retryable=False))
+            return
         attempt.progress.update(changes)
         if attempt.flusher is None or attempt.flusher.done():
             attempt.flusher = asyncio.create_task(self._flush(attempt))
@@ -495,6 +554,29 @@ def _progress_mutation(
     return apply
 
 
+def _interrupted() -> _Outcome:
+    """What an attempt that the server's shutdown stopped comes to, whatever it returns."""
+    error = TaskError(ErrorCode.INTERRUPTED, "the server stopped while the attempt ran")
+    return _Outcome(error=error, interrupted=True)
+
+
+def _requeued(task: Task, now: float, limit: int) -> Task:
+    """An attempt stopped by the server's shutdown: queued again on the same attempt."""
+    count = task.interruptions + 1
+    message = (
+        f"the server stopped while attempt {task.attempt} ran; queued again without using "
+        f"an attempt (interruption {count} of at most {limit})"
+    )
+    return task.evolve(
+        status=TaskStatus.CREATED,
+        interruptions=count,
+        error=TaskError(ErrorCode.INTERRUPTED, message),
+        next_attempt_at=None,
+        updated_at=now,
+        message=message,
+    )
+
+
 def _cancelled(task: Task, reason: str, now: float) -> Task:
     return task.evolve(
         status=TaskStatus.CANCELLED,
@@ -515,7 +597,8 @@ def _start_handler(
     never returns holds only its own thread, never a slot that other tasks need.
     """
     if is_async(function):
-        return asyncio.ensure_future(cast(Awaitable[Any], function(context)))
+        handler = cast(Awaitable[Any], function(context))
+        return asyncio.ensure_future(track(handler, context.task_id, context.task_type))
     future: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
@@ -538,17 +621,32 @@ def _start_handler(
     return future
 
 
-def _outcome_of(work: asyncio.Future[Any]) -> _Outcome:
-    """Turn a finished handler into an outcome: its result, or its exception as HANDLER_ERROR."""
+def _outcome_of(work: asyncio.Future[Any], task: Task) -> _Outcome:
+    """Turn a finished handler into an outcome: its result, or its exception as
+    HANDLER_ERROR (its type kept in the message, its traceback logged with the task)."""
     if work.cancelled():
         return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
     error = work.exception()
     if error is not None:
-        message = str(error) or type(error).__name__
-        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message))
-    result = work.result()
+        log.error(
+            "task %s (%s), attempt %d: the handler raised %s",
+            task.task_id, task.task_type, task.attempt, type(error).__name__,
+            exc_info=error,
+        )  # fmt: skip
+        name = type(error).__qualname__
+        message = f"{name}: {error}" if str(error) else name
+        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
+    return result_outcome(work.result())
+
+
+def result_outcome(result: Any) -> _Outcome:
+    """A handler's result, or the error that refuses it: not JSON, or over the size cap."""
     if (problem := json_problem(result)) is not None:
         return _Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
+    size = to_value(result).ByteSize()
+    if size > MAX_RESULT_BYTES:
+        message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
+        return _Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
     return _Outcome(result=result)
 
 

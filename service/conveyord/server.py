@@ -21,11 +21,13 @@ from grpc_reflection.v1alpha import reflection
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
+from conveyord.limits import MAX_RECEIVE_BYTES
 from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.store import store_from_url
-from conveyord.store.base import TaskStore
+from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
 from conveyord.store.sqlite import SqliteStore
+from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ KEEPALIVE_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+SERVER_OPTIONS = (
+    *KEEPALIVE_OPTIONS,
+    # One server answers for one store: gRPC sets SO_REUSEPORT by default, which would let
+    # a second conveyord listen on the same port and take half the calls.
+    ("grpc.so_reuseport", 0),
+    # The largest request any method can legitimately receive; each method checks its own.
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 )
 
 
@@ -56,6 +66,7 @@ class ServerConfig:
     history_age: float = DEFAULT_HISTORY_AGE
     watch_buffer: int = DEFAULT_WATCH_BUFFER
     shutdown_grace: float = 30.0
+    blocked_loop_warning: float = DEFAULT_BLOCKED_LOOP_WARNING  # seconds; 0: never
 
 
 class Server:
@@ -86,9 +97,10 @@ class Server:
         self.hub = EventHub(self.store.revision, buffer=config.watch_buffer)
         self.store.set_listener(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
+        self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
         self.port = 0
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE_OPTIONS)
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -109,6 +121,7 @@ class Server:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
+        self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
         await self.scheduler.start()
         await server.start()
         for service in ("", SERVICE_NAME):
@@ -134,10 +147,12 @@ class Server:
         self.hub.close()
         await self._grpc.stop(grace=1.0)
         await self.store.close()
+        await self.watchdog.stop()
         log.info("conveyord stopped")
 
     def _store_failed(self, error: Exception) -> None:
         self.failed = True
+        self.scheduler.refuse(StoreFailed(f"the store failed and the server is stopping: {error}"))
         self.stop_requested.set()
 
     async def __aenter__(self) -> Server:

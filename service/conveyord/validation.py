@@ -15,11 +15,12 @@ import re
 import uuid
 from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from conveyor.protojson import struct_to_dict
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.handlers import HandlerRegistry
+from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES
 from conveyord.model import Task, TaskFilter, TaskStatus
 
 DEFAULT_PRIORITY = 5
@@ -40,12 +41,34 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 
 
+# An error names at most this many bad fields (and how many more there were), each in at
+# most MAX_VIOLATION_TEXT characters, so that it fits gRPC's default 8 KiB metadata limit
+# however bad the request.
+MAX_VIOLATIONS_SHOWN = 10
+MAX_VIOLATION_TEXT = 200
+
+
 class InvalidArgument(Exception):
-    """One or more fields of a request are bad: (field path, what is wrong) pairs."""
+    """One or more fields of a request are bad: (field path, what is wrong) pairs.
+
+    `violations` holds the first MAX_VIOLATIONS_SHOWN of them, cut to a readable length;
+    `total` counts them all.
+    """
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{field}: {description}" for field, description in violations))
-        self.violations = violations
+        self.total = len(violations)
+        self.violations = [
+            (_cut(field), _cut(description))
+            for field, description in violations[:MAX_VIOLATIONS_SHOWN]
+        ]
+        text = "; ".join(f"{field}: {description}" for field, description in self.violations)
+        if self.total > len(self.violations):
+            text += f"; and {self.total - len(self.violations)} more"
+        super().__init__(text)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VIOLATION_TEXT else text[: MAX_VIOLATION_TEXT - 3] + "..."
 
 
 class _Checker:
@@ -185,6 +208,8 @@ def _create(
             f"{field}task_type",
             f"{task.task_type[:64]!r} is not a registered task type (known: {known})",
         )
+    if task.parameters.fields:
+        _parameters(checker, task.parameters, f"{field}parameters")
     if len(task.description) > MAX_DESCRIPTION:
         checker.fail(f"{field}description", f"is longer than {MAX_DESCRIPTION} characters")
     if task.HasField("priority") and not 1 <= task.priority <= 10:
@@ -200,6 +225,31 @@ def _create(
     _labels(checker, task.labels, f"{field}labels")
     if len(request.request_id) > MAX_REQUEST_ID:
         checker.fail(f"{prefix}request_id", f"is longer than {MAX_REQUEST_ID} characters")
+
+
+def _parameters(checker: _Checker, parameters: struct_pb2.Struct, field: str) -> None:
+    size = parameters.ByteSize()
+    if size > MAX_PARAMETERS_BYTES:
+        checker.fail(field, f"are {size} bytes encoded; at most {MAX_PARAMETERS_BYTES} are allowed")
+    elif _depth(parameters) > MAX_JSON_DEPTH:
+        checker.fail(field, f"nest deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _depth(struct: struct_pb2.Struct) -> int:
+    """How deep a Struct nests: 1 for a flat one (protobuf parsing bounds the recursion)."""
+    deepest = 0
+    for value in struct.fields.values():
+        deepest = max(deepest, _value_depth(value))
+    return 1 + deepest
+
+
+def _value_depth(value: struct_pb2.Value) -> int:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _depth(value.struct_value)
+    if kind == "list_value":
+        return 1 + max((_value_depth(item) for item in value.list_value.values), default=0)
+    return 0
 
 
 def _labels(checker: _Checker, labels: Any, field: str) -> None:

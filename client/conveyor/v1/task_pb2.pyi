@@ -44,7 +44,8 @@ class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
     """The state of a task. A task moves only along
     CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED} and CREATED -> CANCELLED.
     A failed attempt that has attempts left goes back from RUNNING to CREATED with
-    `attempt` raised and `next_attempt_at` set.
+    `attempt` raised and `next_attempt_at` set; an attempt stopped by the server's own
+    shutdown goes back to CREATED on the same `attempt` (error INTERRUPTED).
     """
 
 TASK_STATUS_UNSPECIFIED: TaskStatus.ValueType  # 0
@@ -108,7 +109,7 @@ class TaskRequest(_message.Message):
     """How many attempts the task gets, 1 to 100. Unset means 1 (no retry)."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Input of the handler."""
+        """Input of the handler; at most 1 MiB encoded and 32 levels deep."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -156,10 +157,16 @@ class TaskError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """A stable machine-readable code: HANDLER_ERROR (the handler raised),
-    DEADLINE_EXCEEDED (an attempt ran past its timeout), CANCELLED (a Cancel ended
-    the task), INVALID_RESULT (the handler returned something that is not JSON),
-    INTERRUPTED (the server stopped while the task ran and no attempt was left).
+    """A stable machine-readable code: HANDLER_ERROR (the handler raised; the message
+    starts with the exception's type), DEADLINE_EXCEEDED (an attempt ran past its
+    timeout), CANCELLED (a Cancel ended the task), INVALID_RESULT (the handler returned
+    something that is not JSON, or nests deeper than 32 levels), RESULT_TOO_LARGE (a
+    result over 1 MiB encoded), INVALID_REPORT (a progress detail that is not JSON),
+    REPORT_TOO_LARGE (a progress message over 4096 characters or a detail over 64 KiB),
+    INTERRUPTED (the server stopped while the attempt ran: on a task queued again, a
+    shutdown that used no attempt; on a retried or FAILED one, a crash, or a shutdown
+    past the server's limit of interruptions, that used it). The INVALID_ and _TOO_LARGE
+    failures are not retried.
     """
     message: _builtins.str
     """What happened, for people."""

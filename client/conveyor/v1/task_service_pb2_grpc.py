@@ -31,8 +31,13 @@ class TaskServiceStub:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
-    is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
+    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    fields; the status message counts the rest.
+
+    Every method refuses a request larger than it can legitimately receive with
+    RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
+    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -81,8 +86,13 @@ class TaskServiceServicer:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
-    is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
+    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    fields; the status message counts the rest.
+
+    Every method refuses a request larger than it can legitimately receive with
+    RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
+    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -130,6 +140,9 @@ class TaskServiceServicer:
 
     def List(self, request, context):
         """Lists tasks in the order they were created, oldest first, one page at a time.
+
+        A page holds fewer tasks than page_size, with a next_page_token, when more would
+        make the answer larger than 3 MiB.
 
         Codes: OK; INVALID_ARGUMENT (a bad filter, a page_size outside 0..1000, or a
         page_token that is malformed or was issued for a different filter).
@@ -242,8 +255,13 @@ class TaskService:
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
-    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED) and whose domain
-    is "conveyor.v1".
+    REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
+    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    fields; the status message counts the rest.
+
+    Every method refuses a request larger than it can legitimately receive with
+    RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
+    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """

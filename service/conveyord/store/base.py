@@ -38,6 +38,11 @@ class RequestIdReused(StoreError):
         self.task_id = task_id
 
 
+class StoreFailed(StoreError):
+    """The store can no longer make changes durable (a failed write, or its file is gone):
+    what was staged is not acknowledged, and the server must stop."""
+
+
 class RevisionOutOfRange(StoreError):
     def __init__(self, revision: int, oldest: int, latest: int) -> None:
         super().__init__(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskStatus
+from conveyord.store.base import StoreFailed
 from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,6 @@ class StoreTooNew(StoreOpenError):
     exit_code = 6
 
 
-class StoreFailed(Exception):
-    """A write to the store failed: what was staged is not durable, and the store stops."""
-
-
 class SqliteStore(MemoryStore):
     """A MemoryStore whose changes are journaled to a SQLite file before they count."""
 
@@ -87,6 +85,7 @@ class SqliteStore(MemoryStore):
         self._in_flight: dict[str, asyncio.Future[None]] = {}  # task_id -> its latest batch
         self._writing: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
+        self._file_identity: tuple[int, int] | None = None
         self.on_failure: Callable[[Exception], None] = lambda error: None
 
     # -- opening -----------------------------------------------------------------
@@ -136,6 +135,7 @@ class SqliteStore(MemoryStore):
             connection.execute("COMMIT")
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
+            self._file_identity = _identity(self.path)
         except StoreOpenError:
             connection.close()
             raise
@@ -146,13 +146,25 @@ class SqliteStore(MemoryStore):
                     f"store file {self.path} is in use by another conveyord; "
                     "give each server a store of its own"
                 ) from error
-            raise StoreOpenError(f"cannot read store file {self.path}: {error}") from error
+            raise StoreOpenError(self._cannot_open(error)) from error
         except sqlite3.DatabaseError as error:
             connection.close()
             raise StoreOpenError(
                 f"store file {self.path} is not a SQLite database or is corrupt: {error}"
             ) from error
         return connection
+
+    def _cannot_open(self, error: sqlite3.Error) -> str:
+        """Say why the file cannot be used, where SQLite's own words ("disk I/O error") hide it."""
+        for place in (self.path, self.path.parent):
+            if place.exists() and not os.access(place, os.W_OK):
+                kind = "file" if place == self.path else "folder"
+                if os.statvfs(place).f_flag & os.ST_RDONLY:
+                    why = "is on a read-only file system"
+                else:
+                    why = f"is not writable by this user (uid {os.getuid()})"
+                return f"store {kind} {place} {why}; the store must write there ({error})"
+        return f"cannot use store file {self.path}: {error}"
 
     def _upgrade(self, connection: sqlite3.Connection) -> None:
         """Apply the migrations the file lacks; refuse a file that is foreign or newer."""
@@ -223,8 +235,9 @@ class SqliteStore(MemoryStore):
         (on restart, the file holds every change that was answered)."""
         self._failure = error
         log.critical(
-            "writing to store %s failed; no further change is accepted: %s", self.path, error
-        )
+            "writing to store %s failed; no further change is accepted: %s: %s",
+            self.path, type(error).__name__, error,
+        )  # fmt: skip
         failure = StoreFailed(f"writing to the store failed: {error}")
         for pending in (done, self._batch_done):
             if pending is not None and not pending.done():
@@ -261,8 +274,26 @@ class SqliteStore(MemoryStore):
             connection.execute("UPDATE state SET revision = ?, next_seq = ?", (revision, next_seq))
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            # A failed COMMIT may have rolled back already; a second error would hide the first.
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
             raise
+        self._check_file()
+
+    def _check_file(self) -> None:
+        """Refuse to acknowledge changes written to a file that is no longer the store's:
+        deleted or replaced at its path, it would be lost or ignored at the next start."""
+        try:
+            identity = _identity(self.path)
+        except FileNotFoundError:
+            identity = None
+        if identity != self._file_identity:
+            what = "deleted" if identity is None else "replaced by another file"
+            raise StoreFailed(
+                f"store file {self.path} was {what} while this server used it; the changes "
+                "written since are not in it"
+            )
 
     async def close(self) -> None:
         """Finish the writes under way, then close the file; safe to call twice."""
@@ -272,6 +303,12 @@ class SqliteStore(MemoryStore):
             connection, self._connection = self._connection, None
             await asyncio.get_running_loop().run_in_executor(self._writer, connection.close)
         self._writer.shutdown(wait=True)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """What tells one file from another at the same path: its device and inode."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _encode(task: Task) -> str:

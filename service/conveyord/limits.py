@@ -1,0 +1,36 @@
+"""The documented caps on what a task carries, enforced where each part enters.
+
+A request over a cap is refused (INVALID_ARGUMENT naming the field, or RESOURCE_EXHAUSTED
+for a message over its method's receive limit); a handler's result or report over a cap
+fails the attempt with an error code of its own. Together they keep every task, every
+answer and every List page within gRPC's default 4 MiB message limit, so that no stored
+task can make a Get, a List or a Watch fail for its readers.
+"""
+
+from __future__ import annotations
+
+KIB = 1024
+MIB = 1024 * KIB
+
+MAX_PARAMETERS_BYTES = 1 * MIB  # a TaskRequest's parameters, encoded
+MAX_RESULT_BYTES = 1 * MIB  # a handler's result, encoded as a google.protobuf.Value
+MAX_DETAIL_BYTES = 64 * KIB  # a progress report's detail, encoded as a Struct
+MAX_MESSAGE = 4096  # characters of a progress message
+MAX_JSON_DEPTH = 32  # nesting of parameters, results and details (protobuf parses 100 levels)
+
+# The most any answer may hold: a List page stops before a task that would pass it. A
+# task is at most about 2.2 MiB (parameters, result, detail, labels, description), so a
+# page always holds at least one.
+MAX_PAGE_BYTES = 3 * MIB
+
+# What each method can legitimately receive; a larger request is refused before it is
+# parsed. The server's transport limit is the largest of them.
+RECEIVE_LIMITS = {
+    "Create": MAX_PARAMETERS_BYTES + 256 * KIB,
+    "BatchCreate": 4 * MIB,
+    "Get": 4 * KIB,
+    "Cancel": 8 * KIB,
+    "List": 128 * KIB,
+    "Watch": 128 * KIB,
+}
+MAX_RECEIVE_BYTES = max(RECEIVE_LIMITS.values())

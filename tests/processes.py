@@ -1,0 +1,52 @@
+"""A real `conveyord` process, for the tests that start one (the `conveyord` fixture)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).parent / "conveyord"  # what `pip install` puts on PATH
+
+
+class Conveyord:
+    """A conveyord process on a free port, with its log on stderr."""
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "conveyord"),
+        cwd: Path = ROOT,
+    ) -> None:
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.process = subprocess.Popen(
+            [
+                *command,
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                "memory",
+                *args,
+            ],
+            cwd=cwd,
+            env=environment,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        self.log: list[str] = []
+        for line in self.process.stderr:
+            self.log.append(line)
+            if match := re.search(r"\(port (\d+)\)", line):
+                self.address = f"127.0.0.1:{match.group(1)}"
+                return
+        raise AssertionError("conveyord did not start:\n" + "".join(self.log))
+
+    def rest_of_log(self) -> str:
+        assert self.process.stderr is not None
+        return "".join(self.log) + self.process.stderr.read()
