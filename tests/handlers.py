@@ -90,3 +90,8 @@ def bad_report(ctx: TaskContext) -> str:
         ctx.report(detail={"when": object()})
     ctx.cancel_event.wait(timeout=30)
     return "stopped"
+
+
+@handler("raises_key_error")
+def raises_key_error(ctx: TaskContext) -> Any:
+    return {}["missing-key"]

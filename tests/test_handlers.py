@@ -94,3 +94,9 @@ def test_only_another_function_for_a_registered_task_type_is_a_clash() -> None:
     with pytest.raises(HandlerLoadError, match=r"test_handlers\..*\.other"):
         registry.register("resize", other)
     assert registry.get("resize") is resize
+
+
+@pytest.mark.parametrize("task_type", ["", "bad\ntype"])
+def test_an_invalid_task_type_cannot_be_loaded(task_type: str) -> None:
+    with pytest.raises(HandlerLoadError, match="invalid task type"):
+        HandlerRegistry({task_type: lambda ctx: None})

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import grpc
+import pytest
 
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import task_service_pb2 as pb
@@ -130,6 +131,19 @@ async def test_a_task_fails_once_its_attempts_are_spent(stub: TaskServiceStub) -
         "HANDLER_ERROR",
         "RuntimeError: always",
     )
+
+
+async def test_a_handler_exception_keeps_its_type_and_logs_its_traceback(
+    stub: TaskServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = await create(stub, "raises_key_error")
+    ended = await final(stub, task.task_id)
+    assert (ended.status, ended.error.code) == (FAILED, "HANDLER_ERROR")
+    assert ended.error.message == "KeyError: 'missing-key'"
+    (record,) = [r for r in caplog.records if task.task_id in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert "raises_key_error" in record.getMessage()
+    assert 'return {}["missing-key"]' in caplog.text  # the traceback, down to the line
 
 
 def test_the_default_backoff_doubles_from_one_second() -> None:

@@ -82,12 +82,13 @@ class HandlerRegistry:
     def register(self, task_type: str, function: Handler) -> None:
         """Run `function` for tasks of `task_type`.
 
-        Raises HandlerLoadError if another function has that type already: silently replacing
-        a handler (a built-in one, or one from another module) would run the wrong code.
-        The same function registered again (say, imported into a second module) is fine.
+        Raises HandlerLoadError for a task type that is empty or not printable, or that
+        another function has already: silently replacing a handler (a built-in one, or one
+        from another module) would run the wrong code. The same function registered again
+        (say, imported into a second module) is fine.
         """
         if not task_type or not task_type.isprintable():
-            raise ValueError(f"invalid task type {task_type!r}")
+            raise HandlerLoadError(f"{_name_of(function)} has an invalid task type {task_type!r}")
         existing = self._handlers.get(task_type)
         if existing is not None and existing is not function:
             raise HandlerLoadError(
