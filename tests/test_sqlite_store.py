@@ -226,6 +226,16 @@ async def test_conveyord_exits_with_a_message_for_a_newer_store(tmp_path: Path) 
     assert "schema version 99" in result.stderr
 
 
+def test_conveyord_exits_with_a_message_for_a_folder_it_cannot_make(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the store's folder should be")
+    result = _conveyord("--store", f"sqlite:{tmp_path / 'taken' / 'tasks.db'}")
+    assert result.returncode == 5
+    assert f"cannot make the folder of store file {tmp_path / 'taken' / 'tasks.db'}" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_a_malformed_store_option_is_refused() -> None:
     result = _conveyord("--store", "postgres://somewhere")
     assert result.returncode == 2

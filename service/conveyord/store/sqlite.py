@@ -122,8 +122,12 @@ class SqliteStore(MemoryStore):
 
     def _connect(self) -> sqlite3.Connection:
         """Connect, take the file for this server alone, and bring its schema up to date."""
-        if self.path.parent and not self.path.parent.exists():
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreOpenError(
+                f"cannot make the folder of store file {self.path}: {error.strerror or error}"
+            ) from error
         try:
             connection = sqlite3.connect(self.path, timeout=0, isolation_level=None)
         except sqlite3.Error as error:
