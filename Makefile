@@ -30,6 +30,11 @@ bench: setup
 
 generate: setup
 	$(BIN)/python scripts/generate.py
+	$(BIN)/python scripts/unasync.py
+
+check-generated: setup
+	$(BIN)/python scripts/generate.py --check
+	$(BIN)/python scripts/unasync.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -24,6 +24,7 @@ Item = TypeVar("Item")
 
 
 class AsyncClient(ClientBase):
+    # unasync: async-only
     """An asyncio client of a conveyor server; `Client` is its blocking twin.
 
     `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
@@ -35,6 +36,19 @@ class AsyncClient(ClientBase):
     keeps its stream open until it is closed: use `contextlib.aclosing` around it.
     """
 
+    # unasync: sync-only
+    # """A blocking client of a conveyor server; `AsyncClient` is its asyncio twin.
+    #
+    # `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
+    # or pass a `channel` of your own (for TLS or channel options), which `close` leaves
+    # open; give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
+    # client's own channel has. `timeout` is the default of every call's `timeout` (None:
+    # no limit), and also how long a broken watch keeps trying to reconnect. Watches ask
+    # the server for a heartbeat after `heartbeat_interval` quiet seconds, which keeps
+    # proxies from closing idle streams and gives a recent revision to resume from.
+    # """
+    # unasync: end
+
     def __init__(
         self,
         target: str | None = None,
@@ -45,7 +59,7 @@ class AsyncClient(ClientBase):
     ) -> None:
         super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
         self._channel = channel or grpc.aio.insecure_channel(
-            self._target, options=_requests.KEEPALIVE_OPTIONS
+            self._target, options=_requests.ASYNC_CHANNEL_OPTIONS
         )
         self._stub = TaskServiceStub(self._channel)
 

@@ -27,6 +27,12 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# The options of each client's own channel (scripts/unasync.py turns ASYNC_X into X).
+ASYNC_CHANNEL_OPTIONS = KEEPALIVE_OPTIONS
+# grpc.experimental.ChannelOptions.SingleThreadedUnaryStream: streams are driven by the
+# thread that reads them rather than by a thread of grpc's own, which fails (a TypeError)
+# when the channel is closed while it still finishes a stream (a watch left early, Ctrl-C).
+CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1), *KEEPALIVE_OPTIONS]
 CREATE_KEYS = frozenset(
     {"task_type", "parameters", "priority", "timeout_seconds", "max_attempts", "labels"}
     | {"description", "request_id"}
