@@ -75,7 +75,7 @@ async def probe(queued: int) -> dict[str, float]:
             if completed == DISPATCHES:
                 enough.set()
 
-    store.set_listener(listen)
+    store.feed.follow(listen)
     registry = HandlerRegistry({"parked": parked, "noop": noop})
     config = SchedulerConfig(concurrency=1, max_queued=queued + CREATES + 1)
     scheduler = Scheduler(store, registry, config)

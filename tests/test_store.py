@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,10 @@ Opener = Callable[..., TaskStore]
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """Makes stores of the kind under test; SQLite ones share one file, one at a time."""
 
-    def make(**options: object) -> TaskStore:
+    def make(**options: Any) -> TaskStore:
         if request.param == "memory":
-            return MemoryStore(**options)  # type: ignore[arg-type]
-        return SqliteStore(tmp_path / "tasks.db", **options)  # type: ignore[arg-type]
+            return MemoryStore(**options)
+        return SqliteStore(tmp_path / "tasks.db", **options)
 
     return make
 
@@ -38,13 +39,13 @@ async def store(open_store: Opener) -> AsyncIterator[TaskStore]:
 
 
 def new_task(request_id: str = "", request_hash: bytes = b"h", **fields: object) -> Task:
-    base: dict[str, object] = {
+    base: dict[str, Any] = {
         "task_id": str(uuid.uuid4()), "seq": 0, "task_type": "echo", "description": "",
         "parameters": {"n": 1}, "priority": 5, "timeout_seconds": 10.0, "max_attempts": 1,
         "labels": {}, "created_at": 1.0, "updated_at": 1.0, "request_id": request_id,
         "request_hash": request_hash,
     }  # fmt: skip
-    return Task(**{**base, **fields})  # type: ignore[arg-type]
+    return Task(**{**base, **fields})
 
 
 def admit(count: int) -> None:
@@ -146,7 +147,7 @@ async def test_list_pages_by_creation_order_with_filters(store: TaskStore) -> No
 
 async def test_every_change_reaches_the_listener_in_order(store: TaskStore) -> None:
     seen: list[Change] = []
-    store.set_listener(seen.append)
+    store.feed.follow(seen.append)
     task, _ = await create_one(store, new_task())
     await store.update(task.task_id, start)
     await store.update(task.task_id, complete)
@@ -201,7 +202,7 @@ async def test_finished_tasks_are_removed_in_batches(store: TaskStore) -> None:
         await store.update(task.task_id, start)
         await store.update(task.task_id, complete)
     seen: list[Change] = []
-    store.set_listener(seen.append)
+    store.feed.follow(seen.append)
     assert await store.remove_finished(finished_before=2.0, limit=10) == 0  # they ended at 3.0
     assert await store.remove_finished(finished_before=4.0, limit=3) == 3
     assert await store.remove_finished(finished_before=4.0, limit=3) == 1

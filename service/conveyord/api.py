@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf import duration_pb2, message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import message
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from conveyor.v1 import task_service_pb2 as pb
@@ -29,28 +29,42 @@ from conveyord.convert import (
     tasks_message,
     watch_message,
 )
-from conveyord.hub import EventHub, HubClosed, WatcherTooSlow
+from conveyord.errors import ConveyorError
+from conveyord.hub import EventHub, WatcherTooSlow
 from conveyord.limits import MAX_PAGE_BYTES, RECEIVE_LIMITS
 from conveyord.model import Change, ChangeKind, Task
-from conveyord.scheduler import QueueFull, Scheduler, ShuttingDown, TaskAlreadyEnded
-from conveyord.store.base import RequestIdReused, RevisionOutOfRange, StoreFailed, TaskNotFound
-from conveyord.validation import InvalidArgument, WatchQuery
+from conveyord.scheduler import Scheduler
+from conveyord.store.base import TaskNotFound
+from conveyord.validation import WatchQuery
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
-ERROR_DOMAIN = "conveyor.v1"
 Request = TypeVar("Request", bound=message.Message)
 
 
-class MalformedRequest:
-    """Stands in for a request whose bytes did not parse, or that is larger than its method
-    can legitimately receive, so that the RPC can refuse it cleanly."""
+class MalformedRequest(ConveyorError):
+    """Stands in for a request whose bytes did not parse, so that the RPC refuses it cleanly."""
 
-    def __init__(self, name: str, size: int = 0, limit: int = 0) -> None:
-        self.name = name
-        self.size = size  # set when the request was refused for its size
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = ""  # no details: there are no fields to point at
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the request is not a valid {name} message")
+
+
+class RequestTooLarge(ConveyorError):
+    """Stands in for a request larger than its method can legitimately receive."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_TOO_LARGE"
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(f"the {name} is {size} bytes; at most {limit} are accepted")
         self.limit = limit
+
+    def metadata(self) -> dict[str, str]:
+        return {"limit_bytes": str(self.limit)}
 
 
 class TaskServiceApi:
@@ -179,84 +193,31 @@ def _ends_watch(query: WatchQuery, change: Change) -> bool:
 # -- errors ----------------------------------------------------------------------
 
 
-def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
-    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-
-
 def status_of(error: Exception) -> grpc.Status | None:
     """The gRPC status that answers a known failure, or None for an unexpected one."""
-    details: list[message.Message]
-    match error:
-        case InvalidArgument(violations=violations):
-            code = code_pb2.INVALID_ARGUMENT
-            details = [
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                        for f, d in violations
-                    ]
-                )
-            ]
-        case TaskNotFound(task_id=task_id):
-            code, details = code_pb2.NOT_FOUND, [_error_info("TASK_NOT_FOUND", task_id=task_id)]
-        case RequestIdReused(request_id=request_id, task_id=task_id):
-            code = code_pb2.ALREADY_EXISTS
-            details = [_error_info("REQUEST_ID_REUSED", request_id=request_id, task_id=task_id)]
-        case TaskAlreadyEnded(task=task):
-            code = code_pb2.FAILED_PRECONDITION
-            details = [_error_info("TASK_ALREADY_ENDED", status=task.status.name)]
-        case QueueFull():
-            code = code_pb2.RESOURCE_EXHAUSTED
-            details = [
-                _error_info("QUEUE_FULL"),
-                error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)),
-            ]
-        case RevisionOutOfRange(oldest=oldest, latest=latest):
-            code = code_pb2.OUT_OF_RANGE
-            details = [_error_info("REVISION_OUT_OF_RANGE", oldest=str(oldest), latest=str(latest))]
-        case WatcherTooSlow(revision=revision):
-            code = code_pb2.RESOURCE_EXHAUSTED
-            details = [_error_info("WATCHER_TOO_SLOW", resume_revision=str(revision))]
-        case ShuttingDown() | HubClosed():
-            code, details = code_pb2.UNAVAILABLE, [_error_info("SHUTTING_DOWN")]
-            error = ShuttingDown()
-        case StoreFailed():
-            code, details = code_pb2.UNAVAILABLE, [_error_info("STORE_FAILED")]
-        case _:
-            return None
-    status = status_pb2.Status(code=code, message=str(error))
-    for detail in details:
+    if not isinstance(error, ConveyorError):
+        return None
+    return _status(error)
+
+
+def _status(error: ConveyorError) -> grpc.Status:
+    status = status_pb2.Status(code=error.code.value[0], message=str(error))
+    for detail in error.details():
         status.details.add().Pack(detail)
-    return cast(grpc.Status, rpc_status.to_status(status))
-
-
-def _malformed_status(request: MalformedRequest) -> grpc.Status:
-    if request.limit:
-        status = status_pb2.Status(
-            code=code_pb2.RESOURCE_EXHAUSTED,
-            message=f"the {request.name} is {request.size} bytes; "
-            f"at most {request.limit} are accepted",
-        )
-        info = _error_info("REQUEST_TOO_LARGE", limit_bytes=str(request.limit))
-        status.details.add().Pack(info)
-    else:
-        status = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT,
-            message=f"the request is not a valid {request.name} message",
-        )
     return cast(grpc.Status, rpc_status.to_status(status))
 
 
 # -- wiring ----------------------------------------------------------------------
 
 
-def _deserializer(cls: type[Request], limit: int) -> Callable[[bytes], Request | MalformedRequest]:
-    """Parse a request, or stand in for one that is too large for its method or malformed."""
+def _deserializer(cls: type[Request], limit: int) -> Callable[[bytes], Request | ConveyorError]:
+    """Parse a request, or stand in for one that is too large for its method or malformed
+    with the error that refuses it."""
     name = cls.DESCRIPTOR.full_name
 
-    def parse(data: bytes) -> Request | MalformedRequest:
+    def parse(data: bytes) -> Request | ConveyorError:
         if len(data) > limit:
-            return MalformedRequest(name, len(data), limit)
+            return RequestTooLarge(name, len(data), limit)
         try:
             return cls.FromString(data)
         except message.DecodeError:
@@ -269,8 +230,8 @@ def _unary(
     behaviour: Callable[[Any], Awaitable[bytes]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        if isinstance(request, MalformedRequest):
-            await context.abort_with_status(_malformed_status(request))
+        if isinstance(request, ConveyorError):  # it could not be read
+            await context.abort_with_status(_status(request))
         try:
             return await behaviour(request)
         except Exception as error:
@@ -289,8 +250,8 @@ def _stream(
     async def handle(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        if isinstance(request, MalformedRequest):
-            await context.abort_with_status(_malformed_status(request))
+        if isinstance(request, ConveyorError):  # it could not be read
+            await context.abort_with_status(_status(request))
         try:
             async for response in behaviour(request):
                 yield response

@@ -51,6 +51,9 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
     if task.error is not None:
         message.error.code = task.error.code
         message.error.message = task.error.message
+    if task.last_attempt_error is not None:
+        message.last_attempt_error.code = task.last_attempt_error.code
+        message.last_attempt_error.message = task.last_attempt_error.message
     return message
 
 

@@ -20,17 +20,23 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+import grpc
+
+from conveyord.errors import ConveyorError, ShuttingDown
 from conveyord.model import Change, ChangeKind, TaskFilter
 
 DEFAULT_WATCH_BUFFER = 1_000
 
 
-class HubClosed(Exception):
+class HubClosed(ShuttingDown):
     """The hub was closed (the server is stopping) while a watcher waited."""
 
 
-class WatcherTooSlow(Exception):
+class WatcherTooSlow(ConveyorError):
     """A watcher fell too far behind; it should resume from `revision`, the last it got."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "WATCHER_TOO_SLOW"
 
     def __init__(self, limit: int, revision: int = 0) -> None:
         super().__init__(
@@ -39,6 +45,9 @@ class WatcherTooSlow(Exception):
         )
         self.limit = limit
         self.revision = revision
+
+    def metadata(self) -> dict[str, str]:
+        return {"resume_revision": str(self.revision)}
 
 
 class Delivery:

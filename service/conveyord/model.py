@@ -100,6 +100,12 @@ class Task:
     cancel_requested_at: float | None = None
     cancel_reason: str = ""
     interruptions: int = 0  # attempts stopped by a server's shutdown, which used no attempt
+    # The error of the latest failed attempt, kept when a later attempt completes.
+    last_attempt_error: TaskError | None = None
+    # The lease of the running attempt: its id fences the attempt's reports and result.
+    lease_id: str = ""
+    lease_holder: str = ""
+    lease_expires_at: float | None = None
     revision: int = 0
     # This state's TaskResponse, serialized, once something has needed it (see convert.py):
     # every reader of the same state (Get, List, watchers) shares one encoding.

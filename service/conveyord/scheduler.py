@@ -13,13 +13,25 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+
 from conveyor.protojson import to_value
+from conveyord import lifecycle
+from conveyord.errors import ConveyorError
+from conveyord.errors import ShuttingDown as ShuttingDown  # re-exported: it was defined here
 from conveyord.handlers import HandlerRegistry, TaskContext, is_async
+from conveyord.lifecycle import Lease, Outcome, RetryPolicy, StaleLease
+from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
 from conveyord.limits import MAX_MESSAGE, MAX_RESULT_BYTES
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus, json_problem
 from conveyord.queue import ReadyQueue
@@ -51,14 +63,21 @@ class SchedulerConfig:
     sweep_batch: int = 500
     max_interruptions: int = 3
 
-    def retry_delay(self, failed_attempt: int) -> float:
-        """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
-        return min(
-            self.retry_initial * self.retry_multiplier ** (failed_attempt - 1), self.retry_max
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.retry_initial, self.retry_multiplier, self.retry_max, self.max_interruptions
         )
 
+    def retry_delay(self, failed_attempt: int) -> float:
+        """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
+        return self.retry_policy.delay(failed_attempt)
 
-class QueueFull(Exception):
+
+class QueueFull(ConveyorError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+
     def __init__(self, count: int, limit: int) -> None:
         super().__init__(
             f"the queue has no room for {count} more tasks (it holds at most {limit}); "
@@ -66,26 +85,9 @@ class QueueFull(Exception):
         )
         self.limit = limit
 
-
-class TaskAlreadyEnded(Exception):
-    def __init__(self, task: Task) -> None:
-        super().__init__(f"task {task.task_id} already ended {task.status.name}")
-        self.task = task
-
-
-class ShuttingDown(Exception):
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down and takes no new tasks")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Outcome:
-    """How an attempt ended, before the retry policy is applied."""
-
-    result: Any = None
-    error: TaskError | None = None
-    retryable: bool = True
-    interrupted: bool = False  # stopped by the server's own shutdown, not by the task
+    def details(self) -> list[Message]:
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
+        return [*super().details(), retry]
 
 
 class _Attempt:
@@ -96,15 +98,16 @@ class _Attempt:
     ) -> None:
         self.task_id = task_id
         self.task_type = task_type
+        self.lease_id = new_lease_id()
         self.grace = grace  # seconds the handler has to stop once told to
-        self.stop: asyncio.Future[_Outcome] = loop.create_future()
+        self.stop: asyncio.Future[Outcome] = loop.create_future()
         self.hurry: asyncio.Future[None] = loop.create_future()  # set: stop waiting for it
         self.context: TaskContext | None = None
         self.runner: asyncio.Task[None] | None = None
         self.progress: dict[str, Any] = {}  # reported by the handler, not yet written
         self.flusher: asyncio.Task[None] | None = None  # writes `progress`, one write at a time
 
-    def request_stop(self, outcome: _Outcome, grace: float | None = None) -> None:
+    def request_stop(self, outcome: Outcome, grace: float | None = None) -> None:
         if not self.stop.done():
             if grace is not None:
                 self.grace = grace
@@ -131,6 +134,7 @@ class Scheduler:
         self.registry = registry
         self.config = config or SchedulerConfig()
         self.clock = clock
+        self.holder = f"{socket.gethostname()}:{os.getpid()}/local"  # its leases' holder
         self._queue = ReadyQueue(self.config.aging_per_minute / 60.0)
         self._waiting: dict[str, asyncio.TimerHandle] = {}  # retries waiting for their time
         self._running: dict[str, _Attempt] = {}
@@ -176,17 +180,13 @@ class Scheduler:
             )
 
     def _interrupted_mutation(self) -> Callable[[Task], Task | None]:
+        """A task RUNNING when the server died: its attempt counts, retried at once."""
         now = self.clock()
 
         def settle(task: Task) -> Task | None:
-            if task.status is not TaskStatus.RUNNING:
-                return None
-            if task.cancel_requested_at is not None:
-                return _cancelled(task, task.cancel_reason, now)
-            error = TaskError(
-                ErrorCode.INTERRUPTED, f"the server stopped while attempt {task.attempt} ran"
-            )
-            return self._after_failure(task, error, retryable=True, now=now, delay=0.0)
+            message = f"the server stopped while attempt {task.attempt} ran"
+            error = TaskError(ErrorCode.INTERRUPTED, message)
+            return lifecycle.expire(task, error, self.config.retry_policy, now, delay=0.0)
 
         return settle
 
@@ -268,26 +268,13 @@ class Scheduler:
         reason = reason or "cancelled by request"
 
         def mutate(task: Task) -> Task | None:
-            if task.status is TaskStatus.CANCELLED:
-                return None
-            if task.terminal:
-                raise TaskAlreadyEnded(task)
-            if task.status is TaskStatus.CREATED:
-                return _cancelled(task, reason, now)
-            if task.cancel_requested_at is not None:
-                return None
-            return task.evolve(
-                cancel_requested_at=now,
-                cancel_reason=reason,
-                updated_at=now,
-                message=f"cancelling: {reason}",
-            )
+            return lifecycle.cancel(task, reason, now)
 
         task = await self.store.update(task_id, mutate)
         if task.status is TaskStatus.CANCELLED:
             self._unqueue(task_id)
         elif (attempt := self._running.get(task_id)) is not None:
-            attempt.request_stop(_Outcome(error=TaskError(ErrorCode.CANCELLED, reason)))
+            attempt.request_stop(Outcome(error=TaskError(ErrorCode.CANCELLED, reason)))
         return task
 
     # -- queueing and dispatch ---------------------------------------------------
@@ -350,7 +337,7 @@ class Scheduler:
     async def _run(self, attempt: _Attempt) -> None:
         """Start the attempt in the store, run the handler, record how it ended."""
         try:
-            task = await self.store.update(attempt.task_id, self._start_mutation())
+            task = await self.store.update(attempt.task_id, self._start_mutation(attempt))
             if task.status is not TaskStatus.RUNNING:
                 return  # cancelled while it was being picked
             outcome = await self._execute(task, attempt)
@@ -358,13 +345,15 @@ class Scheduler:
                 attempt.context._close()
             if attempt.flusher is not None:
                 await attempt.flusher  # what was reported lands before the end
-            ended = await self.store.update(task.task_id, self._finish_mutation(task, outcome))
+            ended = await self.store.update(task.task_id, self._finish_mutation(attempt, outcome))
             if ended.status is TaskStatus.CREATED and self._accepting:
                 self._enqueue(ended)
         except asyncio.CancelledError:
             raise
         except StoreFailed:
             pass  # the server stops, and says why; the store's file holds what was answered
+        except StaleLease:
+            log.debug("the attempt of task %s ended after it lost its lease", attempt.task_id)
         except Exception:
             log.exception(
                 "the attempt of task %s broke the scheduler's bookkeeping", attempt.task_id
@@ -374,23 +363,17 @@ class Scheduler:
                 attempt.context._close()
             self._release(attempt)
 
-    def _start_mutation(self) -> Callable[[Task], Task | None]:
+    def _start_mutation(self, attempt: _Attempt) -> Callable[[Task], Task | None]:
         now = self.clock()
 
         def start(task: Task) -> Task | None:
-            if task.status is not TaskStatus.CREATED:
-                return None
-            return task.evolve(
-                status=TaskStatus.RUNNING,
-                started_at=now,
-                updated_at=now,
-                next_attempt_at=None,
-                message=f"running (attempt {task.attempt} of {task.max_attempts})",
-            )
+            # Held for the attempt's timeout and the grace to stop it, with room to record it.
+            expires = now + task.timeout_seconds + self.config.cancel_grace + _RECORDING_TIME
+            return lifecycle.claim(task, Lease(attempt.lease_id, self.holder, expires), now)
 
         return start
 
-    async def _execute(self, task: Task, attempt: _Attempt) -> _Outcome:
+    async def _execute(self, task: Task, attempt: _Attempt) -> Outcome:
         """Run the handler until it returns, its timeout passes, or it is cancelled."""
         if attempt.stop.done():  # stopped while it was being started: nothing to run
             return attempt.stop.result()
@@ -398,7 +381,7 @@ class Scheduler:
         function = self.registry.get(task.task_type)
         if function is None:
             message = f"no handler is registered for task type {task.task_type!r}"
-            return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
+            return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
         context = TaskContext(
             task_id=task.task_id,
             task_type=task.task_type,
@@ -430,7 +413,7 @@ class Scheduler:
             message = (
                 f"attempt {task.attempt} ran longer than its timeout of {task.timeout_seconds:g} s"
             )
-            stopped = _Outcome(error=TaskError(ErrorCode.DEADLINE_EXCEEDED, message))
+            stopped = Outcome(error=TaskError(ErrorCode.DEADLINE_EXCEEDED, message))
         reason = stopped.error.message if stopped.error else ""
         context._request_stop(reason)
         if not work.done():
@@ -444,62 +427,9 @@ class Scheduler:
         work.add_done_callback(_ignore_outcome)
         return stopped
 
-    def _finish_mutation(self, started: Task, outcome: _Outcome) -> Callable[[Task], Task | None]:
-        now = self.clock()
-        config = self.config
-
-        def finish(task: Task) -> Task | None:
-            if task.status is not TaskStatus.RUNNING or task.attempt != started.attempt:
-                return None
-            if task.cancel_requested_at is not None:
-                return _cancelled(task, task.cancel_reason, now)
-            error = outcome.error
-            if outcome.interrupted:
-                if task.interruptions < config.max_interruptions:
-                    return _requeued(task, now, config.max_interruptions)
-                error = TaskError(
-                    ErrorCode.INTERRUPTED,
-                    f"the server stopped while attempt {task.attempt} ran, after "
-                    f"{task.interruptions} earlier interruptions: this one uses the attempt",
-                )
-            if error is None:
-                return task.evolve(
-                    status=TaskStatus.COMPLETED,
-                    result=outcome.result,
-                    progress=1.0,
-                    message="completed",
-                    finished_at=now,
-                    updated_at=now,
-                )
-            delay = config.retry_delay(task.attempt)
-            return self._after_failure(
-                task, error, retryable=outcome.retryable, now=now, delay=delay
-            )
-
-        return finish
-
-    @staticmethod
-    def _after_failure(
-        task: Task, error: TaskError, *, retryable: bool, now: float, delay: float
-    ) -> Task:
-        """A failed attempt: back to CREATED for the next one after `delay`, or FAILED."""
-        if retryable and task.attempt < task.max_attempts:
-            when = f"in {delay:g} s" if delay else "now"
-            return task.evolve(
-                status=TaskStatus.CREATED,
-                attempt=task.attempt + 1,
-                error=error,
-                next_attempt_at=now + delay,
-                updated_at=now,
-                message=f"attempt {task.attempt} failed ({error.code}), retry {when}",
-            )
-        return task.evolve(
-            status=TaskStatus.FAILED,
-            error=error,
-            finished_at=now,
-            updated_at=now,
-            message=f"failed: {error.message}",
-        )
+    def _finish_mutation(self, attempt: _Attempt, outcome: Outcome) -> Callable[[Task], Task]:
+        now, policy = self.clock(), self.config.retry_policy
+        return lambda task: lifecycle.finish(task, attempt.lease_id, outcome, policy, now)
 
     # -- progress ----------------------------------------------------------------
 
@@ -507,7 +437,7 @@ class Scheduler:
         """Merge a handler's report and write it unless a write is already on its way;
         a report over its caps fails the attempt."""
         if isinstance(changes, TaskError):
-            attempt.request_stop(_Outcome(error=changes, retryable=False))
+            attempt.request_stop(Outcome(error=changes, retryable=False))
             return
         attempt.progress.update(changes)
         if attempt.flusher is None or attempt.flusher.done():
@@ -516,8 +446,16 @@ class Scheduler:
     async def _flush(self, attempt: _Attempt) -> None:
         while attempt.progress and attempt.context is not None:
             changes, attempt.progress = attempt.progress, {}
-            mutation = _progress_mutation(attempt.context.attempt, changes, self.clock())
-            await self.store.update(attempt.task_id, mutation)
+            try:
+                await self.store.update(attempt.task_id, self._report_mutation(attempt, changes))
+            except StaleLease:
+                return  # the attempt is over: a late report changes nothing
+
+    def _report_mutation(
+        self, attempt: _Attempt, changes: dict[str, Any]
+    ) -> Callable[[Task], Task]:
+        now, lease_id = self.clock(), attempt.lease_id
+        return lambda task: lifecycle.report(task, lease_id, changes, now)
 
     # -- retention ---------------------------------------------------------------
 
@@ -541,51 +479,15 @@ class Scheduler:
         return total
 
 
-def _progress_mutation(
-    number: int, changes: dict[str, Any], now: float
-) -> Callable[[Task], Task | None]:
-    """Apply a handler's report, unless its attempt is over (a late report is dropped)."""
-
-    def apply(task: Task) -> Task | None:
-        if task.status is not TaskStatus.RUNNING or task.attempt != number:
-            return None
-        return task.evolve(updated_at=now, **changes)
-
-    return apply
-
-
-def _interrupted() -> _Outcome:
+def _interrupted() -> Outcome:
     """What an attempt that the server's shutdown stopped comes to, whatever it returns."""
     error = TaskError(ErrorCode.INTERRUPTED, "the server stopped while the attempt ran")
-    return _Outcome(error=error, interrupted=True)
+    return Outcome(error=error, interrupted=True)
 
 
-def _requeued(task: Task, now: float, limit: int) -> Task:
-    """An attempt stopped by the server's shutdown: queued again on the same attempt."""
-    count = task.interruptions + 1
-    message = (
-        f"the server stopped while attempt {task.attempt} ran; queued again without using "
-        f"an attempt (interruption {count} of at most {limit})"
-    )
-    return task.evolve(
-        status=TaskStatus.CREATED,
-        interruptions=count,
-        error=TaskError(ErrorCode.INTERRUPTED, message),
-        next_attempt_at=None,
-        updated_at=now,
-        message=message,
-    )
-
-
-def _cancelled(task: Task, reason: str, now: float) -> Task:
-    return task.evolve(
-        status=TaskStatus.CANCELLED,
-        error=TaskError(ErrorCode.CANCELLED, reason),
-        message=f"cancelled: {reason}",
-        finished_at=now,
-        updated_at=now,
-        next_attempt_at=None,
-    )
+def new_lease_id() -> str:
+    """A lease id: 128 random bits, hex."""
+    return os.urandom(16).hex()
 
 
 def _start_handler(
@@ -621,11 +523,11 @@ def _start_handler(
     return future
 
 
-def _outcome_of(work: asyncio.Future[Any], task: Task) -> _Outcome:
+def _outcome_of(work: asyncio.Future[Any], task: Task) -> Outcome:
     """Turn a finished handler into an outcome: its result, or its exception as
     HANDLER_ERROR (its type kept in the message, its traceback logged with the task)."""
     if work.cancelled():
-        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
+        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
     error = work.exception()
     if error is not None:
         log.error(
@@ -635,19 +537,19 @@ def _outcome_of(work: asyncio.Future[Any], task: Task) -> _Outcome:
         )  # fmt: skip
         name = type(error).__qualname__
         message = f"{name}: {error}" if str(error) else name
-        return _Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
+        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
     return result_outcome(work.result())
 
 
-def result_outcome(result: Any) -> _Outcome:
+def result_outcome(result: Any) -> Outcome:
     """A handler's result, or the error that refuses it: not JSON, or over the size cap."""
     if (problem := json_problem(result)) is not None:
-        return _Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
+        return Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
     size = to_value(result).ByteSize()
     if size > MAX_RESULT_BYTES:
         message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
-        return _Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
-    return _Outcome(result=result)
+        return Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
+    return Outcome(result=result)
 
 
 def _ignore_outcome(work: asyncio.Future[Any]) -> None:

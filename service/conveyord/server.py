@@ -95,7 +95,7 @@ class Server:
         if isinstance(self.store, SqliteStore):
             self.store.on_failure = self._store_failed
         self.hub = EventHub(self.store.revision, buffer=config.watch_buffer)
-        self.store.set_listener(self.hub.publish)
+        self.store.feed.follow(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()

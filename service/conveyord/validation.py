@@ -15,10 +15,14 @@ import re
 import uuid
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 
 from conveyor.protojson import struct_to_dict
 from conveyor.v1 import task_pb2, task_service_pb2
+from conveyord.errors import ConveyorError
 from conveyord.handlers import HandlerRegistry
 from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES
 from conveyord.model import Task, TaskFilter, TaskStatus
@@ -48,12 +52,15 @@ MAX_VIOLATIONS_SHOWN = 10
 MAX_VIOLATION_TEXT = 200
 
 
-class InvalidArgument(Exception):
+class InvalidArgument(ConveyorError):
     """One or more fields of a request are bad: (field path, what is wrong) pairs.
 
     `violations` holds the first MAX_VIOLATIONS_SHOWN of them, cut to a readable length;
-    `total` counts them all.
+    `total` counts them all. Its status carries them as a google.rpc.BadRequest.
     """
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = ""  # no ErrorInfo: the BadRequest says it all
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         self.total = len(violations)
@@ -65,6 +72,13 @@ class InvalidArgument(Exception):
         if self.total > len(self.violations):
             text += f"; and {self.total - len(self.violations)} more"
         super().__init__(text)
+
+    def details(self) -> list[Message]:
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in self.violations
+        ]
+        return [error_details_pb2.BadRequest(field_violations=violations)]
 
 
 def _cut(text: str) -> str:

@@ -1,8 +1,8 @@
 """The store seam: what the scheduler, the API and the event hub need from wherever tasks live.
 
 A store owns the single revision counter. Every change it makes gets the next revision,
-enters the bounded change history that Watch resumes from, and is passed, once
-committed and in revision order, to the listener given to the store (the event hub).
+enters the bounded change history that Watch resumes from, and is published, once
+committed and in revision order, on its change feed (feed.py), which the event hub follows.
 """
 
 from __future__ import annotations
@@ -10,25 +10,38 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import grpc
+
+from conveyord.errors import ConveyorError
+from conveyord.feed import ChangeFeed
 from conveyord.model import Change, Task, TaskFilter
 
-ChangeListener = Callable[[Change], None]
 # Given a task's latest state, returns its next state, made with `Task.evolve` (a record no
 # one else holds yet: the store stamps its revision on it), or None for no change.
 Mutation = Callable[[Task], Task | None]
 
 
-class StoreError(Exception):
-    """Base of the errors a store raises for a request it cannot honour."""
+class StoreError(ConveyorError):
+    """Base of the errors a store raises for a request it cannot honour; each sets its own
+    status code and reason."""
 
 
 class TaskNotFound(StoreError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "TASK_NOT_FOUND"
+
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} not found")
         self.task_id = task_id
 
+    def metadata(self) -> dict[str, str]:
+        return {"task_id": self.task_id}
+
 
 class RequestIdReused(StoreError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_REUSED"
+
     def __init__(self, request_id: str, task_id: str) -> None:
         super().__init__(
             f"request_id {request_id!r} was already used for task {task_id} "
@@ -37,19 +50,31 @@ class RequestIdReused(StoreError):
         self.request_id = request_id
         self.task_id = task_id
 
+    def metadata(self) -> dict[str, str]:
+        return {"request_id": self.request_id, "task_id": self.task_id}
+
 
 class StoreFailed(StoreError):
     """The store can no longer make changes durable (a failed write, or its file is gone):
     what was staged is not acknowledged, and the server must stop."""
 
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_FAILED"
+
 
 class RevisionOutOfRange(StoreError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REVISION_OUT_OF_RANGE"
+
     def __init__(self, revision: int, oldest: int, latest: int) -> None:
         super().__init__(
             f"revision {revision} is outside the change history, which holds revisions "
             f"after {oldest} up to {latest}; Get or List again and watch from there"
         )
         self.revision, self.oldest, self.latest = revision, oldest, latest
+
+    def metadata(self) -> dict[str, str]:
+        return {"oldest": str(self.oldest), "latest": str(self.latest)}
 
 
 class TaskStore(Protocol):
@@ -60,8 +85,9 @@ class TaskStore(Protocol):
         """The revision of the latest committed change."""
         ...
 
-    def set_listener(self, listener: ChangeListener) -> None:
-        """Receive every committed change, in revision order."""
+    @property
+    def feed(self) -> ChangeFeed:
+        """Where every committed change is published, in revision order."""
         ...
 
     async def create(

@@ -4,7 +4,7 @@ Every change goes through two steps. It is *staged*: given the next revision and
 applied to the working view, which later mutations and request_id look-ups see, so
 that concurrent changes chain correctly. Then it is *persisted* (`_persist`), and only
 then applied to the committed view that Get, List and Watch read and passed to the
-listener. In memory, persisting is instant; the SQLite store writes staged changes in
+feed. In memory, persisting is instant; the SQLite store writes staged changes in
 batches (group commit) and applies them once they are on disk, so that nothing a
 client has been told or shown can be lost.
 """
@@ -17,9 +17,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from conveyord.feed import ChangeFeed
 from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
-    ChangeListener,
     Mutation,
     RequestIdReused,
     RevisionOutOfRange,
@@ -43,7 +43,7 @@ class MemoryStore:
         self._history_size = history_size
         self._history_age = history_age
         self._clock = clock
-        self._listener: ChangeListener = lambda change: None
+        self._feed = ChangeFeed()
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}
@@ -61,8 +61,9 @@ class MemoryStore:
     def revision(self) -> int:
         return self._revision
 
-    def set_listener(self, listener: ChangeListener) -> None:
-        self._listener = listener
+    @property
+    def feed(self) -> ChangeFeed:
+        return self._feed
 
     # -- writes ------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class MemoryStore:
         """Wait until the task's latest staged change is committed. In memory: it is."""
 
     def _commit(self, changes: Iterable[Change]) -> None:
-        """Apply persisted changes to the committed view and tell the listener, in order."""
+        """Apply persisted changes to the committed view and publish them, in order."""
         for change in changes:
             task = change.task
             if change.kind is ChangeKind.REMOVED:
@@ -163,7 +164,7 @@ class MemoryStore:
                     self._finished.append((task.finished_at or task.updated_at, task.task_id))
             self._revision = change.revision
             self._history.append(change)
-            self._listener(change)
+            self._feed.publish(change)
         self._trim_history()
 
     # -- reads -------------------------------------------------------------------
@@ -223,7 +224,7 @@ class MemoryStore:
         self._finished = deque(sorted(self._finished))
         self._history.extend(history)
         self._compacted = self._history[0].revision - 1 if self._history else revision
-        self._revision = self._staged_revision = revision
+        self._revision = self._staged_revision = self._feed.revision = revision
         self._last_seq = last_seq
 
 

@@ -309,6 +309,9 @@ class SqliteStore(MemoryStore):
         self._writer.shutdown(wait=True)
 
 
+_ERROR_FIELDS = ("error", "last_attempt_error")
+
+
 def _identity(path: Path) -> tuple[int, int]:
     """What tells one file from another at the same path: its device and inode."""
     status = path.stat()
@@ -320,7 +323,9 @@ def _encode(task: Task) -> str:
     record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
     record["status"] = int(task.status)
     record["request_hash"] = task.request_hash.hex()
-    record["error"] = [task.error.code, task.error.message] if task.error else None
+    for name in _ERROR_FIELDS:
+        error = getattr(task, name)
+        record[name] = [error.code, error.message] if error else None
     return json.dumps(record, separators=(",", ":"))
 
 
@@ -328,5 +333,7 @@ def _decode(data: str) -> Task:
     record = json.loads(data)
     record["status"] = TaskStatus(record["status"])
     record["request_hash"] = bytes.fromhex(record["request_hash"])
-    record["error"] = TaskError(*record["error"]) if record["error"] else None
+    for name in _ERROR_FIELDS:
+        if record.get(name):
+            record[name] = TaskError(*record[name])
     return Task(**{name: record[name] for name in TASK_FIELDS if name in record})

@@ -1,0 +1,254 @@
+"""The rules of a task's life, table by table: every transition and every refusal, with plain
+numbers for times and no server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conveyord import lifecycle
+from conveyord.lifecycle import Lease, Outcome, RetryPolicy, StaleLease, TaskAlreadyEnded
+from conveyord.model import TRANSITIONS, ErrorCode, Task, TaskError, TaskStatus
+
+CREATED, RUNNING = TaskStatus.CREATED, TaskStatus.RUNNING
+COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
+NOW = 1_000.0
+LEASE = Lease("lease-1", "host:1/local", NOW + 60)
+POLICY = RetryPolicy(initial=1.0, multiplier=2.0, maximum=300.0, max_interruptions=2)
+BOOM = TaskError(ErrorCode.HANDLER_ERROR, "RuntimeError: boom")
+
+
+def task(status: TaskStatus = CREATED, **fields: Any) -> Task:
+    """A task in `status`; a RUNNING one holds LEASE unless told otherwise."""
+    record = Task(
+        task_id="0f0e0d0c-0b0a-4908-8706-050403020100", seq=1, task_type="echo",
+        description="", parameters={}, priority=5, timeout_seconds=10.0, max_attempts=3,
+        labels={}, created_at=1.0, updated_at=1.0,
+    )  # fmt: skip
+    if status is RUNNING:
+        fields = {"lease_id": LEASE.lease_id, "lease_holder": LEASE.holder, **fields}
+    return dataclasses.replace(record, status=status, **fields)
+
+
+def _holds_no_lease(ended: Task) -> bool:
+    return (ended.lease_id, ended.lease_holder, ended.lease_expires_at) == ("", "", None)
+
+
+# -- claim -----------------------------------------------------------------------
+
+
+def test_claim_starts_a_runnable_task_under_the_lease() -> None:
+    started = lifecycle.claim(task(next_attempt_at=NOW), LEASE, NOW)
+    assert started is not None
+    assert (started.status, started.attempt, started.started_at) == (RUNNING, 1, NOW)
+    assert (started.lease_id, started.lease_holder, started.lease_expires_at) == (
+        LEASE.lease_id,
+        LEASE.holder,
+        LEASE.expires_at,
+    )
+    assert started.next_attempt_at is None and started.message == "running (attempt 1 of 3)"
+
+
+@pytest.mark.parametrize(
+    "unclaimable",
+    [
+        task(next_attempt_at=NOW + 0.5),  # its next attempt is not due yet
+        task(RUNNING),
+        task(COMPLETED),
+        task(FAILED),
+        task(CANCELLED),
+    ],
+)
+def test_claim_takes_nothing_that_is_not_runnable(unclaimable: Task) -> None:
+    assert lifecycle.claim(unclaimable, LEASE, NOW) is None
+
+
+# -- renew and report --------------------------------------------------------------
+
+
+def test_renew_extends_a_held_lease() -> None:
+    assert lifecycle.renew(task(RUNNING), LEASE.lease_id, NOW + 90).lease_expires_at == NOW + 90
+
+
+def test_report_applies_the_holders_progress() -> None:
+    changes = {"progress": 0.5, "message": "half", "progress_detail": {"step": 2}}
+    reported = lifecycle.report(task(RUNNING), LEASE.lease_id, changes, NOW)
+    assert (reported.progress, reported.message, reported.progress_detail) == (
+        0.5,
+        "half",
+        {"step": 2},
+    )
+    assert reported.updated_at == NOW
+
+
+STALE = [
+    ("another lease", task(RUNNING, lease_id="lease-2")),
+    ("queued again", task(CREATED, attempt=2)),
+    ("completed", task(COMPLETED)),
+    ("cancelled", task(CANCELLED)),
+]
+
+
+@pytest.mark.parametrize(("case", "current"), STALE)
+def test_a_stale_lease_is_refused_and_changes_nothing(case: str, current: Task) -> None:
+    before = dataclasses.replace(current)
+    acts: list[Callable[[], object]] = [
+        lambda: lifecycle.renew(current, LEASE.lease_id, NOW + 90),
+        lambda: lifecycle.report(current, LEASE.lease_id, {"progress": 0.9}, NOW),
+        lambda: lifecycle.finish(current, LEASE.lease_id, Outcome(result=1), POLICY, NOW),
+    ]
+    for act in acts:
+        with pytest.raises(StaleLease) as refused:
+            act()
+        assert refused.value.metadata() == {"task_id": current.task_id, "lease_id": "lease-1"}
+    assert current == before
+
+
+# -- finish ------------------------------------------------------------------------
+
+
+def test_a_result_completes_the_task_and_releases_the_lease() -> None:
+    ended = lifecycle.finish(task(RUNNING), LEASE.lease_id, Outcome(result={"n": 1}), POLICY, NOW)
+    assert (ended.status, ended.result, ended.progress, ended.finished_at) == (
+        COMPLETED,
+        {"n": 1},
+        1.0,
+        NOW,
+    )
+    assert ended.error is None and _holds_no_lease(ended)
+
+
+def test_a_completed_retry_keeps_the_failed_attempts_error_apart() -> None:
+    retried = task(RUNNING, attempt=2, error=BOOM, last_attempt_error=BOOM)
+    ended = lifecycle.finish(retried, LEASE.lease_id, Outcome(result=1), POLICY, NOW)
+    assert (ended.status, ended.error, ended.last_attempt_error) == (COMPLETED, None, BOOM)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retryable", "status", "next_attempt", "next_at"),
+    [
+        (1, True, CREATED, 2, NOW + 1),  # attempts left: retried after 1 s
+        (2, True, CREATED, 3, NOW + 2),  # then 2 s
+        (3, True, FAILED, 3, None),  # the last attempt
+        (1, False, FAILED, 1, None),  # not worth retrying
+    ],
+)
+def test_a_failed_attempt_follows_the_retry_policy(
+    attempt: int, retryable: bool, status: TaskStatus, next_attempt: int, next_at: float | None
+) -> None:
+    outcome = Outcome(error=BOOM, retryable=retryable)
+    ended = lifecycle.finish(task(RUNNING, attempt=attempt), LEASE.lease_id, outcome, POLICY, NOW)
+    assert (ended.status, ended.attempt, ended.next_attempt_at) == (status, next_attempt, next_at)
+    assert ended.error == ended.last_attempt_error == BOOM and _holds_no_lease(ended)
+    assert (ended.finished_at is not None) == (status is FAILED)
+
+
+@pytest.mark.parametrize("outcome", [Outcome(result=1), Outcome(error=BOOM)])
+def test_an_attempt_asked_to_cancel_ends_cancelled_however_it_ended(outcome: Outcome) -> None:
+    asked = task(RUNNING, cancel_requested_at=NOW - 1, cancel_reason="not needed")
+    ended = lifecycle.finish(asked, LEASE.lease_id, outcome, POLICY, NOW)
+    assert (ended.status, ended.error) == (CANCELLED, TaskError(ErrorCode.CANCELLED, "not needed"))
+    assert _holds_no_lease(ended)
+
+
+def test_a_shutdown_queues_the_attempt_again_without_using_it() -> None:
+    outcome = Outcome(error=TaskError(ErrorCode.INTERRUPTED, "stopping"), interrupted=True)
+    ended = lifecycle.finish(task(RUNNING, attempt=1), LEASE.lease_id, outcome, POLICY, NOW)
+    assert (ended.status, ended.attempt, ended.interruptions) == (CREATED, 1, 1)
+    assert ended.error is not None and ended.error.code == ErrorCode.INTERRUPTED
+    assert ended.next_attempt_at is None and _holds_no_lease(ended)
+
+
+def test_a_shutdown_past_the_limit_uses_the_attempt() -> None:
+    outcome = Outcome(error=TaskError(ErrorCode.INTERRUPTED, "stopping"), interrupted=True)
+    worn = task(RUNNING, attempt=3, interruptions=POLICY.max_interruptions)
+    ended = lifecycle.finish(worn, LEASE.lease_id, outcome, POLICY, NOW)
+    assert (ended.status, ended.attempt, ended.interruptions) == (FAILED, 3, 2)
+    assert ended.error is not None and "after 2 earlier interruptions" in ended.error.message
+
+
+# -- cancel ------------------------------------------------------------------------
+
+
+def test_cancel_ends_a_queued_task_at_once() -> None:
+    ended = lifecycle.cancel(task(CREATED, next_attempt_at=NOW + 5), "not needed", NOW)
+    assert ended is not None
+    assert (ended.status, ended.error, ended.finished_at, ended.next_attempt_at) == (
+        CANCELLED,
+        TaskError(ErrorCode.CANCELLED, "not needed"),
+        NOW,
+        None,
+    )
+
+
+def test_cancel_of_a_running_task_asks_its_holder() -> None:
+    asked = lifecycle.cancel(task(RUNNING), "not needed", NOW)
+    assert asked is not None
+    assert (asked.status, asked.cancel_requested_at, asked.cancel_reason) == (
+        RUNNING,
+        NOW,
+        "not needed",
+    )
+    assert asked.lease_id == LEASE.lease_id  # the attempt keeps its lease until it ends
+
+
+@pytest.mark.parametrize("unchanged", [task(CANCELLED), task(RUNNING, cancel_requested_at=NOW - 1)])
+def test_cancel_twice_changes_nothing(unchanged: Task) -> None:
+    assert lifecycle.cancel(unchanged, "again", NOW) is None
+
+
+@pytest.mark.parametrize("ended", [task(COMPLETED), task(FAILED)])
+def test_cancel_of_an_ended_task_is_refused(ended: Task) -> None:
+    with pytest.raises(TaskAlreadyEnded) as refused:
+        lifecycle.cancel(ended, "too late", NOW)
+    assert refused.value.metadata() == {"status": ended.status.name}
+
+
+# -- expiry ------------------------------------------------------------------------
+
+LOST = TaskError(ErrorCode.INTERRUPTED, "the server stopped while attempt 1 ran")
+
+
+@pytest.mark.parametrize(("attempt", "status", "next_attempt"), [(1, CREATED, 2), (3, FAILED, 3)])
+def test_an_expired_lease_fails_the_attempt(
+    attempt: int, status: TaskStatus, next_attempt: int
+) -> None:
+    ended = lifecycle.expire(task(RUNNING, attempt=attempt), LOST, POLICY, NOW, delay=0.0)
+    assert ended is not None
+    assert (ended.status, ended.attempt, ended.error) == (status, next_attempt, LOST)
+    assert _holds_no_lease(ended)
+
+
+def test_an_expired_lease_of_a_task_asked_to_cancel_ends_it_cancelled() -> None:
+    asked = task(RUNNING, cancel_requested_at=NOW - 1, cancel_reason="stop")
+    ended = lifecycle.expire(asked, LOST, POLICY, NOW, delay=0.0)
+    assert ended is not None and ended.status is CANCELLED
+
+
+@pytest.mark.parametrize("status", [CREATED, COMPLETED, FAILED, CANCELLED])
+def test_expiry_changes_nothing_that_is_not_running(status: TaskStatus) -> None:
+    assert lifecycle.expire(task(status), LOST, POLICY, NOW, delay=0.0) is None
+
+
+# -- the policy and the state machine -----------------------------------------------
+
+
+def test_the_retry_delay_doubles_up_to_its_maximum() -> None:
+    policy = RetryPolicy(initial=1.0, multiplier=2.0, maximum=5.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+
+
+def test_every_move_the_rules_make_is_one_the_state_machine_lists() -> None:
+    moves = {
+        (CREATED, RUNNING),
+        (CREATED, CANCELLED),
+        (RUNNING, COMPLETED),
+        (RUNNING, FAILED),
+        (RUNNING, CANCELLED),
+        (RUNNING, CREATED),
+    }
+    listed = {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
+    assert listed == moves  # each is made by a test above; nothing else is allowed
