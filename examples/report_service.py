@@ -24,7 +24,7 @@ async def build_report(client: conveyor.AsyncClient, customer: str, month: str) 
         timeout_seconds=60,
     )
     async for state in client.watch(task.task_id, timeout=120):
-        print(f"{customer}: {state.status.name:<9} {state.progress:4.0%}  {state.message}")
+        print(f"{customer}: {state.status_label:<9} {state.progress:4.0%}  {state.message}")
     return await client.result(task.task_id, timeout=10)  # it has ended: this returns at once
 
 

@@ -13,15 +13,28 @@ import contextlib
 import inspect
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
+from concurrent import futures
+from typing import Any, cast
 
 import grpc
 
 from conveyor import AsyncClient, Client
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
-from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from conveyor.v1.task_service_pb2_grpc import (
+    TaskServiceServicer,
+    TaskServiceStub,
+    add_TaskServiceServicer_to_server,
+)
 
 KINDS = ["Client", "AsyncClient"]
 
@@ -49,14 +62,15 @@ class Twin:
         if inspect.isawaitable(result):
             return await result
         items: list[Any] = []
+        # The clients' methods return generators, typed as mere iterators.
         if isinstance(result, AsyncIterator):
-            async with contextlib.aclosing(result) as stream:
+            async with contextlib.aclosing(cast("AsyncGenerator[Any, None]", result)) as stream:
                 async for item in stream:
                     items.append(item)
                     if each is not None and each(item):
                         break
         elif isinstance(result, Iterator):
-            with contextlib.closing(result) as stream:
+            with contextlib.closing(cast("Generator[Any, None, None]", result)) as stream:
                 for item in stream:
                     items.append(item)
                     if each is not None and each(item):
@@ -141,3 +155,63 @@ class Calls(grpc.aio.ServerInterceptor):
             else grpc.unary_unary_rpc_method_handler
         )
         return make(refuse)
+
+
+class ScriptedServer(TaskServiceServicer):
+    """A stand-in server on a real port that answers with hand-built messages, such as a
+    newer server's: `task` to every Get and List, `events` to every Watch.
+
+    A Watch gets the events after its since_revision (all of them without one), then its
+    stream stays open, as a real server's does, until the client leaves, unless `hold` is
+    False: then it ends, as a real one ends the watch of a task that ended.
+    """
+
+    def __init__(
+        self,
+        task: task_pb2.TaskResponse,
+        events: Sequence[pb.WatchResponse] = (),
+        *,
+        hold: bool = True,
+    ) -> None:
+        self.task, self.events, self.hold = task, list(events), hold
+        self.watches: list[pb.WatchRequest] = []
+        self._stopped = threading.Event()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        add_TaskServiceServicer_to_server(self, self._server)
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> ScriptedServer:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._server.stop(0).wait(10)
+
+    def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.CreateResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def BatchCreate(
+        self, request: pb.BatchCreateRequest, context: grpc.ServicerContext
+    ) -> pb.BatchCreateResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        return pb.GetResponse(task=self.task)
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        return pb.ListResponse(tasks=[self.task], revision=self.task.revision)
+
+    def Watch(
+        self, request: pb.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchResponse]:
+        self.watches.append(request)
+        since = request.since_revision if request.HasField("since_revision") else None
+        for event in self.events:
+            if since is None or event.revision > since:
+                yield event
+        while self.hold and context.is_active() and not self._stopped.wait(0.05):
+            pass

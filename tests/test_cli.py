@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 
-from conveyor import Client, TaskStatus
+from conveyor import Client, TaskStatus, _views
 from conveyor.cli import main
+from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
 from conveyord import api
-from tests.client_support import Calls, closed_port_address
+from tests.client_support import Calls, ScriptedServer, closed_port_address
 from tests.conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,7 +289,7 @@ def test_get_shows_the_task_or_says_there_is_none(
     assert run.code == 0
     assert task.task_id in run.out and "COMPLETED" in run.out and "for get" in run.out
     data = conveyor("--json", "get", task.task_id).json_lines()
-    assert len(data) == 1
+    assert [(d["task_id"], d["status"]) for d in data] == [(task.task_id, "COMPLETED")]
     assert data[0]["result"] == {"k": "v"}
     assert data[0]["finished_at"].endswith("Z")
     missing = conveyor("get", str(uuid.uuid4()))
@@ -505,6 +507,122 @@ def test_a_server_that_is_down_is_a_clear_message_and_exit_five(
         assert f"cannot reach the conveyor server at {address}" in captured.err
         assert "Traceback" not in captured.err
         assert captured.out == ""
+
+
+# -- a newer server: a status and an event type this conveyor has never seen --------
+
+NEW_STATUS = task_pb2.TaskStatus.ValueType(9)  # such as a newer server's PAUSED
+NEW_EVENT = pb.WatchEventType.ValueType(9)
+
+
+def newer_event(
+    kind: pb.WatchEventType.ValueType,
+    revision: int,
+    status: task_pb2.TaskStatus.ValueType,
+    task_id: str,
+) -> pb.WatchResponse:
+    task = task_pb2.TaskResponse(
+        task_id=task_id, task_type="sleep", status=status, revision=revision, message="zzz"
+    )
+    return pb.WatchResponse(type=kind, task=task, revision=revision)
+
+
+@pytest.fixture
+def against(capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """Run `conveyor --server ADDRESS ARGS...` in this process."""
+
+    def run(address: str, *args: str) -> Run:
+        code = main(["--server", address, *args])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return Run(code, ESCAPE.sub("", captured.out), captured.err)
+
+    return run
+
+
+def as_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the command draw its live views, as on a terminal of 120 columns by 30 rows."""
+
+    class TerminalConsole(_views._Console):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(force_terminal=True, width=120, height=30, **options)
+
+    monkeypatch.setattr(_views, "_Console", TerminalConsole)
+
+
+def test_a_status_not_known_is_shown_by_its_number(against: Callable[..., Run]) -> None:
+    task_id = str(uuid.uuid4())
+    paused = newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, NEW_STATUS, task_id).task
+    with ScriptedServer(paused) as server:
+        shown = against(server.address, "get", task_id)
+        listed = against(server.address, "list")
+        as_json = against(server.address, "--json", "get", task_id)
+        by_unknown = against(server.address, "list", "--status", "unknown")
+    assert shown.code == 0 and re.search(r"status\s+UNKNOWN\(9\)", shown.out)
+    assert listed.code == 0 and re.search(rf"{task_id}\s+sleep\s+UNKNOWN\(9\)", listed.out)
+    assert as_json.json_lines()[0]["status"] == "UNKNOWN(9)"
+    assert by_unknown.code == 2  # no task is UNKNOWN on the server: not a status to filter by
+    assert "expected one of created, running, completed, failed, cancelled" in by_unknown.err
+
+
+def test_wait_and_watch_go_on_through_a_status_and_an_event_type_not_known(
+    against: Callable[..., Run],
+) -> None:
+    task_id = str(uuid.uuid4())
+    events = [
+        newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, NEW_STATUS, task_id),
+        pb.WatchResponse(type=NEW_EVENT, revision=6),
+        newer_event(pb.WATCH_EVENT_TYPE_CHANGED, 7, task_pb2.TASK_STATUS_COMPLETED, task_id),
+    ]
+    with ScriptedServer(events[0].task, events, hold=False) as server:
+        waited = against(server.address, "wait", task_id)
+        watched = against(server.address, "--json", "watch", task_id)
+        plain = against(server.address, "watch", task_id)
+    assert waited.code == 0 and re.search(r"status\s+COMPLETED", waited.out)
+    assert watched.code == 0
+    assert [state["status"] for state in watched.json_lines()] == ["UNKNOWN(9)", "COMPLETED"]
+    assert plain.code == 0
+    lines = plain.out.splitlines()
+    assert [line.split()[3] for line in lines[:-1]] == ["UNKNOWN(9)", "COMPLETED"]
+    assert lines[-1].startswith("COMPLETED in")
+
+
+def test_a_watch_that_ends_in_a_status_not_known_exits_seven(
+    against: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task was removed while in it: the watch ends, without a known end to report."""
+    as_on_a_terminal(monkeypatch)
+    task_id = str(uuid.uuid4())
+    paused = newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, NEW_STATUS, task_id)
+    removed = pb.WatchResponse(type=pb.WATCH_EVENT_TYPE_REMOVED, task=paused.task, revision=6)
+    with ScriptedServer(paused.task, [paused, removed], hold=False) as server:
+        run = against(server.address, "watch", task_id)  # the live progress bar
+    assert run.code == 7
+    assert re.search(r"sleep \w{8}.*UNKNOWN\(9\)\s+zzz", run.out)  # the bar's last state
+    assert run.out.splitlines()[-1] == "UNKNOWN(9)"  # how it ended, as far as is known
+
+
+def test_watch_all_skips_an_event_type_not_known_and_shows_a_status_not_known(
+    against: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id = str(uuid.uuid4())
+    events = [  # after revision 5, which List gives as the one to start from
+        pb.WatchResponse(type=NEW_EVENT, revision=6),
+        newer_event(pb.WATCH_EVENT_TYPE_CHANGED, 7, NEW_STATUS, task_id),
+    ]
+    start = newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, task_pb2.TASK_STATUS_RUNNING, task_id)
+    watch_all = ["watch", "--all", "--timeout", "0.5"]
+    with ScriptedServer(start.task, events) as server:
+        as_json = against(server.address, "--json", *watch_all)
+        plain = against(server.address, *watch_all)
+        as_on_a_terminal(monkeypatch)
+        live = against(server.address, *watch_all)
+    assert as_json.code == plain.code == live.code == 6  # it ran out of time, as asked
+    assert [(e["kind"], e["revision"], e["task"]["status"]) for e in as_json.json_lines()] == [
+        ("CHANGED", 7, "UNKNOWN(9)")
+    ]
+    assert re.search(rf"CHANGED\s+{task_id}\s+sleep\s+UNKNOWN\(9\)", plain.out)
+    assert re.search(rf"{task_id}\s+sleep\s+UNKNOWN\(9\)", live.out)  # the live table
 
 
 # -- real processes: the installed command, live views, Ctrl-C, a closed pipe ------

@@ -7,8 +7,9 @@ import collections
 import inspect
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from datetime import UTC
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from conveyor import (
     AlreadyExists,
     AsyncClient,
     Client,
+    ConveyorError,
     DeadlineExceeded,
     EventKind,
     FailedPrecondition,
@@ -34,9 +36,11 @@ from conveyor import (
     WaitTimeout,
 )
 from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
 from tests.client_support import (
     KINDS,
     Calls,
+    ScriptedServer,
     Twin,
     closed_port_address,
     first_item,
@@ -365,10 +369,11 @@ async def test_watch_all_from_now_sees_what_changes_after_it_begins(
         assert await asyncio.to_thread(calls.arrived["Watch"].wait, 10)
         after = await twin.create("echo", labels=labels)
         event = await pending
+        # The clients' generators, typed as mere iterators.
         if isinstance(stream, AsyncIterator):
-            await stream.aclose()
+            await cast("AsyncGenerator[conveyor.TaskEvent, None]", stream).aclose()
         else:
-            stream.close()
+            cast("Generator[conveyor.TaskEvent, None, None]", stream).close()
     assert event.task.task_id == after.task_id
     assert event.task.status is TaskStatus.CREATED
 
@@ -434,6 +439,67 @@ async def test_result_of_a_cancelled_task_raises_task_cancelled(twin: Twin) -> N
     assert caught.value.task.status is TaskStatus.CANCELLED
 
 
+# -- a newer server: a status and an event type this client has never seen ---------
+
+NEW_STATUS = task_pb2.TaskStatus.ValueType(9)  # such as a newer server's PAUSED
+NEW_EVENT = pb.WatchEventType.ValueType(9)
+
+
+def newer_event(
+    kind: pb.WatchEventType.ValueType,
+    revision: int,
+    status: task_pb2.TaskStatus.ValueType,
+    task_id: str,
+) -> pb.WatchResponse:
+    task = task_pb2.TaskResponse(task_id=task_id, status=status, revision=revision)
+    return pb.WatchResponse(type=kind, task=task, revision=revision)
+
+
+async def test_a_newer_servers_status_and_event_type_are_taken_in_stride(kind: str) -> None:
+    task_id = str(uuid.uuid4())
+    paused = task_pb2.TaskResponse(task_id=task_id, status=NEW_STATUS, revision=5)
+    events = [
+        newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, NEW_STATUS, task_id),
+        pb.WatchResponse(type=NEW_EVENT, revision=6),
+        newer_event(pb.WATCH_EVENT_TYPE_CHANGED, 7, NEW_STATUS, task_id),
+        newer_event(pb.WATCH_EVENT_TYPE_CHANGED, 8, task_pb2.TASK_STATUS_COMPLETED, task_id),
+    ]
+    with ScriptedServer(paused, events, hold=False) as server:
+        async with open_twin(kind, server.address) as twin:
+            got = await twin.get(task_id)
+            listed = await twin.list()
+            states = await twin.watch(task_id)
+            ended = await twin.wait(task_id)
+            changes = await twin.collect(
+                "watch_all", since_revision=5, each=lambda event: event.revision == 8
+            )
+    assert got.status is TaskStatus.UNKNOWN and got.raw_status == NEW_STATUS
+    assert [task.status for task in listed] == [TaskStatus.UNKNOWN]
+    assert [(state.revision, state.status_label) for state in states] == [
+        (5, "UNKNOWN(9)"),
+        (7, "UNKNOWN(9)"),
+        (8, "COMPLETED"),
+    ]
+    assert ended.status is TaskStatus.COMPLETED and ended.revision == 8
+    assert [(event.kind, event.revision, event.task.status) for event in changes] == [
+        (EventKind.CHANGED, 7, TaskStatus.UNKNOWN),
+        (EventKind.CHANGED, 8, TaskStatus.COMPLETED),
+    ]
+
+
+async def test_a_wait_for_a_task_a_newer_server_ended_in_a_status_not_known_says_so(
+    kind: str,
+) -> None:
+    """The server ends the watch at the task's end, which this client cannot see as one."""
+    task_id = str(uuid.uuid4())
+    ended = newer_event(pb.WATCH_EVENT_TYPE_CURRENT, 5, NEW_STATUS, task_id)
+    with ScriptedServer(ended.task, [ended], hold=False) as server:
+        async with open_twin(kind, server.address, timeout=0.5) as twin:
+            with pytest.raises(ConveyorError, match="a status this client does not know"):
+                await twin.wait(task_id, timeout=10)
+    assert len(server.watches) > 1  # it asked again before it gave up
+
+
 # -- errors the server gives for its limits, and a server that is not there ---------
 
 
@@ -497,10 +563,10 @@ async def test_an_async_channel_of_ones_own_is_left_open(server: ServerThread) -
         ({"heartbeat_interval": 7200}, "heartbeat_interval"),
     ],
 )
-def test_options_that_make_no_sense_are_refused(options: dict[str, object], message: str) -> None:
+def test_options_that_make_no_sense_are_refused(options: dict[str, Any], message: str) -> None:
     for client_type in (Client, AsyncClient):
         with pytest.raises(ValueError, match=message):
-            client_type(**options)  # type: ignore[arg-type]
+            client_type(**options)
 
 
 def test_a_call_timeout_that_makes_no_sense_is_refused(server: ServerThread) -> None:
@@ -584,7 +650,7 @@ def test_a_blocking_watch_runs_on_the_thread_that_reads_it(server: ServerThread)
         states = client.watch(task.task_id)
         next(states)
         started = set(threading.enumerate()) - before
-        states.close()
+        cast("Generator[Task, None, None]", states).close()  # a generator, typed as an iterator
         client.cancel(task.task_id)
     assert not [thread.name for thread in started if thread.name.endswith("(_run)")]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from conveyor import (
     AlreadyExists,
     ConveyorError,
     DeadlineExceeded,
+    EventKind,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -51,7 +53,7 @@ class Clock:
 class FakeRpcError(grpc.RpcError):
     """A failed call as grpc reports it, with google.rpc.Status details when given."""
 
-    def __init__(self, code: grpc.StatusCode, message: str = "", *details: object) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str = "", *details: Message) -> None:
         self._code, self._message = code, message
         status = status_pb2.Status(code=code.value[0], message=message)
         for detail in details:
@@ -68,15 +70,22 @@ class FakeRpcError(grpc.RpcError):
     def details(self) -> str:
         return self._message
 
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+    # grpc gives (key, value) pairs, as here; types-grpcio has objects with .key and .value.
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:  # type: ignore[override]
         return self._metadata
 
 
-def state(revision: int, status: int = task_pb2.TASK_STATUS_RUNNING) -> task_pb2.TaskResponse:
+def state(
+    revision: int, status: task_pb2.TaskStatus.ValueType = task_pb2.TASK_STATUS_RUNNING
+) -> task_pb2.TaskResponse:
     return task_pb2.TaskResponse(task_id="t", task_type="sleep", status=status, revision=revision)
 
 
-def response(kind: int, revision: int, status: int = task_pb2.TASK_STATUS_RUNNING) -> object:
+def response(
+    kind: pb.WatchEventType.ValueType,
+    revision: int,
+    status: task_pb2.TaskStatus.ValueType = task_pb2.TASK_STATUS_RUNNING,
+) -> pb.WatchResponse:
     if kind == pb.WATCH_EVENT_TYPE_HEARTBEAT:
         return pb.WatchResponse(type=kind, revision=revision)
     return pb.WatchResponse(type=kind, task=state(revision, status), revision=revision)
@@ -247,7 +256,7 @@ def test_a_watch_ends_with_the_terminal_state_or_the_removal() -> None:
 def test_a_watch_that_ends_without_the_terminal_state_asks_for_the_current_state() -> None:
     watch = task_watch()
     watch.receive(response(CURRENT, 5))
-    assert watch.broken(None) >= 0
+    assert 0.0 <= watch.broken(None) <= STREAM_RETRY.initial  # the first backoff, jittered
     assert not watch.request().HasField("since_revision")
     with pytest.raises(ConveyorError, match="ended before the task did"):
         watch.final()
@@ -321,6 +330,88 @@ def test_a_watch_of_many_tasks_skips_heartbeats_and_what_it_saw() -> None:
     event = watch.receive(response(CHANGED, 13))
     assert event is not None and event.revision == 13
     assert watch.request().since_revision == 13
+
+
+# -- a newer server's statuses and event types --------------------------------------
+
+# A status this client has never seen, such as a newer server's PAUSED; an event type too.
+NEW_STATUS = task_pb2.TaskStatus.ValueType(9)
+NEW_EVENT = pb.WatchEventType.ValueType(9)
+
+
+def test_a_status_not_known_is_unknown_keeps_its_number_and_is_not_terminal() -> None:
+    task = Task._from_proto(state(4, NEW_STATUS))
+    assert task.status is TaskStatus.UNKNOWN
+    assert (task.raw_status, task.status_label) == (NEW_STATUS, "UNKNOWN(9)")
+    assert not task.status.terminal
+    unset = Task._from_proto(task_pb2.TaskResponse(task_id="t"))  # TASK_STATUS_UNSPECIFIED
+    assert unset.status is TaskStatus.UNKNOWN
+    terminal = {status for status in TaskStatus if status.terminal}
+    assert terminal == {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}
+    known = Task._from_proto(state(4, COMPLETED))
+    assert (known.raw_status, known.status_label) == (COMPLETED, "COMPLETED")
+
+
+def test_a_watch_goes_on_through_a_status_not_known_until_a_terminal_one() -> None:
+    watch = task_watch()
+    paused = watch.receive(response(CURRENT, 5, NEW_STATUS))
+    assert paused is not None and paused.status is TaskStatus.UNKNOWN
+    assert not watch.done
+    with pytest.raises(ConveyorError, match="ended before the task did"):
+        watch.final()
+    final = watch.receive(response(CHANGED, 6, COMPLETED))
+    assert watch.done and final is not None and watch.final() is final
+
+
+def test_a_watch_skips_an_event_type_not_known_but_counts_its_revision() -> None:
+    watch = task_watch()
+    watch.receive(response(CURRENT, 5))
+    assert watch.receive(response(NEW_EVENT, 6, COMPLETED)) is None  # not taken for a state
+    assert not watch.done
+    assert watch.request().since_revision == 6  # read past it: a resume starts after it
+    assert watch.receive(pb.WatchResponse(type=NEW_EVENT)) is None  # no task, no revision
+    assert watch.request().since_revision == 6
+    later = watch.receive(response(CHANGED, 7, COMPLETED))
+    assert watch.done and later is not None and later.revision == 7
+    first = task_watch()
+    assert first.receive(pb.WatchResponse(type=NEW_EVENT)) is None
+    assert not first.request().HasField("since_revision")  # 0 is no revision to resume from
+
+
+def test_a_watch_of_many_tasks_skips_an_event_type_not_known_but_counts_its_revision() -> None:
+    watch = all_tasks_watch(since=10)
+    assert watch.receive(response(NEW_EVENT, 11)) is None
+    assert watch.receive(pb.WatchResponse(type=NEW_EVENT)) is None
+    assert watch.request().since_revision == 11
+    event = watch.receive(response(CHANGED, 12, NEW_STATUS))
+    assert event is not None and event.kind is EventKind.CHANGED
+    assert event.task.status is TaskStatus.UNKNOWN and event.task.raw_status == NEW_STATUS
+
+
+def test_polling_goes_on_through_a_status_not_known_and_names_it_on_timing_out() -> None:
+    clock = Clock()
+    polling = Polling("t", Deadline(2.0, clock=clock), PollingPolicy(), 5.0, clock=clock)
+    polling.start()
+    assert not polling.ended(Task._from_proto(state(4, NEW_STATUS)))
+    clock.now += 3
+    with pytest.raises(WaitTimeout, match=r"last seen UNKNOWN\(9\)"):
+        polling.start()
+    assert polling.ended(Task._from_proto(state(5, COMPLETED)))
+
+
+def test_a_watch_the_server_keeps_ending_in_a_status_not_known_says_so() -> None:
+    """A server ends the watch of a task at its end: a newer server's end looks like this."""
+    watch = task_watch(reconnect_timeout=0.5)
+    watch.receive(response(CURRENT, 5, NEW_STATUS))
+    with pytest.raises(ConveyorError, match="status 9, a status this client does not know"):
+        for _ in range(50):
+            watch.broken(None)
+            watch.receive(response(CURRENT, 5, NEW_STATUS))
+    known = task_watch(reconnect_timeout=0.5)
+    known.receive(response(CURRENT, 5))
+    with pytest.raises(Unavailable, match="kept ending the watch early"):
+        for _ in range(50):
+            known.broken(None)
 
 
 # -- the error map ------------------------------------------------------------------

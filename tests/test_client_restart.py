@@ -11,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import Task, TaskStatus
-from tests.client_support import KINDS, closed_port_address, first_item, open_twin, server_record
+from conveyor import Client, Task, TaskStatus
+from tests.client_support import (
+    KINDS,
+    Twin,
+    closed_port_address,
+    first_item,
+    open_twin,
+    server_record,
+)
 from tests.processes import Conveyord
 
 
@@ -25,7 +32,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 def restartable(tmp_path: Path) -> Iterator[Callable[[], Conveyord]]:
     """Starts conveyord on one port and one SQLite file, again and again."""
     address = closed_port_address()
-    args = ("--listen", address, "--store", f"sqlite:{tmp_path / 'tasks.db'}")
+    args: tuple[str, ...] = ("--listen", address, "--store", f"sqlite:{tmp_path / 'tasks.db'}")
     args += ("--retry-initial", "0.05")
     started: list[Conveyord] = []
 
@@ -48,7 +55,7 @@ def _crash(server: Conveyord) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _client(kind: str, address: str) -> AsyncIterator[object]:
+async def _client(kind: str, address: str) -> AsyncIterator[Twin]:
     async with open_twin(kind, address, timeout=60) as twin:
         yield twin
 
@@ -58,10 +65,8 @@ async def test_a_watch_carries_on_across_a_restart_with_no_gap_and_no_duplicate(
 ) -> None:
     server = restartable()
     async with _client(kind, server.address) as twin:
-        task = await twin.create(  # type: ignore[attr-defined]
-            "sleep", {"seconds": 0.6, "steps": 6}, max_attempts=2
-        )
-        stream = twin.client.watch(task.task_id)  # type: ignore[attr-defined]
+        task = await twin.create("sleep", {"seconds": 0.6, "steps": 6}, max_attempts=2)
+        stream = twin.client.watch(task.task_id)
         seen: list[Task] = []
         while not (seen and seen[-1].progress >= 0.3):
             seen.append(await first_item(stream))
@@ -82,15 +87,13 @@ async def test_a_wait_carries_on_across_a_restart(
 ) -> None:
     server = restartable()
     async with _client(kind, server.address) as twin:
-        task = await twin.create(  # type: ignore[attr-defined]
-            "sleep", {"seconds": 0.5, "steps": 5}, max_attempts=2
-        )
-        client = twin.client  # type: ignore[attr-defined]
-        if kind == "Client":  # a blocking wait, on a thread of its own
+        task = await twin.create("sleep", {"seconds": 0.5, "steps": 5}, max_attempts=2)
+        client = twin.client
+        if isinstance(client, Client):  # a blocking wait, on a thread of its own
             waiting = asyncio.ensure_future(asyncio.to_thread(client.wait, task.task_id))
         else:
             waiting = asyncio.ensure_future(client.wait(task.task_id))
-        running = await twin.collect(  # type: ignore[attr-defined]
+        running = await twin.collect(
             "watch", task.task_id, each=lambda t: t.status is TaskStatus.RUNNING
         )
         assert running[-1].status is TaskStatus.RUNNING

@@ -30,6 +30,7 @@ from rich.text import Text
 from conveyor.tasks import EventKind, Task, TaskEvent, TaskStatus
 
 STATUS_STYLES = {
+    TaskStatus.UNKNOWN: "bold",  # a newer server's status: shown as UNKNOWN(its number)
     TaskStatus.CREATED: "cyan",
     TaskStatus.RUNNING: "yellow",
     TaskStatus.COMPLETED: "green",
@@ -41,12 +42,15 @@ WIDE_SCREEN = 120  # enough for every column of a table of tasks
 
 
 def task_json(task: Task) -> dict[str, Any]:
-    """The task as a JSON object: statuses by name, times in ISO 8601."""
-    return {
+    """The task as a JSON object: statuses by name (UNKNOWN(9) for one not known), times in
+    ISO 8601."""
+    data = {
         field.name: _json_value(getattr(task, field.name))
         for field in dataclasses.fields(task)
         if field.name != "proto"
     }
+    data["status"] = task.status_label
+    return data
 
 
 def event_json(event: TaskEvent) -> dict[str, Any]:
@@ -63,8 +67,8 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def status_text(status: TaskStatus) -> Text:
-    return Text(status.name, style=STATUS_STYLES[status])
+def status_text(task: Task) -> Text:
+    return Text(task.status_label, style=STATUS_STYLES[task.status])
 
 
 def elapsed(task: Task) -> timedelta:
@@ -96,7 +100,7 @@ def ending(task: Task) -> Text:
     elif task.error is not None:  # a cancel's code says what the status says already
         code = "" if task.error.code == task.status.name else f"{task.error.code}: "
         how = f": {code}{task.error.message}"
-    return Text.assemble(status_text(task.status), how)
+    return Text.assemble(status_text(task), how)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +114,7 @@ class _Column:
 _COLUMNS = [
     _Column("ID", lambda task: task.task_id, width=36),
     _Column("TYPE", lambda task: task.task_type),
-    _Column("STATUS", lambda task: status_text(task.status), width=9),
+    _Column("STATUS", status_text, width=9),
     _Column("PROGRESS", _percent),
     _Column("PRIORITY", lambda task: str(task.priority), optional=True),
     _Column("CREATED", lambda task: _time(task.created_at), optional=True),
@@ -163,7 +167,7 @@ class Output:
         yield "type", task.task_type
         if task.description:
             yield "description", task.description
-        yield "status", status_text(task.status)
+        yield "status", status_text(task)
         yield "progress", f"{_percent(task)}  {task.message}".rstrip()
         if task.progress_detail:
             yield "detail", json.dumps(task.progress_detail)
@@ -240,7 +244,7 @@ class Output:
 
     def _plain_state(self, task: Task) -> None:
         self.console.print(
-            f"{_time(task.updated_at)}  {task.status.name:<9}  {_percent(task):>4}  {task.message}"
+            f"{_time(task.updated_at)}  {task.status_label:<9}  {_percent(task):>4}  {task.message}"
         )
 
     def _follow_live(self, states: Iterable[Task]) -> Task | None:
@@ -266,7 +270,7 @@ class Output:
                 progress.update(
                     bar,
                     completed=last.progress,
-                    status=f"[{STATUS_STYLES[last.status]}]{last.status.name}[/]",
+                    status=f"[{STATUS_STYLES[last.status]}]{last.status_label}[/]",
                     message=last.message,
                     state=last,
                 )
@@ -303,5 +307,5 @@ class Output:
         task = event.task
         self.console.print(
             f"{_time(task.updated_at)}  {event.kind.name:<8} {task.task_id}  {task.task_type}  "
-            f"{task.status.name:<9}  {_percent(task):>4}  {task.message}"
+            f"{task.status_label:<9}  {_percent(task):>4}  {task.message}"
         )

@@ -8,6 +8,11 @@ together with the start of the new watch: the fallback Get, with no gap between 
 the watch that follows (a plain Get, then a watch from the task's own revision, would
 hit OUT_OF_RANGE again whenever that revision is older than the history too). A watch of
 many tasks lists them again instead, like a Kubernetes informer.
+
+An event of a type the client does not know (a newer server's) is skipped, but its
+revision counts as seen, as a heartbeat's does: the watch has read past it, and resuming
+from before it would only have it sent again. A task in a status the client does not know
+(TaskStatus.UNKNOWN) is passed on, and is not terminal: the watch goes on.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from conveyor.errors import (
     WaitTimeout,
     from_rpc_error,
 )
-from conveyor.tasks import EventKind, Task, TaskEvent
+from conveyor.tasks import EventKind, Task, TaskEvent, TaskStatus
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 
@@ -40,6 +45,15 @@ Item = TypeVar("Item")
 _TERMINAL = frozenset(
     {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 )
+# The event types that carry a state of the task, for a watch of one task.
+_STATES = frozenset(
+    {pb.WATCH_EVENT_TYPE_CURRENT, pb.WATCH_EVENT_TYPE_CHANGED, pb.WATCH_EVENT_TYPE_REMOVED}
+)
+# What a watch of many tasks passes on, by event type.
+_EVENT_KINDS = {
+    pb.WATCH_EVENT_TYPE_CHANGED: EventKind.CHANGED,
+    pb.WATCH_EVENT_TYPE_REMOVED: EventKind.REMOVED,
+}
 # A server that refuses Watch this way may still answer Get: a wait then polls instead.
 WATCH_REFUSALS = frozenset(
     {
@@ -107,10 +121,11 @@ class Watch(abc.ABC, Generic[Item]):
     def _advance(self, revision: int) -> int | None:
         """Note a revision from the server; returns the last one seen before it.
 
-        A newer revision is progress: the next break starts its backoff afresh.
+        A newer revision is progress: the next break starts its backoff afresh. 0 is no
+        revision (the server's start at 1): an event of a type not known may carry none.
         """
         seen = self.revision
-        if seen is None or revision > seen:
+        if revision > 0 and (seen is None or revision > seen):
             self.revision = revision
             self._backoff = self._new_backoff()
         return seen
@@ -145,7 +160,7 @@ class TaskWatch(Watch[Task]):
     def receive(self, response: pb.WatchResponse) -> Task | None:
         self._resume = True
         seen = self._advance(response.revision)
-        if response.type == pb.WATCH_EVENT_TYPE_HEARTBEAT:
+        if response.type not in _STATES:  # a heartbeat, or a type of event not known
             return None
         state = response.task  # for REMOVED, the last state, at a revision of its own
         self.done = response.type == pb.WATCH_EVENT_TYPE_REMOVED or state.status in _TERMINAL
@@ -160,7 +175,17 @@ class TaskWatch(Watch[Task]):
             return 0.0
         if error is None:  # the server did not end with the terminal state: ask it for that
             self._resume = False
-        return super().broken(error)
+        try:
+            return super().broken(error)
+        except Unavailable as gave_up:
+            if error is None and self.last is not None and self.last.status is TaskStatus.UNKNOWN:
+                # The server ends a watch at the task's end: one in a status not known here.
+                raise ConveyorError(
+                    f"the server kept ending the watch of task {self.task_id}, which is in "
+                    f"status {self.last.raw_status}, a status this client does not know: "
+                    "a newer server's, maybe an end; upgrade the client"
+                ) from gave_up
+            raise
 
     def final(self) -> Task:
         """The terminal state the watch ended with."""
@@ -202,12 +227,10 @@ class AllTasksWatch(Watch[TaskEvent]):
 
     def receive(self, response: pb.WatchResponse) -> TaskEvent | None:
         seen = self._advance(response.revision)
-        if response.type == pb.WATCH_EVENT_TYPE_HEARTBEAT or (
-            seen is not None and response.revision <= seen
-        ):
+        kind = _EVENT_KINDS.get(response.type)  # None: a heartbeat, or a type of event not known
+        if kind is None or (seen is not None and response.revision <= seen):
             return None
-        task = Task._from_proto(response.task)
-        return TaskEvent(EventKind(response.type), task, response.revision)
+        return TaskEvent(kind, Task._from_proto(response.task), response.revision)
 
     def broken(self, error: grpc.RpcError | None) -> float:
         if error is not None and error.code() == grpc.StatusCode.OUT_OF_RANGE:

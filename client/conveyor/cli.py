@@ -58,10 +58,12 @@ EXIT_CODES = f"""exit codes:
   {EXIT_NOT_FOUND}    no such task
   {EXIT_UNREACHABLE}    cannot reach the server
   {EXIT_TIMED_OUT}    timed out: the wait, the watch or a request to the server ran out of time
-  {EXIT_ERROR}    any other error
+  {EXIT_ERROR}    any other error, such as a followed task last seen in a status this
+       conveyor does not know (a newer server's), shown as UNKNOWN(N)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_BROKEN_PIPE}  the reader of the output went away (as with | head)"""
 
+# How a followed task ended; any other status (one not terminal, or UNKNOWN) is EXIT_ERROR.
 _BY_OUTCOME = {
     TaskStatus.COMPLETED: EXIT_COMPLETED,
     TaskStatus.FAILED: EXIT_FAILED,
@@ -171,7 +173,8 @@ def resolve_id(client: Client, given: str) -> str:
 
 
 def outcome_code(task: Task | None) -> int:
-    """The exit code that says how a followed task ended."""
+    """The exit code that says how a followed task ended: EXIT_ERROR when it did not end in
+    a status known here (the watch ended first, or the task is in a newer server's status)."""
     return _BY_OUTCOME.get(task.status, EXIT_ERROR) if task is not None else EXIT_ERROR
 
 
@@ -313,11 +316,15 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+_FILTER_STATUSES = {s.name.lower(): s for s in TaskStatus if s is not TaskStatus.UNKNOWN}
+
+
 def _status(text: str) -> TaskStatus:
+    """A status to filter by: any but UNKNOWN, which no task is in on the server."""
     try:
-        return TaskStatus[text.upper()]
+        return _FILTER_STATUSES[text.lower()]
     except KeyError:
-        names = ", ".join(status.name.lower() for status in TaskStatus)
+        names = ", ".join(_FILTER_STATUSES)
         raise argparse.ArgumentTypeError(f"expected one of {names}, not {text!r}") from None
 
 

@@ -211,7 +211,7 @@ class WaitTimeout(ConveyorError, TimeoutError):
 
     def __init__(self, task_id: str, timeout: float | None, task: Task | None) -> None:
         within = f" within {timeout:g} s" if timeout is not None else ""
-        seen = f"; last seen {task.status.name}" if task is not None else ""
+        seen = f"; last seen {task.status_label}" if task is not None else ""
         super().__init__(f"task {task_id} did not end{within}{seen}")
         self.task_id = task_id
         self.timeout = timeout

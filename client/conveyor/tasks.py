@@ -12,8 +12,14 @@ from conveyor.v1 import task_pb2
 
 
 class TaskStatus(enum.IntEnum):
-    """Where a task is in its life; mirrors conveyor.v1.TaskStatus without the prefix."""
+    """Where a task is in its life; mirrors conveyor.v1.TaskStatus without the prefix.
 
+    UNKNOWN stands for a status this client does not know, such as one a newer server
+    added (the number the server sent is `Task.raw_status`). It is not terminal: a wait
+    goes on through it. It is not a status to filter by (a server refuses it).
+    """
+
+    UNKNOWN = 0
     CREATED = 1
     RUNNING = 2
     COMPLETED = 3
@@ -23,7 +29,18 @@ class TaskStatus(enum.IntEnum):
     @property
     def terminal(self) -> bool:
         """True for COMPLETED, FAILED and CANCELLED: a task in one of them never changes again."""
-        return self >= TaskStatus.COMPLETED
+        return self in _TERMINAL
+
+    @classmethod
+    def _from_wire(cls, value: int) -> TaskStatus:
+        """The status a conveyor.v1.TaskStatus number stands for; UNKNOWN for one not known."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+_TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +82,20 @@ class Task:
     parameters: dict[str, Any]
     timeout_seconds: float
     cancel_requested_at: datetime | None
+    last_attempt_error: TaskError | None
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def raw_status(self) -> int:
+        """The status as the server sent it: the number behind a status of UNKNOWN."""
+        return self.proto.status
+
+    @property
+    def status_label(self) -> str:
+        """The status's name to show, with its number when it is UNKNOWN: UNKNOWN(9)."""
+        if self.status is TaskStatus.UNKNOWN:
+            return f"UNKNOWN({self.raw_status})"
+        return self.status.name
 
     @classmethod
     def _from_proto(cls, message: task_pb2.TaskResponse) -> Task:
@@ -73,17 +103,13 @@ class Task:
             task_id=message.task_id,
             task_type=message.task_type,
             description=message.description,
-            status=TaskStatus(message.status),
+            status=TaskStatus._from_wire(message.status),
             priority=message.priority,
             progress=message.progress,
             message=message.message,
             progress_detail=struct_to_dict(message.progress_detail),
             result=to_python(message.result) if message.HasField("result") else None,
-            error=(
-                TaskError(message.error.code, message.error.message)
-                if message.HasField("error")
-                else None
-            ),
+            error=_error(message, "error"),
             labels=dict(message.labels),
             attempt=message.attempt,
             max_attempts=message.max_attempts,
@@ -96,6 +122,7 @@ class Task:
             parameters=struct_to_dict(message.parameters),
             timeout_seconds=message.timeout_seconds,
             cancel_requested_at=_time(message, "cancel_requested_at"),
+            last_attempt_error=_error(message, "last_attempt_error"),
             proto=message,
         )
 
@@ -103,12 +130,25 @@ class Task:
 _OptionalTime = Literal["next_attempt_at", "started_at", "finished_at", "cancel_requested_at"]
 
 
+def _error(
+    message: task_pb2.TaskResponse, field: Literal["error", "last_attempt_error"]
+) -> TaskError | None:
+    if not message.HasField(field):
+        return None
+    error = getattr(message, field)
+    return TaskError(error.code, error.message)
+
+
 def _time(message: task_pb2.TaskResponse, field: _OptionalTime) -> datetime | None:
     return timestamp_to_datetime(getattr(message, field)) if message.HasField(field) else None
 
 
 class EventKind(enum.IntEnum):
-    """What a TaskEvent reports; mirrors conveyor.v1.WatchEventType without the prefix."""
+    """What a TaskEvent reports; mirrors conveyor.v1.WatchEventType without the prefix.
+
+    A watch passes on only these; an event of a type it does not know (from a newer
+    server) it skips.
+    """
 
     CHANGED = 2
     REMOVED = 3

@@ -232,6 +232,7 @@ class TaskResponse(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_ERROR_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -266,7 +267,9 @@ class TaskResponse(_message.Message):
 
     @_builtins.property
     def error(self) -> Global___TaskError:
-        """Why the task FAILED or was CANCELLED; while a retry waits, why the last attempt failed."""
+        """Why the task FAILED or was CANCELLED; while a retry waits, why the last attempt failed.
+        Unset on a COMPLETED task (see `last_attempt_error`).
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -302,6 +305,12 @@ class TaskResponse(_message.Message):
         been told and has a grace period before it is stopped regardless.
         """
 
+    @_builtins.property
+    def last_attempt_error(self) -> Global___TaskError:
+        """The error of the latest failed attempt, kept after a later attempt completed (when
+        `error` is unset); unset if no attempt failed.
+        """
+
     def __init__(
         self,
         *,
@@ -327,10 +336,11 @@ class TaskResponse(_message.Message):
         parameters: _struct_pb2.Struct | None = ...,
         timeout_seconds: _builtins.float = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        last_attempt_error: Global___TaskError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "progress_detail", b"progress_detail", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "progress_detail", b"progress_detail", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
