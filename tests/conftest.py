@@ -7,7 +7,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -17,6 +17,9 @@ from conveyord.handlers import HandlerRegistry
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import Server, ServerConfig
 from tests.processes import Conveyord
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 TEST_HANDLERS = "tests.handlers"
 
@@ -115,12 +118,12 @@ async def channel(server: ServerThread) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> task_service_pb2_grpc.TaskServiceStub:
+def stub(channel: grpc.aio.Channel) -> TaskServiceAsyncStub:
     return task_service_pb2_grpc.TaskServiceStub(channel)
 
 
 @pytest.fixture
-def conveyord() -> Iterator[type[Conveyord]]:
+def conveyord() -> Iterator[Callable[..., Conveyord]]:
     started: list[Conveyord] = []
 
     def start(*args: str, **options: Any) -> Conveyord:
@@ -128,7 +131,7 @@ def conveyord() -> Iterator[type[Conveyord]]:
         started.append(process)
         return process
 
-    yield start  # type: ignore[misc]
+    yield start
     for process in started:
         if process.process.poll() is None:
             process.process.kill()

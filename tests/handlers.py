@@ -14,6 +14,50 @@ abandoned_returned = threading.Event()
 release_stubborn = threading.Event()
 
 
+class Gate:
+    """Holds `gated` handlers until the test opens it, counting how many are inside at once."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.opened = threading.Event()
+        self.inside = 0
+        self.peak = 0  # the most handlers inside at once
+
+    def reset(self) -> None:
+        with self._changed:
+            self.opened.clear()
+            self.inside = self.peak = 0
+
+    def pass_through(self, timeout: float) -> bool:
+        """Wait inside until the gate opens; False if it stayed shut for `timeout` seconds."""
+        with self._changed:
+            self.inside += 1
+            self.peak = max(self.peak, self.inside)
+            self._changed.notify_all()
+        try:
+            return self.opened.wait(timeout)
+        finally:
+            with self._changed:
+                self.inside -= 1
+                self._changed.notify_all()
+
+    def wait_inside(self, count: int, timeout: float) -> bool:
+        """Wait until exactly `count` handlers are inside; False if that did not happen in time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.inside == count, timeout)
+
+
+gate = Gate()
+
+
+@handler("gated")
+def gated(ctx: TaskContext) -> str:
+    """Waits at `gate` until the test opens it."""
+    if not gate.pass_through(timeout=30):
+        raise TimeoutError("the gate was never opened")
+    return "passed"
+
+
 @handler("stubborn_async")
 async def stubborn_async(ctx: TaskContext) -> str:
     """Ignores cancellation until it is cancelled by force."""
@@ -94,4 +138,4 @@ def bad_report(ctx: TaskContext) -> str:
 
 @handler("raises_key_error")
 def raises_key_error(ctx: TaskContext) -> Any:
-    return {}["missing-key"]
+    return {}["missing-key"]  # type: ignore[index]  # the KeyError is the point

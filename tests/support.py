@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -12,7 +12,9 @@ from grpc_status import rpc_status
 from conveyor.protojson import dict_to_struct
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
-from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 Status = task_pb2.TaskStatus
 CREATED = task_pb2.TASK_STATUS_CREATED
@@ -31,7 +33,7 @@ def task_request(task_type: str, parameters: dict[str, Any] | None = None, **fie
 
 
 async def create(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
     task_type: str,
     parameters: dict[str, Any] | None = None,
     *,
@@ -44,13 +46,16 @@ async def create(
     return (await stub.Create(request)).task
 
 
-async def watch(stub: TaskServiceStub, **request: Any) -> list[pb.WatchResponse]:
+async def watch(stub: TaskServiceAsyncStub, **request: Any) -> list[pb.WatchResponse]:
     """Every response of a Watch of one task, until the server ends the stream."""
     return [response async for response in stub.Watch(pb.WatchRequest(**request))]
 
 
 async def run_and_watch(
-    stub: TaskServiceStub, task_type: str, parameters: dict[str, Any] | None = None, **fields: Any
+    stub: TaskServiceAsyncStub,
+    task_type: str,
+    parameters: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> list[task_pb2.TaskResponse]:
     """Create a task and return every state it went through, from CREATED to its end."""
     since = await revision(stub)
@@ -60,7 +65,7 @@ async def run_and_watch(
 
 
 async def wait_until(
-    stub: TaskServiceStub, task_id: str, condition: Callable[[task_pb2.TaskResponse], bool]
+    stub: TaskServiceAsyncStub, task_id: str, condition: Callable[[task_pb2.TaskResponse], bool]
 ) -> task_pb2.TaskResponse:
     """Watch a task until its state meets `condition`; return that state."""
     async for response in stub.Watch(pb.WatchRequest(task_id=task_id)):
@@ -69,19 +74,28 @@ async def wait_until(
     raise AssertionError(f"task {task_id} ended without meeting the condition")
 
 
-async def wait_status(stub: TaskServiceStub, task_id: str, status: int) -> task_pb2.TaskResponse:
+async def wait_status(
+    stub: TaskServiceAsyncStub, task_id: str, status: int
+) -> task_pb2.TaskResponse:
     return await wait_until(stub, task_id, lambda task: task.status == status)
 
 
-async def final(stub: TaskServiceStub, task_id: str) -> task_pb2.TaskResponse:
+async def final(stub: TaskServiceAsyncStub, task_id: str) -> task_pb2.TaskResponse:
     """The task's terminal state, as the last response of its Watch."""
     responses = await watch(stub, task_id=task_id)
     assert responses[-1].task.status in TERMINAL
     return responses[-1].task
 
 
-async def revision(stub: TaskServiceStub) -> int:
+async def revision(stub: TaskServiceAsyncStub) -> int:
     return (await stub.List(pb.ListRequest(page_size=1))).revision
+
+
+async def read(stream: grpc.aio.UnaryStreamCall[Any, pb.WatchResponse]) -> pb.WatchResponse:
+    """The next response of a Watch stream (`read` itself is typed as possibly EOF)."""
+    response = await stream.read()
+    assert isinstance(response, pb.WatchResponse), f"the stream ended: {response!r}"
+    return response
 
 
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -108,4 +122,12 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
-    return error_info(error).reason
+    reason: str = error_info(error).reason
+    return reason
+
+
+def details(error: grpc.aio.AioRpcError) -> str:
+    """The status message of an error (typed as optional, but a server's error has one)."""
+    message = error.details()
+    assert message is not None
+    return message

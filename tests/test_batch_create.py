@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from tests.support import (
     CREATED,
     RUNNING,
     create,
+    details,
     error_reason,
     field_violations,
     final,
@@ -23,6 +25,9 @@ from tests.support import (
     task_request,
     wait_status,
 )
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 StartServer = Callable[..., ServerThread]
 
@@ -38,7 +43,7 @@ def _batch(count: int, **fields: object) -> pb.BatchCreateRequest:
     )
 
 
-async def test_a_batch_answers_with_the_tasks_in_order(stub: TaskServiceStub) -> None:
+async def test_a_batch_answers_with_the_tasks_in_order(stub: TaskServiceAsyncStub) -> None:
     request = _batch(5, priority=7)
     tasks = (await stub.BatchCreate(request)).tasks
     assert [t.parameters["i"] for t in tasks] == [0, 1, 2, 3, 4]
@@ -49,12 +54,12 @@ async def test_a_batch_answers_with_the_tasks_in_order(stub: TaskServiceStub) ->
         assert (await final(stub, task.task_id)).status == COMPLETED
 
 
-async def test_a_batch_of_a_thousand_is_accepted(stub: TaskServiceStub) -> None:
+async def test_a_batch_of_a_thousand_is_accepted(stub: TaskServiceAsyncStub) -> None:
     tasks = (await stub.BatchCreate(_batch(1000))).tasks
     assert len({t.task_id for t in tasks}) == 1000
 
 
-async def test_a_replayed_batch_returns_the_same_tasks(stub: TaskServiceStub) -> None:
+async def test_a_replayed_batch_returns_the_same_tasks(stub: TaskServiceAsyncStub) -> None:
     request = _batch(3)
     first = (await stub.BatchCreate(request)).tasks
     again = (await stub.BatchCreate(request)).tasks
@@ -64,14 +69,14 @@ async def test_a_replayed_batch_returns_the_same_tasks(stub: TaskServiceStub) ->
 
 
 @pytest.mark.parametrize("count", [0, 1001])
-async def test_a_batch_of_the_wrong_size_is_invalid(stub: TaskServiceStub, count: int) -> None:
+async def test_a_batch_of_the_wrong_size_is_invalid(stub: TaskServiceAsyncStub, count: int) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.BatchCreate(_batch(count))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "1 to 1000" in field_violations(caught.value)["requests"]
 
 
-async def test_one_bad_request_refuses_the_whole_batch(stub: TaskServiceStub) -> None:
+async def test_one_bad_request_refuses_the_whole_batch(stub: TaskServiceAsyncStub) -> None:
     request = _batch(4)
     request.requests[2].task.priority = 42
     request.requests[3].task.task_type = "missing"
@@ -86,7 +91,7 @@ async def test_one_bad_request_refuses_the_whole_batch(stub: TaskServiceStub) ->
     assert await revision(stub) == before
 
 
-async def test_one_request_id_twice_in_a_batch_is_invalid(stub: TaskServiceStub) -> None:
+async def test_one_request_id_twice_in_a_batch_is_invalid(stub: TaskServiceAsyncStub) -> None:
     request = _batch(3)
     request.requests[2].request_id = request.requests[0].request_id
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -94,7 +99,7 @@ async def test_one_request_id_twice_in_a_batch_is_invalid(stub: TaskServiceStub)
     assert "requests[0]" in field_violations(caught.value)["requests[2].request_id"]
 
 
-async def test_a_reused_request_id_refuses_the_whole_batch(stub: TaskServiceStub) -> None:
+async def test_a_reused_request_id_refuses_the_whole_batch(stub: TaskServiceAsyncStub) -> None:
     earlier = await create(stub, "echo", {"x": 1}, request_id="taken")
     request = _batch(3)
     request.requests[1].request_id = "taken"  # with a different TaskRequest
@@ -102,7 +107,7 @@ async def test_a_reused_request_id_refuses_the_whole_batch(stub: TaskServiceStub
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.BatchCreate(request)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert earlier.task_id in caught.value.details()
+    assert earlier.task_id in details(caught.value)
     assert await revision(stub) == before
 
 

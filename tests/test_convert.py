@@ -15,7 +15,7 @@ from conveyord.convert import (
     tasks_message,
     watch_message,
 )
-from conveyord.model import Change, ChangeKind, TaskError, TaskStatus
+from conveyord.model import Change, ChangeKind, Task, TaskError, TaskStatus
 from tests.test_store import new_task
 
 TASKS = [
@@ -39,10 +39,10 @@ TASKS = [
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_a_task_answer_is_the_serialized_response(task: object) -> None:
-    proto = task_to_proto(task)  # type: ignore[arg-type]
-    assert task_message(task) == pb.GetResponse(task=proto).SerializeToString()  # type: ignore[arg-type]
-    assert task_message(task) == pb.CreateResponse(task=proto).SerializeToString()  # type: ignore[arg-type]
+def test_a_task_answer_is_the_serialized_response(task: Task) -> None:
+    proto = task_to_proto(task)
+    assert task_message(task) == pb.GetResponse(task=proto).SerializeToString()
+    assert task_message(task) == pb.CreateResponse(task=proto).SerializeToString()
 
 
 def test_a_batch_answer_is_the_serialized_response() -> None:
@@ -65,15 +65,19 @@ def test_watch_responses_are_the_serialized_responses() -> None:
     for message, expected in [
         (
             change_message(change),
-            pb.WatchResponse(type=2, task=task_to_proto(task), revision=2**40),
+            pb.WatchResponse(
+                type=pb.WatchEventType.ValueType(2), task=task_to_proto(task), revision=2**40
+            ),
         ),
         (
             change_message(removed),
-            pb.WatchResponse(type=3, task=task_to_proto(task), revision=2**40 + 1),
+            pb.WatchResponse(
+                type=pb.WatchEventType.ValueType(3), task=task_to_proto(task), revision=2**40 + 1
+            ),
         ),
         (
             watch_message(pb.WATCH_EVENT_TYPE_HEARTBEAT, None, 5),
-            pb.WatchResponse(type=4, revision=5),
+            pb.WatchResponse(type=pb.WatchEventType.ValueType(4), revision=5),
         ),
     ]:
         assert message == expected.SerializeToString()

@@ -19,7 +19,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.cli import build_parser, config_from_args
 from tests.processes import CONSOLE_SCRIPT, ROOT, Conveyord
-from tests.support import COMPLETED, CREATED, RUNNING, create, final, wait_status
+from tests.support import COMPLETED, CREATED, RUNNING, create, final, read, wait_status
 
 
 def test_help_documents_every_option_with_its_default() -> None:
@@ -110,7 +110,9 @@ def test_a_port_in_use_stops_the_start_with_a_message() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_a_second_conveyord_on_the_same_port_stops_with_a_message(conveyord) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_conveyord_on_the_same_port_stops_with_a_message(
+    conveyord: Callable[..., Conveyord],
+) -> None:
     first: Conveyord = conveyord()
     result = subprocess.run(
         [sys.executable, "-m", "conveyord", "--store", "memory", "--listen", first.address],
@@ -121,7 +123,7 @@ def test_a_second_conveyord_on_the_same_port_stops_with_a_message(conveyord) -> 
     assert "Traceback" not in result.stderr
 
 
-async def test_sigterm_stops_gracefully(conveyord) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_stops_gracefully(conveyord: Callable[..., Conveyord]) -> None:
     server: Conveyord = conveyord("--handlers", "tests.handlers", "--shutdown-grace", "30")
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = TaskServiceStub(channel)
@@ -141,7 +143,7 @@ async def test_sigterm_stops_gracefully(conveyord) -> None:  # type: ignore[no-u
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         # ...the handler is told to stop as the grace period starts (this one stops at once),
         # and the attempt it gave up goes back to the queue without being used.
-        last = (await updates.read()).task
+        last = (await read(updates)).task
         assert (last.status, last.attempt, last.error.code) == (CREATED, 1, "INTERRUPTED")
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await updates.read()

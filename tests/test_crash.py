@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -23,6 +24,9 @@ from conveyor.v1.task_pb2 import TaskResponse
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.processes import Conveyord
 from tests.support import CANCELLED, RUNNING, TERMINAL, task_request
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 ROUNDS = 6
 CLIENTS = 4
@@ -47,7 +51,7 @@ class Seen:
         self.revision = max(self.revision, task.revision)
 
 
-async def _client(stub: TaskServiceStub, rng: random.Random, seen: Seen) -> None:
+async def _client(stub: TaskServiceAsyncStub, rng: random.Random, seen: Seen) -> None:
     """Create and cancel until the server dies under it."""
     own: list[str] = []
     try:
@@ -79,7 +83,7 @@ async def _client(stub: TaskServiceStub, rng: random.Random, seen: Seen) -> None
         assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
 
 
-async def _watcher(stub: TaskServiceStub, seen: Seen) -> None:
+async def _watcher(stub: TaskServiceAsyncStub, seen: Seen) -> None:
     """Watch every change; what it sees counts as seen by a client."""
     try:
         async for response in stub.Watch(pb.WatchRequest()):
@@ -89,7 +93,7 @@ async def _watcher(stub: TaskServiceStub, seen: Seen) -> None:
         assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
 
 
-async def _all_tasks(stub: TaskServiceStub) -> tuple[dict[str, TaskResponse], int]:
+async def _all_tasks(stub: TaskServiceAsyncStub) -> tuple[dict[str, TaskResponse], int]:
     tasks: dict[str, TaskResponse] = {}
     token, revision = "", None
     while True:
@@ -152,7 +156,8 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
         finally:
             server.process.kill()
             server.process.wait()
-            server.process.stderr.close()  # type: ignore[union-attr]
+            assert server.process.stderr is not None
+            server.process.stderr.close()
 
     restarted_at = time.time()
     server = Conveyord(*store)
@@ -174,4 +179,5 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
     finally:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 0
-        server.process.stderr.close()  # type: ignore[union-attr]
+        assert server.process.stderr is not None
+        server.process.stderr.close()

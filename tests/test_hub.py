@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-from conveyord.hub import Delivery, EventHub, HubClosed, WatcherTooSlow
+from conveyord.hub import Delivery, EventHub, HubClosed, Subscription, WatcherTooSlow
 from conveyord.model import Change, ChangeKind, TaskFilter, TaskStatus
 from tests.conftest import ServerThread
-from tests.support import create, error_info, revision
+from tests.support import create, error_info, read, revision
 from tests.test_store import new_task
 
 StartServer = Callable[..., ServerThread]
 
 
 def _change(
-    revision: int, task_id: str, status: TaskStatus = TaskStatus.RUNNING, **fields: object
+    revision: int, task_id: str, status: TaskStatus = TaskStatus.RUNNING, **fields: Any
 ) -> Change:
     task = new_task(task_id=task_id, status=status, revision=revision, **fields)
     return Change(revision, ChangeKind.CHANGED, task, 0.0)
 
 
-async def _drain(subscription: object) -> list[int]:
+async def _drain(subscription: Subscription) -> list[int]:
     revisions = []
-    while (delivery := await subscription.next(0.01)) is not None:  # type: ignore[attr-defined]
+    while (delivery := await subscription.next(0.01)) is not None:
         revisions.append(delivery.change.revision)
     return revisions
 
@@ -104,7 +105,8 @@ async def test_closing_the_hub_ends_watchers_after_what_they_have() -> None:
     watcher = hub.subscribe(TaskFilter())
     hub.publish(_change(1, "a"))
     hub.close()
-    assert (await watcher.next(0.01)) is not None
+    delivery = await watcher.next(0.01)
+    assert delivery is not None and delivery.change.revision == 1
     with pytest.raises(HubClosed):
         await watcher.next(0.01)
     with pytest.raises(HubClosed):
@@ -126,26 +128,26 @@ async def test_a_stalled_client_is_ended_and_resumes_while_a_fast_one_sees_every
         stalled = TaskServiceStub(stalled_channel).Watch(pb.WatchRequest(since_revision=since))
         await create(stub, "echo")
         await stalled.read()  # it is open; from now on it reads nothing
-        seen = [(await fast.read()).revision]
+        seen = [(await read(fast)).revision]
         created = 0
         while server.call(_watchers(server)) > 1:  # until the stalled one is let go
             created += 1
             assert created < 5000, "the stalled watcher was never cut loose"
             await create(stub, "echo", {"padding": "x" * 200})
             while seen[-1] < await revision(stub):
-                seen.append((await fast.read()).revision)
+                seen.append((await read(fast)).revision)
         assert seen == list(range(since + 1, seen[-1] + 1))  # every change, in order
 
         received = []
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             while True:
-                received.append((await stalled.read()).revision)
+                received.append((await read(stalled)).revision)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         resume = _resume_revision(caught.value)
         assert received == sorted(received) and (not received or resume >= received[-1])
         fast.cancel()
         rest = TaskServiceStub(stalled_channel).Watch(pb.WatchRequest(since_revision=resume))
-        assert (await rest.read()).revision == resume + 1  # it carries on with no gap
+        assert (await read(rest)).revision == resume + 1  # it carries on with no gap
         rest.cancel()
 
 

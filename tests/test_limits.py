@@ -4,7 +4,7 @@ gRPC's default limits can read, nothing changes, and no stored task can become u
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -13,18 +13,21 @@ from grpc_status import rpc_status
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter, TaskRequest
-from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.limits import MAX_PARAMETERS_BYTES, MAX_RESULT_BYTES
 from conveyord.validation import MAX_VIOLATIONS_SHOWN
 from tests.support import (
     COMPLETED,
     FAILED,
     create,
+    details,
     error_info,
     field_violations,
     final,
     task_request,
 )
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 # What a client with gRPC's default settings accepts: 4 MiB messages, 8 KiB of metadata
 # (grpc-message and the status details travel in the trailing metadata).
@@ -37,7 +40,7 @@ async def _refusal(call: Any) -> grpc.aio.AioRpcError:
     return caught.value
 
 
-async def _list_all(stub: TaskServiceStub) -> list[Any]:
+async def _list_all(stub: TaskServiceAsyncStub) -> list[Any]:
     tasks: list[Any] = []
     token = ""
     while True:
@@ -47,7 +50,9 @@ async def _list_all(stub: TaskServiceStub) -> list[Any]:
             return tasks
 
 
-async def test_a_page_token_that_nests_deeply_is_invalid_argument(stub: TaskServiceStub) -> None:
+async def test_a_page_token_that_nests_deeply_is_invalid_argument(
+    stub: TaskServiceAsyncStub,
+) -> None:
     token = base64.urlsafe_b64encode(b"[" * 1000 + b"]" * 1000).decode()
     refused = await _refusal(stub.List(pb.ListRequest(page_token=token)))
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -55,14 +60,16 @@ async def test_a_page_token_that_nests_deeply_is_invalid_argument(stub: TaskServ
 
 
 @pytest.mark.parametrize("token", ["A" * 10_000, base64.urlsafe_b64encode(b"1" * 40).decode()])
-async def test_a_long_page_token_is_invalid_argument(stub: TaskServiceStub, token: str) -> None:
+async def test_a_long_page_token_is_invalid_argument(
+    stub: TaskServiceAsyncStub, token: str
+) -> None:
     refused = await _refusal(stub.List(pb.ListRequest(page_token=token)))
     assert "page_token" in field_violations(refused)
 
 
 @pytest.mark.parametrize("bad_keys", [100, 10_000])
 async def test_an_error_naming_many_bad_fields_fits_a_default_client(
-    stub: TaskServiceStub, bad_keys: int
+    stub: TaskServiceAsyncStub, bad_keys: int
 ) -> None:
     labels = {f"bad key {i}!": "v" for i in range(bad_keys)}
     refused = await _refusal(
@@ -72,16 +79,16 @@ async def test_an_error_naming_many_bad_fields_fits_a_default_client(
     violations = field_violations(refused)
     assert len(violations) == MAX_VIOLATIONS_SHOWN
     assert "task.labels" in violations  # the count of labels comes first
-    assert refused.details().endswith(f"and {bad_keys + 1 - MAX_VIOLATIONS_SHOWN} more")
+    assert details(refused).endswith(f"and {bad_keys + 1 - MAX_VIOLATIONS_SHOWN} more")
 
 
-async def test_a_batch_of_bad_requests_gets_an_error_that_fits(stub: TaskServiceStub) -> None:
+async def test_a_batch_of_bad_requests_gets_an_error_that_fits(stub: TaskServiceAsyncStub) -> None:
     labels = {f"bad key {i}!": "v" for i in range(64)}
     requests = [pb.CreateRequest(task=task_request("echo", labels=labels)) for _ in range(1000)]
     refused = await _refusal(stub.BatchCreate(pb.BatchCreateRequest(requests=requests)))
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(field_violations(refused)) == MAX_VIOLATIONS_SHOWN
-    assert len(refused.details()) < 4096
+    assert len(details(refused)) < 4096
     assert await _list_all(stub) == []
 
 
@@ -105,7 +112,7 @@ def _nested(depth: int) -> struct_pb2.Struct:
     ],
 )
 async def test_parameters_past_their_caps_are_invalid(
-    stub: TaskServiceStub, parameters: struct_pb2.Struct, problem: str
+    stub: TaskServiceAsyncStub, parameters: struct_pb2.Struct, problem: str
 ) -> None:
     request = pb.CreateRequest(task=TaskRequest(task_type="echo", parameters=parameters))
     refused = await _refusal(stub.Create(request))
@@ -113,7 +120,7 @@ async def test_parameters_past_their_caps_are_invalid(
     assert await _list_all(stub) == []
 
 
-async def test_parameters_at_their_caps_are_taken(stub: TaskServiceStub) -> None:
+async def test_parameters_at_their_caps_are_taken(stub: TaskServiceAsyncStub) -> None:
     blob = "x" * (MAX_PARAMETERS_BYTES - 100)
     task = await create(stub, "echo", {"blob": blob})
     assert (await final(stub, task.task_id)).status == COMPLETED
@@ -122,7 +129,7 @@ async def test_parameters_at_their_caps_are_taken(stub: TaskServiceStub) -> None
 
 
 async def test_a_result_past_its_cap_fails_the_attempt_and_the_task_stays_readable(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
 ) -> None:
     task = await create(stub, "sized_result", {"bytes": 5_000_000}, max_attempts=3)
     ended = await final(stub, task.task_id)
@@ -134,7 +141,7 @@ async def test_a_result_past_its_cap_fails_the_attempt_and_the_task_stays_readab
     assert len(await _list_all(stub)) == 2
 
 
-async def test_a_result_that_nests_too_deeply_is_refused(stub: TaskServiceStub) -> None:
+async def test_a_result_that_nests_too_deeply_is_refused(stub: TaskServiceAsyncStub) -> None:
     task = await create(stub, "deep_result", {"depth": 200})
     ended = await final(stub, task.task_id)
     assert (ended.status, ended.error.code) == (FAILED, "INVALID_RESULT")
@@ -150,7 +157,7 @@ async def test_a_result_that_nests_too_deeply_is_refused(stub: TaskServiceStub) 
     ],
 )
 async def test_a_report_past_its_caps_fails_the_attempt(
-    stub: TaskServiceStub, kind: str, code: str
+    stub: TaskServiceAsyncStub, kind: str, code: str
 ) -> None:
     task = await create(stub, "bad_report", {"kind": kind}, max_attempts=2)
     ended = await final(stub, task.task_id)
@@ -158,7 +165,7 @@ async def test_a_report_past_its_caps_fails_the_attempt(
     assert (await stub.Get(pb.GetRequest(task_id=task.task_id))).task.error.code == code
 
 
-async def test_a_page_of_large_tasks_holds_fewer_of_them(stub: TaskServiceStub) -> None:
+async def test_a_page_of_large_tasks_holds_fewer_of_them(stub: TaskServiceAsyncStub) -> None:
     blob = "x" * (MAX_PARAMETERS_BYTES - 100)
     created = [
         (
@@ -184,7 +191,9 @@ async def test_a_request_past_its_methods_limit_is_refused_unread(
     padding = b"x" * (4 * 1024 * 1024 - 64)
     unknown_field = bytes([0xC2, 0x3E]) + _varint(len(padding)) + padding  # field 1000
     request = pb.GetRequest(task_id="0" * 8 + "-0000-4000-8000-" + "0" * 12).SerializeToString()
-    get = channel.unary_unary("/conveyor.v1.TaskService/Get")
+    get: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/conveyor.v1.TaskService/Get"
+    )
     refused = await _refusal(get(request + unknown_field))
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = error_info(refused)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from conveyord.queue import ReadyQueue
 
 
-def _drain(queue: ReadyQueue, has_room=lambda task_type: True) -> list[str]:  # type: ignore[no-untyped-def]
+def _drain(
+    queue: ReadyQueue, has_room: Callable[[str], bool] = lambda task_type: True
+) -> list[str]:
     order = []
     while (picked := queue.pop(has_room)) is not None:
         order.append(picked[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -23,11 +24,15 @@ from tests.support import (
     RUNNING,
     create,
     final,
+    read,
     revision,
     wait_status,
     wait_until,
     watch,
 )
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 StartServer = Callable[..., ServerThread]
 
@@ -36,7 +41,7 @@ def _store(tmp_path: Path) -> str:
     return f"sqlite:{tmp_path / 'tasks.db'}"
 
 
-async def _get(stub: TaskServiceStub, task_id: str) -> TaskResponse:
+async def _get(stub: TaskServiceAsyncStub, task_id: str) -> TaskResponse:
     return (await stub.Get(pb.GetRequest(task_id=task_id))).task
 
 
@@ -60,7 +65,7 @@ async def test_a_crash_uses_the_attempt_and_a_task_with_attempts_left_is_retried
     async with grpc.aio.insecure_channel(second.address) as channel:
         stub = TaskServiceStub(channel)
         stream = stub.Watch(pb.WatchRequest(task_id=task.task_id, since_revision=running.revision))
-        retry, rerun = (await stream.read()).task, (await stream.read()).task
+        retry, rerun = (await read(stream)).task, (await read(stream)).task
         assert (retry.status, retry.attempt, retry.error.code) == (CREATED, 2, "INTERRUPTED")
         assert "stopped while attempt 1 ran" in retry.error.message
         assert (rerun.status, rerun.attempt) == (RUNNING, 2)

@@ -14,7 +14,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskResponse
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.processes import Conveyord
-from tests.support import CREATED, FAILED, RUNNING, create, wait_status, wait_until
+from tests.support import CREATED, FAILED, RUNNING, create, read, wait_status, wait_until
 
 Start = Callable[..., Conveyord]
 
@@ -48,7 +48,7 @@ async def test_a_task_stopped_by_a_deploy_runs_again_on_the_same_attempt(
     async with grpc.aio.insecure_channel(second.address) as channel:
         stub = TaskServiceStub(channel)
         history = stub.Watch(pb.WatchRequest(task_id=task.task_id, since_revision=running.revision))
-        queued = (await history.read()).task
+        queued = (await read(history)).task
         assert (queued.status, queued.attempt, queued.error.code) == (CREATED, 1, "INTERRUPTED")
         assert "without using an attempt (interruption 1 of at most 3)" in queued.message
         again = await wait_until(stub, task.task_id, lambda t: t.status == RUNNING)

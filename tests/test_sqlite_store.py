@@ -8,14 +8,15 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conveyord.model import TaskFilter
+from conveyord.store.base import StoreFailed
 from conveyord.store.sqlite import (
     MIGRATIONS,
     SqliteStore,
-    StoreFailed,
     StoreLocked,
     StoreOpenError,
     StoreTooNew,
@@ -25,8 +26,8 @@ from tests.test_store import complete, create_one, new_task, start
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _opened(path: Path, **options: object) -> SqliteStore:
-    store = SqliteStore(path, **options)  # type: ignore[arg-type]
+async def _opened(path: Path, **options: Any) -> SqliteStore:
+    store = SqliteStore(path, **options)
     await store.open()
     return store
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -12,15 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conveyor.v1 import task_service_pb2 as pb
-from conveyor.v1.task_pb2 import TaskFilter
+from conveyor.v1.task_pb2 import TaskFilter, TaskStatus
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.conftest import ServerThread
 from tests.support import field_violations, revision, task_request
 
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
-async def _invalid(stub: TaskServiceStub, call: Any) -> dict[str, str]:
+async def _invalid(stub: TaskServiceAsyncStub, call: Any) -> dict[str, str]:
     before = await revision(stub)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
@@ -48,7 +52,7 @@ async def _invalid(stub: TaskServiceStub, call: Any) -> dict[str, str]:
     ],
 )
 async def test_a_bad_task_request_names_the_field(
-    stub: TaskServiceStub, task: dict[str, Any], field: str, words: str
+    stub: TaskServiceAsyncStub, task: dict[str, Any], field: str, words: str
 ) -> None:
     fields = {"task_type": "echo", **task}
     request = pb.CreateRequest(task=task_request(**fields))
@@ -56,7 +60,7 @@ async def test_a_bad_task_request_names_the_field(
     assert words in violations[field]
 
 
-async def test_every_bad_field_is_named_at_once(stub: TaskServiceStub) -> None:
+async def test_every_bad_field_is_named_at_once(stub: TaskServiceAsyncStub) -> None:
     request = pb.CreateRequest(
         task=task_request("nope", priority=42, timeout_seconds=-5), request_id="r" * 129
     )
@@ -69,37 +73,40 @@ async def test_every_bad_field_is_named_at_once(stub: TaskServiceStub) -> None:
     }
 
 
-async def test_a_create_without_a_task_is_invalid(stub: TaskServiceStub) -> None:
+async def test_a_create_without_a_task_is_invalid(stub: TaskServiceAsyncStub) -> None:
     assert "task" in await _invalid(stub, stub.Create(pb.CreateRequest()))
 
 
 @pytest.mark.parametrize("bad_id", ["", "42", "not-a-uuid", "g" * 36])
 async def test_a_malformed_task_id_is_invalid_everywhere(
-    stub: TaskServiceStub, bad_id: str
+    stub: TaskServiceAsyncStub, bad_id: str
 ) -> None:
     assert "task_id" in await _invalid(stub, stub.Get(pb.GetRequest(task_id=bad_id)))
     assert "task_id" in await _invalid(stub, stub.Cancel(pb.CancelRequest(task_id=bad_id)))
 
 
-async def test_a_cancel_reason_that_is_too_long_is_invalid(stub: TaskServiceStub) -> None:
+async def test_a_cancel_reason_that_is_too_long_is_invalid(stub: TaskServiceAsyncStub) -> None:
     request = pb.CancelRequest(task_id=str(uuid.uuid4()), reason="r" * 1025)
     assert "reason" in await _invalid(stub, stub.Cancel(request))
 
 
 @pytest.mark.parametrize("page_size", [-1, 1001])
-async def test_a_page_size_out_of_range_is_invalid(stub: TaskServiceStub, page_size: int) -> None:
+async def test_a_page_size_out_of_range_is_invalid(
+    stub: TaskServiceAsyncStub, page_size: int
+) -> None:
     violations = await _invalid(stub, stub.List(pb.ListRequest(page_size=page_size)))
     assert "between 0 and 1000" in violations["page_size"]
 
 
 @pytest.mark.parametrize("token", ["garbage", "!!!", "eyJhZnRlciI6IC0xfQ", "e30"])
-async def test_a_malformed_page_token_is_invalid(stub: TaskServiceStub, token: str) -> None:
+async def test_a_malformed_page_token_is_invalid(stub: TaskServiceAsyncStub, token: str) -> None:
     violations = await _invalid(stub, stub.List(pb.ListRequest(page_token=token)))
     assert "page token" in violations["page_token"]
 
 
-async def test_a_bad_list_filter_is_invalid(stub: TaskServiceStub) -> None:
-    request = pb.ListRequest(filter=TaskFilter(statuses=[1, 99]))
+async def test_a_bad_list_filter_is_invalid(stub: TaskServiceAsyncStub) -> None:
+    statuses = [TaskStatus.ValueType(1), TaskStatus.ValueType(99)]  # 99 names no status
+    request = pb.ListRequest(filter=TaskFilter(statuses=statuses))
     assert "filter.statuses[1]" in await _invalid(stub, stub.List(request))
 
 
@@ -117,12 +124,14 @@ def test_arbitrary_bytes_never_yield_internal_or_unknown(
         path = f"/conveyor.v1.TaskService/{method}"
         try:
             if method == "Watch":
-                call = channel.unary_stream(path)(payload, timeout=1)
+                watch: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+                call = watch(payload, timeout=1)
                 for _ in call:
                     break
                 call.cancel()
             else:
-                channel.unary_unary(path)(payload, timeout=5)
+                unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+                unary(payload, timeout=5)
         except grpc.RpcError as error:
             assert error.code() not in NEVER, (error.code(), error.details())
 
@@ -189,13 +198,13 @@ def test_any_read_request_is_answered_cleanly(
     task_id: str,
     page_size: int,
     page_token: str,
-    statuses: list[int],
+    statuses: list[TaskStatus.ValueType],
     labels: dict[str, str],
 ) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = TaskServiceStub(channel)
         task_filter = TaskFilter(statuses=statuses, labels=labels)
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: stub.Get(pb.GetRequest(task_id=task_id), timeout=5),
             lambda: stub.Cancel(pb.CancelRequest(task_id=task_id), timeout=5),
             lambda: stub.List(

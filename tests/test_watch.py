@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 
 from conveyor.v1 import task_service_pb2 as pb
-from conveyor.v1.task_pb2 import TaskFilter
+from conveyor.v1.task_pb2 import TASK_STATUS_UNSPECIFIED, TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.conftest import ServerThread
 from tests.support import (
@@ -22,11 +23,15 @@ from tests.support import (
     error_reason,
     field_violations,
     final,
+    read,
     revision,
     run_and_watch,
     wait_status,
     watch,
 )
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 StartServer = Callable[..., ServerThread]
 CURRENT = pb.WATCH_EVENT_TYPE_CURRENT
@@ -41,7 +46,7 @@ def _interval(seconds: float) -> duration_pb2.Duration:
 
 
 async def test_watch_sends_the_current_state_first_and_ends_after_the_terminal_state(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
 ) -> None:
     task = await create(stub, "sleep", {"seconds": 0.1, "steps": 2})
     responses = await watch(stub, task_id=task.task_id)
@@ -55,7 +60,7 @@ async def test_watch_sends_the_current_state_first_and_ends_after_the_terminal_s
 
 
 async def test_a_task_that_has_ended_gets_its_final_state_and_the_stream_closes(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
 ) -> None:
     task = await create(stub, "echo", {"x": 1})
     ended = await final(stub, task.task_id)
@@ -63,14 +68,14 @@ async def test_a_task_that_has_ended_gets_its_final_state_and_the_stream_closes(
     assert [(r.type, r.task) for r in responses] == [(CURRENT, ended)]
 
 
-async def test_watch_shows_every_change_of_a_task(stub: TaskServiceStub) -> None:
+async def test_watch_shows_every_change_of_a_task(stub: TaskServiceAsyncStub) -> None:
     states = await run_and_watch(stub, "sleep", {"seconds": 0.1, "steps": 3})
     assert [s.status for s in states] == [CREATED, RUNNING, RUNNING, RUNNING, RUNNING, COMPLETED]
     assert [s.progress for s in states[2:5]] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 async def test_a_resumed_watch_continues_with_no_gap_and_no_duplicate(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
 ) -> None:
     since = await revision(stub)
     task = await create(stub, "sleep", {"seconds": 0.2, "steps": 4})
@@ -80,7 +85,7 @@ async def test_a_resumed_watch_continues_with_no_gap_and_no_duplicate(
         assert resumed == everything[cut + 1 :]
 
 
-async def test_resuming_after_the_end_closes_at_once(stub: TaskServiceStub) -> None:
+async def test_resuming_after_the_end_closes_at_once(stub: TaskServiceAsyncStub) -> None:
     task = await create(stub, "echo")
     ended = await final(stub, task.task_id)
     assert await watch(stub, task_id=task.task_id, since_revision=ended.revision) == []
@@ -117,14 +122,14 @@ async def test_a_revision_older_than_the_history_is_out_of_range(start_server: S
         assert kinds == [CHANGED] * 4 + [HEARTBEAT]
 
 
-async def test_a_revision_ahead_of_the_server_is_out_of_range(stub: TaskServiceStub) -> None:
+async def test_a_revision_ahead_of_the_server_is_out_of_range(stub: TaskServiceAsyncStub) -> None:
     ahead = await revision(stub) + 100
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(stub, since_revision=ahead)
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
 
-async def test_list_then_watch_from_its_revision_misses_nothing(stub: TaskServiceStub) -> None:
+async def test_list_then_watch_from_its_revision_misses_nothing(stub: TaskServiceAsyncStub) -> None:
     """Tasks are created all along; every one shows up in the list or in the watch after it."""
     created: list[str] = []
     stop, under_way = asyncio.Event(), asyncio.Event()
@@ -149,21 +154,22 @@ async def test_list_then_watch_from_its_revision_misses_nothing(stub: TaskServic
     stop.set()
     await asyncio.gather(*creators)
     expected = set(created)
-    async for response in stub.Watch(pb.WatchRequest(since_revision=first_revision)):
+    # Ends as soon as every task was seen; a task missing from both times out the stream.
+    async for response in stub.Watch(pb.WatchRequest(since_revision=first_revision), timeout=20):
         seen.add(response.task.task_id)
         if expected <= seen:
             break
-    assert expected <= seen
+    assert expected <= seen  # not so if the stream ended early
 
 
-async def test_watching_all_starts_from_now_by_default(stub: TaskServiceStub) -> None:
+async def test_watching_all_starts_from_now_by_default(stub: TaskServiceAsyncStub) -> None:
     old = await create(stub, "echo")
     await final(stub, old.task_id)
     stream = stub.Watch(pb.WatchRequest(heartbeat_interval=_interval(0.1)))
-    first = await stream.read()
+    first = await read(stream)
     assert first.type == HEARTBEAT  # nothing from before the watch
     new = await create(stub, "echo")
-    response = await stream.read()
+    response = await read(stream)
     assert (response.type, response.task.task_id, response.task.status) == (
         CHANGED,
         new.task_id,
@@ -172,7 +178,7 @@ async def test_watching_all_starts_from_now_by_default(stub: TaskServiceStub) ->
     stream.cancel()
 
 
-async def test_watching_all_applies_the_filter(stub: TaskServiceStub) -> None:
+async def test_watching_all_applies_the_filter(stub: TaskServiceAsyncStub) -> None:
     since = await revision(stub)
     wanted = await create(stub, "echo", labels={"team": "a"})
     await create(stub, "echo", labels={"team": "b"})
@@ -193,30 +199,30 @@ async def test_watching_all_applies_the_filter(stub: TaskServiceStub) -> None:
 
 
 async def test_a_quiet_stream_gets_heartbeats_with_the_latest_revision(
-    stub: TaskServiceStub,
+    stub: TaskServiceAsyncStub,
 ) -> None:
     task = await create(stub, "sleep", {"seconds": 60, "steps": 1})
     running = await wait_status(stub, task.task_id, RUNNING)
     stream = stub.Watch(pb.WatchRequest(task_id=task.task_id, heartbeat_interval=_interval(0.1)))
-    assert (await stream.read()).type == CURRENT
+    assert (await read(stream)).type == CURRENT
     for _ in range(2):
-        beat = await stream.read()
+        beat = await read(stream)
         assert beat.type == HEARTBEAT
         assert beat.revision == await revision(stub) >= running.revision
     stream.cancel()
     await stub.Cancel(pb.CancelRequest(task_id=task.task_id))
 
 
-async def test_resuming_from_a_heartbeat_misses_nothing(stub: TaskServiceStub) -> None:
+async def test_resuming_from_a_heartbeat_misses_nothing(stub: TaskServiceAsyncStub) -> None:
     stream = stub.Watch(pb.WatchRequest(heartbeat_interval=_interval(0.1)))
-    beat = await stream.read()
+    beat = await read(stream)
     stream.cancel()
     task = await create(stub, "echo")
     responses = await watch(stub, task_id=task.task_id, since_revision=beat.revision)
     assert [r.task.status for r in responses] == [CREATED, RUNNING, COMPLETED]
 
 
-async def test_watch_of_an_unknown_task_is_not_found(stub: TaskServiceStub) -> None:
+async def test_watch_of_an_unknown_task_is_not_found(stub: TaskServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(stub, task_id=str(uuid.uuid4()))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -230,12 +236,12 @@ async def test_watch_of_an_unknown_task_is_not_found(stub: TaskServiceStub) -> N
         ({"heartbeat_interval": _interval(7200)}, "heartbeat_interval"),
         ({"since_revision": -1}, "since_revision"),
         ({"task_id": str(uuid.uuid4()), "filter": TaskFilter(task_type="echo")}, "filter"),
-        ({"filter": TaskFilter(statuses=[0])}, "filter.statuses[0]"),
+        ({"filter": TaskFilter(statuses=[TASK_STATUS_UNSPECIFIED])}, "filter.statuses[0]"),
         ({"filter": TaskFilter(labels={"bad key": "v"})}, "filter.labels['bad key']"),
     ],
 )
 async def test_a_bad_watch_request_is_invalid_argument(
-    stub: TaskServiceStub, request_fields: dict[str, object], field: str
+    stub: TaskServiceAsyncStub, request_fields: dict[str, object], field: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await watch(stub, **request_fields)
