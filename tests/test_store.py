@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
-from conveyord.store.base import RequestIdReused, RevisionOutOfRange, TaskNotFound, TaskStore
+from conveyord.store.base import (
+    Claim,
+    RequestIdReused,
+    RevisionOutOfRange,
+    TaskNotFound,
+    TaskStore,
+)
 from conveyord.store.memory import MemoryStore
 from conveyord.store.sqlite import SqliteStore
 
@@ -222,13 +228,56 @@ async def test_a_removed_task_frees_its_request_id(store: TaskStore) -> None:
     assert created and fresh.task_id != task.task_id
 
 
-async def test_unfinished_lists_created_and_running_in_creation_order(store: TaskStore) -> None:
-    tasks = [(await create_one(store, new_task()))[0] for _ in range(4)]
-    await store.update(tasks[0].task_id, start)
-    await store.update(tasks[1].task_id, start)
-    await store.update(tasks[1].task_id, complete)
-    unfinished = await store.unfinished()
-    assert [t.task_id for t in unfinished] == [tasks[0].task_id, tasks[2].task_id, tasks[3].task_id]
+def _claim(count: int = 10, now: float = 5.0, **fields: Any) -> Claim:
+    options: dict[str, Any] = {"types": None, "limits": {}, **fields}
+    return Claim("worker-1", count, lease_until=lambda task: now + 60, now=now, **options)
+
+
+async def test_claim_takes_the_best_runnable_tasks_under_leases(store: TaskStore) -> None:
+    low = (await create_one(store, new_task(priority=2)))[0]
+    high = (await create_one(store, new_task(priority=9)))[0]
+    later = (await create_one(store, new_task(priority=9, next_attempt_at=50.0)))[0]
+    assert store.queued == 3
+    claimed = await store.claim(_claim(count=1))
+    assert [t.task_id for t in claimed] == [high.task_id]
+    (task,) = claimed
+    assert (task.status, task.lease_holder, task.lease_expires_at) == (
+        TaskStatus.RUNNING,
+        "worker-1",
+        65.0,
+    )
+    assert task.lease_id and await store.get(task.task_id) == task
+    assert [t.task_id for t in await store.claim(_claim())] == [low.task_id]  # never twice
+    assert await store.claim(_claim()) == []  # the third waits for its next attempt
+    assert store.next_wakeup() == 50.0
+    assert [t.task_id for t in await store.claim(_claim(now=50.0))] == [later.task_id]
+    assert store.queued == 0
+
+
+async def test_claim_keeps_to_the_types_and_limits_asked(store: TaskStore) -> None:
+    for task_type in ("a", "a", "b", "c"):
+        await create_one(store, new_task(task_type=task_type))
+    claimed = await store.claim(_claim(types=frozenset({"a", "b"}), limits={"a": 1}))
+    assert sorted(t.task_type for t in claimed) == ["a", "b"]
+    assert sorted(t.task_type for t in await store.claim(_claim())) == ["a", "c"]
+
+
+async def test_update_where_changes_every_match_at_once(store: TaskStore) -> None:
+    tasks = [(await create_one(store, new_task()))[0] for _ in range(3)]
+    await store.claim(_claim(count=2))
+    running = TaskFilter(statuses=frozenset({TaskStatus.RUNNING}))
+    changed = await store.update_where(running, complete)
+    assert sorted(t.task_id for t in changed) == sorted(t.task_id for t in tasks[:2])
+    assert all(t.status is TaskStatus.COMPLETED for t in changed)
+    assert (await store.get(tasks[2].task_id)) == tasks[2]
+
+
+async def test_a_lease_that_ran_out_is_found(store: TaskStore) -> None:
+    await create_one(store, new_task())
+    (task,) = await store.claim(_claim(now=5.0))
+    assert await store.expired_leases(64.0) == []
+    assert store.next_wakeup() == 65.0
+    assert [t.task_id for t in await store.expired_leases(65.0)] == [task.task_id]
 
 
 async def test_a_batch_is_stored_whole_in_order(store: TaskStore) -> None:

@@ -16,6 +16,7 @@ lost holder out. The moves a task can make are the model's TRANSITIONS.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,11 @@ class StaleLease(ConveyorError):
 
     def metadata(self) -> dict[str, str]:
         return {"task_id": self.task_id, "lease_id": self.lease_id}
+
+
+def new_lease_id() -> str:
+    """A lease id: 128 random bits, hex."""
+    return os.urandom(16).hex()
 
 
 def claim(task: Task, lease: Lease, now: float) -> Task | None:

@@ -88,7 +88,10 @@ class Server:
             config.handler_modules, builtins=config.builtin_handlers
         )
         self.store = store or store_from_url(
-            config.store, history_size=config.history_size, history_age=config.history_age
+            config.store,
+            history_size=config.history_size,
+            history_age=config.history_age,
+            aging_rate=config.scheduler.aging_per_minute / 60,
         )
         self.failed = False  # the store failed: the server must stop, and say so
         self.stop_requested = asyncio.Event()  # set by a signal or by a failed store

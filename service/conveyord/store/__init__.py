@@ -6,7 +6,12 @@ import os
 from pathlib import Path
 
 from conveyord.store.base import TaskStore
-from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
+from conveyord.store.memory import (
+    DEFAULT_AGING_RATE,
+    DEFAULT_HISTORY_AGE,
+    DEFAULT_HISTORY_SIZE,
+    MemoryStore,
+)
 from conveyord.store.sqlite import SqliteStore
 
 
@@ -21,14 +26,19 @@ def store_from_url(
     *,
     history_size: int = DEFAULT_HISTORY_SIZE,
     history_age: float = DEFAULT_HISTORY_AGE,
+    aging_rate: float = DEFAULT_AGING_RATE,
 ) -> TaskStore:
     """`memory`, `sqlite` (the default path) or `sqlite:PATH`; ValueError for anything else."""
     kind, _, path = url.partition(":")
     if kind == "memory" and not path:
-        return MemoryStore(history_size=history_size, history_age=history_age)
+        return MemoryStore(
+            history_size=history_size, history_age=history_age, aging_rate=aging_rate
+        )
     if kind == "sqlite":
         location = Path(path).expanduser() if path else default_store_path()
-        return SqliteStore(location, history_size=history_size, history_age=history_age)
+        return SqliteStore(
+            location, history_size=history_size, history_age=history_age, aging_rate=aging_rate
+        )
     raise ValueError(f"unknown store {url!r}: use memory, sqlite or sqlite:PATH")
 
 

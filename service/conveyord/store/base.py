@@ -7,7 +7,8 @@ committed and in revision order, on its change feed (feed.py), which the event h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
@@ -19,6 +20,20 @@ from conveyord.model import Change, Task, TaskFilter
 # Given a task's latest state, returns its next state, made with `Task.evolve` (a record no
 # one else holds yet: the store stamps its revision on it), or None for no change.
 Mutation = Callable[[Task], Task | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker asks dispatch for: up to `count` tasks of `types` (None: any type),
+    at most `limits[type]` of a limited type, each under a lease held by `holder` until
+    `lease_until(task)`."""
+
+    holder: str
+    count: int
+    types: frozenset[str] | None
+    limits: Mapping[str, int]
+    lease_until: Callable[[Task], float]
+    now: float
 
 
 class StoreError(ConveyorError):
@@ -131,8 +146,29 @@ class TaskStore(Protocol):
         removal is a change. Returns how many were removed."""
         ...
 
-    async def unfinished(self) -> Sequence[Task]:
-        """Tasks that are CREATED or RUNNING, in creation order (for recovery at start)."""
+    @property
+    def queued(self) -> int:
+        """Tasks that are CREATED (runnable, or waiting for their next attempt)."""
+        ...
+
+    async def claim(self, request: Claim) -> Sequence[Task]:
+        """Start the best runnable tasks that the request allows, each under a new lease
+        held by `request.holder`, all at once and atomically: no task is claimed twice.
+        Best is the highest priority after aging, then the earliest runnable."""
+        ...
+
+    async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> Sequence[Task]:
+        """Apply `mutation` to every task the filter matches, as `update` does to one;
+        the tasks it changed, in their new state."""
+        ...
+
+    async def expired_leases(self, now: float) -> Sequence[Task]:
+        """The RUNNING tasks whose lease ran out by `now`."""
+        ...
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time at which a waiting task becomes runnable or a lease runs out,
+        if any (dispatch sets one timer for it); it may be early, never late."""
         ...
 
     async def open(self) -> None:

@@ -17,17 +17,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
-from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
+from conveyord.lifecycle import Lease, new_lease_id
+from conveyord.model import Change, ChangeKind, Task, TaskFilter
 from conveyord.store.base import (
+    Claim,
     Mutation,
     RequestIdReused,
     RevisionOutOfRange,
     TaskNotFound,
 )
+from conveyord.store.index import DispatchIndex
 
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
+DEFAULT_AGING_RATE = 1 / 60  # priority levels per second of waiting: one a minute
 
 
 class MemoryStore:
@@ -38,6 +43,7 @@ class MemoryStore:
         *,
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_age: float = DEFAULT_HISTORY_AGE,
+        aging_rate: float = DEFAULT_AGING_RATE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._history_size = history_size
@@ -47,6 +53,7 @@ class MemoryStore:
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}
+        self._index = DispatchIndex(aging_rate)
         self._staged_revision = 0
         self._last_seq = 0  # creation order; never reused, so that page tokens stay right
         # The committed view: what readers see.
@@ -64,6 +71,10 @@ class MemoryStore:
     @property
     def feed(self) -> ChangeFeed:
         return self._feed
+
+    @property
+    def queued(self) -> int:
+        return self._index.queued
 
     # -- writes ------------------------------------------------------------------
 
@@ -125,6 +136,57 @@ class MemoryStore:
             await self._persist(changes)
         return len(changes)
 
+    async def claim(self, request: Claim) -> list[Task]:
+        taken: dict[str, int] = {}
+
+        def room(task_type: str) -> bool:
+            if request.types is not None and task_type not in request.types:
+                return False
+            limit = request.limits.get(task_type)
+            return limit is None or taken.get(task_type, 0) < limit
+
+        def take(task_type: str) -> None:
+            taken[task_type] = taken.get(task_type, 0) + 1
+
+        self._index.promote(request.now, self._working)
+        changes: list[Change] = []
+        for task_id in self._index.pick(request.count, room, take):
+            task = self._working[task_id]
+            lease = Lease(new_lease_id(), request.holder, request.lease_until(task))
+            started = lifecycle.claim(task, lease, request.now)
+            if started is not None:
+                changes.append(self._stage(ChangeKind.CHANGED, started))
+        if changes:
+            await self._persist(changes)
+        return [change.task for change in changes]
+
+    async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> list[Task]:
+        changes: list[Change] = []
+        for task in self._candidates(task_filter):
+            if task_filter.matches(task) and (new := mutation(task)) not in (None, task):
+                assert new is not None
+                changes.append(self._stage(ChangeKind.CHANGED, new))
+        if changes:
+            await self._persist(changes)
+        return [change.task for change in changes]
+
+    def _candidates(self, task_filter: TaskFilter) -> list[Task]:
+        """The tasks a filter may match: by id, by active status, or all of them."""
+        if task_filter.task_id:
+            task = self._working.get(task_filter.task_id)
+            return [] if task is None else [task]
+        if task_filter.statuses and task_filter.statuses <= self._index.active.keys():
+            ids = set().union(*(self._index.active[s] for s in task_filter.statuses))
+            return [self._working[task_id] for task_id in ids]
+        return list(self._working.values())
+
+    async def expired_leases(self, now: float) -> list[Task]:
+        return self._index.expired(now, self._working)
+
+    def next_wakeup(self) -> float | None:
+        times = [t for t in (self._index.next_runnable_at(), self._index.next_expiry()) if t]
+        return min(times, default=None)
+
     def _stage(self, kind: ChangeKind, task: Task) -> Change:
         """Give a change the next revision and apply it to the working view.
 
@@ -134,9 +196,11 @@ class MemoryStore:
         self._staged_revision += 1
         if kind is ChangeKind.CHANGED:
             task.revision = self._staged_revision
+            self._index.changed(self._working.get(task.task_id), task)
             self._working[task.task_id] = task
         else:
             del self._working[task.task_id]
+            self._index.changed(task, None)
             if task.request_id:
                 self._request_ids.pop((task.owner, task.request_id), None)
         return Change(self._staged_revision, kind, task, self._clock())
@@ -192,12 +256,6 @@ class MemoryStore:
         tail = itertools.islice(self._history, revision - self._compacted, None)
         return [change for change in tail if task_filter.matches(change.task)]
 
-    async def unfinished(self) -> Sequence[Task]:
-        """Tasks that are CREATED or RUNNING, in creation order (for recovery at start)."""
-        active = (TaskStatus.CREATED, TaskStatus.RUNNING)
-        tasks = (self._tasks.get(task_id) for task_id in self._order.after(0))
-        return [task for task in tasks if task is not None and task.status in active]
-
     async def open(self) -> None:
         pass
 
@@ -216,6 +274,7 @@ class MemoryStore:
         """Fill both views from what a durable store read back at start."""
         for task in sorted(tasks, key=lambda t: t.seq):
             self._working[task.task_id] = self._tasks[task.task_id] = task
+            self._index.changed(None, task)
             self._order.append(task.seq, task.task_id)
             if task.request_id:
                 self._request_ids[(task.owner, task.request_id)] = task.task_id

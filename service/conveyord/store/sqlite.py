@@ -27,7 +27,12 @@ from typing import Any
 
 from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskStatus
 from conveyord.store.base import StoreFailed
-from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, MemoryStore
+from conveyord.store.memory import (
+    DEFAULT_AGING_RATE,
+    DEFAULT_HISTORY_AGE,
+    DEFAULT_HISTORY_SIZE,
+    MemoryStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +76,14 @@ class SqliteStore(MemoryStore):
         *,
         history_size: int = DEFAULT_HISTORY_SIZE,
         history_age: float = DEFAULT_HISTORY_AGE,
+        aging_rate: float = DEFAULT_AGING_RATE,
         migrations: Sequence[str] = MIGRATIONS,
         clock: Callable[[], float] | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-        super().__init__(history_size=history_size, history_age=history_age, **kwargs)
+        super().__init__(
+            history_size=history_size, history_age=history_age, aging_rate=aging_rate, **kwargs
+        )
         self.path = Path(path)
         self._migrations = tuple(migrations)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conveyor-store")

@@ -1,0 +1,346 @@
+"""Dispatch: grants leases on runnable tasks to workers, within the limits, and keeps them honest.
+
+It follows the store's change feed. A task that becomes runnable wakes it, and it claims
+tasks from the store for the workers that have free slots, within the concurrency limits
+(in all, and per task type), each under a lease. It enforces each attempt's timeout (the
+holder is told to stop, and after the grace the attempt ends regardless), passes a Cancel
+on to the holder, and reaps leases that ran out, so that a holder that died never leaves a
+task RUNNING. Holders speak to it with the lease id: report, finish; a holder whose lease
+is gone is refused (lifecycle.StaleLease) and changes nothing.
+
+One timer serves every waiting task and every lease (the store's next wake-up); a timer per
+held attempt serves its timeout and its grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
+
+from conveyord import lifecycle
+from conveyord.lifecycle import Outcome, RetryPolicy, StaleLease
+from conveyord.model import Change, ErrorCode, Task, TaskError, TaskFilter, TaskStatus
+from conveyord.store.base import Claim, StoreFailed, TaskStore
+
+log = logging.getLogger(__name__)
+
+# Seconds a lease outlives its attempt's timeout and grace: room to record how it ended.
+RECORDING_TIME = 5.0
+
+
+class Worker(Protocol):
+    """What dispatch hands attempts to and signals: the local worker (worker/local.py),
+    and remote workers through their connection."""
+
+    holder: str  # who holds its leases; stable across restarts of the same worker
+    types: frozenset[str] | None  # the task types it runs (None: any)
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def start(self, task: Task) -> None:
+        """Run an attempt of `task`, under `task.lease_id`."""
+
+    def stop(self, task: Task, reason: str) -> None:
+        """Tell the attempt's handler to stop (cancelled, timed out, or shutting down)."""
+
+    def abandon(self, task_id: str, lease_id: str) -> None:
+        """The attempt is over without its holder: drop it, and whatever it returns."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How many attempts run at once, in all and per task type; how long a stop may take."""
+
+    concurrency: int
+    type_concurrency: Mapping[str, int]
+    cancel_grace: float
+
+
+class _Held:
+    """An attempt this dispatcher granted: its lease, its timer, and how it was stopped."""
+
+    def __init__(self, task: Task, worker: Worker) -> None:
+        self.task = task
+        self.worker = worker
+        self.lease_id = task.lease_id
+        self.stopped: Outcome | None = None  # the outcome a stop imposes, once asked
+        self.timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Dispatcher:
+    """Grants, watches and ends the attempts of one server's workers."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        limits: Limits,
+        policy: RetryPolicy,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self.policy = policy
+        self.clock = clock
+        self._workers: list[Worker] = []
+        self._held: dict[str, _Held] = {}
+        self._by_type: dict[str, int] = {}
+        self._granting = False
+        self._wanted = asyncio.Event()  # set: claim for free slots
+        self._claiming: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._unfollow: Callable[[], None] | None = None
+        self._drained = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()  # reaping and forced ends
+
+    @property
+    def running(self) -> int:
+        return len(self._held)
+
+    # -- life --------------------------------------------------------------------
+
+    async def start(self, workers: list[Worker]) -> None:
+        """Settle the attempts this server's workers held when it stopped, then grant."""
+        self._workers = workers
+        self._unfollow = self.store.feed.follow(self._on_change)
+        for worker in workers:
+            await self._recover(worker.holder)
+        self._granting = True
+        self._claiming = asyncio.create_task(self._claim_forever(), name="conveyor-dispatch")
+        self._pump()
+
+    async def _recover(self, holder: str) -> None:
+        """A lease of ours that outlived the server: it died while the attempt ran, which
+        counts as a failed attempt (retried at once while attempts remain)."""
+        now = self.clock()
+
+        def expire(task: Task) -> Task | None:
+            if task.lease_holder not in (holder, ""):  # another holder's lease runs out alone
+                return None
+            error = TaskError(
+                ErrorCode.INTERRUPTED, f"the server stopped while attempt {task.attempt} ran"
+            )
+            return lifecycle.expire(task, error, self.policy, now, delay=0.0)
+
+        running = TaskFilter(statuses=frozenset({TaskStatus.RUNNING}))
+        settled = await self.store.update_where(running, expire)
+        if settled:
+            log.info("%d tasks were running when the server stopped: settled", len(settled))
+
+    async def shutdown(self, grace: float) -> None:
+        """Grant no more; tell every held attempt to stop, as an interruption that uses no
+        attempt; wait up to `grace` for their holders, then end them regardless."""
+        self._granting = False
+        self._wanted.set()  # the claim loop sees it is over
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        for held in list(self._held.values()):
+            self._stop(held, _INTERRUPTED, grace)
+        if self._held:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace + RECORDING_TIME)
+            except TimeoutError:
+                log.warning("the end of %d attempts could not be recorded", len(self._held))
+        if self._unfollow is not None:
+            self._unfollow()
+
+    # -- granting ----------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Ask for a claim for the free slots (cheap: many asks make one claim)."""
+        self._wanted.set()
+
+    async def _claim_forever(self) -> None:
+        """Claim for free slots whenever asked, one claim at a time."""
+        while self._granting:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                for worker in self._workers:
+                    await self._claim_for(worker)
+            except StoreFailed:
+                return  # the server stops, and says why
+            except Exception:
+                log.exception("claiming tasks failed")
+            self._arm_wakeup()
+
+    async def _claim_for(self, worker: Worker) -> None:
+        count = min(worker.free_slots, self.limits.concurrency - len(self._held))
+        if count <= 0:
+            return
+        limits = {
+            task_type: limit - self._by_type.get(task_type, 0)
+            for task_type, limit in self.limits.type_concurrency.items()
+        }
+        now, extra = self.clock(), self.limits.cancel_grace + RECORDING_TIME
+        claim = Claim(
+            holder=worker.holder,
+            count=count,
+            types=worker.types,
+            limits=limits,
+            lease_until=lambda task: now + task.timeout_seconds + extra,
+            now=now,
+        )
+        claimed = await self.store.claim(claim)
+        for task in claimed:
+            self._grant(task, worker)
+        if len(claimed) == count:
+            self._pump()  # there may be more, and room for them
+
+    def _grant(self, task: Task, worker: Worker) -> None:
+        held = _Held(task, worker)
+        self._held[task.task_id] = held
+        self._by_type[task.task_type] = self._by_type.get(task.task_type, 0) + 1
+        loop = asyncio.get_running_loop()
+        held.timer = loop.call_later(task.timeout_seconds, self._timed_out, held)
+        worker.start(task)
+        if task.cancel_requested_at is not None:  # cancelled as it was claimed
+            self._cancel_requested(held)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _arm_wakeup(self) -> None:
+        """One timer for the earliest waiting task and the earliest lease to run out."""
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        when = self.store.next_wakeup()
+        if when is None or not self._granting:
+            return
+        delay = max(0.0, when - self.clock())
+        self._wakeup = asyncio.get_running_loop().call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wakeup = None
+        self._in_background(self._reap())
+        self._pump()
+
+    async def _reap(self) -> None:
+        """End the attempts whose lease ran out: their holder is gone."""
+        try:
+            for task in await self.store.expired_leases(self.clock()):
+                await self.store.update(task.task_id, self._expiry(task.lease_id))
+        except StoreFailed:
+            return
+        self._arm_wakeup()
+
+    def _expiry(self, lease_id: str) -> Callable[[Task], Task | None]:
+        """The end of an attempt under `lease_id` whose lease ran out, retried per policy."""
+        now, policy = self.clock(), self.policy
+
+        def expire(task: Task) -> Task | None:
+            if task.lease_id != lease_id:
+                return None  # ended or renewed meanwhile
+            error = TaskError(
+                ErrorCode.LEASE_EXPIRED,
+                f"the lease of attempt {task.attempt} ran out: its holder {task.lease_holder} "
+                "is gone",
+            )
+            return lifecycle.expire(task, error, policy, now, policy.delay(task.attempt))
+
+        return expire
+
+    # -- following the store -------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        task = change.task
+        held = self._held.get(task.task_id)
+        if held is not None:
+            if task.status is not TaskStatus.RUNNING or task.lease_id != held.lease_id:
+                self._release(held)
+            elif task.cancel_requested_at is not None and held.stopped is None:
+                self._cancel_requested(held)
+        if task.status is TaskStatus.CREATED and self._granting:
+            if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
+                self._pump()
+            else:
+                self._arm_wakeup()
+
+    def _release(self, held: _Held) -> None:
+        """The attempt is over in the store: free its slot, and drop it if still running."""
+        del self._held[held.task.task_id]
+        self._by_type[held.task.task_type] -= 1
+        held.cancel_timer()
+        held.worker.abandon(held.task.task_id, held.lease_id)
+        if not self._held:
+            self._drained.set()
+        self._pump()
+
+    # -- stopping attempts -----------------------------------------------------------
+
+    def _cancel_requested(self, held: _Held) -> None:
+        reason = held.task.cancel_reason or "cancelled"
+        self._stop(held, Outcome(error=TaskError(ErrorCode.CANCELLED, reason)), None)
+
+    def _timed_out(self, held: _Held) -> None:
+        task = held.task
+        message = (
+            f"attempt {task.attempt} ran longer than its timeout of {task.timeout_seconds:g} s"
+        )
+        self._stop(held, Outcome(error=TaskError(ErrorCode.DEADLINE_EXCEEDED, message)), None)
+
+    def _stop(self, held: _Held, outcome: Outcome, grace: float | None) -> None:
+        """Tell the holder to stop; after the grace, end the attempt with `outcome`."""
+        grace = self.limits.cancel_grace if grace is None else grace
+        if held.stopped is None:
+            held.stopped = outcome
+            reason = outcome.error.message if outcome.error else ""
+            held.worker.stop(held.task, reason)
+        elif (
+            held.timer is not None
+            and held.timer.when() <= asyncio.get_running_loop().time() + grace
+        ):
+            return  # already stopping, and sooner
+        held.cancel_timer()
+        held.timer = asyncio.get_running_loop().call_later(grace, self._force, held)
+
+    def _force(self, held: _Held) -> None:
+        """The holder did not end the attempt within the grace: end it without it."""
+        held.timer = None
+        self._in_background(self._end_without_holder(held))
+
+    async def _end_without_holder(self, held: _Held) -> None:
+        with contextlib.suppress(StaleLease, StoreFailed):  # ended meanwhile, or stopping
+            await self._end(held.task.task_id, held.lease_id, held.stopped or Outcome())
+
+    # -- what holders say ----------------------------------------------------------
+
+    async def report(self, task_id: str, lease_id: str, changes: Mapping[str, Any]) -> None:
+        """A holder's progress report; StaleLease if the attempt is no longer its."""
+        now = self.clock()
+        await self.store.update(
+            task_id, lambda task: lifecycle.report(task, lease_id, changes, now)
+        )
+
+    async def finish(self, task_id: str, lease_id: str, outcome: Outcome) -> Task:
+        """A holder's end of an attempt; once the attempt was asked to stop, the stop's
+        outcome stands, whatever the holder returned. StaleLease if it is no longer its."""
+        held = self._held.get(task_id)
+        if held is not None and held.lease_id == lease_id and held.stopped is not None:
+            outcome = held.stopped
+        return await self._end(task_id, lease_id, outcome)
+
+    async def _end(self, task_id: str, lease_id: str, outcome: Outcome) -> Task:
+        now, policy = self.clock(), self.policy
+        return await self.store.update(
+            task_id, lambda task: lifecycle.finish(task, lease_id, outcome, policy, now)
+        )
+
+
+_INTERRUPTED = Outcome(
+    error=TaskError(ErrorCode.INTERRUPTED, "the server stopped while the attempt ran"),
+    interrupted=True,
+)

@@ -1,0 +1,1 @@
+"""Workers: what runs attempts. `local` runs the handlers loaded into this server."""

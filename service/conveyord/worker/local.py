@@ -1,0 +1,228 @@
+"""The local worker: runs attempts with the handlers loaded into this server (`--handlers`).
+
+It takes attempts through the same protocol as a remote worker: dispatch hands it a task
+under a lease (`start`), it reports progress and ends the attempt with the lease id
+(`Dispatcher.report`, `Dispatcher.finish`), and dispatch tells it to stop a handler (a
+Cancel, a timeout, the server's shutdown) or to drop an attempt that ended without it
+(`abandon`: an async handler is cancelled, a blocking one is left to finish alone and
+whatever it returns is discarded). Timeouts and grace periods are dispatch's, not its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from conveyor.protojson import to_value
+from conveyord.dispatch import Dispatcher
+from conveyord.handlers import HandlerRegistry, TaskContext, is_async
+from conveyord.lifecycle import Outcome, StaleLease
+from conveyord.limits import MAX_MESSAGE, MAX_RESULT_BYTES
+from conveyord.model import ErrorCode, Task, TaskError, json_problem
+from conveyord.store.base import StoreFailed
+from conveyord.watchdog import track
+
+log = logging.getLogger(__name__)
+
+# Who holds the local worker's leases: the same across restarts, so that a server that
+# starts again on its store knows the attempts it was running when it stopped.
+LOCAL_HOLDER = "conveyord/local"
+
+
+class _Attempt:
+    """One attempt of one task on this worker: its handler, its context, its reports."""
+
+    def __init__(self, task: Task, context: TaskContext, ended: asyncio.Future[None]) -> None:
+        self.task = task
+        self.lease_id = task.lease_id
+        self.context = context
+        self.ended = ended  # set when the attempt is over without the handler (abandoned)
+        self.work: asyncio.Future[Any] | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self.progress: dict[str, Any] = {}  # reported by the handler, not yet written
+        self.flusher: asyncio.Task[None] | None = None  # writes `progress`, one write at a time
+        self.failing: asyncio.Future[None] | None = None  # ends it for a report over its caps
+
+
+class LocalWorker:
+    """Runs up to `slots` attempts at once with the registered handlers."""
+
+    holder = LOCAL_HOLDER
+    types: frozenset[str] | None = None  # any: a task of an unknown type fails, explained
+
+    def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.slots = slots
+        self._attempts: dict[str, _Attempt] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self._attempts)
+
+    def start(self, task: Task) -> None:
+        loop = asyncio.get_running_loop()
+        context = TaskContext(
+            task_id=task.task_id,
+            task_type=task.task_type,
+            parameters=task.parameters,
+            labels=task.labels,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            loop=loop,
+            sink=lambda changes: self._report(attempt, changes),
+        )
+        attempt = _Attempt(task, context, loop.create_future())
+        self._attempts[task.task_id] = attempt
+        attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
+
+    def stop(self, task: Task, reason: str) -> None:
+        attempt = self._attempts.get(task.task_id)
+        if attempt is not None and attempt.lease_id == task.lease_id:
+            attempt.context._request_stop(reason)
+
+    def abandon(self, task_id: str, lease_id: str) -> None:
+        attempt = self._attempts.get(task_id)
+        if attempt is None or attempt.lease_id != lease_id:
+            return
+        del self._attempts[task_id]
+        attempt.context._close()
+        if not attempt.ended.done():
+            attempt.ended.set_result(None)
+        if attempt.work is not None and not attempt.work.done():
+            attempt.work.cancel()  # an async handler stops; a blocking one is left alone
+
+    async def close(self) -> None:
+        """Stop what still runs (the server is going away)."""
+        runners = [a.runner for a in self._attempts.values() if a.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        if runners:
+            await asyncio.wait(runners)
+
+    async def _run(self, attempt: _Attempt) -> None:
+        """Run the handler, then end the attempt with how it went, unless it was dropped."""
+        task = attempt.task
+        try:
+            function = self.registry.get(task.task_type)
+            if function is None:
+                message = f"no handler is registered for task type {task.task_type!r}"
+                outcome = Outcome(
+                    error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False
+                )
+            else:
+                work = attempt.work = _start_handler(function, attempt.context)
+                await asyncio.wait({work, attempt.ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    work.add_done_callback(_ignore_outcome)
+                    return  # dropped: dispatch ended the attempt without it
+                outcome = _outcome_of(work, task)
+            attempt.context._close()
+            if attempt.flusher is not None:
+                await attempt.flusher  # what was reported lands before the end
+            await self.dispatcher.finish(task.task_id, attempt.lease_id, outcome)
+        except (StaleLease, StoreFailed):
+            pass  # the attempt ended without it meanwhile, or the server stops and says why
+        except Exception:
+            log.exception("the attempt of task %s broke the worker's bookkeeping", task.task_id)
+        finally:
+            attempt.context._close()
+            if self._attempts.get(task.task_id) is attempt:
+                del self._attempts[task.task_id]
+
+    def _report(self, attempt: _Attempt, changes: dict[str, Any] | TaskError) -> None:
+        """Merge a handler's report and write it unless a write is already on its way; a
+        report over its caps fails the attempt."""
+        if isinstance(changes, TaskError):
+            attempt.context._request_stop(changes.message)
+            failed = Outcome(error=changes, retryable=False)
+            attempt.failing = asyncio.ensure_future(self._fail(attempt, failed))
+            return
+        attempt.progress.update(changes)
+        if attempt.flusher is None or attempt.flusher.done():
+            attempt.flusher = asyncio.create_task(self._flush(attempt))
+
+    async def _fail(self, attempt: _Attempt, outcome: Outcome) -> None:
+        with contextlib.suppress(StaleLease, StoreFailed):
+            await self.dispatcher.finish(attempt.task.task_id, attempt.lease_id, outcome)
+
+    async def _flush(self, attempt: _Attempt) -> None:
+        while attempt.progress:
+            changes, attempt.progress = attempt.progress, {}
+            try:
+                await self.dispatcher.report(attempt.task.task_id, attempt.lease_id, changes)
+            except (StaleLease, StoreFailed):
+                return  # the attempt is over: a late report changes nothing
+
+
+def _start_handler(
+    function: Callable[[TaskContext], Any], context: TaskContext
+) -> asyncio.Future[Any]:
+    """Start a handler: an async one as a task on the loop, a blocking one on a thread of its own.
+
+    A thread per blocking attempt (rather than a pool) means that an abandoned handler that
+    never returns holds only its own thread, never a slot that other tasks need.
+    """
+    if is_async(function):
+        handler = cast(Awaitable[Any], function(context))
+        return asyncio.ensure_future(track(handler, context.task_id, context.task_type))
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = function(context), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"conveyor-{context.task_id}", daemon=True).start()
+    return future
+
+
+def _outcome_of(work: asyncio.Future[Any], task: Task) -> Outcome:
+    """Turn a finished handler into an outcome: its result, or its exception as
+    HANDLER_ERROR (its type kept in the message, its traceback logged with the task)."""
+    if work.cancelled():
+        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
+    error = work.exception()
+    if error is not None:
+        log.error(
+            "task %s (%s), attempt %d: the handler raised %s",
+            task.task_id, task.task_type, task.attempt, type(error).__name__,
+            exc_info=error,
+        )  # fmt: skip
+        name = type(error).__qualname__
+        message = f"{name}: {error}" if str(error) else name
+        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
+    return result_outcome(work.result())
+
+
+def result_outcome(result: Any) -> Outcome:
+    """A handler's result, or the error that refuses it: not JSON, or over the size cap."""
+    if (problem := json_problem(result)) is not None:
+        return Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
+    size = to_value(result).ByteSize()
+    if size > MAX_RESULT_BYTES:
+        message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
+        return Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
+    return Outcome(result=result)
+
+
+def _ignore_outcome(work: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned handler's outcome so that asyncio does not log it as lost."""
+    if not work.cancelled():
+        work.exception()
