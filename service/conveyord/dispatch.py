@@ -268,6 +268,8 @@ class Dispatcher:
                 self._pump()
             else:
                 self._arm_wakeup()
+        elif held is None and task.status is TaskStatus.RUNNING and task.lease_expires_at:
+            self._arm_wakeup()  # another holder's lease: reaped when it runs out
 
     def _release(self, held: _Held) -> None:
         """The attempt is over in the store: free its slot, and drop it if still running."""
