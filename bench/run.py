@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import batch, end_to_end, fanout, rpc, scheduling, store
-from bench.harness import machine
+from bench import batch, end_to_end, fanout, memory, rpc, scheduling, store
+from bench.harness import machine, pin_load_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 SECTIONS = {
@@ -23,6 +23,7 @@ SECTIONS = {
     "batch": batch,
     "scheduling": scheduling,
     "store": store,
+    "memory": memory,
 }
 
 
@@ -62,6 +63,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--only", action="append", default=[], choices=sorted(SECTIONS))
     args = parser.parse_args()
+    pin_load_generator()
     figures = asyncio.run(main(args.quick, args.only))
     print(f"\nmachine: {figures['machine']}")
     if not args.quick:
