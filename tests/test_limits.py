@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter, TaskRequest
+from conveyord.convert import _length_delimited  # how the server frames a field, reused
 from conveyord.limits import MAX_PARAMETERS_BYTES, MAX_RESULT_BYTES
 from conveyord.validation import MAX_VIOLATIONS_SHOWN
 from tests.support import (
@@ -189,7 +190,7 @@ async def test_a_request_past_its_methods_limit_is_refused_unread(
 ) -> None:
     # A GetRequest padded with an unknown field to 4 MiB, as a hostile client might send.
     padding = b"x" * (4 * 1024 * 1024 - 64)
-    unknown_field = bytes([0xC2, 0x3E]) + _varint(len(padding)) + padding  # field 1000
+    unknown_field = _length_delimited(1000, padding)
     request = pb.GetRequest(task_id="0" * 8 + "-0000-4000-8000-" + "0" * 12).SerializeToString()
     get: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
         "/conveyor.v1.TaskService/Get"
@@ -199,12 +200,3 @@ async def test_a_request_past_its_methods_limit_is_refused_unread(
     info = error_info(refused)
     assert (info.reason, info.metadata["limit_bytes"]) == ("REQUEST_TOO_LARGE", "4096")
     assert rpc_status.from_call(refused) is not None
-
-
-def _varint(value: int) -> bytes:
-    encoded = bytearray()
-    while value >= 0x80:
-        encoded.append(value & 0x7F | 0x80)
-        value >>= 7
-    encoded.append(value)
-    return bytes(encoded)
