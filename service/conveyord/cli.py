@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from conveyord.allocator import tune_allocator
 from conveyord.handlers import HandlerLoadError
 from conveyord.hub import DEFAULT_WATCH_BUFFER
 from conveyord.scheduler import SchedulerConfig
@@ -285,6 +286,7 @@ def _import_from_cwd() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_allocator()  # before gRPC starts its threads: see conveyord/allocator.py
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

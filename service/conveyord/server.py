@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from conveyord.allocator import trim_when_idle
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
@@ -174,6 +175,7 @@ async def serve(config: ServerConfig) -> bool:
     except BaseException:
         await server.store.close()
         raise
+    trimmer = asyncio.create_task(trim_when_idle())  # what a burst freed goes back when quiet
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_requested.set)
@@ -188,4 +190,5 @@ async def serve(config: ServerConfig) -> bool:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)  # a second signal stops at once
     await server.stop(grace=0 if server.failed else None)
+    trimmer.cancel()
     return not server.failed
