@@ -15,6 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The code under test is this tree's, even where the installed package points at another
+# checkout (as when an older commit is measured from a worktree beside this one).
+SOURCE_PATH = os.pathsep.join(str(ROOT / part) for part in ("service", "client", "."))
+
 # On a machine of 2 cores or more, the load generator (this process) runs on core 0 and the
 # servers under test on the others: unpinned, both move between cores and a ratio between
 # two runs moves by 0.2; pinned, it holds to about 0.03.
@@ -118,7 +122,7 @@ async def server_process(
 ) -> AsyncIterator[Process]:
     """A Python process that logs a line matching `ready` once it is ready (a server: its
     port, which gives the address); on the servers' cores, unless it is a client."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    environment = {**os.environ, "PYTHONPATH": SOURCE_PATH}
     process = await asyncio.create_subprocess_exec(
         sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE,
         preexec_fn=_on_server_cores if on_server_cores else None,

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import grpc
 
 from bench.batch import BATCH, batch_request
 from bench.handlers import noop, parked
-from bench.harness import ROOT, Load, best, closed_loop, conveyord, ms, ratio
+from bench.harness import ROOT, SOURCE_PATH, Load, best, closed_loop, conveyord, ms, ratio
 from bench.rpc import PARKED, create_call
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
@@ -126,8 +127,9 @@ async def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for size in sizes:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.scheduling", str(size), cwd=ROOT, stdout=subprocess.PIPE
-        )
+            sys.executable, "-m", "bench.scheduling", str(size), cwd=ROOT, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        )  # fmt: skip
         output, _ = await process.communicate()
         if process.returncode:
             raise RuntimeError(f"the scheduling probe of {size} tasks failed")
