@@ -176,6 +176,7 @@ class TaskContext:
         self._async_cancel = asyncio.Event()
         self._cancel_reason = ""
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
         self._sink = sink
         self._closed = False
 
@@ -223,6 +224,9 @@ class TaskContext:
             changes["progress_detail"] = dict(detail)
         if changes and not self._closed:
             report: dict[str, Any] | TaskError = report_problem(changes) or changes
+            if threading.get_ident() == self._loop_thread:  # an async handler: in order, now
+                self._sink(report)
+                return
             with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
                 self._loop.call_soon_threadsafe(self._sink, report)
 

@@ -28,6 +28,8 @@ from conveyord.watchdog import track
 
 log = logging.getLogger(__name__)
 
+_CANCELLED = "the handler was cancelled"
+
 # Who holds the local worker's leases: the same across restarts, so that a server that
 # starts again on its store knows the attempts it was running when it stopped.
 LOCAL_HOLDER = "conveyord/local"
@@ -36,13 +38,13 @@ LOCAL_HOLDER = "conveyord/local"
 class _Attempt:
     """One attempt of one task on this worker: its handler, its context, its reports."""
 
-    def __init__(self, task: Task, context: TaskContext, ended: asyncio.Future[None]) -> None:
+    def __init__(self, task: Task, context: TaskContext) -> None:
         self.task = task
         self.lease_id = task.lease_id
         self.context = context
-        self.ended = ended  # set when the attempt is over without the handler (abandoned)
-        self.work: asyncio.Future[Any] | None = None
         self.runner: asyncio.Task[None] | None = None
+        self.finishing = False  # the handler is done: what is left is to record it
+        self.abandoned = False  # the attempt ended without it: the runner was cancelled
         self.progress: dict[str, Any] = {}  # reported by the handler, not yet written
         self.flusher: asyncio.Task[None] | None = None  # writes `progress`, one write at a time
         self.failing: asyncio.Future[None] | None = None  # ends it for a report over its caps
@@ -59,6 +61,7 @@ class LocalWorker:
         self.dispatcher = dispatcher
         self.slots = slots
         self._attempts: dict[str, _Attempt] = {}
+        self._closing = False
 
     @property
     def free_slots(self) -> int:
@@ -76,7 +79,7 @@ class LocalWorker:
             loop=loop,
             sink=lambda changes: self._report(attempt, changes),
         )
-        attempt = _Attempt(task, context, loop.create_future())
+        attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
 
@@ -91,13 +94,15 @@ class LocalWorker:
             return
         del self._attempts[task_id]
         attempt.context._close()
-        if not attempt.ended.done():
-            attempt.ended.set_result(None)
-        if attempt.work is not None and not attempt.work.done():
-            attempt.work.cancel()  # an async handler stops; a blocking one is left alone
+        if not attempt.finishing and attempt.runner is not None:
+            # An async handler is cancelled; a blocking one is left to finish on its thread,
+            # and what it returns is discarded.
+            attempt.abandoned = True
+            attempt.runner.cancel()
 
     async def close(self) -> None:
         """Stop what still runs (the server is going away)."""
+        self._closing = True
         runners = [a.runner for a in self._attempts.values() if a.runner is not None]
         for runner in runners:
             runner.cancel()
@@ -108,19 +113,13 @@ class LocalWorker:
         """Run the handler, then end the attempt with how it went, unless it was dropped."""
         task = attempt.task
         try:
-            function = self.registry.get(task.task_type)
-            if function is None:
-                message = f"no handler is registered for task type {task.task_type!r}"
-                outcome = Outcome(
-                    error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False
-                )
-            else:
-                work = attempt.work = _start_handler(function, attempt.context)
-                await asyncio.wait({work, attempt.ended}, return_when=asyncio.FIRST_COMPLETED)
-                if not work.done():
-                    work.add_done_callback(_ignore_outcome)
-                    return  # dropped: dispatch ended the attempt without it
-                outcome = _outcome_of(work, task)
+            try:
+                outcome = await self._handle(attempt)
+            except asyncio.CancelledError:
+                if attempt.abandoned or self._closing:
+                    return  # dispatch ended the attempt without it, or the server goes away
+                outcome = Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, _CANCELLED))
+            attempt.finishing = True
             attempt.context._close()
             if attempt.flusher is not None:
                 await attempt.flusher  # what was reported lands before the end
@@ -133,6 +132,26 @@ class LocalWorker:
             attempt.context._close()
             if self._attempts.get(task.task_id) is attempt:
                 del self._attempts[task.task_id]
+
+    async def _handle(self, attempt: _Attempt) -> Outcome:
+        """Run the handler in this task (an async one) or on a thread of its own (a blocking
+        one), and say how it ended."""
+        task, context = attempt.task, attempt.context
+        function = self.registry.get(task.task_type)
+        if function is None:
+            message = f"no handler is registered for task type {task.task_type!r}"
+            return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
+        try:
+            if is_async(function):
+                handler = cast(Awaitable[Any], function(context))
+                result = await track(handler, task.task_id, task.task_type)
+            else:
+                result = await _on_thread(function, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            return _failure(error, task)
+        return result_outcome(result)
 
     def _report(self, attempt: _Attempt, changes: dict[str, Any] | TaskError) -> None:
         """Merge a handler's report and write it unless a write is already on its way; a
@@ -159,23 +178,18 @@ class LocalWorker:
                 return  # the attempt is over: a late report changes nothing
 
 
-def _start_handler(
-    function: Callable[[TaskContext], Any], context: TaskContext
-) -> asyncio.Future[Any]:
-    """Start a handler: an async one as a task on the loop, a blocking one on a thread of its own.
+def _on_thread(function: Callable[[TaskContext], Any], context: TaskContext) -> asyncio.Future[Any]:
+    """Run a blocking handler on a thread of its own; its result, as a future of this loop.
 
     A thread per blocking attempt (rather than a pool) means that an abandoned handler that
     never returns holds only its own thread, never a slot that other tasks need.
     """
-    if is_async(function):
-        handler = cast(Awaitable[Any], function(context))
-        return asyncio.ensure_future(track(handler, context.task_id, context.task_type))
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():
-            return
+            return  # abandoned: nobody waits any more
         if error is not None:
             future.set_exception(error)
         else:
@@ -193,22 +207,17 @@ def _start_handler(
     return future
 
 
-def _outcome_of(work: asyncio.Future[Any], task: Task) -> Outcome:
-    """Turn a finished handler into an outcome: its result, or its exception as
-    HANDLER_ERROR (its type kept in the message, its traceback logged with the task)."""
-    if work.cancelled():
-        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, "the handler was cancelled"))
-    error = work.exception()
-    if error is not None:
-        log.error(
-            "task %s (%s), attempt %d: the handler raised %s",
-            task.task_id, task.task_type, task.attempt, type(error).__name__,
-            exc_info=error,
-        )  # fmt: skip
-        name = type(error).__qualname__
-        message = f"{name}: {error}" if str(error) else name
-        return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
-    return result_outcome(work.result())
+def _failure(error: Exception, task: Task) -> Outcome:
+    """A handler's exception as HANDLER_ERROR (its type kept in the message), its traceback
+    logged with the task."""
+    log.error(
+        "task %s (%s), attempt %d: the handler raised %s",
+        task.task_id, task.task_type, task.attempt, type(error).__name__,
+        exc_info=error,
+    )  # fmt: skip
+    name = type(error).__qualname__
+    message = f"{name}: {error}" if str(error) else name
+    return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
 
 
 def result_outcome(result: Any) -> Outcome:
@@ -220,9 +229,3 @@ def result_outcome(result: Any) -> Outcome:
         message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
         return Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
     return Outcome(result=result)
-
-
-def _ignore_outcome(work: asyncio.Future[Any]) -> None:
-    """Retrieve an abandoned handler's outcome so that asyncio does not log it as lost."""
-    if not work.cancelled():
-        work.exception()
