@@ -301,3 +301,42 @@ async def test_a_batch_with_a_reused_request_id_stores_nothing(store: TaskStore)
     assert store.revision == 1
     _, created = await create_one(store, new_task("fresh"))
     assert created  # "fresh" was not taken by the refused batch
+
+
+async def test_list_by_type_and_label_pages_through_removals(store: TaskStore) -> None:
+    made = [
+        (await create_one(store, new_task(task_type=kind, labels={"team": team})))[0]
+        for kind, team in [("a", "x"), ("b", "x"), ("a", "y"), ("b", "y"), ("a", "x")]
+    ]
+    await store.update(made[0].task_id, start)
+    await store.update(made[0].task_id, complete)
+    await store.remove_finished(finished_before=10.0, limit=10)
+    of_a, _ = await store.list(TaskFilter(task_type="a"), 0, 10)
+    assert [t.task_id for t in of_a] == [made[2].task_id, made[4].task_id]
+    team_x = TaskFilter(labels={"team": "x"})
+    first, _ = await store.list(team_x, 0, 1)
+    rest, _ = await store.list(team_x, first[0].seq, 10)
+    assert [t.task_id for t in [*first, *rest]] == [made[1].task_id, made[4].task_id]
+    assert (await store.list(TaskFilter(task_type="none"), 0, 10))[0] == []
+    assert (await store.list(TaskFilter(task_type="a", labels={"team": "y"}), 0, 10))[0] == [
+        made[2]
+    ]
+
+
+async def test_one_tasks_changes_come_from_its_own_history(open_store: Opener) -> None:
+    store = open_store(history_size=3)
+    await store.open()
+    watched, _ = await create_one(store, new_task())
+    await store.update(watched.task_id, start)
+    for _ in range(2):
+        await create_one(store, new_task())  # the history keeps the last 3 changes only
+    own = await store.changes_since(2, TaskFilter(task_id=watched.task_id))
+    assert own == []
+    everything = await store.changes_since(2, TaskFilter())
+    assert [c.revision for c in everything] == [3, 4]
+    with pytest.raises(RevisionOutOfRange):
+        await store.changes_since(0, TaskFilter(task_id=watched.task_id))
+    await store.update(watched.task_id, complete)
+    (done,) = await store.changes_since(4, TaskFilter(task_id=watched.task_id))
+    assert (done.revision, done.task.status) == (5, TaskStatus.COMPLETED)
+    await store.close()

@@ -1,4 +1,4 @@
-"""What a store keeps beside its tasks so that dispatch never scans them.
+"""What a store keeps beside its tasks so that dispatch and List never scan them all.
 
 `DispatchIndex` follows every staged change of the working view and answers, in time
 that grows with the answer rather than with the store: the best runnable tasks (the ready
@@ -9,10 +9,11 @@ the leases that have run out (a heap of expiry times), and the tasks of each act
 
 from __future__ import annotations
 
+import bisect
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-from conveyord.model import Task, TaskStatus
+from conveyord.model import Task, TaskFilter, TaskStatus
 from conveyord.queue import ReadyQueue
 
 
@@ -116,3 +117,73 @@ class DispatchIndex:
 def _requeue(old: Task, new: Task) -> bool:
     """A CREATED task's place in the queue changed (its runnable time or its priority)."""
     return old.next_attempt_at != new.next_attempt_at or old.priority != new.priority
+
+
+class ListIndex:
+    """Task ids in creation order, for List to page through: all of them, and those of each
+    task type and each label, so that a selective filter reads what it returns (and the
+    tasks of its most selective part) rather than every task."""
+
+    def __init__(self) -> None:
+        self._all = CreationOrder()
+        self._by_type: dict[str, CreationOrder] = {}
+        self._by_label: dict[tuple[str, str], CreationOrder] = {}
+
+    def added(self, task: Task) -> None:
+        self._all.append(task.seq, task.task_id)
+        self._by_type.setdefault(task.task_type, CreationOrder()).append(task.seq, task.task_id)
+        for label in task.labels.items():
+            self._by_label.setdefault(label, CreationOrder()).append(task.seq, task.task_id)
+
+    def removed(self, task: Task, alive: Mapping[str, object]) -> None:
+        self._all.removed(alive)
+        self._by_type[task.task_type].removed(alive)
+        for label in task.labels.items():
+            self._by_label[label].removed(alive)
+
+    def after(self, seq: int, task_filter: TaskFilter) -> Iterator[str]:
+        """The ids of tasks created after `seq`, oldest first, that the filter may match
+        (removed ones included): those of its most selective type or label."""
+        orders = [self._all]
+        if task_filter.task_type:
+            orders.append(self._by_type.get(task_filter.task_type, _NONE))
+        orders.extend(self._by_label.get(label, _NONE) for label in task_filter.labels.items())
+        return min(orders, key=len).after(seq)
+
+
+class CreationOrder:
+    """Task ids in the order the tasks were created, for List to page through.
+
+    Appending and finding where a page starts (by `seq`) are cheap; a removed task leaves
+    a gap, skipped when paging, and the gaps are swept out once they are half the index.
+    """
+
+    def __init__(self) -> None:
+        self._seqs: list[int] = []
+        self._ids: list[str] = []
+        self._gaps = 0
+
+    def append(self, seq: int, task_id: str) -> None:
+        self._seqs.append(seq)
+        self._ids.append(task_id)
+
+    def after(self, seq: int) -> Iterator[str]:
+        """The ids of the tasks created after `seq`, oldest first (removed ones included)."""
+        ids = self._ids
+        for index in range(bisect.bisect_right(self._seqs, seq), len(ids)):
+            yield ids[index]
+
+    def removed(self, alive: Mapping[str, object]) -> None:
+        """Note that a task was removed; sweep the gaps out when there are many."""
+        self._gaps += 1
+        if self._gaps * 2 > len(self._ids):
+            kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in alive]
+            self._seqs = [s for s, _ in kept]
+            self._ids = [i for _, i in kept]
+            self._gaps = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+_NONE = CreationOrder()  # what a type or label that no task has holds

@@ -11,11 +11,10 @@ client has been told or shown can be lost.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
@@ -28,7 +27,7 @@ from conveyord.store.base import (
     RevisionOutOfRange,
     TaskNotFound,
 )
-from conveyord.store.index import DispatchIndex
+from conveyord.store.index import DispatchIndex, ListIndex
 
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
@@ -58,9 +57,10 @@ class MemoryStore:
         self._last_seq = 0  # creation order; never reused, so that page tokens stay right
         # The committed view: what readers see.
         self._tasks: dict[str, Task] = {}
-        self._order = CreationOrder()
+        self._order = ListIndex()  # task ids in creation order: all, by type, by label
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
         self._history: deque[Change] = deque()
+        self._task_history: dict[str, deque[Change]] = {}  # the history, by task
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
 
@@ -218,16 +218,16 @@ class MemoryStore:
             task = change.task
             if change.kind is ChangeKind.REMOVED:
                 self._tasks.pop(task.task_id, None)
-                self._order.removed(self._tasks)
+                self._order.removed(task, self._tasks)
             else:
                 previous = self._tasks.get(task.task_id)
                 self._tasks[task.task_id] = task
                 if previous is None:
-                    self._order.append(task.seq, task.task_id)
+                    self._order.added(task)
                 if task.terminal and (previous is None or not previous.terminal):
                     self._finished.append((task.finished_at or task.updated_at, task.task_id))
             self._revision = change.revision
-            self._history.append(change)
+            self._remember(change)
             self._feed.publish(change)
         self._trim_history()
 
@@ -240,7 +240,7 @@ class MemoryStore:
         self, task_filter: TaskFilter, after_seq: int, limit: int
     ) -> tuple[Sequence[Task], int]:
         page: list[Task] = []
-        for task_id in self._order.after(after_seq):
+        for task_id in self._order.after(after_seq, task_filter):
             task = self._tasks.get(task_id)
             if task is not None and task_filter.matches(task):
                 page.append(task)
@@ -252,6 +252,9 @@ class MemoryStore:
         self._trim_history()
         if revision < self._compacted or revision > self._revision:
             raise RevisionOutOfRange(revision, self._compacted, self._revision)
+        if task_filter.task_id:  # one task's changes: its own, not the whole history's
+            own = self._task_history.get(task_filter.task_id, ())
+            return [change for change in own if change.revision > revision]
         # The history holds every revision after _compacted, one change each.
         tail = itertools.islice(self._history, revision - self._compacted, None)
         return [change for change in tail if task_filter.matches(change.task)]
@@ -266,7 +269,20 @@ class MemoryStore:
         oldest_kept = self._clock() - self._history_age
         history = self._history
         while history and (len(history) > self._history_size or history[0].at < oldest_kept):
-            self._compacted = history.popleft().revision
+            oldest = history.popleft()
+            self._compacted = oldest.revision
+            own = self._task_history[oldest.task.task_id]
+            own.popleft()  # a task's oldest change is the oldest of the history's for it
+            if not own:
+                del self._task_history[oldest.task.task_id]
+
+    def _remember(self, change: Change) -> None:
+        """Add a committed change to the history that Watch resumes from."""
+        self._history.append(change)
+        own = self._task_history.get(change.task.task_id)
+        if own is None:
+            own = self._task_history[change.task.task_id] = deque()
+        own.append(change)
 
     def _restore(
         self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
@@ -275,45 +291,14 @@ class MemoryStore:
         for task in sorted(tasks, key=lambda t: t.seq):
             self._working[task.task_id] = self._tasks[task.task_id] = task
             self._index.changed(None, task)
-            self._order.append(task.seq, task.task_id)
+            self._order.added(task)
             if task.request_id:
                 self._request_ids[(task.owner, task.request_id)] = task.task_id
             if task.terminal:
                 self._finished.append((task.finished_at or task.updated_at, task.task_id))
         self._finished = deque(sorted(self._finished))
-        self._history.extend(history)
+        for change in history:
+            self._remember(change)
         self._compacted = self._history[0].revision - 1 if self._history else revision
         self._revision = self._staged_revision = self._feed.revision = revision
         self._last_seq = last_seq
-
-
-class CreationOrder:
-    """Task ids in the order the tasks were created, for List to page through.
-
-    Appending and finding where a page starts (by `seq`) are cheap; a removed task leaves
-    a gap, skipped when paging, and the gaps are swept out once they are half the index.
-    """
-
-    def __init__(self) -> None:
-        self._seqs: list[int] = []
-        self._ids: list[str] = []
-        self._gaps = 0
-
-    def append(self, seq: int, task_id: str) -> None:
-        self._seqs.append(seq)
-        self._ids.append(task_id)
-
-    def after(self, seq: int) -> Iterator[str]:
-        """The ids of the tasks created after `seq`, oldest first (removed ones included)."""
-        ids = self._ids
-        for index in range(bisect.bisect_right(self._seqs, seq), len(ids)):
-            yield ids[index]
-
-    def removed(self, alive: Mapping[str, object]) -> None:
-        """Note that a task was removed; sweep the gaps out when there are many."""
-        self._gaps += 1
-        if self._gaps * 2 > len(self._ids):
-            kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in alive]
-            self._seqs = [s for s, _ in kept]
-            self._ids = [i for _, i in kept]
-            self._gaps = 0
