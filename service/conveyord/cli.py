@@ -15,9 +15,12 @@ from conveyord.handlers import HandlerLoadError
 from conveyord.hub import DEFAULT_WATCH_BUFFER
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
-from conveyord.store import default_store_path
-from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
-from conveyord.store.sqlite import StoreOpenError
+from conveyord.store import (
+    DEFAULT_HISTORY_AGE,
+    DEFAULT_HISTORY_SIZE,
+    StoreOpenError,
+    default_store_path,
+)
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
 
 _DEFAULTS = SchedulerConfig()

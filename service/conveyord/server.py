@@ -24,10 +24,8 @@ from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
 from conveyord.scheduler import Scheduler, SchedulerConfig
-from conveyord.store import store_from_url
+from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
-from conveyord.store.memory import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE
-from conveyord.store.sqlite import SqliteStore
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -96,8 +94,7 @@ class Server:
         )
         self.failed = False  # the store failed: the server must stop, and say so
         self.stop_requested = asyncio.Event()  # set by a signal or by a failed store
-        if isinstance(self.store, SqliteStore):
-            self.store.on_failure = self._store_failed
+        self.store.on_failure = self._store_failed
         self.hub = EventHub(self.store.revision, buffer=config.watch_buffer)
         self.store.feed.follow(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)

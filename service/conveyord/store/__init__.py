@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conveyord.store.base import TaskStore
+from conveyord.store.base import StoreOpenError, TaskStore
 from conveyord.store.memory import (
     DEFAULT_AGING_RATE,
     DEFAULT_HISTORY_AGE,
@@ -42,4 +42,14 @@ def store_from_url(
     raise ValueError(f"unknown store {url!r}: use memory, sqlite or sqlite:PATH")
 
 
-__all__ = ["MemoryStore", "SqliteStore", "TaskStore", "default_store_path", "store_from_url"]
+__all__ = [
+    "DEFAULT_AGING_RATE",
+    "DEFAULT_HISTORY_AGE",
+    "DEFAULT_HISTORY_SIZE",
+    "MemoryStore",
+    "SqliteStore",
+    "StoreOpenError",
+    "TaskStore",
+    "default_store_path",
+    "store_from_url",
+]

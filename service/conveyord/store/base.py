@@ -36,6 +36,12 @@ class Claim:
     now: float
 
 
+class StoreOpenError(Exception):
+    """The store cannot be opened; `exit_code` tells conveyord how to exit."""
+
+    exit_code = 5
+
+
 class StoreError(ConveyorError):
     """Base of the errors a store raises for a request it cannot honour; each sets its own
     status code and reason."""
@@ -145,6 +151,9 @@ class TaskStore(Protocol):
         """Remove up to `limit` terminal tasks that ended before `finished_before`; each
         removal is a change. Returns how many were removed."""
         ...
+
+    on_failure: Callable[[Exception], None]
+    """Called once when the store can no longer make changes durable: the server must stop."""
 
     @property
     def queued(self) -> int:

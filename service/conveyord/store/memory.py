@@ -49,6 +49,7 @@ class MemoryStore:
         self._history_age = history_age
         self._clock = clock
         self._feed = ChangeFeed()
+        self.on_failure: Callable[[Exception], None] = lambda error: None  # memory cannot fail
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}

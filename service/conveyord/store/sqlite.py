@@ -27,6 +27,7 @@ from typing import Any
 
 from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskStatus
 from conveyord.store.base import StoreFailed
+from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
 from conveyord.store.memory import (
     DEFAULT_AGING_RATE,
     DEFAULT_HISTORY_AGE,
@@ -51,12 +52,6 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO state (id, revision, next_seq) VALUES (1, 0, 1);
     """,
 )
-
-
-class StoreOpenError(Exception):
-    """The store cannot be opened; `exit_code` tells conveyord how to exit."""
-
-    exit_code = 5
 
 
 class StoreLocked(StoreOpenError):
@@ -94,7 +89,6 @@ class SqliteStore(MemoryStore):
         self._writing: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
         self._file_identity: tuple[int, int] | None = None
-        self.on_failure: Callable[[Exception], None] = lambda error: None
 
     # -- opening -----------------------------------------------------------------
 
