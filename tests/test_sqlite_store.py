@@ -39,11 +39,11 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     await store.update(done.task_id, start)
     done = await store.update(done.task_id, complete)
     queued, _ = await create_one(store, new_task(labels={"k": "v"}, priority=9))
-    revision = store.revision
+    revision = await store.revision()
     await store.close()
 
     store = await _opened(path)
-    assert store.revision == revision
+    assert (await store.revision()) == revision
     assert await store.get(done.task_id) == done
     assert await store.get(queued.task_id) == queued
     assert [c.revision for c in await store.changes_since(0, TaskFilter())] == [1, 2, 3, 4]

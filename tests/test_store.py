@@ -79,7 +79,7 @@ async def test_create_assigns_revision_and_creation_order(store: TaskStore) -> N
     assert created
     assert (first.revision, second.revision) == (1, 2)
     assert first.seq < second.seq
-    assert store.revision == 2
+    assert (await store.revision()) == 2
     assert await store.get(first.task_id) == first
 
 
@@ -89,7 +89,7 @@ async def test_a_known_request_id_returns_the_first_task(store: TaskStore) -> No
     assert (again, created) == (first, False)
     with pytest.raises(RequestIdReused):
         await create_one(store, new_task("r1", request_hash=b"other"))
-    assert store.revision == 1
+    assert (await store.revision()) == 1
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskStore) -> None:
@@ -104,7 +104,7 @@ async def test_a_refused_admission_stores_nothing(store: TaskStore) -> None:
 
     with pytest.raises(RuntimeError):
         await create_one(store, new_task(), full)
-    assert store.revision == 0
+    assert (await store.revision()) == 0
     assert (await store.list(TaskFilter(), 0, 10))[0] == []
 
 
@@ -113,7 +113,7 @@ async def test_update_applies_the_mutation_to_the_latest_state(store: TaskStore)
     running = await store.update(task.task_id, start)
     assert (running.status, running.revision) == (TaskStatus.RUNNING, 2)
     assert await store.update(task.task_id, lambda t: None) == running
-    assert store.revision == 2
+    assert (await store.revision()) == 2
 
     def refuse(t: Task) -> Task:
         raise ValueError("no")
@@ -142,7 +142,7 @@ async def test_list_pages_by_creation_order_with_filters(store: TaskStore) -> No
     await store.update(tasks[3].task_id, start)
     page, revision = await store.list(TaskFilter(), 0, 3)
     assert [t.task_id for t in page] == [t.task_id for t in tasks[:3]]
-    assert revision == store.revision
+    assert revision == (await store.revision())
     rest, _ = await store.list(TaskFilter(), page[-1].seq, 10)
     assert [t.task_id for t in rest] == [t.task_id for t in tasks[3:]]
     odd, _ = await store.list(TaskFilter(labels={"i": "1"}), 0, 10)
@@ -298,7 +298,7 @@ async def test_a_batch_with_a_reused_request_id_stores_nothing(store: TaskStore)
     batch = [new_task("fresh"), new_task("known", request_hash=b"different")]
     with pytest.raises(RequestIdReused):
         await store.create(batch, admit)
-    assert store.revision == 1
+    assert (await store.revision()) == 1
     _, created = await create_one(store, new_task("fresh"))
     assert created  # "fresh" was not taken by the refused batch
 

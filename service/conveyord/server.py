@@ -95,7 +95,7 @@ class Server:
         self.failed = False  # the store failed: the server must stop, and say so
         self.stop_requested = asyncio.Event()  # set by a signal or by a failed store
         self.store.on_failure = self._store_failed
-        self.hub = EventHub(self.store.revision, buffer=config.watch_buffer)
+        self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
@@ -117,7 +117,7 @@ class Server:
         )
         reflection.enable_server_reflection(service_names, server)
         await self.store.open()
-        self.hub.revision = self.store.revision
+        self.hub.revision = await self.store.revision()
         try:
             self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad

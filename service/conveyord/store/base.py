@@ -101,9 +101,9 @@ class RevisionOutOfRange(StoreError):
 class TaskStore(Protocol):
     """Where tasks live. Every method is safe to call from the event loop; none blocks it."""
 
-    @property
-    def revision(self) -> int:
-        """The revision of the latest committed change."""
+    async def revision(self) -> int:
+        """The revision of the latest committed change (asynchronous: a shared database
+        answers it with a query)."""
         ...
 
     @property

@@ -65,8 +65,7 @@ class MemoryStore:
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
 
-    @property
-    def revision(self) -> int:
+    async def revision(self) -> int:
         return self._revision
 
     @property
