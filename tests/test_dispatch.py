@@ -15,7 +15,16 @@ from conveyord.lifecycle import Outcome, StaleLease
 from conveyord.model import Task
 from conveyord.store.base import Claim
 from tests.conftest import ServerThread
-from tests.support import CREATED, RUNNING, create, wait_status, wait_until
+from tests.support import (
+    COMPLETED,
+    CREATED,
+    RUNNING,
+    create,
+    field_violations,
+    final,
+    wait_status,
+    wait_until,
+)
 
 StartServer = Callable[..., ServerThread]
 
@@ -50,3 +59,19 @@ async def test_an_expired_lease_is_retried_and_its_late_result_refused(
             server.call(scheduler.dispatcher.finish(task.task_id, held.lease_id, Outcome(result=1)))
         after = (await stub.Get(pb.GetRequest(task_id=task.task_id))).task
         assert after == retried  # nothing changed, not even the revision
+
+
+async def test_a_type_declared_for_workers_is_accepted_and_waits_for_them(
+    start_server: StartServer,
+) -> None:
+    server = start_server(worker_types=frozenset({"render"}))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        render = await create(stub, "render", {"page": 1})
+        echo = await create(stub, "echo")  # created after it, and run by the local worker
+        assert (await final(stub, echo.task_id)).status == COMPLETED
+        waiting = (await stub.Get(pb.GetRequest(task_id=render.task_id))).task
+        assert (waiting.status, waiting.attempt) == (CREATED, 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await create(stub, "paint")
+        assert ", render, " in field_violations(refused.value)["task.task_type"]

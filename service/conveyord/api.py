@@ -78,7 +78,7 @@ class TaskServiceApi:
     async def create(self, request: pb.CreateRequest) -> bytes:
         """A CreateResponse."""
         new = validation.create_request(
-            request, self.scheduler.registry, self.scheduler.config.default_timeout
+            request, self.scheduler.task_types, self.scheduler.config.default_timeout
         )
         ((task, _),) = await self.scheduler.create([self._record(new)])
         return task_message(task)
@@ -86,7 +86,7 @@ class TaskServiceApi:
     async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
         """A BatchCreateResponse."""
         batch = validation.batch_create_request(
-            request, self.scheduler.registry, self.scheduler.config.default_timeout
+            request, self.scheduler.task_types, self.scheduler.config.default_timeout
         )
         created = await self.scheduler.create([self._record(new) for new in batch])
         return tasks_message(task for task, _ in created)

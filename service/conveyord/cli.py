@@ -57,6 +57,10 @@ def _type_limit(text: str) -> tuple[str, int]:
     return task_type, int(limit)
 
 
+def _env_list(name: str) -> list[str]:
+    return _modules(os.environ.get(name, ""))
+
+
 def _modules(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -127,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE=N",
         default=[],
         help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue)",
+    )
+    parser.add_argument(
+        "--task-type",
+        action="append",
+        metavar="TYPE",
+        default=_env_list("CONVEYORD_TASK_TYPES"),
+        help="a task type run by workers outside this server (repeatable): Create accepts it, "
+        "and its tasks wait for such a worker [env CONVEYORD_TASK_TYPES, comma-separated]",
     )
     option(
         "--max-queued",
@@ -252,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     scheduler = SchedulerConfig(
         concurrency=args.concurrency,
         type_concurrency=dict(args.type_concurrency),
+        worker_types=frozenset(args.task_type),
         max_queued=args.max_queued,
         default_timeout=args.default_timeout,
         cancel_grace=args.cancel_grace,

@@ -50,6 +50,7 @@ class SchedulerConfig:
     retention: float = 24 * 3600.0
     sweep_interval: float = 60.0
     sweep_batch: int = 500
+    worker_types: frozenset[str] = frozenset()  # run by workers elsewhere: see --task-type
     max_interruptions: int = 3
 
     @property
@@ -100,6 +101,8 @@ class Scheduler:
         )
         self.dispatcher = Dispatcher(store, limits, self.config.retry_policy, clock)
         self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency)
+        # What Create accepts: the local handlers' types and those declared for workers.
+        self.task_types = frozenset(registry.task_types) | self.config.worker_types
         self._accepting = False
         self._refusal: Exception | None = None  # why new tasks are refused, if not a shutdown
         self._sweeper: asyncio.Task[None] | None = None

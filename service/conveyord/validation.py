@@ -13,6 +13,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
@@ -23,7 +24,6 @@ from google.rpc import error_details_pb2
 from conveyor.protojson import struct_to_dict
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.errors import ConveyorError
-from conveyord.handlers import HandlerRegistry
 from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES
 from conveyord.model import Task, TaskFilter, TaskStatus
 
@@ -50,6 +50,11 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 # however bad the request.
 MAX_VIOLATIONS_SHOWN = 10
 MAX_VIOLATION_TEXT = 200
+
+
+# The task types Create accepts: those of the server's handlers and those declared as run by
+# workers elsewhere.
+KnownTypes = AbstractSet[str]
 
 
 class InvalidArgument(ConveyorError):
@@ -173,16 +178,16 @@ class NewTask:
 
 
 def create_request(
-    request: task_service_pb2.CreateRequest, registry: HandlerRegistry, default_timeout: float
+    request: task_service_pb2.CreateRequest, known: KnownTypes, default_timeout: float
 ) -> NewTask:
     checker = _Checker()
-    _create(checker, request, registry, "")
+    _create(checker, request, known, "")
     checker.done()
     return NewTask(request, default_timeout)
 
 
 def batch_create_request(
-    request: task_service_pb2.BatchCreateRequest, registry: HandlerRegistry, default_timeout: float
+    request: task_service_pb2.BatchCreateRequest, known: KnownTypes, default_timeout: float
 ) -> list[NewTask]:
     checker = _Checker()
     count = len(request.requests)
@@ -191,7 +196,7 @@ def batch_create_request(
         checker.done()
     first_index: dict[str, int] = {}
     for index, create in enumerate(request.requests):
-        _create(checker, create, registry, f"requests[{index}].")
+        _create(checker, create, known, f"requests[{index}].")
         if create.request_id:
             earlier = first_index.setdefault(create.request_id, index)
             if earlier != index:
@@ -205,7 +210,7 @@ def batch_create_request(
 def _create(
     checker: _Checker,
     request: task_service_pb2.CreateRequest,
-    registry: HandlerRegistry,
+    known: KnownTypes,
     prefix: str,
 ) -> None:
     """Check one CreateRequest; its fields are named after `prefix`."""
@@ -216,11 +221,11 @@ def _create(
     field = f"{prefix}task."
     if not task.task_type:
         checker.fail(f"{field}task_type", "is required")
-    elif task.task_type not in registry:
-        known = ", ".join(registry.task_types) or "none"
+    elif task.task_type not in known:
+        names = ", ".join(sorted(known)) or "none"
         checker.fail(
             f"{field}task_type",
-            f"{task.task_type[:64]!r} is not a registered task type (known: {known})",
+            f"{task.task_type[:64]!r} is not a registered task type (known: {names})",
         )
     if task.parameters.fields:
         _parameters(checker, task.parameters, f"{field}parameters")

@@ -54,10 +54,11 @@ class LocalWorker:
     """Runs up to `slots` attempts at once with the registered handlers."""
 
     holder = LOCAL_HOLDER
-    types: frozenset[str] | None = None  # any: a task of an unknown type fails, explained
 
     def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:
         self.registry = registry
+        # It takes only the tasks it has a handler for: the others wait for their workers.
+        self.types: frozenset[str] | None = frozenset(registry.task_types)
         self.dispatcher = dispatcher
         self.slots = slots
         self._attempts: dict[str, _Attempt] = {}
