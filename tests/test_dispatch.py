@@ -49,10 +49,16 @@ async def test_an_expired_lease_is_retried_and_its_late_result_refused(
 
         (held,) = server.call(hold())
         assert (held.task_id, held.lease_holder) == (task.task_id, "silent-worker")
+        # Renewed once, then never again: the holder goes silent.
+        renewed = server.call(scheduler.dispatcher.renew(task.task_id, held.lease_id, 0.3))
+        assert renewed.lease_expires_at is not None and held.lease_expires_at is not None
+        assert renewed.lease_expires_at > held.lease_expires_at
         retried = await wait_until(stub, task.task_id, lambda t: t.attempt == 2)
         assert (retried.status, retried.error.code) == (CREATED, "LEASE_EXPIRED")
         assert "silent-worker" in retried.error.message
 
+        with pytest.raises(StaleLease):
+            server.call(scheduler.dispatcher.renew(task.task_id, held.lease_id, 60))
         with pytest.raises(StaleLease):
             server.call(scheduler.dispatcher.report(task.task_id, held.lease_id, {"progress": 0.9}))
         with pytest.raises(StaleLease):

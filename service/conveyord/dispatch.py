@@ -345,6 +345,13 @@ class Dispatcher:
 
     # -- what holders say ----------------------------------------------------------
 
+    async def renew(self, task_id: str, lease_id: str, seconds: float) -> Task:
+        """Extend a holder's lease by `seconds` from now; StaleLease if it is not its."""
+        expires_at = self.clock() + seconds
+        return await self.store.update(
+            task_id, lambda task: lifecycle.renew(task, lease_id, expires_at)
+        )
+
     async def report(self, task_id: str, lease_id: str, changes: Mapping[str, Any]) -> None:
         """A holder's progress report; StaleLease if the attempt is no longer its."""
         now = self.clock()
