@@ -77,6 +77,76 @@ class _Held:
             self.timer = None
 
 
+class Timekeeper:
+    """One timer for the store's next wake-up: a waiting task that becomes runnable (then
+    `due` is called, to claim it) or a lease that runs out (its attempt is ended: its holder
+    is gone, and the task is retried per the policy)."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        policy: RetryPolicy,
+        clock: Callable[[], float],
+        due: Callable[[], None],
+    ) -> None:
+        self.store, self.policy, self.clock, self.due = store, policy, clock, due
+        self._timer: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+        self._active = False
+        self._background: set[asyncio.Task[None]] = set()  # reaping, and forced ends
+
+    def arm(self, active: bool) -> None:
+        """Set the timer for the store's next wake-up (again only when that time moves);
+        not `active`: no timer."""
+        self._active = active
+        when = self.store.next_wakeup() if active else None
+        if when == self._at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._at = when
+        if when is not None:
+            delay = max(0.0, when - self.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._woken)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own, keeping it referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _woken(self) -> None:
+        self._timer, self._at = None, None
+        self.in_background(self._reap())
+        self.due()
+
+    async def _reap(self) -> None:
+        """End the attempts whose lease ran out: their holder is gone."""
+        try:
+            for task in await self.store.expired_leases(self.clock()):
+                await self.store.update(task.task_id, self._expiry(task.lease_id))
+        except StoreFailed:
+            return
+        self.arm(self._active)
+
+    def _expiry(self, lease_id: str) -> Callable[[Task], Task | None]:
+        """The end of an attempt under `lease_id` whose lease ran out, retried per policy."""
+        now, policy = self.clock(), self.policy
+
+        def expire(task: Task) -> Task | None:
+            if task.lease_id != lease_id:
+                return None  # ended or renewed meanwhile
+            error = TaskError(
+                ErrorCode.LEASE_EXPIRED,
+                f"the lease of attempt {task.attempt} ran out: its holder {task.lease_holder} "
+                "is gone",
+            )
+            return lifecycle.expire(task, error, policy, now, policy.delay(task.attempt))
+
+        return expire
+
+
 class Dispatcher:
     """Grants, watches and ends the attempts of one server's workers."""
 
@@ -98,11 +168,9 @@ class Dispatcher:
         self._wanted = asyncio.Event()  # set: claim for free slots
         self._claim_lock = asyncio.Lock()  # one claim at a time
         self._claiming: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.TimerHandle | None = None
-        self._wakeup_at: float | None = None
+        self._timer = Timekeeper(store, policy, clock, due=self._pump)
         self._unfollow: Callable[[], None] | None = None
         self._drained = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()  # reaping and forced ends
 
     @property
     def running(self) -> int:
@@ -143,8 +211,7 @@ class Dispatcher:
         attempt; wait up to `grace` for their holders, then end them regardless."""
         self._granting = False
         self._wanted.set()  # the claim loop sees it is over
-        if self._wakeup is not None:
-            self._wakeup.cancel()
+        self._timer.arm(False)
         for held in list(self._held.values()):
             self._stop(held, _INTERRUPTED, grace)
         if self._held:
@@ -197,7 +264,7 @@ class Dispatcher:
             return  # the server stops, and says why
         except Exception:
             log.exception("claiming tasks failed")
-        self._arm_wakeup()
+        self._timer.arm(self._granting)
 
     async def _claim_for(self, worker: Worker) -> None:
         count = min(worker.free_slots, self.limits.concurrency - len(self._held))
@@ -229,55 +296,6 @@ class Dispatcher:
         if task.cancel_requested_at is not None:  # cancelled as it was claimed
             self._cancel_requested(held)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _arm_wakeup(self) -> None:
-        """One timer for the earliest waiting task and the earliest lease to run out (set
-        again only when that time moves)."""
-        when = self.store.next_wakeup() if self._granting else None
-        if when == self._wakeup_at:
-            return
-        if self._wakeup is not None:
-            self._wakeup.cancel()
-            self._wakeup = None
-        self._wakeup_at = when
-        if when is not None:
-            delay = max(0.0, when - self.clock())
-            self._wakeup = asyncio.get_running_loop().call_later(delay, self._woken)
-
-    def _woken(self) -> None:
-        self._wakeup, self._wakeup_at = None, None
-        self._in_background(self._reap())
-        self._pump()
-
-    async def _reap(self) -> None:
-        """End the attempts whose lease ran out: their holder is gone."""
-        try:
-            for task in await self.store.expired_leases(self.clock()):
-                await self.store.update(task.task_id, self._expiry(task.lease_id))
-        except StoreFailed:
-            return
-        self._arm_wakeup()
-
-    def _expiry(self, lease_id: str) -> Callable[[Task], Task | None]:
-        """The end of an attempt under `lease_id` whose lease ran out, retried per policy."""
-        now, policy = self.clock(), self.policy
-
-        def expire(task: Task) -> Task | None:
-            if task.lease_id != lease_id:
-                return None  # ended or renewed meanwhile
-            error = TaskError(
-                ErrorCode.LEASE_EXPIRED,
-                f"the lease of attempt {task.attempt} ran out: its holder {task.lease_holder} "
-                "is gone",
-            )
-            return lifecycle.expire(task, error, policy, now, policy.delay(task.attempt))
-
-        return expire
-
     # -- following the store -------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
@@ -292,9 +310,9 @@ class Dispatcher:
             if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
                 self._pump(task.task_type)
             else:
-                self._arm_wakeup()
+                self._timer.arm(self._granting)
         elif held is None and task.status is TaskStatus.RUNNING and task.lease_expires_at:
-            self._arm_wakeup()  # another holder's lease: reaped when it runs out
+            self._timer.arm(self._granting)  # another holder's lease: reaped when it runs out
 
     def _release(self, held: _Held) -> None:
         """The attempt is over in the store: free its slot, and drop it if still running."""
@@ -337,7 +355,7 @@ class Dispatcher:
     def _force(self, held: _Held) -> None:
         """The holder did not end the attempt within the grace: end it without it."""
         held.timer = None
-        self._in_background(self._end_without_holder(held))
+        self._timer.in_background(self._end_without_holder(held))
 
     async def _end_without_holder(self, held: _Held) -> None:
         with contextlib.suppress(StaleLease, StoreFailed):  # ended meanwhile, or stopping

@@ -17,6 +17,7 @@ Changes are shared: a buffered change costs a watcher one reference, not a copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 
@@ -153,6 +154,7 @@ class EventHub:
         self._by_type: dict[str, set[Subscription]] = {}  # watchers of many tasks of one type
         self._broad: set[Subscription] = set()  # watchers of many tasks of any type
         self._closed = False
+        self._gone = asyncio.Event()  # set once the hub is closed and every watcher has left
 
     def subscribe(self, task_filter: TaskFilter) -> Subscription:
         if self._closed:
@@ -174,6 +176,8 @@ class EventHub:
         group = self._group(subscription.filter)
         if group is None:
             return
+        if self._closed:
+            self._gone_soon()
         group.discard(subscription)
         if not group and group is not self._broad:
             index = self._by_task if subscription.filter.task_id else self._by_type
@@ -209,3 +213,18 @@ class EventHub:
         groups = [self._broad, *self._by_task.values(), *self._by_type.values()]
         for subscription in [s for group in groups for s in group]:
             subscription.end()
+        self._check_gone()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until every watcher has seen the end and left,
+        so that their streams end with SHUTTING_DOWN before the server cuts them off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._gone.wait(), timeout)
+
+    def _gone_soon(self) -> None:
+        """Check once this unsubscription is done whether the last watcher left."""
+        asyncio.get_running_loop().call_soon(self._check_gone)
+
+    def _check_gone(self) -> None:
+        if self._closed and not self.watchers:
+            self._gone.set()

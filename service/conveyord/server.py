@@ -146,6 +146,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self.scheduler.shutdown(grace)
         self.hub.close()
+        await self.hub.wait_closed(timeout=1.0)
         await self._grpc.stop(grace=1.0)
         await self.store.close()
         await self.watchdog.stop()

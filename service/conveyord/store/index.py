@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 
 from conveyord.model import Task, TaskFilter, TaskStatus
 from conveyord.queue import ReadyQueue
@@ -102,16 +103,34 @@ class DispatchIndex:
         return self._leases[0][0] if self._leases else None
 
     def pick(
-        self, count: int, room: Callable[[str], bool], taken: Callable[[str], None]
+        self, count: int, types: AbstractSet[str] | None, limits: Mapping[str, int]
     ) -> list[str]:
-        """Up to `count` runnable task ids, best first, of types for which `room(type)`;
-        `taken(type)` is told of each, so that `room` can count them."""
+        """Up to `count` runnable task ids, best first, of `types` (None: any), at most
+        `limits[type]` of a limited type."""
+        taken: dict[str, int] = {}
+
+        def room(task_type: str) -> bool:
+            if types is not None and task_type not in types:
+                return False
+            limit = limits.get(task_type)
+            return limit is None or taken.get(task_type, 0) < limit
+
         picked: list[str] = []
         while len(picked) < count and (found := self.ready.pop(room)) is not None:
             task_id, task_type = found
             picked.append(task_id)
-            taken(task_type)
+            taken[task_type] = taken.get(task_type, 0) + 1
         return picked
+
+    def candidates(self, task_filter: TaskFilter, working: Mapping[str, Task]) -> list[Task]:
+        """The tasks a filter may match: by id, by active status, or all of them."""
+        if task_filter.task_id:
+            task = working.get(task_filter.task_id)
+            return [] if task is None else [task]
+        if task_filter.statuses and task_filter.statuses <= self.active.keys():
+            ids = set().union(*(self.active[s] for s in task_filter.statuses))
+            return [working[task_id] for task_id in ids]
+        return list(working.values())
 
 
 def _requeue(old: Task, new: Task) -> bool:

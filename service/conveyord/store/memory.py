@@ -137,20 +137,9 @@ class MemoryStore:
         return len(changes)
 
     async def claim(self, request: Claim) -> list[Task]:
-        taken: dict[str, int] = {}
-
-        def room(task_type: str) -> bool:
-            if request.types is not None and task_type not in request.types:
-                return False
-            limit = request.limits.get(task_type)
-            return limit is None or taken.get(task_type, 0) < limit
-
-        def take(task_type: str) -> None:
-            taken[task_type] = taken.get(task_type, 0) + 1
-
         self._index.promote(request.now, self._working)
         changes: list[Change] = []
-        for task_id in self._index.pick(request.count, room, take):
+        for task_id in self._index.pick(request.count, request.types, request.limits):
             task = self._working[task_id]
             lease = Lease(new_lease_id(), request.holder, request.lease_until(task))
             started = lifecycle.claim(task, lease, request.now)
@@ -162,23 +151,13 @@ class MemoryStore:
 
     async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> list[Task]:
         changes: list[Change] = []
-        for task in self._candidates(task_filter):
+        for task in self._index.candidates(task_filter, self._working):
             if task_filter.matches(task) and (new := mutation(task)) not in (None, task):
                 assert new is not None
                 changes.append(self._stage(ChangeKind.CHANGED, new))
         if changes:
             await self._persist(changes)
         return [change.task for change in changes]
-
-    def _candidates(self, task_filter: TaskFilter) -> list[Task]:
-        """The tasks a filter may match: by id, by active status, or all of them."""
-        if task_filter.task_id:
-            task = self._working.get(task_filter.task_id)
-            return [] if task is None else [task]
-        if task_filter.statuses and task_filter.statuses <= self._index.active.keys():
-            ids = set().union(*(self._index.active[s] for s in task_filter.statuses))
-            return [self._working[task_id] for task_id in ids]
-        return list(self._working.values())
 
     async def expired_leases(self, now: float) -> list[Task]:
         return self._index.expired(now, self._working)
