@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from conveyor.protojson import dict_to_struct
 from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE
-from conveyord.model import ErrorCode, TaskError, json_problem
+from conveyord.model import ErrorCode, Task, TaskError, json_problem
 
 Handler = Callable[["TaskContext"], Any]
 H = TypeVar("H", bound=Handler)
@@ -154,24 +154,12 @@ class TaskContext:
     Safe to use from the handler's own thread (blocking handlers) and from the event loop.
     """
 
-    def __init__(
-        self,
-        *,
-        task_id: str,
-        task_type: str,
-        parameters: Mapping[str, Any],
-        labels: Mapping[str, str],
-        attempt: int,
-        max_attempts: int,
-        loop: asyncio.AbstractEventLoop,
-        sink: ProgressSink,
-    ) -> None:
-        self.task_id = task_id
-        self.task_type = task_type
-        self.parameters: dict[str, Any] = dict(parameters)
-        self.labels: dict[str, str] = dict(labels)
-        self.attempt = attempt
-        self.max_attempts = max_attempts
+    def __init__(self, task: Task, *, loop: asyncio.AbstractEventLoop, sink: ProgressSink) -> None:
+        """The context of an attempt of `task` (the attempt is `task.attempt`)."""
+        self.task_id, self.task_type = task.task_id, task.task_type
+        self.parameters: dict[str, Any] = dict(task.parameters)
+        self.labels: dict[str, str] = dict(task.labels)
+        self.attempt, self.max_attempts = task.attempt, task.max_attempts
         self.cancel_event = threading.Event()  # set when the handler should stop; wait on it
         self._async_cancel = asyncio.Event()
         self._cancel_reason = ""

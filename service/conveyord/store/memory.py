@@ -61,7 +61,7 @@ class MemoryStore:
         self._order = ListIndex()  # task ids in creation order: all, by type, by label
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
         self._history: deque[Change] = deque()
-        self._task_history: dict[str, deque[Change]] = {}  # the history, by task
+        self._task_history: dict[str, list[Change]] = {}  # the history, by task
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
 
@@ -251,8 +251,8 @@ class MemoryStore:
             oldest = history.popleft()
             self._compacted = oldest.revision
             own = self._task_history[oldest.task.task_id]
-            own.popleft()  # a task's oldest change is the oldest of the history's for it
-            if not own:
+            del own[0]  # a task's oldest change is the oldest of the history's for it (and
+            if not own:  # a task has few changes, so a list is cheaper than a deque)
                 del self._task_history[oldest.task.task_id]
 
     def _remember(self, change: Change) -> None:
@@ -260,8 +260,9 @@ class MemoryStore:
         self._history.append(change)
         own = self._task_history.get(change.task.task_id)
         if own is None:
-            own = self._task_history[change.task.task_id] = deque()
-        own.append(change)
+            self._task_history[change.task.task_id] = [change]
+        else:
+            own.append(change)
 
     def _restore(
         self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int

@@ -70,16 +70,7 @@ class LocalWorker:
 
     def start(self, task: Task) -> None:
         loop = asyncio.get_running_loop()
-        context = TaskContext(
-            task_id=task.task_id,
-            task_type=task.task_type,
-            parameters=task.parameters,
-            labels=task.labels,
-            attempt=task.attempt,
-            max_attempts=task.max_attempts,
-            loop=loop,
-            sink=lambda changes: self._report(attempt, changes),
-        )
+        context = TaskContext(task, loop=loop, sink=lambda changes: self._report(attempt, changes))
         attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
