@@ -160,8 +160,11 @@ class TaskContext:
         self.parameters: dict[str, Any] = dict(task.parameters)
         self.labels: dict[str, str] = dict(task.labels)
         self.attempt, self.max_attempts = task.attempt, task.max_attempts
-        self.cancel_event = threading.Event()  # set when the handler should stop; wait on it
-        self._async_cancel = asyncio.Event()
+        # Made when first asked for, on the loop's thread (for a blocking handler, before its
+        # thread starts): most handlers never wait, and an Event costs a lock to make.
+        self._cancel_event: threading.Event | None = None
+        self._async_cancel: asyncio.Event | None = None
+        self._stopping = False
         self._cancel_reason = ""
         self._loop = loop
         self._loop_thread = threading.get_ident()  # made on the loop's thread
@@ -169,9 +172,18 @@ class TaskContext:
         self._closed = False
 
     @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the handler should stop: a blocking handler may wait on it."""
+        if self._cancel_event is None:
+            self._cancel_event = threading.Event()
+            if self._stopping:
+                self._cancel_event.set()
+        return self._cancel_event
+
+    @property
     def cancelled(self) -> bool:
         """True once the task was cancelled or its attempt timed out: stop soon."""
-        return self.cancel_event.is_set()
+        return self._stopping
 
     @property
     def cancel_reason(self) -> str:
@@ -179,6 +191,10 @@ class TaskContext:
 
     async def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Wait (in an async handler) until cancelled or `timeout` passes; True if cancelled."""
+        if self._stopping:
+            return True
+        if self._async_cancel is None:
+            self._async_cancel = asyncio.Event()
         try:
             await asyncio.wait_for(self._async_cancel.wait(), timeout)
         except TimeoutError:
@@ -220,10 +236,13 @@ class TaskContext:
 
     def _request_stop(self, reason: str) -> None:
         """Tell the handler to stop (called on the event loop)."""
-        if not self.cancel_event.is_set():
+        if not self._stopping:
             self._cancel_reason = reason
-            self.cancel_event.set()
-            self._async_cancel.set()
+            self._stopping = True
+            if self._cancel_event is not None:
+                self._cancel_event.set()
+            if self._async_cancel is not None:
+                self._async_cancel.set()
 
     def _close(self) -> None:
         """The attempt is over: later reports are ignored."""

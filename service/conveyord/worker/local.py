@@ -138,6 +138,7 @@ class LocalWorker:
                 handler = cast(Awaitable[Any], function(context))
                 result = await track(handler, task.task_id, task.task_type)
             else:
+                context.cancel_event  # noqa: B018 - made here, on the loop's thread, not on its own
                 result = await _on_thread(function, context)
         except asyncio.CancelledError:
             raise
