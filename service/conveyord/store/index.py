@@ -13,6 +13,7 @@ import bisect
 import heapq
 from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 from conveyord.model import Task, TaskFilter, TaskStatus
 from conveyord.queue import ReadyQueue
@@ -149,10 +150,11 @@ class ListIndex:
         self._by_label: dict[tuple[str, str], CreationOrder] = {}
 
     def added(self, task: Task) -> None:
-        self._all.append(task.seq, task.task_id)
-        self._by_type.setdefault(task.task_type, CreationOrder()).append(task.seq, task.task_id)
+        seq, task_id = task.seq, task.task_id
+        self._all.append(seq, task_id)
+        _order_of(self._by_type, task.task_type).append(seq, task_id)
         for label in task.labels.items():
-            self._by_label.setdefault(label, CreationOrder()).append(task.seq, task.task_id)
+            _order_of(self._by_label, label).append(seq, task_id)
 
     def removed(self, task: Task, alive: Mapping[str, object]) -> None:
         self._all.removed(alive)
@@ -206,3 +208,11 @@ class CreationOrder:
 
 
 _NONE = CreationOrder()  # what a type or label that no task has holds
+
+
+def _order_of(orders: dict[Any, CreationOrder], key: Any) -> CreationOrder:
+    """The creation order of `key`, made the first time (setdefault would make one each time)."""
+    order = orders.get(key)
+    if order is None:
+        order = orders[key] = CreationOrder()
+    return order

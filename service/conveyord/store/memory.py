@@ -61,7 +61,8 @@ class MemoryStore:
         self._order = ListIndex()  # task ids in creation order: all, by type, by label
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
         self._history: deque[Change] = deque()
-        self._task_history: dict[str, list[Change]] = {}  # the history, by task
+        # The history, by task: a task's one change, or the list of its changes.
+        self._task_history: dict[str, Change | list[Change]] = {}
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
 
@@ -232,8 +233,9 @@ class MemoryStore:
         if revision < self._compacted or revision > self._revision:
             raise RevisionOutOfRange(revision, self._compacted, self._revision)
         if task_filter.task_id:  # one task's changes: its own, not the whole history's
-            own = self._task_history.get(task_filter.task_id, ())
-            return [change for change in own if change.revision > revision]
+            own = self._task_history.get(task_filter.task_id, [])
+            changes = own if isinstance(own, list) else [own]
+            return [change for change in changes if change.revision > revision]
         # The history holds every revision after _compacted, one change each.
         tail = itertools.islice(self._history, revision - self._compacted, None)
         return [change for change in tail if task_filter.matches(change.task)]
@@ -250,19 +252,24 @@ class MemoryStore:
         while history and (len(history) > self._history_size or history[0].at < oldest_kept):
             oldest = history.popleft()
             self._compacted = oldest.revision
-            own = self._task_history[oldest.task.task_id]
-            del own[0]  # a task's oldest change is the oldest of the history's for it (and
-            if not own:  # a task has few changes, so a list is cheaper than a deque)
-                del self._task_history[oldest.task.task_id]
+            task_id = oldest.task.task_id
+            own = self._task_history[task_id]
+            if isinstance(own, list) and len(own) > 1:
+                del own[0]  # a task's oldest change is the oldest of the history's for it
+            else:
+                del self._task_history[task_id]
 
     def _remember(self, change: Change) -> None:
         """Add a committed change to the history that Watch resumes from."""
         self._history.append(change)
-        own = self._task_history.get(change.task.task_id)
+        task_id = change.task.task_id
+        own = self._task_history.get(task_id)
         if own is None:
-            self._task_history[change.task.task_id] = [change]
-        else:
+            self._task_history[task_id] = change  # most tasks: one object fewer each
+        elif isinstance(own, list):
             own.append(change)
+        else:
+            self._task_history[task_id] = [own, change]
 
     def _restore(
         self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
