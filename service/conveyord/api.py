@@ -264,7 +264,10 @@ def _stream(
             status = status_of(error)
             if status is None:
                 raise
-            await context.abort_with_status(status)
+        else:
+            return
+        del request  # abort outside the except block, without the request: see _unary
+        await context.abort_with_status(status)
 
     return handle
 

@@ -107,10 +107,10 @@ def claim(task: Task, lease: Lease, now: float) -> Task | None:
     None if it is not there to take (cancelled, taken, or not yet due)."""
     if task.status is not TaskStatus.CREATED or (task.next_attempt_at or 0.0) > now:
         return None
-    held = {"lease_id": lease.lease_id, "lease_holder": lease.holder}
     return task.evolve(
         status=TaskStatus.RUNNING,
-        **held,
+        lease_id=lease.lease_id,
+        lease_holder=lease.holder,
         lease_expires_at=lease.expires_at,
         started_at=now,
         updated_at=now,
