@@ -241,3 +241,20 @@ def test_a_malformed_store_option_is_refused() -> None:
     result = _conveyord("--store", "postgres://somewhere")
     assert result.returncode == 2
     assert "unknown store" in result.stderr
+
+
+async def test_one_tasks_changes_replay_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    store = await _opened(path)
+    a, _ = await create_one(store, new_task())
+    await create_one(store, new_task())
+    await store.update(a.task_id, start)
+    await create_one(store, new_task())
+    await store.update(a.task_id, complete)
+    await store.close()
+
+    store = await _opened(path)
+    replayed = await store.changes_since(0, TaskFilter(task_id=a.task_id))
+    assert [c.revision for c in replayed] == [1, 3, 5]
+    assert [c.task.task_id for c in replayed] == [a.task_id] * 3
+    await store.close()

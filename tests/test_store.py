@@ -340,3 +340,45 @@ async def test_one_tasks_changes_come_from_its_own_history(open_store: Opener) -
     (done,) = await store.changes_since(4, TaskFilter(task_id=watched.task_id))
     assert (done.revision, done.task.status) == (5, TaskStatus.COMPLETED)
     await store.close()
+
+
+async def _interleave_two_tasks(store: TaskStore) -> tuple[Task, Task]:
+    """Revisions 1-5: create a, create b, start a, start b, complete a."""
+    a, _ = await create_one(store, new_task())
+    b, _ = await create_one(store, new_task())
+    await store.update(a.task_id, start)
+    await store.update(b.task_id, start)
+    await store.update(a.task_id, complete)
+    return a, b
+
+
+async def test_one_tasks_changes_interleaved_with_others_replay_in_order(
+    open_store: Opener,
+) -> None:
+    store = open_store(history_size=4)  # revision 1, a's creation, has left the history
+    await store.open()
+    a, b = await _interleave_two_tasks(store)
+    a_changes = await store.changes_since(1, TaskFilter(task_id=a.task_id))
+    assert [(c.revision, c.task.status) for c in a_changes] == [
+        (3, TaskStatus.RUNNING),
+        (5, TaskStatus.COMPLETED),
+    ]
+    b_changes = await store.changes_since(2, TaskFilter(task_id=b.task_id))
+    assert [c.revision for c in b_changes] == [4]
+    assert [c.revision for c in await store.changes_since(3, TaskFilter(task_id=a.task_id))] == [5]
+    await store.close()
+
+
+async def test_ended_leases_do_not_pile_up_before_a_live_one(store: TaskStore) -> None:
+    """The leases of attempts that ended leave the expiry heap (it is rebuilt once they are
+    most of it): the next wake-up is the live lease's, not a long-ended one's."""
+    batch = [new_task() for _ in range(1100)]
+    await store.create(batch, admit)
+    for _ in batch:
+        (claimed,) = await store.claim(_claim(count=1, now=5.0))
+        await store.update(claimed.task_id, complete)
+    live, _ = await create_one(store, new_task())
+    (running,) = await store.claim(Claim("worker-1", 1, None, {}, lambda task: 5000.0, now=6.0))
+    assert running.task_id == live.task_id
+    assert store.next_wakeup() == 5000.0
+    assert [t.task_id for t in await store.expired_leases(5000.0)] == [live.task_id]

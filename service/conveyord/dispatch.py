@@ -95,11 +95,22 @@ class Timekeeper:
         self._active = False
         self._background: set[asyncio.Task[None]] = set()  # reaping, and forced ends
 
-    def arm(self, active: bool) -> None:
-        """Set the timer for the store's next wake-up (again only when that time moves);
-        not `active`: no timer."""
-        self._active = active
-        when = self.store.next_wakeup() if active else None
+    def start(self) -> None:
+        """Ring at the store's next wake-up, and follow hints of later ones from now on."""
+        self._active = True
+        self._set(self.store.next_wakeup())
+
+    def stop(self) -> None:
+        self._active = False
+        self._set(None)
+
+    def hint(self, when: float) -> None:
+        """Something in the store falls due at `when` (a waiting task, a lease): ring by then.
+        Cheap when the timer already rings sooner, which is the common case."""
+        if self._active and (self._at is None or when < self._at):
+            self._set(when)
+
+    def _set(self, when: float | None) -> None:
         if when == self._at:
             return
         if self._timer is not None:
@@ -128,7 +139,8 @@ class Timekeeper:
                 await self.store.update(task.task_id, self._expiry(task.lease_id))
         except StoreFailed:
             return
-        self.arm(self._active)
+        if self._active:
+            self._set(self.store.next_wakeup())
 
     def _expiry(self, lease_id: str) -> Callable[[Task], Task | None]:
         """The end of an attempt under `lease_id` whose lease ran out, retried per policy."""
@@ -185,6 +197,7 @@ class Dispatcher:
         for worker in workers:
             await self._recover(worker.holder)
         self._granting = True
+        self._timer.start()
         self._claiming = asyncio.create_task(self._claim_forever(), name="conveyor-dispatch")
         self._pump()
 
@@ -211,7 +224,7 @@ class Dispatcher:
         attempt; wait up to `grace` for their holders, then end them regardless."""
         self._granting = False
         self._wanted.set()  # the claim loop sees it is over
-        self._timer.arm(False)
+        self._timer.stop()
         for held in list(self._held.values()):
             self._stop(held, _INTERRUPTED, grace)
         if self._held:
@@ -228,6 +241,8 @@ class Dispatcher:
     def _pump(self, task_type: str | None = None) -> None:
         """Ask for a claim for the free slots (cheap: many asks make one claim); not while
         every slot is taken, or, for a task of `task_type`, while its type is at its limit."""
+        if self._wanted.is_set() or not self._granting:
+            return  # asked already, or over
         if len(self._held) >= self.limits.concurrency:
             return
         if task_type is not None:
@@ -264,7 +279,6 @@ class Dispatcher:
             return  # the server stops, and says why
         except Exception:
             log.exception("claiming tasks failed")
-        self._timer.arm(self._granting)
 
     async def _claim_for(self, worker: Worker) -> None:
         count = min(worker.free_slots, self.limits.concurrency - len(self._held))
@@ -306,13 +320,13 @@ class Dispatcher:
                 self._release(held)
             elif task.cancel_requested_at is not None and held.stopped is None:
                 self._cancel_requested(held)
-        if task.status is TaskStatus.CREATED and self._granting:
+        if task.status is TaskStatus.CREATED:
             if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
                 self._pump(task.task_type)
             else:
-                self._timer.arm(self._granting)
-        elif held is None and task.status is TaskStatus.RUNNING and task.lease_expires_at:
-            self._timer.arm(self._granting)  # another holder's lease: reaped when it runs out
+                self._timer.hint(task.next_attempt_at)
+        elif task.status is TaskStatus.RUNNING and task.lease_expires_at is not None:
+            self._timer.hint(task.lease_expires_at)  # reaped if it runs out
 
     def _release(self, held: _Held) -> None:
         """The attempt is over in the store: free its slot, and drop it if still running."""

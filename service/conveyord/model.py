@@ -177,6 +177,9 @@ class Change(NamedTuple):
     kind: ChangeKind
     task: Task
     at: float  # when the change was made, to trim the history by age
+    # The revision of the same task's change before this one (0: none), so that one task's
+    # changes are a chain through the history rather than a list of their own.
+    previous: int = 0
 
 
 def json_problem(value: Any, path: str = "result", depth: int = 0) -> str | None:

@@ -4,7 +4,9 @@
 that grows with the answer rather than with the store: the best runnable tasks (the ready
 queue, by aged priority per task type), the next time a waiting task becomes runnable (a
 heap of runnable times: a task waiting for its next attempt is an entry, not a timer),
-the leases that have run out (a heap of expiry times), and the tasks of each active status.
+the leases that have run out (a heap of expiry times, rebuilt from the live leases once
+stale entries outnumber them, so that it stays the size of what runs), and the tasks of each
+active status.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DispatchIndex:
         self.ready = ReadyQueue(aging_rate)
         self._waiting: list[tuple[float, str]] = []  # (runnable at, task_id)
         self._leases: list[tuple[float, str, str]] = []  # (expires at, task_id, lease_id)
+        self._live_leases: dict[str, tuple[float, str, str]] = {}  # task_id: its heap entry
         self.active: dict[TaskStatus, set[str]] = {
             TaskStatus.CREATED: set(),
             TaskStatus.RUNNING: set(),
@@ -41,6 +44,8 @@ class DispatchIndex:
         """Follow one staged change: `old` became `new` (None: created, or removed)."""
         if old is not None and old.status in self.active:
             self.active[old.status].discard(old.task_id)
+            if old.status is TaskStatus.RUNNING and (new is None or new.status is not old.status):
+                self._live_leases.pop(old.task_id, None)
         if new is None or new.status not in self.active:
             if old is not None and old.status is TaskStatus.CREATED:
                 self.ready.discard(old.task_id)
@@ -49,12 +54,24 @@ class DispatchIndex:
         if new.status is TaskStatus.CREATED:
             if old is None or old.status is not TaskStatus.CREATED or _requeue(old, new):
                 self._queue(new)
-        elif new.lease_expires_at is not None and (
-            old is None or old.lease_expires_at != new.lease_expires_at
-        ):
-            heapq.heappush(self._leases, (new.lease_expires_at, new.task_id, new.lease_id))
+        elif new.lease_expires_at is not None:
+            self._lease(new)
         if old is not None and old.status is TaskStatus.CREATED and new.status is not old.status:
             self.ready.discard(old.task_id)
+
+    def _lease(self, task: Task) -> None:
+        """Keep a RUNNING task's lease in the expiry heap; rebuild the heap from the live
+        leases once the stale entries (ended or renewed since) are most of it."""
+        assert task.lease_expires_at is not None
+        entry = (task.lease_expires_at, task.task_id, task.lease_id)
+        if self._live_leases.get(task.task_id) == entry:
+            return
+        self._live_leases[task.task_id] = entry
+        if len(self._leases) > 2 * len(self._live_leases) + 1024:
+            self._leases = list(self._live_leases.values())
+            heapq.heapify(self._leases)
+        else:
+            heapq.heappush(self._leases, entry)
 
     def _queue(self, task: Task) -> None:
         """A task with a runnable time waits for it (`promote` moves it on); one without is
@@ -100,8 +117,11 @@ class DispatchIndex:
         return found
 
     def next_expiry(self) -> float | None:
-        """When the earliest lease runs out (an entry may be stale: early)."""
-        return self._leases[0][0] if self._leases else None
+        """When the earliest live lease runs out (the ended ones before it are dropped)."""
+        leases, live = self._leases, self._live_leases
+        while leases and live.get(leases[0][1]) != leases[0]:
+            heapq.heappop(leases)
+        return leases[0][0] if leases else None
 
     def pick(
         self, count: int, types: AbstractSet[str] | None, limits: Mapping[str, int]

@@ -60,9 +60,10 @@ class MemoryStore:
         self._tasks: dict[str, Task] = {}
         self._order = ListIndex()  # task ids in creation order: all, by type, by label
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
+        # Every change after revision _compacted, one each, in order: history[i] is revision
+        # _compacted + 1 + i, which is how a change's `previous` is found.
         self._history: deque[Change] = deque()
-        # The history, by task: a task's one change, or the list of its changes.
-        self._task_history: dict[str, Change | list[Change]] = {}
+        self._latest_change: dict[str, Change] = {}  # by task, its latest in the history
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
 
@@ -174,16 +175,18 @@ class MemoryStore:
         mutation with `evolve`): it is stamped with its revision in place, rather than copied.
         """
         self._staged_revision += 1
+        old = self._working.get(task.task_id)
         if kind is ChangeKind.CHANGED:
             task.revision = self._staged_revision
-            self._index.changed(self._working.get(task.task_id), task)
+            self._index.changed(old, task)
             self._working[task.task_id] = task
         else:
             del self._working[task.task_id]
             self._index.changed(task, None)
             if task.request_id:
                 self._request_ids.pop((task.owner, task.request_id), None)
-        return Change(self._staged_revision, kind, task, self._clock())
+        previous = 0 if old is None else old.revision
+        return Change(self._staged_revision, kind, task, self._clock(), previous)
 
     async def _persist(self, changes: list[Change]) -> None:
         """Make staged changes durable, then commit them. In memory: at once."""
@@ -233,9 +236,8 @@ class MemoryStore:
         if revision < self._compacted or revision > self._revision:
             raise RevisionOutOfRange(revision, self._compacted, self._revision)
         if task_filter.task_id:  # one task's changes: its own, not the whole history's
-            own = self._task_history.get(task_filter.task_id, [])
-            changes = own if isinstance(own, list) else [own]
-            return [change for change in changes if change.revision > revision]
+            latest = self._latest_change.get(task_filter.task_id)
+            return _chain(latest, self._history, self._compacted, revision)
         # The history holds every revision after _compacted, one change each.
         tail = itertools.islice(self._history, revision - self._compacted, None)
         return [change for change in tail if task_filter.matches(change.task)]
@@ -253,23 +255,13 @@ class MemoryStore:
             oldest = history.popleft()
             self._compacted = oldest.revision
             task_id = oldest.task.task_id
-            own = self._task_history[task_id]
-            if isinstance(own, list) and len(own) > 1:
-                del own[0]  # a task's oldest change is the oldest of the history's for it
-            else:
-                del self._task_history[task_id]
+            if self._latest_change.get(task_id) is oldest:
+                del self._latest_change[task_id]
 
     def _remember(self, change: Change) -> None:
         """Add a committed change to the history that Watch resumes from."""
         self._history.append(change)
-        task_id = change.task.task_id
-        own = self._task_history.get(task_id)
-        if own is None:
-            self._task_history[task_id] = change  # most tasks: one object fewer each
-        elif isinstance(own, list):
-            own.append(change)
-        else:
-            self._task_history[task_id] = [own, change]
+        self._latest_change[change.task.task_id] = change
 
     def _restore(
         self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
@@ -285,7 +277,26 @@ class MemoryStore:
                 self._finished.append((task.finished_at or task.updated_at, task.task_id))
         self._finished = deque(sorted(self._finished))
         for change in history:
-            self._remember(change)
+            latest = self._latest_change.get(change.task.task_id)
+            self._remember(change._replace(previous=0 if latest is None else latest.revision))
         self._compacted = self._history[0].revision - 1 if self._history else revision
         self._revision = self._staged_revision = self._feed.revision = revision
         self._last_seq = last_seq
+
+
+def _chain(
+    latest: Change | None, history: deque[Change], compacted: int, revision: int
+) -> list[Change]:
+    """One task's changes after `revision`, oldest first: back from its latest change along
+    `previous`, where history[i] is revision compacted + 1 + i."""
+    changes: list[Change] = []
+    change = latest
+    while change is not None and change.revision > revision:
+        changes.append(change)
+        previous = change.previous
+        change = None
+        if previous > compacted:
+            change = history[previous - compacted - 1]
+            assert change.revision == previous, "the history has a gap"
+    changes.reverse()
+    return changes

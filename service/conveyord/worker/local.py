@@ -29,6 +29,7 @@ from conveyord.watchdog import track
 log = logging.getLogger(__name__)
 
 _CANCELLED = "the handler was cancelled"
+_NO_RESULT = Outcome()
 
 # Who holds the local worker's leases: the same across restarts, so that a server that
 # starts again on its store knows the attempts it was running when it stopped.
@@ -215,6 +216,8 @@ def _failure(error: Exception, task: Task) -> Outcome:
 
 def result_outcome(result: Any) -> Outcome:
     """A handler's result, or the error that refuses it: not JSON, or over the size cap."""
+    if result is None:
+        return _NO_RESULT
     if (problem := json_problem(result)) is not None:
         return Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
     size = to_value(result).ByteSize()
