@@ -58,7 +58,7 @@ class ServerThread:
             self.loop.close()
 
 
-SERVER_SETTINGS = ("history_size", "history_age", "store", "watch_buffer")
+SERVER_SETTINGS = ("history_size", "history_age", "store", "watch_buffer", "workers")
 
 
 def server_config(**settings: Any) -> ServerConfig:

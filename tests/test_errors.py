@@ -9,12 +9,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyord.api import MalformedRequest, RequestTooLarge, status_of
 from conveyord.errors import ERROR_DOMAIN, ConveyorError, ShuttingDown
 from conveyord.handlers import HandlerLoadError
 from conveyord.hub import HubClosed, WatcherTooSlow
 from conveyord.lifecycle import StaleLease
 from conveyord.model import Task, TaskStatus
+from conveyord.rpc import MalformedRequest, RequestTooLarge, status_of
 from conveyord.scheduler import QueueFull, TaskAlreadyEnded
 from conveyord.store.base import (
     RequestIdReused,
@@ -25,6 +25,7 @@ from conveyord.store.base import (
 )
 from conveyord.store.sqlite import StoreLocked, StoreOpenError
 from conveyord.validation import InvalidArgument
+from conveyord.worker.remote import WorkerNotConnected, WorkerReplaced
 
 # Bases that are never raised themselves, so need no code of their own.
 ABSTRACT: set[type[ConveyorError]] = {StoreError}
@@ -51,6 +52,8 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (HubClosed(), {}),
     (StoreFailed("writing to the store failed: disk I/O error"), {}),
     (StaleLease(ENDED, "l1"), {"task_id": ENDED.task_id, "lease_id": "l1"}),
+    (WorkerReplaced("w-1"), {"worker_id": "w-1"}),
+    (WorkerNotConnected("w-1"), {"worker_id": "w-1"}),
 ]
 
 

@@ -2,22 +2,19 @@
 
 Each RPC validates its request (nothing changes for a bad one), calls the layer below,
 and turns the known failures into canonical status codes with google.rpc details.
-The method handlers are built here rather than by the generated `add_...Servicer_to_server`
-so that a request whose bytes do not parse gets INVALID_ARGUMENT instead of INTERNAL, and
-so that answers can be put together from tasks encoded once (convert.py) and sent as bytes.
+Answers are put together from tasks encoded once (convert.py) and sent as bytes; rpc.py
+builds the method handlers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message
-from google.rpc import status_pb2
-from grpc_status import rpc_status
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
@@ -29,10 +26,10 @@ from conveyord.convert import (
     tasks_message,
     watch_message,
 )
-from conveyord.errors import ConveyorError
 from conveyord.hub import EventHub, WatcherTooSlow
 from conveyord.limits import MAX_PAGE_BYTES, RECEIVE_LIMITS
 from conveyord.model import Change, ChangeKind, Task
+from conveyord.rpc import stream_method, unary_method
 from conveyord.scheduler import Scheduler
 from conveyord.store.base import TaskNotFound
 from conveyord.validation import WatchQuery
@@ -41,30 +38,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 Request = TypeVar("Request", bound=message.Message)
-
-
-class MalformedRequest(ConveyorError):
-    """Stands in for a request whose bytes did not parse, so that the RPC refuses it cleanly."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = ""  # no details: there are no fields to point at
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"the request is not a valid {name} message")
-
-
-class RequestTooLarge(ConveyorError):
-    """Stands in for a request larger than its method can legitimately receive."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "REQUEST_TOO_LARGE"
-
-    def __init__(self, name: str, size: int, limit: int) -> None:
-        super().__init__(f"the {name} is {size} bytes; at most {limit} are accepted")
-        self.limit = limit
-
-    def metadata(self) -> dict[str, str]:
-        return {"limit_bytes": str(self.limit)}
 
 
 class TaskServiceApi:
@@ -190,107 +163,15 @@ def _ends_watch(query: WatchQuery, change: Change) -> bool:
     )
 
 
-# -- errors ----------------------------------------------------------------------
-
-
-def status_of(error: Exception) -> grpc.Status | None:
-    """The gRPC status that answers a known failure, or None for an unexpected one."""
-    if not isinstance(error, ConveyorError):
-        return None
-    return _status(error)
-
-
-def _status(error: ConveyorError) -> grpc.Status:
-    status = status_pb2.Status(code=error.code.value[0], message=str(error))
-    for detail in error.details():
-        status.details.add().Pack(detail)
-    return cast(grpc.Status, rpc_status.to_status(status))
-
-
-# -- wiring ----------------------------------------------------------------------
-
-
-def _deserializer(cls: type[Request], limit: int) -> Callable[[bytes], Request | ConveyorError]:
-    """Parse a request, or stand in for one that is too large for its method or malformed
-    with the error that refuses it."""
-    name = cls.DESCRIPTOR.full_name
-
-    def parse(data: bytes) -> Request | ConveyorError:
-        if len(data) > limit:
-            return RequestTooLarge(name, len(data), limit)
-        try:
-            return cls.FromString(data)
-        except message.DecodeError:
-            return MalformedRequest(name)
-
-    return parse
-
-
-def _unary(
-    behaviour: Callable[[Any], Awaitable[bytes]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        if isinstance(request, ConveyorError):  # it could not be read
-            await context.abort_with_status(_status(request))
-        try:
-            return await behaviour(request)
-        except Exception as error:
-            status = status_of(error)
-            if status is None:
-                raise
-        # grpc.aio keeps an aborted RPC's AbortError in a reference cycle that only the full
-        # garbage collector frees (its traceback holds this frame, which holds the request):
-        # abort outside the except block and without the request, so that a refused 4 MiB
-        # request is freed at once rather than whenever the collector runs.
-        del request
-        await context.abort_with_status(status)
-        raise AssertionError("unreachable: abort raises")
-
-    return handle
-
-
-def _stream(
-    behaviour: Callable[[Any], AsyncIterator[bytes]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[bytes]]:
-    async def handle(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        if isinstance(request, ConveyorError):  # it could not be read
-            await context.abort_with_status(_status(request))
-        try:
-            async for response in behaviour(request):
-                yield response
-        except Exception as error:
-            status = status_of(error)
-            if status is None:
-                raise
-        else:
-            return
-        del request  # abort outside the except block, without the request: see _unary
-        await context.abort_with_status(status)
-
-    return handle
-
-
 def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The RPC method handlers of TaskService, by method name. Every behaviour answers with
-    its response already encoded, so no response serializer is needed."""
-
-    def parser(name: str, request: type[message.Message]) -> Any:
-        return _deserializer(request, RECEIVE_LIMITS[name])
-
-    def unary(name: str, behaviour: Callable[[Any], Awaitable[bytes]], request: Any) -> Any:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(behaviour), request_deserializer=parser(name, request)
-        )
-
+    """The RPC method handlers of TaskService, by method name."""
     return {
-        "Create": unary("Create", api.create, pb.CreateRequest),
-        "BatchCreate": unary("BatchCreate", api.batch_create, pb.BatchCreateRequest),
-        "Get": unary("Get", api.get, pb.GetRequest),
-        "List": unary("List", api.list, pb.ListRequest),
-        "Cancel": unary("Cancel", api.cancel, pb.CancelRequest),
-        "Watch": grpc.unary_stream_rpc_method_handler(
-            _stream(api.watch), request_deserializer=parser("Watch", pb.WatchRequest)
+        "Create": unary_method(api.create, pb.CreateRequest, RECEIVE_LIMITS["Create"]),
+        "BatchCreate": unary_method(
+            api.batch_create, pb.BatchCreateRequest, RECEIVE_LIMITS["BatchCreate"]
         ),
+        "Get": unary_method(api.get, pb.GetRequest, RECEIVE_LIMITS["Get"]),
+        "List": unary_method(api.list, pb.ListRequest, RECEIVE_LIMITS["List"]),
+        "Cancel": unary_method(api.cancel, pb.CancelRequest, RECEIVE_LIMITS["Cancel"]),
+        "Watch": stream_method(api.watch, pb.WatchRequest, RECEIVE_LIMITS["Watch"]),
     }

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from conveyord import lifecycle
 from conveyord.lifecycle import Outcome, RetryPolicy, StaleLease
 from conveyord.model import Change, ErrorCode, Task, TaskError, TaskFilter, TaskStatus
-from conveyord.store.base import Claim, StoreFailed, TaskStore
+from conveyord.store.base import Claim, StoreFailed, TaskNotFound, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class Worker(Protocol):
 
     holder: str  # who holds its leases; stable across restarts of the same worker
     types: frozenset[str] | None  # the task types it runs (None: any)
+    # How long a lease lasts unless renewed; None: the attempt's timeout and grace, with
+    # room to record the end (a holder in this process, which never needs to renew).
+    lease_seconds: float | None
 
     @property
     def free_slots(self) -> int: ...
@@ -45,8 +48,9 @@ class Worker(Protocol):
     def start(self, task: Task) -> None:
         """Run an attempt of `task`, under `task.lease_id`."""
 
-    def stop(self, task: Task, reason: str) -> None:
-        """Tell the attempt's handler to stop (cancelled, timed out, or shutting down)."""
+    def stop(self, task: Task, why: TaskError, grace: float) -> None:
+        """Tell the attempt's handler to stop within `grace` (cancelled, timed out, or
+        shutting down, as `why.code` says)."""
 
     def abandon(self, task_id: str, lease_id: str) -> None:
         """The attempt is over without its holder: drop it, and whatever it returns."""
@@ -236,6 +240,52 @@ class Dispatcher:
         if self._unfollow is not None:
             self._unfollow()
 
+    # -- workers that come and go ---------------------------------------------------
+
+    def join(self, worker: Worker) -> None:
+        """A worker connected: it is granted attempts from now on."""
+        if worker not in self._workers:
+            self._workers.append(worker)
+        self._pump()
+
+    def leave(self, worker: Worker) -> None:
+        """A worker is gone for good: it is granted nothing more (end what it held first)."""
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own (kept referenced until it ends)."""
+        self._timer.in_background(work)
+
+    def held_by(self, worker: Worker) -> list[Task]:
+        """The attempts `worker` holds, as granted."""
+        return [held.task for held in self._held.values() if held.worker is worker]
+
+    def adopt(self, task: Task, worker: Worker) -> None:
+        """Hold an attempt that `worker` runs under a lease granted before this server
+        started (it reconnected with it): its timeout and signals are this server's again."""
+        if task.task_id not in self._held:
+            ends_at = (task.started_at or self.clock()) + task.timeout_seconds
+            self._hold(task, worker, max(0.0, ends_at - self.clock()))
+
+    def stopping(self, task_id: str, lease_id: str) -> bool:
+        """Whether the attempt under `lease_id` was asked to stop."""
+        held = self._held.get(task_id)
+        return held is not None and held.lease_id == lease_id and held.stopped is not None
+
+    async def end_lost(self, task_id: str, lease_id: str, error: TaskError) -> None:
+        """End an attempt whose holder is gone (a worker that did not come back): a failed
+        attempt, retried at once while attempts remain; nothing if it ended meanwhile."""
+        now, policy = self.clock(), self.policy
+
+        def lost(task: Task) -> Task | None:
+            if task.lease_id != lease_id:
+                return None
+            return lifecycle.expire(task, error, policy, now, delay=0.0)
+
+        with contextlib.suppress(TaskNotFound, StoreFailed):
+            await self.store.update(task_id, lost)
+
     # -- granting ----------------------------------------------------------------
 
     def _pump(self, task_type: str | None = None) -> None:
@@ -289,26 +339,35 @@ class Dispatcher:
             for task_type, limit in self.limits.type_concurrency.items()
         }
         now, extra = self.clock(), self.limits.cancel_grace + RECORDING_TIME
+        lease_seconds = worker.lease_seconds
         claim = Claim(
             holder=worker.holder,
             count=count,
             types=worker.types,
             limits=limits,
-            lease_until=lambda task: now + task.timeout_seconds + extra,
+            lease_until=(
+                (lambda task: now + task.timeout_seconds + extra)
+                if lease_seconds is None
+                else (lambda task: now + lease_seconds)
+            ),
             now=now,
         )
         for task in await self.store.claim(claim):
             self._grant(task, worker)
 
     def _grant(self, task: Task, worker: Worker) -> None:
-        held = _Held(task, worker)
-        self._held[task.task_id] = held
-        self._by_type[task.task_type] = self._by_type.get(task.task_type, 0) + 1
-        loop = asyncio.get_running_loop()
-        held.timer = loop.call_later(task.timeout_seconds, self._timed_out, held)
+        held = self._hold(task, worker, task.timeout_seconds)
         worker.start(task)
         if task.cancel_requested_at is not None:  # cancelled as it was claimed
             self._cancel_requested(held)
+
+    def _hold(self, task: Task, worker: Worker, timeout: float) -> _Held:
+        """Count an attempt against the limits, and time it out after `timeout` seconds."""
+        held = _Held(task, worker)
+        self._held[task.task_id] = held
+        self._by_type[task.task_type] = self._by_type.get(task.task_type, 0) + 1
+        held.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, held)
+        return held
 
     # -- following the store -------------------------------------------------------
 
@@ -318,8 +377,10 @@ class Dispatcher:
         if held is not None:
             if task.status is not TaskStatus.RUNNING or task.lease_id != held.lease_id:
                 self._release(held)
-            elif task.cancel_requested_at is not None and held.stopped is None:
-                self._cancel_requested(held)
+            else:
+                held.task = task  # the attempt as it stands (a Cancel's reason, say)
+                if task.cancel_requested_at is not None and held.stopped is None:
+                    self._cancel_requested(held)
         if task.status is TaskStatus.CREATED:
             if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
                 self._pump(task.task_type)
@@ -356,8 +417,7 @@ class Dispatcher:
         grace = self.limits.cancel_grace if grace is None else grace
         if held.stopped is None:
             held.stopped = outcome
-            reason = outcome.error.message if outcome.error else ""
-            held.worker.stop(held.task, reason)
+            held.worker.stop(held.task, outcome.error or TaskError(ErrorCode.CANCELLED, ""), grace)
         elif (
             held.timer is not None
             and held.timer.when() <= asyncio.get_running_loop().time() + grace

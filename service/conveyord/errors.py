@@ -2,7 +2,7 @@
 
 Each subclass names its canonical gRPC status code and its google.rpc.ErrorInfo reason,
 and gives the details its status carries, so that the API turns any of them into a
-status the same way (api.status_of). The errors stay with the layer that raises them
+status the same way (rpc.status_of). The errors stay with the layer that raises them
 (store/base.py, scheduler.py, hub.py, validation.py, api.py); a new one derives from
 ConveyorError (or from a base such as StoreError) and sets `code` and `reason`.
 """

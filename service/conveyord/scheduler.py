@@ -101,7 +101,8 @@ class Scheduler:
         )
         self.dispatcher = Dispatcher(store, limits, self.config.retry_policy, clock)
         self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency)
-        # What Create accepts: the local handlers' types and those declared for workers.
+        # What Create accepts: the local handlers' types, those declared in the
+        # configuration, and those that remote workers declared when they connected.
         self.task_types = frozenset(registry.task_types) | self.config.worker_types
         self._accepting = False
         self._refusal: Exception | None = None  # why new tasks are refused, if not a shutdown
@@ -133,6 +134,11 @@ class Scheduler:
         log.info("shutting down: %d running, %d queued", self.running, self.queued)
         await self.dispatcher.shutdown(grace)
         await self.worker.close()
+
+    async def declare_types(self, task_types: frozenset[str]) -> None:
+        """Task types that a worker runs: Create accepts them from now on."""
+        if not task_types <= self.task_types:
+            self.task_types = self.task_types | task_types
 
     @property
     def queued(self) -> int:

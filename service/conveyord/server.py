@@ -27,6 +27,10 @@ from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
+from conveyord.worker.remote import SessionTimings, WorkerSessions
+from conveyord.worker_api import SERVICE_NAME as WORKER_SERVICE_NAME
+from conveyord.worker_api import WorkerServiceApi
+from conveyord.worker_api import method_handlers as worker_method_handlers
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class ServerConfig:
     watch_buffer: int = DEFAULT_WATCH_BUFFER
     shutdown_grace: float = 30.0
     blocked_loop_warning: float = DEFAULT_BLOCKED_LOOP_WARNING  # seconds; 0: never
+    workers: SessionTimings = dataclasses.field(default_factory=SessionTimings)
 
 
 class Server:
@@ -98,6 +103,7 @@ class Server:
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
+        self.sessions = WorkerSessions(self.scheduler.dispatcher, self.store, config.workers)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
         self.port = 0
@@ -109,9 +115,14 @@ class Server:
         server = self._grpc
         api = TaskServiceApi(self.scheduler, self.hub)
         server.add_registered_method_handlers(SERVICE_NAME, method_handlers(api))
+        workers = WorkerServiceApi(
+            self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types
+        )
+        server.add_registered_method_handlers(WORKER_SERVICE_NAME, worker_method_handlers(workers))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names = (
             SERVICE_NAME,
+            WORKER_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -125,7 +136,7 @@ class Server:
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
         await self.scheduler.start()
         await server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, WORKER_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "conveyord listening on %s (port %d) with handlers: %s",
@@ -145,6 +156,7 @@ class Server:
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.scheduler.shutdown(grace)
+        self.sessions.close()  # after the grace: remote workers finished what they could
         self.hub.close()
         await self.hub.wait_closed(timeout=1.0)
         await self._grpc.stop(grace=1.0)

@@ -90,7 +90,7 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_VIOLATION_TEXT else text[: MAX_VIOLATION_TEXT - 3] + "..."
 
 
-class _Checker:
+class Checker:
     """Collects violations so that one error names every bad field."""
 
     def __init__(self) -> None:
@@ -106,13 +106,13 @@ class _Checker:
 
 def task_id(value: str, field: str = "task_id") -> str:
     """The task id in its canonical form (a lowercase UUID)."""
-    checker = _Checker()
-    result = _task_id(checker, value, field)
+    checker = Checker()
+    result = task_id_in(checker, value, field)
     checker.done()
     return result
 
 
-def _task_id(checker: _Checker, value: str, field: str) -> str:
+def task_id_in(checker: Checker, value: str, field: str) -> str:
     if _CANONICAL_UUID.fullmatch(value):
         return value  # the form ids are given out in: no need to parse it
     if not value:
@@ -180,7 +180,7 @@ class NewTask:
 def create_request(
     request: task_service_pb2.CreateRequest, known: KnownTypes, default_timeout: float
 ) -> NewTask:
-    checker = _Checker()
+    checker = Checker()
     _create(checker, request, known, "")
     checker.done()
     return NewTask(request, default_timeout)
@@ -189,7 +189,7 @@ def create_request(
 def batch_create_request(
     request: task_service_pb2.BatchCreateRequest, known: KnownTypes, default_timeout: float
 ) -> list[NewTask]:
-    checker = _Checker()
+    checker = Checker()
     count = len(request.requests)
     if not 1 <= count <= MAX_BATCH:
         checker.fail("requests", f"must hold 1 to {MAX_BATCH} requests, not {count}")
@@ -208,7 +208,7 @@ def batch_create_request(
 
 
 def _create(
-    checker: _Checker,
+    checker: Checker,
     request: task_service_pb2.CreateRequest,
     known: KnownTypes,
     prefix: str,
@@ -246,7 +246,7 @@ def _create(
         checker.fail(f"{prefix}request_id", f"is longer than {MAX_REQUEST_ID} characters")
 
 
-def _parameters(checker: _Checker, parameters: struct_pb2.Struct, field: str) -> None:
+def _parameters(checker: Checker, parameters: struct_pb2.Struct, field: str) -> None:
     size = parameters.ByteSize()
     if size > MAX_PARAMETERS_BYTES:
         checker.fail(field, f"are {size} bytes encoded; at most {MAX_PARAMETERS_BYTES} are allowed")
@@ -271,7 +271,7 @@ def _value_depth(value: struct_pb2.Value) -> int:
     return 0
 
 
-def _labels(checker: _Checker, labels: Any, field: str) -> None:
+def _labels(checker: Checker, labels: Any, field: str) -> None:
     if not labels:
         return
     if len(labels) > MAX_LABELS:
@@ -289,7 +289,7 @@ def _labels(checker: _Checker, labels: Any, field: str) -> None:
 _ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")  # the start of a canonical id (lower case)
 
 
-def _filter(checker: _Checker, message: task_pb2.TaskFilter, field: str) -> TaskFilter:
+def _filter(checker: Checker, message: task_pb2.TaskFilter, field: str) -> TaskFilter:
     statuses: set[TaskStatus] = set()
     for index, status in enumerate(message.statuses):
         if status in _STATUS_VALUES:
@@ -325,7 +325,7 @@ class ListQuery:
 
 
 def list_request(request: task_service_pb2.ListRequest) -> ListQuery:
-    checker = _Checker()
+    checker = Checker()
     task_filter = _filter(checker, request.filter, "filter")
     page_size = request.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= page_size <= MAX_PAGE_SIZE:
@@ -391,9 +391,9 @@ class WatchQuery:
 
 
 def watch_request(request: task_service_pb2.WatchRequest) -> WatchQuery:
-    checker = _Checker()
+    checker = Checker()
     if request.task_id:
-        watched = _task_id(checker, request.task_id, "task_id")
+        watched = task_id_in(checker, request.task_id, "task_id")
         if request.HasField("filter"):
             checker.fail("filter", "must be unset when task_id is set")
         task_filter = TaskFilter(task_id=watched)
@@ -419,8 +419,8 @@ def _seconds(duration: duration_pb2.Duration) -> float:
 
 
 def cancel_request(request: task_service_pb2.CancelRequest) -> tuple[str, str]:
-    checker = _Checker()
-    cancelled = _task_id(checker, request.task_id, "task_id")
+    checker = Checker()
+    cancelled = task_id_in(checker, request.task_id, "task_id")
     if len(request.reason) > MAX_REASON:
         checker.fail("reason", f"is longer than {MAX_REASON} characters")
     checker.done()

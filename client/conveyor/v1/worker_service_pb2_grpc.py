@@ -55,9 +55,10 @@ class WorkerServiceStub:
     A worker that connects again with the same `worker_id` within it, listing the leases it
     still holds in `held`, keeps those attempts; every other lease of that worker then ends
     with error code WORKER_LOST, retried at once while attempts remain. A silent network
-    failure is noticed by the server's keepalive (a ping every 10 s, answered within 5 s)
-    or by the leases running out, whichever comes first: within `lease_duration` plus one
-    second.
+    failure is noticed when the worker's leases run out for want of a Renew (within
+    `lease_duration`; the attempts then fail with LEASE_EXPIRED, retried per their policy),
+    or by the server's keepalive (a ping every 30 s, answered within 10 s), whichever
+    comes first.
 
     Errors carry a google.rpc.ErrorInfo (domain "conveyor.v1") with a stable `reason`, or a
     google.rpc.BadRequest for INVALID_ARGUMENT, as in TaskService. A Report, Renew or Finish
@@ -129,9 +130,10 @@ class WorkerServiceServicer:
     A worker that connects again with the same `worker_id` within it, listing the leases it
     still holds in `held`, keeps those attempts; every other lease of that worker then ends
     with error code WORKER_LOST, retried at once while attempts remain. A silent network
-    failure is noticed by the server's keepalive (a ping every 10 s, answered within 5 s)
-    or by the leases running out, whichever comes first: within `lease_duration` plus one
-    second.
+    failure is noticed when the worker's leases run out for want of a Renew (within
+    `lease_duration`; the attempts then fail with LEASE_EXPIRED, retried per their policy),
+    or by the server's keepalive (a ping every 30 s, answered within 10 s), whichever
+    comes first.
 
     Errors carry a google.rpc.ErrorInfo (domain "conveyor.v1") with a stable `reason`, or a
     google.rpc.BadRequest for INVALID_ARGUMENT, as in TaskService. A Report, Renew or Finish
@@ -263,9 +265,10 @@ class WorkerService:
     A worker that connects again with the same `worker_id` within it, listing the leases it
     still holds in `held`, keeps those attempts; every other lease of that worker then ends
     with error code WORKER_LOST, retried at once while attempts remain. A silent network
-    failure is noticed by the server's keepalive (a ping every 10 s, answered within 5 s)
-    or by the leases running out, whichever comes first: within `lease_duration` plus one
-    second.
+    failure is noticed when the worker's leases run out for want of a Renew (within
+    `lease_duration`; the attempts then fail with LEASE_EXPIRED, retried per their policy),
+    or by the server's keepalive (a ping every 30 s, answered within 10 s), whichever
+    comes first.
 
     Errors carry a google.rpc.ErrorInfo (domain "conveyor.v1") with a stable `reason`, or a
     google.rpc.BadRequest for INVALID_ARGUMENT, as in TaskService. A Report, Renew or Finish

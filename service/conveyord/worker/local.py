@@ -55,6 +55,7 @@ class LocalWorker:
     """Runs up to `slots` attempts at once with the registered handlers."""
 
     holder = LOCAL_HOLDER
+    lease_seconds: float | None = None  # in this process: a lease lasts the attempt
 
     def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:
         self.registry = registry
@@ -76,10 +77,10 @@ class LocalWorker:
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
 
-    def stop(self, task: Task, reason: str) -> None:
+    def stop(self, task: Task, why: TaskError, grace: float) -> None:
         attempt = self._attempts.get(task.task_id)
         if attempt is not None and attempt.lease_id == task.lease_id:
-            attempt.context._request_stop(reason)
+            attempt.context._request_stop(why.message)
 
     def abandon(self, task_id: str, lease_id: str) -> None:
         attempt = self._attempts.get(task_id)

@@ -1,0 +1,265 @@
+"""Remote workers: the attempts of a worker connected over WorkerService, and its sessions.
+
+A `RemoteWorker` is what dispatch grants attempts to for one worker process: it turns a
+grant into an `assignment` and a stop into a `stop` on the worker's stream (its outbox),
+and counts the worker's free slots. `WorkerSessions` keeps them by worker id across
+connections: a worker whose stream breaks keeps its leases for the reconnect grace, and
+one that connects again within it keeps the attempts it still runs; the others, and all of
+them once the grace is over, end with WORKER_LOST and are retried at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from conveyor.v1 import worker_service_pb2 as pb
+from conveyord.convert import task_to_proto
+from conveyord.dispatch import Dispatcher
+from conveyord.errors import ConveyorError, ShuttingDown
+from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
+from conveyord.store.base import TaskStore
+
+log = logging.getLogger(__name__)
+
+# The end of a stream: None ends it with OK; an error ends it with that error's status.
+Outgoing = bytes | ConveyorError | None
+
+_STOP_CAUSES = {
+    ErrorCode.CANCELLED: pb.STOP_CAUSE_CANCELLED,
+    ErrorCode.DEADLINE_EXCEEDED: pb.STOP_CAUSE_TIMED_OUT,
+    ErrorCode.INTERRUPTED: pb.STOP_CAUSE_SHUTTING_DOWN,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionTimings:
+    """How long leases last, how often the stream speaks, how long a lost worker is waited for."""
+
+    lease_duration: float = 15.0
+    heartbeat_interval: float = 5.0
+    reconnect_grace: float = 2.0
+
+    def welcome(self, worker_id: str, kept: Iterable[tuple[str, str]]) -> bytes:
+        welcome = pb.Welcome(
+            worker_id=worker_id,
+            lease_duration=_duration(self.lease_duration),
+            renew_interval=_duration(self.lease_duration / 3),
+            heartbeat_interval=_duration(self.heartbeat_interval),
+            reconnect_grace=_duration(self.reconnect_grace),
+            kept=[pb.LeaseRef(task_id=task_id, lease_id=lease_id) for task_id, lease_id in kept],
+        )
+        return pb.ConnectResponse(welcome=welcome).SerializeToString()
+
+
+class WorkerReplaced(ConveyorError):
+    """Ends a session's stream: the same worker connected again on another stream."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "WORKER_REPLACED"
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"worker {worker_id} connected again on another stream")
+        self.worker_id = worker_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"worker_id": self.worker_id}
+
+
+class WorkerNotConnected(ConveyorError):
+    """A Drain for a worker id that has no open session."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "WORKER_NOT_CONNECTED"
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"no open session has worker id {worker_id!r}")
+        self.worker_id = worker_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"worker_id": self.worker_id}
+
+
+class RemoteWorker:
+    """One worker process, as dispatch sees it: its types, slots and held attempts."""
+
+    def __init__(self, worker_id: str, types: frozenset[str], slots: int, lease: float) -> None:
+        self.holder = worker_id
+        self.types: frozenset[str] | None = types
+        self.slots = slots
+        self.lease_seconds: float | None = lease
+        self.held: dict[str, str] = {}  # task_id: lease_id
+        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.connected = True
+        self.draining = False
+        self.grace: asyncio.TimerHandle | None = None  # runs out: the worker is lost
+
+    @property
+    def free_slots(self) -> int:
+        if not self.connected or self.draining:
+            return 0
+        return self.slots - len(self.held)
+
+    def start(self, task: Task) -> None:
+        self.held[task.task_id] = task.lease_id
+        assignment = pb.Assignment(
+            task=task_to_proto(task),
+            lease_id=task.lease_id,
+            deadline=_timestamp((task.started_at or task.updated_at) + task.timeout_seconds),
+            lease_expires_at=_timestamp(task.lease_expires_at or 0.0),
+        )
+        self.outbox.put_nowait(pb.ConnectResponse(assignment=assignment).SerializeToString())
+
+    def stop(self, task: Task, why: TaskError, grace: float) -> None:
+        stop = pb.Stop(
+            task_id=task.task_id,
+            lease_id=task.lease_id,
+            cause=_STOP_CAUSES.get(why.code, pb.STOP_CAUSE_CANCELLED),
+            reason=why.message,
+            grace=_duration(grace),
+        )
+        self.outbox.put_nowait(pb.ConnectResponse(stop=stop).SerializeToString())
+
+    def abandon(self, task_id: str, lease_id: str) -> None:
+        if self.held.get(task_id) == lease_id:
+            del self.held[task_id]
+            if self.draining and not self.held:
+                self.outbox.put_nowait(None)  # drained: the stream ends with OK
+
+    def replace_stream(self) -> None:
+        """Give the worker a fresh outbox for a new stream, ending the old one."""
+        if self.connected:
+            self.outbox.put_nowait(WorkerReplaced(self.holder))
+        self.outbox = asyncio.Queue()
+        self.connected = True
+        self.draining = False
+
+
+class WorkerSessions:
+    """The remote workers by id, across their connections."""
+
+    def __init__(self, dispatcher: Dispatcher, store: TaskStore, timings: SessionTimings) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self.timings = timings
+        self._workers: dict[str, RemoteWorker] = {}
+        self._closing = False
+
+    async def connect(
+        self, worker_id: str, types: frozenset[str], slots: int, held: dict[str, str]
+    ) -> tuple[RemoteWorker, list[tuple[str, str]]]:
+        """Open a session; the worker, and the attempts of `held` it keeps."""
+        if self._closing:
+            raise ShuttingDown()
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            worker = RemoteWorker(worker_id, types, slots, self.timings.lease_duration)
+            self._workers[worker_id] = worker
+        else:
+            if worker.grace is not None:
+                worker.grace.cancel()
+                worker.grace = None
+            worker.replace_stream()
+            worker.types, worker.slots = types, slots
+        kept = await self._keep(worker, held)
+        self.dispatcher.join(worker)
+        return worker, kept
+
+    async def _keep(self, worker: RemoteWorker, held: dict[str, str]) -> list[tuple[str, str]]:
+        """Keep the attempts the worker says it runs whose leases are still its own (some
+        may come from before this server started); end the others it was granted."""
+        for task_id, lease_id in list(worker.held.items()):
+            if held.get(task_id) != lease_id:
+                del worker.held[task_id]
+                await self._lose(task_id, lease_id, worker.holder)
+        kept: list[tuple[str, str]] = []
+        for task_id, lease_id in held.items():
+            if worker.held.get(task_id) == lease_id:
+                kept.append((task_id, lease_id))
+                continue
+            task = await self.store.get(task_id)
+            if (
+                task is not None
+                and task.status is TaskStatus.RUNNING
+                and task.lease_id == lease_id
+                and task.lease_holder == worker.holder
+            ):
+                worker.held[task_id] = lease_id
+                self.dispatcher.adopt(task, worker)
+                kept.append((task_id, lease_id))
+        return kept
+
+    def disconnected(self, worker: RemoteWorker, outbox: asyncio.Queue[Outgoing]) -> None:
+        """A stream ended. If it was the worker's current one, hold its leases for the
+        reconnect grace, then end them."""
+        if worker.outbox is not outbox or not worker.connected:
+            return  # an older stream of a worker that connected again
+        worker.connected = False
+        if not worker.held or self._closing:
+            self._forget(worker)
+            return
+        loop = asyncio.get_running_loop()
+        worker.grace = loop.call_later(
+            self.timings.reconnect_grace,
+            lambda: self.dispatcher.in_background(self._lost(worker)),
+        )
+
+    async def _lost(self, worker: RemoteWorker) -> None:
+        """The grace ran out: the worker did not come back; its attempts end WORKER_LOST."""
+        worker.grace = None
+        if worker.connected:
+            return
+        self._forget(worker)
+        log.warning(
+            "worker %s did not come back within %g s: its %d attempts are retried",
+            worker.holder, self.timings.reconnect_grace, len(worker.held),
+        )  # fmt: skip
+        for task_id, lease_id in list(worker.held.items()):
+            await self._lose(task_id, lease_id, worker.holder)
+        worker.held.clear()
+
+    async def _lose(self, task_id: str, lease_id: str, holder: str) -> None:
+        error = TaskError(
+            ErrorCode.WORKER_LOST, f"worker {holder} was lost while it ran the attempt"
+        )
+        await self.dispatcher.end_lost(task_id, lease_id, error)
+
+    def _forget(self, worker: RemoteWorker) -> None:
+        self.dispatcher.leave(worker)
+        if self._workers.get(worker.holder) is worker:
+            del self._workers[worker.holder]
+
+    def drain(self, worker_id: str) -> None:
+        """The worker takes nothing more; its stream ends once it holds nothing."""
+        worker = self._workers.get(worker_id)
+        if worker is None or not worker.connected:
+            raise WorkerNotConnected(worker_id)
+        worker.draining = True
+        if not worker.held:
+            worker.outbox.put_nowait(None)
+
+    def close(self) -> None:
+        """The server stops: end every stream with UNAVAILABLE."""
+        self._closing = True
+        for worker in list(self._workers.values()):
+            if worker.grace is not None:
+                worker.grace.cancel()
+            if worker.connected:
+                worker.outbox.put_nowait(ShuttingDown())
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromNanoseconds(int(seconds * 1e9))
+    return timestamp

@@ -1,0 +1,232 @@
+"""The gRPC face for remote workers: conveyor.v1.WorkerService on top of dispatch.
+
+Each RPC validates its request (nothing changes for a bad one) and speaks to dispatch with
+the attempt's lease id, as the local worker does in-process; a stale lease is refused by
+dispatch (lifecycle.StaleLease: FAILED_PRECONDITION, LEASE_NOT_HELD). The sessions, their
+reconnect grace and the attempts' bookkeeping are worker/remote.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from conveyor.protojson import struct_to_dict, to_python
+from conveyor.v1 import worker_service_pb2 as pb
+from conveyord.convert import task_to_proto
+from conveyord.dispatch import Dispatcher
+from conveyord.lifecycle import Outcome, StaleLease
+from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
+from conveyord.model import ErrorCode, TaskError, json_problem
+from conveyord.rpc import stream_method, unary_method
+from conveyord.store.base import TaskNotFound
+from conveyord.validation import Checker, task_id_in
+from conveyord.worker.remote import SessionTimings, WorkerSessions
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+MAX_SLOTS = 1000
+MAX_LEASES = 1000  # in one Renew, or one ConnectRequest.held
+_WORKER_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
+_TASK_TYPE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_LEASE_ID = re.compile(r"[0-9a-f]{32}")
+
+RECEIVE_LIMITS = {
+    "Connect": 256 * 1024,
+    "Report": MAX_DETAIL_BYTES + 32 * 1024,
+    "Renew": 128 * 1024,
+    "Finish": MAX_RESULT_BYTES + 32 * 1024,
+    "Drain": 4 * 1024,
+}
+
+
+class WorkerServiceApi:
+    """The RPCs of conveyor.v1.WorkerService."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        sessions: WorkerSessions,
+        declare_types: Callable[[frozenset[str]], Awaitable[None]],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self.timings: SessionTimings = sessions.timings
+        self.declare_types = declare_types
+
+    async def connect(self, request: pb.ConnectRequest) -> AsyncIterator[bytes]:
+        """The session's stream: a welcome, then what the outbox holds, with heartbeats."""
+        worker_id, types, slots, held = _connect_request(request)
+        await self.declare_types(types)
+        worker, kept = await self.sessions.connect(worker_id, types, slots, held)
+        outbox = worker.outbox
+        try:
+            yield self.timings.welcome(worker_id, kept)
+            while True:
+                try:
+                    async with asyncio.timeout(self.timings.heartbeat_interval):
+                        item = await outbox.get()
+                except TimeoutError:
+                    yield _heartbeat()
+                    continue
+                if item is None:
+                    return  # drained
+                if not isinstance(item, bytes):
+                    raise item  # replaced, or the server stops
+                yield item
+        finally:
+            self.sessions.disconnected(worker, outbox)
+
+    async def report(self, request: pb.ReportRequest) -> bytes:
+        """A ReportResponse."""
+        task, lease = _lease(request.lease, "lease")
+        changes = _report_changes(request)
+        await self.dispatcher.report(task, lease, changes)
+        stopping = self.dispatcher.stopping(task, lease)
+        return pb.ReportResponse(stop_requested=stopping).SerializeToString()
+
+    async def renew(self, request: pb.RenewRequest) -> bytes:
+        """A RenewResponse: the leases renewed, and those lost."""
+        checker = Checker()
+        if not request.leases:
+            checker.fail("leases", "is required")
+        if len(request.leases) > MAX_LEASES:
+            checker.fail("leases", f"holds {len(request.leases)}; at most {MAX_LEASES}")
+        leases = [_lease_in(checker, ref, f"leases[{i}]") for i, ref in enumerate(request.leases)]
+        checker.done()
+        seconds = self.timings.lease_duration
+        answer = pb.RenewResponse()
+        answer.expires_at.FromNanoseconds(int((time.time() + seconds) * 1e9))
+        for task, lease in leases:
+            try:
+                await self.dispatcher.renew(task, lease, seconds)
+            except (StaleLease, TaskNotFound):
+                answer.lost.add(task_id=task, lease_id=lease)
+        return answer.SerializeToString()
+
+    async def finish(self, request: pb.FinishRequest) -> bytes:
+        """A FinishResponse: the task after the attempt."""
+        task, lease = _lease(request.lease, "lease")
+        outcome = _outcome(request)
+        ended = await self.dispatcher.finish(task, lease, outcome)
+        return pb.FinishResponse(task=task_to_proto(ended)).SerializeToString()
+
+    async def drain(self, request: pb.DrainRequest) -> bytes:
+        """A DrainResponse."""
+        self.sessions.drain(request.worker_id)
+        return pb.DrainResponse().SerializeToString()
+
+
+def _heartbeat() -> bytes:
+    sent_at = timestamp_pb2.Timestamp()
+    sent_at.GetCurrentTime()
+    return pb.ConnectResponse(heartbeat=pb.Heartbeat(sent_at=sent_at)).SerializeToString()
+
+
+# -- requests --------------------------------------------------------------------
+
+
+def _connect_request(
+    request: pb.ConnectRequest,
+) -> tuple[str, frozenset[str], int, dict[str, str]]:
+    checker = Checker()
+    if not _WORKER_ID.fullmatch(request.worker_id):
+        checker.fail("worker_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : / @ -")
+    if not request.task_types:
+        checker.fail("task_types", "is required: the task types this worker runs")
+    for index, task_type in enumerate(request.task_types):
+        if not _TASK_TYPE.fullmatch(task_type):
+            checker.fail(
+                f"task_types[{index}]",
+                f"{task_type[:64]!r} is not 1 to 128 characters of A-Z a-z 0-9 . _ : / -",
+            )
+    if not 1 <= request.slots <= MAX_SLOTS:
+        checker.fail("slots", f"must be between 1 and {MAX_SLOTS}, not {request.slots}")
+    if len(request.held) > MAX_LEASES:
+        checker.fail("held", f"holds {len(request.held)}; at most {MAX_LEASES}")
+    held = dict(_lease_in(checker, ref, f"held[{i}]") for i, ref in enumerate(request.held))
+    checker.done()
+    return request.worker_id, frozenset(request.task_types), request.slots, held
+
+
+def _lease(ref: pb.LeaseRef, field: str) -> tuple[str, str]:
+    checker = Checker()
+    found = _lease_in(checker, ref, field)
+    checker.done()
+    return found
+
+
+def _lease_in(checker: Checker, ref: pb.LeaseRef, field: str) -> tuple[str, str]:
+    task = task_id_in(checker, ref.task_id, f"{field}.task_id")
+    if not _LEASE_ID.fullmatch(ref.lease_id):
+        checker.fail(f"{field}.lease_id", f"{ref.lease_id[:64]!r} is not a lease id")
+    return task, ref.lease_id
+
+
+def _report_changes(request: pb.ReportRequest) -> dict[str, Any]:
+    checker = Checker()
+    changes: dict[str, Any] = {}
+    if request.HasField("progress"):
+        if not (math.isfinite(request.progress) and 0.0 <= request.progress <= 1.0):
+            checker.fail("progress", f"must be between 0 and 1, not {request.progress}")
+        changes["progress"] = request.progress
+    if request.HasField("message"):
+        if len(request.message) > MAX_MESSAGE:
+            checker.fail("message", f"is longer than {MAX_MESSAGE} characters")
+        changes["message"] = request.message
+    if request.HasField("detail"):
+        size = request.detail.ByteSize()
+        detail = struct_to_dict(request.detail)
+        if size > MAX_DETAIL_BYTES:
+            checker.fail("detail", f"is {size} bytes encoded; at most {MAX_DETAIL_BYTES}")
+        elif (problem := json_problem(detail, "detail")) is not None:
+            checker.fail("detail", problem)
+        changes["progress_detail"] = detail
+    checker.done()
+    return changes
+
+
+def _outcome(request: pb.FinishRequest) -> Outcome:
+    checker = Checker()
+    which = request.WhichOneof("outcome")
+    if which is None:
+        checker.fail("outcome", "is required: a result or an error")
+    elif which == "result":
+        size = request.result.ByteSize()
+        result = to_python(request.result)
+        if size > MAX_RESULT_BYTES:
+            checker.fail("result", f"is {size} bytes encoded; at most {MAX_RESULT_BYTES}")
+        elif (problem := json_problem(result)) is not None:
+            checker.fail("result", problem)
+        checker.done()
+        return Outcome(result=result)
+    else:
+        error = request.error
+        code = error.code or ErrorCode.HANDLER_ERROR
+        if not _ERROR_CODE.fullmatch(code):
+            checker.fail("error.code", f"{code[:64]!r} is not UPPER_SNAKE_CASE of 1 to 64")
+        if len(error.message) > MAX_MESSAGE:
+            checker.fail("error.message", f"is longer than {MAX_MESSAGE} characters")
+        checker.done()
+        return Outcome(error=TaskError(code, error.message), retryable=not error.no_retry)
+    checker.done()
+    raise AssertionError("unreachable: an outcome is required")
+
+
+def method_handlers(api: WorkerServiceApi) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The RPC method handlers of WorkerService, by method name."""
+    return {
+        "Connect": stream_method(api.connect, pb.ConnectRequest, RECEIVE_LIMITS["Connect"]),
+        "Report": unary_method(api.report, pb.ReportRequest, RECEIVE_LIMITS["Report"]),
+        "Renew": unary_method(api.renew, pb.RenewRequest, RECEIVE_LIMITS["Renew"]),
+        "Finish": unary_method(api.finish, pb.FinishRequest, RECEIVE_LIMITS["Finish"]),
+        "Drain": unary_method(api.drain, pb.DrainRequest, RECEIVE_LIMITS["Drain"]),
+    }

@@ -1,0 +1,248 @@
+"""WorkerService spoken from the .proto alone (the generated stubs, no client library), to a
+real server on a real port: assignments, reports, results, stale leases, cancel, a broken
+connection's grace, a reconnect that keeps its attempt, and drain."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1 import worker_service_pb2 as wpb
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
+from conveyord.worker.remote import SessionTimings
+from tests.conftest import ServerThread
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+    from conveyor.v1.worker_service_pb2_grpc import WorkerServiceAsyncStub
+from tests.support import (
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    create,
+    error_reason,
+    field_violations,
+    final,
+    wait_until,
+)
+
+StartServer = Callable[..., ServerThread]
+TYPE = "remote.echo"
+
+
+class Session:
+    """One Connect stream, read message by message."""
+
+    def __init__(self, workers: WorkerServiceAsyncStub, worker_id: str = "w-1", **fields: Any):
+        request = wpb.ConnectRequest(
+            worker_id=worker_id, task_types=fields.pop("task_types", [TYPE]),
+            slots=fields.pop("slots", 1), **fields,
+        )  # fmt: skip
+        self.call = workers.Connect(request)
+
+    async def next(self, kind: str) -> Any:
+        """The next message that is not a heartbeat; it must be of `kind`."""
+        while True:
+            response = await self.call.read()
+            assert isinstance(response, wpb.ConnectResponse), f"the stream ended: {response!r}"
+            which = response.WhichOneof("message")
+            if which != "heartbeat":
+                assert which == kind, f"expected {kind}, got {response}"
+                return getattr(response, which)
+
+
+@pytest.fixture
+async def channel_to(start_server: StartServer) -> AsyncIterator[Callable[..., Any]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def open_channel(server: ServerThread) -> tuple[TaskServiceAsyncStub, WorkerServiceAsyncStub]:
+        channel = grpc.aio.insecure_channel(server.address)
+        channels.append(channel)
+        return TaskServiceStub(channel), WorkerServiceStub(channel)
+
+    yield open_channel
+    for channel in channels:
+        await channel.close()
+
+
+def _ref(assignment: wpb.Assignment) -> wpb.LeaseRef:
+    return wpb.LeaseRef(task_id=assignment.task.task_id, lease_id=assignment.lease_id)
+
+
+async def test_a_remote_worker_runs_a_task_reports_and_finishes(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await create(tasks, TYPE)  # no worker ever declared it
+    assert "task.task_type" in field_violations(refused.value)
+
+    session = Session(workers)
+    welcome = await session.next("welcome")
+    assert welcome.worker_id == "w-1" and welcome.lease_duration.seconds > 0
+    task = await create(tasks, TYPE, {"n": 7}, timeout_seconds=30)
+    assignment = await session.next("assignment")
+    assert assignment.task.task_id == task.task_id
+    assert assignment.task.parameters["n"] == 7 and assignment.task.attempt == 1
+    assert len(assignment.lease_id) == 32
+    assert assignment.deadline.seconds - assignment.task.started_at.seconds in (29, 30)
+
+    await workers.Report(wpb.ReportRequest(lease=_ref(assignment), progress=0.5, message="half"))
+    halfway = await wait_until(tasks, task.task_id, lambda t: t.progress == 0.5)
+    assert halfway.message == "half"
+    answer = await workers.Finish(
+        wpb.FinishRequest(lease=_ref(assignment), result=struct_pb2.Value(string_value="done"))
+    )
+    assert answer.task.status == COMPLETED
+    done = await final(tasks, task.task_id)
+    assert (done.status, done.result.string_value) == (COMPLETED, "done")
+    assert "w-1" not in done.error.message  # no error
+
+
+async def test_a_stale_lease_is_refused_and_changes_nothing(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    error = wpb.AttemptError(code="BROKEN", message="no", no_retry=True)
+    await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), error=error))
+    ended = (await tasks.Get(pb.GetRequest(task_id=task.task_id))).task
+    assert ended.error.code == "BROKEN"
+    for late in (
+        workers.Finish(wpb.FinishRequest(lease=_ref(assignment), result=struct_pb2.Value())),
+        workers.Report(wpb.ReportRequest(lease=_ref(assignment), progress=0.9)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await late
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(refused.value) == "LEASE_NOT_HELD"
+    assert (await tasks.Get(pb.GetRequest(task_id=task.task_id))).task == ended
+    renewed = await workers.Renew(wpb.RenewRequest(leases=[_ref(assignment)]))
+    assert list(renewed.lost) == [_ref(assignment)]
+
+
+async def test_a_cancel_reaches_the_worker_on_its_stream(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server(cancel_grace=30))
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    await tasks.Cancel(pb.CancelRequest(task_id=task.task_id, reason="enough"))
+    stop = await session.next("stop")
+    assert (stop.task_id, stop.lease_id, stop.cause) == (
+        task.task_id,
+        assignment.lease_id,
+        wpb.STOP_CAUSE_CANCELLED,
+    )
+    assert stop.reason == "enough" and stop.grace.seconds == 30
+    report = await workers.Report(wpb.ReportRequest(lease=_ref(assignment), message="stopping"))
+    assert report.stop_requested
+    error = wpb.AttemptError(code="STOPPED", message="as asked")
+    await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), error=error))
+    done = await final(tasks, task.task_id)
+    assert (done.status, done.error.code, done.error.message) == (CANCELLED, "CANCELLED", "enough")
+
+
+async def test_a_lost_worker_s_attempt_is_retried_after_the_grace(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    server = start_server(workers=SessionTimings(reconnect_grace=0.2))
+    tasks, workers = channel_to(server)
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE, max_attempts=2)
+    first = await session.next("assignment")
+    session.call.cancel()  # the connection is gone
+    retried = await wait_until(tasks, task.task_id, lambda t: t.attempt == 2)
+    assert (retried.status, retried.error.code) == (
+        CREATED,
+        "WORKER_LOST",
+    )
+    again = Session(workers, worker_id="w-2")
+    await again.next("welcome")
+    second = await again.next("assignment")
+    assert (second.task.attempt, second.task.task_id) == (2, task.task_id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await workers.Finish(wpb.FinishRequest(lease=_ref(first), result=struct_pb2.Value()))
+    assert error_reason(refused.value) == "LEASE_NOT_HELD"
+
+
+async def test_a_worker_that_reconnects_within_the_grace_keeps_its_attempt(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    server = start_server(workers=SessionTimings(reconnect_grace=30))
+    tasks, workers = channel_to(server)
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    session.call.cancel()
+    again = Session(workers, held=[_ref(assignment)])
+    welcome = await again.next("welcome")
+    assert list(welcome.kept) == [_ref(assignment)]
+    await workers.Finish(
+        wpb.FinishRequest(lease=_ref(assignment), result=struct_pb2.Value(number_value=1))
+    )
+    done = await final(tasks, task.task_id)
+    assert (done.status, done.attempt, done.result.number_value) == (COMPLETED, 1, 1)
+
+
+async def test_a_draining_worker_finishes_what_it_holds_and_its_stream_ends(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, slots=2)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    await workers.Drain(wpb.DrainRequest(worker_id="w-1"))
+    waiting = await create(tasks, TYPE)  # not for a draining worker
+    await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), result=struct_pb2.Value()))
+    assert await session.call.read() == grpc.aio.EOF
+    assert await session.call.code() == grpc.StatusCode.OK
+    assert (await tasks.Get(pb.GetRequest(task_id=waiting.task_id))).task.status == CREATED
+    assert (await final(tasks, task.task_id)).status == COMPLETED
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await workers.Drain(wpb.DrainRequest(worker_id="w-1"))
+    assert error_reason(refused.value) == "WORKER_NOT_CONNECTED"
+
+
+async def test_a_bad_connect_names_every_bad_field(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    _, workers = channel_to(start_server())
+    request = wpb.ConnectRequest(
+        worker_id="bad id!", task_types=["ok", "no spaces"], slots=0,
+        held=[wpb.LeaseRef(task_id="x", lease_id="y")],
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await workers.Connect(request).read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(refused.value)) == {
+        "worker_id", "task_types[1]", "slots", "held[0].task_id", "held[0].lease_id",
+    }  # fmt: skip
+
+
+async def test_a_second_connection_of_one_worker_replaces_the_first(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    _, workers = channel_to(start_server())
+    first = Session(workers)
+    await first.next("welcome")
+    second = Session(workers)
+    await second.next("welcome")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await first.call.read()
+    assert ended.value.code() == grpc.StatusCode.ABORTED
+    assert error_reason(ended.value) == "WORKER_REPLACED"
