@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from conveyord import lifecycle
 from conveyord.lifecycle import Outcome, RetryPolicy, StaleLease
 from conveyord.model import Change, ErrorCode, Task, TaskError, TaskFilter, TaskStatus
-from conveyord.store.base import Claim, StoreFailed, TaskNotFound, TaskStore
+from conveyord.store.base import Claim, StoreFailed, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,19 @@ class _Held:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def stop(self, outcome: Outcome, grace: float, force: Callable[[_Held], None]) -> None:
+        """Tell the holder to stop within `grace`, then `force` the end (sooner stays)."""
+        if self.stopped is None:
+            self.stopped = outcome
+            self.worker.stop(self.task, outcome.error or TaskError(ErrorCode.CANCELLED, ""), grace)
+        elif (
+            self.timer is not None
+            and self.timer.when() <= asyncio.get_running_loop().time() + grace
+        ):
+            return  # already stopping, and sooner
+        self.cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(grace, force, self)
 
 
 class Timekeeper:
@@ -163,6 +176,94 @@ class Timekeeper:
         return expire
 
 
+async def settle_leases_of(store: TaskStore, holder: str, policy: RetryPolicy, now: float) -> None:
+    """Recovery: a lease of `holder` (this server's own worker) that outlived the server.
+    It died while the attempt ran, which counts as a failed attempt, retried at once while
+    attempts remain; another holder's lease is left to run out on its own."""
+
+    def expire(task: Task) -> Task | None:
+        if task.lease_holder not in (holder, ""):
+            return None
+        error = TaskError(
+            ErrorCode.INTERRUPTED, f"the server stopped while attempt {task.attempt} ran"
+        )
+        return lifecycle.expire(task, error, policy, now, delay=0.0)
+
+    running = TaskFilter(statuses=frozenset({TaskStatus.RUNNING}))
+    settled = await store.update_where(running, expire)
+    if settled:
+        log.info("%d tasks were running when the server stopped: settled", len(settled))
+
+
+def holder_lost(
+    lease_id: str, error: TaskError, policy: RetryPolicy, now: float
+) -> Callable[[Task], Task | None]:
+    """The end of an attempt whose holder is gone and did not come back (a remote worker):
+    a failed attempt, retried at once while attempts remain; nothing if it ended meanwhile."""
+
+    def lost(task: Task) -> Task | None:
+        if task.lease_id != lease_id:
+            return None
+        return lifecycle.expire(task, error, policy, now, delay=0.0)
+
+    return lost
+
+
+class ClaimLoop:
+    """When to claim: many asks make one claim, and one claim runs at a time, in the
+    loop's own task or (right after an attempt ended) in the task of its holder."""
+
+    def __init__(self, claim_round: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._round = claim_round
+        self._wanted = asyncio.Event()  # set: claim for free slots
+        self._lock = asyncio.Lock()  # one claim at a time
+        self._task: asyncio.Task[None] | None = None
+        self.running = False
+
+    @property
+    def asked(self) -> bool:
+        return self._wanted.is_set()
+
+    def ask(self) -> None:
+        self._wanted.set()
+
+    def start(self) -> None:
+        self.running = True
+        self._task = asyncio.create_task(self._forever(), name="conveyor-dispatch")
+
+    def stop(self) -> None:
+        self.running = False
+        self._wanted.set()  # the loop sees it is over
+
+    async def _forever(self) -> None:
+        """Claim for free slots whenever asked, one claim at a time."""
+        while self.running:
+            await self._wanted.wait()
+            if not self._wanted.is_set():
+                continue  # a holder claimed meanwhile (soon)
+            self._wanted.clear()
+            async with self._lock:
+                await self._round()
+
+    async def soon(self) -> None:
+        """Claim at once, in the caller's task, if a claim is wanted and none is under way:
+        a holder that just ended an attempt takes the next one for the slot it freed,
+        without waking the claim loop (one turn of the event loop fewer per task)."""
+        if self._wanted.is_set() and self.running and not self._lock.locked():
+            self._wanted.clear()
+            async with self._lock:
+                await self._round()
+
+
+def _lease_until(worker: Worker, now: float, extra: float) -> Callable[[Task], float]:
+    """When a lease granted to `worker` now runs out: after the attempt's timeout and
+    `extra` for a holder that never renews, else after the worker's lease time."""
+    lease_seconds = worker.lease_seconds
+    if lease_seconds is None:
+        return lambda task: now + task.timeout_seconds + extra
+    return lambda task: now + lease_seconds
+
+
 class Dispatcher:
     """Grants, watches and ends the attempts of one server's workers."""
 
@@ -180,10 +281,7 @@ class Dispatcher:
         self._workers: list[Worker] = []
         self._held: dict[str, _Held] = {}
         self._by_type: dict[str, int] = {}
-        self._granting = False
-        self._wanted = asyncio.Event()  # set: claim for free slots
-        self._claim_lock = asyncio.Lock()  # one claim at a time
-        self._claiming: asyncio.Task[None] | None = None
+        self._claims = ClaimLoop(self._claim_round)
         self._timer = Timekeeper(store, policy, clock, due=self._pump)
         self._unfollow: Callable[[], None] | None = None
         self._drained = asyncio.Event()
@@ -199,35 +297,15 @@ class Dispatcher:
         self._workers = workers
         self._unfollow = self.store.feed.follow(self._on_change)
         for worker in workers:
-            await self._recover(worker.holder)
-        self._granting = True
+            await settle_leases_of(self.store, worker.holder, self.policy, self.clock())
+        self._claims.start()
         self._timer.start()
-        self._claiming = asyncio.create_task(self._claim_forever(), name="conveyor-dispatch")
         self._pump()
-
-    async def _recover(self, holder: str) -> None:
-        """A lease of ours that outlived the server: it died while the attempt ran, which
-        counts as a failed attempt (retried at once while attempts remain)."""
-        now = self.clock()
-
-        def expire(task: Task) -> Task | None:
-            if task.lease_holder not in (holder, ""):  # another holder's lease runs out alone
-                return None
-            error = TaskError(
-                ErrorCode.INTERRUPTED, f"the server stopped while attempt {task.attempt} ran"
-            )
-            return lifecycle.expire(task, error, self.policy, now, delay=0.0)
-
-        running = TaskFilter(statuses=frozenset({TaskStatus.RUNNING}))
-        settled = await self.store.update_where(running, expire)
-        if settled:
-            log.info("%d tasks were running when the server stopped: settled", len(settled))
 
     async def shutdown(self, grace: float) -> None:
         """Grant no more; tell every held attempt to stop, as an interruption that uses no
         attempt; wait up to `grace` for their holders, then end them regardless."""
-        self._granting = False
-        self._wanted.set()  # the claim loop sees it is over
+        self._claims.stop()
         self._timer.stop()
         for held in list(self._held.values()):
             self._stop(held, _INTERRUPTED, grace)
@@ -257,10 +335,6 @@ class Dispatcher:
         """Run `work` on its own (kept referenced until it ends)."""
         self._timer.in_background(work)
 
-    def held_by(self, worker: Worker) -> list[Task]:
-        """The attempts `worker` holds, as granted."""
-        return [held.task for held in self._held.values() if held.worker is worker]
-
     def adopt(self, task: Task, worker: Worker) -> None:
         """Hold an attempt that `worker` runs under a lease granted before this server
         started (it reconnected with it): its timeout and signals are this server's again."""
@@ -273,25 +347,12 @@ class Dispatcher:
         held = self._held.get(task_id)
         return held is not None and held.lease_id == lease_id and held.stopped is not None
 
-    async def end_lost(self, task_id: str, lease_id: str, error: TaskError) -> None:
-        """End an attempt whose holder is gone (a worker that did not come back): a failed
-        attempt, retried at once while attempts remain; nothing if it ended meanwhile."""
-        now, policy = self.clock(), self.policy
-
-        def lost(task: Task) -> Task | None:
-            if task.lease_id != lease_id:
-                return None
-            return lifecycle.expire(task, error, policy, now, delay=0.0)
-
-        with contextlib.suppress(TaskNotFound, StoreFailed):
-            await self.store.update(task_id, lost)
-
     # -- granting ----------------------------------------------------------------
 
     def _pump(self, task_type: str | None = None) -> None:
         """Ask for a claim for the free slots (cheap: many asks make one claim); not while
         every slot is taken, or, for a task of `task_type`, while its type is at its limit."""
-        if self._wanted.is_set() or not self._granting:
+        if self._claims.asked or not self._claims.running:
             return  # asked already, or over
         if len(self._held) >= self.limits.concurrency:
             return
@@ -300,26 +361,7 @@ class Dispatcher:
             if limit is not None and self._by_type.get(task_type, 0) >= limit:
                 return
         if any(worker.free_slots > 0 for worker in self._workers):
-            self._wanted.set()
-
-    async def _claim_forever(self) -> None:
-        """Claim for free slots whenever asked, one claim at a time."""
-        while self._granting:
-            await self._wanted.wait()
-            if not self._wanted.is_set():
-                continue  # a holder claimed meanwhile (_claim_soon)
-            self._wanted.clear()
-            async with self._claim_lock:
-                await self._claim_round()
-
-    async def _claim_soon(self) -> None:
-        """Claim at once, in the caller's task, if a claim is wanted and none is under way:
-        a holder that just ended an attempt takes the next one for the slot it freed,
-        without waking the claim loop (one turn of the event loop fewer per task)."""
-        if self._wanted.is_set() and self._granting and not self._claim_lock.locked():
-            self._wanted.clear()
-            async with self._claim_lock:
-                await self._claim_round()
+            self._claims.ask()
 
     async def _claim_round(self) -> None:
         try:
@@ -338,20 +380,9 @@ class Dispatcher:
             task_type: limit - self._by_type.get(task_type, 0)
             for task_type, limit in self.limits.type_concurrency.items()
         }
-        now, extra = self.clock(), self.limits.cancel_grace + RECORDING_TIME
-        lease_seconds = worker.lease_seconds
-        claim = Claim(
-            holder=worker.holder,
-            count=count,
-            types=worker.types,
-            limits=limits,
-            lease_until=(
-                (lambda task: now + task.timeout_seconds + extra)
-                if lease_seconds is None
-                else (lambda task: now + lease_seconds)
-            ),
-            now=now,
-        )
+        now = self.clock()
+        lease_until = _lease_until(worker, now, self.limits.cancel_grace + RECORDING_TIME)
+        claim = Claim(worker.holder, count, worker.types, limits, lease_until, now)
         for task in await self.store.claim(claim):
             self._grant(task, worker)
 
@@ -414,17 +445,7 @@ class Dispatcher:
 
     def _stop(self, held: _Held, outcome: Outcome, grace: float | None) -> None:
         """Tell the holder to stop; after the grace, end the attempt with `outcome`."""
-        grace = self.limits.cancel_grace if grace is None else grace
-        if held.stopped is None:
-            held.stopped = outcome
-            held.worker.stop(held.task, outcome.error or TaskError(ErrorCode.CANCELLED, ""), grace)
-        elif (
-            held.timer is not None
-            and held.timer.when() <= asyncio.get_running_loop().time() + grace
-        ):
-            return  # already stopping, and sooner
-        held.cancel_timer()
-        held.timer = asyncio.get_running_loop().call_later(grace, self._force, held)
+        held.stop(outcome, self.limits.cancel_grace if grace is None else grace, self._force)
 
     def _force(self, held: _Held) -> None:
         """The holder did not end the attempt within the grace: end it without it."""
@@ -458,7 +479,7 @@ class Dispatcher:
         if held is not None and held.lease_id == lease_id and held.stopped is not None:
             outcome = held.stopped
         ended = await self._end(task_id, lease_id, outcome)
-        await self._claim_soon()
+        await self._claims.soon()
         return ended
 
     async def _end(self, task_id: str, lease_id: str, outcome: Outcome) -> Task:

@@ -11,6 +11,7 @@ them once the grace is over, end with WORKER_LOST and are retried at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -20,10 +21,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyord.convert import task_to_proto
-from conveyord.dispatch import Dispatcher
+from conveyord.dispatch import Dispatcher, holder_lost
 from conveyord.errors import ConveyorError, ShuttingDown
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
-from conveyord.store.base import TaskStore
+from conveyord.store.base import StoreFailed, TaskNotFound, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,9 @@ class WorkerSessions:
         error = TaskError(
             ErrorCode.WORKER_LOST, f"worker {holder} was lost while it ran the attempt"
         )
-        await self.dispatcher.end_lost(task_id, lease_id, error)
+        lost = holder_lost(lease_id, error, self.dispatcher.policy, self.dispatcher.clock())
+        with contextlib.suppress(TaskNotFound, StoreFailed):
+            await self.store.update(task_id, lost)
 
     def _forget(self, worker: RemoteWorker) -> None:
         self.dispatcher.leave(worker)
