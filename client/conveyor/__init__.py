@@ -2,7 +2,8 @@
 
 `Client` (blocking) and `AsyncClient` (asyncio) have the same methods: create, get, list,
 cancel, watch, watch_all, wait, poll, result and revision. They return plain Python
-(`Task`, `TaskEvent`) and raise subclasses of `ConveyorError`.
+(`Task`, `TaskEvent`) and raise subclasses of `ConveyorError`. `handler` and `TaskContext`
+write task handlers, which run in conveyord or in a worker process (`conveyor.worker`).
 """
 
 from conveyor._async_client import AsyncClient
@@ -25,6 +26,7 @@ from conveyor.errors import (
     Unavailable,
     WaitTimeout,
 )
+from conveyor.handlers import TaskContext, handler
 from conveyor.tasks import EventKind, Task, TaskError, TaskEvent, TaskStatus
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "RpcError",
     "Task",
     "TaskCancelled",
+    "TaskContext",
     "TaskError",
     "TaskEvent",
     "TaskFailed",
@@ -51,4 +54,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "WaitTimeout",
+    "handler",
 ]

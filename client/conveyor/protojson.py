@@ -6,11 +6,14 @@ small enough to be exact) comes back as an `int`, as it would from a JSON parser
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
+
+from conveyor.limits import MAX_JSON_DEPTH
 
 _EXACT = 2**53
 
@@ -56,3 +59,26 @@ def seconds_to_timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 def timestamp_to_datetime(timestamp: timestamp_pb2.Timestamp) -> datetime:
     return datetime.fromtimestamp(timestamp.seconds + timestamp.nanos / 1e9, UTC)
+
+
+def json_problem(value: Any, path: str = "result", depth: int = 0) -> str | None:
+    """Why `value` cannot travel as JSON (a google.protobuf.Value), or None if it can."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int | float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+    if depth >= MAX_JSON_DEPTH:
+        return f"{path} nests deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has the key {key!r:.64}, but JSON keys are strings"
+            if (problem := json_problem(item, f"{path}.{key:.64}", depth + 1)) is not None:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if (problem := json_problem(item, f"{path}[{index}]", depth + 1)) is not None:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}, which JSON cannot hold"

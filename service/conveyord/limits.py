@@ -9,14 +9,20 @@ task can make a Get, a List or a Watch fail for its readers.
 
 from __future__ import annotations
 
-KIB = 1024
-MIB = 1024 * KIB
+from conveyor.limits import (  # the contract's caps, shared with the client's worker
+    KIB,
+    MAX_DETAIL_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_MESSAGE,
+    MAX_PARAMETERS_BYTES,
+    MAX_RESULT_BYTES,
+    MIB,
+)
 
-MAX_PARAMETERS_BYTES = 1 * MIB  # a TaskRequest's parameters, encoded
-MAX_RESULT_BYTES = 1 * MIB  # a handler's result, encoded as a google.protobuf.Value
-MAX_DETAIL_BYTES = 64 * KIB  # a progress report's detail, encoded as a Struct
-MAX_MESSAGE = 4096  # characters of a progress message
-MAX_JSON_DEPTH = 32  # nesting of parameters, results and details (protobuf parses 100 levels)
+__all__ = [
+    "KIB", "MAX_DETAIL_BYTES", "MAX_JSON_DEPTH", "MAX_MESSAGE", "MAX_PAGE_BYTES",
+    "MAX_PARAMETERS_BYTES", "MAX_RECEIVE_BYTES", "MAX_RESULT_BYTES", "MIB", "RECEIVE_LIMITS",
+]  # fmt: skip
 
 # The most any answer may hold: a List page stops before a task that would pass it. A
 # task is at most about 2.2 MiB (parameters, result, detail, labels, description), so a

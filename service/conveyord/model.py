@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import operator
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from conveyord.limits import MAX_JSON_DEPTH
+from conveyor.protojson import json_problem as json_problem  # re-exported
 
 
 class TaskStatus(enum.IntEnum):
@@ -181,26 +180,3 @@ class Change(NamedTuple):
     # The revision of the same task's change before this one (0: none), so that one task's
     # changes are a chain through the history rather than a list of their own.
     previous: int = 0
-
-
-def json_problem(value: Any, path: str = "result", depth: int = 0) -> str | None:
-    """Why `value` cannot travel as JSON (a google.protobuf.Value), or None if it can."""
-    if value is None or isinstance(value, bool | str):
-        return None
-    if isinstance(value, int | float):
-        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
-    if depth >= MAX_JSON_DEPTH:
-        return f"{path} nests deeper than {MAX_JSON_DEPTH} levels"
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path} has the key {key!r:.64}, but JSON keys are strings"
-            if (problem := json_problem(item, f"{path}.{key:.64}", depth + 1)) is not None:
-                return problem
-        return None
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            if (problem := json_problem(item, f"{path}[{index}]", depth + 1)) is not None:
-                return problem
-        return None
-    return f"{path} is a {type(value).__name__}, which JSON cannot hold"

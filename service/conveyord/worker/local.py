@@ -17,12 +17,17 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from conveyor.protojson import to_value
 from conveyord.dispatch import Dispatcher
-from conveyord.handlers import HandlerRegistry, TaskContext, is_async
+from conveyord.handlers import (
+    HandlerRegistry,
+    Refusal,
+    TaskContext,
+    failure_message,
+    is_async,
+    result_problem,
+)
 from conveyord.lifecycle import Outcome, StaleLease
-from conveyord.limits import MAX_MESSAGE, MAX_RESULT_BYTES
-from conveyord.model import ErrorCode, Task, TaskError, json_problem
+from conveyord.model import ErrorCode, Task, TaskError
 from conveyord.store.base import StoreFailed
 from conveyord.watchdog import track
 
@@ -72,7 +77,16 @@ class LocalWorker:
 
     def start(self, task: Task) -> None:
         loop = asyncio.get_running_loop()
-        context = TaskContext(task, loop=loop, sink=lambda changes: self._report(attempt, changes))
+        context = TaskContext(
+            task_id=task.task_id,
+            task_type=task.task_type,
+            parameters=task.parameters,
+            labels=task.labels,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            loop=loop,
+            sink=lambda changes: self._report(attempt, changes),
+        )
         attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
@@ -148,12 +162,12 @@ class LocalWorker:
             return _failure(error, task)
         return result_outcome(result)
 
-    def _report(self, attempt: _Attempt, changes: dict[str, Any] | TaskError) -> None:
+    def _report(self, attempt: _Attempt, changes: dict[str, Any] | Refusal) -> None:
         """Merge a handler's report and write it unless a write is already on its way; a
         report over its caps fails the attempt."""
-        if isinstance(changes, TaskError):
+        if isinstance(changes, Refusal):
             attempt.context._request_stop(changes.message)
-            failed = Outcome(error=changes, retryable=False)
+            failed = Outcome(error=TaskError(changes.code, changes.message), retryable=False)
             attempt.failing = asyncio.ensure_future(self._fail(attempt, failed))
             return
         attempt.progress.update(changes)
@@ -210,19 +224,13 @@ def _failure(error: Exception, task: Task) -> Outcome:
         task.task_id, task.task_type, task.attempt, type(error).__name__,
         exc_info=error,
     )  # fmt: skip
-    name = type(error).__qualname__
-    message = f"{name}: {error}" if str(error) else name
-    return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message[:MAX_MESSAGE]))
+    return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, failure_message(error)))
 
 
 def result_outcome(result: Any) -> Outcome:
     """A handler's result, or the error that refuses it: not JSON, or over the size cap."""
     if result is None:
         return _NO_RESULT
-    if (problem := json_problem(result)) is not None:
-        return Outcome(error=TaskError(ErrorCode.INVALID_RESULT, problem), retryable=False)
-    size = to_value(result).ByteSize()
-    if size > MAX_RESULT_BYTES:
-        message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
-        return Outcome(error=TaskError(ErrorCode.RESULT_TOO_LARGE, message), retryable=False)
+    if (refusal := result_problem(result)) is not None:
+        return Outcome(error=TaskError(refusal.code, refusal.message), retryable=False)
     return Outcome(result=result)

@@ -1,0 +1,294 @@
+"""Task handlers: plain Python functions registered by task type, and the context they run with.
+
+The same handlers run inside conveyord (`conveyord --handlers MODULE`) and in a worker
+process of their own (`conveyor worker --handlers MODULE`, see conveyor.worker).
+
+A handler takes one argument, a `TaskContext`, and returns the task's result (anything
+JSON can hold). It may be `async def` (run on the server's event loop) or a plain
+`def` (run on a thread of its own, so that it never blocks the loop). Raising fails the
+attempt with the exception's message.
+
+    from conveyor import TaskContext, handler  # or: from conveyord import ...
+
+    @handler("resize")
+    def resize(ctx: TaskContext) -> dict:
+        for step in range(10):
+            if ctx.cancelled:
+                return {}
+            ...
+            ctx.report(progress=(step + 1) / 10, message=f"step {step + 1} of 10")
+        return {"ok": True}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from conveyor.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
+from conveyor.protojson import dict_to_struct, json_problem, to_value
+
+Handler = Callable[["TaskContext"], Any]
+H = TypeVar("H", bound=Handler)
+
+_TASK_TYPE_ATTRIBUTE = "__conveyor_task_type__"
+_BUILTIN_MODULE = "conveyord.builtin_handlers"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """What fails an attempt whose report or result breaks a cap: an error code (such as
+    REPORT_TOO_LARGE or INVALID_RESULT) and its message."""
+
+    code: str
+    message: str
+
+
+# Receives a handler's report, or the refusal that fails its attempt when it breaks a cap.
+ProgressSink = Callable[[dict[str, Any] | Refusal], None]
+
+
+def handler(task_type: str) -> Callable[[H], H]:
+    """Mark a function as the handler of `task_type`; `--handlers MODULE` registers it."""
+
+    def mark(function: H) -> H:
+        setattr(function, _TASK_TYPE_ATTRIBUTE, task_type)
+        return function
+
+    return mark
+
+
+class HandlerLoadError(Exception):
+    """The handlers cannot be loaded: a module failed to import, or two claim one task type."""
+
+
+class HandlerRegistry:
+    """The handlers a server runs, by task type."""
+
+    def __init__(self, handlers: Mapping[str, Handler] | None = None) -> None:
+        self._handlers: dict[str, Handler] = {}
+        for task_type, function in (handlers or {}).items():
+            self.register(task_type, function)
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[str], *, builtins: bool = True) -> HandlerRegistry:
+        """Import each module and register every function in it marked with `@handler`."""
+        registry = cls()
+        names = ([_BUILTIN_MODULE] if builtins else []) + list(modules)
+        for name in names:
+            try:
+                module = importlib.import_module(name)
+            except Exception as error:
+                raise HandlerLoadError(f"cannot import handler module {name!r}: {error}") from error
+            for value in vars(module).values():
+                task_type = getattr(value, _TASK_TYPE_ATTRIBUTE, None)
+                if isinstance(task_type, str) and callable(value):
+                    registry.register(task_type, value)
+        return registry
+
+    def register(self, task_type: str, function: Handler) -> None:
+        """Run `function` for tasks of `task_type`.
+
+        Raises HandlerLoadError for a task type that is empty or not printable, or that
+        another function has already: silently replacing a handler (a built-in one, or one
+        from another module) would run the wrong code. The same function registered again
+        (say, imported into a second module) is fine.
+        """
+        if not task_type or not task_type.isprintable():
+            raise HandlerLoadError(f"{_name_of(function)} has an invalid task type {task_type!r}")
+        existing = self._handlers.get(task_type)
+        if existing is not None and existing is not function:
+            raise HandlerLoadError(
+                f"task type {task_type!r} has two handlers, {_name_of(existing)} and "
+                f"{_name_of(function)}; give one of them another task type"
+                + (
+                    " or start with --no-builtin-handlers"
+                    if getattr(existing, "__module__", None) == _BUILTIN_MODULE
+                    else ""
+                )
+            )
+        self._handlers[task_type] = function
+
+    def get(self, task_type: str) -> Handler | None:
+        return self._handlers.get(task_type)
+
+    def __contains__(self, task_type: object) -> bool:
+        return task_type in self._handlers
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+def report_problem(changes: Mapping[str, Any]) -> Refusal | None:
+    """The refusal that fails an attempt whose report breaks a cap, or None if it is fine."""
+    message = changes.get("message", "")
+    if len(message) > MAX_MESSAGE:
+        return Refusal(
+            "REPORT_TOO_LARGE",
+            f"a progress message of {len(message)} characters; at most {MAX_MESSAGE} are kept",
+        )
+    detail = changes.get("progress_detail")
+    if detail is None:
+        return None
+    if (problem := json_problem(detail, "detail")) is not None:
+        return Refusal("INVALID_REPORT", problem)
+    size = dict_to_struct(detail).ByteSize()
+    if size > MAX_DETAIL_BYTES:
+        return Refusal(
+            "REPORT_TOO_LARGE",
+            f"a progress detail of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
+        )
+    return None
+
+
+def result_problem(result: Any) -> Refusal | None:
+    """Why a handler's result cannot be kept (not JSON, or over the size cap), or None."""
+    if result is None:
+        return None
+    if (problem := json_problem(result)) is not None:
+        return Refusal("INVALID_RESULT", problem)
+    size = to_value(result).ByteSize()
+    if size > MAX_RESULT_BYTES:
+        message = f"the result is {size} bytes encoded; at most {MAX_RESULT_BYTES} are kept"
+        return Refusal("RESULT_TOO_LARGE", message)
+    return None
+
+
+def failure_message(error: BaseException) -> str:
+    """A handler's exception as an error message: its type, then what it says."""
+    name = type(error).__qualname__
+    message = f"{name}: {error}" if str(error) else name
+    return message[:MAX_MESSAGE]
+
+
+def _name_of(function: Handler) -> str:
+    """`module.qualname` of a handler, to tell the user which function it is."""
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+def is_async(function: Handler) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - a callable object with `async def __call__`
+    )
+
+
+class TaskContext:
+    """What a handler sees of its task: its input, a way to report progress, and cancellation.
+
+    Safe to use from the handler's own thread (blocking handlers) and from the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        task_type: str,
+        parameters: Mapping[str, Any],
+        labels: Mapping[str, str],
+        attempt: int,
+        max_attempts: int,
+        loop: asyncio.AbstractEventLoop,
+        sink: ProgressSink,
+    ) -> None:
+        """The context of attempt `attempt` of a task; reports go to `sink` on `loop`."""
+        self.task_id, self.task_type = task_id, task_type
+        self.parameters: dict[str, Any] = dict(parameters)
+        self.labels: dict[str, str] = dict(labels)
+        self.attempt, self.max_attempts = attempt, max_attempts
+        # Made when first asked for, on the loop's thread (for a blocking handler, before its
+        # thread starts): most handlers never wait, and an Event costs a lock to make.
+        self._cancel_event: threading.Event | None = None
+        self._async_cancel: asyncio.Event | None = None
+        self._stopping = False
+        self._cancel_reason = ""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
+        self._sink = sink
+        self._closed = False
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the handler should stop: a blocking handler may wait on it."""
+        if self._cancel_event is None:
+            self._cancel_event = threading.Event()
+            if self._stopping:
+                self._cancel_event.set()
+        return self._cancel_event
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled or its attempt timed out: stop soon."""
+        return self._stopping
+
+    @property
+    def cancel_reason(self) -> str:
+        return self._cancel_reason
+
+    async def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Wait (in an async handler) until cancelled or `timeout` passes; True if cancelled."""
+        if self._stopping:
+            return True
+        if self._async_cancel is None:
+            self._async_cancel = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._async_cancel.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def report(
+        self,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish progress (0.0 to 1.0), a message and structured detail; returns at once.
+
+        Reports that come faster than the store takes them are merged, the latest winning.
+        Raises ValueError for a progress outside 0..1.
+        """
+        changes: dict[str, Any] = {}
+        if progress is not None:
+            if (
+                not isinstance(progress, int | float)
+                or not 0.0 <= progress <= 1.0
+                or math.isnan(progress)
+            ):
+                raise ValueError(f"progress must be between 0.0 and 1.0, not {progress!r}")
+            changes["progress"] = float(progress)
+        if message is not None:
+            changes["message"] = str(message)
+        if detail is not None:
+            changes["progress_detail"] = dict(detail)
+        if changes and not self._closed:
+            report: dict[str, Any] | Refusal = report_problem(changes) or changes
+            if threading.get_ident() == self._loop_thread:  # an async handler: in order, now
+                self._sink(report)
+                return
+            with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
+                self._loop.call_soon_threadsafe(self._sink, report)
+
+    def _request_stop(self, reason: str) -> None:
+        """Tell the handler to stop (called on the event loop)."""
+        if not self._stopping:
+            self._cancel_reason = reason
+            self._stopping = True
+            if self._cancel_event is not None:
+                self._cancel_event.set()
+            if self._async_cancel is not None:
+                self._async_cancel.set()
+
+    def _close(self) -> None:
+        """The attempt is over: later reports are ignored."""
+        self._closed = True

@@ -1,0 +1,13 @@
+"""The caps of the contract on what a task carries: the server refuses more, and a worker
+(the local one, or `conveyor.worker.Worker`) checks them before it sends."""
+
+from __future__ import annotations
+
+KIB = 1024
+MIB = 1024 * KIB
+
+MAX_PARAMETERS_BYTES = 1 * MIB  # a TaskRequest's parameters, encoded
+MAX_RESULT_BYTES = 1 * MIB  # an attempt's result, encoded as a google.protobuf.Value
+MAX_DETAIL_BYTES = 64 * KIB  # a progress report's detail, encoded as a Struct
+MAX_MESSAGE = 4096  # characters of a progress message, or of an error's message
+MAX_JSON_DEPTH = 32  # nesting of parameters, results and details (protobuf parses 100 levels)
