@@ -595,6 +595,7 @@ def test_the_public_names_are_pinned() -> None:
         "RpcError",
         "Task",
         "TaskCancelled",
+        "TaskContext",
         "TaskError",
         "TaskEvent",
         "TaskFailed",
@@ -602,6 +603,7 @@ def test_the_public_names_are_pinned() -> None:
         "Unauthenticated",
         "Unavailable",
         "WaitTimeout",
+        "handler",
     ]
     assert all(hasattr(conveyor, name) for name in conveyor.__all__)
 

@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check(parser, args)
     except SystemExit as exit:  # --help, or a usage error that argparse has reported
         return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    if args.command == "worker":
+        return _worker(args)
     output = Output(json_lines=args.json)
     try:
         with Client(args.server, timeout=args.rpc_timeout) as client:
@@ -489,4 +491,63 @@ def build_parser() -> argparse.ArgumentParser:
     wait = command("wait", _wait, "wait for a task to end, and show it")
     wait.add_argument("task_id", metavar="ID", help=ID_HELP)
     _seconds(wait, "--timeout", "give up after S seconds")
+    worker = command(
+        "worker",
+        _no_client,
+        "run task handlers for the server, in this process, until SIGTERM or SIGINT (which "
+        "drain: nothing new is taken, and what runs finishes)",
+    )
+    worker.add_argument(
+        "--handlers",
+        metavar="MODULE",
+        action="append",
+        required=True,
+        help="a module whose @handler functions to run (repeatable); the same modules as "
+        "conveyord --handlers",
+    )
+    worker.add_argument(
+        "--concurrency", type=int, default=8, metavar="N", help="attempts run at once (default: 8)"
+    )
+    worker.add_argument(
+        "--worker-id",
+        metavar="ID",
+        help="this worker's identity, unique to the process (default: host/pid/random)",
+    )
     return parser
+
+
+def _no_client(client: Client, args: argparse.Namespace, output: Output) -> int:
+    raise AssertionError("`conveyor worker` runs without a Client: see main")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """`conveyor worker`: run the handlers of --handlers until drained."""
+    import asyncio
+    import logging
+
+    from conveyor.handlers import HandlerLoadError, HandlerRegistry
+    from conveyor.worker import Worker, WorkerRefused
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)  # --handlers may name modules of the current directory
+    try:
+        registry = HandlerRegistry.from_modules(args.handlers, builtins=False)
+        worker = Worker(
+            _requests.target(args.server), registry,
+            concurrency=args.concurrency, worker_id=args.worker_id,
+        )  # fmt: skip
+    except (HandlerLoadError, ValueError) as error:
+        return _fail(str(error), EXIT_USAGE)
+    logging.getLogger("conveyor.worker").info(
+        "worker %s for %s: %s, %d at once",
+        worker.worker_id, worker.target, ", ".join(registry.task_types), args.concurrency,
+    )  # fmt: skip
+    try:
+        asyncio.run(worker.run_until_signal())
+    except WorkerRefused as error:
+        return _fail(f"the server refused this worker: {error}", EXIT_USAGE)
+    return EXIT_COMPLETED

@@ -169,6 +169,37 @@ def failure_message(error: BaseException) -> str:
     return message[:MAX_MESSAGE]
 
 
+def run_on_thread(function: Handler, context: TaskContext) -> asyncio.Future[Any]:
+    """Run a blocking handler on a thread of its own; its result, as a future of this loop.
+
+    A thread per attempt (rather than a pool) means that a handler that never returns
+    holds only its own thread, never a slot that other tasks need. The context's cancel
+    event is made first, here on the loop's thread.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context.cancel_event  # noqa: B018 - made on the loop's thread, before the handler's
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return  # abandoned: nobody waits any more
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = function(context), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"conveyor-{context.task_id}", daemon=True).start()
+    return future
+
+
 def _name_of(function: Handler) -> str:
     """`module.qualname` of a handler, to tell the user which function it is."""
     name = getattr(function, "__qualname__", None) or type(function).__qualname__

@@ -13,9 +13,11 @@ from conveyor.handlers import (
     is_async,
     report_problem,
     result_problem,
+    run_on_thread,
 )
 
 __all__ = [
     "Handler", "HandlerLoadError", "HandlerRegistry", "Refusal", "TaskContext",
     "failure_message", "handler", "is_async", "report_problem", "result_problem",
+    "run_on_thread",
 ]  # fmt: skip

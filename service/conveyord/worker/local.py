@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, cast
 
 from conveyord.dispatch import Dispatcher
@@ -25,6 +24,7 @@ from conveyord.handlers import (
     failure_message,
     is_async,
     result_problem,
+    run_on_thread,
 )
 from conveyord.lifecycle import Outcome, StaleLease
 from conveyord.model import ErrorCode, Task, TaskError
@@ -154,8 +154,7 @@ class LocalWorker:
                 handler = cast(Awaitable[Any], function(context))
                 result = await track(handler, task.task_id, task.task_type)
             else:
-                context.cancel_event  # noqa: B018 - made here, on the loop's thread, not on its own
-                result = await _on_thread(function, context)
+                result = await run_on_thread(function, context)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -185,35 +184,6 @@ class LocalWorker:
                 await self.dispatcher.report(attempt.task.task_id, attempt.lease_id, changes)
             except (StaleLease, StoreFailed):
                 return  # the attempt is over: a late report changes nothing
-
-
-def _on_thread(function: Callable[[TaskContext], Any], context: TaskContext) -> asyncio.Future[Any]:
-    """Run a blocking handler on a thread of its own; its result, as a future of this loop.
-
-    A thread per blocking attempt (rather than a pool) means that an abandoned handler that
-    never returns holds only its own thread, never a slot that other tasks need.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return  # abandoned: nobody waits any more
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def work() -> None:
-        try:
-            result, error = function(context), None
-        except BaseException as exc:
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=work, name=f"conveyor-{context.task_id}", daemon=True).start()
-    return future
 
 
 def _failure(error: Exception, task: Task) -> Outcome:

@@ -1,0 +1,322 @@
+"""A worker process: runs task handlers for a conveyor server, outside it.
+
+    from conveyor.handlers import HandlerRegistry
+    from conveyor.worker import Worker
+
+    registry = HandlerRegistry.from_modules(["myteam.handlers"], builtins=False)
+    asyncio.run(Worker("conveyor:50051", registry, concurrency=8).run_until_signal())
+
+or `conveyor worker --handlers myteam.handlers --concurrency 8`. The handlers are the same
+as conveyord's own (`--handlers`), with the same `TaskContext`: an `async def` runs on this
+process's event loop, a plain `def` on a thread of its own.
+
+It speaks conveyor.v1.WorkerService: it keeps one session stream open, runs what it is
+assigned, reports progress, renews its leases every `renew_interval`, and ends each
+attempt with Finish. A broken connection is retried with backoff (0.1 s growing to 5 s,
+with jitter), and the attempts still running are listed on the next Connect so that the
+server keeps them while it holds their leases (`reconnect_grace`). A Finish that cannot
+get through is retried until the server answers. SIGTERM or SIGINT drains: nothing new is
+taken, what runs finishes, then `run` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from conveyor.handlers import (
+    HandlerRegistry,
+    Refusal,
+    TaskContext,
+    failure_message,
+    is_async,
+    result_problem,
+    run_on_thread,
+)
+from conveyor.protojson import dict_to_struct, struct_to_dict, to_value
+from conveyor.v1 import worker_service_pb2 as pb
+from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
+
+if TYPE_CHECKING:
+    from conveyor.v1.worker_service_pb2_grpc import WorkerServiceAsyncStub
+
+log = logging.getLogger(__name__)
+
+RECONNECT_INITIAL = 0.1  # seconds before the first reconnect, at most (full jitter)
+RECONNECT_MAXIMUM = 5.0
+HEARTBEATS_MISSED = 3  # a stream silent this many heartbeat intervals is taken as dead
+_LEASE_LOST = "LEASE_NOT_HELD"
+
+
+class WorkerRefused(Exception):
+    """The server refused this worker for good (a bad request, or the same worker id
+    connected elsewhere): reconnecting cannot help."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Attempt:
+    ref: pb.LeaseRef
+    context: TaskContext
+    runner: asyncio.Task[None] | None = None
+    progress: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reporter: asyncio.Task[None] | None = None
+    refusal: Refusal | None = None  # a report over a cap: the attempt fails with it
+
+
+def default_worker_id() -> str:
+    """host/pid/random: unique to this process, kept across its reconnects."""
+    return f"{socket.gethostname()[:64]}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Runs the handlers of `registry` for the server at `target`, `concurrency` at once."""
+
+    def __init__(
+        self,
+        target: str,
+        registry: HandlerRegistry,
+        *,
+        concurrency: int = 8,
+        worker_id: str | None = None,
+        options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        if not registry.task_types:
+            raise ValueError("a worker needs at least one handler")
+        self.target = target
+        self.registry = registry
+        self.concurrency = concurrency
+        self.worker_id = worker_id or default_worker_id()
+        self._options = options
+        self._attempts: dict[str, _Attempt] = {}
+        self._draining = asyncio.Event()
+        self._renew_every = 5.0
+        self._heartbeat = 5.0
+
+    @property
+    def running(self) -> int:
+        return len(self._attempts)
+
+    def drain(self) -> None:
+        """Take nothing more; `run` returns once what runs has finished."""
+        self._draining.set()
+
+    async def run_until_signal(self) -> None:
+        """`run`, draining on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.drain)
+        try:
+            await self.run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def run(self) -> None:
+        """Work until drained; reconnect after every broken connection."""
+        async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+            stub: WorkerServiceAsyncStub = WorkerServiceStub(channel)
+            ceiling = RECONNECT_INITIAL
+            while True:
+                try:
+                    if await self._session(stub):
+                        return  # drained
+                    ceiling = RECONNECT_INITIAL  # the session ran: start the backoff afresh
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.ABORTED,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                    ):
+                        raise WorkerRefused(f"{error.code().name}: {error.details()}") from error
+                    log.warning(
+                        "worker %s: connection lost (%s)", self.worker_id, error.code().name
+                    )
+                except TimeoutError:
+                    log.warning("worker %s: the server went silent; reconnecting", self.worker_id)
+                await asyncio.sleep(random.random() * ceiling)
+                ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+
+    async def _session(self, stub: WorkerServiceAsyncStub) -> bool:
+        """One Connect stream, read to its end; True if it ended because the worker drained."""
+        request = pb.ConnectRequest(
+            worker_id=self.worker_id,
+            task_types=self.registry.task_types,
+            slots=self.concurrency,
+            held=[attempt.ref for attempt in self._attempts.values()],
+        )
+        call = stub.Connect(request)
+        renewing: asyncio.Task[None] | None = None
+        draining: asyncio.Task[None] | None = None
+        try:
+            while True:
+                async with asyncio.timeout(self._heartbeat * HEARTBEATS_MISSED):
+                    message = await call.read()
+                if message is grpc.aio.EOF:
+                    return self._draining.is_set()
+                assert isinstance(message, pb.ConnectResponse)
+                which = message.WhichOneof("message")
+                if which == "welcome":
+                    renewing = self._welcomed(message.welcome, stub)
+                    draining = asyncio.create_task(self._drain_when_asked(stub))
+                elif which == "assignment":
+                    self._start(message.assignment, stub)
+                elif which == "stop":
+                    self._stop(message.stop)
+        finally:
+            call.cancel()
+            for helper in (renewing, draining):
+                if helper is not None:
+                    helper.cancel()
+
+    async def _drain_when_asked(self, stub: WorkerServiceAsyncStub) -> None:
+        await self._draining.wait()
+        await stub.Drain(pb.DrainRequest(worker_id=self.worker_id))
+
+    def _welcomed(self, welcome: pb.Welcome, stub: WorkerServiceAsyncStub) -> asyncio.Task[None]:
+        self._renew_every = welcome.renew_interval.ToTimedelta().total_seconds() or 5.0
+        self._heartbeat = welcome.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
+        kept = {ref.task_id for ref in welcome.kept}
+        for task_id in list(self._attempts):
+            if task_id not in kept:
+                self._drop(task_id, "its lease was not kept across the reconnect")
+        return asyncio.create_task(self._renew_forever(stub))
+
+    async def _renew_forever(self, stub: WorkerServiceAsyncStub) -> None:
+        while True:
+            await asyncio.sleep(self._renew_every)
+            if not self._attempts:
+                continue
+            refs = [attempt.ref for attempt in self._attempts.values()]
+            with contextlib.suppress(grpc.aio.AioRpcError):  # the session's end says why
+                answer = await stub.Renew(pb.RenewRequest(leases=refs))
+                for ref in answer.lost:
+                    self._drop(ref.task_id, "its lease was lost")
+
+    def _drop(self, task_id: str, why: str) -> None:
+        """An attempt this worker no longer holds: stop its handler, discard what it returns."""
+        attempt = self._attempts.pop(task_id, None)
+        if attempt is not None:
+            log.warning("worker %s: task %s dropped: %s", self.worker_id, task_id, why)
+            attempt.context._request_stop(why)
+            attempt.context._close()
+            if attempt.runner is not None:
+                attempt.runner.cancel()
+
+    # -- attempts ----------------------------------------------------------------
+
+    def _start(self, assignment: pb.Assignment, stub: WorkerServiceAsyncStub) -> None:
+        task = assignment.task
+        ref = pb.LeaseRef(task_id=task.task_id, lease_id=assignment.lease_id)
+        loop = asyncio.get_running_loop()
+        attempt = _Attempt(ref, context=cast(TaskContext, None))
+        attempt.context = TaskContext(
+            task_id=task.task_id,
+            task_type=task.task_type,
+            parameters=struct_to_dict(task.parameters),
+            labels=dict(task.labels),
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            loop=loop,
+            sink=lambda changes: self._report(attempt, changes, stub),
+        )
+        self._attempts[task.task_id] = attempt
+        attempt.runner = loop.create_task(self._run(attempt, stub))
+
+    def _stop(self, stop: pb.Stop) -> None:
+        attempt = self._attempts.get(stop.task_id)
+        if attempt is not None and attempt.ref.lease_id == stop.lease_id:
+            attempt.context._request_stop(stop.reason)
+
+    async def _run(self, attempt: _Attempt, stub: WorkerServiceAsyncStub) -> None:
+        """Run the handler, then Finish with how it went (retried until the server answers)."""
+        try:
+            request = await self._outcome(attempt)
+            attempt.context._close()
+            if attempt.reporter is not None:
+                await attempt.reporter  # what was reported lands before the end
+            await self._finish(stub, request)
+        finally:
+            if self._attempts.get(attempt.ref.task_id) is attempt:
+                del self._attempts[attempt.ref.task_id]
+
+    async def _outcome(self, attempt: _Attempt) -> pb.FinishRequest:
+        context = attempt.context
+        request = pb.FinishRequest(lease=attempt.ref)
+        function = self.registry.get(context.task_type)
+        try:
+            if function is None:
+                raise LookupError(f"no handler for task type {context.task_type!r}")
+            if is_async(function):
+                result = await cast(Awaitable[Any], function(context))
+            else:
+                result = await run_on_thread(function, context)
+        except Exception as error:
+            log.exception("task %s: the handler raised", context.task_id)
+            request.error.CopyFrom(
+                pb.AttemptError(code="HANDLER_ERROR", message=failure_message(error))
+            )
+            return request
+        if (refusal := attempt.refusal or result_problem(result)) is not None:
+            request.error.CopyFrom(
+                pb.AttemptError(code=refusal.code, message=refusal.message, no_retry=True)
+            )
+        else:
+            request.result.CopyFrom(to_value(result))
+        return request
+
+    async def _finish(self, stub: WorkerServiceAsyncStub, request: pb.FinishRequest) -> None:
+        ceiling = RECONNECT_INITIAL
+        while True:
+            try:
+                await stub.Finish(request)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() is not grpc.StatusCode.UNAVAILABLE:
+                    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                        log.error(
+                            "task %s: Finish refused: %s", request.lease.task_id, error.details()
+                        )
+                    return  # the attempt is over without this result (its lease was lost)
+            await asyncio.sleep(random.random() * ceiling)
+            ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+
+    def _report(
+        self, attempt: _Attempt, changes: dict[str, Any] | Refusal, stub: WorkerServiceAsyncStub
+    ) -> None:
+        """Merge a handler's report and send it unless a Report is already on its way."""
+        if isinstance(changes, Refusal):
+            attempt.refusal = attempt.refusal or changes
+            attempt.context._request_stop(changes.message)
+            return  # the handler is told to stop, and the attempt fails with the refusal
+        attempt.progress.update(changes)
+        if attempt.reporter is None or attempt.reporter.done():
+            attempt.reporter = asyncio.create_task(self._send_reports(attempt, stub))
+
+    async def _send_reports(self, attempt: _Attempt, stub: WorkerServiceAsyncStub) -> None:
+        while attempt.progress:
+            changes, attempt.progress = attempt.progress, {}
+            request = pb.ReportRequest(lease=attempt.ref)
+            if "progress" in changes:
+                request.progress = changes["progress"]
+            if "message" in changes:
+                request.message = changes["message"]
+            if changes.get("progress_detail") is not None:
+                request.detail.CopyFrom(dict_to_struct(changes["progress_detail"]))
+            try:
+                answer = await stub.Report(request)
+            except grpc.aio.AioRpcError:
+                return  # lost or refused: progress is best effort; the result is what counts
+            if answer.stop_requested:
+                attempt.context._request_stop("the server asked the attempt to stop")

@@ -1,0 +1,128 @@
+"""Real `conveyor worker` processes against a real server: tasks run where the handlers are,
+a killed worker's task runs again elsewhere (once per attempt), cancel reaches a remote
+handler, and SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from conveyord.worker.remote import SessionTimings
+from tests.conftest import ServerThread
+from tests.support import CANCELLED, COMPLETED, CREATED, FAILED, create, final, wait_until
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPES = frozenset({"remote.square", "remote.blocking", "remote.fail", "remote.stuck_once"})
+StartWorker = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def start_worker() -> Iterator[StartWorker]:
+    """`conveyor worker --handlers tests.worker_handlers` processes, killed at the end."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(address: str, *args: str) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "conveyor", "--server", address, "worker"]
+        process = subprocess.Popen(
+            [*command, "--handlers", "tests.worker_handlers", *args],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    """Knows the workers' types before any worker connects, so that tasks can wait for one."""
+    return start_server(worker_types=TYPES, workers=SessionTimings(reconnect_grace=0.5))
+
+
+@pytest.fixture
+async def stub(server: ServerThread) -> AsyncIterator[TaskServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield TaskServiceStub(channel)
+
+
+async def test_a_worker_process_runs_async_blocking_and_failing_handlers(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker
+) -> None:
+    squared = await create(stub, "remote.square", {"n": 12})
+    blocked = await create(stub, "remote.blocking")
+    failed = await create(stub, "remote.fail")
+    worker = start_worker(server.address, "--concurrency", "3")
+    halfway = await wait_until(stub, squared.task_id, lambda t: t.message == "halfway")
+    assert halfway.progress_detail["seen"] == 12
+    done = await final(stub, squared.task_id)
+    assert done.status == COMPLETED and done.result.struct_value["square"] == 144
+    assert done.result.struct_value["pid"] == worker.pid  # it ran in the worker process
+    assert (await final(stub, blocked.task_id)).result.string_value == "done"
+    broken = await final(stub, failed.task_id)
+    assert (broken.status, broken.error.code) == (FAILED, "HANDLER_ERROR")
+    assert broken.error.message == "KeyError: 'missing-key'"
+
+
+async def test_a_cancel_reaches_a_blocking_handler_in_a_worker(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker
+) -> None:
+    task = await create(stub, "remote.blocking", {"wait_cancel": True})
+    start_worker(server.address)
+    await wait_until(stub, task.task_id, lambda t: t.message == "waiting to be cancelled")
+    await stub.Cancel(pb.CancelRequest(task_id=task.task_id, reason="not needed"))
+    done = await final(stub, task.task_id)
+    assert (done.status, done.error.message) == (CANCELLED, "not needed")
+
+
+async def test_a_killed_worker_s_task_runs_again_on_another_once_per_attempt(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    record = tmp_path / "attempts"
+    task = await create(stub, "remote.stuck_once", {"record": str(record)}, max_attempts=3)
+    first = start_worker(server.address)
+    await wait_until(stub, task.task_id, lambda t: t.message == "stuck")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    retried = await wait_until(stub, task.task_id, lambda t: t.status == CREATED)
+    assert (retried.attempt, retried.error.code) == (2, "WORKER_LOST")
+    second = start_worker(server.address)
+    done = await final(stub, task.task_id)
+    assert (done.status, done.attempt, done.result.number_value) == (COMPLETED, 2, 2)
+    assert done.last_attempt_error.code == "WORKER_LOST"
+    lines = record.read_text().split()
+    assert lines == [task.task_id, "1", str(first.pid), task.task_id, "2", str(second.pid)]
+
+
+async def test_sigterm_drains_a_worker(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker
+) -> None:
+    task = await create(stub, "remote.blocking", {"wait_cancel": True}, timeout_seconds=60)
+    worker = start_worker(server.address)
+    await wait_until(stub, task.task_id, lambda t: t.message == "waiting to be cancelled")
+    worker.send_signal(signal.SIGTERM)
+    later = await create(stub, "remote.square", {"n": 2})  # not for a draining worker
+    # The running attempt goes on; the worker leaves once it ends.
+    await stub.Cancel(pb.CancelRequest(task_id=task.task_id, reason="wrap up"))
+    assert (await final(stub, task.task_id)).status == CANCELLED
+    assert worker.wait(timeout=30) == 0
+    assert (await stub.Get(pb.GetRequest(task_id=later.task_id))).task.status == CREATED

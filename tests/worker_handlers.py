@@ -1,0 +1,53 @@
+"""Handlers that the tests run in `conveyor worker` processes, written against the client
+package only (`from conveyor import ...`), as a team's worker would be."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from conveyor import TaskContext, handler
+
+
+def _record(ctx: TaskContext) -> None:
+    """Append `task attempt pid` to the file named by the `record` parameter, if any."""
+    if path := ctx.parameters.get("record"):
+        with open(path, "a") as out:
+            out.write(f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+
+
+@handler("remote.square")
+async def square(ctx: TaskContext) -> dict[str, Any]:
+    _record(ctx)
+    ctx.report(progress=0.5, message="halfway", detail={"seen": ctx.parameters["n"]})
+    return {"square": ctx.parameters["n"] ** 2, "pid": os.getpid()}
+
+
+@handler("remote.blocking")
+def blocking(ctx: TaskContext) -> str:
+    """A plain def, on a thread of its own; waits for cancellation if told to."""
+    _record(ctx)
+    if ctx.parameters.get("wait_cancel"):
+        ctx.report(message="waiting to be cancelled")
+        ctx.cancel_event.wait(60)
+        return "stopped: " + ctx.cancel_reason
+    time.sleep(0.01)
+    return "done"
+
+
+@handler("remote.fail")
+async def fail(ctx: TaskContext) -> None:
+    raise KeyError("missing-key")
+
+
+@handler("remote.stuck_once")
+async def stuck_once(ctx: TaskContext) -> int:
+    """The first attempt reports and then waits until cancelled (or its worker dies); a
+    later one returns its attempt number."""
+    _record(ctx)
+    if ctx.attempt == 1:
+        ctx.report(message="stuck")
+        await ctx.wait_cancelled(60)
+        return -1
+    return ctx.attempt
