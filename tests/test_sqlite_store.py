@@ -91,7 +91,7 @@ async def test_a_file_from_a_newer_server_is_refused_and_untouched(tmp_path: Pat
         connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     connection.close()
     before = path.read_bytes()
-    with pytest.raises(StoreTooNew, match="newer than the 1 this conveyord knows"):
+    with pytest.raises(StoreTooNew, match=f"newer than the {len(MIGRATIONS)} this conveyord knows"):
         await _opened(path)
     assert path.read_bytes() == before
 
@@ -257,4 +257,14 @@ async def test_one_tasks_changes_replay_after_a_restart(tmp_path: Path) -> None:
     replayed = await store.changes_since(0, TaskFilter(task_id=a.task_id))
     assert [c.revision for c in replayed] == [1, 3, 5]
     assert [c.task.task_id for c in replayed] == [a.task_id] * 3
+    await store.close()
+
+
+async def test_declared_task_types_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    store = await _opened(path)
+    await store.declare_task_types({"resize"})
+    await store.close()
+    store = await _opened(path)
+    assert await store.declared_task_types() == {"resize"}
     await store.close()

@@ -382,3 +382,10 @@ async def test_ended_leases_do_not_pile_up_before_a_live_one(store: TaskStore) -
     assert running.task_id == live.task_id
     assert store.next_wakeup() == 5000.0
     assert [t.task_id for t in await store.expired_leases(5000.0)] == [live.task_id]
+
+
+async def test_declared_task_types_are_remembered(store: TaskStore) -> None:
+    assert await store.declared_task_types() == frozenset()
+    await store.declare_task_types({"resize", "encode"})
+    await store.declare_task_types({"resize"})
+    assert await store.declared_task_types() == {"resize", "encode"}

@@ -5,6 +5,7 @@ connection's grace, a reconnect that keeps its attempt, and drain."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -246,3 +247,18 @@ async def test_a_second_connection_of_one_worker_replaces_the_first(
         await first.call.read()
     assert ended.value.code() == grpc.StatusCode.ABORTED
     assert error_reason(ended.value) == "WORKER_REPLACED"
+
+
+async def test_a_declared_type_is_accepted_after_a_restart_with_no_worker(
+    start_server: StartServer, channel_to: Callable[..., Any], tmp_path: Path
+) -> None:
+    store = f"sqlite:{tmp_path / 'tasks.db'}"
+    first = start_server(store=store)
+    tasks, workers = channel_to(first)
+    session = Session(workers)
+    await session.next("welcome")
+    session.call.cancel()
+    first.stop()
+    tasks, _ = channel_to(start_server(store=store))
+    queued = await create(tasks, TYPE)  # no worker is connected: it waits for one
+    assert queued.status == CREATED

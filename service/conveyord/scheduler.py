@@ -118,6 +118,7 @@ class Scheduler:
     async def start(self) -> None:
         """Settle what the last run left, then take work."""
         self._accepting = True
+        self.task_types |= await self.store.declared_task_types()
         await self.dispatcher.start([self.worker])
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="conveyor-sweeper")
 
@@ -136,8 +137,10 @@ class Scheduler:
         await self.worker.close()
 
     async def declare_types(self, task_types: frozenset[str]) -> None:
-        """Task types that a worker runs: Create accepts them from now on."""
+        """Task types that a worker runs: Create accepts them from now on, and after a
+        restart (the store remembers them)."""
         if not task_types <= self.task_types:
+            await self.store.declare_task_types(task_types)
             self.task_types = self.task_types | task_types
 
     @property

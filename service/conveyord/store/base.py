@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 import grpc
@@ -109,6 +110,15 @@ class TaskStore(Protocol):
     @property
     def feed(self) -> ChangeFeed:
         """Where every committed change is published, in revision order."""
+        ...
+
+    async def declare_task_types(self, task_types: AbstractSet[str]) -> None:
+        """Remember task types that a worker runs, durably: Create accepts them from now
+        on, even while no worker that runs them is connected."""
+        ...
+
+    async def declared_task_types(self) -> frozenset[str]:
+        """Every task type ever declared."""
         ...
 
     async def create(

@@ -15,6 +15,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
@@ -66,9 +67,22 @@ class MemoryStore:
         self._latest_change: dict[str, Change] = {}  # by task, its latest in the history
         self._compacted = 0  # changes up to this revision have left the history
         self._revision = 0
+        self._declared: set[str] = set()  # task types that workers declared
 
     async def revision(self) -> int:
         return self._revision
+
+    async def declare_task_types(self, task_types: AbstractSet[str]) -> None:
+        new = task_types - self._declared
+        if new:
+            await self._persist_task_types(new)
+            self._declared |= new
+
+    async def declared_task_types(self) -> frozenset[str]:
+        return frozenset(self._declared)
+
+    async def _persist_task_types(self, task_types: AbstractSet[str]) -> None:
+        """Make declared task types durable. In memory: they are."""
 
     @property
     def feed(self) -> ChangeFeed:

@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ MIGRATIONS: tuple[str, ...] = (
         id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL, next_seq INTEGER NOT NULL
     );
     INSERT INTO state (id, revision, next_seq) VALUES (1, 0, 1);
+    """,
+    # The task types that workers declared, so that Create accepts them after a restart.
+    """
+    CREATE TABLE task_types (task_type TEXT PRIMARY KEY);
     """,
 )
 
@@ -96,6 +101,7 @@ class SqliteStore(MemoryStore):
         """Open (or create) the file, upgrade its schema, and load what it holds."""
         loop = asyncio.get_running_loop()
         tasks, history, revision, next_seq = await loop.run_in_executor(self._writer, self._load)
+        self._declared = await loop.run_in_executor(self._writer, self._load_task_types)
         self._restore(tasks, history, revision, next_seq - 1)
         self._trim_history()
         log.info(
@@ -196,7 +202,28 @@ class SqliteStore(MemoryStore):
         if version != latest:
             connection.execute(f"PRAGMA user_version = {latest}")
 
+    def _load_task_types(self) -> set[str]:
+        assert self._connection is not None
+        return {name for (name,) in self._connection.execute("SELECT task_type FROM task_types")}
+
     # -- writing -----------------------------------------------------------------
+
+    async def _persist_task_types(self, task_types: AbstractSet[str]) -> None:
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
+        rows = [(name,) for name in sorted(task_types)]
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._writer, self._write_task_types, rows)
+        except sqlite3.Error as error:
+            raise StoreFailed(f"writing to the store failed: {error}") from error
+
+    def _write_task_types(self, rows: list[tuple[str]]) -> None:
+        assert self._connection is not None
+        self._connection.executemany(
+            "INSERT OR IGNORE INTO task_types (task_type) VALUES (?)", rows
+        )
+        self._check_file()
 
     async def _persist(self, changes: list[Change]) -> None:
         """Add the changes to the batch being gathered and wait until it is on disk."""
