@@ -26,10 +26,12 @@ from tests.support import (
     CANCELLED,
     COMPLETED,
     CREATED,
+    RUNNING,
     create,
     error_reason,
     field_violations,
     final,
+    read,
     wait_until,
 )
 
@@ -262,3 +264,25 @@ async def test_a_declared_type_is_accepted_after_a_restart_with_no_worker(
     tasks, _ = channel_to(start_server(store=store))
     queued = await create(tasks, TYPE)  # no worker is connected: it waits for one
     assert queued.status == CREATED
+
+
+async def test_a_renewal_is_not_an_event_for_watchers(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    stream = tasks.Watch(pb.WatchRequest(task_id=task.task_id))
+    current = await read(stream)
+    assert current.task.status == RUNNING
+    for _ in range(2):
+        renewed = await workers.Renew(wpb.RenewRequest(leases=[_ref(assignment)]))
+        assert not renewed.lost
+    await workers.Report(wpb.ReportRequest(lease=_ref(assignment), message="after renewals"))
+    assert (await read(stream)).task.message == "after renewals"  # the renewals made no event
+    replayed = tasks.Watch(pb.WatchRequest(task_id=task.task_id, since_revision=current.revision))
+    assert (await read(replayed)).task.message == "after renewals"
+    stream.cancel()
+    replayed.cancel()

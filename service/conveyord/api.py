@@ -114,6 +114,8 @@ class TaskServiceApi:
                     raise TaskNotFound(task_id)
                 last = query.since_revision
                 for change in changes:
+                    if change.kind is ChangeKind.RENEWED:
+                        continue  # nothing a watcher sees changed
                     yield change_message(change)
                     last = change.revision
                     if _ends_watch(query, change):

@@ -462,7 +462,7 @@ class Dispatcher:
         """Extend a holder's lease by `seconds` from now; StaleLease if it is not its."""
         expires_at = self.clock() + seconds
         return await self.store.update(
-            task_id, lambda task: lifecycle.renew(task, lease_id, expires_at)
+            task_id, lambda task: lifecycle.renew(task, lease_id, expires_at), quiet=True
         )
 
     async def report(self, task_id: str, lease_id: str, changes: Mapping[str, Any]) -> None:

@@ -191,6 +191,8 @@ class EventHub:
     def publish(self, change: Change) -> None:
         """Hand a committed change to every subscription it concerns."""
         self.revision = change.revision
+        if change.kind is ChangeKind.RENEWED:
+            return  # nothing a watcher sees changed
         task = change.task
         delivery: Delivery | None = None
         too_slow: list[Subscription] = []

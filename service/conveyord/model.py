@@ -161,10 +161,12 @@ class TaskFilter:
 
 
 class ChangeKind(enum.IntEnum):
-    """Mirrors conveyor.v1.WatchEventType for the events that a change makes."""
+    """Mirrors conveyor.v1.WatchEventType for the events that a change makes; RENEWED is a
+    change that no watcher sees (a lease renewed: nothing of the task's answer changed)."""
 
     CHANGED = 2
     REMOVED = 3
+    RENEWED = 4
 
 
 class Change(NamedTuple):

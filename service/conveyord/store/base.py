@@ -138,11 +138,13 @@ class TaskStore(Protocol):
         """The task's latest committed state, or None."""
         ...
 
-    async def update(self, task_id: str, mutation: Mutation) -> Task:
+    async def update(self, task_id: str, mutation: Mutation, *, quiet: bool = False) -> Task:
         """Apply `mutation` to the task's latest state, atomically with respect to other updates.
 
         `mutation` returns the new state, or None to change nothing (the current state is
         returned); whatever it raises propagates and nothing changes. Raises TaskNotFound.
+        A `quiet` change (a lease renewed) is a RENEWED change: stored and published on the
+        feed like any other, but nothing a watcher sees changed, so no watcher gets it.
         """
         ...
 

@@ -128,7 +128,7 @@ class MemoryStore:
             raise RequestIdReused(task.request_id, first_id)
         return first
 
-    async def update(self, task_id: str, mutation: Mutation) -> Task:
+    async def update(self, task_id: str, mutation: Mutation, *, quiet: bool = False) -> Task:
         current = self._working.get(task_id)
         if current is None:
             raise TaskNotFound(task_id)
@@ -136,7 +136,7 @@ class MemoryStore:
         if new is None or new is current:
             await self._settled(task_id)
             return current
-        change = self._stage(ChangeKind.CHANGED, new)
+        change = self._stage(ChangeKind.RENEWED if quiet else ChangeKind.CHANGED, new)
         await self._persist([change])
         return change.task
 
@@ -190,7 +190,7 @@ class MemoryStore:
         """
         self._staged_revision += 1
         old = self._working.get(task.task_id)
-        if kind is ChangeKind.CHANGED:
+        if kind is not ChangeKind.REMOVED:
             task.revision = self._staged_revision
             self._index.changed(old, task)
             self._working[task.task_id] = task
