@@ -4,6 +4,7 @@ handler, and SIGTERM drains."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,16 +17,30 @@ import grpc
 import pytest
 
 from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.worker.remote import SessionTimings
 from tests.conftest import ServerThread
-from tests.support import CANCELLED, COMPLETED, CREATED, FAILED, create, final, wait_until
+from tests.proxy import Proxy
+from tests.support import (
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    FAILED,
+    create,
+    final,
+    task_request,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 ROOT = Path(__file__).resolve().parent.parent
-TYPES = frozenset({"remote.square", "remote.blocking", "remote.fail", "remote.stuck_once"})
+TYPES = frozenset({
+    "remote.square", "remote.blocking", "remote.fail", "remote.stuck_once", "remote.record",
+    "remote.until_file",
+})  # fmt: skip
 StartWorker = Callable[..., subprocess.Popen[str]]
 
 
@@ -126,3 +141,84 @@ async def test_sigterm_drains_a_worker(
     assert (await final(stub, task.task_id)).status == CANCELLED
     assert worker.wait(timeout=30) == 0
     assert (await stub.Get(pb.GetRequest(task_id=later.task_id))).task.status == CREATED
+
+
+async def test_a_connection_cut_within_the_grace_keeps_the_attempt(
+    start_server: Callable[..., ServerThread], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    server = start_server(worker_types=TYPES, workers=SessionTimings(reconnect_grace=30))
+    release = tmp_path / "release"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        task = await create(stub, "remote.until_file", {"path": str(release)})
+        with Proxy(server.address) as proxy:
+            start_worker(proxy.address)
+            await wait_until(stub, task.task_id, lambda t: t.message == "waiting for the file")
+            proxy.cut()
+            assert proxy.wait_for_connections(2)  # the worker came back through the proxy
+            release.touch()
+            done = await final(stub, task.task_id)
+    assert (done.status, done.attempt, done.result.number_value) == (COMPLETED, 1, 1)
+
+
+async def test_a_worker_cut_off_past_the_grace_loses_its_attempt(
+    start_server: Callable[..., ServerThread], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    server = start_server(worker_types=TYPES, workers=SessionTimings(reconnect_grace=0.2))
+    release, record = tmp_path / "release", tmp_path / "attempts"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        parameters = {"path": str(release), "record": str(record)}
+        task = await create(stub, "remote.until_file", parameters, max_attempts=2)
+        with Proxy(server.address) as proxy:
+            worker = start_worker(proxy.address)
+            await wait_until(stub, task.task_id, lambda t: t.message == "waiting for the file")
+            proxy.hold()  # the worker cannot get back in
+            proxy.cut()
+            lost = await wait_until(stub, task.task_id, lambda t: t.status == CREATED)
+            assert (lost.attempt, lost.error.code) == (2, "WORKER_LOST")
+            release.touch()
+            proxy.release()  # it reconnects; its attempt 1 was not kept, so it runs attempt 2
+            done = await final(stub, task.task_id)
+    assert (done.status, done.attempt, done.result.number_value) == (COMPLETED, 2, 2)
+    pid = str(worker.pid)
+    assert record.read_text().split() == [task.task_id, "1", pid, task.task_id, "2", pid]
+
+
+async def test_four_workers_run_ten_thousand_tasks_each_once(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    record = tmp_path / "attempts"
+    count = 10_000
+    completed = stub.Watch(
+        pb.WatchRequest(filter=TaskFilter(task_type="remote.record", statuses=[COMPLETED]))
+    )
+    request = pb.CreateRequest(task=task_request("remote.record", {"record": str(record)}))
+    created: set[str] = set()
+    workers = [start_worker(server.address, "--concurrency", "16") for _ in range(4)]
+    for worker in workers:
+        await asyncio.to_thread(_wait_connected, worker)
+    for _ in range(count // 1000):
+        batch = await stub.BatchCreate(pb.BatchCreateRequest(requests=[request] * 1000))
+        created |= {task.task_id for task in batch.tasks}
+    ended: list[str] = []
+    async for event in completed:
+        ended.append(event.task.task_id)
+        if len(ended) == count:
+            break
+    completed.cancel()
+    assert len(created) == count and sorted(ended) == sorted(created)  # each ended once
+    runs = [line.split() for line in record.read_text().splitlines()]
+    assert sorted(task_id for task_id, _, _ in runs) == sorted(created)  # each ran once
+    assert {attempt for _, attempt, _ in runs} == {"1"}
+    # All four were connected when the tasks came: each took its slots' worth at once.
+    assert {pid for _, _, pid in runs} == {str(worker.pid) for worker in workers}
+
+
+def _wait_connected(worker: subprocess.Popen[str]) -> None:
+    """Read the worker's log until it says it is connected."""
+    assert worker.stderr is not None
+    for line in worker.stderr:
+        if ": connected," in line:
+            return
+    raise AssertionError("the worker ended without connecting")

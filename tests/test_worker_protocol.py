@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2 as wpb
+from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
 from conveyord.worker.remote import SessionTimings
@@ -32,6 +33,7 @@ from tests.support import (
     field_violations,
     final,
     read,
+    task_request,
     wait_until,
 )
 
@@ -286,3 +288,32 @@ async def test_a_renewal_is_not_an_event_for_watchers(
     assert (await read(replayed)).task.message == "after renewals"
     stream.cancel()
     replayed.cancel()
+
+
+async def _running(tasks: TaskServiceAsyncStub) -> list[str]:
+    listed = await tasks.List(pb.ListRequest(filter=TaskFilter(statuses=[RUNNING])))
+    return [task.task_id for task in listed.tasks]
+
+
+async def test_max_running_holds_across_workers(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server(max_running=2))
+    sessions = [Session(workers, worker_id=f"w-{n}", slots=5) for n in range(2)]
+    for session in sessions:
+        await session.next("welcome")
+    request = pb.CreateRequest(task=task_request(TYPE))
+    await tasks.BatchCreate(pb.BatchCreateRequest(requests=[request] * 4))  # one claim round
+    assert len(await _running(tasks)) == 2
+
+
+async def test_a_type_limit_holds_across_workers(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server(type_concurrency={TYPE: 1}))
+    sessions = [Session(workers, worker_id=f"w-{n}", slots=5) for n in range(2)]
+    for session in sessions:
+        await session.next("welcome")
+    request = pb.CreateRequest(task=task_request(TYPE))
+    await tasks.BatchCreate(pb.BatchCreateRequest(requests=[request] * 3))
+    assert len(await _running(tasks)) == 1  # two workers with free slots, one of the type

@@ -51,3 +51,18 @@ async def stuck_once(ctx: TaskContext) -> int:
         await ctx.wait_cancelled(60)
         return -1
     return ctx.attempt
+
+
+@handler("remote.record")
+async def record(ctx: TaskContext) -> None:
+    _record(ctx)
+
+
+@handler("remote.until_file")
+def until_file(ctx: TaskContext) -> int:
+    """Reports, then returns once the file named by `path` exists (or when cancelled)."""
+    _record(ctx)
+    ctx.report(message="waiting for the file")
+    while not os.path.exists(ctx.parameters["path"]) and not ctx.cancelled:
+        time.sleep(0.01)
+    return ctx.attempt

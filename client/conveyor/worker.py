@@ -188,6 +188,7 @@ class Worker:
         self._renew_every = welcome.renew_interval.ToTimedelta().total_seconds() or 5.0
         self._heartbeat = welcome.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
         kept = {ref.task_id for ref in welcome.kept}
+        log.info("worker %s: connected, %d running attempts kept", self.worker_id, len(kept))
         for task_id in list(self._attempts):
             if task_id not in kept:
                 self._drop(task_id, "its lease was not kept across the reconnect")

@@ -120,9 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     option(
         "--concurrency",
         "CONVEYORD_CONCURRENCY",
-        "tasks running at once, in all",
+        "tasks this server's own handlers run at once (its local worker's slots)",
         type=_positive(int),
         default=_DEFAULTS.concurrency,
+    )
+    option(
+        "--max-running",
+        "CONVEYORD_MAX_RUNNING",
+        "tasks running at once on all workers, this server's and remote ones (default: no "
+        "cap beyond the workers' own slots)",
+        type=_positive(int),
+        default=_DEFAULTS.max_running,
     )
     parser.add_argument(
         "--type-concurrency",
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     scheduler = SchedulerConfig(
         concurrency=args.concurrency,
+        max_running=args.max_running,
         type_concurrency=dict(args.type_concurrency),
         worker_types=frozenset(args.task_type),
         max_queued=args.max_queued,

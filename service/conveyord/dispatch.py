@@ -282,6 +282,7 @@ class Dispatcher:
         self._held: dict[str, _Held] = {}
         self._by_type: dict[str, int] = {}
         self._claims = ClaimLoop(self._claim_round)
+        self._turn = 0  # the worker a claim round starts with
         self._timer = Timekeeper(store, policy, clock, due=self._pump)
         self._unfollow: Callable[[], None] | None = None
         self._drained = asyncio.Event()
@@ -364,8 +365,12 @@ class Dispatcher:
             self._claims.ask()
 
     async def _claim_round(self) -> None:
+        """Claim for each worker with free slots, starting one further on each round, so
+        that the workers take turns at the best tasks."""
+        workers = self._workers
+        self._turn = (self._turn + 1) % max(len(workers), 1)
         try:
-            for worker in self._workers:
+            for worker in workers[self._turn :] + workers[: self._turn]:
                 await self._claim_for(worker)
         except StoreFailed:
             return  # the server stops, and says why

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     """The limits and timings of the scheduler; `conveyord --help` documents each."""
 
-    concurrency: int = 8
+    concurrency: int = 8  # attempts the handlers in this server run at once
+    max_running: int | None = None  # attempts running at once on all workers (None: no cap)
     type_concurrency: Mapping[str, int] = dataclasses.field(default_factory=dict)
     max_queued: int = 100_000
     default_timeout: float = 300.0
@@ -97,7 +99,9 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.clock = clock
         limits = Limits(
-            self.config.concurrency, self.config.type_concurrency, self.config.cancel_grace
+            self.config.max_running or sys.maxsize,
+            self.config.type_concurrency,
+            self.config.cancel_grace,
         )
         self.dispatcher = Dispatcher(store, limits, self.config.retry_policy, clock)
         self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency)
