@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from conveyord import TaskContext, handler
 
@@ -23,3 +24,9 @@ async def parked(ctx: TaskContext) -> None:
 async def brief(ctx: TaskContext) -> None:
     """Takes `seconds` (default 0.05): long enough for a watcher to be there when it ends."""
     await asyncio.sleep(float(ctx.parameters.get("seconds", 0.05)))
+
+
+@handler("assigned")
+async def assigned(ctx: TaskContext) -> float:
+    """Returns when it started (epoch seconds): the end of its assignment."""
+    return time.time()

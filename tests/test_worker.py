@@ -21,6 +21,7 @@ from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.worker.remote import SessionTimings
 from tests.conftest import ServerThread
+from tests.processes import Conveyord
 from tests.proxy import Proxy
 from tests.support import (
     CANCELLED,
@@ -134,7 +135,9 @@ async def test_sigterm_drains_a_worker(
     task = await create(stub, "remote.blocking", {"wait_cancel": True}, timeout_seconds=60)
     worker = start_worker(server.address)
     await wait_until(stub, task.task_id, lambda t: t.message == "waiting to be cancelled")
+    await asyncio.to_thread(_wait_connected, worker)
     worker.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(_wait_for_line, worker, ": draining,")
     later = await create(stub, "remote.square", {"n": 2})  # not for a draining worker
     # The running attempt goes on; the worker leaves once it ends.
     await stub.Cancel(pb.CancelRequest(task_id=task.task_id, reason="wrap up"))
@@ -217,8 +220,29 @@ async def test_four_workers_run_ten_thousand_tasks_each_once(
 
 def _wait_connected(worker: subprocess.Popen[str]) -> None:
     """Read the worker's log until it says it is connected."""
+    _wait_for_line(worker, ": connected,")
+
+
+def _wait_for_line(worker: subprocess.Popen[str], text: str) -> None:
     assert worker.stderr is not None
     for line in worker.stderr:
-        if ": connected," in line:
+        if text in line:
             return
-    raise AssertionError("the worker ended without connecting")
+    raise AssertionError(f"the worker ended without logging {text!r}")
+
+
+async def test_conveyord_with_no_handlers_coordinates_workers(
+    conveyord: Callable[..., Conveyord], start_worker: StartWorker
+) -> None:
+    coordinator = conveyord("--no-builtin-handlers")
+    assert "with handlers: \n" in coordinator.log[-1]  # none of its own
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        stub = TaskServiceStub(channel)
+        for task_type in ("echo", "remote.square"):  # no built-in handlers, no worker yet
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await create(stub, task_type)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await asyncio.to_thread(_wait_connected, start_worker(coordinator.address))
+        task = await create(stub, "remote.square", {"n": 3})  # declared by the worker
+        done = await final(stub, task.task_id)
+    assert done.result.struct_value["square"] == 9

@@ -183,6 +183,7 @@ class Worker:
     async def _drain_when_asked(self, stub: WorkerServiceAsyncStub) -> None:
         await self._draining.wait()
         await stub.Drain(pb.DrainRequest(worker_id=self.worker_id))
+        log.info("worker %s: draining, %d attempts to finish", self.worker_id, self.running)
 
     def _welcomed(self, welcome: pb.Welcome, stub: WorkerServiceAsyncStub) -> asyncio.Task[None]:
         self._renew_every = welcome.renew_interval.ToTimedelta().total_seconds() or 5.0

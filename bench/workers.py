@@ -1,0 +1,158 @@
+"""Remote workers: no-op tasks end to end through one `conveyor worker` process against the
+server's own (local) worker, in the same run; how soon a task is held by its worker after
+Create, at light load; and how long a task waits after its worker is killed (kill -9)
+before it runs on another worker.
+
+The worker processes run on the servers' core, as the local worker does inside the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from bench.end_to_end import throughput
+from bench.harness import Load, Process, conveyord, ms, ratio, server_process
+from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+
+COORDINATOR = (
+    "-m", "conveyord", "--listen", "127.0.0.1:0", "--store", "memory", "--no-builtin-handlers",
+    "--task-type", "noop", "--task-type", "assigned", "--task-type", "parked",
+    "--log-level", "INFO", "--max-queued", "10000000", "--watch-buffer", "1000000",
+)  # fmt: skip
+RUNNING = task_pb2.TASK_STATUS_RUNNING
+
+
+def worker(address: str, concurrency: int = 32) -> contextlib.AbstractAsyncContextManager[Process]:
+    """A `conveyor worker` process with the benchmark handlers, once it is connected."""
+    return server_process(
+        "-m", "conveyor", "--server", address, "worker", "--handlers", "bench.handlers",
+        "--concurrency", str(concurrency), ready=r"connected,",
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def remote(workers: int = 1) -> AsyncIterator[str]:
+    """A coordinator with no handlers of its own and `workers` worker processes."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(server_process(*COORDINATOR))
+        for _ in range(workers):
+            await stack.enter_async_context(worker(server.address))
+        yield server.address
+
+
+async def assignment_delays(address: str, tasks: int, per_second: float) -> Load:
+    """Create an `assigned` task every 1/per_second s; from the Create to its handler's start."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = TaskServiceStub(channel)
+        began = time.perf_counter()
+        delays: list[float] = []
+
+        async def one() -> None:
+            request = pb.CreateRequest(
+                task=task_pb2.TaskRequest(task_type="assigned"), request_id=str(uuid.uuid4())
+            )
+            sent = time.time()
+            task = (await stub.Create(request)).task
+            async for response in stub.Watch(pb.WatchRequest(task_id=task.task_id)):
+                if response.task.HasField("result"):
+                    delays.append(response.task.result.number_value - sent)
+                    return
+
+        followers = []
+        for index in range(tasks):
+            await asyncio.sleep(max(0.0, began + index / per_second - time.perf_counter()))
+            followers.append(asyncio.create_task(one()))
+        await asyncio.gather(*followers)
+        return Load(tasks, time.perf_counter() - began, delays)
+
+
+async def rescue_time(address: str) -> float:
+    """Kill -9 the worker that holds a task; seconds until the task runs on another."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = TaskServiceStub(channel)
+        with contextlib.suppress(ProcessLookupError):
+            async with worker(address) as doomed:
+                parked = task_pb2.TaskRequest(task_type="parked", max_attempts=2)
+                request = pb.CreateRequest(task=parked)
+                task = (await stub.Create(request)).task
+                async for response in stub.Watch(pb.WatchRequest(task_id=task.task_id)):
+                    if response.task.status == RUNNING:
+                        break
+                async with worker(address):  # the other worker, connected and idle
+                    killed = time.perf_counter()
+                    os.kill(doomed.pid, signal.SIGKILL)
+                    async for response in stub.Watch(pb.WatchRequest(task_id=task.task_id)):
+                        if response.task.status == RUNNING and response.task.attempt == 2:
+                            rescued = time.perf_counter() - killed
+                            break
+                    await stub.Cancel(pb.CancelRequest(task_id=task.task_id, reason="done"))
+        return rescued
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    tasks, light, kills = (2000, 100, 1) if quick else (20000, 500, 3)
+    rates: dict[str, list[float]] = {"local": [], "remote": []}
+    for _ in range(1 if quick else 2):  # alternated, the best of each counting
+        async with (
+            conveyord(
+                "--concurrency", "32", "--max-queued", "10000000", "--watch-buffer", "1000000"
+            ) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = TaskServiceStub(channel)
+            await throughput(stub, tasks // 10)
+            rates["local"].append(await throughput(stub, tasks))
+        async with remote() as address, grpc.aio.insecure_channel(address) as channel:
+            stub = TaskServiceStub(channel)
+            await throughput(stub, tasks // 10)
+            rates["remote"].append(await throughput(stub, tasks))
+    async with conveyord() as server:
+        local_assign = await assignment_delays(server.address, light, per_second=100)
+    async with remote() as address:
+        remote_assign = await assignment_delays(address, light, per_second=100)
+    async with remote(workers=0) as address:  # rescue_time brings its own two workers
+        rescues = [await rescue_time(address) for _ in range(kills)]
+    local, far = max(rates["local"]), max(rates["remote"])
+    return {
+        "local_tasks_per_second": local,
+        "remote_tasks_per_second": far,
+        "remote_ratio": far / local,
+        "local_assignment_p50": local_assign.percentile(0.5),
+        "local_assignment_p99": local_assign.percentile(0.99),
+        "remote_assignment_p50": remote_assign.percentile(0.5),
+        "remote_assignment_p99": remote_assign.percentile(0.99),
+        "rescue_seconds": statistics.median(rescues),
+    }
+
+
+def table(results: dict[str, Any]) -> list[list[str]]:
+    return [
+        ["figure", "local worker", "one remote worker"],
+        [
+            "no-op tasks/s, Create to COMPLETED seen by a watcher",
+            f"{results['local_tasks_per_second']:.0f}",
+            f"{results['remote_tasks_per_second']:.0f} ({ratio(results['remote_ratio'])})",
+        ],
+        [
+            "at 100 tasks/s, Create to the handler's start, p50 / p99",
+            f"{ms(results['local_assignment_p50'])} / {ms(results['local_assignment_p99'])}",
+            f"{ms(results['remote_assignment_p50'])} / {ms(results['remote_assignment_p99'])}",
+        ],
+        [
+            "a worker killed (kill -9): until its task runs on another, median",
+            "",
+            f"{results['rescue_seconds']:.2f} s",
+        ],
+    ]
