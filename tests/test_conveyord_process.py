@@ -54,6 +54,17 @@ def test_environment_variables_set_the_defaults(monkeypatch: pytest.MonkeyPatch)
     assert config.handler_modules == ("a.b", "c")
 
 
+def test_the_worker_and_running_limits_reach_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYORD_WORKER_GRACE", "4.5")
+    args = ["--worker-lease", "30", "--max-running", "12"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert (config.workers.lease_duration, config.workers.reconnect_grace) == (30.0, 4.5)
+    assert config.scheduler.max_running == 12
+    monkeypatch.delenv("CONVEYORD_WORKER_GRACE")
+    default = config_from_args(build_parser().parse_args([]))
+    assert (default.workers.reconnect_grace, default.scheduler.max_running) == (2.0, None)
+
+
 def test_a_flag_wins_over_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYORD_CONCURRENCY", "3")
     config = config_from_args(build_parser().parse_args(["--concurrency", "5"]))

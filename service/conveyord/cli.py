@@ -22,6 +22,7 @@ from conveyord.store import (
     default_store_path,
 )
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
+from conveyord.worker.remote import SessionTimings
 
 _DEFAULTS = SchedulerConfig()
 
@@ -243,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.max_interruptions,
     )
     option(
+        "--worker-lease",
+        "CONVEYORD_WORKER_LEASE",
+        "seconds a remote worker's lease lasts unless renewed (it renews every third of it)",
+        type=_positive(float),
+        default=SessionTimings.lease_duration,
+    )
+    option(
+        "--worker-grace",
+        "CONVEYORD_WORKER_GRACE",
+        "seconds a remote worker whose connection broke keeps its attempts, for it to "
+        "connect again; then they are retried elsewhere",
+        type=_not_negative,
+        default=SessionTimings.reconnect_grace,
+    )
+    option(
         "--shutdown-grace",
         "CONVEYORD_SHUTDOWN_GRACE",
         "seconds running tasks get to finish when the server stops",
@@ -296,6 +312,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         watch_buffer=args.watch_buffer,
         shutdown_grace=args.shutdown_grace,
         blocked_loop_warning=args.blocked_loop_warning,
+        workers=SessionTimings(lease_duration=args.worker_lease, reconnect_grace=args.worker_grace),
     )
 
 
