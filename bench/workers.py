@@ -8,7 +8,6 @@ The worker processes run on the servers' core, as the local worker does inside t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -20,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from bench.end_to_end import throughput
+from bench.end_to_end import at_light_load, throughput
 from bench.harness import Load, Process, conveyord, ms, ratio, server_process
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
@@ -56,10 +55,8 @@ async def assignment_delays(address: str, tasks: int, per_second: float) -> Load
     """Create an `assigned` task every 1/per_second s; from the Create to its handler's start."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = TaskServiceStub(channel)
-        began = time.perf_counter()
-        delays: list[float] = []
 
-        async def one() -> None:
+        async def one() -> float:
             request = pb.CreateRequest(
                 task=task_pb2.TaskRequest(task_type="assigned"), request_id=str(uuid.uuid4())
             )
@@ -67,15 +64,10 @@ async def assignment_delays(address: str, tasks: int, per_second: float) -> Load
             task = (await stub.Create(request)).task
             async for response in stub.Watch(pb.WatchRequest(task_id=task.task_id)):
                 if response.task.HasField("result"):
-                    delays.append(response.task.result.number_value - sent)
-                    return
+                    return response.task.result.number_value - sent
+            raise RuntimeError("the watch ended without the task's result")
 
-        followers = []
-        for index in range(tasks):
-            await asyncio.sleep(max(0.0, began + index / per_second - time.perf_counter()))
-            followers.append(asyncio.create_task(one()))
-        await asyncio.gather(*followers)
-        return Load(tasks, time.perf_counter() - began, delays)
+        return await at_light_load(one, tasks, per_second)
 
 
 async def rescue_time(address: str) -> float:
