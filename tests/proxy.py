@@ -21,6 +21,8 @@ class _Link:
     """One client connection and its connection to the server."""
 
     def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.flowing = threading.Event()  # cleared: nothing is forwarded (Proxy.stall)
+        self.flowing.set()
         self.client = client
         self.server = server
         self._closed = threading.Event()
@@ -29,6 +31,7 @@ class _Link:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.flowing.set()  # a stalled pump wakes, and finds its socket closed
         for sock in (self.client, self.server):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -48,6 +51,7 @@ class Proxy:
         self.dropped_answers = 0
         self._open = threading.Event()
         self._open.set()
+
         self._closing = False
         self._drop_armed = False
         self._lock = threading.Lock()
@@ -69,6 +73,18 @@ class Proxy:
     def release(self) -> None:
         self._open.set()
 
+    def stall(self) -> None:
+        """Keep every live connection open but forward nothing on it, as a silent network
+        partition would, until `resume` (new connections are not affected)."""
+        with self._lock:
+            for link in self._links:
+                link.flowing.clear()
+
+    def resume(self) -> None:
+        with self._lock:
+            for link in self._links:
+                link.flowing.set()
+
     def wait_for_connections(self, count: int, timeout: float = 30) -> bool:
         """Wait until `count` connections in all have been accepted (held ones included)."""
         with self._accepted:
@@ -85,6 +101,7 @@ class Proxy:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         self.release()
+        self.resume()
         self.cut()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -129,6 +146,7 @@ class Proxy:
 
     def _pump_to_server(self, link: _Link) -> None:
         while data := _receive(link.client):
+            link.flowing.wait()
             if not _send(link.server, data):
                 break
         link.close()
@@ -136,6 +154,7 @@ class Proxy:
     def _pump_to_client(self, link: _Link) -> None:
         pending = b""
         while data := _receive(link.server):
+            link.flowing.wait()
             pending += data
             forward, pending, drop = self._split_at_answer(pending)
             if forward and not _send(link.client, forward):

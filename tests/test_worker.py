@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +191,15 @@ async def test_a_worker_cut_off_past_the_grace_loses_its_attempt(
 
 
 async def test_four_workers_run_ten_thousand_tasks_each_once(
+    start_server: Callable[..., ServerThread], start_worker: StartWorker, tmp_path: Path
+) -> None:
+    # A watcher of every completion may fall behind in a burst: it is here to count them.
+    server = start_server(worker_types=TYPES, watch_buffer=20_000)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        await _run_ten_thousand(server, TaskServiceStub(channel), start_worker, tmp_path)
+
+
+async def _run_ten_thousand(
     server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker, tmp_path: Path
 ) -> None:
     record = tmp_path / "attempts"
@@ -223,12 +234,30 @@ def _wait_connected(worker: subprocess.Popen[str]) -> None:
     _wait_for_line(worker, ": connected,")
 
 
-def _wait_for_line(worker: subprocess.Popen[str], text: str) -> None:
+_unread: dict[int, bytes] = {}  # by worker pid: what was read of its log past the last line
+
+
+def _wait_for_line(worker: subprocess.Popen[str], text: str, timeout: float = 60.0) -> None:
+    """Read the worker's log until a line holds `text` (a failure after `timeout` seconds,
+    rather than a thread that keeps the test's loop from closing)."""
     assert worker.stderr is not None
-    for line in worker.stderr:
-        if text in line:
-            return
-    raise AssertionError(f"the worker ended without logging {text!r}")
+    fd, wanted = worker.stderr.fileno(), text.encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        buffered = _unread.get(worker.pid, b"")
+        if b"\n" in buffered:
+            line, _unread[worker.pid] = buffered.split(b"\n", 1)
+            if wanted in line:
+                return
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        _unread[worker.pid] = buffered + chunk
+    raise AssertionError(f"the worker did not log {text!r}")
 
 
 async def test_conveyord_with_no_handlers_coordinates_workers(
@@ -246,3 +275,20 @@ async def test_conveyord_with_no_handlers_coordinates_workers(
         task = await create(stub, "remote.square", {"n": 3})  # declared by the worker
         done = await final(stub, task.task_id)
     assert done.result.struct_value["square"] == 9
+
+
+async def test_a_worker_drops_a_silent_stream_and_connects_again(
+    start_server: Callable[..., ServerThread], start_worker: StartWorker
+) -> None:
+    timings = SessionTimings(heartbeat_interval=0.1, reconnect_grace=30)
+    server = start_server(worker_types=TYPES, workers=timings)
+    with Proxy(server.address) as proxy:
+        worker = start_worker(proxy.address)
+        await asyncio.to_thread(_wait_connected, worker)
+        proxy.stall()  # the connection stays open, but nothing comes through any more
+        assert await asyncio.to_thread(proxy.wait_for_connections, 2)  # it gave up, came back
+        await asyncio.to_thread(_wait_connected, worker)  # a second session
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = TaskServiceStub(channel)
+            task = await create(stub, "remote.square", {"n": 4})
+            assert (await final(stub, task.task_id)).result.struct_value["square"] == 16

@@ -317,3 +317,26 @@ async def test_a_type_limit_holds_across_workers(
     request = pb.CreateRequest(task=task_request(TYPE))
     await tasks.BatchCreate(pb.BatchCreateRequest(requests=[request] * 3))
     assert len(await _running(tasks)) == 1  # two workers with free slots, one of the type
+
+
+async def test_finish_many_records_each_end_and_refuses_a_stale_one_alone(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, slots=2)
+    await session.next("welcome")
+    first, second = await create(tasks, TYPE), await create(tasks, TYPE)
+    one, two = await session.next("assignment"), await session.next("assignment")
+    await workers.Finish(wpb.FinishRequest(lease=_ref(one), result=struct_pb2.Value()))
+    finishes = [
+        wpb.FinishRequest(lease=_ref(one), result=struct_pb2.Value(number_value=1)),  # stale
+        wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(number_value=2)),
+    ]
+    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
+    stale, recorded = answer.results
+    assert (stale.refusal.code, stale.refusal.reason) == (9, "LEASE_NOT_HELD")
+    assert recorded.task.status == COMPLETED and recorded.task.result.number_value == 2
+    assert {first.task_id, second.task_id} == {one.task.task_id, two.task.task_id}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await workers.FinishMany(wpb.FinishManyRequest(finishes=[finishes[1], finishes[1]]))
+    assert "finishes" in field_violations(refused.value)

@@ -57,6 +57,10 @@ RECONNECT_INITIAL = 0.1  # seconds before the first reconnect, at most (full jit
 RECONNECT_MAXIMUM = 5.0
 HEARTBEATS_MISSED = 3  # a stream silent this many heartbeat intervals is taken as dead
 _LEASE_LOST = "LEASE_NOT_HELD"
+# A call that did not get through: the server is unreachable, or its channel was replaced.
+_TRY_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+FINISH_BATCH = 1000  # attempts' ends in one FinishMany, at most
+FINISH_BATCH_BYTES = 3 * 1024 * 1024  # and their size: within the server's 4 MiB
 
 
 class WorkerRefused(Exception):
@@ -100,8 +104,12 @@ class Worker:
         self._options = options
         self._attempts: dict[str, _Attempt] = {}
         self._draining = asyncio.Event()
+        self._finishing: list[tuple[pb.FinishRequest, asyncio.Future[None]]] = []
+        self._finisher: asyncio.Task[None] | None = None
+        self._stub: WorkerServiceAsyncStub | None = None  # the latest session's
         self._renew_every = 5.0
         self._heartbeat = 5.0
+        self._heard = 0.0  # when the session's stream last said something (loop time)
 
     @property
     def running(self) -> int:
@@ -123,30 +131,37 @@ class Worker:
                 loop.remove_signal_handler(signum)
 
     async def run(self) -> None:
-        """Work until drained; reconnect after every broken connection."""
-        async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
-            stub: WorkerServiceAsyncStub = WorkerServiceStub(channel)
-            ceiling = RECONNECT_INITIAL
-            while True:
-                try:
-                    if await self._session(stub):
-                        return  # drained
-                    ceiling = RECONNECT_INITIAL  # the session ran: start the backoff afresh
-                except grpc.aio.AioRpcError as error:
-                    if error.code() in (
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.ABORTED,
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        grpc.StatusCode.UNAUTHENTICATED,
-                    ):
-                        raise WorkerRefused(f"{error.code().name}: {error.details()}") from error
-                    log.warning(
-                        "worker %s: connection lost (%s)", self.worker_id, error.code().name
-                    )
-                except TimeoutError:
-                    log.warning("worker %s: the server went silent; reconnecting", self.worker_id)
-                await asyncio.sleep(random.random() * ceiling)
-                ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+        """Work until drained; reconnect after every broken connection (on a new channel
+        after a silent one: its TCP connection may be dead without anyone knowing)."""
+        ceiling = RECONNECT_INITIAL
+        while True:
+            async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+                stub: WorkerServiceAsyncStub = WorkerServiceStub(channel)
+                while True:
+                    try:
+                        if await self._session(stub):
+                            return  # drained
+                        ceiling = RECONNECT_INITIAL  # the session ran: start the backoff afresh
+                    except grpc.aio.AioRpcError as error:
+                        self._refused(error)
+                        log.warning(
+                            "worker %s: connection lost (%s)", self.worker_id, error.code().name
+                        )
+                    except TimeoutError:
+                        log.warning("worker %s: the server went silent", self.worker_id)
+                        break  # a new channel
+                    await asyncio.sleep(random.random() * ceiling)
+                    ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+
+    def _refused(self, error: grpc.aio.AioRpcError) -> None:
+        """Raise WorkerRefused for a refusal that reconnecting cannot help."""
+        if error.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ):
+            raise WorkerRefused(f"{error.code().name}: {error.details()}") from error
 
     async def _session(self, stub: WorkerServiceAsyncStub) -> bool:
         """One Connect stream, read to its end; True if it ended because the worker drained."""
@@ -157,28 +172,48 @@ class Worker:
             held=[attempt.ref for attempt in self._attempts.values()],
         )
         call = stub.Connect(request)
-        renewing: asyncio.Task[None] | None = None
-        draining: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        helpers = [asyncio.create_task(self._watch_silence(call))]
         try:
             while True:
-                async with asyncio.timeout(self._heartbeat * HEARTBEATS_MISSED):
+                try:
                     message = await call.read()
+                except asyncio.CancelledError:
+                    if call.cancelled() and loop.time() - self._heard > self._silence:
+                        raise TimeoutError() from None  # _watch_silence gave up on it
+                    raise
                 if message is grpc.aio.EOF:
                     return self._draining.is_set()
+                self._heard = loop.time()
                 assert isinstance(message, pb.ConnectResponse)
                 which = message.WhichOneof("message")
-                if which == "welcome":
-                    renewing = self._welcomed(message.welcome, stub)
-                    draining = asyncio.create_task(self._drain_when_asked(stub))
-                elif which == "assignment":
+                if which == "assignment":
                     self._start(message.assignment, stub)
                 elif which == "stop":
                     self._stop(message.stop)
+                elif which == "welcome":
+                    helpers.append(self._welcomed(message.welcome, stub))
+                    helpers.append(asyncio.create_task(self._drain_when_asked(stub)))
         finally:
             call.cancel()
-            for helper in (renewing, draining):
-                if helper is not None:
-                    helper.cancel()
+            for helper in helpers:
+                helper.cancel()
+
+    @property
+    def _silence(self) -> float:
+        """How long a stream may say nothing before it is taken as dead."""
+        return self._heartbeat * HEARTBEATS_MISSED
+
+    async def _watch_silence(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        """End a stream that has said nothing, not even a heartbeat, for too long (one
+        timer for the session, rather than one for every message read)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if loop.time() - self._heard > self._silence:
+                call.cancel()
+                return
 
     async def _drain_when_asked(self, stub: WorkerServiceAsyncStub) -> None:
         await self._draining.wait()
@@ -279,20 +314,45 @@ class Worker:
         return request
 
     async def _finish(self, stub: WorkerServiceAsyncStub, request: pb.FinishRequest) -> None:
-        ceiling = RECONNECT_INITIAL
-        while True:
-            try:
-                await stub.Finish(request)
-                return
-            except grpc.aio.AioRpcError as error:
-                if error.code() is not grpc.StatusCode.UNAVAILABLE:
-                    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+        """End the attempt: its Finish goes out with those of the attempts that ended at the
+        same time (one FinishMany), and is retried until the server answers."""
+        done = asyncio.get_running_loop().create_future()
+        self._finishing.append((request, done))
+        self._stub = stub
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._send_finishes())
+        await done
+
+    async def _send_finishes(self) -> None:
+        while self._finishing:
+            batch: list[tuple[pb.FinishRequest, asyncio.Future[None]]] = []
+            size = 0
+            while self._finishing and len(batch) < FINISH_BATCH and size < FINISH_BATCH_BYTES:
+                batch.append(self._finishing.pop(0))
+                size += batch[-1][0].ByteSize()
+            request = pb.FinishManyRequest(finishes=[finish for finish, _ in batch])
+            ceiling = RECONNECT_INITIAL
+            while True:
+                try:
+                    assert self._stub is not None
+                    answer = await self._stub.FinishMany(request)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() not in _TRY_AGAIN:
+                        log.error("FinishMany refused: %s", error.details())
+                        answer = None
+                        break
+                await asyncio.sleep(random.random() * ceiling)
+                ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+            for index, (finish, done) in enumerate(batch):
+                if answer is not None and answer.results[index].HasField("refusal"):
+                    refusal = answer.results[index].refusal
+                    if refusal.reason != _LEASE_LOST:  # a lost lease: the attempt is over
                         log.error(
-                            "task %s: Finish refused: %s", request.lease.task_id, error.details()
+                            "task %s: Finish refused: %s", finish.lease.task_id, refusal.message
                         )
-                    return  # the attempt is over without this result (its lease was lost)
-            await asyncio.sleep(random.random() * ceiling)
-            ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+                if not done.done():
+                    done.set_result(None)
 
     def _report(
         self, attempt: _Attempt, changes: dict[str, Any] | Refusal, stub: WorkerServiceAsyncStub

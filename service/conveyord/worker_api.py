@@ -27,7 +27,7 @@ from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
 from conveyord.model import ErrorCode, TaskError, json_problem
 from conveyord.rpc import stream_method, unary_method
 from conveyord.store.base import TaskNotFound
-from conveyord.validation import Checker, task_id_in
+from conveyord.validation import Checker, InvalidArgument, task_id_in
 from conveyord.worker.remote import SessionTimings, WorkerSessions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
@@ -44,6 +44,7 @@ RECEIVE_LIMITS = {
     "Report": MAX_DETAIL_BYTES + 32 * 1024,
     "Renew": 128 * 1024,
     "Finish": MAX_RESULT_BYTES + 32 * 1024,
+    "FinishMany": 4 * MAX_RESULT_BYTES,
     "Drain": 4 * 1024,
 }
 
@@ -71,12 +72,15 @@ class WorkerServiceApi:
         try:
             yield self.timings.welcome(worker_id, kept)
             while True:
-                try:
-                    async with asyncio.timeout(self.timings.heartbeat_interval):
-                        item = await outbox.get()
-                except TimeoutError:
-                    yield _heartbeat()
-                    continue
+                if outbox.empty():  # wait, with a heartbeat whenever nothing comes
+                    try:
+                        async with asyncio.timeout(self.timings.heartbeat_interval):
+                            item = await outbox.get()
+                    except TimeoutError:
+                        yield _heartbeat()
+                        continue
+                else:  # what is already there goes out without a timer each
+                    item = outbox.get_nowait()
                 if item is None:
                     return  # drained
                 if not isinstance(item, bytes):
@@ -118,6 +122,31 @@ class WorkerServiceApi:
         outcome = _outcome(request)
         ended = await self.dispatcher.finish(task, lease, outcome)
         return pb.FinishResponse(task=task_to_proto(ended)).SerializeToString()
+
+    async def finish_many(self, request: pb.FinishManyRequest) -> bytes:
+        """A FinishManyResponse: each attempt's end recorded, or refused on its own. The
+        ends go to the store together (one transaction of a durable store)."""
+        checker = Checker()
+        count = len(request.finishes)
+        if not 1 <= count <= MAX_LEASES:
+            checker.fail("finishes", f"holds {count}; 1 to {MAX_LEASES} are accepted")
+        tasks = [finish.lease.task_id for finish in request.finishes]
+        if len(set(tasks)) != len(tasks):
+            checker.fail("finishes", "holds two finishes for one task")
+        checker.done()
+        results = await asyncio.gather(*(self._finish_one(f) for f in request.finishes))
+        return pb.FinishManyResponse(results=results).SerializeToString()
+
+    async def _finish_one(self, request: pb.FinishRequest) -> pb.FinishResult:
+        try:
+            task, lease = _lease(request.lease, "lease")
+            ended = await self.dispatcher.finish(task, lease, _outcome(request))
+        except (InvalidArgument, StaleLease, TaskNotFound) as error:
+            refusal = pb.FinishRefusal(
+                code=error.code.value[0], message=str(error), reason=error.reason
+            )
+            return pb.FinishResult(refusal=refusal)
+        return pb.FinishResult(task=task_to_proto(ended))
 
     async def drain(self, request: pb.DrainRequest) -> bytes:
         """A DrainResponse."""
@@ -228,5 +257,8 @@ def method_handlers(api: WorkerServiceApi) -> dict[str, grpc.RpcMethodHandler[An
         "Report": unary_method(api.report, pb.ReportRequest, RECEIVE_LIMITS["Report"]),
         "Renew": unary_method(api.renew, pb.RenewRequest, RECEIVE_LIMITS["Renew"]),
         "Finish": unary_method(api.finish, pb.FinishRequest, RECEIVE_LIMITS["Finish"]),
+        "FinishMany": unary_method(
+            api.finish_many, pb.FinishManyRequest, RECEIVE_LIMITS["FinishMany"]
+        ),
         "Drain": unary_method(api.drain, pb.DrainRequest, RECEIVE_LIMITS["Drain"]),
     }

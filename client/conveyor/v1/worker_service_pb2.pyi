@@ -543,6 +543,120 @@ class FinishResponse(_message.Message):
 Global___FinishResponse: _TypeAlias = FinishResponse  # noqa: Y015
 
 @_typing.final
+class FinishManyRequest(_message.Message):
+    """Several attempts' ends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def finishes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishRequest]:
+        """1..1000, each for a different task."""
+
+    def __init__(
+        self,
+        *,
+        finishes: _abc.Iterable[Global___FinishRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finishes", b"finishes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishManyRequest: _TypeAlias = FinishManyRequest  # noqa: Y015
+
+@_typing.final
+class FinishManyResponse(_message.Message):
+    """How each attempt's end went, in the order of the request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishResult]:
+        """One per FinishRequest."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___FinishResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishManyResponse: _TypeAlias = FinishManyResponse  # noqa: Y015
+
+@_typing.final
+class FinishResult(_message.Message):
+    """How one attempt's end went."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskResponse:
+        """The task after the attempt, as in FinishResponse."""
+
+    @_builtins.property
+    def refusal(self) -> Global___FinishRefusal:
+        """Why Finish would have refused it."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.TaskResponse | None = ...,
+        refusal: Global___FinishRefusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "refusal"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___FinishResult: _TypeAlias = FinishResult  # noqa: Y015
+
+@_typing.final
+class FinishRefusal(_message.Message):
+    """Why one attempt's end was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The status code Finish would have answered, as a google.rpc.Code number: 3
+    (INVALID_ARGUMENT), 5 (NOT_FOUND) or 9 (FAILED_PRECONDITION).
+    """
+    message: _builtins.str
+    """What was wrong."""
+    reason: _builtins.str
+    """The ErrorInfo reason Finish would have carried, such as LEASE_NOT_HELD; empty for
+    INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishRefusal: _TypeAlias = FinishRefusal  # noqa: Y015
+
+@_typing.final
 class DrainRequest(_message.Message):
     """Asks to leave."""
 

@@ -93,6 +93,11 @@ class WorkerServiceStub:
                 request_serializer=conveyor_dot_v1_dot_worker__service__pb2.FinishRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_worker__service__pb2.FinishResponse.FromString,
                 _registered_method=True)
+        self.FinishMany = channel.unary_unary(
+                '/conveyor.v1.WorkerService/FinishMany',
+                request_serializer=conveyor_dot_v1_dot_worker__service__pb2.FinishManyRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_worker__service__pb2.FinishManyResponse.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/conveyor.v1.WorkerService/Drain',
                 request_serializer=conveyor_dot_v1_dot_worker__service__pb2.DrainRequest.SerializeToString,
@@ -190,6 +195,19 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishMany(self, request, context):
+        """Ends several attempts at once, each as Finish would: one call for what a busy worker
+        finished together, rather than one each. Each answer stands alone: a stale lease or a
+        bad outcome refuses its own attempt only, with the status Finish would answer, and the
+        others are recorded.
+
+        Codes: OK (each result says how its attempt went); INVALID_ARGUMENT (no finish, more
+        than 1000, or two for one task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """Asks for no more assignments; the worker's stream ends with OK once it holds nothing.
 
@@ -221,6 +239,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Finish,
                     request_deserializer=conveyor_dot_v1_dot_worker__service__pb2.FinishRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_worker__service__pb2.FinishResponse.SerializeToString,
+            ),
+            'FinishMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishMany,
+                    request_deserializer=conveyor_dot_v1_dot_worker__service__pb2.FinishManyRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_worker__service__pb2.FinishManyResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -375,6 +398,33 @@ class WorkerService:
             '/conveyor.v1.WorkerService/Finish',
             conveyor_dot_v1_dot_worker__service__pb2.FinishRequest.SerializeToString,
             conveyor_dot_v1_dot_worker__service__pb2.FinishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.WorkerService/FinishMany',
+            conveyor_dot_v1_dot_worker__service__pb2.FinishManyRequest.SerializeToString,
+            conveyor_dot_v1_dot_worker__service__pb2.FinishManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

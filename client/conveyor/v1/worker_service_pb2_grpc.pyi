@@ -104,6 +104,15 @@ class WorkerServiceStub:
     that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
     """
+    FinishMany: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.FinishManyRequest, _worker_service_pb2.FinishManyResponse]
+    """Ends several attempts at once, each as Finish would: one call for what a busy worker
+    finished together, rather than one each. Each answer stands alone: a stale lease or a
+    bad outcome refuses its own attempt only, with the status Finish would answer, and the
+    others are recorded.
+
+    Codes: OK (each result says how its attempt went); INVALID_ARGUMENT (no finish, more
+    than 1000, or two for one task).
+    """
     Drain: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.DrainRequest, _worker_service_pb2.DrainResponse]
     """Asks for no more assignments; the worker's stream ends with OK once it holds nothing.
 
@@ -185,6 +194,15 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
     that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
+    """
+    FinishMany: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.FinishManyRequest, _worker_service_pb2.FinishManyResponse]  # type: ignore[assignment]
+    """Ends several attempts at once, each as Finish would: one call for what a busy worker
+    finished together, rather than one each. Each answer stands alone: a stale lease or a
+    bad outcome refuses its own attempt only, with the status Finish would answer, and the
+    others are recorded.
+
+    Codes: OK (each result says how its attempt went); INVALID_ARGUMENT (no finish, more
+    than 1000, or two for one task).
     """
     Drain: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.DrainRequest, _worker_service_pb2.DrainResponse]  # type: ignore[assignment]
     """Asks for no more assignments; the worker's stream ends with OK once it holds nothing.
@@ -288,6 +306,21 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
         that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
         (LEASE_NOT_HELD).
+        """
+
+    @_abc_1.abstractmethod
+    def FinishMany(
+        self,
+        request: _worker_service_pb2.FinishManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_service_pb2.FinishManyResponse, _abc.Awaitable[_worker_service_pb2.FinishManyResponse]]:
+        """Ends several attempts at once, each as Finish would: one call for what a busy worker
+        finished together, rather than one each. Each answer stands alone: a stale lease or a
+        bad outcome refuses its own attempt only, with the status Finish would answer, and the
+        others are recorded.
+
+        Codes: OK (each result says how its attempt went); INVALID_ARGUMENT (no finish, more
+        than 1000, or two for one task).
         """
 
     @_abc_1.abstractmethod
