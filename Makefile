@@ -22,7 +22,7 @@ $(NODE_STAMP): $(NODE_WORKER)/package.json $(NODE_WORKER)/package-lock.json
 	cd $(NODE_WORKER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-serve: setup
+serve: $(STAMP)
 	$(BIN)/conveyord $(ARGS)
 
 test: lint
