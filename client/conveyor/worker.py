@@ -257,8 +257,7 @@ class Worker:
         task = assignment.task
         ref = pb.LeaseRef(task_id=task.task_id, lease_id=assignment.lease_id)
         loop = asyncio.get_running_loop()
-        attempt = _Attempt(ref, context=cast(TaskContext, None))
-        attempt.context = TaskContext(
+        context = TaskContext(
             task_id=task.task_id,
             task_type=task.task_type,
             parameters=struct_to_dict(task.parameters),
@@ -266,8 +265,9 @@ class Worker:
             attempt=task.attempt,
             max_attempts=task.max_attempts,
             loop=loop,
-            sink=lambda changes: self._report(attempt, changes, stub),
+            sink=lambda changes: self._report(attempt, changes, stub),  # made just below
         )
+        attempt = _Attempt(ref, context)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt, stub))
 

@@ -368,9 +368,11 @@ class Dispatcher:
         """Claim for each worker with free slots, starting one further on each round, so
         that the workers take turns at the best tasks."""
         workers = self._workers
-        self._turn = (self._turn + 1) % max(len(workers), 1)
+        if len(workers) > 1:
+            self._turn = (self._turn + 1) % len(workers)
+            workers = workers[self._turn :] + workers[: self._turn]
         try:
-            for worker in workers[self._turn :] + workers[: self._turn]:
+            for worker in workers:
                 await self._claim_for(worker)
         except StoreFailed:
             return  # the server stops, and says why

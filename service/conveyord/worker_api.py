@@ -109,11 +109,14 @@ class WorkerServiceApi:
         seconds = self.timings.lease_duration
         answer = pb.RenewResponse()
         answer.expires_at.FromNanoseconds(int((time.time() + seconds) * 1e9))
-        for task, lease in leases:
-            try:
-                await self.dispatcher.renew(task, lease, seconds)
-            except (StaleLease, TaskNotFound):
+        # Together, so that a durable store writes them in one transaction.
+        renewals = [self.dispatcher.renew(task, lease, seconds) for task, lease in leases]
+        outcomes = await asyncio.gather(*renewals, return_exceptions=True)
+        for (task, lease), outcome in zip(leases, outcomes, strict=True):
+            if isinstance(outcome, StaleLease | TaskNotFound):
                 answer.lost.add(task_id=task, lease_id=lease)
+            elif isinstance(outcome, BaseException):
+                raise outcome
         return answer.SerializeToString()
 
     async def finish(self, request: pb.FinishRequest) -> bytes:

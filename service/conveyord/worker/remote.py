@@ -17,8 +17,9 @@ import logging
 from collections.abc import Iterable
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
+from conveyor.protojson import seconds_to_timestamp
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyord.convert import task_to_proto
 from conveyord.dispatch import Dispatcher, holder_lost
@@ -111,8 +112,10 @@ class RemoteWorker:
         assignment = pb.Assignment(
             task=task_to_proto(task),
             lease_id=task.lease_id,
-            deadline=_timestamp((task.started_at or task.updated_at) + task.timeout_seconds),
-            lease_expires_at=_timestamp(task.lease_expires_at or 0.0),
+            deadline=seconds_to_timestamp(
+                (task.started_at or task.updated_at) + task.timeout_seconds
+            ),
+            lease_expires_at=seconds_to_timestamp(task.lease_expires_at or 0.0),
         )
         self.outbox.put_nowait(pb.ConnectResponse(assignment=assignment).SerializeToString())
 
@@ -260,9 +263,3 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(seconds * 1e9))
     return duration
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    timestamp = timestamp_pb2.Timestamp()
-    timestamp.FromNanoseconds(int(seconds * 1e9))
-    return timestamp
