@@ -303,14 +303,15 @@ class Dispatcher:
         self._timer.start()
         self._pump()
 
-    async def shutdown(self, grace: float) -> None:
+    async def shutdown(self, grace: float, *, record: bool = True) -> None:
         """Grant no more; tell every held attempt to stop, as an interruption that uses no
-        attempt; wait up to `grace` for their holders, then end them regardless."""
+        attempt; wait up to `grace` for their holders, then end them regardless (unless
+        not `record`: the store failed, and their leases end with the server)."""
         self._claims.stop()
         self._timer.stop()
         for held in list(self._held.values()):
             self._stop(held, _INTERRUPTED, grace)
-        if self._held:
+        if self._held and record:
             self._drained.clear()
             try:
                 await asyncio.wait_for(self._drained.wait(), grace + RECORDING_TIME)

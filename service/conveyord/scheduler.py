@@ -29,7 +29,7 @@ from conveyord.handlers import HandlerRegistry
 from conveyord.lifecycle import RetryPolicy
 from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
 from conveyord.model import Task
-from conveyord.store.base import TaskStore
+from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.worker.local import LocalWorker
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ class Scheduler:
             self._sweeper.cancel()
             self._sweeper = None
         log.info("shutting down: %d running, %d queued", self.running, self.queued)
-        await self.dispatcher.shutdown(grace)
+        # With a failed store no end can be recorded: waiting for them would be in vain.
+        await self.dispatcher.shutdown(grace, record=not isinstance(self._refusal, StoreFailed))
         await self.worker.close()
 
     async def declare_types(self, task_types: frozenset[str]) -> None:
