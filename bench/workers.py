@@ -3,7 +3,10 @@ server's own (local) worker, in the same run; how soon a task is held by its wor
 Create, at light load; and how long a task waits after its worker is killed (kill -9)
 before it runs on another worker.
 
-The worker processes run on the servers' core, as the local worker does inside the server.
+A remote worker runs on the load generator's core, not the server's: it stands for a worker
+on a machine of its own, so that what is compared is what the server does per task with its
+own handlers and with a worker over gRPC. (The load generator's core is then shared, so
+the remote figure is, if anything, low.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def worker(address: str, concurrency: int = 32) -> contextlib.AbstractAsyncConte
     """A `conveyor worker` process with the benchmark handlers, once it is connected."""
     return server_process(
         "-m", "conveyor", "--server", address, "worker", "--handlers", "bench.handlers",
-        "--concurrency", str(concurrency), ready=r"connected,",
+        "--concurrency", str(concurrency), ready=r"connected,", on_server_cores=False,
     )  # fmt: skip
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from conveyor.protojson import seconds_to_timestamp
 from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1 import worker_service_pb2 as wpb
 from conveyord.convert import (
     _varint,
+    assignment,
+    assignments_message,
     change_message,
     encode_task,
     list_message,
@@ -96,3 +100,23 @@ def test_a_task_state_is_encoded_once_and_a_new_state_anew() -> None:
 def test_varints_are_protobufs(value: int) -> None:
     revision_key = b"\x18"  # field 3, varint
     assert revision_key + _varint(value) == pb.ListResponse(revision=value).SerializeToString()
+
+
+@pytest.mark.parametrize("deadline", [0.0, 1.5, 1_700_000_000.123456789])
+def test_assignments_are_the_serialized_response(deadline: float) -> None:
+    tasks = [task.evolve(lease_id="ab" * 16) for task in TASKS]
+    expected = wpb.ConnectResponse(
+        assignments=wpb.Assignments(
+            assignments=[
+                wpb.Assignment(
+                    task=task_to_proto(task),
+                    lease_id=task.lease_id,
+                    deadline=seconds_to_timestamp(deadline),
+                    lease_expires_at=seconds_to_timestamp(deadline + 15),
+                )
+                for task in tasks
+            ]
+        )
+    )
+    encoded = [assignment(task, deadline, deadline + 15) for task in tasks]
+    assert assignments_message(encoded) == expected.SerializeToString()

@@ -50,9 +50,16 @@ class Session:
             slots=fields.pop("slots", 1), **fields,
         )  # fmt: skip
         self.call = workers.Connect(request)
+        self.assigned: list[wpb.Assignment] = []  # from an `assignments`, not yet read
 
     async def next(self, kind: str) -> Any:
-        """The next message that is not a heartbeat; it must be of `kind`."""
+        """The next message that is not a heartbeat; it must be of `kind`. An `assignment`
+        is one Assignment of the `assignments` messages, in order."""
+        if kind == "assignment" and not self.assigned:
+            self.assigned.extend((await self.next("assignments")).assignments)
+        if kind == "assignment":
+            return self.assigned.pop(0)
+        assert not self.assigned, f"expected the assignments {self.assigned} first"
         while True:
             response = await self.call.read()
             assert isinstance(response, wpb.ConnectResponse), f"the stream ended: {response!r}"
@@ -333,10 +340,29 @@ async def test_finish_many_records_each_end_and_refuses_a_stale_one_alone(
         wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(number_value=2)),
     ]
     answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
-    stale, recorded = answer.results
-    assert (stale.refusal.code, stale.refusal.reason) == (9, "LEASE_NOT_HELD")
-    assert recorded.task.status == COMPLETED and recorded.task.result.number_value == 2
+    [stale] = answer.refused
+    assert (stale.lease, stale.code, stale.reason) == (_ref(one), 9, "LEASE_NOT_HELD")
+    recorded = (await tasks.Get(pb.GetRequest(task_id=two.task.task_id))).task
+    assert recorded.status == COMPLETED and recorded.result.number_value == 2
     assert {first.task_id, second.task_id} == {one.task.task_id, two.task.task_id}
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await workers.FinishMany(wpb.FinishManyRequest(finishes=[finishes[1], finishes[1]]))
     assert "finishes" in field_violations(refused.value)
+
+
+async def test_the_attempts_of_one_claim_round_come_in_one_message_best_first(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, slots=3)
+    await session.next("welcome")
+    requests = [pb.CreateRequest(task=task_request(TYPE, priority=p)) for p in (1, 5, 3, 4)]
+    created = await tasks.BatchCreate(pb.BatchCreateRequest(requests=requests))  # one round
+    by_priority = sorted(created.tasks, key=lambda task: -task.priority)
+    batch = (await session.next("assignments")).assignments
+    assert [a.task.task_id for a in batch] == [t.task_id for t in by_priority[:3]]
+    assert {a.task.status for a in batch} == {RUNNING}  # the three free slots, no more
+    result = struct_pb2.Value(number_value=1)
+    await workers.Finish(wpb.FinishRequest(lease=_ref(batch[0]), result=result))
+    [last] = (await session.next("assignments")).assignments  # the slot it freed
+    assert last.task.task_id == by_priority[3].task_id

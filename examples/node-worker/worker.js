@@ -150,8 +150,8 @@ function connect() {
       renewing = setInterval(renew, every);
       console.error(`worker ${workerId}: connected to ${server}`);
       if (draining) call("Drain", { worker_id: workerId }).catch(() => {});
-    } else if (message.assignment) {
-      run(message.assignment);
+    } else if (message.assignments) {
+      message.assignments.assignments.forEach(run);
     } else if (message.stop) {
       const attempt = held.get(message.stop.task_id);
       if (attempt && attempt.lease.lease_id === message.stop.lease_id) attempt.stop(message.stop.reason);

@@ -101,6 +101,29 @@ def change_message(change: Change) -> bytes:
     return watch_message(_EVENT_TYPES[change.kind], change.task, change.revision)
 
 
+def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
+    """A worker's Assignment of the task's attempt: task (1), lease_id (2), deadline (3),
+    lease_expires_at (4). The task's encoding is the one its watchers share."""
+    return (
+        _length_delimited(1, encode_task(task))
+        + _length_delimited(2, task.lease_id.encode())
+        + _length_delimited(3, _timestamp(deadline))
+        + _length_delimited(4, _timestamp(lease_expires_at))
+    )
+
+
+def assignments_message(assignments: Iterable[bytes]) -> bytes:
+    """A ConnectResponse whose `assignments` (2) holds encoded Assignments (each in the
+    repeated field 1 of Assignments)."""
+    return _length_delimited(2, b"".join(_length_delimited(1, one) for one in assignments))
+
+
+def _timestamp(seconds: float) -> bytes:
+    """A google.protobuf.Timestamp: seconds (1), nanos (2)."""
+    whole, nanos = divmod(round(seconds * 1e9), 1_000_000_000)
+    return _varint_field(1, whole) + _varint_field(2, nanos)
+
+
 def _length_delimited(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 

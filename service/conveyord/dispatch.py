@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from conveyord import lifecycle
@@ -481,14 +481,34 @@ class Dispatcher:
         )
 
     async def finish(self, task_id: str, lease_id: str, outcome: Outcome) -> Task:
-        """A holder's end of an attempt; once the attempt was asked to stop, the stop's
-        outcome stands, whatever the holder returned. StaleLease if it is no longer its."""
-        held = self._held.get(task_id)
-        if held is not None and held.lease_id == lease_id and held.stopped is not None:
-            outcome = held.stopped
-        ended = await self._end(task_id, lease_id, outcome)
+        """A holder's end of an attempt; StaleLease if it is no longer its."""
+        ended = await self._end(task_id, lease_id, self._standing(task_id, lease_id, outcome))
         await self._claims.soon()
         return ended
+
+    async def finish_many(
+        self, ends: Sequence[tuple[str, str, Outcome]]
+    ) -> list[Task | BaseException]:
+        """A holder's ends of several attempts, written together (one transaction of a
+        durable store), then one claim for the slots they freed: each end's task, or why it
+        was refused (StaleLease, TaskNotFound)."""
+        ended = await asyncio.gather(
+            *(
+                self._end(task, lease, self._standing(task, lease, outcome))
+                for task, lease, outcome in ends
+            ),
+            return_exceptions=True,
+        )
+        await self._claims.soon()
+        return ended
+
+    def _standing(self, task_id: str, lease_id: str, outcome: Outcome) -> Outcome:
+        """Once an attempt was asked to stop, the stop's outcome stands, whatever the
+        holder returned."""
+        held = self._held.get(task_id)
+        if held is not None and held.lease_id == lease_id and held.stopped is not None:
+            return held.stopped
+        return outcome
 
     async def _end(self, task_id: str, lease_id: str, outcome: Outcome) -> Task:
         now, policy = self.clock(), self.policy

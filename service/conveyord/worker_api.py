@@ -72,15 +72,11 @@ class WorkerServiceApi:
         try:
             yield self.timings.welcome(worker_id, kept)
             while True:
-                if outbox.empty():  # wait, with a heartbeat whenever nothing comes
-                    try:
-                        async with asyncio.timeout(self.timings.heartbeat_interval):
-                            item = await outbox.get()
-                    except TimeoutError:
-                        yield _heartbeat()
-                        continue
-                else:  # what is already there goes out without a timer each
-                    item = outbox.get_nowait()
+                try:
+                    item = await outbox.get(self.timings.heartbeat_interval)
+                except TimeoutError:
+                    yield _heartbeat()
+                    continue
                 if item is None:
                     return  # drained
                 if not isinstance(item, bytes):
@@ -127,8 +123,8 @@ class WorkerServiceApi:
         return pb.FinishResponse(task=task_to_proto(ended)).SerializeToString()
 
     async def finish_many(self, request: pb.FinishManyRequest) -> bytes:
-        """A FinishManyResponse: each attempt's end recorded, or refused on its own. The
-        ends go to the store together (one transaction of a durable store)."""
+        """A FinishManyResponse: each attempt's end recorded, or refused on its own (a bad
+        one before the others are written, a stale one as they are)."""
         checker = Checker()
         count = len(request.finishes)
         if not 1 <= count <= MAX_LEASES:
@@ -137,24 +133,36 @@ class WorkerServiceApi:
         if len(set(tasks)) != len(tasks):
             checker.fail("finishes", "holds two finishes for one task")
         checker.done()
-        results = await asyncio.gather(*(self._finish_one(f) for f in request.finishes))
-        return pb.FinishManyResponse(results=results).SerializeToString()
-
-    async def _finish_one(self, request: pb.FinishRequest) -> pb.FinishResult:
-        try:
-            task, lease = _lease(request.lease, "lease")
-            ended = await self.dispatcher.finish(task, lease, _outcome(request))
-        except (InvalidArgument, StaleLease, TaskNotFound) as error:
-            refusal = pb.FinishRefusal(
-                code=error.code.value[0], message=str(error), reason=error.reason
-            )
-            return pb.FinishResult(refusal=refusal)
-        return pb.FinishResult(task=task_to_proto(ended))
+        refused: dict[int, pb.FinishRefusal] = {}
+        ends: list[tuple[str, str, Outcome]] = []
+        indexes: list[int] = []  # of the ends in the request
+        for index, finish in enumerate(request.finishes):
+            try:
+                ends.append((*_lease(finish.lease, "lease"), _outcome(finish)))
+                indexes.append(index)
+            except InvalidArgument as error:
+                refused[index] = _refusal(finish.lease, error)
+        ended = await self.dispatcher.finish_many(ends)
+        for index, outcome in zip(indexes, ended, strict=True):
+            if isinstance(outcome, StaleLease | TaskNotFound):
+                refused[index] = _refusal(request.finishes[index].lease, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        answer = pb.FinishManyResponse(refused=[refused[index] for index in sorted(refused)])
+        return answer.SerializeToString()
 
     async def drain(self, request: pb.DrainRequest) -> bytes:
         """A DrainResponse."""
         self.sessions.drain(request.worker_id)
         return pb.DrainResponse().SerializeToString()
+
+
+def _refusal(
+    lease: pb.LeaseRef, error: InvalidArgument | StaleLease | TaskNotFound
+) -> pb.FinishRefusal:
+    return pb.FinishRefusal(
+        lease=lease, code=error.code.value[0], message=str(error), reason=error.reason
+    )
 
 
 def _heartbeat() -> bytes:

@@ -28,55 +28,55 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"k\n\x0e\x43onnectRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12#\n\x04held\x18\x04 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"\xc4\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.AssignmentH\x00\x12!\n\x04stop\x18\x03 \x01(\x0b\x32\x11.conveyor.v1.StopH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x42\t\n\x07message\"\x92\x02\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04kept\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"\xab\x01\n\nAssignment\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x01\n\x04Stop\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.StopCause\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\rReportRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x15\n\x08progress\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07message\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\'\n\x06\x64\x65tail\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x0b\n\t_progressB\n\n\x08_message\"(\n\x0eReportResponse\x12\x16\n\x0estop_requested\x18\x01 \x01(\x08\"5\n\x0cRenewRequest\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"d\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04lost\x18\x02 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"?\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08no_retry\x18\x03 \x01(\x08\"\x96\x01\n\rFinishRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.AttemptErrorH\x00\x42\t\n\x07outcome\"9\n\x0e\x46inishResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"A\n\x11\x46inishManyRequest\x12,\n\x08\x66inishes\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.FinishRequest\"@\n\x12\x46inishManyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.FinishResult\"r\n\x0c\x46inishResult\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponseH\x00\x12-\n\x07refusal\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.FinishRefusalH\x00\x42\x08\n\x06result\">\n\rFinishRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rDrainResponse*y\n\tStopCause\x12\x1a\n\x16STOP_CAUSE_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_CAUSE_CANCELLED\x10\x01\x12\x18\n\x14STOP_CAUSE_TIMED_OUT\x10\x02\x12\x1c\n\x18STOP_CAUSE_SHUTTING_DOWN\x10\x03\x32\xac\x03\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse0\x01\x12\x41\n\x06Report\x12\x1a.conveyor.v1.ReportRequest\x1a\x1b.conveyor.v1.ReportResponse\x12>\n\x05Renew\x12\x19.conveyor.v1.RenewRequest\x1a\x1a.conveyor.v1.RenewResponse\x12\x41\n\x06\x46inish\x12\x1a.conveyor.v1.FinishRequest\x1a\x1b.conveyor.v1.FinishResponse\x12M\n\nFinishMany\x12\x1e.conveyor.v1.FinishManyRequest\x1a\x1f.conveyor.v1.FinishManyResponse\x12>\n\x05\x44rain\x12\x19.conveyor.v1.DrainRequest\x1a\x1a.conveyor.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"k\n\x0e\x43onnectRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12#\n\x04held\x18\x04 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"\xc6\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12/\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12!\n\x04stop\x18\x03 \x01(\x0b\x32\x11.conveyor.v1.StopH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x42\t\n\x07message\"\x92\x02\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04kept\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\";\n\x0b\x41ssignments\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\xab\x01\n\nAssignment\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x01\n\x04Stop\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.StopCause\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\rReportRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x15\n\x08progress\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07message\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\'\n\x06\x64\x65tail\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x0b\n\t_progressB\n\n\x08_message\"(\n\x0eReportResponse\x12\x16\n\x0estop_requested\x18\x01 \x01(\x08\"5\n\x0cRenewRequest\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"d\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04lost\x18\x02 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"?\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08no_retry\x18\x03 \x01(\x08\"\x96\x01\n\rFinishRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.AttemptErrorH\x00\x42\t\n\x07outcome\"9\n\x0e\x46inishResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"A\n\x11\x46inishManyRequest\x12,\n\x08\x66inishes\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.FinishRequest\"A\n\x12\x46inishManyResponse\x12+\n\x07refused\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.FinishRefusal\"d\n\rFinishRefusal\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rDrainResponse*y\n\tStopCause\x12\x1a\n\x16STOP_CAUSE_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_CAUSE_CANCELLED\x10\x01\x12\x18\n\x14STOP_CAUSE_TIMED_OUT\x10\x02\x12\x1c\n\x18STOP_CAUSE_SHUTTING_DOWN\x10\x03\x32\xac\x03\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse0\x01\x12\x41\n\x06Report\x12\x1a.conveyor.v1.ReportRequest\x1a\x1b.conveyor.v1.ReportResponse\x12>\n\x05Renew\x12\x19.conveyor.v1.RenewRequest\x1a\x1a.conveyor.v1.RenewResponse\x12\x41\n\x06\x46inish\x12\x1a.conveyor.v1.FinishRequest\x1a\x1b.conveyor.v1.FinishResponse\x12M\n\nFinishMany\x12\x1e.conveyor.v1.FinishManyRequest\x1a\x1f.conveyor.v1.FinishManyResponse\x12>\n\x05\x44rain\x12\x19.conveyor.v1.DrainRequest\x1a\x1a.conveyor.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPCAUSE']._serialized_start=2181
-  _globals['_STOPCAUSE']._serialized_end=2302
+  _globals['_STOPCAUSE']._serialized_start=2167
+  _globals['_STOPCAUSE']._serialized_end=2288
   _globals['_LEASEREF']._serialized_start=168
   _globals['_LEASEREF']._serialized_end=213
   _globals['_CONNECTREQUEST']._serialized_start=215
   _globals['_CONNECTREQUEST']._serialized_end=322
   _globals['_CONNECTRESPONSE']._serialized_start=325
-  _globals['_CONNECTRESPONSE']._serialized_end=521
-  _globals['_WELCOME']._serialized_start=524
-  _globals['_WELCOME']._serialized_end=798
-  _globals['_ASSIGNMENT']._serialized_start=801
-  _globals['_ASSIGNMENT']._serialized_end=972
-  _globals['_STOP']._serialized_start=975
-  _globals['_STOP']._serialized_end=1113
-  _globals['_HEARTBEAT']._serialized_start=1115
-  _globals['_HEARTBEAT']._serialized_end=1171
-  _globals['_REPORTREQUEST']._serialized_start=1174
-  _globals['_REPORTREQUEST']._serialized_end=1338
-  _globals['_REPORTRESPONSE']._serialized_start=1340
-  _globals['_REPORTRESPONSE']._serialized_end=1380
-  _globals['_RENEWREQUEST']._serialized_start=1382
-  _globals['_RENEWREQUEST']._serialized_end=1435
-  _globals['_RENEWRESPONSE']._serialized_start=1437
-  _globals['_RENEWRESPONSE']._serialized_end=1537
-  _globals['_ATTEMPTERROR']._serialized_start=1539
-  _globals['_ATTEMPTERROR']._serialized_end=1602
-  _globals['_FINISHREQUEST']._serialized_start=1605
-  _globals['_FINISHREQUEST']._serialized_end=1755
-  _globals['_FINISHRESPONSE']._serialized_start=1757
-  _globals['_FINISHRESPONSE']._serialized_end=1814
-  _globals['_FINISHMANYREQUEST']._serialized_start=1816
-  _globals['_FINISHMANYREQUEST']._serialized_end=1881
-  _globals['_FINISHMANYRESPONSE']._serialized_start=1883
-  _globals['_FINISHMANYRESPONSE']._serialized_end=1947
-  _globals['_FINISHRESULT']._serialized_start=1949
-  _globals['_FINISHRESULT']._serialized_end=2063
-  _globals['_FINISHREFUSAL']._serialized_start=2065
-  _globals['_FINISHREFUSAL']._serialized_end=2127
-  _globals['_DRAINREQUEST']._serialized_start=2129
-  _globals['_DRAINREQUEST']._serialized_end=2162
-  _globals['_DRAINRESPONSE']._serialized_start=2164
-  _globals['_DRAINRESPONSE']._serialized_end=2179
-  _globals['_WORKERSERVICE']._serialized_start=2305
-  _globals['_WORKERSERVICE']._serialized_end=2733
+  _globals['_CONNECTRESPONSE']._serialized_end=523
+  _globals['_WELCOME']._serialized_start=526
+  _globals['_WELCOME']._serialized_end=800
+  _globals['_ASSIGNMENTS']._serialized_start=802
+  _globals['_ASSIGNMENTS']._serialized_end=861
+  _globals['_ASSIGNMENT']._serialized_start=864
+  _globals['_ASSIGNMENT']._serialized_end=1035
+  _globals['_STOP']._serialized_start=1038
+  _globals['_STOP']._serialized_end=1176
+  _globals['_HEARTBEAT']._serialized_start=1178
+  _globals['_HEARTBEAT']._serialized_end=1234
+  _globals['_REPORTREQUEST']._serialized_start=1237
+  _globals['_REPORTREQUEST']._serialized_end=1401
+  _globals['_REPORTRESPONSE']._serialized_start=1403
+  _globals['_REPORTRESPONSE']._serialized_end=1443
+  _globals['_RENEWREQUEST']._serialized_start=1445
+  _globals['_RENEWREQUEST']._serialized_end=1498
+  _globals['_RENEWRESPONSE']._serialized_start=1500
+  _globals['_RENEWRESPONSE']._serialized_end=1600
+  _globals['_ATTEMPTERROR']._serialized_start=1602
+  _globals['_ATTEMPTERROR']._serialized_end=1665
+  _globals['_FINISHREQUEST']._serialized_start=1668
+  _globals['_FINISHREQUEST']._serialized_end=1818
+  _globals['_FINISHRESPONSE']._serialized_start=1820
+  _globals['_FINISHRESPONSE']._serialized_end=1877
+  _globals['_FINISHMANYREQUEST']._serialized_start=1879
+  _globals['_FINISHMANYREQUEST']._serialized_end=1944
+  _globals['_FINISHMANYRESPONSE']._serialized_start=1946
+  _globals['_FINISHMANYRESPONSE']._serialized_end=2011
+  _globals['_FINISHREFUSAL']._serialized_start=2013
+  _globals['_FINISHREFUSAL']._serialized_end=2113
+  _globals['_DRAINREQUEST']._serialized_start=2115
+  _globals['_DRAINREQUEST']._serialized_end=2148
+  _globals['_DRAINRESPONSE']._serialized_start=2150
+  _globals['_DRAINRESPONSE']._serialized_end=2165
+  _globals['_WORKERSERVICE']._serialized_start=2291
+  _globals['_WORKERSERVICE']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

@@ -126,7 +126,7 @@ class ConnectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
-    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
@@ -134,8 +134,8 @@ class ConnectResponse(_message.Message):
         """The first message: the session's timings."""
 
     @_builtins.property
-    def assignment(self) -> Global___Assignment:
-        """An attempt to run."""
+    def assignments(self) -> Global___Assignments:
+        """Attempts to run: one or more, each in a slot of its own."""
 
     @_builtins.property
     def stop(self) -> Global___Stop:
@@ -149,15 +149,15 @@ class ConnectResponse(_message.Message):
         self,
         *,
         welcome: Global___Welcome | None = ...,
-        assignment: Global___Assignment | None = ...,
+        assignments: Global___Assignments | None = ...,
         stop: Global___Stop | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "stop", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "stop", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -218,6 +218,34 @@ class Welcome(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Assignments(_message.Message):
+    """Attempts handed out together (those granted in one round, best first). Each is
+    independent: run each, and end each with its own Finish.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """One or more; at most the worker's free slots, and about 1 MiB encoded together
+        (a larger attempt comes alone).
+        """
+
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
 
 @_typing.final
 class Assignment(_message.Message):
@@ -568,59 +596,29 @@ Global___FinishManyRequest: _TypeAlias = FinishManyRequest  # noqa: Y015
 
 @_typing.final
 class FinishManyResponse(_message.Message):
-    """How each attempt's end went, in the order of the request."""
+    """The ends that were refused; every other end of the request was recorded (as a
+    FinishResponse would say, without the tasks: a busy worker seldom needs them).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishResult]:
-        """One per FinishRequest."""
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishRefusal]:
+        """In the order of the request; empty when every end was recorded."""
 
     def __init__(
         self,
         *,
-        results: _abc.Iterable[Global___FinishResult] | None = ...,
+        refused: _abc.Iterable[Global___FinishRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishManyResponse: _TypeAlias = FinishManyResponse  # noqa: Y015
-
-@_typing.final
-class FinishResult(_message.Message):
-    """How one attempt's end went."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TASK_FIELD_NUMBER: _builtins.int
-    REFUSAL_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def task(self) -> _task_pb2.TaskResponse:
-        """The task after the attempt, as in FinishResponse."""
-
-    @_builtins.property
-    def refusal(self) -> Global___FinishRefusal:
-        """Why Finish would have refused it."""
-
-    def __init__(
-        self,
-        *,
-        task: _task_pb2.TaskResponse | None = ...,
-        refusal: Global___FinishRefusal | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "refusal"]  # noqa: Y015
-    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
-
-Global___FinishResult: _TypeAlias = FinishResult  # noqa: Y015
 
 @_typing.final
 class FinishRefusal(_message.Message):
@@ -628,6 +626,7 @@ class FinishRefusal(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    LEASE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -641,16 +640,21 @@ class FinishRefusal(_message.Message):
     """The ErrorInfo reason Finish would have carried, such as LEASE_NOT_HELD; empty for
     INVALID_ARGUMENT.
     """
+    @_builtins.property
+    def lease(self) -> Global___LeaseRef:
+        """The attempt, as in its FinishRequest."""
+
     def __init__(
         self,
         *,
+        lease: Global___LeaseRef | None = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "lease", b"lease", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,9 @@
 """Remote workers: the attempts of a worker connected over WorkerService, and its sessions.
 
-A `RemoteWorker` is what dispatch grants attempts to for one worker process: it turns a
-grant into an `assignment` and a stop into a `stop` on the worker's stream (its outbox),
-and counts the worker's free slots. `WorkerSessions` keeps them by worker id across
+A `RemoteWorker` is what dispatch grants attempts to for one worker process: it turns
+grants into `assignments` and a stop into a `stop` on the worker's stream (its `Outbox`:
+the attempts granted in one claim round go out as one message), and counts the worker's
+free slots. `WorkerSessions` keeps them by worker id across
 connections: a worker whose stream breaks keeps its leases for the reconnect grace, and
 one that connects again within it keeps the attempts it still runs; the others, and all of
 them once the grace is over, end with WORKER_LOST and are retried at once.
@@ -11,6 +12,7 @@ them once the grace is over, end with WORKER_LOST and are retried at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -19,9 +21,8 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import duration_pb2
 
-from conveyor.protojson import seconds_to_timestamp
 from conveyor.v1 import worker_service_pb2 as pb
-from conveyord.convert import task_to_proto
+from conveyord.convert import assignment, assignments_message
 from conveyord.dispatch import Dispatcher, holder_lost
 from conveyord.errors import ConveyorError, ShuttingDown
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
@@ -29,8 +30,10 @@ from conveyord.store.base import StoreFailed, TaskNotFound, TaskStore
 
 log = logging.getLogger(__name__)
 
-# The end of a stream: None ends it with OK; an error ends it with that error's status.
+# What a stream sends: an encoded ConnectResponse; or its end: None ends it with OK, an
+# error with that error's status.
 Outgoing = bytes | ConveyorError | None
+ASSIGNMENTS_BYTES = 1024 * 1024  # in one message, about: well within a client's 4 MiB
 
 _STOP_CAUSES = {
     ErrorCode.CANCELLED: pb.STOP_CAUSE_CANCELLED,
@@ -87,6 +90,50 @@ class WorkerNotConnected(ConveyorError):
         return {"worker_id": self.worker_id}
 
 
+class Outbox:
+    """What goes out on one stream of a worker, in order. The assignments granted while
+    the stream was busy go out together, as one `assignments` message (one write, one
+    read, one wake-up of the worker for a claim round's worth of attempts)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Outgoing | Outbox] = collections.deque()
+        self._assigned: list[bytes] = []  # Assignments, sent where the outbox is in _items
+        self._ready = asyncio.Event()
+
+    def put(self, item: Outgoing) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def assign(self, assignment: bytes) -> None:
+        if not self._assigned:
+            self._items.append(self)  # the place of the assignments among the messages
+            self._ready.set()
+        self._assigned.append(assignment)
+
+    async def get(self, wait: float) -> Outgoing:
+        """The next item; TimeoutError after `wait` seconds with nothing to send."""
+        if not self._items:  # a timer only when there is something to wait for
+            self._ready.clear()
+            async with asyncio.timeout(wait):
+                await self._ready.wait()
+        if self._items[0] is not self:
+            return self._items.popleft()  # type: ignore[return-value]
+        return self._take_assignments()
+
+    def _take_assignments(self) -> bytes:
+        """Assignments in order, as many as fit in one message (at least one)."""
+        count, size = 0, 0
+        for encoded in self._assigned:
+            if count and size + len(encoded) > ASSIGNMENTS_BYTES:
+                break
+            count, size = count + 1, size + len(encoded)
+        message = assignments_message(self._assigned[:count])
+        del self._assigned[:count]
+        if not self._assigned:
+            self._items.popleft()
+        return message
+
+
 class RemoteWorker:
     """One worker process, as dispatch sees it: its types, slots and held attempts."""
 
@@ -96,7 +143,7 @@ class RemoteWorker:
         self.slots = slots
         self.lease_seconds: float | None = lease
         self.held: dict[str, str] = {}  # task_id: lease_id
-        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.outbox = Outbox()
         self.connected = True
         self.draining = False
         self.grace: asyncio.TimerHandle | None = None  # runs out: the worker is lost
@@ -109,15 +156,8 @@ class RemoteWorker:
 
     def start(self, task: Task) -> None:
         self.held[task.task_id] = task.lease_id
-        assignment = pb.Assignment(
-            task=task_to_proto(task),
-            lease_id=task.lease_id,
-            deadline=seconds_to_timestamp(
-                (task.started_at or task.updated_at) + task.timeout_seconds
-            ),
-            lease_expires_at=seconds_to_timestamp(task.lease_expires_at or 0.0),
-        )
-        self.outbox.put_nowait(pb.ConnectResponse(assignment=assignment).SerializeToString())
+        deadline = (task.started_at or task.updated_at) + task.timeout_seconds
+        self.outbox.assign(assignment(task, deadline, task.lease_expires_at or 0.0))
 
     def stop(self, task: Task, why: TaskError, grace: float) -> None:
         stop = pb.Stop(
@@ -127,19 +167,19 @@ class RemoteWorker:
             reason=why.message,
             grace=_duration(grace),
         )
-        self.outbox.put_nowait(pb.ConnectResponse(stop=stop).SerializeToString())
+        self.outbox.put(pb.ConnectResponse(stop=stop).SerializeToString())
 
     def abandon(self, task_id: str, lease_id: str) -> None:
         if self.held.get(task_id) == lease_id:
             del self.held[task_id]
             if self.draining and not self.held:
-                self.outbox.put_nowait(None)  # drained: the stream ends with OK
+                self.outbox.put(None)  # drained: the stream ends with OK
 
     def replace_stream(self) -> None:
         """Give the worker a fresh outbox for a new stream, ending the old one."""
         if self.connected:
-            self.outbox.put_nowait(WorkerReplaced(self.holder))
-        self.outbox = asyncio.Queue()
+            self.outbox.put(WorkerReplaced(self.holder))
+        self.outbox = Outbox()
         self.connected = True
         self.draining = False
 
@@ -198,7 +238,7 @@ class WorkerSessions:
                 kept.append((task_id, lease_id))
         return kept
 
-    def disconnected(self, worker: RemoteWorker, outbox: asyncio.Queue[Outgoing]) -> None:
+    def disconnected(self, worker: RemoteWorker, outbox: Outbox) -> None:
         """A stream ended. If it was the worker's current one, hold its leases for the
         reconnect grace, then end them."""
         if worker.outbox is not outbox or not worker.connected:
@@ -247,7 +287,7 @@ class WorkerSessions:
             raise WorkerNotConnected(worker_id)
         worker.draining = True
         if not worker.held:
-            worker.outbox.put_nowait(None)
+            worker.outbox.put(None)
 
     def close(self) -> None:
         """The server stops: end every stream with UNAVAILABLE."""
@@ -256,7 +296,7 @@ class WorkerSessions:
             if worker.grace is not None:
                 worker.grace.cancel()
             if worker.connected:
-                worker.outbox.put_nowait(ShuttingDown())
+                worker.outbox.put(ShuttingDown())
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
