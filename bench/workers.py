@@ -1,7 +1,9 @@
 """Remote workers: no-op tasks end to end through one `conveyor worker` process against the
 server's own (local) worker, in the same run; how soon a task is held by its worker after
 Create, at light load; and how long a task waits after its worker is killed (kill -9)
-before it runs on another worker.
+before it runs on another worker. With them, the host's yardsticks from the same run: the
+bare gRPC server's calls per second (64 at once) and one bare call's time at the same light
+load (an idle process is slow to wake on some hosts, and every figure at light load pays it).
 
 A remote worker runs on the load generator's core, not the server's: it stands for a worker
 on a machine of its own, so that what is compared is what the server does per task with its
@@ -23,7 +25,7 @@ from typing import Any
 import grpc
 
 from bench.end_to_end import at_light_load, throughput
-from bench.harness import Load, Process, conveyord, ms, ratio, server_process
+from bench.harness import Load, Process, bare, closed_loop, conveyord, ms, ratio, server_process
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
@@ -73,6 +75,23 @@ async def assignment_delays(address: str, tasks: int, per_second: float) -> Load
         return await at_light_load(one, tasks, per_second)
 
 
+async def bare_yardsticks(calls: int, light: int) -> tuple[float, Load]:
+    """The bare server's unary calls per second, 64 at once; one call's time at 100/s."""
+    async with bare() as ceiling, grpc.aio.insecure_channel(ceiling.address) as channel:
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/bench.Bare/Unary"
+        )
+        await closed_loop(lambda: unary(b""), concurrency=64, calls=calls // 10)
+        busy = await closed_loop(lambda: unary(b""), concurrency=64, calls=calls)
+
+        async def one() -> float:
+            began = time.perf_counter()
+            await unary(b"")
+            return time.perf_counter() - began
+
+        return busy.rate, await at_light_load(one, light, per_second=100)
+
+
 async def rescue_time(address: str) -> float:
     """Kill -9 the worker that holds a task; seconds until the task runs on another."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -119,8 +138,12 @@ async def run(quick: bool) -> dict[str, Any]:
         remote_assign = await assignment_delays(address, light, per_second=100)
     async with remote(workers=0) as address:  # rescue_time brings its own two workers
         rescues = [await rescue_time(address) for _ in range(kills)]
+    ceiling, bare_light = await bare_yardsticks(tasks, light)
     local, far = max(rates["local"]), max(rates["remote"])
     return {
+        "bare_calls_per_second": ceiling,
+        "bare_call_p50": bare_light.percentile(0.5),
+        "bare_call_p99": bare_light.percentile(0.99),
         "local_tasks_per_second": local,
         "remote_tasks_per_second": far,
         "remote_ratio": far / local,
@@ -149,5 +172,10 @@ def table(results: dict[str, Any]) -> list[list[str]]:
             "a worker killed (kill -9): until its task runs on another, median",
             "",
             f"{results['rescue_seconds']:.2f} s",
+        ],
+        [
+            "yardsticks: a bare gRPC server's calls/s, 64 at once; one call at 100/s, p50 / p99",
+            f"{results['bare_calls_per_second']:.0f}",
+            f"{ms(results['bare_call_p50'])} / {ms(results['bare_call_p99'])}",
         ],
     ]
