@@ -199,6 +199,11 @@ class ScriptedServer(TaskServiceServicer):
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    def CancelMatching(
+        self, request: pb.CancelMatchingRequest, context: grpc.ServicerContext
+    ) -> pb.CancelMatchingResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(task=self.task)
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,17 +25,32 @@ if TYPE_CHECKING:
 TEST_HANDLERS = "tests.handlers"
 
 
+class ManualClock:
+    """The server's clock in tests where time matters: it moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ServerThread:
-    """Runs a `Server` on a loop of its own, so that tests may block without stalling it."""
+    """Runs a `Server` on a loop of its own, so that tests may block without stalling it.
+    With a ManualClock, `advance` moves the server's time."""
 
     def __init__(
-        self, config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+        self,
+        config: ServerConfig,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        clock: ManualClock | None = None,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
+        self.clock = clock
         registry = HandlerRegistry.from_modules([TEST_HANDLERS])
-        self.server: Server = self.call(self._make(config, registry, interceptors))
+        self.server: Server = self.call(self._make(config, registry, interceptors, clock))
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"
 
@@ -43,8 +59,21 @@ class ServerThread:
         config: ServerConfig,
         registry: HandlerRegistry,
         interceptors: Sequence[grpc.aio.ServerInterceptor],
+        clock: ManualClock | None,
     ) -> Server:
-        return Server(config, registry=registry, interceptors=interceptors)
+        return Server(
+            config, registry=registry, interceptors=interceptors, clock=clock or time.time
+        )
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's ManualClock on; what fell due by then is done (at once, or in
+        the loop's next turns)."""
+        self.call(self._advance(seconds))
+
+    async def _advance(self, seconds: float) -> None:
+        assert self.clock is not None, "the server was started without a ManualClock"
+        self.clock.now += seconds
+        self.server.scheduler.dispatcher.clock_moved()
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -95,9 +124,11 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
     def start(
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **settings: Any
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        clock: ManualClock | None = None,
+        **settings: Any,
     ) -> ServerThread:
-        running = ServerThread(server_config(**settings), interceptors)
+        running = ServerThread(server_config(**settings), interceptors, clock)
         started.append(running)
         return running
 

@@ -55,7 +55,8 @@ def test_claim_starts_a_runnable_task_under_the_lease() -> None:
 @pytest.mark.parametrize(
     "unclaimable",
     [
-        task(next_attempt_at=NOW + 0.5),  # its next attempt is not due yet
+        task(next_attempt_at=NOW + 0.5),  # its next attempt (or delayed start) is not due yet
+        task(start_deadline=NOW),  # too late to start: it fails with QUEUE_TIMEOUT instead
         task(RUNNING),
         task(COMPLETED),
         task(FAILED),
@@ -64,6 +65,36 @@ def test_claim_starts_a_runnable_task_under_the_lease() -> None:
 )
 def test_claim_takes_nothing_that_is_not_runnable(unclaimable: Task) -> None:
     assert lifecycle.claim(unclaimable, LEASE, NOW) is None
+
+
+def test_a_start_clears_the_start_deadline() -> None:
+    started = lifecycle.claim(task(start_deadline=NOW + 1), LEASE, NOW)
+    assert started is not None and started.start_deadline is None
+
+
+# -- queue timeout -------------------------------------------------------------------
+
+
+def test_a_task_not_started_by_its_deadline_fails_with_queue_timeout() -> None:
+    waiting = task(next_attempt_at=NOW - 30, start_deadline=NOW)  # delayed, then 30 s
+    failed = lifecycle.queue_timed_out(waiting, NOW)
+    assert failed is not None
+    assert (failed.status, failed.finished_at, failed.start_deadline) == (FAILED, NOW, None)
+    assert failed.error is not None and failed.error.code == ErrorCode.QUEUE_TIMEOUT
+    assert "queue timeout of 30 s" in failed.error.message
+
+
+@pytest.mark.parametrize(
+    "untouched",
+    [
+        task(start_deadline=NOW + 1),  # not due yet
+        task(),  # no queue timeout
+        task(RUNNING),  # it started
+        task(CANCELLED),
+    ],
+)
+def test_the_queue_timeout_touches_nothing_else(untouched: Task) -> None:
+    assert lifecycle.queue_timed_out(untouched, NOW) is None
 
 
 # -- renew and report --------------------------------------------------------------
@@ -245,6 +276,7 @@ def test_every_move_the_rules_make_is_one_the_state_machine_lists() -> None:
     moves = {
         (CREATED, RUNNING),
         (CREATED, CANCELLED),
+        (CREATED, FAILED),  # queue timeout
         (RUNNING, COMPLETED),
         (RUNNING, FAILED),
         (RUNNING, CANCELLED),

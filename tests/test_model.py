@@ -29,6 +29,7 @@ def _task(status: TaskStatus) -> Task:
 ALLOWED = {
     (TaskStatus.CREATED, TaskStatus.RUNNING),
     (TaskStatus.CREATED, TaskStatus.CANCELLED),
+    (TaskStatus.CREATED, TaskStatus.FAILED),  # not started within its queue timeout
     (TaskStatus.RUNNING, TaskStatus.COMPLETED),
     (TaskStatus.RUNNING, TaskStatus.FAILED),
     (TaskStatus.RUNNING, TaskStatus.CANCELLED),

@@ -272,6 +272,36 @@ async def test_update_where_changes_every_match_at_once(store: TaskStore) -> Non
     assert (await store.get(tasks[2].task_id)) == tasks[2]
 
 
+async def test_a_large_update_where_takes_the_tasks_that_matched_when_it_began(
+    store: TaskStore,
+) -> None:
+    labelled = TaskFilter(labels={"group": "g"})
+    batch = [new_task(labels={"group": "g"}) for _ in range(2500)]  # three chunks
+    await store.create(batch, admit)
+    assert await store.count(labelled) == 2500
+    late: list[Task] = []
+
+    async def create_meanwhile() -> None:  # runs between two chunks of the update
+        late.append((await create_one(store, new_task(labels={"group": "g"})))[0])
+
+    creating = asyncio.get_running_loop().create_task(create_meanwhile())
+    changed = await store.update_where(labelled, start)
+    await creating
+    assert len(changed) == 2500 and all(t.status is TaskStatus.RUNNING for t in changed)
+    assert (await store.get(late[0].task_id)) == late[0]  # created meanwhile: untouched
+    assert await store.count(labelled) == 2501
+
+
+async def test_a_missed_start_deadline_is_found_once(store: TaskStore) -> None:
+    waiting, _ = await create_one(store, new_task(start_deadline=30.0))
+    started, _ = await create_one(store, new_task(start_deadline=20.0))
+    await store.update(started.task_id, start)
+    assert store.next_wakeup() == 30.0  # the started task's deadline is gone
+    assert await store.missed_starts(29.0) == []
+    assert [t.task_id for t in await store.missed_starts(30.0)] == [waiting.task_id]
+    assert await store.missed_starts(31.0) == []
+
+
 async def test_a_lease_that_ran_out_is_found(store: TaskStore) -> None:
     await create_one(store, new_task())
     (task,) = await store.claim(_claim(now=5.0))

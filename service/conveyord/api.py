@@ -50,22 +50,21 @@ class TaskServiceApi:
 
     async def create(self, request: pb.CreateRequest) -> bytes:
         """A CreateResponse."""
+        now = self.scheduler.clock()
         new = validation.create_request(
-            request, self.scheduler.task_types, self.scheduler.config.default_timeout
+            request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )
-        ((task, _),) = await self.scheduler.create([self._record(new)])
+        ((task, _),) = await self.scheduler.create([new.to_task(new_task_id(), now)])
         return task_message(task)
 
     async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
         """A BatchCreateResponse."""
+        now = self.scheduler.clock()
         batch = validation.batch_create_request(
-            request, self.scheduler.task_types, self.scheduler.config.default_timeout
+            request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )
-        created = await self.scheduler.create([self._record(new) for new in batch])
+        created = await self.scheduler.create([new.to_task(new_task_id(), now) for new in batch])
         return tasks_message(task for task, _ in created)
-
-    def _record(self, new: validation.NewTask) -> Task:
-        return new.to_task(new_task_id(), self.scheduler.clock())
 
     async def get(self, request: pb.GetRequest) -> bytes:
         """A GetResponse."""
@@ -89,6 +88,12 @@ class TaskServiceApi:
         task_id, reason = validation.cancel_request(request)
         task = await self.scheduler.cancel(task_id, reason)
         return task_message(task)
+
+    async def cancel_matching(self, request: pb.CancelMatchingRequest) -> bytes:
+        """A CancelMatchingResponse."""
+        task_filter, reason, dry_run = validation.cancel_matching_request(request)
+        count = await self.scheduler.cancel_matching(task_filter, reason, dry_run)
+        return pb.CancelMatchingResponse(count=count).SerializeToString()
 
     async def watch(self, request: pb.WatchRequest) -> AsyncIterator[bytes]:
         """See the Watch RPC in task_service.proto: replay or current state first, then live.
@@ -175,5 +180,8 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
         "Get": unary_method(api.get, pb.GetRequest, RECEIVE_LIMITS["Get"]),
         "List": unary_method(api.list, pb.ListRequest, RECEIVE_LIMITS["List"]),
         "Cancel": unary_method(api.cancel, pb.CancelRequest, RECEIVE_LIMITS["Cancel"]),
+        "CancelMatching": unary_method(
+            api.cancel_matching, pb.CancelMatchingRequest, RECEIVE_LIMITS["CancelMatching"]
+        ),
         "Watch": stream_method(api.watch, pb.WatchRequest, RECEIVE_LIMITS["Watch"]),
     }

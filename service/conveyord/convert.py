@@ -42,6 +42,8 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
         _stamp(message.next_attempt_at, task.next_attempt_at)
     if task.cancel_requested_at is not None:
         _stamp(message.cancel_requested_at, task.cancel_requested_at)
+    if task.start_deadline is not None:
+        _stamp(message.start_deadline, task.start_deadline)
     if task.parameters:
         message.parameters.update(task.parameters)
     if task.progress_detail is not None:

@@ -138,6 +138,12 @@ class Timekeeper:
             delay = max(0.0, when - self.clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._woken)
 
+    def rearm(self) -> None:
+        """Set the timer afresh from the store's next wake-up (the clock jumped)."""
+        if self._active:
+            self._set(None)
+            self._set(self.store.next_wakeup())
+
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` on its own, keeping it referenced until it ends."""
         task = asyncio.get_running_loop().create_task(work)
@@ -150,10 +156,14 @@ class Timekeeper:
         self.due()
 
     async def _reap(self) -> None:
-        """End the attempts whose lease ran out: their holder is gone."""
+        """End the attempts whose lease ran out (their holder is gone), and fail the tasks
+        not started by their start deadline."""
+        now = self.clock()
         try:
-            for task in await self.store.expired_leases(self.clock()):
+            for task in await self.store.expired_leases(now):
                 await self.store.update(task.task_id, self._expiry(task.lease_id))
+            for task in await self.store.missed_starts(now):
+                await self.store.update(task.task_id, lambda t: lifecycle.queue_timed_out(t, now))
         except StoreFailed:
             return
         if self._active:
@@ -320,6 +330,11 @@ class Dispatcher:
         if self._unfollow is not None:
             self._unfollow()
 
+    def clock_moved(self) -> None:
+        """The clock jumped (a test's clock): what fell due by the new time is done now."""
+        self._timer.rearm()
+        self._pump()
+
     # -- workers that come and go ---------------------------------------------------
 
     def join(self, worker: Worker) -> None:
@@ -425,6 +440,8 @@ class Dispatcher:
                 self._pump(task.task_type)
             else:
                 self._timer.hint(task.next_attempt_at)
+            if task.start_deadline is not None:
+                self._timer.hint(task.start_deadline)  # failed if not started by then
         elif task.status is TaskStatus.RUNNING and task.lease_expires_at is not None:
             self._timer.hint(task.lease_expires_at)  # reaped if it runs out
 

@@ -113,10 +113,14 @@ def new_lease_id() -> str:
 
 def claim(task: Task, lease: Lease, now: float) -> Task | None:
     """Start an attempt under `lease`: a CREATED task that is runnable becomes RUNNING.
-    None if it is not there to take (cancelled, taken, or not yet due)."""
+    None if it is not there to take (cancelled, taken, not yet due, or past its start
+    deadline: it is to fail with QUEUE_TIMEOUT, not to start late)."""
     if task.status is not TaskStatus.CREATED or (task.next_attempt_at or 0.0) > now:
         return None
+    if task.start_deadline is not None and task.start_deadline <= now:
+        return None
     return task.evolve(
+        start_deadline=None,
         status=TaskStatus.RUNNING,
         lease_id=lease.lease_id,
         lease_holder=lease.holder,
@@ -231,10 +235,34 @@ def expire(
     return failed(task, error, retryable=True, now=now, delay=delay)
 
 
+def queue_timed_out(task: Task, now: float) -> Task | None:
+    """A task whose first attempt did not start by its start deadline: FAILED, with
+    QUEUE_TIMEOUT. None if it started or ended meanwhile, or is not yet due."""
+    deadline = task.start_deadline
+    if task.status is not TaskStatus.CREATED or deadline is None or deadline > now:
+        return None
+    runnable_at = task.next_attempt_at or task.created_at
+    error = TaskError(
+        ErrorCode.QUEUE_TIMEOUT,
+        f"not started within its queue timeout of {deadline - runnable_at:g} s: "
+        "no worker took it in time",
+    )
+    return task.evolve(
+        status=TaskStatus.FAILED,
+        error=error,
+        message="failed: not started in time",
+        finished_at=now,
+        updated_at=now,
+        next_attempt_at=None,
+        start_deadline=None,
+    )
+
+
 def cancelled(task: Task, reason: str, now: float) -> Task:
     """The task's end by a Cancel, with the reason as its error."""
     return task.evolve(
         **_NO_LEASE,
+        start_deadline=None,
         status=TaskStatus.CANCELLED,
         error=TaskError(ErrorCode.CANCELLED, reason),
         message=f"cancelled: {reason}",

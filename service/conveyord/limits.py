@@ -21,8 +21,13 @@ from conveyor.limits import (  # the contract's caps, shared with the client's w
 
 __all__ = [
     "KIB", "MAX_DETAIL_BYTES", "MAX_JSON_DEPTH", "MAX_MESSAGE", "MAX_PAGE_BYTES",
-    "MAX_PARAMETERS_BYTES", "MAX_RECEIVE_BYTES", "MAX_RESULT_BYTES", "MIB", "RECEIVE_LIMITS",
+    "MAX_PARAMETERS_BYTES", "MAX_RECEIVE_BYTES", "MAX_RESULT_BYTES", "MAX_WAIT_SECONDS", "MIB",
+    "RECEIVE_LIMITS",
 ]  # fmt: skip
+
+# The furthest ahead a task may be asked to start, and the longest queue timeout: a year
+# and a day (a yearly job fits; a time years ahead is a mistake).
+MAX_WAIT_SECONDS = 366 * 24 * 3600.0
 
 # The most any answer may hold: a List page stops before a task that would pass it. A
 # task is at most about 2.2 MiB (parameters, result, detail, labels, description), so a
@@ -36,6 +41,7 @@ RECEIVE_LIMITS = {
     "BatchCreate": 4 * MIB,
     "Get": 4 * KIB,
     "Cancel": 8 * KIB,
+    "CancelMatching": 128 * KIB,
     "List": 128 * KIB,
     "Watch": 128 * KIB,
 }

@@ -30,10 +30,12 @@ class TaskStatus(enum.IntEnum):
 
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+UNFINISHED = frozenset(TaskStatus) - TERMINAL
 
-# The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt.
+# The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt;
+# CREATED -> FAILED, a task not started within its queue timeout.
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.CREATED}
     ),
@@ -56,6 +58,7 @@ class ErrorCode:
     RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
     INVALID_REPORT = "INVALID_REPORT"
     REPORT_TOO_LARGE = "REPORT_TOO_LARGE"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,7 +98,8 @@ class Task:
     result: Any = None
     error: TaskError | None = None
     attempt: int = 1
-    next_attempt_at: float | None = None
+    next_attempt_at: float | None = None  # when a waiting task (delayed, or a retry) may run
+    start_deadline: float | None = None  # not started by then: it fails with QUEUE_TIMEOUT
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested_at: float | None = None

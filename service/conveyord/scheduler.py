@@ -28,7 +28,7 @@ from conveyord.errors import ShuttingDown as ShuttingDown  # re-exported: it was
 from conveyord.handlers import HandlerRegistry
 from conveyord.lifecycle import RetryPolicy
 from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
-from conveyord.model import Task
+from conveyord.model import Task, TaskFilter
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.worker.local import LocalWorker
 
@@ -182,6 +182,18 @@ class Scheduler:
         which follows the store) and the attempt ends CANCELLED."""
         now, reason = self.clock(), reason or "cancelled by request"
         return await self.store.update(task_id, lambda task: lifecycle.cancel(task, reason, now))
+
+    async def cancel_matching(self, task_filter: TaskFilter, reason: str, dry_run: bool) -> int:
+        """Cancel every unfinished task that matches, each as `cancel` would (one that ended
+        meanwhile is left alone); how many were cancelled, or with `dry_run`, would be."""
+        if dry_run:
+            return await self.store.count(task_filter)
+        now, reason = self.clock(), reason or "cancelled by request"
+
+        def cancel(task: Task) -> Task | None:
+            return None if task.terminal else lifecycle.cancel(task, reason, now)
+
+        return len(await self.store.update_where(task_filter, cancel))
 
     # -- retention ---------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import asyncio
 import dataclasses
 import logging
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,6 +87,7 @@ class Server:
         registry: HandlerRegistry | None = None,
         store: TaskStore | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.registry = registry or HandlerRegistry.from_modules(
@@ -102,7 +104,7 @@ class Server:
         self.store.on_failure = self._store_failed
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
-        self.scheduler = Scheduler(self.store, self.registry, config.scheduler)
+        self.scheduler = Scheduler(self.store, self.registry, config.scheduler, clock=clock)
         self.sessions = WorkerSessions(self.scheduler.dispatcher, self.store, config.workers)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,15 +18,15 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from conveyor.protojson import struct_to_dict
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.errors import ConveyorError
-from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES
-from conveyord.model import Task, TaskFilter, TaskStatus
+from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES, MAX_WAIT_SECONDS
+from conveyord.model import UNFINISHED, Task, TaskFilter, TaskStatus
 
 DEFAULT_PRIORITY = 5
 MAX_DESCRIPTION = 4096
@@ -134,8 +135,11 @@ class NewTask:
         "max_attempts",
         "parameters",
         "priority",
+        "queue_timeout",
         "request_hash",
         "request_id",
+        "start_after",
+        "start_at",
         "task_type",
         "timeout_seconds",
     )
@@ -156,9 +160,19 @@ class NewTask:
         self.labels = dict(task.labels) if task.labels else {}
         self.request_id = request.request_id
         self.request_hash = hashlib.sha256(task.SerializeToString(deterministic=True)).digest()
+        self.start_at = _seconds(task.start_at) if task.HasField("start_at") else None
+        self.start_after = task.start_after_seconds  # 0.0 when unset
+        self.queue_timeout = (
+            task.queue_timeout_seconds if task.HasField("queue_timeout_seconds") else None
+        )
 
     def to_task(self, task_id: str, now: float) -> Task:
-        """The record of the new task, queued and on its first attempt."""
+        """The record of the new task, queued (or waiting for its start) on its first attempt."""
+        start = self.start_at if self.start_at is not None else now + self.start_after
+        runnable_at = start if start > now else None
+        deadline = None
+        if self.queue_timeout is not None:
+            deadline = (runnable_at or now) + self.queue_timeout
         return Task(
             task_id=task_id,
             seq=0,
@@ -174,20 +188,25 @@ class NewTask:
             request_id=self.request_id,
             request_hash=self.request_hash,
             message="queued",
+            next_attempt_at=runnable_at,
+            start_deadline=deadline,
         )
 
 
 def create_request(
-    request: task_service_pb2.CreateRequest, known: KnownTypes, default_timeout: float
+    request: task_service_pb2.CreateRequest, known: KnownTypes, default_timeout: float, now: float
 ) -> NewTask:
     checker = Checker()
-    _create(checker, request, known, "")
+    _create(checker, request, known, "", now)
     checker.done()
     return NewTask(request, default_timeout)
 
 
 def batch_create_request(
-    request: task_service_pb2.BatchCreateRequest, known: KnownTypes, default_timeout: float
+    request: task_service_pb2.BatchCreateRequest,
+    known: KnownTypes,
+    default_timeout: float,
+    now: float,
 ) -> list[NewTask]:
     checker = Checker()
     count = len(request.requests)
@@ -196,7 +215,7 @@ def batch_create_request(
         checker.done()
     first_index: dict[str, int] = {}
     for index, create in enumerate(request.requests):
-        _create(checker, create, known, f"requests[{index}].")
+        _create(checker, create, known, f"requests[{index}].", now)
         if create.request_id:
             earlier = first_index.setdefault(create.request_id, index)
             if earlier != index:
@@ -212,6 +231,7 @@ def _create(
     request: task_service_pb2.CreateRequest,
     known: KnownTypes,
     prefix: str,
+    now: float,
 ) -> None:
     """Check one CreateRequest; its fields are named after `prefix`."""
     if not request.HasField("task"):
@@ -242,8 +262,36 @@ def _create(
             f"{field}max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, not {task.max_attempts}"
         )
     _labels(checker, task.labels, f"{field}labels")
+    _start(checker, task, field, now)
     if len(request.request_id) > MAX_REQUEST_ID:
         checker.fail(f"{prefix}request_id", f"is longer than {MAX_REQUEST_ID} characters")
+
+
+_MAX_WAIT = f"{MAX_WAIT_SECONDS:.0f} seconds (366 days)"
+
+
+def _start(checker: Checker, task: task_pb2.TaskRequest, field: str, now: float) -> None:
+    """A delayed start within MAX_WAIT_SECONDS (a time already past is fine: at once), and a
+    positive queue timeout within it."""
+    which = task.WhichOneof("start")
+    if which == "start_at":
+        if not 0 <= task.start_at.nanos < 1_000_000_000:
+            checker.fail(
+                f"{field}start_at", f"has nanos {task.start_at.nanos} outside 0..999999999"
+            )
+        elif _seconds(task.start_at) > now + MAX_WAIT_SECONDS:
+            checker.fail(f"{field}start_at", f"is more than {_MAX_WAIT} from now")
+    elif which == "start_after_seconds":
+        delay = task.start_after_seconds
+        if not (math.isfinite(delay) and 0 <= delay <= MAX_WAIT_SECONDS):
+            checker.fail(f"{field}start_after_seconds", f"must be 0 to {_MAX_WAIT}, not {delay}")
+    if task.HasField("queue_timeout_seconds"):
+        limit = task.queue_timeout_seconds
+        if not (math.isfinite(limit) and 0 < limit <= MAX_WAIT_SECONDS):
+            checker.fail(
+                f"{field}queue_timeout_seconds",
+                f"must be positive, at most {_MAX_WAIT}, not {limit}",
+            )
 
 
 def _parameters(checker: Checker, parameters: struct_pb2.Struct, field: str) -> None:
@@ -414,8 +462,28 @@ def watch_request(request: task_service_pb2.WatchRequest) -> WatchQuery:
     return WatchQuery(task_filter, since, heartbeat)
 
 
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return duration.seconds + duration.nanos / 1e9
+def _seconds(time: duration_pb2.Duration | timestamp_pb2.Timestamp) -> float:
+    """A Duration's length, or a Timestamp's epoch seconds."""
+    return time.seconds + time.nanos / 1e9
+
+
+def cancel_matching_request(
+    request: task_service_pb2.CancelMatchingRequest,
+) -> tuple[TaskFilter, str, bool]:
+    """The filter (of unfinished tasks), the reason and whether it is a dry run."""
+    checker = Checker()
+    task_filter = _filter(checker, request.filter, "filter")
+    if not (task_filter.labels or task_filter.task_type or task_filter.task_id_prefix):
+        checker.fail(
+            "filter",
+            "must set labels, task_type or task_id_prefix: a filter of statuses alone, or an "
+            "empty one, would cancel every task",
+        )
+    if len(request.reason) > MAX_REASON:
+        checker.fail("reason", f"is longer than {MAX_REASON} characters")
+    checker.done()
+    statuses = (task_filter.statuses or UNFINISHED) & UNFINISHED
+    return dataclasses.replace(task_filter, statuses=statuses), request.reason, request.dry_run
 
 
 def cancel_request(request: task_service_pb2.CancelRequest) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63onveyor/v1/task.proto\x12\x0b\x63onveyor.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x02\n\x0bTaskRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x0ftimeout_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cmax_attempts\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.conveyor.v1.TaskRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priorityB\x12\n\x10_timeout_secondsB\x0f\n\r_max_attempts\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xee\x06\n\x0cTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.conveyor.v1.TaskStatus\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x10\n\x08progress\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x30\n\x0fprogress_detail\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06result\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x65rror\x18\n \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x35\n\x06labels\x18\x0b \x03(\x0b\x32%.conveyor.v1.TaskResponse.LabelsEntry\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\x12\x33\n\x0fnext_attempt_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x13 \x01(\x03\x12+\n\nparameters\x18\x14 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0ftimeout_seconds\x18\x15 \x01(\x01\x12\x37\n\x13\x63\x61ncel_requested_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x12last_attempt_error\x18\x17 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\nTaskFilter\x12)\n\x08statuses\x18\x01 \x03(\x0e\x32\x17.conveyor.v1.TaskStatus\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.conveyor.v1.TaskFilter.LabelsEntry\x12\x16\n\x0etask_id_prefix\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_CREATED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63onveyor/v1/task.proto\x12\x0b\x63onveyor.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x03\n\x0bTaskRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0ftimeout_seconds\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cmax_attempts\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.conveyor.v1.TaskRequest.LabelsEntry\x12.\n\x08start_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x1d\n\x13start_after_seconds\x18\t \x01(\x01H\x00\x12\"\n\x15queue_timeout_seconds\x18\n \x01(\x01H\x04\x88\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05startB\x0b\n\t_priorityB\x12\n\x10_timeout_secondsB\x0f\n\r_max_attemptsB\x18\n\x16_queue_timeout_seconds\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa2\x07\n\x0cTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.conveyor.v1.TaskStatus\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x10\n\x08progress\x18\x06 \x01(\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x30\n\x0fprogress_detail\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06result\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x65rror\x18\n \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x35\n\x06labels\x18\x0b \x03(\x0b\x32%.conveyor.v1.TaskResponse.LabelsEntry\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0cmax_attempts\x18\r \x01(\x05\x12\x33\n\x0fnext_attempt_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x13 \x01(\x03\x12+\n\nparameters\x18\x14 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0ftimeout_seconds\x18\x15 \x01(\x01\x12\x37\n\x13\x63\x61ncel_requested_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x12last_attempt_error\x18\x17 \x01(\x0b\x32\x16.conveyor.v1.TaskError\x12\x32\n\x0estart_deadline\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\nTaskFilter\x12)\n\x08statuses\x18\x01 \x03(\x0e\x32\x17.conveyor.v1.TaskStatus\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.conveyor.v1.TaskFilter.LabelsEntry\x12\x16\n\x0etask_id_prefix\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa9\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_CREATED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,20 +39,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKRESPONSE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKFILTER_LABELSENTRY']._loaded_options = None
   _globals['_TASKFILTER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1561
-  _globals['_TASKSTATUS']._serialized_end=1730
+  _globals['_TASKSTATUS']._serialized_start=1763
+  _globals['_TASKSTATUS']._serialized_end=1932
   _globals['_TASKREQUEST']._serialized_start=103
-  _globals['_TASKREQUEST']._serialized_end=432
-  _globals['_TASKREQUEST_LABELSENTRY']._serialized_start=337
-  _globals['_TASKREQUEST_LABELSENTRY']._serialized_end=382
-  _globals['_TASKERROR']._serialized_start=434
-  _globals['_TASKERROR']._serialized_end=476
-  _globals['_TASKRESPONSE']._serialized_start=479
-  _globals['_TASKRESPONSE']._serialized_end=1357
-  _globals['_TASKRESPONSE_LABELSENTRY']._serialized_start=337
-  _globals['_TASKRESPONSE_LABELSENTRY']._serialized_end=382
-  _globals['_TASKFILTER']._serialized_start=1360
-  _globals['_TASKFILTER']._serialized_end=1558
-  _globals['_TASKFILTER_LABELSENTRY']._serialized_start=337
-  _globals['_TASKFILTER_LABELSENTRY']._serialized_end=382
+  _globals['_TASKREQUEST']._serialized_end=582
+  _globals['_TASKREQUEST_LABELSENTRY']._serialized_start=452
+  _globals['_TASKREQUEST_LABELSENTRY']._serialized_end=497
+  _globals['_TASKERROR']._serialized_start=584
+  _globals['_TASKERROR']._serialized_end=626
+  _globals['_TASKRESPONSE']._serialized_start=629
+  _globals['_TASKRESPONSE']._serialized_end=1559
+  _globals['_TASKRESPONSE_LABELSENTRY']._serialized_start=452
+  _globals['_TASKRESPONSE_LABELSENTRY']._serialized_end=497
+  _globals['_TASKFILTER']._serialized_start=1562
+  _globals['_TASKFILTER']._serialized_end=1760
+  _globals['_TASKFILTER_LABELSENTRY']._serialized_start=452
+  _globals['_TASKFILTER_LABELSENTRY']._serialized_end=497
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,8 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
     """The state of a task. A task moves only along
-    CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED} and CREATED -> CANCELLED.
+    CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED}, CREATED -> CANCELLED, and
+    CREATED -> FAILED (error QUEUE_TIMEOUT: its first attempt did not start in time).
     A failed attempt that has attempts left goes back from RUNNING to CREATED with
     `attempt` raised and `next_attempt_at` set; an attempt stopped by the server's own
     shutdown goes back to CREATED on the same `attempt` (error INTERRUPTED).
@@ -95,6 +96,9 @@ class TaskRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    START_AT_FIELD_NUMBER: _builtins.int
+    START_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     task_type: _builtins.str
     """Required. Names a handler registered on the server, such as "sleep"."""
     description: _builtins.str
@@ -107,6 +111,14 @@ class TaskRequest(_message.Message):
     """
     max_attempts: _builtins.int
     """How many attempts the task gets, 1 to 100. Unset means 1 (no retry)."""
+    start_after_seconds: _builtins.float
+    """The earliest start, in seconds from now (0 to 366 days)."""
+    queue_timeout_seconds: _builtins.float
+    """Seconds the task may wait in the queue for its first attempt to start, counted from
+    when it becomes runnable (its start time, if delayed): not started by then, it ends
+    FAILED with error QUEUE_TIMEOUT, so the caller knows it never ran. Positive, at most
+    366 days; unset means no limit. Retries are not bound by it.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """Input of the handler; at most 1 MiB encoded and 32 levels deep."""
@@ -118,6 +130,10 @@ class TaskRequest(_message.Message):
         values at most 255 characters.
         """
 
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp:
+        """The earliest start, as a time."""
+
     def __init__(
         self,
         *,
@@ -128,23 +144,34 @@ class TaskRequest(_message.Message):
         timeout_seconds: _builtins.float | None = ...,
         max_attempts: _builtins.int | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        start_after_seconds: _builtins.float = ...,
+        queue_timeout_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_priority", b"_priority", "_timeout_seconds", b"_timeout_seconds", "max_attempts", b"max_attempts", "parameters", b"parameters", "priority", b"priority", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_priority", b"_priority", "_queue_timeout_seconds", b"_queue_timeout_seconds", "_timeout_seconds", b"_timeout_seconds", "max_attempts", b"max_attempts", "parameters", b"parameters", "priority", b"priority", "queue_timeout_seconds", b"queue_timeout_seconds", "start", b"start", "start_after_seconds", b"start_after_seconds", "start_at", b"start_at", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_priority", b"_priority", "_timeout_seconds", b"_timeout_seconds", "description", b"description", "labels", b"labels", "max_attempts", b"max_attempts", "parameters", b"parameters", "priority", b"priority", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_priority", b"_priority", "_queue_timeout_seconds", b"_queue_timeout_seconds", "_timeout_seconds", b"_timeout_seconds", "description", b"description", "labels", b"labels", "max_attempts", b"max_attempts", "parameters", b"parameters", "priority", b"priority", "queue_timeout_seconds", b"queue_timeout_seconds", "start", b"start", "start_after_seconds", b"start_after_seconds", "start_at", b"start_at", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_attempts: _TypeAlias = _typing.Literal["max_attempts"]  # noqa: Y015
     _WhichOneofArgType__max_attempts: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts"]  # noqa: Y015
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    _WhichOneofReturnType__queue_timeout_seconds: _TypeAlias = _typing.Literal["queue_timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__queue_timeout_seconds: _TypeAlias = _typing.Literal["_queue_timeout_seconds", b"_queue_timeout_seconds"]  # noqa: Y015
     _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["start_at", "start_after_seconds"]  # noqa: Y015
+    _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_attempts) -> _WhichOneofReturnType__max_attempts | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queue_timeout_seconds) -> _WhichOneofReturnType__queue_timeout_seconds | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_start) -> _WhichOneofReturnType_start | None: ...
 
 Global___TaskRequest: _TypeAlias = TaskRequest  # noqa: Y015
 
@@ -163,6 +190,7 @@ class TaskError(_message.Message):
     something that is not JSON, or nests deeper than 32 levels), RESULT_TOO_LARGE (a
     result over 1 MiB encoded), INVALID_REPORT (a progress detail that is not JSON),
     REPORT_TOO_LARGE (a progress message over 4096 characters or a detail over 64 KiB),
+    QUEUE_TIMEOUT (the first attempt did not start within `queue_timeout_seconds`),
     INTERRUPTED (the server stopped while the attempt ran: on a task queued again, a
     shutdown that used no attempt; on a retried or FAILED one, a crash, or a shutdown
     past the server's limit of interruptions, that used it). The INVALID_ and _TOO_LARGE
@@ -233,6 +261,7 @@ class TaskResponse(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     LAST_ATTEMPT_ERROR_FIELD_NUMBER: _builtins.int
+    START_DEADLINE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -277,7 +306,9 @@ class TaskResponse(_message.Message):
 
     @_builtins.property
     def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
-        """While the task waits to be retried (CREATED with attempt > 1), when it becomes runnable."""
+        """While the task waits for a time before it may run (CREATED: a delayed start, or the
+        backoff before a retry), when it becomes runnable.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -311,6 +342,12 @@ class TaskResponse(_message.Message):
         `error` is unset); unset if no attempt failed.
         """
 
+    @_builtins.property
+    def start_deadline(self) -> _timestamp_pb2.Timestamp:
+        """While a task with a queue timeout has not started: when it fails with QUEUE_TIMEOUT
+        unless its first attempt starts before.
+        """
+
     def __init__(
         self,
         *,
@@ -337,10 +374,11 @@ class TaskResponse(_message.Message):
         timeout_seconds: _builtins.float = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
         last_attempt_error: Global___TaskError | None = ...,
+        start_deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "progress_detail", b"progress_detail", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -330,6 +330,65 @@ class CancelResponse(_message.Message):
 Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
 
 @_typing.final
+class CancelMatchingRequest(_message.Message):
+    """The request of CancelMatching."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why; kept as each task's `error.message`. At most 1024 characters."""
+    dry_run: _builtins.bool
+    """Count the tasks that would be cancelled; cancel none."""
+    @_builtins.property
+    def filter(self) -> _task_pb2.TaskFilter:
+        """Which tasks; it must set `labels`, `task_type` or `task_id_prefix`. Its `statuses`,
+        if set, narrow the unfinished statuses further.
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: _task_pb2.TaskFilter | None = ...,
+        reason: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "filter", b"filter", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelMatchingRequest: _TypeAlias = CancelMatchingRequest  # noqa: Y015
+
+@_typing.final
+class CancelMatchingResponse(_message.Message):
+    """The response of CancelMatching."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """The tasks cancelled (queued ones now CANCELLED, running ones asked to stop); with
+    `dry_run`, the unfinished tasks that match (a running task whose cancel is already
+    under way is counted by a dry run, but not cancelled again).
+    """
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelMatchingResponse: _TypeAlias = CancelMatchingResponse  # noqa: Y015
+
+@_typing.final
 class WatchRequest(_message.Message):
     """The request of Watch."""
 

@@ -73,6 +73,11 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.CancelMatching = channel.unary_unary(
+                '/conveyor.v1.TaskService/CancelMatching',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/conveyor.v1.TaskService/Watch',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchRequest.SerializeToString,
@@ -165,6 +170,24 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelMatching(self, request, context):
+        """Cancels every unfinished task that matches a filter, each as Cancel would (a queued
+        one at once, a running one through its handler and grace), such as all the tasks of
+        one conversation. The tasks cancelled are those that match when the call is taken:
+        one created while it runs is not touched, one that started meanwhile is cancelled as
+        a running task. With `dry_run`, nothing changes and the answer says how many tasks
+        would be cancelled.
+
+        The filter must name labels, a task type or a task id prefix: a filter of statuses
+        alone, or an empty one, is refused, so that a mistake cannot cancel everything.
+
+        Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
+        characters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Streams changes to one task or to every task that matches a filter.
 
@@ -235,6 +258,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelResponse.SerializeToString,
+            ),
+            'CancelMatching': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMatching,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -391,6 +419,33 @@ class TaskService:
             '/conveyor.v1.TaskService/Cancel',
             conveyor_dot_v1_dot_task__service__pb2.CancelRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMatching(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/CancelMatching',
+            conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,20 @@ class TaskServiceStub:
     than 1024 characters); NOT_FOUND (no such task); FAILED_PRECONDITION (the task
     already COMPLETED or FAILED).
     """
+    CancelMatching: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CancelMatchingRequest, _task_service_pb2.CancelMatchingResponse]
+    """Cancels every unfinished task that matches a filter, each as Cancel would (a queued
+    one at once, a running one through its handler and grace), such as all the tasks of
+    one conversation. The tasks cancelled are those that match when the call is taken:
+    one created while it runs is not touched, one that started meanwhile is cancelled as
+    a running task. With `dry_run`, nothing changes and the answer says how many tasks
+    would be cancelled.
+
+    The filter must name labels, a task type or a task id prefix: a filter of statuses
+    alone, or an empty one, is refused, so that a mistake cannot cancel everything.
+
+    Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
+    characters).
+    """
     Watch: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]
     """Streams changes to one task or to every task that matches a filter.
 
@@ -201,6 +215,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer
     than 1024 characters); NOT_FOUND (no such task); FAILED_PRECONDITION (the task
     already COMPLETED or FAILED).
+    """
+    CancelMatching: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CancelMatchingRequest, _task_service_pb2.CancelMatchingResponse]  # type: ignore[assignment]
+    """Cancels every unfinished task that matches a filter, each as Cancel would (a queued
+    one at once, a running one through its handler and grace), such as all the tasks of
+    one conversation. The tasks cancelled are those that match when the call is taken:
+    one created while it runs is not touched, one that started meanwhile is cancelled as
+    a running task. With `dry_run`, nothing changes and the answer says how many tasks
+    would be cancelled.
+
+    The filter must name labels, a task type or a task id prefix: a filter of statuses
+    alone, or an empty one, is refused, so that a mistake cannot cancel everything.
+
+    Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
+    characters).
     """
     Watch: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams changes to one task or to every task that matches a filter.
@@ -335,6 +363,26 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer
         than 1024 characters); NOT_FOUND (no such task); FAILED_PRECONDITION (the task
         already COMPLETED or FAILED).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelMatching(
+        self,
+        request: _task_service_pb2.CancelMatchingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.CancelMatchingResponse, _abc.Awaitable[_task_service_pb2.CancelMatchingResponse]]:
+        """Cancels every unfinished task that matches a filter, each as Cancel would (a queued
+        one at once, a running one through its handler and grace), such as all the tasks of
+        one conversation. The tasks cancelled are those that match when the call is taken:
+        one created while it runs is not touched, one that started meanwhile is cancelled as
+        a running task. With `dry_run`, nothing changes and the answer says how many tasks
+        would be cancelled.
+
+        The filter must name labels, a task type or a task id prefix: a filter of statuses
+        alone, or an empty one, is refused, so that a mistake cannot cancel everything.
+
+        Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
+        characters).
         """
 
     @_abc_1.abstractmethod

@@ -180,16 +180,28 @@ class TaskStore(Protocol):
 
     async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> Sequence[Task]:
         """Apply `mutation` to every task the filter matches, as `update` does to one;
-        the tasks it changed, in their new state."""
+        the tasks it changed, in their new state. The tasks are those that match when it
+        begins (a task created meanwhile is not touched), each mutated as it then stands;
+        a large update is written in parts, with other calls served in between."""
+        ...
+
+    async def count(self, task_filter: TaskFilter) -> int:
+        """How many tasks the filter matches."""
         ...
 
     async def expired_leases(self, now: float) -> Sequence[Task]:
-        """The RUNNING tasks whose lease ran out by `now`."""
+        """The RUNNING tasks whose lease ran out by `now` (each once: the caller ends it)."""
+        ...
+
+    async def missed_starts(self, now: float) -> Sequence[Task]:
+        """The CREATED tasks whose start deadline passed by `now` (each once: the caller
+        fails it with QUEUE_TIMEOUT)."""
         ...
 
     def next_wakeup(self) -> float | None:
-        """The earliest time at which a waiting task becomes runnable or a lease runs out,
-        if any (dispatch sets one timer for it); it may be early, never late."""
+        """The earliest time at which a waiting task becomes runnable, a lease runs out or
+        a start deadline passes, if any (dispatch sets one timer for it); it may be early,
+        never late."""
         ...
 
     async def open(self) -> None:

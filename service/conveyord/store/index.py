@@ -3,10 +3,9 @@
 `DispatchIndex` follows every staged change of the working view and answers, in time
 that grows with the answer rather than with the store: the best runnable tasks (the ready
 queue, by aged priority per task type), the next time a waiting task becomes runnable (a
-heap of runnable times: a task waiting for its next attempt is an entry, not a timer),
-the leases that have run out (a heap of expiry times, rebuilt from the live leases once
-stale entries outnumber them, so that it stays the size of what runs), and the tasks of each
-active status.
+heap of runnable times: a task waiting for its start or its next attempt is an entry, not
+a timer), the leases that have run out and the queued tasks past their start deadline (each
+a `Deadlines` heap, the size of what is live), and the tasks of each active status.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ class DispatchIndex:
         """`aging_rate` is in priority levels per second of waiting (0: strict priority)."""
         self.ready = ReadyQueue(aging_rate)
         self._waiting: list[tuple[float, str]] = []  # (runnable at, task_id)
-        self._leases: list[tuple[float, str, str]] = []  # (expires at, task_id, lease_id)
-        self._live_leases: dict[str, tuple[float, str, str]] = {}  # task_id: its heap entry
+        self._leases = Deadlines()  # of RUNNING tasks, tagged with the lease id
+        self._starts = Deadlines()  # of CREATED tasks with a queue timeout
         self.active: dict[TaskStatus, set[str]] = {
             TaskStatus.CREATED: set(),
             TaskStatus.RUNNING: set(),
@@ -42,10 +41,14 @@ class DispatchIndex:
 
     def changed(self, old: Task | None, new: Task | None) -> None:
         """Follow one staged change: `old` became `new` (None: created, or removed)."""
+        if new is not None and new.start_deadline is not None and new.status is TaskStatus.CREATED:
+            self._starts.set(new.task_id, new.start_deadline)
+        elif old is not None and old.start_deadline is not None:
+            self._starts.drop(old.task_id)
         if old is not None and old.status in self.active:
             self.active[old.status].discard(old.task_id)
             if old.status is TaskStatus.RUNNING and (new is None or new.status is not old.status):
-                self._live_leases.pop(old.task_id, None)
+                self._leases.drop(old.task_id)
         if new is None or new.status not in self.active:
             if old is not None and old.status is TaskStatus.CREATED:
                 self.ready.discard(old.task_id)
@@ -55,23 +58,9 @@ class DispatchIndex:
             if old is None or old.status is not TaskStatus.CREATED or _requeue(old, new):
                 self._queue(new)
         elif new.lease_expires_at is not None:
-            self._lease(new)
+            self._leases.set(new.task_id, new.lease_expires_at, new.lease_id)
         if old is not None and old.status is TaskStatus.CREATED and new.status is not old.status:
             self.ready.discard(old.task_id)
-
-    def _lease(self, task: Task) -> None:
-        """Keep a RUNNING task's lease in the expiry heap; rebuild the heap from the live
-        leases once the stale entries (ended or renewed since) are most of it."""
-        assert task.lease_expires_at is not None
-        entry = (task.lease_expires_at, task.task_id, task.lease_id)
-        if self._live_leases.get(task.task_id) == entry:
-            return
-        self._live_leases[task.task_id] = entry
-        if len(self._leases) > 2 * len(self._live_leases) + 1024:
-            self._leases = list(self._live_leases.values())
-            heapq.heapify(self._leases)
-        else:
-            heapq.heappush(self._leases, entry)
 
     def _queue(self, task: Task) -> None:
         """A task with a runnable time waits for it (`promote` moves it on); one without is
@@ -102,26 +91,25 @@ class DispatchIndex:
     def expired(self, now: float, working: Mapping[str, Task]) -> list[Task]:
         """The RUNNING tasks whose lease ran out by `now`."""
         found: list[Task] = []
-        leases = self._leases
-        while leases and leases[0][0] <= now:
-            _, task_id, lease_id = heapq.heappop(leases)
+        for task_id, lease_id in self._leases.due(now):
             task = working.get(task_id)
-            if (
-                task is not None
-                and task.status is TaskStatus.RUNNING
-                and task.lease_id == lease_id
-                and task.lease_expires_at is not None
-                and task.lease_expires_at <= now
-            ):
+            if task is not None and task.status is TaskStatus.RUNNING and task.lease_id == lease_id:
                 found.append(task)
         return found
 
-    def next_expiry(self) -> float | None:
-        """When the earliest live lease runs out (the ended ones before it are dropped)."""
-        leases, live = self._leases, self._live_leases
-        while leases and live.get(leases[0][1]) != leases[0]:
-            heapq.heappop(leases)
-        return leases[0][0] if leases else None
+    def missed_starts(self, now: float, working: Mapping[str, Task]) -> list[Task]:
+        """The CREATED tasks whose start deadline passed by `now`."""
+        found: list[Task] = []
+        for task_id, _ in self._starts.due(now):
+            task = working.get(task_id)
+            if task is not None and task.status is TaskStatus.CREATED:
+                found.append(task)
+        return found
+
+    def next_deadline(self) -> float | None:
+        """When the earliest live lease runs out or start deadline passes."""
+        times = [t for t in (self._leases.next(), self._starts.next()) if t is not None]
+        return min(times, default=None)
 
     def pick(
         self, count: int, types: AbstractSet[str] | None, limits: Mapping[str, int]
@@ -152,6 +140,49 @@ class DispatchIndex:
             ids = set().union(*(self.active[s] for s in task_filter.statuses))
             return [working[task_id] for task_id in ids]
         return list(working.values())
+
+
+class Deadlines:
+    """When each task's one pending deadline falls due (a lease's expiry, a start deadline):
+    a heap with one live entry per task. An entry replaced or dropped since is skipped when
+    it comes up, and the heap is rebuilt from the live entries once the stale ones are most
+    of it, so that it stays the size of what is live."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str, str]] = []  # (when, task_id, tag)
+        self._live: dict[str, tuple[float, str, str]] = {}  # task_id: its heap entry
+
+    def set(self, task_id: str, when: float, tag: str = "") -> None:
+        entry = (when, task_id, tag)
+        if self._live.get(task_id) == entry:
+            return
+        self._live[task_id] = entry
+        if len(self._heap) > 2 * len(self._live) + 1024:
+            self._heap = list(self._live.values())
+            heapq.heapify(self._heap)
+        else:
+            heapq.heappush(self._heap, entry)
+
+    def drop(self, task_id: str) -> None:
+        self._live.pop(task_id, None)
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """The live entries due by `now`, as (task_id, tag), taken out."""
+        found: list[tuple[str, str]] = []
+        heap, live = self._heap, self._live
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if live.get(entry[1]) == entry:
+                del live[entry[1]]
+                found.append((entry[1], entry[2]))
+        return found
+
+    def next(self) -> float | None:
+        """When the earliest live entry falls due (the stale ones before it are dropped)."""
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0][1]) != heap[0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
 
 def _requeue(old: Task, new: Task) -> bool:

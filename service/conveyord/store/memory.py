@@ -11,6 +11,7 @@ client has been told or shown can be lost.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from conveyord.store.index import DispatchIndex, ListIndex
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
 DEFAULT_AGING_RATE = 1 / 60  # priority levels per second of waiting: one a minute
+UPDATE_CHUNK = 1000  # tasks written at once by update_where, other calls served in between
 
 
 class MemoryStore:
@@ -166,20 +168,38 @@ class MemoryStore:
         return [change.task for change in changes]
 
     async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> list[Task]:
-        changes: list[Change] = []
-        for task in self._index.candidates(task_filter, self._working):
-            if task_filter.matches(task) and (new := mutation(task)) not in (None, task):
-                assert new is not None
-                changes.append(self._stage(ChangeKind.CHANGED, new))
-        if changes:
-            await self._persist(changes)
-        return [change.task for change in changes]
+        matched = [
+            task.task_id
+            for task in self._index.candidates(task_filter, self._working)
+            if task_filter.matches(task)
+        ]
+        changed: list[Task] = []
+        for start in range(0, len(matched), UPDATE_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let other calls in between two chunks
+            changes: list[Change] = []
+            for task_id in matched[start : start + UPDATE_CHUNK]:
+                task = self._working.get(task_id)  # as it stands now
+                if task is not None and (new := mutation(task)) not in (None, task):
+                    assert new is not None
+                    changes.append(self._stage(ChangeKind.CHANGED, new))
+            if changes:
+                await self._persist(changes)
+                changed.extend(change.task for change in changes)
+        return changed
+
+    async def count(self, task_filter: TaskFilter) -> int:
+        candidates = self._index.candidates(task_filter, self._working)
+        return sum(1 for task in candidates if task_filter.matches(task))
 
     async def expired_leases(self, now: float) -> list[Task]:
         return self._index.expired(now, self._working)
 
+    async def missed_starts(self, now: float) -> list[Task]:
+        return self._index.missed_starts(now, self._working)
+
     def next_wakeup(self) -> float | None:
-        times = [t for t in (self._index.next_runnable_at(), self._index.next_expiry()) if t]
+        times = [t for t in (self._index.next_runnable_at(), self._index.next_deadline()) if t]
         return min(times, default=None)
 
     def _stage(self, kind: ChangeKind, task: Task) -> Change:
