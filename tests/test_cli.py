@@ -96,9 +96,10 @@ def test_help_documents_the_commands_and_the_exit_codes(
     [
         ("create", ["-p", "--json-params", "--priority", "--timeout", "--label", "--wait"]),
         ("create", ["--watch", "--max-attempts", "--request-id", "--wait-timeout"]),
+        ("create", ["--start-after", "--start-at", "--queue-timeout"]),
         ("get", []),
         ("list", ["--status", "--type", "--label", "--limit"]),
-        ("cancel", ["--reason"]),
+        ("cancel", ["--reason", "--label", "--type", "--dry-run"]),
         ("watch", ["--all", "--status", "--type", "--label", "--timeout"]),
         ("wait", ["--timeout"]),
     ],
@@ -341,6 +342,39 @@ def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
     watched = conveyor("watch", task.task_id)
     assert watched.code == 3
     assert watched.out.splitlines()[-1] == "CANCELLED: enough"
+
+
+def test_cancel_by_label_counts_with_a_dry_run_then_cancels_only_those(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    ours = [client.create("echo", labels={"conv": "c1"}, start_after_seconds=3600) for _ in "abc"]
+    theirs = client.create("echo", labels={"conv": "c2"}, start_after_seconds=3600)
+    dry = conveyor("cancel", "--label", "conv=c1", "--dry-run")
+    assert (dry.code, dry.out.strip()) == (0, "3 tasks would be cancelled")
+    assert client.get(ours[0].task_id).status is TaskStatus.CREATED
+    run = conveyor("--json", "cancel", "--label", "conv=c1", "--reason", "closed")
+    assert run.json_lines() == [{"count": 3, "dry_run": False}]
+    assert {client.get(task.task_id).status for task in ours} == {TaskStatus.CANCELLED}
+    assert client.get(theirs.task_id).status is TaskStatus.CREATED
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["cancel"], ["cancel", "--dry-run"], ["cancel", str(uuid.uuid4()), "--label", "a=b"]],
+)
+def test_cancel_needs_an_id_or_a_filter_and_not_both(
+    conveyor: Callable[..., Run], args: list[str]
+) -> None:
+    run = conveyor(*args)
+    assert run.code == 2 and "--label" in run.err
+
+
+def test_a_delayed_task_shows_when_it_starts(conveyor: Callable[..., Run], client: Client) -> None:
+    run = conveyor("create", "echo", "--start-at", "2099-01-01T00:00:00+00:00")
+    assert run.code == 2 and "366 days" in run.err  # too far ahead, refused by the server
+    run = conveyor("create", "echo", "--start-after", "600", "--queue-timeout", "60")
+    assert run.code == 0
+    assert "CREATED" in run.out and "starts" in run.out and "start deadline" in run.out
 
 
 def test_cancel_of_a_task_that_completed_is_another_error(

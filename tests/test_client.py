@@ -8,7 +8,7 @@ import inspect
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import grpc
@@ -248,6 +248,33 @@ async def test_cancel_of_a_running_task_answers_at_once_and_the_task_ends_cancel
     ended = await twin.wait(task.task_id)
     assert ended.status is TaskStatus.CANCELLED
     assert ended.error == TaskError("CANCELLED", "not needed")
+
+
+async def test_a_delayed_start_and_its_queue_timeout_come_back_as_times(twin: Twin) -> None:
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    task = await twin.create("echo", start_at=start, queue_timeout_seconds=60)
+    assert (task.status, task.next_attempt_at) == (TaskStatus.CREATED, start)
+    assert task.start_deadline == start + timedelta(seconds=60)
+    later = await twin.create("echo", start_after_seconds=60)
+    assert later.next_attempt_at is not None and later.start_deadline is None
+    with pytest.raises(ValueError, match="aware"):
+        await twin.create("echo", start_at=start.replace(tzinfo=None))
+    with pytest.raises(ValueError, match="not both"):
+        await twin.create("echo", start_at=start, start_after_seconds=1)
+
+
+async def test_cancel_matching_counts_with_a_dry_run_then_cancels(twin: Twin) -> None:
+    labels = unique_labels()
+    spec = {"task_type": "echo", "labels": labels, "start_after_seconds": 3600}
+    tasks = await twin.create_many([spec, spec, spec])
+    assert await twin.cancel_matching(labels=labels, dry_run=True) == 3
+    assert await twin.cancel_matching(labels=labels, reason="done") == 3
+    ended = [await twin.get(task.task_id) for task in tasks]
+    assert {(task.status, task.error) for task in ended} == {
+        (TaskStatus.CANCELLED, TaskError("CANCELLED", "done"))
+    }
+    with pytest.raises(ValueError, match="cancel everything"):
+        await twin.cancel_matching(statuses=[TaskStatus.CREATED])
 
 
 async def test_cancel_of_a_completed_task_is_a_failed_precondition(twin: Twin) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -85,9 +86,17 @@ class AsyncClient(ClientBase):
         labels: Mapping[str, str] | None = None,
         description: str = "",
         request_id: str | None = None,
+        start_at: datetime | None = None,
+        start_after_seconds: float | None = None,
+        queue_timeout_seconds: float | None = None,
         timeout: float | None = None,
     ) -> Task:
         """Create a task and return it (CREATED). `timeout_seconds` bounds each attempt of the task.
+
+        It starts at once, or not before `start_at` (an aware datetime) or
+        `start_after_seconds` from now (at most 366 days ahead); with
+        `queue_timeout_seconds`, a task whose first attempt has not started that long after
+        it became runnable ends FAILED with error code QUEUE_TIMEOUT.
 
         A `request_id` is made up when none is given, which makes the call safe to retry:
         it is retried on UNAVAILABLE, and a retry never makes a second task. Pass
@@ -103,6 +112,9 @@ class AsyncClient(ClientBase):
             labels=labels,
             description=description,
             request_id=request_id,
+            start_at=start_at,
+            start_after_seconds=start_after_seconds,
+            queue_timeout_seconds=queue_timeout_seconds,
         )
         response = await self._call(
             self._stub.Create, request, timeout, retry=bool(request.request_id)
@@ -162,6 +174,29 @@ class AsyncClient(ClientBase):
         request = pb.CancelRequest(task_id=task_id, reason=reason)
         response = await self._call(self._stub.Cancel, request, timeout, retry=False)
         return Task._from_proto(response.task)
+
+    async def cancel_matching(
+        self,
+        *,
+        labels: Mapping[str, str] | None = None,
+        task_type: str | None = None,
+        task_id_prefix: str | None = None,
+        statuses: Iterable[TaskStatus] | None = None,
+        reason: str = "",
+        dry_run: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Cancel every unfinished task that matches (labels, type or id prefix: at least
+        one), each as `cancel` would; how many were cancelled, or with `dry_run`, would be.
+
+        The tasks are those that match when the server takes the call. Not retried (a
+        dry run is). `timeout` bounds the call.
+        """
+        request = _requests.cancel_matching_request(
+            task_type, labels, task_id_prefix, statuses, reason, dry_run
+        )
+        response = await self._call(self._stub.CancelMatching, request, timeout, retry=dry_run)
+        return response.count
 
     async def revision(self, *, timeout: float | None = None) -> int:
         """The server's latest revision: a `watch_all` from it sees every change made after.

@@ -6,6 +6,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from conveyor.protojson import dict_to_struct
@@ -35,7 +36,7 @@ ASYNC_CHANNEL_OPTIONS = KEEPALIVE_OPTIONS
 CHANNEL_OPTIONS = [("SingleThreadedUnaryStream", 1), *KEEPALIVE_OPTIONS]
 CREATE_KEYS = frozenset(
     {"task_type", "parameters", "priority", "timeout_seconds", "max_attempts", "labels"}
-    | {"description", "request_id"}
+    | {"description", "request_id", "start_at", "start_after_seconds", "queue_timeout_seconds"}
 )
 
 # The store's revision comes with every List page; one task is the least a page can hold.
@@ -69,8 +70,13 @@ def create_request(
     labels: Mapping[str, str] | None,
     description: str,
     request_id: str | None,
+    start_at: datetime | None = None,
+    start_after_seconds: float | None = None,
+    queue_timeout_seconds: float | None = None,
 ) -> pb.CreateRequest:
     """The CreateRequest; a request_id is made up when none is given, so that a retry is safe."""
+    if start_at is not None and start_after_seconds is not None:
+        raise ValueError("give start_at or start_after_seconds, not both")
     task = task_pb2.TaskRequest(
         task_type=task_type,
         description=description,
@@ -78,7 +84,14 @@ def create_request(
         timeout_seconds=timeout_seconds,
         max_attempts=max_attempts,
         labels=labels,
+        queue_timeout_seconds=queue_timeout_seconds,
     )
+    if start_at is not None:
+        if start_at.tzinfo is None:
+            raise ValueError("start_at must be an aware datetime (with a time zone)")
+        task.start_at.FromDatetime(start_at)
+    elif start_after_seconds is not None:
+        task.start_after_seconds = start_after_seconds
     if parameters:
         try:
             task.parameters.CopyFrom(dict_to_struct(parameters))
@@ -113,7 +126,20 @@ def _create_request_of(index: int, spec: Mapping[str, Any]) -> pb.CreateRequest:
         labels=spec.get("labels"),
         description=spec.get("description", ""),
         request_id=spec.get("request_id"),
+        start_at=_time(index, spec.get("start_at")),
+        start_after_seconds=spec.get("start_after_seconds"),
+        queue_timeout_seconds=spec.get("queue_timeout_seconds"),
     )
+
+
+def _time(index: int, value: Any) -> datetime | None:
+    """A start_at as given: a datetime, or an ISO 8601 string (from a JSON line)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"task {index}: start_at {value!r} is not an ISO 8601 time") from None
 
 
 def task_filter(
@@ -127,6 +153,25 @@ def task_filter(
         task_type=task_type or "",
         labels=labels,
         task_id_prefix=task_id_prefix or "",
+    )
+
+
+def cancel_matching_request(
+    task_type: str | None,
+    labels: Mapping[str, str] | None,
+    task_id_prefix: str | None,
+    statuses: Iterable[TaskStatus] | None,
+    reason: str,
+    dry_run: bool,
+) -> pb.CancelMatchingRequest:
+    if not (labels or task_type or task_id_prefix):
+        raise ValueError(
+            "cancel_matching needs labels, task_type or task_id_prefix: it would cancel everything"
+        )
+    return pb.CancelMatchingRequest(
+        filter=task_filter(statuses, task_type, labels, task_id_prefix),
+        reason=reason,
+        dry_run=dry_run,
     )
 
 

@@ -187,7 +187,10 @@ class Output:
         if task.finished_at:
             yield "finished", _time(task.finished_at)
         if task.next_attempt_at:
-            yield "next attempt", _time(task.next_attempt_at)
+            first = task.attempt == 1 and task.started_at is None
+            yield "starts" if first else "next attempt", _time(task.next_attempt_at)
+        if task.start_deadline:
+            yield "start deadline", _time(task.start_deadline)
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
 
@@ -195,6 +198,16 @@ class Output:
         """A line for people only; scripts get the same from the JSON that follows."""
         if not self.json_lines:
             self.console.print(text)
+
+    def counted(self, count: int, *, dry_run: bool) -> None:
+        """How many tasks a cancel by filter cancelled (or would)."""
+        if self.json_lines:
+            self._json({"count": count, "dry_run": dry_run})
+        else:
+            noun = "task" if count == 1 else "tasks"
+            self.console.print(
+                f"{count} {noun} would be cancelled" if dry_run else f"cancelled {count} {noun}"
+            )
 
     def created(self, task: Task) -> None:
         """The news that a task was created, before following it."""

@@ -13,6 +13,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -196,6 +197,9 @@ def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
         labels=dict(args.labels),
         description=args.description,
         request_id=args.request_id,
+        start_at=args.start_at,
+        start_after_seconds=args.start_after,
+        queue_timeout_seconds=args.queue_timeout,
     )
     if args.watch:
         out.note(f"created task {task.task_id} ({task.task_type})")
@@ -271,7 +275,18 @@ def _list(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    out.task(client.cancel(resolve_id(client, args.task_id), reason=args.reason))
+    matching = bool(args.labels or args.type or args.dry_run)
+    if args.task_id is not None:
+        if matching:
+            raise UsageError("give a task ID, or --label/--type (with --dry-run), not both")
+        out.task(client.cancel(resolve_id(client, args.task_id), reason=args.reason))
+        return EXIT_COMPLETED
+    if not (args.labels or args.type):
+        raise UsageError("give a task ID, or --label or --type to cancel the tasks that match")
+    count = client.cancel_matching(
+        labels=dict(args.labels), task_type=args.type, reason=args.reason, dry_run=args.dry_run
+    )
+    out.counted(count, dry_run=args.dry_run)
     return EXIT_COMPLETED
 
 
@@ -334,6 +349,27 @@ def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number from 1, not {text!r}")
     return int(text)
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0, not {text!r}")
+    return value
+
+
+def _time_of_day(text: str) -> datetime:
+    """An ISO 8601 time (2026-12-24T18:00, with its zone, or else in the local one)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-12-24T18:00+01:00, not {text!r}"
+        ) from None
+    return when if when.tzinfo is not None else when.astimezone()
 
 
 def _positive(text: str) -> float:
@@ -437,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="create many tasks from a JSON Lines FILE (- for stdin): one object a line, with "
         "the keys task_type, parameters, priority, timeout_seconds, max_attempts, labels, "
-        "description and request_id",
+        "description, request_id, start_at (ISO 8601 with its zone), start_after_seconds and "
+        "queue_timeout_seconds",
     )
     create.add_argument(
         "-p",
@@ -462,6 +499,24 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--request-id", metavar="ID", help="makes a repeated create return the same task"
     )
+    start = create.add_mutually_exclusive_group()
+    start.add_argument(
+        "--start-after",
+        type=_not_negative,
+        metavar="S",
+        help="start no sooner than S seconds from now",
+    )
+    start.add_argument(
+        "--start-at",
+        type=_time_of_day,
+        metavar="TIME",
+        help="start no sooner than TIME (ISO 8601; without a zone, local time)",
+    )
+    _seconds(
+        create,
+        "--queue-timeout",
+        "fail the task (QUEUE_TIMEOUT) if it has not started S seconds after it could",
+    )
     follow = create.add_mutually_exclusive_group()
     follow.add_argument("--wait", action="store_true", help="wait for the task to end")
     follow.add_argument("--watch", action="store_true", help="show its progress until it ends")
@@ -474,10 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     _filters(listing)
     listing.add_argument("--limit", type=_count, metavar="N", help="at most N tasks")
 
-    cancel = command("cancel", _cancel, "cancel a task")
-    cancel.add_argument("task_id", metavar="ID", help=ID_HELP)
+    cancel = command(
+        "cancel", _cancel, "cancel a task, or every unfinished task with a label or of a type"
+    )
+    cancel.add_argument("task_id", metavar="ID", nargs="?", help=ID_HELP)
     cancel.add_argument(
         "--reason", metavar="TEXT", default="", help="why; kept as the task's error message"
+    )
+    _labels(cancel, "instead of an ID: cancel the unfinished tasks with this label")
+    cancel.add_argument("--type", metavar="TYPE", help="instead of an ID: those of this type")
+    cancel.add_argument(
+        "--dry-run", action="store_true", help="with --label or --type: count, cancel nothing"
     )
 
     watch = command("watch", _watch, "show a task's progress until it ends, or every change")

@@ -83,6 +83,7 @@ class Task:
     timeout_seconds: float
     cancel_requested_at: datetime | None
     last_attempt_error: TaskError | None
+    start_deadline: datetime | None  # not started by then, it fails with QUEUE_TIMEOUT
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
 
     @property
@@ -123,11 +124,14 @@ class Task:
             timeout_seconds=message.timeout_seconds,
             cancel_requested_at=_time(message, "cancel_requested_at"),
             last_attempt_error=_error(message, "last_attempt_error"),
+            start_deadline=_time(message, "start_deadline"),
             proto=message,
         )
 
 
-_OptionalTime = Literal["next_attempt_at", "started_at", "finished_at", "cancel_requested_at"]
+_OptionalTime = Literal[
+    "next_attempt_at", "started_at", "finished_at", "cancel_requested_at", "start_deadline"
+]
 
 
 def _error(
