@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import batch, end_to_end, fanout, memory, rpc, scheduling, store, workers
+from bench import batch, control, end_to_end, fanout, memory, rpc, scheduling, store, workers
 from bench.harness import machine, pin_load_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -25,6 +25,7 @@ SECTIONS = {
     "store": store,
     "memory": memory,
     "workers": workers,
+    "control": control,
 }
 
 

@@ -131,15 +131,13 @@ class DispatchIndex:
             taken[task_type] = taken.get(task_type, 0) + 1
         return picked
 
-    def candidates(self, task_filter: TaskFilter, working: Mapping[str, Task]) -> list[Task]:
-        """The tasks a filter may match: by id, by active status, or all of them."""
+    def candidates(self, task_filter: TaskFilter, working: Mapping[str, Task]) -> list[str]:
+        """The ids of the tasks a filter may match: by id, by active status, or all."""
         if task_filter.task_id:
-            task = working.get(task_filter.task_id)
-            return [] if task is None else [task]
+            return [task_filter.task_id] if task_filter.task_id in working else []
         if task_filter.statuses and task_filter.statuses <= self.active.keys():
-            ids = set().union(*(self.active[s] for s in task_filter.statuses))
-            return [working[task_id] for task_id in ids]
-        return list(working.values())
+            return list(set().union(*(self.active[s] for s in task_filter.statuses)))
+        return list(working)
 
 
 class Deadlines:

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
 from conveyord import lifecycle
@@ -34,7 +34,11 @@ from conveyord.store.index import DispatchIndex, ListIndex
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
 DEFAULT_AGING_RATE = 1 / 60  # priority levels per second of waiting: one a minute
-UPDATE_CHUNK = 1000  # tasks written at once by update_where, other calls served in between
+# update_where and count go through this many tasks at once (a few ms of work), then pause
+# this long, so that the calls that came meanwhile are served (a turn of the loop is not
+# enough: a call takes several) rather than waiting for the whole of a large one.
+SCAN_CHUNK = 250
+SCAN_PAUSE = 0.001
 
 
 class MemoryStore:
@@ -168,19 +172,11 @@ class MemoryStore:
         return [change.task for change in changes]
 
     async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> list[Task]:
-        matched = [
-            task.task_id
-            for task in self._index.candidates(task_filter, self._working)
-            if task_filter.matches(task)
-        ]
         changed: list[Task] = []
-        for start in range(0, len(matched), UPDATE_CHUNK):
-            if start:
-                await asyncio.sleep(0)  # let other calls in between two chunks
+        async for chunk in self._scan(task_filter):
             changes: list[Change] = []
-            for task_id in matched[start : start + UPDATE_CHUNK]:
-                task = self._working.get(task_id)  # as it stands now
-                if task is not None and (new := mutation(task)) not in (None, task):
+            for task in chunk:
+                if (new := mutation(task)) not in (None, task):
                     assert new is not None
                     changes.append(self._stage(ChangeKind.CHANGED, new))
             if changes:
@@ -189,8 +185,18 @@ class MemoryStore:
         return changed
 
     async def count(self, task_filter: TaskFilter) -> int:
-        candidates = self._index.candidates(task_filter, self._working)
-        return sum(1 for task in candidates if task_filter.matches(task))
+        return sum([len(chunk) async for chunk in self._scan(task_filter)])
+
+    async def _scan(self, task_filter: TaskFilter) -> AsyncIterator[list[Task]]:
+        """The tasks that the filter matches, of those there when the scan began (their ids
+        are taken at once; a task created later is not among them), each as it stands when
+        its chunk comes, SCAN_CHUNK at a time, with a pause between two chunks."""
+        ids = self._index.candidates(task_filter, self._working)
+        for start in range(0, len(ids), SCAN_CHUNK):
+            if start:
+                await asyncio.sleep(SCAN_PAUSE)
+            chunk = [self._working.get(task_id) for task_id in ids[start : start + SCAN_CHUNK]]
+            yield [task for task in chunk if task is not None and task_filter.matches(task)]
 
     async def expired_leases(self, now: float) -> list[Task]:
         return self._index.expired(now, self._working)
