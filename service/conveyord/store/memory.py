@@ -12,7 +12,6 @@ client has been told or shown can be lost.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -26,9 +25,9 @@ from conveyord.store.base import (
     Claim,
     Mutation,
     RequestIdReused,
-    RevisionOutOfRange,
     TaskNotFound,
 )
+from conveyord.store.history import ChangeHistory
 from conveyord.store.index import DispatchIndex, ListIndex
 
 DEFAULT_HISTORY_SIZE = 100_000
@@ -52,8 +51,6 @@ class MemoryStore:
         aging_rate: float = DEFAULT_AGING_RATE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._history_size = history_size
-        self._history_age = history_age
         self._clock = clock
         self._feed = ChangeFeed()
         self.on_failure: Callable[[Exception], None] = lambda error: None  # memory cannot fail
@@ -67,11 +64,7 @@ class MemoryStore:
         self._tasks: dict[str, Task] = {}
         self._order = ListIndex()  # task ids in creation order: all, by type, by label
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
-        # Every change after revision _compacted, one each, in order: history[i] is revision
-        # _compacted + 1 + i, which is how a change's `previous` is found.
-        self._history: deque[Change] = deque()
-        self._latest_change: dict[str, Change] = {}  # by task, its latest in the history
-        self._compacted = 0  # changes up to this revision have left the history
+        self._history = ChangeHistory(history_size, history_age, clock)
         self._revision = 0
         self._declared: set[str] = set()  # task types that workers declared
 
@@ -250,9 +243,9 @@ class MemoryStore:
                 if task.terminal and (previous is None or not previous.terminal):
                     self._finished.append((task.finished_at or task.updated_at, task.task_id))
             self._revision = change.revision
-            self._remember(change)
+            self._history.remember(change)
             self._feed.publish(change)
-        self._trim_history()
+        self._history.trim()
 
     # -- reads -------------------------------------------------------------------
 
@@ -272,36 +265,13 @@ class MemoryStore:
         return page, self._revision
 
     async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:
-        self._trim_history()
-        if revision < self._compacted or revision > self._revision:
-            raise RevisionOutOfRange(revision, self._compacted, self._revision)
-        if task_filter.task_id:  # one task's changes: its own, not the whole history's
-            latest = self._latest_change.get(task_filter.task_id)
-            return _chain(latest, self._history, self._compacted, revision)
-        # The history holds every revision after _compacted, one change each.
-        tail = itertools.islice(self._history, revision - self._compacted, None)
-        return [change for change in tail if task_filter.matches(change.task)]
+        return self._history.since(revision, self._revision, task_filter)
 
     async def open(self) -> None:
         pass
 
     async def close(self) -> None:
         pass
-
-    def _trim_history(self) -> None:
-        oldest_kept = self._clock() - self._history_age
-        history = self._history
-        while history and (len(history) > self._history_size or history[0].at < oldest_kept):
-            oldest = history.popleft()
-            self._compacted = oldest.revision
-            task_id = oldest.task.task_id
-            if self._latest_change.get(task_id) is oldest:
-                del self._latest_change[task_id]
-
-    def _remember(self, change: Change) -> None:
-        """Add a committed change to the history that Watch resumes from."""
-        self._history.append(change)
-        self._latest_change[change.task.task_id] = change
 
     def _restore(
         self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
@@ -316,27 +286,6 @@ class MemoryStore:
             if task.terminal:
                 self._finished.append((task.finished_at or task.updated_at, task.task_id))
         self._finished = deque(sorted(self._finished))
-        for change in history:
-            latest = self._latest_change.get(change.task.task_id)
-            self._remember(change._replace(previous=0 if latest is None else latest.revision))
-        self._compacted = self._history[0].revision - 1 if self._history else revision
+        self._history.restore(history, revision)
         self._revision = self._staged_revision = self._feed.revision = revision
         self._last_seq = last_seq
-
-
-def _chain(
-    latest: Change | None, history: deque[Change], compacted: int, revision: int
-) -> list[Change]:
-    """One task's changes after `revision`, oldest first: back from its latest change along
-    `previous`, where history[i] is revision compacted + 1 + i."""
-    changes: list[Change] = []
-    change = latest
-    while change is not None and change.revision > revision:
-        changes.append(change)
-        previous = change.previous
-        change = None
-        if previous > compacted:
-            change = history[previous - compacted - 1]
-            assert change.revision == previous, "the history has a gap"
-    changes.reverse()
-    return changes

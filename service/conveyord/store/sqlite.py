@@ -9,7 +9,7 @@ committed to memory, answered and published to watchers only once it is on disk.
 The file holds one conveyord at a time (SQLite's exclusive locking mode), carries its
 schema version (`PRAGMA user_version`) and an application id, and is never overwritten:
 a file that is locked, unreadable, corrupt, foreign or from a newer server stops the
-start with a clear message.
+start with a clear message (sqlite_file.py opens it).
 """
 
 from __future__ import annotations
@@ -35,36 +35,12 @@ from conveyord.store.memory import (
     DEFAULT_HISTORY_SIZE,
     MemoryStore,
 )
+from conveyord.store.sqlite_file import MIGRATIONS as MIGRATIONS  # re-exported
+from conveyord.store.sqlite_file import StoreLocked as StoreLocked
+from conveyord.store.sqlite_file import StoreTooNew as StoreTooNew
+from conveyord.store.sqlite_file import connect, file_identity
 
 log = logging.getLogger(__name__)
-
-APPLICATION_ID = 0x436F6E76  # "Conv": marks a file as a conveyor store
-
-# Each entry upgrades the schema by one version; a file at version N gets entries N and on.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE tasks (task_id TEXT PRIMARY KEY, data TEXT NOT NULL);
-    CREATE TABLE changes (
-        revision INTEGER PRIMARY KEY, kind INTEGER NOT NULL, at REAL NOT NULL, data TEXT NOT NULL
-    );
-    CREATE TABLE state (
-        id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL, next_seq INTEGER NOT NULL
-    );
-    INSERT INTO state (id, revision, next_seq) VALUES (1, 0, 1);
-    """,
-    # The task types that workers declared, so that Create accepts them after a restart.
-    """
-    CREATE TABLE task_types (task_type TEXT PRIMARY KEY);
-    """,
-)
-
-
-class StoreLocked(StoreOpenError):
-    exit_code = 4
-
-
-class StoreTooNew(StoreOpenError):
-    exit_code = 6
 
 
 class SqliteStore(MemoryStore):
@@ -103,14 +79,14 @@ class SqliteStore(MemoryStore):
         tasks, history, revision, next_seq = await loop.run_in_executor(self._writer, self._load)
         self._declared = await loop.run_in_executor(self._writer, self._load_task_types)
         self._restore(tasks, history, revision, next_seq - 1)
-        self._trim_history()
+        self._history.trim()
         log.info(
             "store %s: %d tasks, revision %d, %d changes of history",
             self.path, len(self._tasks), revision, len(self._history),
         )  # fmt: skip
 
     def _load(self) -> tuple[list[Task], list[Change], int, int]:
-        connection = self._connect()
+        connection, self._file_identity = connect(self.path, self._migrations)
         try:
             revision, next_seq = connection.execute(
                 "SELECT revision, next_seq FROM state"
@@ -127,80 +103,6 @@ class SqliteStore(MemoryStore):
             raise StoreOpenError(f"store file {self.path} is corrupt: {error}") from error
         self._connection = connection
         return tasks, history, revision, next_seq
-
-    def _connect(self) -> sqlite3.Connection:
-        """Connect, take the file for this server alone, and bring its schema up to date."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StoreOpenError(
-                f"cannot make the folder of store file {self.path}: {error.strerror or error}"
-            ) from error
-        try:
-            connection = sqlite3.connect(self.path, timeout=0, isolation_level=None)
-        except sqlite3.Error as error:
-            raise StoreOpenError(f"cannot open store file {self.path}: {error}") from error
-        try:
-            connection.execute("PRAGMA locking_mode = EXCLUSIVE")
-            connection.execute("BEGIN EXCLUSIVE")  # takes the lock, and keeps it
-            self._upgrade(connection)
-            connection.execute("COMMIT")
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
-            self._file_identity = _identity(self.path)
-        except StoreOpenError:
-            connection.close()
-            raise
-        except sqlite3.OperationalError as error:
-            connection.close()
-            if "locked" in str(error) or "busy" in str(error):
-                raise StoreLocked(
-                    f"store file {self.path} is in use by another conveyord; "
-                    "give each server a store of its own"
-                ) from error
-            raise StoreOpenError(self._cannot_open(error)) from error
-        except sqlite3.DatabaseError as error:
-            connection.close()
-            raise StoreOpenError(
-                f"store file {self.path} is not a SQLite database or is corrupt: {error}"
-            ) from error
-        return connection
-
-    def _cannot_open(self, error: sqlite3.Error) -> str:
-        """Say why the file cannot be used, where SQLite's own words ("disk I/O error") hide it."""
-        for place in (self.path, self.path.parent):
-            if place.exists() and not os.access(place, os.W_OK):
-                kind = "file" if place == self.path else "folder"
-                if os.statvfs(place).f_flag & os.ST_RDONLY:
-                    why = "is on a read-only file system"
-                else:
-                    why = f"is not writable by this user (uid {os.getuid()})"
-                return f"store {kind} {place} {why}; the store must write there ({error})"
-        return f"cannot use store file {self.path}: {error}"
-
-    def _upgrade(self, connection: sqlite3.Connection) -> None:
-        """Apply the migrations the file lacks; refuse a file that is foreign or newer."""
-        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        latest = len(self._migrations)
-        if application_id != APPLICATION_ID:
-            tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-            if tables or version:
-                raise StoreOpenError(f"{self.path} is a SQLite file but not a conveyor store")
-            connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        if version > latest:
-            raise StoreTooNew(
-                f"store file {self.path} has schema version {version}, newer than the "
-                f"{latest} this conveyord knows; run a newer conveyord"
-            )
-        for number in range(version, latest):
-            for statement in self._migrations[number].split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            if version:
-                log.info("store %s upgraded to schema version %d", self.path, number + 1)
-        if version != latest:
-            connection.execute(f"PRAGMA user_version = {latest}")
 
     def _load_task_types(self) -> set[str]:
         assert self._connection is not None
@@ -251,7 +153,7 @@ class SqliteStore(MemoryStore):
             batch, done = self._batch, self._batch_done
             assert done is not None
             self._batch, self._batch_done = [], None
-            state = (self._staged_revision, self._last_seq + 1, self._compacted)
+            state = (self._staged_revision, self._last_seq + 1, self._history.compacted)
             try:
                 await loop.run_in_executor(self._writer, self._write, batch, state)
             except Exception as error:
@@ -318,7 +220,7 @@ class SqliteStore(MemoryStore):
         """Refuse to acknowledge changes written to a file that is no longer the store's:
         deleted or replaced at its path, it would be lost or ignored at the next start."""
         try:
-            identity = _identity(self.path)
+            identity = file_identity(self.path)
         except FileNotFoundError:
             identity = None
         if identity != self._file_identity:
@@ -339,12 +241,6 @@ class SqliteStore(MemoryStore):
 
 
 _ERROR_FIELDS = ("error", "last_attempt_error")
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    """What tells one file from another at the same path: its device and inode."""
-    status = path.stat()
-    return status.st_dev, status.st_ino
 
 
 def _encode(task: Task) -> str:

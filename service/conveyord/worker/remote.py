@@ -23,10 +23,11 @@ from google.protobuf import duration_pb2
 
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyord.convert import assignment, assignments_message
-from conveyord.dispatch import Dispatcher, holder_lost
+from conveyord.dispatch import Dispatcher
 from conveyord.errors import ConveyorError, ShuttingDown
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
 from conveyord.store.base import StoreFailed, TaskNotFound, TaskStore
+from conveyord.timing import holder_lost
 
 log = logging.getLogger(__name__)
 
