@@ -204,6 +204,12 @@ class ScriptedServer(TaskServiceServicer):
     ) -> pb.CancelMatchingResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.PauseResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(task=self.task)
 

@@ -100,6 +100,8 @@ def test_help_documents_the_commands_and_the_exit_codes(
         ("get", []),
         ("list", ["--status", "--type", "--label", "--limit"]),
         ("cancel", ["--reason", "--label", "--type", "--dry-run"]),
+        ("pause", ["--reason"]),
+        ("resume", []),
         ("watch", ["--all", "--status", "--type", "--label", "--timeout"]),
         ("wait", ["--timeout"]),
     ],
@@ -377,6 +379,28 @@ def test_a_delayed_task_shows_when_it_starts(conveyor: Callable[..., Run], clien
     assert "CREATED" in run.out and "starts" in run.out and "start deadline" in run.out
 
 
+def test_pause_and_resume_show_the_task(conveyor: Callable[..., Run], client: Client) -> None:
+    task = client.create("echo", start_after_seconds=3600)
+    run = conveyor("pause", task.task_id, "--reason", "hold")
+    assert run.code == 0 and "PAUSED" in run.out and "hold" in run.out
+    listed = conveyor("list", "--status", "paused")
+    assert task.task_id[:8] in listed.out
+    run = conveyor("resume", task.task_id)
+    assert run.code == 0 and "CREATED" in run.out
+
+
+def test_pause_of_a_running_task_that_cannot_pause_says_so(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("report_then_wait", {"seconds": 30})
+    for state in client.watch(task.task_id):
+        if state.status is TaskStatus.RUNNING:
+            break
+    run = conveyor("pause", task.task_id)
+    assert run.code == 0 and "not paused" in run.err and "RUNNING" in run.out
+    client.cancel(task.task_id)
+
+
 def test_cancel_of_a_task_that_completed_is_another_error(
     conveyor: Callable[..., Run], client: Client
 ) -> None:
@@ -596,7 +620,9 @@ def test_a_status_not_known_is_shown_by_its_number(against: Callable[..., Run]) 
     assert listed.code == 0 and re.search(rf"{task_id}\s+sleep\s+UNKNOWN\(9\)", listed.out)
     assert as_json.json_lines()[0]["status"] == "UNKNOWN(9)"
     assert by_unknown.code == 2  # no task is UNKNOWN on the server: not a status to filter by
-    assert "expected one of created, running, completed, failed, cancelled" in by_unknown.err
+    assert (
+        "expected one of created, running, completed, failed, cancelled, paused" in by_unknown.err
+    )
 
 
 def test_wait_and_watch_go_on_through_a_status_and_an_event_type_not_known(

@@ -263,6 +263,20 @@ async def test_a_delayed_start_and_its_queue_timeout_come_back_as_times(twin: Tw
         await twin.create("echo", start_at=start, start_after_seconds=1)
 
 
+async def test_pause_holds_a_queued_task_and_resume_queues_it_again(twin: Twin) -> None:
+    task = await twin.create("echo", start_after_seconds=3600)
+    paused = await twin.pause(task.task_id, reason="hold")
+    assert (paused.status, paused.pause_reason) == (TaskStatus.PAUSED, "hold")
+    assert paused.paused_at is not None and not paused.status.terminal
+    resumed = await twin.resume(task.task_id)
+    assert (resumed.status, resumed.paused_at, resumed.pause_reason) == (
+        TaskStatus.CREATED,
+        None,
+        "",
+    )
+    assert resumed.next_attempt_at == task.next_attempt_at  # still waiting for its start
+
+
 async def test_cancel_matching_counts_with_a_dry_run_then_cancels(twin: Twin) -> None:
     labels = unique_labels()
     spec = {"task_type": "echo", "labels": labels, "start_after_seconds": 3600}

@@ -13,7 +13,7 @@ from conveyord import lifecycle
 from conveyord.lifecycle import Lease, Outcome, RetryPolicy, StaleLease, TaskAlreadyEnded
 from conveyord.model import TRANSITIONS, ErrorCode, Task, TaskError, TaskStatus
 
-CREATED, RUNNING = TaskStatus.CREATED, TaskStatus.RUNNING
+CREATED, RUNNING, PAUSED = TaskStatus.CREATED, TaskStatus.RUNNING, TaskStatus.PAUSED
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 NOW = 1_000.0
 LEASE = Lease("lease-1", "host:1/local", NOW + 60)
@@ -95,6 +95,50 @@ def test_a_task_not_started_by_its_deadline_fails_with_queue_timeout() -> None:
 )
 def test_the_queue_timeout_touches_nothing_else(untouched: Task) -> None:
     assert lifecycle.queue_timed_out(untouched, NOW) is None
+
+
+# -- pause and resume ---------------------------------------------------------------
+
+
+def test_a_pause_holds_a_queued_task_where_it_stood() -> None:
+    paused = lifecycle.pause(task(updated_at=5.0), "hold on", NOW)
+    assert paused is not None
+    assert (paused.status, paused.paused_at, paused.pause_reason) == (PAUSED, NOW, "hold on")
+    assert paused.queued_at == 5.0  # its age counts from when it was queued
+    retried = lifecycle.pause(task(next_attempt_at=7.0, attempt=2), "hold on", NOW)
+    assert retried is not None and retried.queued_at == 7.0
+
+
+@pytest.mark.parametrize("status", [RUNNING, PAUSED])
+def test_a_pause_changes_nothing_that_is_not_queued(status: TaskStatus) -> None:
+    assert lifecycle.pause(task(status), "hold on", NOW) is None
+
+
+@pytest.mark.parametrize("status", [COMPLETED, FAILED, CANCELLED])
+def test_a_pause_of_a_task_that_ended_is_refused(status: TaskStatus) -> None:
+    with pytest.raises(TaskAlreadyEnded):
+        lifecycle.pause(task(status), "hold on", NOW)
+
+
+def test_a_resume_queues_a_paused_task_again_and_moves_its_deadline() -> None:
+    paused = task(PAUSED, queued_at=5.0, paused_at=NOW - 60, pause_reason="x", start_deadline=NOW)
+    resumed = lifecycle.resume(paused, NOW)
+    assert resumed is not None
+    assert (resumed.status, resumed.queued_at, resumed.paused_at) == (CREATED, 5.0, None)
+    assert (resumed.pause_reason, resumed.start_deadline) == ("", NOW + 60)
+    started = lifecycle.claim(resumed, LEASE, NOW)
+    assert started is not None and started.queued_at is None
+
+
+@pytest.mark.parametrize("status", [CREATED, RUNNING, COMPLETED, CANCELLED])
+def test_a_resume_changes_nothing_that_is_not_paused(status: TaskStatus) -> None:
+    assert lifecycle.resume(task(status), NOW) is None
+
+
+def test_a_cancel_ends_a_paused_task_at_once() -> None:
+    ended = lifecycle.cancel(task(PAUSED, paused_at=NOW - 1, pause_reason="x"), "no", NOW)
+    assert ended is not None
+    assert (ended.status, ended.paused_at, ended.pause_reason) == (CANCELLED, None, "")
 
 
 # -- renew and report --------------------------------------------------------------
@@ -277,6 +321,9 @@ def test_every_move_the_rules_make_is_one_the_state_machine_lists() -> None:
         (CREATED, RUNNING),
         (CREATED, CANCELLED),
         (CREATED, FAILED),  # queue timeout
+        (CREATED, PAUSED),
+        (PAUSED, CREATED),
+        (PAUSED, CANCELLED),
         (RUNNING, COMPLETED),
         (RUNNING, FAILED),
         (RUNNING, CANCELLED),

@@ -30,6 +30,9 @@ ALLOWED = {
     (TaskStatus.CREATED, TaskStatus.RUNNING),
     (TaskStatus.CREATED, TaskStatus.CANCELLED),
     (TaskStatus.CREATED, TaskStatus.FAILED),  # not started within its queue timeout
+    (TaskStatus.CREATED, TaskStatus.PAUSED),
+    (TaskStatus.PAUSED, TaskStatus.CREATED),
+    (TaskStatus.PAUSED, TaskStatus.CANCELLED),
     (TaskStatus.RUNNING, TaskStatus.COMPLETED),
     (TaskStatus.RUNNING, TaskStatus.FAILED),
     (TaskStatus.RUNNING, TaskStatus.CANCELLED),

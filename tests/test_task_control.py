@@ -20,6 +20,7 @@ from tests.support import (
     COMPLETED,
     CREATED,
     FAILED,
+    PAUSED,
     RUNNING,
     create,
     field_violations,
@@ -216,3 +217,108 @@ async def test_cancel_matching_amid_creates_and_starts_cancels_every_task_that_e
     by_first = {task.task_id for task in ends if task.error.message == "first"}
     assert before <= by_first  # running or queued, each was cancelled by the first call
     assert first.count == len(by_first) and second.count == len(ends) - len(by_first)
+
+
+# -- pause and resume --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def one_slot(start_server: StartServer) -> Any:
+    """A server with one slot, held by a task until the test cancels it: what it creates
+    meanwhile stays queued."""
+    server = start_server(concurrency=1)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        holder = await create(stub, "cooperative_blocking")
+        await wait_until(stub, holder.task_id, lambda task: task.status == RUNNING)
+        yield stub, holder.task_id
+
+
+async def test_a_paused_task_is_held_and_resume_puts_it_back_in_its_place(
+    one_slot: tuple[TaskServiceAsyncStub, str],
+) -> None:
+    stub, holder = one_slot
+    first = await create(stub, "echo")
+    paused = await stub.Pause(pb.PauseRequest(task_id=first.task_id, reason="wait for Bob"))
+    assert paused.paused and paused.task.status == PAUSED
+    assert paused.task.pause_reason == "wait for Bob" and paused.task.HasField("paused_at")
+    second = await create(stub, "echo")  # queued after the first
+    resumed = (await stub.Resume(pb.ResumeRequest(task_id=first.task_id))).task
+    assert resumed.status == CREATED and not resumed.HasField("paused_at")
+    await stub.Cancel(pb.CancelRequest(task_id=holder))
+    one, two = await final(stub, first.task_id), await final(stub, second.task_id)
+    assert one.status == two.status == COMPLETED
+    assert _seconds(one.started_at) < _seconds(two.started_at)  # its place, before the second
+
+
+async def test_a_paused_task_stays_paused_while_others_run(
+    one_slot: tuple[TaskServiceAsyncStub, str],
+) -> None:
+    stub, holder = one_slot
+    held = await create(stub, "echo")
+    await stub.Pause(pb.PauseRequest(task_id=held.task_id))
+    later = await create(stub, "echo")
+    await stub.Cancel(pb.CancelRequest(task_id=holder))
+    assert (await final(stub, later.task_id)).status == COMPLETED
+    still = (await stub.Get(pb.GetRequest(task_id=held.task_id))).task
+    assert (still.status, still.pause_reason) == (PAUSED, "paused by request")
+    cancelled = (await stub.Cancel(pb.CancelRequest(task_id=held.task_id))).task
+    assert cancelled.status == CANCELLED and not cancelled.pause_reason
+
+
+async def test_pause_of_a_running_task_whose_handler_cannot_pause_says_so(
+    one_slot: tuple[TaskServiceAsyncStub, str],
+) -> None:
+    stub, holder = one_slot
+    answer = await stub.Pause(pb.PauseRequest(task_id=holder))
+    assert not answer.paused and answer.task.status == RUNNING
+    again = (await stub.Resume(pb.ResumeRequest(task_id=holder))).task
+    assert again == answer.task  # not paused: nothing to resume
+
+
+async def test_pause_refuses_what_it_cannot_pause(stub: TaskServiceAsyncStub) -> None:
+    done = await create(stub, "echo")
+    await final(stub, done.task_id)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await stub.Pause(pb.PauseRequest(task_id=done.task_id))
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stub.Pause(pb.PauseRequest(task_id="0f0e0d0c-0b0a-4908-8706-050403020100"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stub.Pause(pb.PauseRequest(task_id="nope", reason="x" * 2000))
+    assert set(field_violations(bad.value)) == {"task_id", "reason"}
+
+
+async def test_a_paused_task_s_queue_timeout_waits_for_its_resume(
+    clocked: ServerThread, stub: TaskServiceAsyncStub
+) -> None:
+    task = await create(stub, ELSEWHERE, queue_timeout_seconds=30)
+    await stub.Pause(pb.PauseRequest(task_id=task.task_id))
+    clocked.advance(60)  # past its deadline, paused
+    resumed = (await stub.Resume(pb.ResumeRequest(task_id=task.task_id))).task
+    assert resumed.status == CREATED  # it did not fail while paused
+    assert _seconds(resumed.start_deadline) == pytest.approx(_seconds(task.start_deadline) + 60)
+    clocked.advance(31)
+    assert (await final(stub, task.task_id)).error.code == "QUEUE_TIMEOUT"
+
+
+async def test_cancel_matching_and_a_restart_include_paused_tasks(
+    start_server: StartServer, tmp_path: Any
+) -> None:
+    store = f"sqlite:{tmp_path / 'tasks.db'}"
+    first = start_server(store=store, worker_types=frozenset({ELSEWHERE}))
+    async with grpc.aio.insecure_channel(first.address) as channel:
+        stub = TaskServiceStub(channel)
+        tasks = [await create(stub, ELSEWHERE, labels={"c": "1"}) for _ in range(2)]
+        await stub.Pause(pb.PauseRequest(task_id=tasks[0].task_id, reason="later"))
+    first.stop()
+    again = start_server(store=store, worker_types=frozenset({ELSEWHERE}))
+    async with grpc.aio.insecure_channel(again.address) as channel:
+        stub = TaskServiceStub(channel)
+        kept = (await stub.Get(pb.GetRequest(task_id=tasks[0].task_id))).task
+        assert (kept.status, kept.pause_reason) == (PAUSED, "later")
+        match = TaskFilter(labels={"c": "1"})
+        answer = await stub.CancelMatching(pb.CancelMatchingRequest(filter=match))
+        assert answer.count == 2
+        assert (await final(stub, tasks[0].task_id)).status == CANCELLED

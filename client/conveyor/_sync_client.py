@@ -161,6 +161,21 @@ class Client(ClientBase):
         response = self._call(self._stub.Cancel, request, timeout, retry=False)
         return Task._from_proto(response.task)
 
+    def pause(self, task_id: str, *, reason: str = "", timeout: float | None = None) -> Task:
+        """Pause a task; returns it PAUSED if it was queued (it leaves the queue, keeping
+        its place for `resume`). A running task keeps running unless its handler can park:
+        then it is returned RUNNING, unchanged. Not retried. `timeout` bounds the call."""
+        request = pb.PauseRequest(task_id=task_id, reason=reason)
+        response = self._call(self._stub.Pause, request, timeout, retry=False)
+        return Task._from_proto(response.task)
+
+    def resume(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """Queue a PAUSED task again, where it stood; a task that is not PAUSED is returned
+        as it stands. Not retried. `timeout` bounds the call."""
+        request = pb.ResumeRequest(task_id=task_id)
+        response = self._call(self._stub.Resume, request, timeout, retry=False)
+        return Task._from_proto(response.task)
+
     def cancel_matching(
         self,
         *,

@@ -36,6 +36,7 @@ STATUS_STYLES = {
     TaskStatus.COMPLETED: "green",
     TaskStatus.FAILED: "red",
     TaskStatus.CANCELLED: "magenta",
+    TaskStatus.PAUSED: "blue",
 }
 PIPE_WIDTH = 240  # off a terminal, rich would wrap tables at 80 columns
 WIDE_SCREEN = 120  # enough for every column of a table of tasks
@@ -191,8 +192,14 @@ class Output:
             yield "starts" if first else "next attempt", _time(task.next_attempt_at)
         if task.start_deadline:
             yield "start deadline", _time(task.start_deadline)
+        if task.paused_at:
+            yield "paused", f"{_time(task.paused_at)}: {task.pause_reason}"
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
+
+    def warn(self, text: str) -> None:
+        """A line for people and scripts alike, on standard error."""
+        sys.stderr.write(text + "\n")
 
     def note(self, text: str) -> None:
         """A line for people only; scripts get the same from the JSON that follows."""

@@ -290,6 +290,19 @@ def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_COMPLETED
 
 
+def _pause(client: Client, args: argparse.Namespace, out: Output) -> int:
+    task = client.pause(resolve_id(client, args.task_id), reason=args.reason)
+    if task.status is not TaskStatus.PAUSED:
+        out.warn(f"task {task.task_id} is {task.status_label}: not paused")
+    out.task(task)
+    return EXIT_COMPLETED
+
+
+def _resume(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.task(client.resume(resolve_id(client, args.task_id)))
+    return EXIT_COMPLETED
+
+
 def _watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.all:
         task_id = resolve_id(client, args.task_id)
@@ -433,8 +446,8 @@ def _filters(parser: argparse.ArgumentParser) -> None:
         "--status",
         type=_status,
         action="append",
-        help="only tasks in this status (created, running, completed, failed, cancelled); "
-        "repeat for several",
+        help="only tasks in this status (created, running, completed, failed, cancelled, "
+        "paused); repeat for several",
     )
     parser.add_argument("--type", metavar="TYPE", help="only tasks of this type")
     _labels(parser, "only tasks with this label")
@@ -541,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument(
         "--dry-run", action="store_true", help="with --label or --type: count, cancel nothing"
     )
+
+    pause = command("pause", _pause, "pause a queued task: it leaves the queue, keeping its place")
+    pause.add_argument("task_id", metavar="ID", help=ID_HELP)
+    pause.add_argument("--reason", metavar="TEXT", default="", help="why; shown on the task")
+
+    resume = command("resume", _resume, "put a paused task back in the queue, where it stood")
+    resume.add_argument("task_id", metavar="ID", help=ID_HELP)
 
     watch = command("watch", _watch, "show a task's progress until it ends, or every change")
     watch.add_argument("task_id", metavar="ID", nargs="?", help=f"the task to follow: {ID_HELP}")

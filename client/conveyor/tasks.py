@@ -25,6 +25,7 @@ class TaskStatus(enum.IntEnum):
     COMPLETED = 3
     FAILED = 4
     CANCELLED = 5
+    PAUSED = 6
 
     @property
     def terminal(self) -> bool:
@@ -84,6 +85,8 @@ class Task:
     cancel_requested_at: datetime | None
     last_attempt_error: TaskError | None
     start_deadline: datetime | None  # not started by then, it fails with QUEUE_TIMEOUT
+    paused_at: datetime | None  # while PAUSED
+    pause_reason: str
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
 
     @property
@@ -125,12 +128,19 @@ class Task:
             cancel_requested_at=_time(message, "cancel_requested_at"),
             last_attempt_error=_error(message, "last_attempt_error"),
             start_deadline=_time(message, "start_deadline"),
+            paused_at=_time(message, "paused_at"),
+            pause_reason=message.pause_reason,
             proto=message,
         )
 
 
 _OptionalTime = Literal[
-    "next_attempt_at", "started_at", "finished_at", "cancel_requested_at", "start_deadline"
+    "next_attempt_at",
+    "started_at",
+    "finished_at",
+    "cancel_requested_at",
+    "start_deadline",
+    "paused_at",
 ]
 
 

@@ -22,6 +22,7 @@ from conveyord.convert import (
     change_message,
     encode_task,
     list_message,
+    pause_message,
     task_message,
     tasks_message,
     watch_message,
@@ -87,6 +88,17 @@ class TaskServiceApi:
         """A CancelResponse."""
         task_id, reason = validation.cancel_request(request)
         task = await self.scheduler.cancel(task_id, reason)
+        return task_message(task)
+
+    async def pause(self, request: pb.PauseRequest) -> bytes:
+        """A PauseResponse."""
+        task_id, reason = validation.pause_request(request)
+        task, paused = await self.scheduler.pause(task_id, reason)
+        return pause_message(task, paused)
+
+    async def resume(self, request: pb.ResumeRequest) -> bytes:
+        """A ResumeResponse."""
+        task = await self.scheduler.resume(validation.task_id(request.task_id))
         return task_message(task)
 
     async def cancel_matching(self, request: pb.CancelMatchingRequest) -> bytes:
@@ -180,6 +192,8 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
         "Get": unary_method(api.get, pb.GetRequest, RECEIVE_LIMITS["Get"]),
         "List": unary_method(api.list, pb.ListRequest, RECEIVE_LIMITS["List"]),
         "Cancel": unary_method(api.cancel, pb.CancelRequest, RECEIVE_LIMITS["Cancel"]),
+        "Pause": unary_method(api.pause, pb.PauseRequest, RECEIVE_LIMITS["Pause"]),
+        "Resume": unary_method(api.resume, pb.ResumeRequest, RECEIVE_LIMITS["Resume"]),
         "CancelMatching": unary_method(
             api.cancel_matching, pb.CancelMatchingRequest, RECEIVE_LIMITS["CancelMatching"]
         ),

@@ -44,6 +44,9 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
         _stamp(message.cancel_requested_at, task.cancel_requested_at)
     if task.start_deadline is not None:
         _stamp(message.start_deadline, task.start_deadline)
+    if task.paused_at is not None:
+        _stamp(message.paused_at, task.paused_at)
+        message.pause_reason = task.pause_reason
     if task.parameters:
         message.parameters.update(task.parameters)
     if task.progress_detail is not None:
@@ -79,6 +82,11 @@ def encode_task(task: Task) -> bytes:
 def task_message(task: Task) -> bytes:
     """A response whose field 1 is the task: Create-, Get- and CancelResponse."""
     return _length_delimited(1, encode_task(task))
+
+
+def pause_message(task: Task, paused: bool) -> bytes:
+    """A PauseResponse: task (1), paused (2)."""
+    return task_message(task) + _varint_field(2, int(paused))
 
 
 def tasks_message(tasks: Iterable[Task]) -> bytes:

@@ -121,6 +121,7 @@ def claim(task: Task, lease: Lease, now: float) -> Task | None:
         return None
     return task.evolve(
         start_deadline=None,
+        queued_at=None,
         status=TaskStatus.RUNNING,
         lease_id=lease.lease_id,
         lease_holder=lease.holder,
@@ -210,7 +211,7 @@ def cancel(task: Task, reason: str, now: float) -> Task | None:
         return None
     if task.terminal:
         raise TaskAlreadyEnded(task)
-    if task.status is TaskStatus.CREATED:
+    if task.status in (TaskStatus.CREATED, TaskStatus.PAUSED):
         return cancelled(task, reason, now)
     if task.cancel_requested_at is not None:
         return None
@@ -233,6 +234,50 @@ def expire(
     if task.cancel_requested_at is not None:
         return cancelled(task, task.cancel_reason, now)
     return failed(task, error, retryable=True, now=now, delay=delay)
+
+
+def pause(task: Task, reason: str, now: float) -> Task | None:
+    """A Pause: a queued task leaves the queue, PAUSED, keeping where it stood in it (its
+    age counts on) and the rest of its queue timeout. None for a task already PAUSED, or
+    RUNNING (only a handler that can park pauses a running attempt); TaskAlreadyEnded for
+    one that ended."""
+    if task.terminal:
+        raise TaskAlreadyEnded(task)
+    if task.status is not TaskStatus.CREATED:
+        return None
+    return task.evolve(
+        status=TaskStatus.PAUSED,
+        queued_at=_queued_since(task),
+        paused_at=now,
+        pause_reason=reason,
+        updated_at=now,
+        message=f"paused: {reason}",
+    )
+
+
+def resume(task: Task, now: float) -> Task | None:
+    """A Resume: a PAUSED task is queued again where it stood, its start deadline moved
+    on by the time it was paused. None for a task that is not PAUSED."""
+    if task.status is not TaskStatus.PAUSED:
+        return None
+    deadline = task.start_deadline
+    if deadline is not None and task.paused_at is not None:
+        deadline += now - task.paused_at
+    return task.evolve(
+        status=TaskStatus.CREATED,
+        paused_at=None,
+        pause_reason="",
+        start_deadline=deadline,
+        updated_at=now,
+        message="queued (resumed)",
+    )
+
+
+def _queued_since(task: Task) -> float:
+    """Where a CREATED task stands in the queue: the time its age counts from."""
+    if task.queued_at is not None:
+        return task.queued_at
+    return task.next_attempt_at if task.next_attempt_at is not None else task.updated_at
 
 
 def queue_timed_out(task: Task, now: float) -> Task | None:
@@ -263,6 +308,8 @@ def cancelled(task: Task, reason: str, now: float) -> Task:
     return task.evolve(
         **_NO_LEASE,
         start_deadline=None,
+        paused_at=None,
+        pause_reason="",
         status=TaskStatus.CANCELLED,
         error=TaskError(ErrorCode.CANCELLED, reason),
         message=f"cancelled: {reason}",

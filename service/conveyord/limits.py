@@ -42,6 +42,8 @@ RECEIVE_LIMITS = {
     "Get": 4 * KIB,
     "Cancel": 8 * KIB,
     "CancelMatching": 128 * KIB,
+    "Pause": 8 * KIB,
+    "Resume": 4 * KIB,
     "List": 128 * KIB,
     "Watch": 128 * KIB,
 }

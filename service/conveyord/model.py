@@ -23,6 +23,7 @@ class TaskStatus(enum.IntEnum):
     COMPLETED = 3
     FAILED = 4
     CANCELLED = 5
+    PAUSED = 6
 
     @property
     def terminal(self) -> bool:
@@ -33,9 +34,12 @@ TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCEL
 UNFINISHED = frozenset(TaskStatus) - TERMINAL
 
 # The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt;
-# CREATED -> FAILED, a task not started within its queue timeout.
+# CREATED -> FAILED, a task not started within its queue timeout; PAUSED, a queued task held.
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.CREATED: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED, TaskStatus.PAUSED}
+    ),
+    TaskStatus.PAUSED: frozenset({TaskStatus.CREATED, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.CREATED}
     ),
@@ -100,6 +104,9 @@ class Task:
     attempt: int = 1
     next_attempt_at: float | None = None  # when a waiting task (delayed, or a retry) may run
     start_deadline: float | None = None  # not started by then: it fails with QUEUE_TIMEOUT
+    queued_at: float | None = None  # kept across a pause: where it stands in the queue
+    paused_at: float | None = None
+    pause_reason: str = ""
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested_at: float | None = None

@@ -28,7 +28,7 @@ from conveyord.errors import ShuttingDown as ShuttingDown  # re-exported: it was
 from conveyord.handlers import HandlerRegistry
 from conveyord.lifecycle import RetryPolicy
 from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
-from conveyord.model import Task, TaskFilter
+from conveyord.model import Task, TaskFilter, TaskStatus
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.worker.local import LocalWorker
 
@@ -182,6 +182,18 @@ class Scheduler:
         which follows the store) and the attempt ends CANCELLED."""
         now, reason = self.clock(), reason or "cancelled by request"
         return await self.store.update(task_id, lambda task: lifecycle.cancel(task, reason, now))
+
+    async def pause(self, task_id: str, reason: str) -> tuple[Task, bool]:
+        """Pause a task: a queued one at once; the task, and whether it is PAUSED (a running
+        one is not: its handler cannot park yet)."""
+        now, reason = self.clock(), reason or "paused by request"
+        task = await self.store.update(task_id, lambda task: lifecycle.pause(task, reason, now))
+        return task, task.status is TaskStatus.PAUSED
+
+    async def resume(self, task_id: str) -> Task:
+        """Queue a PAUSED task again, where it stood."""
+        now = self.clock()
+        return await self.store.update(task_id, lambda task: lifecycle.resume(task, now))
 
     async def cancel_matching(self, task_filter: TaskFilter, reason: str, dry_run: bool) -> int:
         """Cancel every unfinished task that matches, each as `cancel` would (one that ended

@@ -39,11 +39,16 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     """Ended badly after its last attempt; `error` says why. Terminal."""
     TASK_STATUS_CANCELLED: _TaskStatus.ValueType  # 5
     """Ended by a Cancel; `error.code` is CANCELLED and `error.message` the reason. Terminal."""
+    TASK_STATUS_PAUSED: _TaskStatus.ValueType  # 6
+    """Held by a Pause: out of the queue until Resume, keeping its priority and its place;
+    `pause_reason` says why. Not terminal.
+    """
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
     """The state of a task. A task moves only along
-    CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED}, CREATED -> CANCELLED, and
-    CREATED -> FAILED (error QUEUE_TIMEOUT: its first attempt did not start in time).
+    CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED}, CREATED -> CANCELLED,
+    CREATED -> FAILED (error QUEUE_TIMEOUT: its first attempt did not start in time), and
+    CREATED -> PAUSED -> {CREATED, CANCELLED} (a Pause of a queued task, then Resume or Cancel).
     A failed attempt that has attempts left goes back from RUNNING to CREATED with
     `attempt` raised and `next_attempt_at` set; an attempt stopped by the server's own
     shutdown goes back to CREATED on the same `attempt` (error INTERRUPTED).
@@ -61,6 +66,10 @@ TASK_STATUS_FAILED: TaskStatus.ValueType  # 4
 """Ended badly after its last attempt; `error` says why. Terminal."""
 TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 5
 """Ended by a Cancel; `error.code` is CANCELLED and `error.message` the reason. Terminal."""
+TASK_STATUS_PAUSED: TaskStatus.ValueType  # 6
+"""Held by a Pause: out of the queue until Resume, keeping its priority and its place;
+`pause_reason` says why. Not terminal.
+"""
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 @_typing.final
@@ -262,6 +271,8 @@ class TaskResponse(_message.Message):
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     LAST_ATTEMPT_ERROR_FIELD_NUMBER: _builtins.int
     START_DEADLINE_FIELD_NUMBER: _builtins.int
+    PAUSE_REASON_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -286,6 +297,8 @@ class TaskResponse(_message.Message):
     """
     timeout_seconds: _builtins.float
     """The timeout of one attempt, in seconds (the server default when the request left it unset)."""
+    pause_reason: _builtins.str
+    """While PAUSED: the reason the Pause gave."""
     @_builtins.property
     def progress_detail(self) -> _struct_pb2.Struct:
         """Structured progress, as last reported by the handler."""
@@ -348,6 +361,10 @@ class TaskResponse(_message.Message):
         unless its first attempt starts before.
         """
 
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """While PAUSED: when it was paused."""
+
     def __init__(
         self,
         *,
@@ -375,10 +392,12 @@ class TaskResponse(_message.Message):
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
         last_attempt_error: Global___TaskError | None = ...,
         start_deadline: _timestamp_pb2.Timestamp | None = ...,
+        pause_reason: _builtins.str = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -78,6 +78,16 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.FromString,
                 _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/conveyor.v1.TaskService/Pause',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.PauseRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.PauseResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/conveyor.v1.TaskService/Resume',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ResumeResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/conveyor.v1.TaskService/Watch',
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchRequest.SerializeToString,
@@ -188,6 +198,32 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pause(self, request, context):
+        """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
+        its priority, and its age counts on, so that Resume puts it back where it was) and its
+        queue timeout stops running until Resume. A RUNNING task is paused only if its
+        handler can park at a pause point; a handler that cannot keeps running, and the answer
+        says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
+        A paused task still counts toward the server's cap on queued tasks.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
+        characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
+        COMPLETED, FAILED or was CANCELLED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
+        task that is not PAUSED changes nothing (the answer is the task as it stands).
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Streams changes to one task or to every task that matches a filter.
 
@@ -263,6 +299,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CancelMatching,
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.PauseRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.PauseResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ResumeRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ResumeResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -446,6 +492,60 @@ class TaskService:
             '/conveyor.v1.TaskService/CancelMatching',
             conveyor_dot_v1_dot_task__service__pb2.CancelMatchingRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.CancelMatchingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/Pause',
+            conveyor_dot_v1_dot_task__service__pb2.PauseRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.PauseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/Resume',
+            conveyor_dot_v1_dot_task__service__pb2.ResumeRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ResumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -109,6 +109,24 @@ class TaskServiceStub:
     Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
     characters).
     """
+    Pause: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.PauseRequest, _task_service_pb2.PauseResponse]
+    """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
+    its priority, and its age counts on, so that Resume puts it back where it was) and its
+    queue timeout stops running until Resume. A RUNNING task is paused only if its
+    handler can park at a pause point; a handler that cannot keeps running, and the answer
+    says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
+    A paused task still counts toward the server's cap on queued tasks.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
+    characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
+    COMPLETED, FAILED or was CANCELLED).
+    """
+    Resume: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeRequest, _task_service_pb2.ResumeResponse]
+    """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
+    task that is not PAUSED changes nothing (the answer is the task as it stands).
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
+    """
     Watch: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]
     """Streams changes to one task or to every task that matches a filter.
 
@@ -229,6 +247,24 @@ class TaskServiceAsyncStub(TaskServiceStub):
 
     Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
     characters).
+    """
+    Pause: _aio.UnaryUnaryMultiCallable[_task_service_pb2.PauseRequest, _task_service_pb2.PauseResponse]  # type: ignore[assignment]
+    """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
+    its priority, and its age counts on, so that Resume puts it back where it was) and its
+    queue timeout stops running until Resume. A RUNNING task is paused only if its
+    handler can park at a pause point; a handler that cannot keeps running, and the answer
+    says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
+    A paused task still counts toward the server's cap on queued tasks.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
+    characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
+    COMPLETED, FAILED or was CANCELLED).
+    """
+    Resume: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeRequest, _task_service_pb2.ResumeResponse]  # type: ignore[assignment]
+    """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
+    task that is not PAUSED changes nothing (the answer is the task as it stands).
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
     """
     Watch: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams changes to one task or to every task that matches a filter.
@@ -383,6 +419,36 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Codes: OK; INVALID_ARGUMENT (an empty or bad filter, or a reason longer than 1024
         characters).
+        """
+
+    @_abc_1.abstractmethod
+    def Pause(
+        self,
+        request: _task_service_pb2.PauseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.PauseResponse, _abc.Awaitable[_task_service_pb2.PauseResponse]]:
+        """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
+        its priority, and its age counts on, so that Resume puts it back where it was) and its
+        queue timeout stops running until Resume. A RUNNING task is paused only if its
+        handler can park at a pause point; a handler that cannot keeps running, and the answer
+        says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
+        A paused task still counts toward the server's cap on queued tasks.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
+        characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
+        COMPLETED, FAILED or was CANCELLED).
+        """
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _task_service_pb2.ResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ResumeResponse, _abc.Awaitable[_task_service_pb2.ResumeResponse]]:
+        """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
+        task that is not PAUSED changes nothing (the answer is the task as it stands).
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
         """
 
     @_abc_1.abstractmethod

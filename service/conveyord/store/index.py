@@ -32,12 +32,13 @@ class DispatchIndex:
         self.active: dict[TaskStatus, set[str]] = {
             TaskStatus.CREATED: set(),
             TaskStatus.RUNNING: set(),
+            TaskStatus.PAUSED: set(),
         }
 
     @property
     def queued(self) -> int:
-        """CREATED tasks, runnable or waiting for their time."""
-        return len(self.active[TaskStatus.CREATED])
+        """CREATED tasks, runnable or waiting for their time, and PAUSED ones."""
+        return len(self.active[TaskStatus.CREATED]) + len(self.active[TaskStatus.PAUSED])
 
     def changed(self, old: Task | None, new: Task | None) -> None:
         """Follow one staged change: `old` became `new` (None: created, or removed)."""
@@ -64,11 +65,12 @@ class DispatchIndex:
 
     def _queue(self, task: Task) -> None:
         """A task with a runnable time waits for it (`promote` moves it on); one without is
-        runnable since it was last changed."""
+        runnable since it was queued (before a pause), or since it was last changed."""
         if task.next_attempt_at is not None:
             heapq.heappush(self._waiting, (task.next_attempt_at, task.task_id))
         else:
-            self.ready.push(task.task_id, task.task_type, task.priority, task.updated_at)
+            since = task.queued_at if task.queued_at is not None else task.updated_at
+            self.ready.push(task.task_id, task.task_type, task.priority, since)
 
     def promote(self, now: float, working: Mapping[str, Task]) -> None:
         """Move the waiting tasks whose time has come into the ready queue."""
