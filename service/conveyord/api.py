@@ -86,13 +86,13 @@ class TaskServiceApi:
 
     async def cancel(self, request: pb.CancelRequest) -> bytes:
         """A CancelResponse."""
-        task_id, reason = validation.cancel_request(request)
+        task_id, reason = validation.task_and_reason(request)
         task = await self.scheduler.cancel(task_id, reason)
         return task_message(task)
 
     async def pause(self, request: pb.PauseRequest) -> bytes:
         """A PauseResponse."""
-        task_id, reason = validation.pause_request(request)
+        task_id, reason = validation.task_and_reason(request)
         task, paused = await self.scheduler.pause(task_id, reason)
         return pause_message(task, paused)
 

@@ -486,19 +486,13 @@ def cancel_matching_request(
     return dataclasses.replace(task_filter, statuses=statuses), request.reason, request.dry_run
 
 
-def pause_request(request: task_service_pb2.PauseRequest) -> tuple[str, str]:
+def task_and_reason(
+    request: task_service_pb2.CancelRequest | task_service_pb2.PauseRequest,
+) -> tuple[str, str]:
+    """The task id and the reason of a Cancel or a Pause."""
     checker = Checker()
-    paused = task_id_in(checker, request.task_id, "task_id")
+    task = task_id_in(checker, request.task_id, "task_id")
     if len(request.reason) > MAX_REASON:
         checker.fail("reason", f"is longer than {MAX_REASON} characters")
     checker.done()
-    return paused, request.reason
-
-
-def cancel_request(request: task_service_pb2.CancelRequest) -> tuple[str, str]:
-    checker = Checker()
-    cancelled = task_id_in(checker, request.task_id, "task_id")
-    if len(request.reason) > MAX_REASON:
-        checker.fail("reason", f"is longer than {MAX_REASON} characters")
-    checker.done()
-    return cancelled, request.reason
+    return task, request.reason

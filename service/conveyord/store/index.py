@@ -216,11 +216,18 @@ class ListIndex:
     def after(self, seq: int, task_filter: TaskFilter) -> Iterator[str]:
         """The ids of tasks created after `seq`, oldest first, that the filter may match
         (removed ones included): those of its most selective type or label."""
+        return self._narrowest(task_filter).after(seq)
+
+    def ids(self, task_filter: TaskFilter) -> list[str]:
+        """The ids the filter may match, as `after(0, ...)` gives them, in a list."""
+        return self._narrowest(task_filter).ids()
+
+    def _narrowest(self, task_filter: TaskFilter) -> CreationOrder:
         orders = [self._all]
         if task_filter.task_type:
             orders.append(self._by_type.get(task_filter.task_type, _NONE))
         orders.extend(self._by_label.get(label, _NONE) for label in task_filter.labels.items())
-        return min(orders, key=len).after(seq)
+        return min(orders, key=len)
 
 
 class CreationOrder:
@@ -244,6 +251,10 @@ class CreationOrder:
         ids = self._ids
         for index in range(bisect.bisect_right(self._seqs, seq), len(ids)):
             yield ids[index]
+
+    def ids(self) -> list[str]:
+        """Every id, oldest first (removed ones included), in a list of its own."""
+        return list(self._ids)
 
     def removed(self, alive: Mapping[str, object]) -> None:
         """Note that a task was removed; sweep the gaps out when there are many."""

@@ -36,7 +36,7 @@ DEFAULT_AGING_RATE = 1 / 60  # priority levels per second of waiting: one a minu
 # update_where and count go through this many tasks at once (a few ms of work), then pause
 # this long, so that the calls that came meanwhile are served (a turn of the loop is not
 # enough: a call takes several) rather than waiting for the whole of a large one.
-SCAN_CHUNK = 250
+SCAN_CHUNK = 128
 SCAN_PAUSE = 0.001
 
 
@@ -185,6 +185,8 @@ class MemoryStore:
         are taken at once; a task created later is not among them), each as it stands when
         its chunk comes, SCAN_CHUNK at a time, with a pause between two chunks."""
         ids = self._index.candidates(task_filter, self._working)
+        if len(ids) > 1 and (task_filter.labels or task_filter.task_type):
+            ids = min(ids, self._order.ids(task_filter), key=len)  # a label's may be fewer
         for start in range(0, len(ids), SCAN_CHUNK):
             if start:
                 await asyncio.sleep(SCAN_PAUSE)
