@@ -76,7 +76,7 @@ def test_help_documents_the_commands_and_the_exit_codes(
 ) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("create", "get", "list", "cancel", "watch", "wait"):
+    for command in ("create", "get", "list", "cancel", "pause", "resume", "watch", "wait"):
         assert command in text
     for code, meaning in [
         ("0", "COMPLETED"),

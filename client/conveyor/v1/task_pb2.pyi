@@ -30,7 +30,7 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     TASK_STATUS_UNSPECIFIED: _TaskStatus.ValueType  # 0
     """Never set by the server; in a filter it is rejected."""
     TASK_STATUS_CREATED: _TaskStatus.ValueType  # 1
-    """Accepted and queued (or waiting for its next attempt); not running."""
+    """Accepted and queued (or waiting for its start, or for its next attempt); not running."""
     TASK_STATUS_RUNNING: _TaskStatus.ValueType  # 2
     """A handler is working on it."""
     TASK_STATUS_COMPLETED: _TaskStatus.ValueType  # 3
@@ -57,7 +57,7 @@ class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
 TASK_STATUS_UNSPECIFIED: TaskStatus.ValueType  # 0
 """Never set by the server; in a filter it is rejected."""
 TASK_STATUS_CREATED: TaskStatus.ValueType  # 1
-"""Accepted and queued (or waiting for its next attempt); not running."""
+"""Accepted and queued (or waiting for its start, or for its next attempt); not running."""
 TASK_STATUS_RUNNING: TaskStatus.ValueType  # 2
 """A handler is working on it."""
 TASK_STATUS_COMPLETED: TaskStatus.ValueType  # 3
