@@ -169,8 +169,8 @@ class MemoryStore:
         async for chunk in self._scan(task_filter):
             changes: list[Change] = []
             for task in chunk:
-                if (new := mutation(task)) not in (None, task):
-                    assert new is not None
+                new = mutation(task)
+                if new is not None and new is not task:  # identity: comparing is costly
                     changes.append(self._stage(ChangeKind.CHANGED, new))
             if changes:
                 await self._persist(changes)
