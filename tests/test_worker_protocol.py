@@ -366,3 +366,25 @@ async def test_the_attempts_of_one_claim_round_come_in_one_message_best_first(
     await workers.Finish(wpb.FinishRequest(lease=_ref(batch[0]), result=result))
     [last] = (await session.next("assignments")).assignments  # the slot it freed
     assert last.task.task_id == by_priority[3].task_id
+
+
+async def test_finish_many_refuses_a_bad_end_alone_and_records_the_rest(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, slots=2)
+    await session.next("welcome")
+    await tasks.BatchCreate(
+        pb.BatchCreateRequest(requests=[pb.CreateRequest(task=task_request(TYPE))] * 2)
+    )
+    one, two = await session.next("assignment"), await session.next("assignment")
+    bad = wpb.AttemptError(code="not upper case", message="x")
+    finishes = [
+        wpb.FinishRequest(lease=_ref(one), error=bad),
+        wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(string_value="done")),
+    ]
+    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
+    [refused] = answer.refused
+    assert (refused.lease, refused.code) == (_ref(one), 3) and "error.code" in refused.message
+    assert (await tasks.Get(pb.GetRequest(task_id=one.task.task_id))).task.status == RUNNING
+    assert (await tasks.Get(pb.GetRequest(task_id=two.task.task_id))).task.status == COMPLETED
