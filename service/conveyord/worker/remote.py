@@ -91,14 +91,21 @@ class WorkerNotConnected(ConveyorError):
         return {"worker_id": self.worker_id}
 
 
+class _AssignmentsMark:
+    """Where, among an outbox's messages, its pending assignments go out."""
+
+
+_ASSIGNMENTS = _AssignmentsMark()
+
+
 class Outbox:
     """What goes out on one stream of a worker, in order. The assignments granted while
     the stream was busy go out together, as one `assignments` message (one write, one
     read, one wake-up of the worker for a claim round's worth of attempts)."""
 
     def __init__(self) -> None:
-        self._items: collections.deque[Outgoing | Outbox] = collections.deque()
-        self._assigned: list[bytes] = []  # Assignments, sent where the outbox is in _items
+        self._items: collections.deque[Outgoing | _AssignmentsMark] = collections.deque()
+        self._assigned: list[bytes] = []  # encoded Assignments, sent at _ASSIGNMENTS
         self._ready = asyncio.Event()
 
     def put(self, item: Outgoing) -> None:
@@ -107,7 +114,7 @@ class Outbox:
 
     def assign(self, assignment: bytes) -> None:
         if not self._assigned:
-            self._items.append(self)  # the place of the assignments among the messages
+            self._items.append(_ASSIGNMENTS)
             self._ready.set()
         self._assigned.append(assignment)
 
@@ -117,9 +124,11 @@ class Outbox:
             self._ready.clear()
             async with asyncio.timeout(wait):
                 await self._ready.wait()
-        if self._items[0] is not self:
-            return self._items.popleft()  # type: ignore[return-value]
-        return self._take_assignments()
+        head = self._items[0]
+        if isinstance(head, _AssignmentsMark):
+            return self._take_assignments()
+        self._items.popleft()
+        return head
 
     def _take_assignments(self) -> bytes:
         """Assignments in order, as many as fit in one message (at least one)."""
