@@ -1,5 +1,6 @@
 """Task control through a real server with a controllable clock: delayed start, the queue
-timeout (schedule-to-start), and cancel by labels with its dry run, amid creates and starts."""
+timeout (schedule-to-start), cancel by labels with its dry run (amid creates and starts),
+and pause and resume of queued tasks (and of a running one whose handler cannot pause)."""
 
 from __future__ import annotations
 
