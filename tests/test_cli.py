@@ -99,7 +99,7 @@ def test_help_documents_the_commands_and_the_exit_codes(
         ("create", ["--start-after", "--start-at", "--queue-timeout"]),
         ("get", []),
         ("list", ["--status", "--type", "--label", "--limit"]),
-        ("cancel", ["--reason", "--label", "--type", "--dry-run"]),
+        ("cancel", ["--reason", "--label", "--type", "--dry-run", "--yes"]),
         ("pause", ["--reason"]),
         ("resume", []),
         ("watch", ["--all", "--status", "--type", "--label", "--timeout"]),
@@ -729,6 +729,10 @@ class Terminal:
             assert chunk, f"the process ended before {text!r} showed; got:\n{self.output}"
         return self.text
 
+    def type(self, text: str) -> None:
+        """Type `text` at the terminal, as a person would."""
+        os.write(self._master, text.encode())
+
     def finish(self, timeout: float = 30) -> int:
         """Read everything up to the end of the process; returns its exit code."""
         while self._read():
@@ -767,6 +771,23 @@ def test_watch_in_a_terminal_ends_with_the_error_of_a_failed_task(
     terminal = Terminal([*command_line(), "watch", task.task_id], process_env(server))
     assert terminal.finish() == 1
     assert "FAILED: HANDLER_ERROR: RuntimeError: out of paper" in terminal.text
+
+
+def test_a_bulk_cancel_at_a_terminal_asks_first_with_the_count(
+    server: ServerThread, client: Client
+) -> None:
+    label = f"run={uuid.uuid4().hex}"
+    tasks = [
+        client.create("echo", labels=dict([label.split("=")]), start_after_seconds=3600)
+        for _ in range(2)
+    ]
+    for answer, status in (("n", TaskStatus.CREATED), ("y", TaskStatus.CANCELLED)):
+        terminal = Terminal([*command_line(), "cancel", "--label", label], process_env(server))
+        terminal.read_until("cancel 2 unfinished tasks that match? [y/N]")
+        terminal.type(f"{answer}\n")
+        assert terminal.finish() == 0
+        assert {client.get(task.task_id).status for task in tasks} == {status}
+    assert "cancelled 2 tasks" in terminal.text
 
 
 def test_watch_all_in_a_terminal_keeps_a_live_table_until_ctrl_c(

@@ -283,11 +283,24 @@ def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_COMPLETED
     if not (args.labels or args.type):
         raise UsageError("give a task ID, or --label or --type to cancel the tasks that match")
-    count = client.cancel_matching(
-        labels=dict(args.labels), task_type=args.type, reason=args.reason, dry_run=args.dry_run
-    )
+    match = {"labels": dict(args.labels), "task_type": args.type}
+    if not (args.dry_run or args.yes) and sys.stdin.isatty() and not _confirmed(client, match):
+        out.warn("nothing was cancelled")
+        return EXIT_COMPLETED
+    count = client.cancel_matching(**match, reason=args.reason, dry_run=args.dry_run)
     out.counted(count, dry_run=args.dry_run)
     return EXIT_COMPLETED
+
+
+def _confirmed(client: Client, match: dict[str, Any]) -> bool:
+    """Ask a person at a terminal before a bulk cancel, saying how many tasks it takes."""
+    count = client.cancel_matching(**match, dry_run=True)
+    if not count:
+        return True  # nothing to ask about: the cancel answers 0
+    noun = "task" if count == 1 else "tasks"
+    sys.stderr.write(f"cancel {count} unfinished {noun} that match? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _pause(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -553,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--type", metavar="TYPE", help="instead of an ID: those of this type")
     cancel.add_argument(
         "--dry-run", action="store_true", help="with --label or --type: count, cancel nothing"
+    )
+    cancel.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="with --label or --type: do not ask first (it asks only at a terminal)",
     )
 
     pause = command("pause", _pause, "pause a queued task: it leaves the queue, keeping its place")
