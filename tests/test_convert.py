@@ -10,6 +10,7 @@ from conveyor.v1 import worker_service_pb2 as wpb
 from conveyord.convert import (
     _varint,
     assignment,
+    assignment_message,
     assignments_message,
     change_message,
     encode_task,
@@ -120,3 +121,16 @@ def test_assignments_are_the_serialized_response(deadline: float) -> None:
     )
     encoded = [assignment(task, deadline, deadline + 15) for task in tasks]
     assert assignments_message(encoded) == expected.SerializeToString()
+
+
+def test_an_assignment_alone_is_the_serialized_response() -> None:
+    task = TASKS[1].evolve(lease_id="cd" * 16)
+    expected = wpb.ConnectResponse(
+        assignment=wpb.Assignment(
+            task=task_to_proto(task),
+            lease_id=task.lease_id,
+            deadline=seconds_to_timestamp(10.5),
+            lease_expires_at=seconds_to_timestamp(25.0),
+        )
+    )
+    assert assignment_message(assignment(task, 10.5, 25.0)) == expected.SerializeToString()

@@ -1,5 +1,6 @@
 """A remote worker's outbox: the assignments granted while its stream was busy go out as one
-message, in order, split at about 1 MiB, and never after a later stop or the stream's end."""
+message (or one each, to a worker that does not batch), in order, split at about 1 MiB, and
+never after a later stop or the stream's end."""
 
 from __future__ import annotations
 
@@ -49,3 +50,17 @@ async def test_a_large_round_is_split_and_what_follows_waits_for_it() -> None:
 async def test_an_empty_outbox_times_out() -> None:
     with pytest.raises(TimeoutError):
         await Outbox().get(0.01)
+
+
+async def test_to_a_worker_that_does_not_batch_each_assignment_goes_alone() -> None:
+    outbox = Outbox(batch=False)
+    for task_id in ("c1", "c2"):
+        outbox.assign(_assignment(task_id))
+    outbox.put(b"stop")
+    for task_id in ("c1", "c2"):
+        message = await outbox.get(1.0)
+        assert isinstance(message, bytes)
+        response = wpb.ConnectResponse.FromString(message)
+        assert response.WhichOneof("message") == "assignment"
+        assert response.assignment.lease_id == task_id
+    assert await outbox.get(1.0) == b"stop"

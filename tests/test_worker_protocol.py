@@ -47,7 +47,7 @@ class Session:
     def __init__(self, workers: WorkerServiceAsyncStub, worker_id: str = "w-1", **fields: Any):
         request = wpb.ConnectRequest(
             worker_id=worker_id, task_types=fields.pop("task_types", [TYPE]),
-            slots=fields.pop("slots", 1), **fields,
+            slots=fields.pop("slots", 1), batch_assignments=fields.pop("batch", True), **fields,
         )  # fmt: skip
         self.call = workers.Connect(request)
         self.assigned: list[wpb.Assignment] = []  # from an `assignments`, not yet read
@@ -55,9 +55,11 @@ class Session:
     async def next(self, kind: str) -> Any:
         """The next message that is not a heartbeat; it must be of `kind`. An `assignment`
         is one Assignment of the `assignments` messages, in order."""
-        if kind == "assignment" and not self.assigned:
-            self.assigned.extend((await self.next("assignments")).assignments)
-        if kind == "assignment":
+        if kind == "assignment_alone":  # a message of its own, to a worker that does not batch
+            kind = "assignment"
+        elif kind == "assignment":
+            if not self.assigned:
+                self.assigned.extend((await self.next("assignments")).assignments)
             return self.assigned.pop(0)
         assert not self.assigned, f"expected the assignments {self.assigned} first"
         while True:
@@ -339,7 +341,7 @@ async def test_finish_many_records_each_end_and_refuses_a_stale_one_alone(
         wpb.FinishRequest(lease=_ref(one), result=struct_pb2.Value(number_value=1)),  # stale
         wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(number_value=2)),
     ]
-    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
+    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes, refusals_only=True))
     [stale] = answer.refused
     assert (stale.lease, stale.code, stale.reason) == (_ref(one), 9, "LEASE_NOT_HELD")
     recorded = (await tasks.Get(pb.GetRequest(task_id=two.task.task_id))).task
@@ -383,8 +385,31 @@ async def test_finish_many_refuses_a_bad_end_alone_and_records_the_rest(
         wpb.FinishRequest(lease=_ref(one), error=bad),
         wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(string_value="done")),
     ]
-    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
+    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes, refusals_only=True))
     [refused] = answer.refused
     assert (refused.lease, refused.code) == (_ref(one), 3) and "error.code" in refused.message
     assert (await tasks.Get(pb.GetRequest(task_id=one.task.task_id))).task.status == RUNNING
     assert (await tasks.Get(pb.GetRequest(task_id=two.task.task_id))).task.status == COMPLETED
+
+
+async def test_a_worker_that_does_not_batch_gets_one_assignment_a_message_and_full_results(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    """The first form of the contract still holds for a worker that asks for neither
+    batched assignments nor refusals only."""
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, slots=2, batch=False)
+    await session.next("welcome")
+    request = pb.CreateRequest(task=task_request(TYPE))
+    await tasks.BatchCreate(pb.BatchCreateRequest(requests=[request] * 2))  # one round
+    one, two = await session.next("assignment_alone"), await session.next("assignment_alone")
+    await workers.Finish(wpb.FinishRequest(lease=_ref(one), result=struct_pb2.Value()))
+    finishes = [
+        wpb.FinishRequest(lease=_ref(one), result=struct_pb2.Value(number_value=1)),  # stale
+        wpb.FinishRequest(lease=_ref(two), result=struct_pb2.Value(number_value=2)),
+    ]
+    answer = await workers.FinishMany(wpb.FinishManyRequest(finishes=finishes))
+    stale, recorded = answer.results
+    assert (stale.refusal.code, stale.refusal.reason) == (9, "LEASE_NOT_HELD")
+    assert stale.refusal.lease == _ref(one) and not answer.refused
+    assert recorded.task.status == COMPLETED and recorded.task.result.number_value == 2

@@ -175,6 +175,7 @@ class Worker:
             task_types=self.registry.task_types,
             slots=self.concurrency,
             held=[attempt.ref for attempt in self._attempts.values()],
+            batch_assignments=True,
         )
         call = stub.Connect(request)
         loop = asyncio.get_running_loop()
@@ -196,6 +197,8 @@ class Worker:
                 if which == "assignments":
                     for assignment in message.assignments.assignments:
                         self._start(assignment, stub)
+                elif which == "assignment":  # a server that does not batch
+                    self._start(message.assignment, stub)
                 elif which == "stop":
                     self._stop(message.stop)
                 elif which == "welcome":
@@ -338,7 +341,9 @@ class Worker:
             while self._finishing and len(batch) < FINISH_BATCH and size < FINISH_BATCH_BYTES:
                 batch.append(self._finishing.pop(0))
                 size += batch[-1][0].ByteSize()
-            request = pb.FinishManyRequest(finishes=[finish for finish, _ in batch])
+            request = pb.FinishManyRequest(
+                finishes=[finish for finish, _ in batch], refusals_only=True
+            )
             ceiling = RECONNECT_INITIAL
             while True:
                 try:

@@ -142,7 +142,13 @@ async function finishUntilAnswered(request) {
 
 function connect() {
   const held_leases = [...held.values()].map((attempt) => attempt.lease);
-  const stream = client.Connect({ worker_id: workerId, task_types: Object.keys(handlers), slots, held: held_leases });
+  const stream = client.Connect({
+    worker_id: workerId,
+    task_types: Object.keys(handlers),
+    slots,
+    held: held_leases,
+    batch_assignments: true, // the attempts of one claim round come in one message
+  });
   stream.on("data", (message) => {
     if (message.welcome) {
       const every = seconds(message.welcome.renew_interval) * 1000;

@@ -122,10 +122,15 @@ def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     )
 
 
+def assignment_message(encoded: bytes) -> bytes:
+    """A ConnectResponse whose `assignment` (2) is one encoded Assignment."""
+    return _length_delimited(2, encoded)
+
+
 def assignments_message(assignments: Iterable[bytes]) -> bytes:
-    """A ConnectResponse whose `assignments` (2) holds encoded Assignments (each in the
+    """A ConnectResponse whose `assignments` (5) holds encoded Assignments (each in the
     repeated field 1 of Assignments)."""
-    return _length_delimited(2, b"".join(_length_delimited(1, one) for one in assignments))
+    return _length_delimited(5, b"".join(_length_delimited(1, one) for one in assignments))
 
 
 def _timestamp(seconds: float) -> bytes:

@@ -24,11 +24,11 @@ from conveyord.convert import task_to_proto
 from conveyord.dispatch import Dispatcher
 from conveyord.lifecycle import Outcome, StaleLease
 from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
-from conveyord.model import ErrorCode, TaskError, json_problem
+from conveyord.model import ErrorCode, Task, TaskError, json_problem
 from conveyord.rpc import stream_method, unary_method
 from conveyord.store.base import TaskNotFound
 from conveyord.validation import Checker, InvalidArgument, task_id_in
-from conveyord.worker.remote import SessionTimings, WorkerSessions
+from conveyord.worker.remote import Hello, SessionTimings, WorkerSessions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
@@ -65,12 +65,12 @@ class WorkerServiceApi:
 
     async def connect(self, request: pb.ConnectRequest) -> AsyncIterator[bytes]:
         """The session's stream: a welcome, then what the outbox holds, with heartbeats."""
-        worker_id, types, slots, held = _connect_request(request)
-        await self.declare_types(types)
-        worker, kept = await self.sessions.connect(worker_id, types, slots, held)
+        hello = _connect_request(request)
+        await self.declare_types(hello.types)
+        worker, kept = await self.sessions.connect(hello)
         outbox = worker.outbox
         try:
-            yield self.timings.welcome(worker_id, kept)
+            yield self.timings.welcome(hello.worker_id, kept)
             while True:
                 try:
                     item = await outbox.get(self.timings.heartbeat_interval)
@@ -124,7 +124,8 @@ class WorkerServiceApi:
 
     async def finish_many(self, request: pb.FinishManyRequest) -> bytes:
         """A FinishManyResponse: each attempt's end recorded, or refused on its own (a bad
-        one before the others are written, a stale one as they are)."""
+        one before the others are written, a stale one as they are); the refusals alone,
+        or a result with the task for each end."""
         checker = Checker()
         count = len(request.finishes)
         if not 1 <= count <= MAX_LEASES:
@@ -143,12 +144,25 @@ class WorkerServiceApi:
             except InvalidArgument as error:
                 refused[index] = _refusal(finish.lease, error)
         ended = await self.dispatcher.finish_many(ends)
+        recorded: dict[int, Task] = {}
         for index, outcome in zip(indexes, ended, strict=True):
             if isinstance(outcome, StaleLease | TaskNotFound):
                 refused[index] = _refusal(request.finishes[index].lease, outcome)
             elif isinstance(outcome, BaseException):
                 raise outcome
-        answer = pb.FinishManyResponse(refused=[refused[index] for index in sorted(refused)])
+            else:
+                recorded[index] = outcome
+        if request.refusals_only:
+            answer = pb.FinishManyResponse(refused=[refused[i] for i in sorted(refused)])
+        else:
+            answer = pb.FinishManyResponse(
+                results=[
+                    pb.FinishResult(refusal=refused[i])
+                    if i in refused
+                    else pb.FinishResult(task=task_to_proto(recorded[i]))
+                    for i in range(count)
+                ]
+            )
         return answer.SerializeToString()
 
     async def drain(self, request: pb.DrainRequest) -> bytes:
@@ -174,9 +188,7 @@ def _heartbeat() -> bytes:
 # -- requests --------------------------------------------------------------------
 
 
-def _connect_request(
-    request: pb.ConnectRequest,
-) -> tuple[str, frozenset[str], int, dict[str, str]]:
+def _connect_request(request: pb.ConnectRequest) -> Hello:
     checker = Checker()
     if not _WORKER_ID.fullmatch(request.worker_id):
         checker.fail("worker_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : / @ -")
@@ -194,7 +206,8 @@ def _connect_request(
         checker.fail("held", f"holds {len(request.held)}; at most {MAX_LEASES}")
     held = dict(_lease_in(checker, ref, f"held[{i}]") for i, ref in enumerate(request.held))
     checker.done()
-    return request.worker_id, frozenset(request.task_types), request.slots, held
+    types = frozenset(request.task_types)
+    return Hello(request.worker_id, types, request.slots, held, request.batch_assignments)
 
 
 def _lease(ref: pb.LeaseRef, field: str) -> tuple[str, str]:

@@ -87,12 +87,18 @@ class ConnectRequest(_message.Message):
     TASK_TYPES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    BATCH_ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Who the worker is: unique to one worker process, and the same when it connects again
     (so that it keeps its attempts). 1 to 128 characters of A-Z a-z 0-9 . _ : / @ -.
     """
     slots: _builtins.int
     """How many attempts it runs at once, 1..1000."""
+    batch_assignments: _builtins.bool
+    """Take the attempts of one claim round together, as one `assignments` message, rather
+    than one `assignment` message each: one message to send, read and act on per round
+    rather than per attempt. A new worker should set it.
+    """
     @_builtins.property
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The task types it runs (as in TaskRequest.task_type): it is assigned only these. The
@@ -110,10 +116,11 @@ class ConnectRequest(_message.Message):
         task_types: _abc.Iterable[_builtins.str] | None = ...,
         slots: _builtins.int = ...,
         held: _abc.Iterable[Global___LeaseRef] | None = ...,
+        batch_assignments: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_assignments", b"batch_assignments", "held", b"held", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,16 +133,17 @@ class ConnectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
-    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The first message: the session's timings."""
 
     @_builtins.property
-    def assignments(self) -> Global___Assignments:
-        """Attempts to run: one or more, each in a slot of its own."""
+    def assignment(self) -> Global___Assignment:
+        """An attempt to run (to a worker that did not set `batch_assignments`)."""
 
     @_builtins.property
     def stop(self) -> Global___Stop:
@@ -145,19 +153,26 @@ class ConnectResponse(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Nothing else was sent for a heartbeat interval: the server and the stream are alive."""
 
+    @_builtins.property
+    def assignments(self) -> Global___Assignments:
+        """Attempts to run, one or more, each in a slot of its own (to a worker that set
+        `batch_assignments`).
+        """
+
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
-        assignments: Global___Assignments | None = ...,
+        assignment: Global___Assignment | None = ...,
         stop: Global___Stop | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        assignments: Global___Assignments | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignments", "stop", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "stop", "heartbeat", "assignments"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -577,6 +592,11 @@ class FinishManyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FINISHES_FIELD_NUMBER: _builtins.int
+    REFUSALS_ONLY_FIELD_NUMBER: _builtins.int
+    refusals_only: _builtins.bool
+    """Answer only the ends that were refused (`refused`), rather than a result with the task
+    for each (`results`): what a busy worker needs, at a fraction of the cost.
+    """
     @_builtins.property
     def finishes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishRequest]:
         """1..1000, each for a different task."""
@@ -585,10 +605,11 @@ class FinishManyRequest(_message.Message):
         self,
         *,
         finishes: _abc.Iterable[Global___FinishRequest] | None = ...,
+        refusals_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finishes", b"finishes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finishes", b"finishes", "refusals_only", b"refusals_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,29 +617,67 @@ Global___FinishManyRequest: _TypeAlias = FinishManyRequest  # noqa: Y015
 
 @_typing.final
 class FinishManyResponse(_message.Message):
-    """The ends that were refused; every other end of the request was recorded (as a
-    FinishResponse would say, without the tasks: a busy worker seldom needs them).
-    """
+    """How each attempt's end went, in the order of the request."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESULTS_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishResult]:
+        """One per FinishRequest (empty with `refusals_only`)."""
+
+    @_builtins.property
     def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___FinishRefusal]:
-        """In the order of the request; empty when every end was recorded."""
+        """With `refusals_only`: the ends that were refused, in the order of the request; every
+        other end was recorded.
+        """
 
     def __init__(
         self,
         *,
+        results: _abc.Iterable[Global___FinishResult] | None = ...,
         refused: _abc.Iterable[Global___FinishRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refused", b"refused", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishManyResponse: _TypeAlias = FinishManyResponse  # noqa: Y015
+
+@_typing.final
+class FinishResult(_message.Message):
+    """How one attempt's end went."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskResponse:
+        """The task after the attempt, as in FinishResponse."""
+
+    @_builtins.property
+    def refusal(self) -> Global___FinishRefusal:
+        """Why Finish would have refused it."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.TaskResponse | None = ...,
+        refusal: Global___FinishRefusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal", "result", b"result", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "refusal"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___FinishResult: _TypeAlias = FinishResult  # noqa: Y015
 
 @_typing.final
 class FinishRefusal(_message.Message):
@@ -626,10 +685,10 @@ class FinishRefusal(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    LEASE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The status code Finish would have answered, as a google.rpc.Code number: 3
     (INVALID_ARGUMENT), 5 (NOT_FOUND) or 9 (FAILED_PRECONDITION).
@@ -647,10 +706,10 @@ class FinishRefusal(_message.Message):
     def __init__(
         self,
         *,
-        lease: Global___LeaseRef | None = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         reason: _builtins.str = ...,
+        lease: Global___LeaseRef | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -34,10 +34,11 @@ class WorkerServiceStub:
     1. It calls Connect with its `worker_id`, the task types it runs and its `slots` (how
        many attempts it runs at once), and keeps the stream open for as long as it works.
        The first message is a `welcome` with the session's timings. Then come
-       `assignments`, each with one or more attempts, best task first, never more at once
-       than the worker's free slots (a slot is free again once the worker has called Finish
-       for its attempt, or once the server has ended the attempt without it); `stop` when
-       a held attempt must stop;
+       `assignment`s, best task first, never more at once than the worker's free slots (a
+       slot is free again once the worker has called Finish for its attempt, or once the
+       server has ended the attempt without it), or, to a worker that set
+       `batch_assignments`, `assignments` with the attempts of one claim round together;
+       `stop` when a held attempt must stop;
        and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
@@ -111,8 +112,9 @@ class WorkerServiceStub:
     bad outcome refuses its own attempt only, with the status Finish would answer, and the
     others are recorded.
 
-    Codes: OK (the answer lists the ends that were refused; every other was recorded);
-    INVALID_ARGUMENT (no finish, more than 1000, or two for one task).
+    Codes: OK (each result says how its attempt went; with `refusals_only`, the ends that
+    were refused are listed, and every other was recorded); INVALID_ARGUMENT (no finish,
+    more than 1000, or two for one task).
     """
     Drain: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.DrainRequest, _worker_service_pb2.DrainResponse]
     """Asks for no more assignments; the worker's stream ends with OK once it holds nothing.
@@ -129,10 +131,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     1. It calls Connect with its `worker_id`, the task types it runs and its `slots` (how
        many attempts it runs at once), and keeps the stream open for as long as it works.
        The first message is a `welcome` with the session's timings. Then come
-       `assignments`, each with one or more attempts, best task first, never more at once
-       than the worker's free slots (a slot is free again once the worker has called Finish
-       for its attempt, or once the server has ended the attempt without it); `stop` when
-       a held attempt must stop;
+       `assignment`s, best task first, never more at once than the worker's free slots (a
+       slot is free again once the worker has called Finish for its attempt, or once the
+       server has ended the attempt without it), or, to a worker that set
+       `batch_assignments`, `assignments` with the attempts of one claim round together;
+       `stop` when a held attempt must stop;
        and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
@@ -203,8 +206,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     bad outcome refuses its own attempt only, with the status Finish would answer, and the
     others are recorded.
 
-    Codes: OK (the answer lists the ends that were refused; every other was recorded);
-    INVALID_ARGUMENT (no finish, more than 1000, or two for one task).
+    Codes: OK (each result says how its attempt went; with `refusals_only`, the ends that
+    were refused are listed, and every other was recorded); INVALID_ARGUMENT (no finish,
+    more than 1000, or two for one task).
     """
     Drain: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.DrainRequest, _worker_service_pb2.DrainResponse]  # type: ignore[assignment]
     """Asks for no more assignments; the worker's stream ends with OK once it holds nothing.
@@ -220,10 +224,11 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     1. It calls Connect with its `worker_id`, the task types it runs and its `slots` (how
        many attempts it runs at once), and keeps the stream open for as long as it works.
        The first message is a `welcome` with the session's timings. Then come
-       `assignments`, each with one or more attempts, best task first, never more at once
-       than the worker's free slots (a slot is free again once the worker has called Finish
-       for its attempt, or once the server has ended the attempt without it); `stop` when
-       a held attempt must stop;
+       `assignment`s, best task first, never more at once than the worker's free slots (a
+       slot is free again once the worker has called Finish for its attempt, or once the
+       server has ended the attempt without it), or, to a worker that set
+       `batch_assignments`, `assignments` with the attempts of one claim round together;
+       `stop` when a held attempt must stop;
        and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
@@ -322,8 +327,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         bad outcome refuses its own attempt only, with the status Finish would answer, and the
         others are recorded.
 
-        Codes: OK (the answer lists the ends that were refused; every other was recorded);
-        INVALID_ARGUMENT (no finish, more than 1000, or two for one task).
+        Codes: OK (each result says how its attempt went; with `refusals_only`, the ends that
+        were refused are listed, and every other was recorded); INVALID_ARGUMENT (no finish,
+        more than 1000, or two for one task).
         """
 
     @_abc_1.abstractmethod

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from conveyor.v1 import worker_service_pb2 as pb
-from conveyord.convert import assignment, assignments_message
+from conveyord.convert import assignment, assignment_message, assignments_message
 from conveyord.dispatch import Dispatcher
 from conveyord.errors import ConveyorError, ShuttingDown
 from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
@@ -99,11 +99,13 @@ _ASSIGNMENTS = _AssignmentsMark()
 
 
 class Outbox:
-    """What goes out on one stream of a worker, in order. The assignments granted while
-    the stream was busy go out together, as one `assignments` message (one write, one
-    read, one wake-up of the worker for a claim round's worth of attempts)."""
+    """What goes out on one stream of a worker, in order. To a worker that asked for
+    batches, the assignments granted while the stream was busy go out together, as one
+    `assignments` message (one write, one read, one wake-up of the worker for a claim
+    round's worth of attempts); to another, one `assignment` message each."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: bool = True) -> None:
+        self._batch = batch
         self._items: collections.deque[Outgoing | _AssignmentsMark] = collections.deque()
         self._assigned: list[bytes] = []  # encoded Assignments, sent at _ASSIGNMENTS
         self._ready = asyncio.Event()
@@ -131,7 +133,12 @@ class Outbox:
         return head
 
     def _take_assignments(self) -> bytes:
-        """Assignments in order, as many as fit in one message (at least one)."""
+        """Assignments in order, as many as fit in one message (at least one), or one."""
+        if not self._batch:
+            message = assignment_message(self._assigned.pop(0))
+            if not self._assigned:
+                self._items.popleft()
+            return message
         count, size = 0, 0
         for encoded in self._assigned:
             if count and size + len(encoded) > ASSIGNMENTS_BYTES:
@@ -144,16 +151,28 @@ class Outbox:
         return message
 
 
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """What a worker says when it connects (a ConnectRequest, checked)."""
+
+    worker_id: str
+    types: frozenset[str]
+    slots: int
+    held: dict[str, str]  # task_id: lease_id, of the attempts it still runs
+    batch: bool  # it takes the assignments of a claim round in one message
+
+
 class RemoteWorker:
     """One worker process, as dispatch sees it: its types, slots and held attempts."""
 
-    def __init__(self, worker_id: str, types: frozenset[str], slots: int, lease: float) -> None:
-        self.holder = worker_id
-        self.types: frozenset[str] | None = types
-        self.slots = slots
+    def __init__(self, hello: Hello, lease: float) -> None:
+        self.holder = hello.worker_id
+        self.types: frozenset[str] | None = hello.types
+        self.slots = hello.slots
+        self.batch = hello.batch
         self.lease_seconds: float | None = lease
         self.held: dict[str, str] = {}  # task_id: lease_id
-        self.outbox = Outbox()
+        self.outbox = Outbox(self.batch)
         self.connected = True
         self.draining = False
         self.grace: asyncio.TimerHandle | None = None  # runs out: the worker is lost
@@ -185,11 +204,12 @@ class RemoteWorker:
             if self.draining and not self.held:
                 self.outbox.put(None)  # drained: the stream ends with OK
 
-    def replace_stream(self) -> None:
+    def replace_stream(self, hello: Hello) -> None:
         """Give the worker a fresh outbox for a new stream, ending the old one."""
         if self.connected:
             self.outbox.put(WorkerReplaced(self.holder))
-        self.outbox = Outbox()
+        self.types, self.slots, self.batch = hello.types, hello.slots, hello.batch
+        self.outbox = Outbox(self.batch)
         self.connected = True
         self.draining = False
 
@@ -204,23 +224,20 @@ class WorkerSessions:
         self._workers: dict[str, RemoteWorker] = {}
         self._closing = False
 
-    async def connect(
-        self, worker_id: str, types: frozenset[str], slots: int, held: dict[str, str]
-    ) -> tuple[RemoteWorker, list[tuple[str, str]]]:
-        """Open a session; the worker, and the attempts of `held` it keeps."""
+    async def connect(self, hello: Hello) -> tuple[RemoteWorker, list[tuple[str, str]]]:
+        """Open a session; the worker, and the attempts of `hello.held` it keeps."""
         if self._closing:
             raise ShuttingDown()
-        worker = self._workers.get(worker_id)
+        worker = self._workers.get(hello.worker_id)
         if worker is None:
-            worker = RemoteWorker(worker_id, types, slots, self.timings.lease_duration)
-            self._workers[worker_id] = worker
+            worker = RemoteWorker(hello, self.timings.lease_duration)
+            self._workers[hello.worker_id] = worker
         else:
             if worker.grace is not None:
                 worker.grace.cancel()
                 worker.grace = None
-            worker.replace_stream()
-            worker.types, worker.slots = types, slots
-        kept = await self._keep(worker, held)
+            worker.replace_stream(hello)
+        kept = await self._keep(worker, hello.held)
         self.dispatcher.join(worker)
         return worker, kept
 
