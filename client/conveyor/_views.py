@@ -197,10 +197,6 @@ class Output:
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
 
-    def warn(self, text: str) -> None:
-        """A line for people and scripts alike, on standard error."""
-        sys.stderr.write(text + "\n")
-
     def note(self, text: str) -> None:
         """A line for people only; scripts get the same from the JSON that follows."""
         if not self.json_lines:

@@ -124,8 +124,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"conveyor: {message}", file=sys.stderr)
+    _warn(message)
     return code
+
+
+def _warn(message: str) -> None:
+    """A line for people and scripts alike, on standard error."""
+    print(f"conveyor: {message}", file=sys.stderr)
 
 
 def _explain(error: ConveyorError, server: str) -> tuple[str, int]:
@@ -285,7 +290,7 @@ def _cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
         raise UsageError("give a task ID, or --label or --type to cancel the tasks that match")
     match = {"labels": dict(args.labels), "task_type": args.type}
     if not (args.dry_run or args.yes) and sys.stdin.isatty() and not _confirmed(client, match):
-        out.warn("nothing was cancelled")
+        _warn("nothing was cancelled")
         return EXIT_COMPLETED
     count = client.cancel_matching(**match, reason=args.reason, dry_run=args.dry_run)
     out.counted(count, dry_run=args.dry_run)
@@ -306,7 +311,7 @@ def _confirmed(client: Client, match: dict[str, Any]) -> bool:
 def _pause(client: Client, args: argparse.Namespace, out: Output) -> int:
     task = client.pause(resolve_id(client, args.task_id), reason=args.reason)
     if task.status is not TaskStatus.PAUSED:
-        out.warn(f"task {task.task_id} is {task.status_label}: not paused")
+        _warn(f"task {task.task_id} is {task.status_label}: not paused")
     out.task(task)
     return EXIT_COMPLETED
 

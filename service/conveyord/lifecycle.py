@@ -247,7 +247,7 @@ def pause(task: Task, reason: str, now: float) -> Task | None:
         return None
     return task.evolve(
         status=TaskStatus.PAUSED,
-        queued_at=_queued_since(task),
+        queued_at=task.queued_since,
         paused_at=now,
         pause_reason=reason,
         updated_at=now,
@@ -271,13 +271,6 @@ def resume(task: Task, now: float) -> Task | None:
         updated_at=now,
         message="queued (resumed)",
     )
-
-
-def _queued_since(task: Task) -> float:
-    """Where a CREATED task stands in the queue: the time its age counts from."""
-    if task.queued_at is not None:
-        return task.queued_at
-    return task.next_attempt_at if task.next_attempt_at is not None else task.updated_at
 
 
 def queue_timed_out(task: Task, now: float) -> Task | None:

@@ -127,6 +127,14 @@ class Task:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def queued_since(self) -> float:
+        """Where a CREATED task stands in the queue: the time its age counts from (kept
+        across a pause; a waiting task's runnable time; else when it last changed)."""
+        if self.queued_at is not None:
+            return self.queued_at
+        return self.next_attempt_at if self.next_attempt_at is not None else self.updated_at
+
     def evolve(self, **changes: Any) -> Task:
         """A copy with `changes`; refuses a status change the state machine does not allow."""
         status = changes.get("status", self.status)

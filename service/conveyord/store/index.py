@@ -69,8 +69,7 @@ class DispatchIndex:
         if task.next_attempt_at is not None:
             heapq.heappush(self._waiting, (task.next_attempt_at, task.task_id))
         else:
-            since = task.queued_at if task.queued_at is not None else task.updated_at
-            self.ready.push(task.task_id, task.task_type, task.priority, since)
+            self.ready.push(task.task_id, task.task_type, task.priority, task.queued_since)
 
     def promote(self, now: float, working: Mapping[str, Task]) -> None:
         """Move the waiting tasks whose time has come into the ready queue."""
