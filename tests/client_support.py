@@ -210,6 +210,11 @@ class ScriptedServer(TaskServiceServicer):
     def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    def SendInput(
+        self, request: pb.SendInputRequest, context: grpc.ServicerContext
+    ) -> pb.SendInputResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(task=self.task)
 

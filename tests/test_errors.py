@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from conveyord.errors import ERROR_DOMAIN, ConveyorError, ShuttingDown
 from conveyord.handlers import HandlerLoadError
 from conveyord.hub import HubClosed, WatcherTooSlow
-from conveyord.lifecycle import StaleLease
+from conveyord.lifecycle import InputLimits, InputsFull, StaleLease
 from conveyord.model import Task, TaskStatus
 from conveyord.rpc import MalformedRequest, RequestTooLarge, status_of
 from conveyord.scheduler import QueueFull, TaskAlreadyEnded
@@ -52,6 +52,7 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (HubClosed(), {}),
     (StoreFailed("writing to the store failed: disk I/O error"), {}),
     (StaleLease(ENDED, "l1"), {"task_id": ENDED.task_id, "lease_id": "l1"}),
+    (InputsFull(ENDED, InputLimits(count=10, total_bytes=100)), {"task_id": ENDED.task_id}),
     (WorkerReplaced("w-1"), {"worker_id": "w-1"}),
     (WorkerNotConnected("w-1"), {"worker_id": "w-1"}),
 ]

@@ -10,10 +10,20 @@ from typing import Any
 import pytest
 
 from conveyord import lifecycle
-from conveyord.lifecycle import Lease, Outcome, RetryPolicy, StaleLease, TaskAlreadyEnded
-from conveyord.model import TRANSITIONS, ErrorCode, Task, TaskError, TaskStatus
+from conveyord.lifecycle import (
+    InputLimits,
+    InputsFull,
+    InputWait,
+    Lease,
+    Outcome,
+    RetryPolicy,
+    StaleLease,
+    TaskAlreadyEnded,
+)
+from conveyord.model import TRANSITIONS, ErrorCode, Task, TaskError, TaskInput, TaskStatus
 
 CREATED, RUNNING, PAUSED = TaskStatus.CREATED, TaskStatus.RUNNING, TaskStatus.PAUSED
+WAITING_INPUT = TaskStatus.WAITING_INPUT
 COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 NOW = 1_000.0
 LEASE = Lease("lease-1", "host:1/local", NOW + 60)
@@ -28,7 +38,7 @@ def task(status: TaskStatus = CREATED, **fields: Any) -> Task:
         description="", parameters={}, priority=5, timeout_seconds=10.0, max_attempts=3,
         labels={}, created_at=1.0, updated_at=1.0,
     )  # fmt: skip
-    if status is RUNNING:
+    if status is RUNNING or fields.pop("parked", False):
         fields = {"lease_id": LEASE.lease_id, "lease_holder": LEASE.holder, **fields}
     return dataclasses.replace(record, status=status, **fields)
 
@@ -109,9 +119,74 @@ def test_a_pause_holds_a_queued_task_where_it_stood() -> None:
     assert retried is not None and retried.queued_at == 7.0
 
 
-@pytest.mark.parametrize("status", [RUNNING, PAUSED])
-def test_a_pause_changes_nothing_that_is_not_queued(status: TaskStatus) -> None:
-    assert lifecycle.pause(task(status), "hold on", NOW) is None
+@pytest.mark.parametrize(
+    "unchanged",
+    [
+        task(RUNNING),  # its handler cannot park
+        task(RUNNING, pausable=True, pause_requested_at=NOW - 1),  # asked already
+        task(RUNNING, pausable=True, cancel_requested_at=NOW - 1),  # being cancelled
+        task(PAUSED),
+        task(PAUSED, parked=True),
+    ],
+)
+def test_a_pause_changes_nothing_it_cannot_pause_or_has(unchanged: Task) -> None:
+    assert lifecycle.pause(unchanged, "hold on", NOW) is None
+
+
+def test_a_pause_holds_a_task_waiting_for_input() -> None:
+    waiting = task(WAITING_INPUT, input_prompt="name?", input_deadline=NOW + 60)
+    paused = lifecycle.pause(waiting, "hold on", NOW)
+    assert paused is not None
+    assert (paused.status, paused.input_prompt, paused.input_deadline) == (PAUSED, "", None)
+    resumed = lifecycle.resume(paused, NOW)
+    assert resumed is not None and resumed.status is CREATED  # it runs, and waits again
+
+
+def test_a_pause_of_a_running_pausable_handler_asks_it_to_park() -> None:
+    asked = lifecycle.pause(task(RUNNING, pausable=True), "hold on", NOW)
+    assert asked is not None
+    assert (asked.status, asked.pause_requested_at, asked.pause_reason) == (
+        RUNNING,
+        NOW,
+        "hold on",
+    )
+    parked = lifecycle.park(asked, LEASE.lease_id, NOW + 1, None)
+    assert parked is not None
+    assert (parked.status, parked.paused_at, parked.pause_requested_at) == (PAUSED, NOW + 1, None)
+    assert (parked.lease_id, parked.lease_expires_at) == (LEASE.lease_id, None)
+    assert parked.parked and lifecycle.renew(parked, LEASE.lease_id, NOW + 9).lease_expires_at
+
+
+def test_a_park_without_a_pause_asked_changes_nothing() -> None:
+    assert lifecycle.park(task(RUNNING, pausable=True), LEASE.lease_id, NOW, None) is None
+    with pytest.raises(StaleLease):
+        lifecycle.park(task(RUNNING, pause_requested_at=NOW), "another", NOW, None)
+
+
+def test_a_resume_lets_a_parked_attempt_run_on_with_its_timeout_moved() -> None:
+    parked = task(
+        PAUSED, parked=True, started_at=NOW - 100, paused_at=NOW - 40, paused_seconds=5.0,
+        pause_reason="x", lease_expires_at=None,
+    )  # fmt: skip
+    running = lifecycle.resume(parked, NOW, lease_margin=15.0)
+    assert running is not None
+    assert (running.status, running.paused_at, running.pause_reason) == (RUNNING, None, "")
+    assert running.paused_seconds == 45.0
+    # its lease lasts the rest of its timeout (10 s from its start, plus 45 s parked) and more
+    assert running.lease_expires_at == NOW - 100 + 10.0 + 45.0 + 15.0
+    renewing = lifecycle.resume(dataclasses.replace(parked, lease_expires_at=NOW + 7), NOW)
+    assert renewing is not None and renewing.lease_expires_at == NOW + 7  # its holder renews
+
+
+def test_a_resume_withdraws_a_pause_not_yet_reached() -> None:
+    asked = task(RUNNING, pausable=True, pause_requested_at=NOW - 1, pause_reason="x")
+    running = lifecycle.resume(asked, NOW)
+    assert running is not None
+    assert (running.status, running.pause_requested_at, running.pause_reason) == (
+        RUNNING,
+        None,
+        "",
+    )
 
 
 @pytest.mark.parametrize("status", [COMPLETED, FAILED, CANCELLED])
@@ -130,7 +205,7 @@ def test_a_resume_queues_a_paused_task_again_and_moves_its_deadline() -> None:
     assert started is not None and started.queued_at is None
 
 
-@pytest.mark.parametrize("status", [CREATED, RUNNING, COMPLETED, CANCELLED])
+@pytest.mark.parametrize("status", [CREATED, RUNNING, WAITING_INPUT, COMPLETED, CANCELLED])
 def test_a_resume_changes_nothing_that_is_not_paused(status: TaskStatus) -> None:
     assert lifecycle.resume(task(status), NOW) is None
 
@@ -139,6 +214,139 @@ def test_a_cancel_ends_a_paused_task_at_once() -> None:
     ended = lifecycle.cancel(task(PAUSED, paused_at=NOW - 1, pause_reason="x"), "no", NOW)
     assert ended is not None
     assert (ended.status, ended.paused_at, ended.pause_reason) == (CANCELLED, None, "")
+
+
+def test_a_cancel_of_a_parked_attempt_asks_its_holder() -> None:
+    parked = task(PAUSED, parked=True, paused_at=NOW - 1, pause_reason="x")
+    asked = lifecycle.cancel(parked, "no", NOW)
+    assert asked is not None and (asked.status, asked.cancel_requested_at) == (PAUSED, NOW)
+    ended = lifecycle.finish(asked, LEASE.lease_id, Outcome(), POLICY, NOW + 1)
+    assert (ended.status, ended.paused_at, ended.pause_reason) == (CANCELLED, None, "")
+    assert _holds_no_lease(ended)
+
+
+# -- the end of a parked attempt -----------------------------------------------------
+
+PARKED = task(PAUSED, parked=True, paused_at=NOW - 5, pause_reason="hold")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"),
+    [
+        (Outcome(result=1), COMPLETED),
+        (Outcome(error=BOOM, retryable=False), FAILED),
+        (Outcome(error=BOOM), PAUSED),  # retried: the next attempt is held
+        (Outcome(interrupted=True, error=BOOM), PAUSED),  # the server's shutdown
+        (Outcome(wait=InputWait("name?", "", None, 0)), PAUSED),
+    ],
+)
+def test_a_parked_attempt_that_ends_lands_as_a_running_one_but_is_held(
+    outcome: Outcome, status: TaskStatus
+) -> None:
+    ended = lifecycle.finish(PARKED, LEASE.lease_id, outcome, POLICY, NOW)
+    assert ended.status is status and _holds_no_lease(ended)
+    if status is PAUSED:
+        assert (ended.paused_at, ended.pause_reason, ended.input_prompt) == (NOW - 5, "hold", "")
+        resumed = lifecycle.resume(ended, NOW)
+        assert resumed is not None and resumed.status is CREATED
+    else:
+        assert (ended.paused_at, ended.pause_reason) == (None, "")
+
+
+@pytest.mark.parametrize(("attempt", "status"), [(1, PAUSED), (3, FAILED)])
+def test_a_parked_attempt_whose_lease_runs_out_is_held_or_fails(
+    attempt: int, status: TaskStatus
+) -> None:
+    parked = dataclasses.replace(PARKED, attempt=attempt)
+    ended = lifecycle.expire(parked, LOST, POLICY, NOW, delay=0.0)
+    assert ended is not None and ended.status is status and _holds_no_lease(ended)
+
+
+# -- input -------------------------------------------------------------------------
+
+LIMITS = InputLimits(count=3, total_bytes=100)
+
+
+def sent(request_id: str = "", size: int = 10) -> TaskInput:
+    return TaskInput(request_id, {"text": request_id}, NOW, size)
+
+
+@pytest.mark.parametrize("status", [CREATED, RUNNING, PAUSED])
+def test_an_input_is_kept_in_order(status: TaskStatus) -> None:
+    first = lifecycle.deliver_input(task(status), sent("a"), LIMITS, NOW)
+    assert first is not None and first.status is status
+    second = lifecycle.deliver_input(first, sent("b"), LIMITS, NOW)
+    assert second is not None and [i.request_id for i in second.inputs] == ["a", "b"]
+
+
+def test_an_input_queues_a_waiting_task_again() -> None:
+    waiting = task(WAITING_INPUT, input_prompt="name?", input_label="n", input_deadline=NOW + 9)
+    queued = lifecycle.deliver_input(waiting, sent("a"), LIMITS, NOW)
+    assert queued is not None
+    assert (queued.status, queued.input_prompt, queued.input_deadline) == (CREATED, "", None)
+    assert lifecycle.claim(queued, LEASE, NOW) is not None  # runnable at once
+
+
+def test_an_input_under_a_known_request_id_changes_nothing() -> None:
+    once = lifecycle.deliver_input(task(), sent("a"), LIMITS, NOW)
+    assert once is not None
+    assert lifecycle.deliver_input(once, sent("a"), LIMITS, NOW) is None
+    twice = lifecycle.deliver_input(once, sent(""), LIMITS, NOW)  # no request id: kept
+    assert twice is not None and len(twice.inputs) == 2
+
+
+@pytest.mark.parametrize("ended", [task(COMPLETED), task(FAILED), task(CANCELLED)])
+def test_an_input_to_a_task_that_ended_is_refused(ended: Task) -> None:
+    with pytest.raises(TaskAlreadyEnded):
+        lifecycle.deliver_input(ended, sent("a"), LIMITS, NOW)
+
+
+@pytest.mark.parametrize(
+    "kept", [(sent("a"), sent("b"), sent("c")), (sent("a", size=95),)], ids=["count", "bytes"]
+)
+def test_inputs_past_the_limits_are_refused(kept: tuple[TaskInput, ...]) -> None:
+    with pytest.raises(InputsFull):
+        lifecycle.deliver_input(task(inputs=kept), sent("z"), LIMITS, NOW)
+
+
+def test_a_wait_for_input_suspends_the_attempt() -> None:
+    wait = InputWait("name?", "name", 60.0, seen=0)
+    waiting = lifecycle.finish(task(RUNNING), LEASE.lease_id, Outcome(wait=wait), POLICY, NOW)
+    assert (waiting.status, waiting.input_prompt, waiting.input_label) == (
+        WAITING_INPUT,
+        "name?",
+        "name",
+    )
+    assert waiting.input_deadline == NOW + 60 and waiting.attempt == 1 and _holds_no_lease(waiting)
+    no_limit = InputWait("", "", None, seen=0)
+    forever = lifecycle.finish(task(RUNNING), LEASE.lease_id, Outcome(wait=no_limit), POLICY, NOW)
+    assert forever.input_deadline is None and forever.message == "waiting for input"
+
+
+def test_a_wait_that_an_unseen_input_answers_queues_the_task_at_once() -> None:
+    running = task(RUNNING, inputs=(sent("a"),))
+    wait = InputWait("more?", "", None, seen=0)
+    queued = lifecycle.finish(running, LEASE.lease_id, Outcome(wait=wait), POLICY, NOW)
+    assert queued.status is CREATED and queued.next_attempt_at is None
+
+
+def test_a_wait_of_an_attempt_asked_to_cancel_ends_it_cancelled() -> None:
+    asked = task(RUNNING, cancel_requested_at=NOW - 1, cancel_reason="stop")
+    wait = Outcome(wait=InputWait("", "", None, seen=0))
+    assert lifecycle.finish(asked, LEASE.lease_id, wait, POLICY, NOW).status is CANCELLED
+
+
+def test_a_wait_that_times_out_fails_the_task() -> None:
+    waiting = task(WAITING_INPUT, input_prompt="name?", input_deadline=NOW)
+    assert lifecycle.overdue(dataclasses.replace(waiting, input_deadline=NOW + 1), NOW) is None
+    failed = lifecycle.overdue(waiting, NOW)
+    assert failed is not None and failed.status is FAILED
+    assert failed.error == TaskError(ErrorCode.INPUT_TIMEOUT, "no input came in time (name?)")
+
+
+def test_a_cancel_ends_a_waiting_task_at_once() -> None:
+    ended = lifecycle.cancel(task(WAITING_INPUT, input_prompt="x"), "no", NOW)
+    assert ended is not None and ended.status is CANCELLED
 
 
 # -- renew and report --------------------------------------------------------------
@@ -303,8 +511,8 @@ def test_an_expired_lease_of_a_task_asked_to_cancel_ends_it_cancelled() -> None:
     assert ended is not None and ended.status is CANCELLED
 
 
-@pytest.mark.parametrize("status", [CREATED, COMPLETED, FAILED, CANCELLED])
-def test_expiry_changes_nothing_that_is_not_running(status: TaskStatus) -> None:
+@pytest.mark.parametrize("status", [CREATED, PAUSED, WAITING_INPUT, COMPLETED, FAILED, CANCELLED])
+def test_expiry_changes_nothing_that_holds_no_lease(status: TaskStatus) -> None:
     assert lifecycle.expire(task(status), LOST, POLICY, NOW, delay=0.0) is None
 
 
@@ -324,10 +532,19 @@ def test_every_move_the_rules_make_is_one_the_state_machine_lists() -> None:
         (CREATED, PAUSED),
         (PAUSED, CREATED),
         (PAUSED, CANCELLED),
+        (PAUSED, RUNNING),  # a parked attempt resumed
+        (PAUSED, COMPLETED),  # a parked attempt's end
+        (PAUSED, FAILED),
         (RUNNING, COMPLETED),
         (RUNNING, FAILED),
         (RUNNING, CANCELLED),
         (RUNNING, CREATED),
+        (RUNNING, PAUSED),  # parked
+        (RUNNING, WAITING_INPUT),
+        (WAITING_INPUT, CREATED),  # an input came
+        (WAITING_INPUT, FAILED),  # input timeout
+        (WAITING_INPUT, CANCELLED),
+        (WAITING_INPUT, PAUSED),
     }
     listed = {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
     assert listed == moves  # each is made by a test above; nothing else is allowed

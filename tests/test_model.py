@@ -31,12 +31,21 @@ ALLOWED = {
     (TaskStatus.CREATED, TaskStatus.CANCELLED),
     (TaskStatus.CREATED, TaskStatus.FAILED),  # not started within its queue timeout
     (TaskStatus.CREATED, TaskStatus.PAUSED),
-    (TaskStatus.PAUSED, TaskStatus.CREATED),
+    (TaskStatus.PAUSED, TaskStatus.CREATED),  # a held task resumed
     (TaskStatus.PAUSED, TaskStatus.CANCELLED),
+    (TaskStatus.PAUSED, TaskStatus.RUNNING),  # a parked attempt resumed
+    (TaskStatus.PAUSED, TaskStatus.FAILED),  # a parked attempt lost, with none left
+    (TaskStatus.PAUSED, TaskStatus.COMPLETED),  # a parked attempt ended by its worker
     (TaskStatus.RUNNING, TaskStatus.COMPLETED),
     (TaskStatus.RUNNING, TaskStatus.FAILED),
     (TaskStatus.RUNNING, TaskStatus.CANCELLED),
     (TaskStatus.RUNNING, TaskStatus.CREATED),  # a retry
+    (TaskStatus.RUNNING, TaskStatus.PAUSED),  # its handler parked
+    (TaskStatus.RUNNING, TaskStatus.WAITING_INPUT),
+    (TaskStatus.WAITING_INPUT, TaskStatus.CREATED),  # an input came
+    (TaskStatus.WAITING_INPUT, TaskStatus.FAILED),  # none came in time
+    (TaskStatus.WAITING_INPUT, TaskStatus.CANCELLED),
+    (TaskStatus.WAITING_INPUT, TaskStatus.PAUSED),
 }
 
 

@@ -297,9 +297,9 @@ async def test_a_missed_start_deadline_is_found_once(store: TaskStore) -> None:
     started, _ = await create_one(store, new_task(start_deadline=20.0))
     await store.update(started.task_id, start)
     assert store.next_wakeup() == 30.0  # the started task's deadline is gone
-    assert await store.missed_starts(29.0) == []
-    assert [t.task_id for t in await store.missed_starts(30.0)] == [waiting.task_id]
-    assert await store.missed_starts(31.0) == []
+    assert await store.overdue(29.0) == []
+    assert [t.task_id for t in await store.overdue(30.0)] == [waiting.task_id]
+    assert await store.overdue(31.0) == []
 
 
 async def test_a_lease_that_ran_out_is_found(store: TaskStore) -> None:

@@ -8,6 +8,15 @@ JSON can hold). It may be `async def` (run on the server's event loop) or a plai
 `def` (run on a thread of its own, so that it never blocks the loop). Raising fails the
 attempt with the exception's message.
 
+A handler marked `pausable=True` can be paused while it runs: it parks at its next pause
+point (`await ctx.pause_point()`, or `ctx.pause_point_sync()` in a blocking handler) until
+the task is resumed. A handler can ask for input with `ctx.wait_for_input(prompt)`: it
+returns the next input the task was sent that this run has not had yet; when there is
+none, the attempt is suspended (the task waits WAITING_INPUT, holding no slot) and the
+handler runs again from the start once an input comes, with `wait_for_input` returning the
+inputs in order, so the code before a wait must be safe to run again (`ctx.inputs` holds
+every input so far).
+
     from conveyor import TaskContext, handler  # or: from conveyord import ...
 
     @handler("resize")
@@ -39,6 +48,9 @@ Handler = Callable[["TaskContext"], Any]
 H = TypeVar("H", bound=Handler)
 
 _TASK_TYPE_ATTRIBUTE = "__conveyor_task_type__"
+_PAUSABLE_ATTRIBUTE = "__conveyor_pausable__"
+MAX_PROMPT = 4096  # characters of a wait's prompt
+MAX_LABEL = 255  # characters of a wait's label
 _BUILTIN_MODULE = "conveyord.builtin_handlers"
 
 
@@ -55,14 +67,27 @@ class Refusal:
 ProgressSink = Callable[[dict[str, Any] | Refusal], None]
 
 
-def handler(task_type: str) -> Callable[[H], H]:
-    """Mark a function as the handler of `task_type`; `--handlers MODULE` registers it."""
+def handler(task_type: str, *, pausable: bool = False) -> Callable[[H], H]:
+    """Mark a function as the handler of `task_type`; `--handlers MODULE` registers it.
+    `pausable`: it calls a pause point now and then, so that a Pause of a running task
+    parks it there (a Pause of a task whose handler is not pausable is refused)."""
 
     def mark(function: H) -> H:
         setattr(function, _TASK_TYPE_ATTRIBUTE, task_type)
+        setattr(function, _PAUSABLE_ATTRIBUTE, pausable)
         return function
 
     return mark
+
+
+class WaitForInput(BaseException):
+    """Raised by `TaskContext.wait_for_input` when no input is there yet: it unwinds the
+    handler (a BaseException, so that `except Exception` in handler code lets it through),
+    and the worker suspends the attempt until an input comes."""
+
+    def __init__(self, prompt: str, label: str, timeout: float | None, seen: int) -> None:
+        super().__init__(prompt)
+        self.prompt, self.label, self.timeout, self.seen = prompt, label, timeout, seen
 
 
 class HandlerLoadError(Exception):
@@ -74,6 +99,7 @@ class HandlerRegistry:
 
     def __init__(self, handlers: Mapping[str, Handler] | None = None) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._pausable: set[str] = set()
         for task_type, function in (handlers or {}).items():
             self.register(task_type, function)
 
@@ -115,6 +141,8 @@ class HandlerRegistry:
                 )
             )
         self._handlers[task_type] = function
+        if getattr(function, _PAUSABLE_ATTRIBUTE, False):
+            self._pausable.add(task_type)
 
     def get(self, task_type: str) -> Handler | None:
         return self._handlers.get(task_type)
@@ -125,6 +153,11 @@ class HandlerRegistry:
     @property
     def task_types(self) -> list[str]:
         return sorted(self._handlers)
+
+    @property
+    def pausable_types(self) -> list[str]:
+        """The task types whose handlers were marked `pausable`."""
+        return sorted(self._pausable)
 
 
 def report_problem(changes: Mapping[str, Any]) -> Refusal | None:
@@ -214,7 +247,8 @@ def is_async(function: Handler) -> bool:
 
 
 class TaskContext:
-    """What a handler sees of its task: its input, a way to report progress, and cancellation.
+    """What a handler sees of its task: its parameters and inputs, a way to report progress,
+    cancellation, pause points and waits for input.
 
     Safe to use from the handler's own thread (blocking handlers) and from the event loop.
     """
@@ -230,8 +264,11 @@ class TaskContext:
         max_attempts: int,
         loop: asyncio.AbstractEventLoop,
         sink: ProgressSink,
+        inputs: Iterable[Mapping[str, Any]] = (),
+        on_park: Callable[[], None] | None = None,
     ) -> None:
-        """The context of attempt `attempt` of a task; reports go to `sink` on `loop`."""
+        """The context of attempt `attempt` of a task; reports go to `sink` on `loop`, and
+        `on_park` is called on `loop` when the handler parks at a pause point."""
         self.task_id, self.task_type = task_id, task_type
         self.parameters: dict[str, Any] = dict(parameters)
         self.labels: dict[str, str] = dict(labels)
@@ -246,6 +283,14 @@ class TaskContext:
         self._loop_thread = threading.get_ident()  # made on the loop's thread
         self._sink = sink
         self._closed = False
+        self.inputs: list[dict[str, Any]] = [dict(sent) for sent in inputs]
+        self._inputs_taken = 0  # by wait_for_input, in order
+        self._on_park = on_park
+        self._pause_wanted = False
+        self._pause_reason = ""
+        self._unparked = threading.Event()  # set while nothing holds the handler
+        self._unparked.set()
+        self._async_unparked: asyncio.Event | None = None
 
     @property
     def cancel_event(self) -> threading.Event:
@@ -310,6 +355,82 @@ class TaskContext:
             with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
                 self._loop.call_soon_threadsafe(self._sink, report)
 
+    @property
+    def pause_requested(self) -> bool:
+        """True while a Pause asks the handler to park at its next pause point."""
+        return self._pause_wanted and not self._stopping
+
+    async def pause_point(self) -> bool:
+        """Park here (in an async handler) while a Pause asks it, until the task is resumed
+        or the attempt must stop; True if it parked. Cheap when no Pause is asked."""
+        if not self.pause_requested:
+            return False
+        if self._async_unparked is None:
+            self._async_unparked = asyncio.Event()
+        self._async_unparked.clear()
+        self._parked()
+        if self.pause_requested:
+            await self._async_unparked.wait()
+        return True
+
+    def pause_point_sync(self) -> bool:
+        """`pause_point` for a blocking handler, on its own thread."""
+        if not self.pause_requested:
+            return False
+        self._unparked.clear()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the attempt is over
+            self._loop.call_soon_threadsafe(self._parked)
+        if self.pause_requested:
+            self._unparked.wait()
+        return True
+
+    def _parked(self) -> None:
+        """Tell the worker the handler parked (on the loop), unless it may go on already."""
+        if self.pause_requested and self._on_park is not None:
+            self._on_park()
+        elif not self.pause_requested:
+            self._unpark()
+
+    def wait_for_input(
+        self, prompt: str = "", *, label: str = "", timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The next input the task was sent that this run has not had yet, in order.
+
+        When there is none, the attempt is suspended: this raises WaitForInput, which ends
+        the handler (let it through), and the task waits WAITING_INPUT with `prompt` (and
+        `label`, a short name) until an input comes, holding no slot; then the handler runs
+        again from the start, and its waits return the inputs in order. No input within
+        `timeout` seconds fails the task with INPUT_TIMEOUT.
+        """
+        if len(prompt) > MAX_PROMPT or len(label) > MAX_LABEL:
+            raise ValueError(
+                f"a prompt has at most {MAX_PROMPT} characters and a label {MAX_LABEL}"
+            )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if self._inputs_taken < len(self.inputs):
+            self._inputs_taken += 1
+            return self.inputs[self._inputs_taken - 1]
+        raise WaitForInput(prompt, label, timeout, len(self.inputs))
+
+    def _give_inputs(self, inputs: Iterable[Mapping[str, Any]]) -> None:
+        """Inputs the task was sent while the attempt runs (called on the event loop)."""
+        self.inputs.extend(dict(sent) for sent in inputs)
+
+    def _request_pause(self, reason: str) -> None:
+        """Ask the handler to park at its next pause point (called on the event loop)."""
+        self._pause_wanted, self._pause_reason = True, reason
+
+    def _resume(self) -> None:
+        """Let a parked handler go on, or withdraw a pause (called on the event loop)."""
+        self._pause_wanted = False
+        self._unpark()
+
+    def _unpark(self) -> None:
+        self._unparked.set()
+        if self._async_unparked is not None:
+            self._async_unparked.set()
+
     def _request_stop(self, reason: str) -> None:
         """Tell the handler to stop (called on the event loop)."""
         if not self._stopping:
@@ -319,7 +440,9 @@ class TaskContext:
                 self._cancel_event.set()
             if self._async_cancel is not None:
                 self._async_cancel.set()
+            self._unpark()  # a parked handler wakes, and sees it must stop
 
     def _close(self) -> None:
-        """The attempt is over: later reports are ignored."""
+        """The attempt is over: later reports are ignored, and a parked handler goes on."""
         self._closed = True
+        self._unpark()

@@ -13,7 +13,9 @@ process's event loop, a plain `def` on a thread of its own.
 It speaks conveyor.v1.WorkerService: it keeps one session stream open, runs what it is
 assigned, reports progress, renews its leases every `renew_interval`, and ends each
 attempt with Finish (the ends of a busy worker go together, in one FinishMany, each at
-most FINISH_LINGER late). A broken connection is retried with backoff (0.1 s growing to 5 s,
+most FINISH_LINGER late). It passes a Pause, a Resume and each input on to the handler's
+context, tells the server when a handler parks, and ends an attempt whose handler waits for
+input with that wait. A broken connection is retried with backoff (0.1 s growing to 5 s,
 with jitter), and the attempts still running are listed on the next Connect so that the
 server keeps them while it holds their leases (`reconnect_grace`). A Finish that cannot
 get through is retried until the server answers. SIGTERM or SIGINT drains: nothing new is
@@ -40,6 +42,7 @@ from conveyor.handlers import (
     HandlerRegistry,
     Refusal,
     TaskContext,
+    WaitForInput,
     failure_message,
     is_async,
     result_problem,
@@ -176,6 +179,7 @@ class Worker:
             slots=self.concurrency,
             held=[attempt.ref for attempt in self._attempts.values()],
             batch_assignments=True,
+            pausable_types=self.registry.pausable_types,
         )
         call = stub.Connect(request)
         loop = asyncio.get_running_loop()
@@ -201,6 +205,8 @@ class Worker:
                     self._start(message.assignment, stub)
                 elif which == "stop":
                     self._stop(message.stop)
+                elif which in ("pause", "resume", "input"):
+                    self._signal(message)
                 elif which == "welcome":
                     helpers.append(self._welcomed(message.welcome, stub))
                     helpers.append(asyncio.create_task(self._drain_when_asked(stub)))
@@ -275,6 +281,8 @@ class Worker:
             max_attempts=task.max_attempts,
             loop=loop,
             sink=lambda changes: self._report(attempt, changes, stub),  # made just below
+            inputs=[struct_to_dict(sent.data) for sent in assignment.inputs],
+            on_park=lambda: self._park(attempt, stub),
         )
         attempt = _Attempt(ref, context)
         self._attempts[task.task_id] = attempt
@@ -284,6 +292,33 @@ class Worker:
         attempt = self._attempts.get(stop.task_id)
         if attempt is not None and attempt.ref.lease_id == stop.lease_id:
             attempt.context._request_stop(stop.reason)
+
+    def _signal(self, message: pb.ConnectResponse) -> None:
+        """A pause, a resume or an input for an attempt this worker runs."""
+        signal = getattr(message, message.WhichOneof("message") or "")
+        attempt = self._attempts.get(signal.task_id)
+        if attempt is None or attempt.ref.lease_id != signal.lease_id:
+            return
+        context = attempt.context
+        if isinstance(signal, pb.PauseAttempt):
+            context._request_pause(signal.reason)
+        elif isinstance(signal, pb.ResumeAttempt):
+            context._resume()
+        elif signal.input.sequence == len(context.inputs) + 1:  # not one it has already
+            context._give_inputs([struct_to_dict(signal.input.data)])
+
+    def _park(self, attempt: _Attempt, stub: WorkerServiceAsyncStub) -> None:
+        """The handler parked at a pause point: tell the server (after what it reported)."""
+        previous = attempt.reporter
+
+        async def park() -> None:
+            if previous is not None:
+                await previous
+            with contextlib.suppress(grpc.aio.AioRpcError):  # the attempt is over, or lost
+                await stub.Report(pb.ReportRequest(lease=attempt.ref, parked=True))
+            await self._send_reports(attempt, stub)  # reported since, if the pause was withdrawn
+
+        attempt.reporter = asyncio.create_task(park())
 
     async def _run(self, attempt: _Attempt, stub: WorkerServiceAsyncStub) -> None:
         """Run the handler, then Finish with how it went (retried until the server answers)."""
@@ -308,6 +343,13 @@ class Worker:
                 result = await cast(Awaitable[Any], function(context))
             else:
                 result = await run_on_thread(function, context)
+        except WaitForInput as wait:
+            request.wait_for_input.CopyFrom(
+                pb.InputWait(prompt=wait.prompt, label=wait.label, inputs_seen=wait.seen)
+            )
+            if wait.timeout is not None:
+                request.wait_for_input.timeout.FromNanoseconds(int(wait.timeout * 1e9))
+            return request
         except Exception as error:
             log.exception("task %s: the handler raised", context.task_id)
             request.error.CopyFrom(

@@ -29,7 +29,7 @@ from conveyord.convert import (
 )
 from conveyord.hub import EventHub, WatcherTooSlow
 from conveyord.limits import MAX_PAGE_BYTES, RECEIVE_LIMITS
-from conveyord.model import Change, ChangeKind, Task
+from conveyord.model import Change, ChangeKind, Task, TaskInput
 from conveyord.rpc import stream_method, unary_method
 from conveyord.scheduler import Scheduler
 from conveyord.store.base import TaskNotFound
@@ -100,6 +100,13 @@ class TaskServiceApi:
         """A ResumeResponse."""
         task = await self.scheduler.resume(validation.task_id(request.task_id))
         return task_message(task)
+
+    async def send_input(self, request: pb.SendInputRequest) -> bytes:
+        """A SendInputResponse."""
+        query = validation.send_input_request(request)
+        sent = TaskInput(query.request_id, query.data, self.scheduler.clock(), query.size)
+        task, sequence = await self.scheduler.send_input(query.task_id, sent)
+        return task_message(task) + pb.SendInputResponse(sequence=sequence).SerializeToString()
 
     async def cancel_matching(self, request: pb.CancelMatchingRequest) -> bytes:
         """A CancelMatchingResponse."""
@@ -194,6 +201,7 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
         "Cancel": unary_method(api.cancel, pb.CancelRequest, RECEIVE_LIMITS["Cancel"]),
         "Pause": unary_method(api.pause, pb.PauseRequest, RECEIVE_LIMITS["Pause"]),
         "Resume": unary_method(api.resume, pb.ResumeRequest, RECEIVE_LIMITS["Resume"]),
+        "SendInput": unary_method(api.send_input, pb.SendInputRequest, RECEIVE_LIMITS["SendInput"]),
         "CancelMatching": unary_method(
             api.cancel_matching, pb.CancelMatchingRequest, RECEIVE_LIMITS["CancelMatching"]
         ),

@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 
 from conveyor.protojson import to_value
 from conveyor.v1 import task_pb2, task_service_pb2
-from conveyord.model import Change, ChangeKind, Task
+from conveyord.model import Change, ChangeKind, Task, TaskInput
 
 
 def task_to_proto(task: Task) -> task_pb2.TaskResponse:
@@ -46,7 +46,16 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
         _stamp(message.start_deadline, task.start_deadline)
     if task.paused_at is not None:
         _stamp(message.paused_at, task.paused_at)
+    if task.pause_reason:
         message.pause_reason = task.pause_reason
+    if task.pause_requested_at is not None:
+        _stamp(message.pause_requested_at, task.pause_requested_at)
+    if task.inputs:
+        message.input_count = len(task.inputs)
+    if task.input_prompt or task.input_label:
+        message.input_prompt, message.input_label = task.input_prompt, task.input_label
+    if task.input_deadline is not None:
+        _stamp(message.input_deadline, task.input_deadline)
     if task.parameters:
         message.parameters.update(task.parameters)
     if task.progress_detail is not None:
@@ -113,13 +122,25 @@ def change_message(change: Change) -> bytes:
 
 def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     """A worker's Assignment of the task's attempt: task (1), lease_id (2), deadline (3),
-    lease_expires_at (4). The task's encoding is the one its watchers share."""
+    lease_expires_at (4), inputs (5). The task's encoding is the one its watchers share."""
     return (
         _length_delimited(1, encode_task(task))
         + _length_delimited(2, task.lease_id.encode())
         + _length_delimited(3, _timestamp(deadline))
         + _length_delimited(4, _timestamp(lease_expires_at))
+        + b"".join(
+            _length_delimited(5, input_to_proto(sent, number).SerializeToString())
+            for number, sent in enumerate(task.inputs, 1)
+        )
     )
+
+
+def input_to_proto(sent: TaskInput, sequence: int) -> task_pb2.TaskInput:
+    """An input as the contract's TaskInput, with its place among the task's inputs."""
+    message = task_pb2.TaskInput(sequence=sequence, request_id=sent.request_id)
+    message.data.update(sent.data)
+    _stamp(message.received_at, sent.received_at)
+    return message
 
 
 def assignment_message(encoded: bytes) -> bytes:

@@ -3,10 +3,11 @@
 It follows the store's change feed. A task that becomes runnable wakes it, and it claims
 tasks from the store for the workers that have free slots, within the concurrency limits
 (in all, and per task type), each under a lease. It enforces each attempt's timeout (the
-holder is told to stop, and after the grace the attempt ends regardless), passes a Cancel
-on to the holder, and reaps leases that ran out, so that a holder that died never leaves a
-task RUNNING. Holders speak to it with the lease id: report, finish; a holder whose lease
-is gone is refused (lifecycle.StaleLease) and changes nothing.
+holder is told to stop, and after the grace the attempt ends regardless; a parked attempt's
+timeout waits), passes a Cancel, a Pause, a Resume and each input on to the holder, and
+reaps leases that ran out, so that a holder that died never leaves a task RUNNING. Holders
+speak to it with the lease id: report, park, finish; a holder whose lease is gone is
+refused (lifecycle.StaleLease) and changes nothing.
 
 One timer serves every waiting task, every lease and every start deadline (the store's next
 wake-up: timing.Timekeeper); a timer per held attempt serves its timeout and its grace.
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from conveyord import lifecycle
 from conveyord.lifecycle import Outcome, RetryPolicy, StaleLease
-from conveyord.model import Change, ErrorCode, Task, TaskError, TaskStatus
+from conveyord.model import LEASED, Change, ErrorCode, Task, TaskError, TaskStatus
 from conveyord.store.base import Claim, StoreFailed, TaskStore
 from conveyord.timing import ClaimLoop, Timekeeper, settle_leases_of
 
@@ -39,6 +40,7 @@ class Worker(Protocol):
 
     holder: str  # who holds its leases; stable across restarts of the same worker
     types: frozenset[str] | None  # the task types it runs (None: any)
+    pausable: frozenset[str]  # the task types whose handlers can park at a pause point
     # How long a lease lasts unless renewed; None: the attempt's timeout and grace, with
     # room to record the end (a holder in this process, which never needs to renew).
     lease_seconds: float | None
@@ -55,6 +57,15 @@ class Worker(Protocol):
 
     def abandon(self, task_id: str, lease_id: str) -> None:
         """The attempt is over without its holder: drop it, and whatever it returns."""
+
+    def pause(self, task: Task) -> None:
+        """Ask the attempt's handler to park at its next pause point."""
+
+    def resume(self, task: Task) -> None:
+        """Let the parked attempt run on (or withdraw a pause it has not reached)."""
+
+    def give_inputs(self, task: Task, first: int) -> None:
+        """Give the attempt's handler the task's inputs from index `first` on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +86,9 @@ class _Held:
         self.lease_id = task.lease_id
         self.stopped: Outcome | None = None  # the outcome a stop imposes, once asked
         self.timer: asyncio.TimerHandle | None = None
+        self.pausing = False  # the holder was asked to park it
+        self.parked = False  # it is parked: its timeout waits
+        self.inputs = len(task.inputs)  # how many of the task's inputs the holder was given
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -186,8 +200,26 @@ class Dispatcher:
         """Hold an attempt that `worker` runs under a lease granted before this server
         started (it reconnected with it): its timeout and signals are this server's again."""
         if task.task_id not in self._held:
-            ends_at = (task.started_at or self.clock()) + task.timeout_seconds
-            self._hold(task, worker, max(0.0, ends_at - self.clock()))
+            held = self._hold(task, worker, self._time_left(task))
+            held.pausing = task.pause_requested_at is not None or task.status is TaskStatus.PAUSED
+            held.parked = task.status is TaskStatus.PAUSED
+            if held.parked:
+                held.cancel_timer()
+        self.replay_signals(task.task_id)
+
+    def replay_signals(self, task_id: str) -> None:
+        """Tell a holder again where its attempt stands (paused or not, and every input): it
+        reconnected, and what was sent meanwhile may be lost. Each is harmless twice."""
+        held = self._held.get(task_id)
+        if held is None:
+            return
+        task = held.task
+        if held.pausing:
+            held.worker.pause(task)
+        elif task.pausable:
+            held.worker.resume(task)
+        if task.inputs:
+            held.worker.give_inputs(task, 0)
 
     def stopping(self, task_id: str, lease_id: str) -> bool:
         """Whether the attempt under `lease_id` was asked to stop."""
@@ -235,7 +267,7 @@ class Dispatcher:
         }
         now = self.clock()
         lease_until = _lease_until(worker, now, self.limits.cancel_grace + RECORDING_TIME)
-        claim = Claim(worker.holder, count, worker.types, limits, lease_until, now)
+        claim = Claim(worker.holder, count, worker.types, limits, lease_until, now, worker.pausable)
         for task in await self.store.claim(claim):
             self._grant(task, worker)
 
@@ -259,12 +291,13 @@ class Dispatcher:
         task = change.task
         held = self._held.get(task.task_id)
         if held is not None:
-            if task.status is not TaskStatus.RUNNING or task.lease_id != held.lease_id:
+            if task.lease_id != held.lease_id or task.status not in LEASED:
                 self._release(held)
             else:
                 held.task = task  # the attempt as it stands (a Cancel's reason, say)
                 if task.cancel_requested_at is not None and held.stopped is None:
                     self._cancel_requested(held)
+                self._signal(held, task)
         if task.status is TaskStatus.CREATED:
             if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
                 self._pump(task.task_type)
@@ -274,6 +307,44 @@ class Dispatcher:
                 self._timer.hint(task.start_deadline)  # failed if not started by then
         elif task.status is TaskStatus.RUNNING and task.lease_expires_at is not None:
             self._timer.hint(task.lease_expires_at)  # reaped if it runs out
+
+    def _signal(self, held: _Held, task: Task) -> None:
+        """Pass on to the holder what changed of its attempt: a Pause asked or withdrawn,
+        a Resume, new inputs; and stop or restart its timeout as it parks or runs on."""
+        pausing = task.pause_requested_at is not None or task.status is TaskStatus.PAUSED
+        if pausing != held.pausing:
+            held.pausing = pausing
+            (held.worker.pause if pausing else held.worker.resume)(task)
+        parked = task.status is TaskStatus.PAUSED
+        if parked != held.parked:
+            held.parked = parked
+            if held.stopped is None:  # a stop's grace runs on, parked or not
+                held.cancel_timer()
+                if not parked:
+                    loop = asyncio.get_running_loop()
+                    held.timer = loop.call_later(self._time_left(task), self._timed_out, held)
+        if len(task.inputs) > held.inputs:
+            held.worker.give_inputs(task, held.inputs)
+            held.inputs = len(task.inputs)
+
+    def _time_left(self, task: Task) -> float:
+        """Seconds until the attempt's timeout runs out (its time parked not counted)."""
+        started = task.started_at if task.started_at is not None else self.clock()
+        return max(0.0, started + task.timeout_seconds + task.paused_seconds - self.clock())
+
+    async def park(self, task_id: str, lease_id: str) -> Task:
+        """A holder's handler parked at a pause point; StaleLease if the attempt is no
+        longer its. Its lease is kept: renewed by a holder that renews, else without end
+        while parked (this server settles its own leases at a restart)."""
+        now = self.clock()
+        held = self._held.get(task_id)
+        renews = held is None or held.worker.lease_seconds is not None
+
+        def park(task: Task) -> Task | None:
+            until = task.lease_expires_at if renews else None
+            return lifecycle.park(task, lease_id, now, until)
+
+        return await self.store.update(task_id, park)
 
     def _release(self, held: _Held) -> None:
         """The attempt is over in the store: free its slot, and drop it if still running."""

@@ -8,6 +8,7 @@ from conveyor.handlers import (
     HandlerRegistry,
     Refusal,
     TaskContext,
+    WaitForInput,
     failure_message,
     handler,
     is_async,
@@ -18,6 +19,6 @@ from conveyor.handlers import (
 
 __all__ = [
     "Handler", "HandlerLoadError", "HandlerRegistry", "Refusal", "TaskContext",
-    "failure_message", "handler", "is_async", "report_problem", "result_problem",
+    "WaitForInput", "failure_message", "handler", "is_async", "report_problem", "result_problem",
     "run_on_thread",
 ]  # fmt: skip

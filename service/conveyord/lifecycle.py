@@ -23,10 +23,16 @@ from typing import Any
 import grpc
 
 from conveyord.errors import ConveyorError
-from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
+from conveyord.model import LEASED, ErrorCode, Task, TaskError, TaskInput, TaskStatus
 
-# The lease fields of a task whose attempt is over.
-_NO_LEASE: Mapping[str, Any] = {"lease_id": "", "lease_holder": "", "lease_expires_at": None}
+# The fields of a task whose attempt is over: its lease, and a Pause it had not reached.
+_NO_LEASE: Mapping[str, Any] = {
+    "lease_id": "",
+    "lease_holder": "",
+    "lease_expires_at": None,
+    "pause_requested_at": None,
+}
+_NOT_WAITING: Mapping[str, Any] = {"input_prompt": "", "input_label": "", "input_deadline": None}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class Lease:
     lease_id: str
     holder: str
     expires_at: float
+    pausable: bool = False  # the holder's handler for the task can park at a pause point
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +69,26 @@ class Outcome:
     error: TaskError | None = None
     retryable: bool = True
     interrupted: bool = False  # stopped by the server's own shutdown, not by the task
+    wait: InputWait | None = None  # the handler waits for input: the attempt is suspended
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InputWait:
+    """A handler's wait for input: what it asks, for how long (seconds; None: no limit),
+    and how many of the task's inputs it had seen (one that came since answers the wait)."""
+
+    prompt: str
+    label: str
+    timeout: float | None
+    seen: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InputLimits:
+    """How much input a task keeps: inputs, and their encoded bytes together."""
+
+    count: int
+    total_bytes: int
 
 
 class TaskAlreadyEnded(ConveyorError):
@@ -76,6 +103,24 @@ class TaskAlreadyEnded(ConveyorError):
 
     def metadata(self) -> dict[str, str]:
         return {"status": self.task.status.name}
+
+
+class InputsFull(ConveyorError):
+    """A SendInput to a task that already holds as much input as it may."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TASK_INPUTS_FULL"
+
+    def __init__(self, task: Task, limits: InputLimits) -> None:
+        super().__init__(
+            f"task {task.task_id} already holds {len(task.inputs)} inputs of "
+            f"{sum(i.size for i in task.inputs)} bytes; a task keeps at most {limits.count} "
+            f"inputs of {limits.total_bytes} bytes together"
+        )
+        self.task_id = task.task_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"task_id": self.task_id}
 
 
 class StaleLease(ConveyorError):
@@ -126,6 +171,8 @@ def claim(task: Task, lease: Lease, now: float) -> Task | None:
         lease_id=lease.lease_id,
         lease_holder=lease.holder,
         lease_expires_at=lease.expires_at,
+        pausable=lease.pausable,
+        paused_seconds=0.0,
         started_at=now,
         updated_at=now,
         next_attempt_at=None,
@@ -134,7 +181,7 @@ def claim(task: Task, lease: Lease, now: float) -> Task | None:
 
 
 def renew(task: Task, lease_id: str, expires_at: float) -> Task:
-    """Extend a held lease."""
+    """Extend a held lease (of a running attempt, or of a parked one)."""
     _check_lease(task, lease_id)
     return task.evolve(lease_expires_at=expires_at)
 
@@ -148,10 +195,18 @@ def report(task: Task, lease_id: str, changes: Mapping[str, Any], now: float) ->
 def finish(task: Task, lease_id: str, outcome: Outcome, policy: RetryPolicy, now: float) -> Task:
     """End an attempt: COMPLETED with its result; CANCELLED if a Cancel came meanwhile;
     back to the queue on the same attempt if the server's shutdown stopped it (up to the
-    policy's limit); else a failure, retried per the policy while attempts remain."""
+    policy's limit); WAITING_INPUT if the handler waits for input (CREATED again at once if
+    an input it had not seen came meanwhile); else a failure, retried per the policy while
+    attempts remain. An attempt that ends while parked lands the same way, except that
+    where it would be queued again it is held PAUSED."""
     _check_lease(task, lease_id)
+    if task.status is TaskStatus.PAUSED:
+        running = task.evolve(status=TaskStatus.RUNNING)
+        return _ended_parked(task, finish(running, lease_id, outcome, policy, now))
     if task.cancel_requested_at is not None:
         return cancelled(task, task.cancel_reason, now)
+    if outcome.wait is not None:
+        return _waiting(task, outcome.wait, now)
     error = outcome.error
     if outcome.interrupted:
         if task.interruptions < policy.max_interruptions:
@@ -204,14 +259,14 @@ def failed(task: Task, error: TaskError, *, retryable: bool, now: float, delay: 
 
 def cancel(task: Task, reason: str, now: float) -> Task | None:
     """A Cancel: a queued task ends CANCELLED at once; a running one records the request
-    (its holder is told, and the attempt ends CANCELLED when it finishes or is stopped).
-    None for a task already cancelled or being cancelled; TaskAlreadyEnded for one that
-    COMPLETED or FAILED."""
+    (its holder is told, and the attempt ends CANCELLED when it finishes or is stopped),
+    as does a parked one. None for a task already cancelled or being cancelled;
+    TaskAlreadyEnded for one that COMPLETED or FAILED."""
     if task.status is TaskStatus.CANCELLED:
         return None
     if task.terminal:
         raise TaskAlreadyEnded(task)
-    if task.status in (TaskStatus.CREATED, TaskStatus.PAUSED):
+    if task.status not in LEASED or not task.lease_id:
         return cancelled(task, reason, now)
     if task.cancel_requested_at is not None:
         return None
@@ -227,25 +282,39 @@ def expire(
     task: Task, error: TaskError, policy: RetryPolicy, now: float, delay: float
 ) -> Task | None:
     """An attempt whose holder is gone (its lease ran out, or the server running it died):
-    a failed attempt (retried after `delay` while attempts remain), or CANCELLED if a
-    Cancel had been accepted. None if the task is not RUNNING."""
-    if task.status is not TaskStatus.RUNNING:
+    a failed attempt (retried after `delay` while attempts remain; held PAUSED if it was
+    parked), or CANCELLED if a Cancel had been accepted. None if no attempt holds a lease."""
+    if task.status not in LEASED or not task.lease_id:
         return None
+    if task.status is TaskStatus.PAUSED:
+        landed = expire(task.evolve(status=TaskStatus.RUNNING), error, policy, now, delay)
+        return None if landed is None else _ended_parked(task, landed)
     if task.cancel_requested_at is not None:
         return cancelled(task, task.cancel_reason, now)
     return failed(task, error, retryable=True, now=now, delay=delay)
 
 
 def pause(task: Task, reason: str, now: float) -> Task | None:
-    """A Pause: a queued task leaves the queue, PAUSED, keeping where it stood in it (its
-    age counts on) and the rest of its queue timeout. None for a task already PAUSED, or
-    RUNNING (only a handler that can park pauses a running attempt); TaskAlreadyEnded for
-    one that ended."""
+    """A Pause. A queued task (or one waiting for input) leaves the queue, PAUSED, keeping
+    where it stood in it (its age counts on) and the rest of its queue timeout. A running
+    attempt whose handler can park is asked to (PAUSED once it has parked). None for a task
+    already PAUSED or being paused, or running a handler that cannot park;
+    TaskAlreadyEnded for one that ended."""
     if task.terminal:
         raise TaskAlreadyEnded(task)
-    if task.status is not TaskStatus.CREATED:
+    if task.status is TaskStatus.RUNNING:
+        if not task.pausable or task.pause_requested_at or task.cancel_requested_at:
+            return None
+        return task.evolve(
+            pause_requested_at=now,
+            pause_reason=reason,
+            updated_at=now,
+            message=f"pausing: {reason}",
+        )
+    if task.status not in (TaskStatus.CREATED, TaskStatus.WAITING_INPUT):
         return None
     return task.evolve(
+        **_NOT_WAITING,
         status=TaskStatus.PAUSED,
         queued_at=task.queued_since,
         paused_at=now,
@@ -255,14 +324,53 @@ def pause(task: Task, reason: str, now: float) -> Task | None:
     )
 
 
-def resume(task: Task, now: float) -> Task | None:
-    """A Resume: a PAUSED task is queued again where it stood, its start deadline moved
-    on by the time it was paused. None for a task that is not PAUSED."""
+def park(task: Task, lease_id: str, now: float, lease_expires_at: float | None) -> Task | None:
+    """A running attempt's handler parked at a pause point, as a Pause asked: PAUSED, its
+    lease kept (until `lease_expires_at`; None: a holder in this process, which settles its
+    leases itself) and its timeout stopped. None if no Pause is asked any more."""
+    _check_lease(task, lease_id)
+    if task.status is not TaskStatus.RUNNING or task.pause_requested_at is None:
+        return None
+    return task.evolve(
+        status=TaskStatus.PAUSED,
+        pause_requested_at=None,
+        paused_at=now,
+        lease_expires_at=lease_expires_at,
+        updated_at=now,
+        message=f"paused: {task.pause_reason}",
+    )
+
+
+def resume(task: Task, now: float, lease_margin: float = 0.0) -> Task | None:
+    """A Resume. A PAUSED queued task is queued again where it stood, its start deadline
+    moved on by the time it was paused; a parked attempt runs on (its timeout moved on
+    likewise; a lease that had no expiry lasts the rest of its timeout and `lease_margin`);
+    a Pause not yet reached is withdrawn. None for a task that is none of these."""
+    if task.status is TaskStatus.RUNNING and task.pause_requested_at is not None:
+        return task.evolve(
+            pause_requested_at=None, pause_reason="", updated_at=now, message="running"
+        )
     if task.status is not TaskStatus.PAUSED:
         return None
+    paused_for = now - task.paused_at if task.paused_at is not None else 0.0
+    if task.lease_id:
+        paused_seconds = task.paused_seconds + paused_for
+        lease_expires_at = task.lease_expires_at
+        if lease_expires_at is None:
+            started = task.started_at if task.started_at is not None else now
+            lease_expires_at = started + task.timeout_seconds + paused_seconds + lease_margin
+        return task.evolve(
+            status=TaskStatus.RUNNING,
+            paused_at=None,
+            pause_reason="",
+            paused_seconds=paused_seconds,
+            lease_expires_at=lease_expires_at,
+            updated_at=now,
+            message="running (resumed)",
+        )
     deadline = task.start_deadline
-    if deadline is not None and task.paused_at is not None:
-        deadline += now - task.paused_at
+    if deadline is not None:
+        deadline += paused_for
     return task.evolve(
         status=TaskStatus.CREATED,
         paused_at=None,
@@ -270,6 +378,59 @@ def resume(task: Task, now: float) -> Task | None:
         start_deadline=deadline,
         updated_at=now,
         message="queued (resumed)",
+    )
+
+
+def deliver_input(task: Task, sent: TaskInput, limits: InputLimits, now: float) -> Task | None:
+    """A SendInput: the input is kept with the task, after the others. A task waiting for
+    input is queued again (its handler runs and finds it); a running one's holder is given
+    it (dispatch follows the store). None for an input already kept under the same request
+    id; TaskAlreadyEnded for a task that ended; InputsFull past the limits."""
+    if task.terminal:
+        raise TaskAlreadyEnded(task)
+    if sent.request_id and any(kept.request_id == sent.request_id for kept in task.inputs):
+        return None
+    if (
+        len(task.inputs) >= limits.count
+        or sum(kept.size for kept in task.inputs) + sent.size > limits.total_bytes
+    ):
+        raise InputsFull(task, limits)
+    if task.status is not TaskStatus.WAITING_INPUT:
+        return task.evolve(inputs=(*task.inputs, sent), updated_at=now)
+    return task.evolve(
+        **_NOT_WAITING,
+        status=TaskStatus.CREATED,
+        inputs=(*task.inputs, sent),
+        next_attempt_at=None,
+        updated_at=now,
+        message=f"queued (input {len(task.inputs) + 1} received)",
+    )
+
+
+def overdue(task: Task, now: float) -> Task | None:
+    """A task past the deadline of what it waits for: a start (QUEUE_TIMEOUT) or an input
+    (INPUT_TIMEOUT). None if it is not waiting for either any more, or not yet due."""
+    if task.status is TaskStatus.WAITING_INPUT:
+        return input_timed_out(task, now)
+    return queue_timed_out(task, now)
+
+
+def input_timed_out(task: Task, now: float) -> Task | None:
+    """A task whose handler waited for input past the wait's timeout: FAILED, with
+    INPUT_TIMEOUT (not retried: another attempt would wait for the same input)."""
+    deadline = task.input_deadline
+    if task.status is not TaskStatus.WAITING_INPUT or deadline is None or deadline > now:
+        return None
+    prompt = f" ({task.input_prompt})" if task.input_prompt else ""
+    error = TaskError(ErrorCode.INPUT_TIMEOUT, f"no input came in time{prompt}")
+    return task.evolve(
+        **_NOT_WAITING,
+        status=TaskStatus.FAILED,
+        error=error,
+        last_attempt_error=error,
+        message="failed: no input came in time",
+        finished_at=now,
+        updated_at=now,
     )
 
 
@@ -330,6 +491,45 @@ def _requeued(task: Task, now: float, limit: int) -> Task:
     )
 
 
+def _waiting(task: Task, wait: InputWait, now: float) -> Task:
+    """An attempt suspended to wait for input: WAITING_INPUT, holding no lease and no slot
+    (an input queues it again, and its handler runs afresh, seeing every input); queued
+    again at once if an input it had not seen came meanwhile."""
+    if len(task.inputs) > wait.seen:
+        return task.evolve(
+            **_NO_LEASE,
+            status=TaskStatus.CREATED,
+            next_attempt_at=None,
+            updated_at=now,
+            message=f"queued (input {wait.seen + 1} had come)",
+        )
+    return task.evolve(
+        **_NO_LEASE,
+        status=TaskStatus.WAITING_INPUT,
+        input_prompt=wait.prompt,
+        input_label=wait.label,
+        input_deadline=None if wait.timeout is None else now + wait.timeout,
+        next_attempt_at=None,
+        updated_at=now,
+        message=f"waiting for input: {wait.prompt}" if wait.prompt else "waiting for input",
+    )
+
+
+def _ended_parked(task: Task, landed: Task) -> Task:
+    """The end of a parked attempt: where it `landed` as a running one, except that where
+    it would be queued again (a retry, an interruption, a wait) it stays held PAUSED, so
+    that Resume decides when it runs."""
+    if landed.status in (TaskStatus.CREATED, TaskStatus.WAITING_INPUT):
+        return landed.evolve(
+            **_NOT_WAITING,
+            status=TaskStatus.PAUSED,
+            paused_at=task.paused_at,
+            pause_reason=task.pause_reason,
+            message=f"paused: {task.pause_reason} (its attempt ended: {landed.message})",
+        )
+    return landed.evolve(paused_at=None, pause_reason="")
+
+
 def _check_lease(task: Task, lease_id: str) -> None:
-    if task.status is not TaskStatus.RUNNING or task.lease_id != lease_id:
+    if task.status not in LEASED or task.lease_id != lease_id:
         raise StaleLease(task, lease_id)

@@ -18,16 +18,33 @@ from conveyor.limits import (  # the contract's caps, shared with the client's w
     MAX_RESULT_BYTES,
     MIB,
 )
+from conveyord.lifecycle import InputLimits
 
 __all__ = [
-    "KIB", "MAX_DETAIL_BYTES", "MAX_JSON_DEPTH", "MAX_MESSAGE", "MAX_PAGE_BYTES",
-    "MAX_PARAMETERS_BYTES", "MAX_RECEIVE_BYTES", "MAX_RESULT_BYTES", "MAX_WAIT_SECONDS", "MIB",
+    "INPUT_LIMITS",
+    "KIB",
+    "MAX_DETAIL_BYTES",
+    "MAX_INPUT_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_MESSAGE",
+    "MAX_PAGE_BYTES",
+    "MAX_PARAMETERS_BYTES",
+    "MAX_RECEIVE_BYTES",
+    "MAX_RESULT_BYTES",
+    "MAX_WAIT_SECONDS",
+    "MIB",
     "RECEIVE_LIMITS",
 ]  # fmt: skip
 
 # The furthest ahead a task may be asked to start, and the longest queue timeout: a year
 # and a day (a yearly job fits; a time years ahead is a mistake).
 MAX_WAIT_SECONDS = 366 * 24 * 3600.0
+
+# One input sent to a task (SendInput), encoded; and what a task keeps of them together.
+# Inputs are not part of a TaskResponse (only their count is), so they do not weigh on
+# Get, List or Watch; an Assignment carries them with the task, within 4 MiB.
+MAX_INPUT_BYTES = 64 * KIB
+INPUT_LIMITS = InputLimits(count=1000, total_bytes=MIB)
 
 # The most any answer may hold: a List page stops before a task that would pass it. A
 # task is at most about 2.2 MiB (parameters, result, detail, labels, description), so a
@@ -44,6 +61,7 @@ RECEIVE_LIMITS = {
     "CancelMatching": 128 * KIB,
     "Pause": 8 * KIB,
     "Resume": 4 * KIB,
+    "SendInput": MAX_INPUT_BYTES + 16 * KIB,
     "List": 128 * KIB,
     "Watch": 128 * KIB,
 }

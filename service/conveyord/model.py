@@ -24,6 +24,7 @@ class TaskStatus(enum.IntEnum):
     FAILED = 4
     CANCELLED = 5
     PAUSED = 6
+    WAITING_INPUT = 7
 
     @property
     def terminal(self) -> bool:
@@ -32,16 +33,41 @@ class TaskStatus(enum.IntEnum):
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 UNFINISHED = frozenset(TaskStatus) - TERMINAL
+# The statuses in which an attempt may hold a lease: RUNNING, and PAUSED with its handler
+# parked at a pause point (a PAUSED task without a lease is a queued one held).
+LEASED = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED})
 
-# The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt;
-# CREATED -> FAILED, a task not started within its queue timeout; PAUSED, a queued task held.
+# The only moves a task may make. RUNNING -> CREATED is a retry of a failed attempt (or a
+# wait for input that an input already answers); CREATED -> FAILED, a task not started
+# within its queue timeout. PAUSED is a queued task held (from CREATED or WAITING_INPUT,
+# back to CREATED), or a running attempt parked by its handler (from RUNNING, back to
+# RUNNING; its end, if its worker ends it while parked, is that of a running attempt).
+# WAITING_INPUT is a task whose handler waits for input: an input queues it again.
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.CREATED: frozenset(
         {TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED, TaskStatus.PAUSED}
     ),
-    TaskStatus.PAUSED: frozenset({TaskStatus.CREATED, TaskStatus.CANCELLED}),
+    TaskStatus.PAUSED: frozenset(
+        {
+            TaskStatus.CREATED,
+            TaskStatus.RUNNING,
+            TaskStatus.CANCELLED,
+            TaskStatus.FAILED,
+            TaskStatus.COMPLETED,
+        }
+    ),
     TaskStatus.RUNNING: frozenset(
-        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.CREATED}
+        {
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.CANCELLED,
+            TaskStatus.CREATED,
+            TaskStatus.PAUSED,
+            TaskStatus.WAITING_INPUT,
+        }
+    ),
+    TaskStatus.WAITING_INPUT: frozenset(
+        {TaskStatus.CREATED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.PAUSED}
     ),
     TaskStatus.COMPLETED: frozenset(),
     TaskStatus.FAILED: frozenset(),
@@ -63,6 +89,18 @@ class ErrorCode:
     INVALID_REPORT = "INVALID_REPORT"
     REPORT_TOO_LARGE = "REPORT_TOO_LARGE"
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
+    INPUT_TIMEOUT = "INPUT_TIMEOUT"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskInput:
+    """One input sent to a task (SendInput): kept with the task, in order, for every
+    attempt to see."""
+
+    request_id: str  # empty: sent without one (not deduplicated)
+    data: Mapping[str, Any]
+    received_at: float
+    size: int  # encoded bytes, for the cap on what a task keeps
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +145,13 @@ class Task:
     queued_at: float | None = None  # kept across a pause: where it stands in the queue
     paused_at: float | None = None
     pause_reason: str = ""
+    pause_requested_at: float | None = None  # a Pause of a RUNNING task, not yet parked
+    pausable: bool = False  # the attempt's handler can park at a pause point
+    paused_seconds: float = 0.0  # this attempt's time parked: its timeout does not count it
+    inputs: tuple[TaskInput, ...] = ()  # every input sent to it, in order
+    input_prompt: str = ""  # while WAITING_INPUT: what the handler asked for
+    input_label: str = ""
+    input_deadline: float | None = None  # while WAITING_INPUT: no input by then, it fails
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested_at: float | None = None
@@ -126,6 +171,11 @@ class Task:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def parked(self) -> bool:
+        """PAUSED with its attempt's handler parked at a pause point (it holds a lease)."""
+        return self.status is TaskStatus.PAUSED and bool(self.lease_id)
 
     @property
     def queued_since(self) -> float:

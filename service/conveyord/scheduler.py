@@ -22,13 +22,14 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from conveyord import lifecycle
-from conveyord.dispatch import Dispatcher, Limits
+from conveyord.dispatch import RECORDING_TIME, Dispatcher, Limits
 from conveyord.errors import ConveyorError
 from conveyord.errors import ShuttingDown as ShuttingDown  # re-exported: it was defined here
 from conveyord.handlers import HandlerRegistry
 from conveyord.lifecycle import RetryPolicy
 from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
-from conveyord.model import Task, TaskFilter, TaskStatus
+from conveyord.limits import INPUT_LIMITS
+from conveyord.model import Task, TaskFilter, TaskInput, TaskStatus
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.worker.local import LocalWorker
 
@@ -184,16 +185,32 @@ class Scheduler:
         return await self.store.update(task_id, lambda task: lifecycle.cancel(task, reason, now))
 
     async def pause(self, task_id: str, reason: str) -> tuple[Task, bool]:
-        """Pause a task: a queued one at once; the task, and whether it is PAUSED (a running
-        one is not: its handler cannot park yet)."""
+        """Pause a task: a queued one at once, a running one at its handler's next pause
+        point (dispatch tells the holder); the task, and whether it is PAUSED or will be
+        (false: its handler cannot park)."""
         now, reason = self.clock(), reason or "paused by request"
         task = await self.store.update(task_id, lambda task: lifecycle.pause(task, reason, now))
-        return task, task.status is TaskStatus.PAUSED
+        return task, task.status is TaskStatus.PAUSED or task.pause_requested_at is not None
 
     async def resume(self, task_id: str) -> Task:
-        """Queue a PAUSED task again, where it stood."""
-        now = self.clock()
-        return await self.store.update(task_id, lambda task: lifecycle.resume(task, now))
+        """Queue a PAUSED task again where it stood, or let a parked attempt run on."""
+        now, margin = self.clock(), self.config.cancel_grace + RECORDING_TIME
+        return await self.store.update(task_id, lambda task: lifecycle.resume(task, now, margin))
+
+    async def send_input(self, task_id: str, sent: TaskInput) -> tuple[Task, int]:
+        """Keep an input with a task (dispatch gives it to a running attempt's holder); the
+        task, and the input's place among its inputs (the first one's, for a repeated
+        request id)."""
+
+        def deliver(task: Task) -> Task | None:
+            return lifecycle.deliver_input(task, sent, INPUT_LIMITS, sent.received_at)
+
+        task = await self.store.update(task_id, deliver)
+        if sent.request_id:
+            for number, kept in enumerate(task.inputs, 1):
+                if kept.request_id == sent.request_id:
+                    return task, number
+        return task, len(task.inputs)
 
     async def cancel_matching(self, task_filter: TaskFilter, reason: str, dry_run: bool) -> int:
         """Cancel every unfinished task that matches, each as `cancel` would (one that ended

@@ -12,7 +12,7 @@ from typing import Any
 
 from conveyord import lifecycle
 from conveyord.lifecycle import RetryPolicy
-from conveyord.model import ErrorCode, Task, TaskError, TaskFilter, TaskStatus
+from conveyord.model import LEASED, ErrorCode, Task, TaskError, TaskFilter
 from conveyord.store.base import StoreFailed, TaskStore
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ class Timekeeper:
 
     async def _reap(self) -> None:
         """End the attempts whose lease ran out (their holder is gone), and fail the tasks
-        not started by their start deadline."""
+        not started by their start deadline or not given input by their input deadline."""
         now = self.clock()
         try:
             for task in await self.store.expired_leases(now):
                 await self.store.update(task.task_id, self._expiry(task.lease_id))
-            for task in await self.store.missed_starts(now):
-                await self.store.update(task.task_id, lambda t: lifecycle.queue_timed_out(t, now))
+            for task in await self.store.overdue(now):
+                await self.store.update(task.task_id, lambda t: lifecycle.overdue(t, now))
         except StoreFailed:
             return
         if self._active:
@@ -123,7 +123,7 @@ async def settle_leases_of(store: TaskStore, holder: str, policy: RetryPolicy, n
         )
         return lifecycle.expire(task, error, policy, now, delay=0.0)
 
-    running = TaskFilter(statuses=frozenset({TaskStatus.RUNNING}))
+    running = TaskFilter(statuses=LEASED)
     settled = await store.update_where(running, expire)
     if settled:
         log.info("%d tasks were running when the server stopped: settled", len(settled))

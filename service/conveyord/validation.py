@@ -25,7 +25,12 @@ from google.rpc import error_details_pb2
 from conveyor.protojson import struct_to_dict
 from conveyor.v1 import task_pb2, task_service_pb2
 from conveyord.errors import ConveyorError
-from conveyord.limits import MAX_JSON_DEPTH, MAX_PARAMETERS_BYTES, MAX_WAIT_SECONDS
+from conveyord.limits import (
+    MAX_INPUT_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_PARAMETERS_BYTES,
+    MAX_WAIT_SECONDS,
+)
 from conveyord.model import UNFINISHED, Task, TaskFilter, TaskStatus
 
 DEFAULT_PRIORITY = 5
@@ -496,3 +501,27 @@ def task_and_reason(
         checker.fail("reason", f"is longer than {MAX_REASON} characters")
     checker.done()
     return task, request.reason
+
+
+@dataclasses.dataclass(frozen=True)
+class InputQuery:
+    """A SendInput, checked: the task, the request id, and the input with its size."""
+
+    task_id: str
+    request_id: str
+    data: dict[str, Any]
+    size: int
+
+
+def send_input_request(request: task_service_pb2.SendInputRequest) -> InputQuery:
+    checker = Checker()
+    task = task_id_in(checker, request.task_id, "task_id")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    size = request.input.ByteSize()
+    if size > MAX_INPUT_BYTES:
+        checker.fail("input", f"is {size} bytes encoded; at most {MAX_INPUT_BYTES} are allowed")
+    elif _depth(request.input) > MAX_JSON_DEPTH:
+        checker.fail("input", f"nests deeper than {MAX_JSON_DEPTH} levels")
+    checker.done()
+    return InputQuery(task, request.request_id, struct_to_dict(request.input), size)

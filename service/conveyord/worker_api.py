@@ -18,12 +18,13 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from conveyor.handlers import MAX_LABEL
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyord.convert import task_to_proto
 from conveyord.dispatch import Dispatcher
-from conveyord.lifecycle import Outcome, StaleLease
-from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
+from conveyord.lifecycle import InputWait, Outcome, StaleLease
+from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES, MAX_WAIT_SECONDS
 from conveyord.model import ErrorCode, Task, TaskError, json_problem
 from conveyord.rpc import stream_method, unary_method
 from conveyord.store.base import TaskNotFound
@@ -89,7 +90,10 @@ class WorkerServiceApi:
         """A ReportResponse."""
         task, lease = _lease(request.lease, "lease")
         changes = _report_changes(request)
-        await self.dispatcher.report(task, lease, changes)
+        if changes or not request.parked:
+            await self.dispatcher.report(task, lease, changes)
+        if request.parked:
+            await self.dispatcher.park(task, lease)
         stopping = self.dispatcher.stopping(task, lease)
         return pb.ReportResponse(stop_requested=stopping).SerializeToString()
 
@@ -205,9 +209,13 @@ def _connect_request(request: pb.ConnectRequest) -> Hello:
     if len(request.held) > MAX_LEASES:
         checker.fail("held", f"holds {len(request.held)}; at most {MAX_LEASES}")
     held = dict(_lease_in(checker, ref, f"held[{i}]") for i, ref in enumerate(request.held))
-    checker.done()
     types = frozenset(request.task_types)
-    return Hello(request.worker_id, types, request.slots, held, request.batch_assignments)
+    for index, task_type in enumerate(request.pausable_types):
+        if task_type not in types:
+            checker.fail(f"pausable_types[{index}]", f"{task_type[:64]!r} is not in task_types")
+    checker.done()
+    pausable = frozenset(request.pausable_types)
+    return Hello(request.worker_id, types, request.slots, held, request.batch_assignments, pausable)
 
 
 def _lease(ref: pb.LeaseRef, field: str) -> tuple[str, str]:
@@ -251,7 +259,9 @@ def _outcome(request: pb.FinishRequest) -> Outcome:
     checker = Checker()
     which = request.WhichOneof("outcome")
     if which is None:
-        checker.fail("outcome", "is required: a result or an error")
+        checker.fail("outcome", "is required: a result, an error or a wait for input")
+    elif which == "wait_for_input":
+        return _input_wait(checker, request.wait_for_input)
     elif which == "result":
         size = request.result.ByteSize()
         result = to_python(request.result)
@@ -272,6 +282,24 @@ def _outcome(request: pb.FinishRequest) -> Outcome:
         return Outcome(error=TaskError(code, error.message), retryable=not error.no_retry)
     checker.done()
     raise AssertionError("unreachable: an outcome is required")
+
+
+def _input_wait(checker: Checker, wait: pb.InputWait) -> Outcome:
+    if len(wait.prompt) > MAX_MESSAGE:
+        checker.fail("wait_for_input.prompt", f"is longer than {MAX_MESSAGE} characters")
+    if len(wait.label) > MAX_LABEL:
+        checker.fail("wait_for_input.label", f"is longer than {MAX_LABEL} characters")
+    timeout: float | None = None
+    if wait.HasField("timeout"):
+        timeout = wait.timeout.ToNanoseconds() / 1e9
+        if not 0 < timeout <= MAX_WAIT_SECONDS:
+            checker.fail(
+                "wait_for_input.timeout", f"must be positive, at most {MAX_WAIT_SECONDS:.0f} s"
+            )
+    if wait.inputs_seen < 0:
+        checker.fail("wait_for_input.inputs_seen", f"must not be negative, not {wait.inputs_seen}")
+    checker.done()
+    return Outcome(wait=InputWait(wait.prompt, wait.label, timeout, wait.inputs_seen))
 
 
 def method_handlers(api: WorkerServiceApi) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:

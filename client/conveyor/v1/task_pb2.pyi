@@ -43,15 +43,28 @@ class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus
     """Held by a Pause: out of the queue until Resume, keeping its priority and its place;
     `pause_reason` says why. Not terminal.
     """
+    TASK_STATUS_WAITING_INPUT: _TaskStatus.ValueType  # 7
+    """Its handler waits for input (SendInput): `input_prompt` says what for. The attempt is
+    suspended and holds no slot; an input queues the task again, and its handler runs
+    afresh, seeing every input the task was sent. Not terminal.
+    """
 
 class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
-    """The state of a task. A task moves only along
-    CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED}, CREATED -> CANCELLED,
-    CREATED -> FAILED (error QUEUE_TIMEOUT: its first attempt did not start in time), and
-    CREATED -> PAUSED -> {CREATED, CANCELLED} (a Pause of a queued task, then Resume or Cancel).
-    A failed attempt that has attempts left goes back from RUNNING to CREATED with
-    `attempt` raised and `next_attempt_at` set; an attempt stopped by the server's own
-    shutdown goes back to CREATED on the same `attempt` (error INTERRUPTED).
+    """The state of a task. A task moves only along these transitions:
+      CREATED -> RUNNING -> {COMPLETED, FAILED, CANCELLED}; CREATED -> CANCELLED;
+      CREATED -> FAILED (error QUEUE_TIMEOUT: its first attempt did not start in time);
+      RUNNING -> CREATED: a failed attempt that has attempts left (`attempt` raised,
+        `next_attempt_at` set), an attempt stopped by the server's own shutdown (the same
+        `attempt`, error INTERRUPTED), or a wait for input that an input already answers;
+      {CREATED, WAITING_INPUT} -> PAUSED -> {CREATED, CANCELLED}: a Pause of a task that no
+        attempt runs, then Resume or Cancel;
+      RUNNING -> PAUSED -> RUNNING: a Pause of a running attempt whose handler parks at a
+        pause point, then Resume; while parked, the attempt keeps its lease, and if it ends
+        (a Cancel, or its worker is lost or ends it) it lands as a running one would
+        (PAUSED -> {CANCELLED, FAILED, COMPLETED}), except that where it would be queued
+        again it stays PAUSED, holding the next attempt until Resume;
+      RUNNING -> WAITING_INPUT -> {CREATED, FAILED, CANCELLED}: the handler waits for input;
+        an input queues it again, no input within the wait's timeout fails it (INPUT_TIMEOUT).
     """
 
 TASK_STATUS_UNSPECIFIED: TaskStatus.ValueType  # 0
@@ -69,6 +82,11 @@ TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 5
 TASK_STATUS_PAUSED: TaskStatus.ValueType  # 6
 """Held by a Pause: out of the queue until Resume, keeping its priority and its place;
 `pause_reason` says why. Not terminal.
+"""
+TASK_STATUS_WAITING_INPUT: TaskStatus.ValueType  # 7
+"""Its handler waits for input (SendInput): `input_prompt` says what for. The attempt is
+suspended and holds no slot; an input queues the task again, and its handler runs
+afresh, seeing every input the task was sent. Not terminal.
 """
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
@@ -200,6 +218,7 @@ class TaskError(_message.Message):
     result over 1 MiB encoded), INVALID_REPORT (a progress detail that is not JSON),
     REPORT_TOO_LARGE (a progress message over 4096 characters or a detail over 64 KiB),
     QUEUE_TIMEOUT (the first attempt did not start within `queue_timeout_seconds`),
+    INPUT_TIMEOUT (the handler waited for input longer than its wait allowed; not retried),
     INTERRUPTED (the server stopped while the attempt ran: on a task queued again, a
     shutdown that used no attempt; on a retried or FAILED one, a crash, or a shutdown
     past the server's limit of interruptions, that used it). The INVALID_ and _TOO_LARGE
@@ -273,6 +292,11 @@ class TaskResponse(_message.Message):
     START_DEADLINE_FIELD_NUMBER: _builtins.int
     PAUSE_REASON_FIELD_NUMBER: _builtins.int
     PAUSED_AT_FIELD_NUMBER: _builtins.int
+    PAUSE_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    INPUT_PROMPT_FIELD_NUMBER: _builtins.int
+    INPUT_LABEL_FIELD_NUMBER: _builtins.int
+    INPUT_DEADLINE_FIELD_NUMBER: _builtins.int
+    INPUT_COUNT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -299,6 +323,14 @@ class TaskResponse(_message.Message):
     """The timeout of one attempt, in seconds (the server default when the request left it unset)."""
     pause_reason: _builtins.str
     """While PAUSED: the reason the Pause gave."""
+    input_prompt: _builtins.str
+    """While WAITING_INPUT: what the handler asked for, for people to read."""
+    input_label: _builtins.str
+    """While WAITING_INPUT: a short name for the input asked for (such as "approval"), as
+    the handler gave it.
+    """
+    input_count: _builtins.int
+    """How many inputs the task was sent (SendInput), all kept."""
     @_builtins.property
     def progress_detail(self) -> _struct_pb2.Struct:
         """Structured progress, as last reported by the handler."""
@@ -365,6 +397,16 @@ class TaskResponse(_message.Message):
     def paused_at(self) -> _timestamp_pb2.Timestamp:
         """While PAUSED: when it was paused."""
 
+    @_builtins.property
+    def pause_requested_at(self) -> _timestamp_pb2.Timestamp:
+        """While a Pause of a RUNNING task waits for its handler to park at a pause point."""
+
+    @_builtins.property
+    def input_deadline(self) -> _timestamp_pb2.Timestamp:
+        """While WAITING_INPUT with a timeout: when the task fails with INPUT_TIMEOUT unless an
+        input comes before.
+        """
+
     def __init__(
         self,
         *,
@@ -394,14 +436,57 @@ class TaskResponse(_message.Message):
         start_deadline: _timestamp_pb2.Timestamp | None = ...,
         pause_reason: _builtins.str = ...,
         paused_at: _timestamp_pb2.Timestamp | None = ...,
+        pause_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        input_prompt: _builtins.str = ...,
+        input_label: _builtins.str = ...,
+        input_deadline: _timestamp_pb2.Timestamp | None = ...,
+        input_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input_deadline", b"input_deadline", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "input_count", b"input_count", "input_deadline", b"input_deadline", "input_label", b"input_label", "input_prompt", b"input_prompt", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskResponse: _TypeAlias = TaskResponse  # noqa: Y015
+
+@_typing.final
+class TaskInput(_message.Message):
+    """An input sent to a task, as kept with it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Its place among the task's inputs, from 1."""
+    request_id: _builtins.str
+    """As in the SendInputRequest (empty if it had none)."""
+    @_builtins.property
+    def data(self) -> _struct_pb2.Struct:
+        """What was sent."""
+
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """When the server accepted it."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        data: _struct_pb2.Struct | None = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "received_at", b"received_at", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskInput: _TypeAlias = TaskInput  # noqa: Y015
 
 @_typing.final
 class TaskFilter(_message.Message):

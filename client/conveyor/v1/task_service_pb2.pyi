@@ -8,6 +8,7 @@ from conveyor.v1 import task_pb2 as _task_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -430,6 +431,69 @@ class ResumeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeResponse: _TypeAlias = ResumeResponse  # noqa: Y015
+
+@_typing.final
+class SendInputRequest(_message.Message):
+    """The request of SendInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task's id."""
+    request_id: _builtins.str
+    """Makes the send safe to retry: a second send with the same request_id to the same task
+    keeps nothing new and answers the first one's `sequence`. At most 128 characters;
+    empty means no such protection.
+    """
+    @_builtins.property
+    def input(self) -> _struct_pb2.Struct:
+        """What to send; at most 64 KiB encoded and 32 levels deep."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        input: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "request_id", b"request_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendInputRequest: _TypeAlias = SendInputRequest  # noqa: Y015
+
+@_typing.final
+class SendInputResponse(_message.Message):
+    """The response of SendInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The input's place among the task's inputs, from 1."""
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskResponse:
+        """The task after the input: CREATED again if it was WAITING_INPUT."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.TaskResponse | None = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendInputResponse: _TypeAlias = SendInputResponse  # noqa: Y015
 
 @_typing.final
 class CancelMatchingRequest(_message.Message):

@@ -33,12 +33,12 @@ class TaskServiceStub:
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -112,20 +112,42 @@ class TaskServiceStub:
     Pause: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.PauseRequest, _task_service_pb2.PauseResponse]
     """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
     its priority, and its age counts on, so that Resume puts it back where it was) and its
-    queue timeout stops running until Resume. A RUNNING task is paused only if its
-    handler can park at a pause point; a handler that cannot keeps running, and the answer
-    says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
-    A paused task still counts toward the server's cap on queued tasks.
+    queue timeout stops running until Resume. So does a task WAITING_INPUT (Resume queues
+    it, and its handler, run afresh, waits again unless an input came).
+
+    A RUNNING task is paused if its handler can park at a pause point (its worker said
+    so for its task type): the answer comes at once, with `paused` true and
+    `pause_requested_at` set, the handler is told, and the task becomes PAUSED when the
+    handler reaches its next pause point and parks there. A parked attempt keeps its slot
+    and its lease (its worker keeps renewing it), and its timeout does not count while
+    it is parked. A handler that cannot park keeps running, and the answer says so
+    (`paused` is false, the task unchanged). Pausing a PAUSED task, or one being paused,
+    changes nothing. A paused task still counts toward the server's cap on queued tasks.
 
     Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
     characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
     COMPLETED, FAILED or was CANCELLED).
     """
     Resume: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeRequest, _task_service_pb2.ResumeResponse]
-    """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
-    task that is not PAUSED changes nothing (the answer is the task as it stands).
+    """Resumes a PAUSED task: a held one goes back to the queue in its place, as CREATED; a
+    parked attempt runs on, RUNNING (its handler is told). A Pause of a RUNNING task that
+    its handler has not reached yet is withdrawn. Resuming any other task changes nothing
+    (the answer is the task as it stands).
 
     Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
+    """
+    SendInput: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SendInputRequest, _task_service_pb2.SendInputResponse]
+    """Sends an input (a JSON object) to a task, kept with it after the inputs sent before.
+    A task that waits for input (WAITING_INPUT) is queued again, and its handler finds
+    it; a running attempt's handler is given it at once; a queued or paused task keeps
+    it for its handler. Every attempt sees every input, in order, from the first, so a
+    retried attempt can rebuild its state. A `request_id` already used for an input of
+    this task answers that input again and keeps nothing new.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, a bad request_id, or an input
+    that is not JSON or is over 64 KiB encoded); NOT_FOUND (no such task);
+    FAILED_PRECONDITION (TASK_ALREADY_ENDED: it COMPLETED, FAILED or was CANCELLED);
+    RESOURCE_EXHAUSTED (TASK_INPUTS_FULL: the task holds 1000 inputs, or 1 MiB of them).
     """
     Watch: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]
     """Streams changes to one task or to every task that matches a filter.
@@ -175,12 +197,12 @@ class TaskServiceAsyncStub(TaskServiceStub):
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -251,20 +273,42 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Pause: _aio.UnaryUnaryMultiCallable[_task_service_pb2.PauseRequest, _task_service_pb2.PauseResponse]  # type: ignore[assignment]
     """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
     its priority, and its age counts on, so that Resume puts it back where it was) and its
-    queue timeout stops running until Resume. A RUNNING task is paused only if its
-    handler can park at a pause point; a handler that cannot keeps running, and the answer
-    says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
-    A paused task still counts toward the server's cap on queued tasks.
+    queue timeout stops running until Resume. So does a task WAITING_INPUT (Resume queues
+    it, and its handler, run afresh, waits again unless an input came).
+
+    A RUNNING task is paused if its handler can park at a pause point (its worker said
+    so for its task type): the answer comes at once, with `paused` true and
+    `pause_requested_at` set, the handler is told, and the task becomes PAUSED when the
+    handler reaches its next pause point and parks there. A parked attempt keeps its slot
+    and its lease (its worker keeps renewing it), and its timeout does not count while
+    it is parked. A handler that cannot park keeps running, and the answer says so
+    (`paused` is false, the task unchanged). Pausing a PAUSED task, or one being paused,
+    changes nothing. A paused task still counts toward the server's cap on queued tasks.
 
     Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
     characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
     COMPLETED, FAILED or was CANCELLED).
     """
     Resume: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeRequest, _task_service_pb2.ResumeResponse]  # type: ignore[assignment]
-    """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
-    task that is not PAUSED changes nothing (the answer is the task as it stands).
+    """Resumes a PAUSED task: a held one goes back to the queue in its place, as CREATED; a
+    parked attempt runs on, RUNNING (its handler is told). A Pause of a RUNNING task that
+    its handler has not reached yet is withdrawn. Resuming any other task changes nothing
+    (the answer is the task as it stands).
 
     Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
+    """
+    SendInput: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SendInputRequest, _task_service_pb2.SendInputResponse]  # type: ignore[assignment]
+    """Sends an input (a JSON object) to a task, kept with it after the inputs sent before.
+    A task that waits for input (WAITING_INPUT) is queued again, and its handler finds
+    it; a running attempt's handler is given it at once; a queued or paused task keeps
+    it for its handler. Every attempt sees every input, in order, from the first, so a
+    retried attempt can rebuild its state. A `request_id` already used for an input of
+    this task answers that input again and keeps nothing new.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, a bad request_id, or an input
+    that is not JSON or is over 64 KiB encoded); NOT_FOUND (no such task);
+    FAILED_PRECONDITION (TASK_ALREADY_ENDED: it COMPLETED, FAILED or was CANCELLED);
+    RESOURCE_EXHAUSTED (TASK_INPUTS_FULL: the task holds 1000 inputs, or 1 MiB of them).
     """
     Watch: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchRequest, _task_service_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams changes to one task or to every task that matches a filter.
@@ -313,12 +357,12 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -429,10 +473,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_task_service_pb2.PauseResponse, _abc.Awaitable[_task_service_pb2.PauseResponse]]:
         """Pauses a task. A CREATED task becomes PAUSED at once: it leaves the queue (it keeps
         its priority, and its age counts on, so that Resume puts it back where it was) and its
-        queue timeout stops running until Resume. A RUNNING task is paused only if its
-        handler can park at a pause point; a handler that cannot keeps running, and the answer
-        says so (`paused` is false, the task unchanged). Pausing a PAUSED task changes nothing.
-        A paused task still counts toward the server's cap on queued tasks.
+        queue timeout stops running until Resume. So does a task WAITING_INPUT (Resume queues
+        it, and its handler, run afresh, waits again unless an input came).
+
+        A RUNNING task is paused if its handler can park at a pause point (its worker said
+        so for its task type): the answer comes at once, with `paused` true and
+        `pause_requested_at` set, the handler is told, and the task becomes PAUSED when the
+        handler reaches its next pause point and parks there. A parked attempt keeps its slot
+        and its lease (its worker keeps renewing it), and its timeout does not count while
+        it is parked. A handler that cannot park keeps running, and the answer says so
+        (`paused` is false, the task unchanged). Pausing a PAUSED task, or one being paused,
+        changes nothing. A paused task still counts toward the server's cap on queued tasks.
 
         Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or the reason is longer than 1024
         characters); NOT_FOUND (no such task); FAILED_PRECONDITION (TASK_ALREADY_ENDED: it
@@ -445,10 +496,31 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ResumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ResumeResponse, _abc.Awaitable[_task_service_pb2.ResumeResponse]]:
-        """Resumes a PAUSED task: it goes back to the queue in its place, as CREATED. Resuming a
-        task that is not PAUSED changes nothing (the answer is the task as it stands).
+        """Resumes a PAUSED task: a held one goes back to the queue in its place, as CREATED; a
+        parked attempt runs on, RUNNING (its handler is told). A Pause of a RUNNING task that
+        its handler has not reached yet is withdrawn. Resuming any other task changes nothing
+        (the answer is the task as it stands).
 
         Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task).
+        """
+
+    @_abc_1.abstractmethod
+    def SendInput(
+        self,
+        request: _task_service_pb2.SendInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.SendInputResponse, _abc.Awaitable[_task_service_pb2.SendInputResponse]]:
+        """Sends an input (a JSON object) to a task, kept with it after the inputs sent before.
+        A task that waits for input (WAITING_INPUT) is queued again, and its handler finds
+        it; a running attempt's handler is given it at once; a queued or paused task keeps
+        it for its handler. Every attempt sees every input, in order, from the first, so a
+        retried attempt can rebuild its state. A `request_id` already used for an input of
+        this task answers that input again and keeps nothing new.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, a bad request_id, or an input
+        that is not JSON or is over 64 KiB encoded); NOT_FOUND (no such task);
+        FAILED_PRECONDITION (TASK_ALREADY_ENDED: it COMPLETED, FAILED or was CANCELLED);
+        RESOURCE_EXHAUSTED (TASK_INPUTS_FULL: the task holds 1000 inputs, or 1 MiB of them).
         """
 
     @_abc_1.abstractmethod

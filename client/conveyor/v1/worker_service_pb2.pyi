@@ -88,6 +88,7 @@ class ConnectRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     BATCH_ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    PAUSABLE_TYPES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Who the worker is: unique to one worker process, and the same when it connects again
     (so that it keeps its attempts). 1 to 128 characters of A-Z a-z 0-9 . _ : / @ -.
@@ -109,6 +110,13 @@ class ConnectRequest(_message.Message):
     def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
         """On a reconnect, the attempts it still runs: kept if their leases are still held."""
 
+    @_builtins.property
+    def pausable_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The task types (of `task_types`) whose handlers can park at a pause point: a Pause of
+        a running attempt of one of them is passed on as `pause`. For the others, a Pause of
+        a running task answers that it cannot pause.
+        """
+
     def __init__(
         self,
         *,
@@ -117,10 +125,11 @@ class ConnectRequest(_message.Message):
         slots: _builtins.int = ...,
         held: _abc.Iterable[Global___LeaseRef] | None = ...,
         batch_assignments: _builtins.bool = ...,
+        pausable_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_assignments", b"batch_assignments", "held", b"held", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_assignments", b"batch_assignments", "held", b"held", "pausable_types", b"pausable_types", "slots", b"slots", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +146,9 @@ class ConnectResponse(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The first message: the session's timings."""
@@ -159,6 +171,18 @@ class ConnectResponse(_message.Message):
         `batch_assignments`).
         """
 
+    @_builtins.property
+    def pause(self) -> Global___PauseAttempt:
+        """An attempt to park at its handler's next pause point."""
+
+    @_builtins.property
+    def resume(self) -> Global___ResumeAttempt:
+        """A parked attempt to run on (or a pause not yet reached, withdrawn)."""
+
+    @_builtins.property
+    def input(self) -> Global___AttemptInput:
+        """An input sent to a held attempt's task."""
+
     def __init__(
         self,
         *,
@@ -167,16 +191,107 @@ class ConnectResponse(_message.Message):
         stop: Global___Stop | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         assignments: Global___Assignments | None = ...,
+        pause: Global___PauseAttempt | None = ...,
+        resume: Global___ResumeAttempt | None = ...,
+        input: Global___AttemptInput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "input", b"input", "message", b"message", "pause", b"pause", "resume", b"resume", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "message", b"message", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "heartbeat", b"heartbeat", "input", b"input", "message", b"message", "pause", b"pause", "resume", b"resume", "stop", b"stop", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "stop", "heartbeat", "assignments"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assignment", "stop", "heartbeat", "assignments", "pause", "resume", "input"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class PauseAttempt(_message.Message):
+    """Asks the worker to park an attempt at its handler's next pause point."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task's id."""
+    lease_id: _builtins.str
+    """The attempt's lease."""
+    reason: _builtins.str
+    """The Pause's reason."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseAttempt: _TypeAlias = PauseAttempt  # noqa: Y015
+
+@_typing.final
+class ResumeAttempt(_message.Message):
+    """Lets a parked attempt run on; withdraws a pause it has not reached."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task's id."""
+    lease_id: _builtins.str
+    """The attempt's lease."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeAttempt: _TypeAlias = ResumeAttempt  # noqa: Y015
+
+@_typing.final
+class AttemptInput(_message.Message):
+    """An input that a held attempt's task was sent, for its handler."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task's id."""
+    lease_id: _builtins.str
+    """The attempt's lease."""
+    @_builtins.property
+    def input(self) -> _task_pb2.TaskInput:
+        """The input, with its place among the task's inputs."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        input: _task_pb2.TaskInput | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "lease_id", b"lease_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptInput: _TypeAlias = AttemptInput  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):
@@ -272,6 +387,7 @@ class Assignment(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease: every Report, Renew and Finish of this attempt carries it."""
     @_builtins.property
@@ -288,6 +404,12 @@ class Assignment(_message.Message):
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the lease runs out unless renewed."""
 
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskInput]:
+        """Every input the task was sent so far, in order: the handler sees them all (a retried
+        or resumed attempt rebuilds its state from them).
+        """
+
     def __init__(
         self,
         *,
@@ -295,10 +417,11 @@ class Assignment(_message.Message):
         lease_id: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        inputs: _abc.Iterable[_task_pb2.TaskInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "inputs", b"inputs", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,10 +501,15 @@ class ReportRequest(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
     progress: _builtins.float
     """0..1; unset keeps the last value."""
     message: _builtins.str
     """A line for people, at most 4096 characters; unset keeps the last value."""
+    parked: _builtins.bool
+    """The handler parked at a pause point after a `pause`: the task becomes PAUSED (unless
+    the pause was withdrawn meanwhile; a `resume` then follows or has come).
+    """
     @_builtins.property
     def lease(self) -> Global___LeaseRef:
         """The attempt's task and lease."""
@@ -397,10 +525,11 @@ class ReportRequest(_message.Message):
         progress: _builtins.float | None = ...,
         message: _builtins.str | None = ...,
         detail: _struct_pb2.Struct | None = ...,
+        parked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "detail", b"detail", "lease", b"lease", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "detail", b"detail", "lease", b"lease", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "detail", b"detail", "lease", b"lease", "message", b"message", "parked", b"parked", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__message: _TypeAlias = _typing.Literal["message"]  # noqa: Y015
     _WhichOneofArgType__message: _TypeAlias = _typing.Literal["_message", b"_message"]  # noqa: Y015
@@ -530,6 +659,7 @@ class FinishRequest(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_INPUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___LeaseRef:
         """The attempt's task and lease."""
@@ -542,22 +672,69 @@ class FinishRequest(_message.Message):
     def error(self) -> Global___AttemptError:
         """The attempt failed."""
 
+    @_builtins.property
+    def wait_for_input(self) -> Global___InputWait:
+        """The handler waits for input: the attempt ends, and the task waits WAITING_INPUT
+        (or is queued again at once if an input it had not seen came meanwhile).
+        """
+
     def __init__(
         self,
         *,
         lease: Global___LeaseRef | None = ...,
         result: _struct_pb2.Value | None = ...,
         error: Global___AttemptError | None = ...,
+        wait_for_input: Global___InputWait | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "outcome", b"outcome", "result", b"result", "wait_for_input", b"wait_for_input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "outcome", b"outcome", "result", b"result", "wait_for_input", b"wait_for_input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error", "wait_for_input"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___FinishRequest: _TypeAlias = FinishRequest  # noqa: Y015
+
+@_typing.final
+class InputWait(_message.Message):
+    """A handler's wait for input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    INPUTS_SEEN_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """What it asks for, for people; at most 4096 characters."""
+    label: _builtins.str
+    """A short name for what it asks for; at most 255 characters."""
+    inputs_seen: _builtins.int
+    """How many of the task's inputs the handler had been given (the assignment's and the
+    `input` messages'): an input beyond them answers the wait at once.
+    """
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long it waits; unset means without limit. No input by then fails the task with
+        INPUT_TIMEOUT.
+        """
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        label: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        inputs_seen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs_seen", b"inputs_seen", "label", b"label", "prompt", b"prompt", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputWait: _TypeAlias = InputWait  # noqa: Y015
 
 @_typing.final
 class FinishResponse(_message.Message):
@@ -568,8 +745,8 @@ class FinishResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> _task_pb2.TaskResponse:
-        """The task as it stands after the attempt: COMPLETED, FAILED, CANCELLED, or CREATED
-        again for a retry.
+        """The task as it stands after the attempt: COMPLETED, FAILED, CANCELLED, CREATED
+        again for a retry, WAITING_INPUT, or PAUSED (it ended while parked).
         """
 
     def __init__(

@@ -38,11 +38,19 @@ class WorkerServiceStub:
        slot is free again once the worker has called Finish for its attempt, or once the
        server has ended the attempt without it), or, to a worker that set
        `batch_assignments`, `assignments` with the attempts of one claim round together;
-       `stop` when a held attempt must stop;
-       and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
+       `stop` when a held attempt must stop; `input` when a held attempt's task is sent an
+       input; `pause` and `resume` for an attempt of a task type the worker listed in
+       `pausable_types`; and a `heartbeat` whenever nothing else was sent for
+       `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
-       a result, or an error. Both carry the assignment's `task_id` and `lease_id`.
+       a result, an error, or a wait for input (the attempt is suspended: the task waits
+       WAITING_INPUT, holding no slot, and runs afresh once an input comes). Both carry the
+       assignment's `task_id` and `lease_id`. The assignment lists every input the task was
+       sent; those sent later come as `input` messages.
+       On a `pause`, the handler parks at its next pause point: the worker calls Report with
+       `parked` set, keeps the slot and keeps renewing the lease, and the handler waits for
+       `resume` (or `stop`). A `resume` may also withdraw a pause not yet reached.
     3. Every `welcome.renew_interval` it calls Renew with every lease it holds. A lease not
        renewed within `welcome.lease_duration` runs out: its attempt fails with
        LEASE_EXPIRED and is retried per the task's policy.
@@ -135,11 +143,19 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
        slot is free again once the worker has called Finish for its attempt, or once the
        server has ended the attempt without it), or, to a worker that set
        `batch_assignments`, `assignments` with the attempts of one claim round together;
-       `stop` when a held attempt must stop;
-       and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
+       `stop` when a held attempt must stop; `input` when a held attempt's task is sent an
+       input; `pause` and `resume` for an attempt of a task type the worker listed in
+       `pausable_types`; and a `heartbeat` whenever nothing else was sent for
+       `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
-       a result, or an error. Both carry the assignment's `task_id` and `lease_id`.
+       a result, an error, or a wait for input (the attempt is suspended: the task waits
+       WAITING_INPUT, holding no slot, and runs afresh once an input comes). Both carry the
+       assignment's `task_id` and `lease_id`. The assignment lists every input the task was
+       sent; those sent later come as `input` messages.
+       On a `pause`, the handler parks at its next pause point: the worker calls Report with
+       `parked` set, keeps the slot and keeps renewing the lease, and the handler waits for
+       `resume` (or `stop`). A `resume` may also withdraw a pause not yet reached.
     3. Every `welcome.renew_interval` it calls Renew with every lease it holds. A lease not
        renewed within `welcome.lease_duration` runs out: its attempt fails with
        LEASE_EXPIRED and is retried per the task's policy.
@@ -228,11 +244,19 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
        slot is free again once the worker has called Finish for its attempt, or once the
        server has ended the attempt without it), or, to a worker that set
        `batch_assignments`, `assignments` with the attempts of one claim round together;
-       `stop` when a held attempt must stop;
-       and a `heartbeat` whenever nothing else was sent for `welcome.heartbeat_interval`.
+       `stop` when a held attempt must stop; `input` when a held attempt's task is sent an
+       input; `pause` and `resume` for an attempt of a task type the worker listed in
+       `pausable_types`; and a `heartbeat` whenever nothing else was sent for
+       `welcome.heartbeat_interval`.
     2. For each assignment it runs the task. It may call Report any number of times
        (progress, a message, a detail), and it ends the attempt with exactly one Finish:
-       a result, or an error. Both carry the assignment's `task_id` and `lease_id`.
+       a result, an error, or a wait for input (the attempt is suspended: the task waits
+       WAITING_INPUT, holding no slot, and runs afresh once an input comes). Both carry the
+       assignment's `task_id` and `lease_id`. The assignment lists every input the task was
+       sent; those sent later come as `input` messages.
+       On a `pause`, the handler parks at its next pause point: the worker calls Report with
+       `parked` set, keeps the slot and keeps renewing the lease, and the handler waits for
+       `resume` (or `stop`). A `resume` may also withdraw a pause not yet reached.
     3. Every `welcome.renew_interval` it calls Renew with every lease it holds. A lease not
        renewed within `welcome.lease_duration` runs out: its attempt fails with
        LEASE_EXPIRED and is retried per the task's policy.

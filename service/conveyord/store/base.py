@@ -27,7 +27,7 @@ Mutation = Callable[[Task], Task | None]
 class Claim:
     """What a worker asks dispatch for: up to `count` tasks of `types` (None: any type),
     at most `limits[type]` of a limited type, each under a lease held by `holder` until
-    `lease_until(task)`."""
+    `lease_until(task)`; the holder's handlers of `pausable` types can park at a pause point."""
 
     holder: str
     count: int
@@ -35,6 +35,7 @@ class Claim:
     limits: Mapping[str, int]
     lease_until: Callable[[Task], float]
     now: float
+    pausable: frozenset[str] = frozenset()
 
 
 class StoreOpenError(Exception):
@@ -190,17 +191,18 @@ class TaskStore(Protocol):
         ...
 
     async def expired_leases(self, now: float) -> Sequence[Task]:
-        """The RUNNING tasks whose lease ran out by `now` (each once: the caller ends it)."""
+        """The tasks whose attempt's lease (running, or parked) ran out by `now` (each
+        once: the caller ends it)."""
         ...
 
-    async def missed_starts(self, now: float) -> Sequence[Task]:
-        """The CREATED tasks whose start deadline passed by `now` (each once: the caller
-        fails it with QUEUE_TIMEOUT)."""
+    async def overdue(self, now: float) -> Sequence[Task]:
+        """The CREATED tasks whose start deadline and the WAITING_INPUT tasks whose input
+        deadline passed by `now` (each once: the caller fails it, lifecycle.overdue)."""
         ...
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which a waiting task becomes runnable, a lease runs out or
-        a start deadline passes, if any (dispatch sets one timer for it); it may be early,
+        a start or input deadline passes, if any (dispatch sets one timer for it); it may be early,
         never late."""
         ...
 

@@ -4,8 +4,9 @@
 that grows with the answer rather than with the store: the best runnable tasks (the ready
 queue, by aged priority per task type), the next time a waiting task becomes runnable (a
 heap of runnable times: a task waiting for its start or its next attempt is an entry, not
-a timer), the leases that have run out and the queued tasks past their start deadline (each
-a `Deadlines` heap, the size of what is live), and the tasks of each active status.
+a timer), the leases that have run out and the tasks past the deadline of what they wait
+for, a start or an input (each a `Deadlines` heap, the size of what is live), and the tasks
+of each active status.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from conveyord.model import Task, TaskFilter, TaskStatus
+from conveyord.model import LEASED, UNFINISHED, Task, TaskFilter, TaskStatus
 from conveyord.queue import ReadyQueue
 
 
@@ -27,13 +28,9 @@ class DispatchIndex:
         """`aging_rate` is in priority levels per second of waiting (0: strict priority)."""
         self.ready = ReadyQueue(aging_rate)
         self._waiting: list[tuple[float, str]] = []  # (runnable at, task_id)
-        self._leases = Deadlines()  # of RUNNING tasks, tagged with the lease id
-        self._starts = Deadlines()  # of CREATED tasks with a queue timeout
-        self.active: dict[TaskStatus, set[str]] = {
-            TaskStatus.CREATED: set(),
-            TaskStatus.RUNNING: set(),
-            TaskStatus.PAUSED: set(),
-        }
+        self._leases = Deadlines()  # of attempts that hold one, tagged with the lease id
+        self._waits = Deadlines()  # of queued tasks' start deadlines, and input deadlines
+        self.active: dict[TaskStatus, set[str]] = {status: set() for status in UNFINISHED}
 
     @property
     def queued(self) -> int:
@@ -42,24 +39,26 @@ class DispatchIndex:
 
     def changed(self, old: Task | None, new: Task | None) -> None:
         """Follow one staged change: `old` became `new` (None: created, or removed)."""
-        if new is not None and new.start_deadline is not None and new.status is TaskStatus.CREATED:
-            self._starts.set(new.task_id, new.start_deadline)
-        elif old is not None and old.start_deadline is not None:
-            self._starts.drop(old.task_id)
+        due = _wait_deadline(new) if new is not None else None
+        if new is not None and due is not None:
+            self._waits.set(new.task_id, due)
+        elif old is not None and _wait_deadline(old) is not None:
+            self._waits.drop(old.task_id)
+        if new is not None and new.lease_expires_at is not None and new.status in LEASED:
+            self._leases.set(new.task_id, new.lease_expires_at, new.lease_id)
+        elif old is not None and old.lease_expires_at is not None:
+            self._leases.drop(old.task_id)
         if old is not None and old.status in self.active:
             self.active[old.status].discard(old.task_id)
-            if old.status is TaskStatus.RUNNING and (new is None or new.status is not old.status):
-                self._leases.drop(old.task_id)
         if new is None or new.status not in self.active:
             if old is not None and old.status is TaskStatus.CREATED:
                 self.ready.discard(old.task_id)
             return
         self.active[new.status].add(new.task_id)
-        if new.status is TaskStatus.CREATED:
-            if old is None or old.status is not TaskStatus.CREATED or _requeue(old, new):
-                self._queue(new)
-        elif new.lease_expires_at is not None:
-            self._leases.set(new.task_id, new.lease_expires_at, new.lease_id)
+        if new.status is TaskStatus.CREATED and (
+            old is None or old.status is not TaskStatus.CREATED or _requeue(old, new)
+        ):
+            self._queue(new)
         if old is not None and old.status is TaskStatus.CREATED and new.status is not old.status:
             self.ready.discard(old.task_id)
 
@@ -90,26 +89,26 @@ class DispatchIndex:
         return self._waiting[0][0] if self._waiting else None
 
     def expired(self, now: float, working: Mapping[str, Task]) -> list[Task]:
-        """The RUNNING tasks whose lease ran out by `now`."""
+        """The tasks whose attempt's lease ran out by `now`."""
         found: list[Task] = []
         for task_id, lease_id in self._leases.due(now):
             task = working.get(task_id)
-            if task is not None and task.status is TaskStatus.RUNNING and task.lease_id == lease_id:
+            if task is not None and task.status in LEASED and task.lease_id == lease_id:
                 found.append(task)
         return found
 
-    def missed_starts(self, now: float, working: Mapping[str, Task]) -> list[Task]:
-        """The CREATED tasks whose start deadline passed by `now`."""
+    def overdue(self, now: float, working: Mapping[str, Task]) -> list[Task]:
+        """The tasks whose start or input deadline passed by `now`."""
         found: list[Task] = []
-        for task_id, _ in self._starts.due(now):
+        for task_id, _ in self._waits.due(now):
             task = working.get(task_id)
-            if task is not None and task.status is TaskStatus.CREATED:
+            if task is not None and _wait_deadline(task) is not None:
                 found.append(task)
         return found
 
     def next_deadline(self) -> float | None:
-        """When the earliest live lease runs out or start deadline passes."""
-        times = [t for t in (self._leases.next(), self._starts.next()) if t is not None]
+        """When the earliest live lease runs out or start or input deadline passes."""
+        times = [t for t in (self._leases.next(), self._waits.next()) if t is not None]
         return min(times, default=None)
 
     def pick(
@@ -182,6 +181,16 @@ class Deadlines:
         while heap and live.get(heap[0][1]) != heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+
+def _wait_deadline(task: Task) -> float | None:
+    """When a task fails unless what it waits for comes: a queued task's start deadline,
+    or a waiting task's input deadline."""
+    if task.status is TaskStatus.CREATED:
+        return task.start_deadline
+    if task.status is TaskStatus.WAITING_INPUT:
+        return task.input_deadline
+    return None
 
 
 def _requeue(old: Task, new: Task) -> bool:

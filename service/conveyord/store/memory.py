@@ -156,7 +156,8 @@ class MemoryStore:
         changes: list[Change] = []
         for task_id in self._index.pick(request.count, request.types, request.limits):
             task = self._working[task_id]
-            lease = Lease(new_lease_id(), request.holder, request.lease_until(task))
+            pausable = task.task_type in request.pausable
+            lease = Lease(new_lease_id(), request.holder, request.lease_until(task), pausable)
             started = lifecycle.claim(task, lease, request.now)
             if started is not None:
                 changes.append(self._stage(ChangeKind.CHANGED, started))
@@ -196,8 +197,8 @@ class MemoryStore:
     async def expired_leases(self, now: float) -> list[Task]:
         return self._index.expired(now, self._working)
 
-    async def missed_starts(self, now: float) -> list[Task]:
-        return self._index.missed_starts(now, self._working)
+    async def overdue(self, now: float) -> list[Task]:
+        return self._index.overdue(now, self._working)
 
     def next_wakeup(self) -> float | None:
         times = [t for t in (self._index.next_runnable_at(), self._index.next_deadline()) if t]

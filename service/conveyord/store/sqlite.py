@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
-from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskStatus
+from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskInput, TaskStatus
 from conveyord.store.base import StoreFailed
 from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
 from conveyord.store.memory import (
@@ -251,6 +252,7 @@ def _encode(task: Task) -> str:
     for name in _ERROR_FIELDS:
         error = getattr(task, name)
         record[name] = [error.code, error.message] if error else None
+    record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
     return json.dumps(record, separators=(",", ":"))
 
 
@@ -261,4 +263,5 @@ def _decode(data: str) -> Task:
     for name in _ERROR_FIELDS:
         if record.get(name):
             record[name] = TaskError(*record[name])
+    record["inputs"] = tuple(TaskInput(*sent) for sent in record.get("inputs", ()))
     return Task(**{name: record[name] for name in TASK_FIELDS if name in record})

@@ -21,12 +21,13 @@ from conveyord.handlers import (
     HandlerRegistry,
     Refusal,
     TaskContext,
+    WaitForInput,
     failure_message,
     is_async,
     result_problem,
     run_on_thread,
 )
-from conveyord.lifecycle import Outcome, StaleLease
+from conveyord.lifecycle import InputWait, Outcome, StaleLease
 from conveyord.model import ErrorCode, Task, TaskError
 from conveyord.store.base import StoreFailed
 from conveyord.watchdog import track
@@ -66,6 +67,7 @@ class LocalWorker:
         self.registry = registry
         # It takes only the tasks it has a handler for: the others wait for their workers.
         self.types: frozenset[str] | None = frozenset(registry.task_types)
+        self.pausable = frozenset(registry.pausable_types)
         self.dispatcher = dispatcher
         self.slots = slots
         self._attempts: dict[str, _Attempt] = {}
@@ -86,6 +88,8 @@ class LocalWorker:
             max_attempts=task.max_attempts,
             loop=loop,
             sink=lambda changes: self._report(attempt, changes),
+            inputs=[sent.data for sent in task.inputs],
+            on_park=lambda: self._park(attempt),
         )
         attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
@@ -101,12 +105,41 @@ class LocalWorker:
         if attempt is None or attempt.lease_id != lease_id:
             return
         del self._attempts[task_id]
+        attempt.context._request_stop("the attempt ended without its handler")
         attempt.context._close()
         if not attempt.finishing and attempt.runner is not None:
             # An async handler is cancelled; a blocking one is left to finish on its thread,
             # and what it returns is discarded.
             attempt.abandoned = True
             attempt.runner.cancel()
+
+    def pause(self, task: Task) -> None:
+        attempt = self._attempts.get(task.task_id)
+        if attempt is not None and attempt.lease_id == task.lease_id:
+            attempt.context._request_pause(task.pause_reason)
+
+    def resume(self, task: Task) -> None:
+        attempt = self._attempts.get(task.task_id)
+        if attempt is not None and attempt.lease_id == task.lease_id:
+            attempt.context._resume()
+
+    def give_inputs(self, task: Task, first: int) -> None:
+        attempt = self._attempts.get(task.task_id)
+        if attempt is not None and attempt.lease_id == task.lease_id:
+            attempt.context._give_inputs(sent.data for sent in task.inputs[first:])
+
+    def _park(self, attempt: _Attempt) -> None:
+        """The handler parked at a pause point: record it (what it reported lands first)."""
+        previous = attempt.flusher
+
+        async def park() -> None:
+            if previous is not None:
+                await previous
+            with contextlib.suppress(StaleLease, StoreFailed):
+                await self.dispatcher.park(attempt.task.task_id, attempt.lease_id)
+            await self._flush(attempt)  # reported since, if the pause was withdrawn
+
+        attempt.flusher = asyncio.create_task(park())
 
     async def close(self) -> None:
         """Stop what still runs (the server is going away)."""
@@ -157,6 +190,8 @@ class LocalWorker:
                 result = await run_on_thread(function, context)
         except asyncio.CancelledError:
             raise
+        except WaitForInput as wait:
+            return Outcome(wait=InputWait(wait.prompt, wait.label, wait.timeout, wait.seen))
         except Exception as error:
             return _failure(error, task)
         return result_outcome(result)

@@ -1,7 +1,8 @@
 """Remote workers: the attempts of a worker connected over WorkerService, and its sessions.
 
 A `RemoteWorker` is what dispatch grants attempts to for one worker process: it turns
-grants into `assignments` and a stop into a `stop` on the worker's stream (its `Outbox`:
+grants into `assignments`, and a stop, a pause, a resume and an input into messages of
+their own on the worker's stream (its `Outbox`:
 the attempts granted in one claim round go out as one message), and counts the worker's
 free slots. `WorkerSessions` keeps them by worker id across
 connections: a worker whose stream breaks keeps its leases for the reconnect grace, and
@@ -22,10 +23,15 @@ import grpc
 from google.protobuf import duration_pb2
 
 from conveyor.v1 import worker_service_pb2 as pb
-from conveyord.convert import assignment, assignment_message, assignments_message
+from conveyord.convert import (
+    assignment,
+    assignment_message,
+    assignments_message,
+    input_to_proto,
+)
 from conveyord.dispatch import Dispatcher
 from conveyord.errors import ConveyorError, ShuttingDown
-from conveyord.model import ErrorCode, Task, TaskError, TaskStatus
+from conveyord.model import LEASED, ErrorCode, Task, TaskError
 from conveyord.store.base import StoreFailed, TaskNotFound, TaskStore
 from conveyord.timing import holder_lost
 
@@ -160,6 +166,7 @@ class Hello:
     slots: int
     held: dict[str, str]  # task_id: lease_id, of the attempts it still runs
     batch: bool  # it takes the assignments of a claim round in one message
+    pausable: frozenset[str] = frozenset()  # task types whose handlers can park
 
 
 class RemoteWorker:
@@ -168,6 +175,7 @@ class RemoteWorker:
     def __init__(self, hello: Hello, lease: float) -> None:
         self.holder = hello.worker_id
         self.types: frozenset[str] | None = hello.types
+        self.pausable = hello.pausable
         self.slots = hello.slots
         self.batch = hello.batch
         self.lease_seconds: float | None = lease
@@ -198,6 +206,25 @@ class RemoteWorker:
         )
         self.outbox.put(pb.ConnectResponse(stop=stop).SerializeToString())
 
+    def pause(self, task: Task) -> None:
+        pause = pb.PauseAttempt(
+            task_id=task.task_id, lease_id=task.lease_id, reason=task.pause_reason
+        )
+        self.outbox.put(pb.ConnectResponse(pause=pause).SerializeToString())
+
+    def resume(self, task: Task) -> None:
+        resume = pb.ResumeAttempt(task_id=task.task_id, lease_id=task.lease_id)
+        self.outbox.put(pb.ConnectResponse(resume=resume).SerializeToString())
+
+    def give_inputs(self, task: Task, first: int) -> None:
+        for number in range(first, len(task.inputs)):
+            sent = pb.AttemptInput(
+                task_id=task.task_id,
+                lease_id=task.lease_id,
+                input=input_to_proto(task.inputs[number], number + 1),
+            )
+            self.outbox.put(pb.ConnectResponse(input=sent).SerializeToString())
+
     def abandon(self, task_id: str, lease_id: str) -> None:
         if self.held.get(task_id) == lease_id:
             del self.held[task_id]
@@ -209,6 +236,7 @@ class RemoteWorker:
         if self.connected:
             self.outbox.put(WorkerReplaced(self.holder))
         self.types, self.slots, self.batch = hello.types, hello.slots, hello.batch
+        self.pausable = hello.pausable
         self.outbox = Outbox(self.batch)
         self.connected = True
         self.draining = False
@@ -252,11 +280,12 @@ class WorkerSessions:
         for task_id, lease_id in held.items():
             if worker.held.get(task_id) == lease_id:
                 kept.append((task_id, lease_id))
+                self.dispatcher.replay_signals(task_id)
                 continue
             task = await self.store.get(task_id)
             if (
                 task is not None
-                and task.status is TaskStatus.RUNNING
+                and task.status in LEASED
                 and task.lease_id == lease_id
                 and task.lease_holder == worker.holder
             ):
