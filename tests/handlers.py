@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from conveyord import TaskContext, handler
+from tests import control_handlers
 
 # Set by `stubborn_blocking` when it finally returns, long after it was abandoned.
 abandoned_returned = threading.Event()
@@ -139,3 +140,23 @@ def bad_report(ctx: TaskContext) -> str:
 @handler("raises_key_error")
 def raises_key_error(ctx: TaskContext) -> Any:
     return {}["missing-key"]  # type: ignore[index]  # the KeyError is the point
+
+
+@handler("pausable", pausable=True)
+async def pausable(ctx: TaskContext) -> dict[str, Any]:
+    return await control_handlers.steps(ctx)
+
+
+@handler("pausable_blocking", pausable=True)
+def pausable_blocking(ctx: TaskContext) -> dict[str, Any]:
+    return control_handlers.steps_blocking(ctx)
+
+
+@handler("ask")
+def ask(ctx: TaskContext) -> dict[str, Any]:
+    return control_handlers.ask(ctx)
+
+
+@handler("collect")
+async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
+    return await control_handlers.collect(ctx)

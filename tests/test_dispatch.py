@@ -70,14 +70,14 @@ async def test_an_expired_lease_is_retried_and_its_late_result_refused(
 async def test_a_type_declared_for_workers_is_accepted_and_waits_for_them(
     start_server: StartServer,
 ) -> None:
-    server = start_server(worker_types=frozenset({"render"}))
+    server = start_server(worker_types=frozenset({"archive"}))
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = TaskServiceStub(channel)
-        render = await create(stub, "render", {"page": 1})
+        archive = await create(stub, "archive", {"page": 1})
         echo = await create(stub, "echo")  # created after it, and run by the local worker
         assert (await final(stub, echo.task_id)).status == COMPLETED
-        waiting = (await stub.Get(pb.GetRequest(task_id=render.task_id))).task
+        waiting = (await stub.Get(pb.GetRequest(task_id=archive.task_id))).task
         assert (waiting.status, waiting.attempt) == (CREATED, 1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await create(stub, "paint")
-        assert ", render, " in field_violations(refused.value)["task.task_type"]
+        assert "known: archive, ask, " in field_violations(refused.value)["task.task_type"]

@@ -13,11 +13,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 
+from conveyor.protojson import dict_to_struct
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
@@ -30,6 +31,9 @@ from tests.support import (
     COMPLETED,
     CREATED,
     FAILED,
+    PAUSED,
+    RUNNING,
+    WAITING_INPUT,
     create,
     final,
     task_request,
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = frozenset({
     "remote.square", "remote.blocking", "remote.fail", "remote.stuck_once", "remote.record",
-    "remote.until_file",
+    "remote.until_file", "remote.pausable", "remote.ask", "remote.collect",
 })  # fmt: skip
 StartWorker = Callable[..., subprocess.Popen[str]]
 
@@ -110,6 +114,51 @@ async def test_a_cancel_reaches_a_blocking_handler_in_a_worker(
     await stub.Cancel(pb.CancelRequest(task_id=task.task_id, reason="not needed"))
     done = await final(stub, task.task_id)
     assert (done.status, done.error.message) == (CANCELLED, "not needed")
+
+
+async def test_a_pause_parks_a_handler_in_a_worker_and_a_resume_reaches_it_after_a_cut(
+    start_server: Callable[..., ServerThread], start_worker: StartWorker
+) -> None:
+    server = start_server(worker_types=TYPES, workers=SessionTimings(reconnect_grace=30))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = TaskServiceStub(channel)
+        task = await create(stub, "remote.pausable", {"steps": 500})
+        with Proxy(server.address) as proxy:
+            start_worker(proxy.address)
+            await wait_until(stub, task.task_id, lambda t: t.status == RUNNING)
+            pause = pb.PauseRequest(task_id=task.task_id, reason="hold")
+            assert (await stub.Pause(pause)).paused
+            await wait_until(stub, task.task_id, lambda t: t.status == PAUSED)
+            proxy.hold()
+            proxy.cut()  # the resume is sent while the worker is away: it hears it on return
+            resumed = (await stub.Resume(pb.ResumeRequest(task_id=task.task_id))).task
+            assert resumed.status == RUNNING
+            proxy.release()
+            done = await final(stub, task.task_id)
+    assert (done.status, done.attempt, done.result.struct_value["parks"]) == (COMPLETED, 1, 1)
+
+
+async def test_inputs_reach_handlers_in_a_worker_before_during_and_after_a_wait(
+    server: ServerThread, stub: TaskServiceAsyncStub, start_worker: StartWorker
+) -> None:
+    asking = await create(stub, "remote.ask")
+    collecting = await create(stub, "remote.collect", {"count": 2})
+    await send_input(stub, asking.task_id, {"text": "Ann"})  # before any worker runs it
+    start_worker(server.address)
+    await wait_until(stub, collecting.task_id, lambda t: t.status == RUNNING)
+    for n in (1, 2):  # while it runs
+        await send_input(stub, collecting.task_id, {"n": n})
+    collected = await final(stub, collecting.task_id)
+    assert [item["n"] for item in collected.result.list_value] == [1, 2]
+    waiting = await wait_until(stub, asking.task_id, lambda t: t.status == WAITING_INPUT)
+    assert waiting.input_prompt == "your colour?"
+    await send_input(stub, asking.task_id, {"text": "green"})  # while it waits
+    done = await final(stub, asking.task_id)
+    assert done.result.struct_value["colour"]["text"] == "green"
+
+
+async def send_input(stub: TaskServiceAsyncStub, task_id: str, data: dict[str, Any]) -> None:
+    await stub.SendInput(pb.SendInputRequest(task_id=task_id, input=dict_to_struct(data)))
 
 
 async def test_a_killed_worker_s_task_runs_again_on_another_once_per_attempt(

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from conveyor import TaskContext, handler
+from tests import control_handlers
 
 
 def _record(ctx: TaskContext) -> None:
@@ -66,3 +67,18 @@ def until_file(ctx: TaskContext) -> int:
     while not os.path.exists(ctx.parameters["path"]) and not ctx.cancelled:
         time.sleep(0.01)
     return ctx.attempt
+
+
+@handler("remote.pausable", pausable=True)
+def pausable(ctx: TaskContext) -> dict[str, Any]:
+    return control_handlers.steps_blocking(ctx)
+
+
+@handler("remote.ask")
+def ask(ctx: TaskContext) -> dict[str, Any]:
+    return control_handlers.ask(ctx)
+
+
+@handler("remote.collect")
+async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
+    return await control_handlers.collect(ctx)
