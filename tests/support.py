@@ -9,7 +9,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from conveyor.protojson import dict_to_struct
+from conveyor.protojson import dict_to_struct, to_python
 from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 
@@ -87,6 +87,11 @@ async def final(stub: TaskServiceAsyncStub, task_id: str) -> task_pb2.TaskRespon
     responses = await watch(stub, task_id=task_id)
     assert responses[-1].task.status in TERMINAL
     return responses[-1].task
+
+
+def result_of(task: task_pb2.TaskResponse) -> Any:
+    """The task's result as Python values."""
+    return to_python(task.result)
 
 
 async def revision(stub: TaskServiceAsyncStub) -> int:

@@ -27,6 +27,7 @@ from tests.support import (
     error_reason,
     field_violations,
     final,
+    result_of,
     wait_status,
     wait_until,
 )
@@ -173,8 +174,8 @@ async def test_inputs_sent_before_and_after_a_wait_reach_the_handler_in_order(
     assert (second.sequence, second.task.status) == (2, CREATED)
     done = await final(stub, task.task_id)
     assert done.status == COMPLETED and not done.input_prompt
-    assert done.result.struct_value["name"]["text"] == "Ann"
-    assert done.result.struct_value["colour"]["text"] == "green"
+    assert result_of(done)["name"]["text"] == "Ann"
+    assert result_of(done)["colour"]["text"] == "green"
 
 
 async def test_inputs_sent_while_a_task_runs_reach_its_handler_at_once(
@@ -185,7 +186,7 @@ async def test_inputs_sent_while_a_task_runs_reach_its_handler_at_once(
     await send(stub, task.task_id, {"n": 1})
     await send(stub, task.task_id, {"n": 2})
     done = await final(stub, task.task_id)
-    assert [item["n"] for item in done.result.list_value] == [1, 2]
+    assert [item["n"] for item in result_of(done)] == [1, 2]
 
 
 async def test_a_retried_attempt_sees_every_input_from_the_first(
@@ -198,7 +199,7 @@ async def test_a_retried_attempt_sees_every_input_from_the_first(
     clocked.advance(1)  # its retry's backoff
     done = await final(stub, task.task_id)
     assert (done.status, done.attempt) == (COMPLETED, 2)
-    assert [item["n"] for item in done.result.list_value] == [1]
+    assert [item["n"] for item in result_of(done)] == [1]
 
 
 async def test_an_input_is_kept_once_per_request_id(stub: TaskServiceAsyncStub) -> None:
@@ -258,7 +259,7 @@ async def test_a_waiting_task_and_its_inputs_survive_a_restart(
         )
         await send(stub, task.task_id, {"text": "green"})
         done = await final(stub, task.task_id)
-        assert done.result.struct_value["name"]["text"] == "Ann"
+        assert result_of(done)["name"]["text"] == "Ann"
         assert done.result.struct_value["inputs"] == 2
 
 

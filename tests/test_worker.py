@@ -36,6 +36,7 @@ from tests.support import (
     WAITING_INPUT,
     create,
     final,
+    result_of,
     task_request,
     wait_until,
 )
@@ -149,12 +150,12 @@ async def test_inputs_reach_handlers_in_a_worker_before_during_and_after_a_wait(
     for n in (1, 2):  # while it runs
         await send_input(stub, collecting.task_id, {"n": n})
     collected = await final(stub, collecting.task_id)
-    assert [item["n"] for item in collected.result.list_value] == [1, 2]
+    assert [item["n"] for item in result_of(collected)] == [1, 2]
     waiting = await wait_until(stub, asking.task_id, lambda t: t.status == WAITING_INPUT)
     assert waiting.input_prompt == "your colour?"
     await send_input(stub, asking.task_id, {"text": "green"})  # while it waits
     done = await final(stub, asking.task_id)
-    assert done.result.struct_value["colour"]["text"] == "green"
+    assert result_of(done)["colour"]["text"] == "green"
 
 
 async def send_input(stub: TaskServiceAsyncStub, task_id: str, data: dict[str, Any]) -> None:
