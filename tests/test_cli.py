@@ -76,7 +76,8 @@ def test_help_documents_the_commands_and_the_exit_codes(
 ) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("create", "get", "list", "cancel", "pause", "resume", "watch", "wait"):
+    commands = ("create", "get", "list", "cancel", "pause", "resume", "send", "watch", "wait")
+    for command in commands:
         assert command in text
     for code, meaning in [
         ("0", "COMPLETED"),
@@ -102,6 +103,7 @@ def test_help_documents_the_commands_and_the_exit_codes(
         ("cancel", ["--reason", "--label", "--type", "--dry-run", "--yes"]),
         ("pause", ["--reason"]),
         ("resume", []),
+        ("send", ["-p", "--json-input", "--request-id"]),
         ("watch", ["--all", "--status", "--type", "--label", "--timeout"]),
         ("wait", ["--timeout"]),
     ],
@@ -399,6 +401,51 @@ def test_pause_of_a_running_task_that_cannot_pause_says_so(
     run = conveyor("pause", task.task_id)
     assert run.code == 0 and "not paused" in run.err and "RUNNING" in run.out
     client.cancel(task.task_id)
+
+
+def test_pause_of_a_running_handler_that_can_pause_says_when(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    task = client.create("pausable")
+    for state in client.watch(task.task_id):
+        if state.status is TaskStatus.RUNNING:
+            break
+    run = conveyor("pause", task.task_id, "--reason", "look first")
+    assert run.code == 0 and "next pause point" in run.out and "pause asked" in run.out
+    for state in client.watch(task.task_id):
+        if state.status is TaskStatus.PAUSED:
+            break
+    shown = conveyor("get", task.task_id)
+    assert "PAUSED" in shown.out and "look first" in shown.out
+    assert "RUNNING" in conveyor("resume", task.task_id).out
+    client.cancel(task.task_id)
+
+
+def test_send_gives_a_waiting_task_its_input(
+    conveyor: Callable[..., Run], client: Client, tmp_path: Path
+) -> None:
+    task = client.create("ask", {"timeout": 600})
+    for state in client.watch(task.task_id):
+        if state.status is TaskStatus.WAITING_INPUT:
+            break
+    shown = conveyor("get", task.task_id)
+    assert "WAITING_INPUT" in shown.out and "your name? [name]" in shown.out
+    assert "input by" in shown.out
+    run = conveyor("send", task.task_id, "-p", "text=Ann")
+    assert run.code == 0 and "input 1 sent" in run.out and "CREATED" in run.out
+    colour = tmp_path / "colour.json"
+    colour.write_text('{"text": "green"}')
+    for state in client.watch(task.task_id):
+        if state.input_label == "colour":
+            break
+    assert (
+        conveyor("send", task.task_id, "--json-input", str(colour), "--request-id", "c-1").code == 0
+    )
+    assert client.wait(task.task_id).result["colour"] == {"text": "green"}
+    late = conveyor("send", task.task_id, "-p", "text=late")
+    assert late.code == 7 and "already ended" in late.err
+    bad = conveyor("send", task.task_id, "--json-input", str(tmp_path / "missing.json"))
+    assert bad.code == 2 and "--json-input" in bad.err
 
 
 def test_cancel_of_a_task_that_completed_is_another_error(

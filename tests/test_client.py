@@ -277,6 +277,22 @@ async def test_pause_holds_a_queued_task_and_resume_queues_it_again(twin: Twin) 
     assert resumed.next_attempt_at == task.next_attempt_at  # still waiting for its start
 
 
+async def test_send_input_reaches_the_handler_and_keeps_one_per_request_id(
+    twin: Twin,
+) -> None:
+    task = await twin.create("ask")
+    sent = await twin.send_input(task.task_id, {"text": "Ann"}, request_id="name-1")
+    again = await twin.send_input(task.task_id, {"text": "Ann"}, request_id="name-1")
+    assert sent.sequence == again.sequence == 1 and again.task.input_count == 1
+    await twin.send_input(task.task_id, {"text": "green"})
+    done = await twin.wait(task.task_id)
+    assert done.result["colour"] == {"text": "green"} and done.input_count == 2
+    with pytest.raises(FailedPrecondition):
+        await twin.send_input(task.task_id, {"text": "late"})
+    with pytest.raises(TypeError, match="JSON"):
+        await twin.send_input(task.task_id, {"when": object()})
+
+
 async def test_cancel_matching_counts_with_a_dry_run_then_cancels(twin: Twin) -> None:
     labels = unique_labels()
     spec = {"task_type": "echo", "labels": labels, "start_after_seconds": 3600}
@@ -628,6 +644,7 @@ def test_the_public_names_are_pinned() -> None:
         "EventKind",
         "FailedPrecondition",
         "FieldViolation",
+        "InputSent",
         "InvalidArgument",
         "NotFound",
         "OutOfRange",

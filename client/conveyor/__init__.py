@@ -27,7 +27,7 @@ from conveyor.errors import (
     WaitTimeout,
 )
 from conveyor.handlers import TaskContext, handler
-from conveyor.tasks import EventKind, Task, TaskError, TaskEvent, TaskStatus
+from conveyor.tasks import EventKind, InputSent, Task, TaskError, TaskEvent, TaskStatus
 
 __all__ = [
     "AlreadyExists",
@@ -38,6 +38,7 @@ __all__ = [
     "EventKind",
     "FailedPrecondition",
     "FieldViolation",
+    "InputSent",
     "InvalidArgument",
     "NotFound",
     "OutOfRange",

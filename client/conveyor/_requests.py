@@ -102,6 +102,22 @@ def create_request(
     )
 
 
+def send_input_request(
+    task_id: str, data: Mapping[str, Any], request_id: str | None
+) -> pb.SendInputRequest:
+    """The SendInputRequest; a request_id is made up when none is given, so that a retry
+    is safe."""
+    try:
+        encoded = dict_to_struct(data)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise TypeError(f"an input must be a dict of JSON values: {error}") from error
+    return pb.SendInputRequest(
+        task_id=task_id,
+        input=encoded,
+        request_id=str(uuid.uuid4()) if request_id is None else request_id,
+    )
+
+
 def batch_requests(tasks: Iterable[Mapping[str, Any]]) -> list[pb.BatchCreateRequest]:
     """BatchCreateRequests of at most MAX_BATCH tasks each, from mappings of `create`'s
     arguments (`task_type` required); each task gets a request_id unless it has one."""

@@ -17,7 +17,7 @@ from conveyor._polling import Polling
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
-from conveyor.tasks import Task, TaskEvent, TaskStatus
+from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
@@ -162,19 +162,43 @@ class Client(ClientBase):
         return Task._from_proto(response.task)
 
     def pause(self, task_id: str, *, reason: str = "", timeout: float | None = None) -> Task:
-        """Pause a task; returns it PAUSED if it was queued (it leaves the queue, keeping
-        its place for `resume`). A running task keeps running unless its handler can park:
-        then it is returned RUNNING, unchanged. Not retried. `timeout` bounds the call."""
+        """Pause a task; returns it PAUSED if it was queued or waiting for input (it leaves
+        the queue, keeping its place for `resume`). A running task whose handler can park is
+        returned RUNNING with `pause_requested_at` set, and becomes PAUSED at the handler's
+        next pause point; one whose handler cannot is returned RUNNING, unchanged. Not
+        retried. `timeout` bounds the call."""
         request = pb.PauseRequest(task_id=task_id, reason=reason)
         response = self._call(self._stub.Pause, request, timeout, retry=False)
         return Task._from_proto(response.task)
 
     def resume(self, task_id: str, *, timeout: float | None = None) -> Task:
-        """Queue a PAUSED task again, where it stood; a task that is not PAUSED is returned
-        as it stands. Not retried. `timeout` bounds the call."""
+        """Queue a PAUSED task again, where it stood, or let its parked handler run on;
+        withdraw a pause its handler has not reached; any other task is returned as it
+        stands. Not retried. `timeout` bounds the call."""
         request = pb.ResumeRequest(task_id=task_id)
         response = self._call(self._stub.Resume, request, timeout, retry=False)
         return Task._from_proto(response.task)
+
+    def send_input(
+        self,
+        task_id: str,
+        data: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> InputSent:
+        """Send an input (a dict of JSON values) to a task: kept with it, in order, for its
+        handler (`ctx.wait_for_input`, `ctx.inputs`); a task waiting for input runs again.
+
+        A `request_id` is made up when none is given, so the call is retried on UNAVAILABLE
+        and a retry never keeps the input twice (`request_id=""`: no retry). `timeout`
+        bounds the whole call.
+        """
+        request = _requests.send_input_request(task_id, data, request_id)
+        response = self._call(
+            self._stub.SendInput, request, timeout, retry=bool(request.request_id)
+        )
+        return InputSent(response.sequence, Task._from_proto(response.task))
 
     def cancel_matching(
         self,

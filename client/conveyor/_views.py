@@ -37,6 +37,7 @@ STATUS_STYLES = {
     TaskStatus.FAILED: "red",
     TaskStatus.CANCELLED: "magenta",
     TaskStatus.PAUSED: "blue",
+    TaskStatus.WAITING_INPUT: "bold cyan",
 }
 PIPE_WIDTH = 240  # off a terminal, rich would wrap tables at 80 columns
 WIDE_SCREEN = 120  # enough for every column of a table of tasks
@@ -194,6 +195,15 @@ class Output:
             yield "start deadline", _time(task.start_deadline)
         if task.paused_at:
             yield "paused", f"{_time(task.paused_at)}: {task.pause_reason}"
+        if task.pause_requested_at:
+            yield "pause asked", f"{_time(task.pause_requested_at)}: {task.pause_reason}"
+        if task.status is TaskStatus.WAITING_INPUT:
+            label = f" [{task.input_label}]" if task.input_label else ""
+            yield "waits for", f"{task.input_prompt or 'input'}{label}"
+        if task.input_deadline:
+            yield "input by", _time(task.input_deadline)
+        if task.input_count:
+            yield "inputs", str(task.input_count)
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
 

@@ -192,7 +192,7 @@ def outcome_code(task: Task | None) -> int:
 def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.from_file is not None:
         return _create_many(client, args.from_file, out)
-    parameters = {**_json_parameters(args.json_params), **dict(args.params)}
+    parameters = {**_json_object(args.json_params, "--json-params"), **dict(args.params)}
     task = client.create(
         args.task_type,
         parameters,
@@ -251,8 +251,8 @@ def _json_lines(source: str) -> Iterator[dict[str, Any]]:
         yield item
 
 
-def _json_parameters(source: str | None) -> dict[str, Any]:
-    """The JSON object of --json-params (a file, or - for standard input)."""
+def _json_object(source: str | None, option: str) -> dict[str, Any]:
+    """The JSON object of `option` (--json-params, --json): a file, or - for standard input."""
     if source is None:
         return {}
     try:
@@ -262,9 +262,9 @@ def _json_parameters(source: str | None) -> dict[str, Any]:
             with open(source, encoding="utf-8") as file:
                 data = json.load(file)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--json-params {source}: {error}") from error
+        raise UsageError(f"{option} {source}: {error}") from error
     if not isinstance(data, dict):
-        raise UsageError(f"--json-params {source}: expected a JSON object")
+        raise UsageError(f"{option} {source}: expected a JSON object")
     return data
 
 
@@ -310,9 +310,20 @@ def _confirmed(client: Client, match: dict[str, Any]) -> bool:
 
 def _pause(client: Client, args: argparse.Namespace, out: Output) -> int:
     task = client.pause(resolve_id(client, args.task_id), reason=args.reason)
-    if task.status is not TaskStatus.PAUSED:
-        _warn(f"task {task.task_id} is {task.status_label}: not paused")
+    if task.pause_requested_at is not None:
+        out.note(f"task {task.task_id} pauses at its handler's next pause point")
+    elif task.status is not TaskStatus.PAUSED:
+        cannot = ": its handler cannot pause" if task.status is TaskStatus.RUNNING else ""
+        _warn(f"task {task.task_id} is {task.status_label}, not paused{cannot}")
     out.task(task)
+    return EXIT_COMPLETED
+
+
+def _send(client: Client, args: argparse.Namespace, out: Output) -> int:
+    data = {**_json_object(args.json_input, "--json-input"), **dict(args.params)}
+    sent = client.send_input(resolve_id(client, args.task_id), data, request_id=args.request_id)
+    out.note(f"input {sent.sequence} sent to task {sent.task.task_id}")
+    out.task(sent.task)
     return EXIT_COMPLETED
 
 
@@ -579,12 +590,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --label or --type: do not ask first (it asks only at a terminal)",
     )
 
-    pause = command("pause", _pause, "pause a queued task: it leaves the queue, keeping its place")
+    pause = command(
+        "pause",
+        _pause,
+        "pause a task: a queued one leaves the queue, keeping its place; a running one parks "
+        "at its handler's next pause point, if its handler has them",
+    )
     pause.add_argument("task_id", metavar="ID", help=ID_HELP)
     pause.add_argument("--reason", metavar="TEXT", default="", help="why; shown on the task")
 
-    resume = command("resume", _resume, "put a paused task back in the queue, where it stood")
+    resume = command(
+        "resume", _resume, "resume a paused task: back in the queue where it stood, or running on"
+    )
     resume.add_argument("task_id", metavar="ID", help=ID_HELP)
+
+    send = command(
+        "send", _send, "send an input to a task: a task waiting for input runs on with it"
+    )
+    send.add_argument("task_id", metavar="ID", help=ID_HELP)
+    send.add_argument(
+        "-p",
+        "--param",
+        dest="params",
+        metavar="KEY=VALUE",
+        type=_parameter,
+        action="append",
+        default=[],
+        help="a field of the input; VALUE is JSON when it parses as JSON, else a string",
+    )
+    send.add_argument(
+        "--json-input",
+        metavar="FILE",
+        help="the input: a JSON object in FILE (- for stdin)",
+    )
+    send.add_argument(
+        "--request-id", metavar="ID", help="makes a repeated send keep the input once"
+    )
 
     watch = command("watch", _watch, "show a task's progress until it ends, or every change")
     watch.add_argument("task_id", metavar="ID", nargs="?", help=f"the task to follow: {ID_HELP}")

@@ -26,6 +26,7 @@ class TaskStatus(enum.IntEnum):
     FAILED = 4
     CANCELLED = 5
     PAUSED = 6
+    WAITING_INPUT = 7
 
     @property
     def terminal(self) -> bool:
@@ -42,6 +43,14 @@ class TaskStatus(enum.IntEnum):
 
 
 _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSent:
+    """An input kept with a task: its place among the task's inputs (from 1), and the task."""
+
+    sequence: int
+    task: Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +96,11 @@ class Task:
     start_deadline: datetime | None  # not started by then, it fails with QUEUE_TIMEOUT
     paused_at: datetime | None  # while PAUSED
     pause_reason: str
+    pause_requested_at: datetime | None  # while a running handler is yet to park
+    input_prompt: str  # while WAITING_INPUT: what the handler asks for
+    input_label: str
+    input_deadline: datetime | None  # while WAITING_INPUT: no input by then, it fails
+    input_count: int  # inputs sent to it
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
 
     @property
@@ -130,6 +144,11 @@ class Task:
             start_deadline=_time(message, "start_deadline"),
             paused_at=_time(message, "paused_at"),
             pause_reason=message.pause_reason,
+            pause_requested_at=_time(message, "pause_requested_at"),
+            input_prompt=message.input_prompt,
+            input_label=message.input_label,
+            input_deadline=_time(message, "input_deadline"),
+            input_count=message.input_count,
             proto=message,
         )
 
@@ -141,6 +160,8 @@ _OptionalTime = Literal[
     "cancel_requested_at",
     "start_deadline",
     "paused_at",
+    "pause_requested_at",
+    "input_deadline",
 ]
 
 
