@@ -27,7 +27,9 @@ from tests.support import (
     CANCELLED,
     COMPLETED,
     CREATED,
+    PAUSED,
     RUNNING,
+    WAITING_INPUT,
     create,
     error_reason,
     field_violations,
@@ -413,3 +415,86 @@ async def test_a_worker_that_does_not_batch_gets_one_assignment_a_message_and_fu
     assert (stale.refusal.code, stale.refusal.reason) == (9, "LEASE_NOT_HELD")
     assert stale.refusal.lease == _ref(one) and not answer.refused
     assert recorded.task.status == COMPLETED and recorded.task.result.number_value == 2
+
+
+async def test_a_pausable_worker_is_told_to_park_and_to_run_on(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    session = Session(workers, pausable_types=[TYPE])
+    await session.next("welcome")
+    task = await create(tasks, TYPE, timeout_seconds=30)
+    assignment = await session.next("assignment")
+    asked = await tasks.Pause(pb.PauseRequest(task_id=task.task_id, reason="look first"))
+    assert asked.paused and asked.task.HasField("pause_requested_at")
+    pause = await session.next("pause")
+    assert (pause.task_id, pause.lease_id, pause.reason) == (
+        task.task_id,
+        assignment.lease_id,
+        "look first",
+    )
+    await workers.Report(wpb.ReportRequest(lease=_ref(assignment), parked=True))
+    parked = await wait_until(tasks, task.task_id, lambda t: t.status == PAUSED)
+    assert parked.pause_reason == "look first"
+    renewed = await workers.Renew(wpb.RenewRequest(leases=[_ref(assignment)]))
+    assert not renewed.lost  # a parked attempt keeps its lease
+    assert (await tasks.Resume(pb.ResumeRequest(task_id=task.task_id))).task.status == RUNNING
+    resume = await session.next("resume")
+    assert (resume.task_id, resume.lease_id) == (task.task_id, assignment.lease_id)
+    value = struct_pb2.Value(string_value="done")
+    await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), result=value))
+    assert (await final(tasks, task.task_id)).status == COMPLETED
+
+
+async def test_inputs_reach_the_worker_and_a_wait_for_input_suspends_the_attempt(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server(worker_types=frozenset({TYPE})))
+    task = await create(tasks, TYPE)
+    first = struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=1)})
+    await tasks.SendInput(pb.SendInputRequest(task_id=task.task_id, input=first))
+    session = Session(workers)  # connects after the first input was sent
+    await session.next("welcome")
+    assignment = await session.next("assignment")
+    assert [(i.sequence, i.data["n"]) for i in assignment.inputs] == [(1, 1)]
+    second = struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=2)})
+    await tasks.SendInput(pb.SendInputRequest(task_id=task.task_id, input=second))
+    given = await session.next("input")
+    assert (given.task_id, given.lease_id, given.input.sequence) == (
+        task.task_id,
+        assignment.lease_id,
+        2,
+    )
+    wait = wpb.InputWait(prompt="more?", label="more", inputs_seen=2)
+    answer = await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), wait_for_input=wait))
+    assert (answer.task.status, answer.task.input_prompt) == (WAITING_INPUT, "more?")
+    await tasks.SendInput(pb.SendInputRequest(task_id=task.task_id, input=first))
+    again = await session.next("assignment")  # queued again, and run afresh with all three
+    assert [i.sequence for i in again.inputs] == [1, 2, 3] and again.task.attempt == 1
+    value = struct_pb2.Value(string_value="done")
+    await workers.Finish(wpb.FinishRequest(lease=_ref(again), result=value))
+    assert (await final(tasks, task.task_id)).status == COMPLETED
+
+
+async def test_bad_pause_and_wait_fields_are_refused(
+    start_server: StartServer, channel_to: Callable[..., Any]
+) -> None:
+    tasks, workers = channel_to(start_server())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await Session(workers, pausable_types=["other.type"]).next("welcome")
+    assert set(field_violations(refused.value)) == {"pausable_types[0]"}
+    session = Session(workers)
+    await session.next("welcome")
+    task = await create(tasks, TYPE)
+    assignment = await session.next("assignment")
+    wait = wpb.InputWait(prompt="x" * 5000, label="y" * 300)
+    wait.timeout.FromSeconds(0)
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await workers.Finish(wpb.FinishRequest(lease=_ref(assignment), wait_for_input=wait))
+    assert set(field_violations(bad.value)) == {
+        "wait_for_input.prompt",
+        "wait_for_input.label",
+        "wait_for_input.timeout",
+    }
+    assert (await tasks.Get(pb.GetRequest(task_id=task.task_id))).task.status == RUNNING
+    assert not (await tasks.Pause(pb.PauseRequest(task_id=task.task_id))).paused
