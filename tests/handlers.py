@@ -153,7 +153,8 @@ def pausable_blocking(ctx: TaskContext) -> dict[str, Any]:
 
 
 @handler("ask")
-def ask(ctx: TaskContext) -> dict[str, Any]:
+async def ask(ctx: TaskContext) -> dict[str, Any]:
+    """An async handler that waits for input (the worker process's `remote.ask` is blocking)."""
     return control_handlers.ask(ctx)
 
 

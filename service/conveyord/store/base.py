@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from conveyord.errors import ConveyorError
 from conveyord.feed import ChangeFeed
 from conveyord.model import Change, Task, TaskFilter
+
+if TYPE_CHECKING:
+    from conveyord.store.schedules import ScheduleBook
 
 # Given a task's latest state, returns its next state, made with `Task.evolve` (a record no
 # one else holds yet: the store stamps its revision on it), or None for no change.
@@ -164,6 +167,9 @@ class TaskStore(Protocol):
         """Remove up to `limit` terminal tasks that ended before `finished_before`; each
         removal is a change. Returns how many were removed."""
         ...
+
+    schedules: ScheduleBook
+    """The schedules, kept in the same store as the tasks."""
 
     on_failure: Callable[[Exception], None]
     """Called once when the store can no longer make changes durable: the server must stop."""

@@ -29,6 +29,7 @@ from conveyord.store.base import (
 )
 from conveyord.store.history import ChangeHistory
 from conveyord.store.index import DispatchIndex, ListIndex
+from conveyord.store.schedules import ScheduleBook
 
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
@@ -67,6 +68,7 @@ class MemoryStore:
         self._history = ChangeHistory(history_size, history_age, clock)
         self._revision = 0
         self._declared: set[str] = set()  # task types that workers declared
+        self.schedules = ScheduleBook()
 
     async def revision(self) -> int:
         return self._revision

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskInput, TaskStatus
+from conveyord.schedules.model import Schedule
 from conveyord.store.base import StoreFailed
 from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
 from conveyord.store.memory import (
@@ -36,6 +37,9 @@ from conveyord.store.memory import (
     DEFAULT_HISTORY_SIZE,
     MemoryStore,
 )
+from conveyord.store.schedules import ScheduleBook
+from conveyord.store.schedules import decode as decode_schedule
+from conveyord.store.schedules import encode as encode_schedule
 from conveyord.store.sqlite_file import MIGRATIONS as MIGRATIONS  # re-exported
 from conveyord.store.sqlite_file import StoreLocked as StoreLocked
 from conveyord.store.sqlite_file import StoreTooNew as StoreTooNew
@@ -71,6 +75,7 @@ class SqliteStore(MemoryStore):
         self._writing: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
         self._file_identity: tuple[int, int] | None = None
+        self.schedules = ScheduleBook(self._persist_schedule)
 
     # -- opening -----------------------------------------------------------------
 
@@ -79,6 +84,7 @@ class SqliteStore(MemoryStore):
         loop = asyncio.get_running_loop()
         tasks, history, revision, next_seq = await loop.run_in_executor(self._writer, self._load)
         self._declared = await loop.run_in_executor(self._writer, self._load_task_types)
+        self.schedules.load(await loop.run_in_executor(self._writer, self._load_schedules))
         self._restore(tasks, history, revision, next_seq - 1)
         self._history.trim()
         log.info(
@@ -104,6 +110,38 @@ class SqliteStore(MemoryStore):
             raise StoreOpenError(f"store file {self.path} is corrupt: {error}") from error
         self._connection = connection
         return tasks, history, revision, next_seq
+
+    def _load_schedules(self) -> list[Schedule]:
+        assert self._connection is not None
+        rows = self._connection.execute("SELECT data FROM schedules")
+        try:
+            return [decode_schedule(data) for (data,) in rows]
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreOpenError(
+                f"store file {self.path} has a corrupt schedule: {error}"
+            ) from error
+
+    async def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> None:
+        """Write a schedule's new state (None: its removal), on the writer's thread."""
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
+        data = None if schedule is None else encode_schedule(schedule)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._writer, self._write_schedule, schedule_id, data)
+        except sqlite3.Error as error:
+            raise StoreFailed(f"writing to the store failed: {error}") from error
+
+    def _write_schedule(self, schedule_id: str, data: str | None) -> None:
+        assert self._connection is not None
+        if data is None:
+            self._connection.execute("DELETE FROM schedules WHERE schedule_id = ?", (schedule_id,))
+        else:
+            self._connection.execute(
+                "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
+                (schedule_id, data),
+            )
+        self._check_file()
 
     def _load_task_types(self) -> set[str]:
         assert self._connection is not None

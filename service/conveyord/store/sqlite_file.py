@@ -33,6 +33,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE task_types (task_type TEXT PRIMARY KEY);
     """,
+    # Schedules, each a JSON object of its fields.
+    """
+    CREATE TABLE schedules (schedule_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+    """,
 )
 
 

@@ -1,0 +1,213 @@
+"""The schedule runner: makes each schedule's runs as their times fall due.
+
+One timer serves every schedule (a heap of their next wake-up times). When it rings, each
+schedule that is due is planned (rules.plan), its runs are made as tasks (idempotent by
+their key), and the plan is recorded. The runner follows the task feed: when a schedule's
+run ends, a run it buffered is made. Several runners on one store (replicas, or a restart
+that overlaps) make each run once, with no leader: see rules.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from conveyor.v1 import schedule_service_pb2 as spb
+from conveyor.v1 import task_service_pb2 as tpb
+from conveyord import lifecycle
+from conveyord.model import UNFINISHED, Change, Task, TaskFilter
+from conveyord.schedules import rules
+from conveyord.schedules.model import NOMINAL_LABEL, SCHEDULE_LABEL, Overlap, Run, Schedule
+from conveyord.schedules.rules import Plan, RunOrder
+from conveyord.store.base import StoreError, TaskStore
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = 1.0  # seconds before a schedule whose runs could not be made is tried again
+# Makes tasks from validated CreateRequests: each task, and whether it is new.
+MakeTasks = Callable[[Sequence[tpb.CreateRequest]], Awaitable[list[tuple[Task, bool]]]]
+
+
+class ScheduleRunner:
+    """Fires the schedules of a store."""
+
+    def __init__(self, store: TaskStore, make_tasks: MakeTasks, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.book = store.schedules
+        self.make_tasks = make_tasks
+        self.clock = clock
+        self.started_at = 0.0
+        self._heap: list[tuple[float, str]] = []  # (wake-up time, schedule id), maybe stale
+        self._timer: asyncio.TimerHandle | None = None
+        self._unfollow: list[Callable[[], None]] = []
+        self._busy: dict[str, asyncio.Lock] = {}  # one plan at a time per schedule
+        self._background: set[asyncio.Task[None]] = set()
+        self._active = False
+
+    def start(self) -> None:
+        """Catch up on what fell due while no server ran, then fire as times fall due."""
+        self._active = True
+        self.started_at = self.clock()
+        self._unfollow = [
+            self.book.follow(self._schedule_changed),
+            self.store.feed.follow(self._task_changed),
+        ]
+        for schedule in self.book.all():
+            self._plan_wake(schedule)
+        self._arm()
+
+    def stop(self) -> None:
+        self._active = False
+        for unfollow in self._unfollow:
+            unfollow()
+        self._unfollow = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def clock_moved(self) -> None:
+        """The clock jumped (a test's clock): fire what fell due by the new time."""
+        self._arm()
+
+    # -- what falls due ---------------------------------------------------------------
+
+    def _plan_wake(self, schedule: Schedule) -> None:
+        when = rules.wake_at(schedule)
+        if when is not None:
+            heapq.heappush(self._heap, (when, schedule.schedule_id))
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._active or not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._ring)
+
+    def _ring(self) -> None:
+        self._timer = None
+        now = self.clock()
+        due: set[str] = set()
+        while self._heap and self._heap[0][0] <= now:
+            due.add(heapq.heappop(self._heap)[1])
+        for schedule_id in due:
+            self._in_background(self.fire(schedule_id))
+        self._arm()
+
+    def _schedule_changed(self, schedule: Schedule, removed: bool) -> None:
+        if not removed and self._active:
+            self._plan_wake(schedule)
+            if self._heap and self._heap[0][1] == schedule.schedule_id:
+                self._arm()
+
+    def _task_changed(self, change: Change) -> None:
+        """A run that ended frees its schedule's buffer."""
+        task = change.task
+        if task.terminal and SCHEDULE_LABEL in task.labels and self._active:
+            schedule = self.book.get(task.labels[SCHEDULE_LABEL])
+            if schedule is not None and schedule.buffer:
+                self._in_background(self._release(schedule.schedule_id))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- firing -----------------------------------------------------------------------
+
+    async def fire(self, schedule_id: str) -> None:
+        """Make the runs that fell due for one schedule, until none is left."""
+        async with self._lock(schedule_id):
+            while (schedule := self.book.get(schedule_id)) is not None:
+                running = await self.running(schedule)
+                plan = rules.plan(schedule, self.clock(), running, self.started_at)
+                if plan is None:
+                    return
+                if not await self.carry_out(plan):
+                    heapq.heappush(self._heap, (self.clock() + RETRY_AFTER, schedule_id))
+                    self._arm()
+                    return
+
+    async def _release(self, schedule_id: str) -> None:
+        async with self._lock(schedule_id):
+            schedule = self.book.get(schedule_id)
+            if schedule is None:
+                return
+            plan = rules.release(schedule, await self.running(schedule))
+            if plan is not None:
+                await self.carry_out(plan)
+
+    def _lock(self, schedule_id: str) -> asyncio.Lock:
+        return self._busy.setdefault(schedule_id, asyncio.Lock())
+
+    async def running(self, schedule: Schedule) -> bool:
+        """Whether the schedule's latest run has not ended."""
+        if schedule.last_run is None:
+            return False
+        task = await self.store.get(schedule.last_run.task_id)
+        return task is not None and not task.terminal
+
+    async def carry_out(self, plan: Plan) -> bool:
+        """Cancel the running runs if the plan says so, make its runs, record it; False if
+        the runs could not be made (they are tried again: the plan was not recorded)."""
+        schedule = plan.before
+        if plan.cancel_running:
+            await self._cancel_runs(schedule)
+        try:
+            made = await self.make_runs(schedule, plan.runs)
+        except StoreError as error:
+            log.warning("schedule %s: its runs could not be made: %s", schedule.schedule_id, error)
+            return False
+        now = self.clock()
+        runs = [
+            Run(order.nominal, now, task.task_id)
+            for order, task in zip(plan.runs, made, strict=True)
+        ]
+        await self.book.update(
+            schedule.schedule_id, lambda current: rules.record(current, plan, runs, now)
+        )
+        return True
+
+    async def make_runs(self, schedule: Schedule, orders: Sequence[RunOrder]) -> list[Task]:
+        """The runs' tasks, made from the schedule's template (or found, if made before)."""
+        if not orders:
+            return []
+        template = spb.ScheduleRequest.FromString(schedule.request).task
+        requests = []
+        for order in orders:
+            task = tpb.CreateRequest(task=template, request_id=order.key)
+            task.task.labels[SCHEDULE_LABEL] = schedule.schedule_id
+            task.task.labels[NOMINAL_LABEL] = rules.nominal_text(order.nominal)
+            requests.append(task)
+        return [task for task, _ in await self.make_tasks(requests)]
+
+    async def _cancel_runs(self, schedule: Schedule) -> None:
+        now = self.clock()
+        reason = f"cancelled by schedule {schedule.schedule_id}: a new run is due (CANCEL_OTHER)"
+        runs = TaskFilter(labels={SCHEDULE_LABEL: schedule.schedule_id}, statuses=UNFINISHED)
+
+        def cancel(task: Task) -> Task | None:
+            return None if task.terminal else lifecycle.cancel(task, reason, now)
+
+        await self.store.update_where(runs, cancel)
+
+    async def extra(
+        self, schedule: Schedule, times: Sequence[float], keys: Sequence[str], overlap: Overlap
+    ) -> tuple[Schedule, list[Task]]:
+        """Runs beside the spec (a trigger, a backfill), under `overlap`: the schedule after
+        them, and their tasks (none for a run skipped or buffered)."""
+        async with self._lock(schedule.schedule_id):
+            current = self.book.get(schedule.schedule_id) or schedule
+            plan = rules.plan_extra(current, times, keys, overlap, await self.running(current))
+            if plan.cancel_running:
+                await self._cancel_runs(current)
+            made = await self.make_runs(current, plan.runs)
+            now = self.clock()
+            runs = [Run(o.nominal, now, t.task_id) for o, t in zip(plan.runs, made, strict=True)]
+            after = await self.book.update(
+                current.schedule_id, lambda latest: rules.record(latest, plan, runs, now)
+            )
+            return after, made

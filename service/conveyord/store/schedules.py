@@ -1,0 +1,147 @@
+"""Where schedules live: a small book beside the tasks, in the same store.
+
+Schedules are few and change seldom (when made, updated, paused, and when they fire), so
+the book is simple: one change at a time, made durable (`persist`) before it counts and
+before its listeners hear of it. A change is a mutation of the latest state, as for tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from conveyord.schedules.model import Overlap, Policy, Run, Schedule
+from conveyord.schedules.spec import Spec
+from conveyord.store.base import RequestIdReused, StoreError
+
+ScheduleMutation = Callable[[Schedule], Schedule | None]
+# Makes a schedule's new state durable, or its removal (None) by id.
+Persist = Callable[[str, Schedule | None], Awaitable[None]]
+Listener = Callable[[Schedule, bool], None]  # a schedule's new state; True: it was removed
+
+
+class ScheduleNotFound(StoreError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "SCHEDULE_NOT_FOUND"
+
+    def __init__(self, schedule_id: str) -> None:
+        super().__init__(f"schedule {schedule_id} not found")
+        self.schedule_id = schedule_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"schedule_id": self.schedule_id}
+
+
+async def _in_memory(schedule_id: str, schedule: Schedule | None) -> None:
+    """Persist nothing: an in-memory store's schedules live as long as it does."""
+
+
+class ScheduleBook:
+    """The schedules by id, in creation order, with their request ids."""
+
+    def __init__(self, persist: Persist = _in_memory) -> None:
+        self._persist = persist
+        self._schedules: dict[str, Schedule] = {}
+        self._request_ids: dict[str, str] = {}
+        self._last_seq = 0
+        self._revision = 0
+        self._lock = asyncio.Lock()  # one change at a time: each sees the one before
+        self._listeners: list[Listener] = []
+
+    def load(self, schedules: Sequence[Schedule]) -> None:
+        """Take what a durable store held when it opened."""
+        for schedule in sorted(schedules, key=lambda s: s.seq):
+            self._schedules[schedule.schedule_id] = schedule
+            if schedule.request_id:
+                self._request_ids[schedule.request_id] = schedule.schedule_id
+            self._last_seq = max(self._last_seq, schedule.seq)
+            self._revision = max(self._revision, schedule.revision)
+
+    def follow(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every change once it is durable; returns how to stop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
+        """Keep a new schedule (its seq and revision stamped); a known request id returns
+        the schedule first made with it and False (RequestIdReused for another request)."""
+        async with self._lock:
+            if schedule.request_id and schedule.request_id in self._request_ids:
+                first = self._schedules.get(self._request_ids[schedule.request_id])
+                if first is not None:
+                    if first.request_hash != schedule.request_hash:
+                        raise RequestIdReused(schedule.request_id, first.schedule_id)
+                    return first, False
+            self._last_seq += 1
+            made = await self._commit(schedule.evolve(seq=self._last_seq))
+            if made.request_id:
+                self._request_ids[made.request_id] = made.schedule_id
+            return made, True
+
+    def get(self, schedule_id: str) -> Schedule | None:
+        return self._schedules.get(schedule_id)
+
+    def all(self) -> list[Schedule]:
+        """Every schedule, oldest first."""
+        return sorted(self._schedules.values(), key=lambda s: s.seq)
+
+    def page(self, after_seq: int, limit: int) -> list[Schedule]:
+        """Up to `limit` schedules made after `after_seq`, oldest first."""
+        return [s for s in self.all() if s.seq > after_seq][:limit]
+
+    async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
+        """Apply `mutation` to the latest state (None: no change); ScheduleNotFound."""
+        async with self._lock:
+            current = self._schedules.get(schedule_id)
+            if current is None:
+                raise ScheduleNotFound(schedule_id)
+            new = mutation(current)
+            if new is None or new is current:
+                return current
+            return await self._commit(new)
+
+    async def delete(self, schedule_id: str) -> Schedule:
+        async with self._lock:
+            current = self._schedules.get(schedule_id)
+            if current is None:
+                raise ScheduleNotFound(schedule_id)
+            await self._persist(schedule_id, None)
+            del self._schedules[schedule_id]
+            self._request_ids.pop(current.request_id, None)
+            for listener in list(self._listeners):
+                listener(current, True)
+            return current
+
+    async def _commit(self, schedule: Schedule) -> Schedule:
+        self._revision += 1
+        stamped = schedule.evolve(revision=self._revision)
+        await self._persist(stamped.schedule_id, stamped)
+        self._schedules[stamped.schedule_id] = stamped
+        for listener in list(self._listeners):
+            listener(stamped, False)
+        return stamped
+
+
+def encode(schedule: Schedule) -> str:
+    """A schedule as a JSON object of its fields."""
+    record: dict[str, Any] = dataclasses.asdict(schedule)
+    record["request"] = schedule.request.hex()
+    record["request_hash"] = schedule.request_hash.hex()
+    return json.dumps(record, separators=(",", ":"))
+
+
+def decode(data: str) -> Schedule:
+    record = json.loads(data)
+    record["request"] = bytes.fromhex(record["request"])
+    record["request_hash"] = bytes.fromhex(record["request_hash"])
+    record["spec"] = Spec(**record["spec"])
+    policy = record["policy"]
+    record["policy"] = Policy(Overlap(policy["overlap"]), *list(policy.values())[1:])
+    record["buffer"] = tuple(record["buffer"])
+    record["last_run"] = Run(**record["last_run"]) if record["last_run"] else None
+    return Schedule(**record)
