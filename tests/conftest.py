@@ -28,8 +28,8 @@ TEST_HANDLERS = "tests.handlers"
 class ManualClock:
     """The server's clock in tests where time matters: it moves only when told."""
 
-    def __init__(self) -> None:
-        self.now = time.time()
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
 
     def __call__(self) -> float:
         return self.now
@@ -74,6 +74,7 @@ class ServerThread:
         assert self.clock is not None, "the server was started without a ManualClock"
         self.clock.now += seconds
         self.server.scheduler.dispatcher.clock_moved()
+        self.server.schedules.clock_moved()
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -23,6 +23,7 @@ from conveyord.store.base import (
     StoreFailed,
     TaskNotFound,
 )
+from conveyord.store.schedules import ScheduleNotFound
 from conveyord.store.sqlite import StoreLocked, StoreOpenError
 from conveyord.validation import InvalidArgument
 from conveyord.worker.remote import WorkerNotConnected, WorkerReplaced
@@ -55,6 +56,7 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (InputsFull(ENDED, InputLimits(count=10, total_bytes=100)), {"task_id": ENDED.task_id}),
     (WorkerReplaced("w-1"), {"worker_id": "w-1"}),
     (WorkerNotConnected("w-1"), {"worker_id": "w-1"}),
+    (ScheduleNotFound("s-1"), {"schedule_id": "s-1"}),
 ]
 
 

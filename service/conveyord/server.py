@@ -19,14 +19,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from conveyor.v1 import task_service_pb2
 from conveyord.allocator import trim_when_idle
-from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers
+from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers, new_task_id
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
+from conveyord.model import Task
 from conveyord.scheduler import Scheduler, SchedulerConfig
+from conveyord.schedules.api import SERVICE_NAME as SCHEDULE_SERVICE_NAME
+from conveyord.schedules.api import ScheduleServiceApi
+from conveyord.schedules.api import method_handlers as schedule_method_handlers
+from conveyord.schedules.runner import ScheduleRunner
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.validation import NewTask
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
 from conveyord.worker.remote import SessionTimings, WorkerSessions
 from conveyord.worker_api import SERVICE_NAME as WORKER_SERVICE_NAME
@@ -105,6 +112,10 @@ class Server:
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
         self.scheduler = Scheduler(self.store, self.registry, config.scheduler, clock=clock)
+        self.schedules = ScheduleRunner(self.store, self._make_runs, clock)
+        self._schedule_api = ScheduleServiceApi(
+            self.store, self.schedules, lambda: self.scheduler.task_types, clock
+        )
         self.sessions = WorkerSessions(self.scheduler.dispatcher, self.store, config.workers)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
@@ -121,10 +132,14 @@ class Server:
             self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types
         )
         server.add_registered_method_handlers(WORKER_SERVICE_NAME, worker_method_handlers(workers))
+        server.add_registered_method_handlers(
+            SCHEDULE_SERVICE_NAME, schedule_method_handlers(self._schedule_api)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names = (
             SERVICE_NAME,
             WORKER_SERVICE_NAME,
+            SCHEDULE_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -137,8 +152,9 @@ class Server:
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
         await self.scheduler.start()
+        self.schedules.start()
         await server.start()
-        for service in ("", SERVICE_NAME, WORKER_SERVICE_NAME):
+        for service in ("", SERVICE_NAME, WORKER_SERVICE_NAME, SCHEDULE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "conveyord listening on %s (port %d) with handlers: %s",
@@ -157,6 +173,8 @@ class Server:
 
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
+        self.schedules.stop()
+        self._schedule_api.close()
         await self.scheduler.shutdown(grace)
         self.sessions.close()  # after the grace: remote workers finished what they could
         self.hub.close()
@@ -165,6 +183,16 @@ class Server:
         await self.store.close()
         await self.watchdog.stop()
         log.info("conveyord stopped")
+
+    async def _make_runs(
+        self, requests: Sequence[task_service_pb2.CreateRequest]
+    ) -> list[tuple[Task, bool]]:
+        """The tasks of schedules' runs (their templates were checked when the schedule
+        was made), created as Create would."""
+        now = self.scheduler.clock()
+        timeout = self.config.scheduler.default_timeout
+        tasks = [NewTask(request, timeout).to_task(new_task_id(), now) for request in requests]
+        return await self.scheduler.create(tasks)
 
     def _store_failed(self, error: Exception) -> None:
         self.failed = True

@@ -231,6 +231,34 @@ def batch_create_request(
     return [NewTask(create, default_timeout) for create in request.requests]
 
 
+def check_create(
+    checker: Checker,
+    request: task_service_pb2.CreateRequest,
+    known: KnownTypes,
+    prefix: str,
+    now: float,
+) -> None:
+    """Check a CreateRequest made elsewhere (a schedule's template), naming its fields
+    after `prefix`; the violations go to `checker`."""
+    _create(checker, request, known, prefix, now)
+
+
+def page_token(after_seq: int) -> str:
+    """A page token of a list without a filter (schedules), after `after_seq`."""
+    return _encode_token(after_seq, TaskFilter())
+
+
+def after_page_token(checker: Checker, token: str) -> int:
+    """Where a page token of a list without a filter continues from (0 for none)."""
+    if not token:
+        return 0
+    decoded = _decode_token(token, TaskFilter())
+    if isinstance(decoded, str):
+        checker.fail("page_token", decoded)
+        return 0
+    return decoded
+
+
 def _create(
     checker: Checker,
     request: task_service_pb2.CreateRequest,

@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as tpb
 from conveyord import lifecycle
+from conveyord.errors import ConveyorError
 from conveyord.model import UNFINISHED, Change, Task, TaskFilter
 from conveyord.schedules import rules
 from conveyord.schedules.model import NOMINAL_LABEL, SCHEDULE_LABEL, Overlap, Run, Schedule
 from conveyord.schedules.rules import Plan, RunOrder
-from conveyord.store.base import StoreError, TaskStore
+from conveyord.store.base import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -158,21 +159,29 @@ class ScheduleRunner:
             await self._cancel_runs(schedule)
         try:
             made = await self.make_runs(schedule, plan.runs)
-        except StoreError as error:
+        except ConveyorError as error:  # the queue is full, the store failed, or shutting down
             log.warning("schedule %s: its runs could not be made: %s", schedule.schedule_id, error)
             return False
+        await self._record(plan, made)
+        return True
+
+    async def _record(self, plan: Plan, made: Sequence[tuple[Task, bool]]) -> Schedule:
+        """Record the plan with the runs it made anew (one made before is not counted again)."""
         now = self.clock()
         runs = [
             Run(order.nominal, now, task.task_id)
-            for order, task in zip(plan.runs, made, strict=True)
+            for order, (task, new) in zip(plan.runs, made, strict=True)
+            if new
         ]
-        await self.book.update(
-            schedule.schedule_id, lambda current: rules.record(current, plan, runs, now)
+        return await self.book.update(
+            plan.before.schedule_id, lambda current: rules.record(current, plan, runs, now)
         )
-        return True
 
-    async def make_runs(self, schedule: Schedule, orders: Sequence[RunOrder]) -> list[Task]:
-        """The runs' tasks, made from the schedule's template (or found, if made before)."""
+    async def make_runs(
+        self, schedule: Schedule, orders: Sequence[RunOrder]
+    ) -> list[tuple[Task, bool]]:
+        """The runs' tasks, made from the schedule's template (or found, if made before:
+        then with False)."""
         if not orders:
             return []
         template = spb.ScheduleRequest.FromString(schedule.request).task
@@ -182,7 +191,7 @@ class ScheduleRunner:
             task.task.labels[SCHEDULE_LABEL] = schedule.schedule_id
             task.task.labels[NOMINAL_LABEL] = rules.nominal_text(order.nominal)
             requests.append(task)
-        return [task for task, _ in await self.make_tasks(requests)]
+        return await self.make_tasks(requests)
 
     async def _cancel_runs(self, schedule: Schedule) -> None:
         now = self.clock()
@@ -205,9 +214,4 @@ class ScheduleRunner:
             if plan.cancel_running:
                 await self._cancel_runs(current)
             made = await self.make_runs(current, plan.runs)
-            now = self.clock()
-            runs = [Run(o.nominal, now, t.task_id) for o, t in zip(plan.runs, made, strict=True)]
-            after = await self.book.update(
-                current.schedule_id, lambda latest: rules.record(latest, plan, runs, now)
-            )
-            return after, made
+            return await self._record(plan, made), [task for task, _ in made]
