@@ -12,7 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import batch, control, end_to_end, fanout, memory, rpc, scheduling, store, workers
+from bench import (
+    batch,
+    control,
+    end_to_end,
+    fanout,
+    memory,
+    rpc,
+    schedules,
+    scheduling,
+    store,
+    workers,
+)
 from bench.harness import machine, pin_load_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -26,6 +37,7 @@ SECTIONS = {
     "memory": memory,
     "workers": workers,
     "control": control,
+    "schedules": schedules,
 }
 
 

@@ -42,7 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "client" / "conveyor"
 # (the async source, the sync module generated from it)
-TWINS = [(PACKAGE / "_async_client.py", PACKAGE / "_sync_client.py")]
+TWINS = [
+    (PACKAGE / "_async_client.py", PACKAGE / "_sync_client.py"),
+    (PACKAGE / "_async_schedules.py", PACKAGE / "_sync_schedules.py"),
+]
 
 # The generated module must not name its twin's file: tests/test_client.py checks that
 # neither twin mentions the other's module.
@@ -62,6 +65,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\b__anext__\b", "__next__"),
     (r"\bStopAsyncIteration\b", "StopIteration"),
     (r"\bAsync([A-Z]\w*)", r"\1"),  # AsyncClient -> Client, AsyncIterator -> Iterator
+    (r"\bconveyor\._async_(\w+)", r"conveyor._sync_\1"),  # the twins import each other's kind
     (r"\bASYNC_([A-Z]\w*)", r"\1"),  # _requests.ASYNC_CHANNEL_OPTIONS -> CHANNEL_OPTIONS
     (r"\bgrpc\.aio\b", "grpc"),  # grpc.aio.insecure_channel, grpc.aio.Channel, ...
     (r"\basyncio\.sleep\b", "time.sleep"),

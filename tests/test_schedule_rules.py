@@ -184,3 +184,10 @@ def test_a_record_lands_only_on_the_state_it_was_planned_from() -> None:
     assert recorded is not None and (recorded.run_count, recorded.last_run) == (1, run)
     moved_on = start.evolve(revision=start.revision + 1)  # another server recorded it
     assert rules.record(moved_on, plan, [run], T0 + 61) is None
+
+
+def test_the_time_just_after_a_moment_is_found_to_the_microsecond() -> None:
+    hourly = Spec(cron="0 * * * *")
+    top = datetime(2026, 1, 1, 0, 0, tzinfo=BERLIN).timestamp()
+    assert hourly.after(top - 1e-6) == top  # a moment a hair before a time finds that time
+    assert hourly.after(top) == top + 3600  # and strictly after it, the next

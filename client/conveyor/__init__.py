@@ -27,6 +27,7 @@ from conveyor.errors import (
     WaitTimeout,
 )
 from conveyor.handlers import TaskContext, handler
+from conveyor.schedules import Overlap, Schedule, ScheduleEvent, ScheduleEventKind, ScheduleRun
 from conveyor.tasks import EventKind, InputSent, Task, TaskError, TaskEvent, TaskStatus
 
 __all__ = [
@@ -42,9 +43,14 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "Overlap",
     "PermissionDenied",
     "ResourceExhausted",
     "RpcError",
+    "Schedule",
+    "ScheduleEvent",
+    "ScheduleEventKind",
+    "ScheduleRun",
     "Task",
     "TaskCancelled",
     "TaskContext",

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from conveyor import _requests
+from conveyor._async_schedules import AsyncSchedules
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
@@ -63,6 +64,7 @@ class AsyncClient(ClientBase):
             self._target, options=_requests.ASYNC_CHANNEL_OPTIONS
         )
         self._stub = TaskServiceStub(self._channel)
+        self.schedules = AsyncSchedules(self)  # the schedule calls: client.schedules.create ...
 
     async def close(self) -> None:
         """Close the channel (unless it was passed in); calls under way are cancelled."""

@@ -15,6 +15,7 @@ from conveyor import _requests
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
+from conveyor._sync_schedules import Schedules
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
@@ -51,6 +52,7 @@ class Client(ClientBase):
             self._target, options=_requests.CHANNEL_OPTIONS
         )
         self._stub = TaskServiceStub(self._channel)
+        self.schedules = Schedules(self)  # the schedule calls: client.schedules.create ...
 
     def close(self) -> None:
         """Close the channel (unless it was passed in); calls under way are cancelled."""

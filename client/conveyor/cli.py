@@ -17,7 +17,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from conveyor import _requests
+from conveyor import _requests, _schedule_cli
 from conveyor._sync_client import Client
 from conveyor._views import Output
 from conveyor.errors import (
@@ -598,6 +598,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pause.add_argument("task_id", metavar="ID", help=ID_HELP)
     pause.add_argument("--reason", metavar="TEXT", default="", help="why; shown on the task")
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="make, show, change and fire schedules: tasks that run on a timetable",
+        description="schedules: tasks run every interval, daily at a time, or on a cron "
+        "expression, in a time zone",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    schedule.set_defaults(run=_schedule_cli.run)
+    _schedule_cli.add_commands(
+        schedule,
+        common,
+        {
+            "parameter": _parameter,
+            "label": _label,
+            "seconds": _positive,
+            "time": _time_of_day,
+            "json_object": _json_object,
+        },
+    )
 
     resume = command(
         "resume", _resume, "resume a paused task: back in the queue where it stood, or running on"

@@ -288,8 +288,9 @@ class TaskContext:
         self._on_park = on_park
         self._pause_wanted = False
         self._pause_reason = ""
-        self._unparked = threading.Event()  # set while nothing holds the handler
-        self._unparked.set()
+        # Set when a parked handler may go on; made by the first pause (on the loop's
+        # thread), as the cancel events are made when first needed.
+        self._unparked: threading.Event | None = None
         self._async_unparked: asyncio.Event | None = None
 
     @property
@@ -375,13 +376,13 @@ class TaskContext:
 
     def pause_point_sync(self) -> bool:
         """`pause_point` for a blocking handler, on its own thread."""
-        if not self.pause_requested:
+        unparked = self._unparked
+        if not self.pause_requested or unparked is None:
             return False
-        self._unparked.clear()
         with contextlib.suppress(RuntimeError):  # the loop is gone: the attempt is over
             self._loop.call_soon_threadsafe(self._parked)
         if self.pause_requested:
-            self._unparked.wait()
+            unparked.wait()
         return True
 
     def _parked(self) -> None:
@@ -419,6 +420,9 @@ class TaskContext:
 
     def _request_pause(self, reason: str) -> None:
         """Ask the handler to park at its next pause point (called on the event loop)."""
+        if self._unparked is None:
+            self._unparked = threading.Event()
+        self._unparked.clear()
         self._pause_wanted, self._pause_reason = True, reason
 
     def _resume(self) -> None:
@@ -427,7 +431,8 @@ class TaskContext:
         self._unpark()
 
     def _unpark(self) -> None:
-        self._unparked.set()
+        if self._unparked is not None:
+            self._unparked.set()
         if self._async_unparked is not None:
             self._async_unparked.set()
 

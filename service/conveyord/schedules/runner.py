@@ -22,7 +22,7 @@ from conveyord.model import UNFINISHED, Change, Task, TaskFilter
 from conveyord.schedules import rules
 from conveyord.schedules.model import NOMINAL_LABEL, SCHEDULE_LABEL, Overlap, Run, Schedule
 from conveyord.schedules.rules import Plan, RunOrder
-from conveyord.store.base import TaskStore
+from conveyord.store.base import RequestIdReused, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class ScheduleRunner:
         self, schedule: Schedule, orders: Sequence[RunOrder]
     ) -> list[tuple[Task, bool]]:
         """The runs' tasks, made from the schedule's template (or found, if made before:
-        then with False)."""
+        then with False; also when made from another template, or at another moment, such as
+        a repeated trigger)."""
         if not orders:
             return []
         template = spb.ScheduleRequest.FromString(schedule.request).task
@@ -191,7 +192,20 @@ class ScheduleRunner:
             task.task.labels[SCHEDULE_LABEL] = schedule.schedule_id
             task.task.labels[NOMINAL_LABEL] = rules.nominal_text(order.nominal)
             requests.append(task)
-        return await self.make_tasks(requests)
+        try:
+            return await self.make_tasks(requests)
+        except RequestIdReused:
+            return [await self._make_or_find(request) for request in requests]
+
+    async def _make_or_find(self, request: tpb.CreateRequest) -> tuple[Task, bool]:
+        try:
+            ((task, new),) = await self.make_tasks([request])
+        except RequestIdReused as reused:
+            found = await self.store.get(reused.task_id)
+            if found is None:
+                raise
+            return found, False
+        return task, new
 
     async def _cancel_runs(self, schedule: Schedule) -> None:
         now = self.clock()

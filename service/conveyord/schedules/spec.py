@@ -90,13 +90,13 @@ class Spec:
 
     def _next_cron(self, moment: float) -> float | None:
         """The next time of the cron expression (a daily time: its minute, then `second`)."""
-        base = datetime.fromtimestamp(moment - self.second, self.tz)
+        base = datetime.fromtimestamp(math.floor(moment - self.second), self.tz)
         try:
-            found = next(iter(CronSim(self.cron, base.replace(microsecond=0))))
+            found = next(iter(CronSim(self.cron, base)))
         except StopIteration:
             return None
         seconds = found.timestamp() + self.second
-        if seconds <= moment:  # `base` lost its fraction of a second: the same minute again
+        if seconds <= moment:  # `base` lost its fraction of a second: the same time again
             try:
                 found = next(iter(CronSim(self.cron, found)))
             except StopIteration:

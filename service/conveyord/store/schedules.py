@@ -1,13 +1,13 @@
 """Where schedules live: a small book beside the tasks, in the same store.
 
-Schedules are few and change seldom (when made, updated, paused, and when they fire), so
-the book is simple: one change at a time, made durable (`persist`) before it counts and
-before its listeners hear of it. A change is a mutation of the latest state, as for tasks.
+A change is a mutation of the latest state, as for tasks: it is applied at once (so that
+the next change builds on it), then made durable (`persist`, which a durable store batches:
+many schedules firing together make one write), and only then answered and heard of by the
+book's listeners.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,7 +50,6 @@ class ScheduleBook:
         self._request_ids: dict[str, str] = {}
         self._last_seq = 0
         self._revision = 0
-        self._lock = asyncio.Lock()  # one change at a time: each sees the one before
         self._listeners: list[Listener] = []
 
     def load(self, schedules: Sequence[Schedule]) -> None:
@@ -70,18 +69,15 @@ class ScheduleBook:
     async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
         """Keep a new schedule (its seq and revision stamped); a known request id returns
         the schedule first made with it and False (RequestIdReused for another request)."""
-        async with self._lock:
-            if schedule.request_id and schedule.request_id in self._request_ids:
-                first = self._schedules.get(self._request_ids[schedule.request_id])
-                if first is not None:
-                    if first.request_hash != schedule.request_hash:
-                        raise RequestIdReused(schedule.request_id, first.schedule_id)
-                    return first, False
-            self._last_seq += 1
-            made = await self._commit(schedule.evolve(seq=self._last_seq))
-            if made.request_id:
-                self._request_ids[made.request_id] = made.schedule_id
-            return made, True
+        if schedule.request_id and schedule.request_id in self._request_ids:
+            first = self._schedules[self._request_ids[schedule.request_id]]
+            if first.request_hash != schedule.request_hash:
+                raise RequestIdReused(schedule.request_id, first.schedule_id)
+            return first, False
+        self._last_seq += 1
+        if schedule.request_id:
+            self._request_ids[schedule.request_id] = schedule.schedule_id
+        return await self._commit(schedule.evolve(seq=self._last_seq)), True
 
     def get(self, schedule_id: str) -> Schedule | None:
         return self._schedules.get(schedule_id)
@@ -96,32 +92,30 @@ class ScheduleBook:
 
     async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
         """Apply `mutation` to the latest state (None: no change); ScheduleNotFound."""
-        async with self._lock:
-            current = self._schedules.get(schedule_id)
-            if current is None:
-                raise ScheduleNotFound(schedule_id)
-            new = mutation(current)
-            if new is None or new is current:
-                return current
-            return await self._commit(new)
+        current = self._schedules.get(schedule_id)
+        if current is None:
+            raise ScheduleNotFound(schedule_id)
+        new = mutation(current)
+        if new is None or new is current:
+            return current
+        return await self._commit(new)
 
     async def delete(self, schedule_id: str) -> Schedule:
-        async with self._lock:
-            current = self._schedules.get(schedule_id)
-            if current is None:
-                raise ScheduleNotFound(schedule_id)
-            await self._persist(schedule_id, None)
-            del self._schedules[schedule_id]
-            self._request_ids.pop(current.request_id, None)
-            for listener in list(self._listeners):
-                listener(current, True)
-            return current
+        current = self._schedules.pop(schedule_id, None)
+        if current is None:
+            raise ScheduleNotFound(schedule_id)
+        self._request_ids.pop(current.request_id, None)
+        await self._persist(schedule_id, None)
+        for listener in list(self._listeners):
+            listener(current, True)
+        return current
 
     async def _commit(self, schedule: Schedule) -> Schedule:
+        """Apply a change at once, then wait until it is durable, then tell the listeners."""
         self._revision += 1
         stamped = schedule.evolve(revision=self._revision)
-        await self._persist(stamped.schedule_id, stamped)
         self._schedules[stamped.schedule_id] = stamped
+        await self._persist(stamped.schedule_id, stamped)
         for listener in list(self._listeners):
             listener(stamped, False)
         return stamped

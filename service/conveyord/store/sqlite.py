@@ -76,6 +76,7 @@ class SqliteStore(MemoryStore):
         self._failure: Exception | None = None
         self._file_identity: tuple[int, int] | None = None
         self.schedules = ScheduleBook(self._persist_schedule)
+        self._schedule_rows: dict[str, str | None] = {}  # schedule_id: its row (None: removed)
 
     # -- opening -----------------------------------------------------------------
 
@@ -122,26 +123,11 @@ class SqliteStore(MemoryStore):
             ) from error
 
     async def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> None:
-        """Write a schedule's new state (None: its removal), on the writer's thread."""
-        if self._failure is not None:
-            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
-        data = None if schedule is None else encode_schedule(schedule)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._writer, self._write_schedule, schedule_id, data)
-        except sqlite3.Error as error:
-            raise StoreFailed(f"writing to the store failed: {error}") from error
-
-    def _write_schedule(self, schedule_id: str, data: str | None) -> None:
-        assert self._connection is not None
-        if data is None:
-            self._connection.execute("DELETE FROM schedules WHERE schedule_id = ?", (schedule_id,))
-        else:
-            self._connection.execute(
-                "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
-                (schedule_id, data),
-            )
-        self._check_file()
+        """Write a schedule's new state (None: its removal) with the batch being gathered
+        (one transaction for the tasks' and the schedules' changes), and wait until it is on
+        disk."""
+        self._schedule_rows[schedule_id] = None if schedule is None else encode_schedule(schedule)
+        await self._persist([])
 
     def _load_task_types(self) -> set[str]:
         assert self._connection is not None
@@ -188,13 +174,13 @@ class SqliteStore(MemoryStore):
     async def _write_batches(self) -> None:
         """Write gathered batches one after the other until none is left."""
         loop = asyncio.get_running_loop()
-        while self._batch:
-            batch, done = self._batch, self._batch_done
+        while self._batch or self._schedule_rows:
+            batch, done, schedules = self._batch, self._batch_done, self._schedule_rows
             assert done is not None
-            self._batch, self._batch_done = [], None
+            self._batch, self._batch_done, self._schedule_rows = [], None, {}
             state = (self._staged_revision, self._last_seq + 1, self._history.compacted)
             try:
-                await loop.run_in_executor(self._writer, self._write, batch, state)
+                await loop.run_in_executor(self._writer, self._write, batch, state, schedules)
             except Exception as error:
                 self._fail(error, done)
                 return
@@ -220,8 +206,11 @@ class SqliteStore(MemoryStore):
         self._batch, self._batch_done = [], None
         self.on_failure(error)
 
-    def _write(self, batch: list[Change], state: tuple[int, int, int]) -> None:
-        """One transaction: the tasks' new rows, the changes, the counters, the trimmed history."""
+    def _write(
+        self, batch: list[Change], state: tuple[int, int, int], schedules: dict[str, str | None]
+    ) -> None:
+        """One transaction: the tasks' new rows, the changes, the counters, the trimmed
+        history, and the schedules' new rows."""
         assert self._connection is not None
         revision, next_seq, compacted = state
         upserts: list[tuple[str, str]] = []
@@ -246,6 +235,8 @@ class SqliteStore(MemoryStore):
             )
             connection.execute("DELETE FROM changes WHERE revision <= ?", (compacted,))
             connection.execute("UPDATE state SET revision = ?, next_seq = ?", (revision, next_seq))
+            if schedules:
+                _write_schedules(connection, schedules)
             connection.execute("COMMIT")
         except BaseException:
             # A failed COMMIT may have rolled back already; a second error would hide the first.
@@ -280,6 +271,17 @@ class SqliteStore(MemoryStore):
 
 
 _ERROR_FIELDS = ("error", "last_attempt_error")
+
+
+def _write_schedules(connection: sqlite3.Connection, rows: dict[str, str | None]) -> None:
+    connection.executemany(
+        "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
+        [(key, data) for key, data in rows.items() if data is not None],
+    )
+    connection.executemany(
+        "DELETE FROM schedules WHERE schedule_id = ?",
+        [(key,) for key, data in rows.items() if data is None],
+    )
 
 
 def _encode(task: Task) -> str:
