@@ -253,6 +253,14 @@ class TaskContext:
     Safe to use from the handler's own thread (blocking handlers) and from the event loop.
     """
 
+    _inputs_taken = 0  # by wait_for_input, in order
+    _pause_wanted = False
+    _pause_reason = ""
+    # Set when a parked handler may go on; made by the first pause (on the loop's thread),
+    # as the cancel events are made when first needed.
+    _unparked: threading.Event | None = None
+    _async_unparked: asyncio.Event | None = None
+
     def __init__(
         self,
         *,
@@ -283,15 +291,10 @@ class TaskContext:
         self._loop_thread = threading.get_ident()  # made on the loop's thread
         self._sink = sink
         self._closed = False
-        self.inputs: list[dict[str, Any]] = [dict(sent) for sent in inputs]
-        self._inputs_taken = 0  # by wait_for_input, in order
+        self.inputs: list[dict[str, Any]] = [dict(sent) for sent in inputs] if inputs else []
         self._on_park = on_park
-        self._pause_wanted = False
-        self._pause_reason = ""
-        # Set when a parked handler may go on; made by the first pause (on the loop's
-        # thread), as the cancel events are made when first needed.
-        self._unparked: threading.Event | None = None
-        self._async_unparked: asyncio.Event | None = None
+        # The pause and input state starts as the class's defaults below (an attempt is made
+        # for every task, and most never pause nor wait for input).
 
     @property
     def cancel_event(self) -> threading.Event:

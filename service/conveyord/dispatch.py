@@ -297,7 +297,9 @@ class Dispatcher:
                 held.task = task  # the attempt as it stands (a Cancel's reason, say)
                 if task.cancel_requested_at is not None and held.stopped is None:
                     self._cancel_requested(held)
-                self._signal(held, task)
+                # (Rare: most attempts are never paused, nor sent input.)
+                if held.pausing or task.pause_requested_at is not None or task.inputs:
+                    self._signal(held, task)
         if task.status is TaskStatus.CREATED:
             if task.next_attempt_at is None or task.next_attempt_at <= self.clock():
                 self._pump(task.task_type)

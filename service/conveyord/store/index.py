@@ -39,10 +39,13 @@ class DispatchIndex:
 
     def changed(self, old: Task | None, new: Task | None) -> None:
         """Follow one staged change: `old` became `new` (None: created, or removed)."""
-        due = _wait_deadline(new) if new is not None else None
-        if new is not None and due is not None:
-            self._waits.set(new.task_id, due)
-        elif old is not None and _wait_deadline(old) is not None:
+        # (Most tasks have neither deadline: two attribute reads each settle it.)
+        due = None
+        if new is not None and (new.start_deadline or new.input_deadline) is not None:
+            due = _wait_deadline(new)
+        if due is not None:
+            self._waits.set(new.task_id, due)  # type: ignore[union-attr]
+        elif old is not None and (old.start_deadline or old.input_deadline) is not None:
             self._waits.drop(old.task_id)
         if new is not None and new.lease_expires_at is not None and new.status in LEASED:
             self._leases.set(new.task_id, new.lease_expires_at, new.lease_id)

@@ -88,7 +88,7 @@ class LocalWorker:
             max_attempts=task.max_attempts,
             loop=loop,
             sink=lambda changes: self._report(attempt, changes),
-            inputs=[sent.data for sent in task.inputs],
+            inputs=[sent.data for sent in task.inputs] if task.inputs else (),
             on_park=lambda: self._park(attempt),
         )
         attempt = _Attempt(task, context)
