@@ -27,6 +27,7 @@ from conveyord.store.base import RequestIdReused, TaskStore
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = 1.0  # seconds before a schedule whose runs could not be made is tried again
+FIRE_BATCH = 200  # schedules fired together (their runs one batch of tasks): a few ms of work
 # Makes tasks from validated CreateRequests: each task, and whether it is new.
 MakeTasks = Callable[[Sequence[tpb.CreateRequest]], Awaitable[list[tuple[Task, bool]]]]
 
@@ -94,8 +95,9 @@ class ScheduleRunner:
         due: set[str] = set()
         while self._heap and self._heap[0][0] <= now:
             due.add(heapq.heappop(self._heap)[1])
-        for schedule_id in due:
-            self._in_background(self.fire(schedule_id))
+        ordered = sorted(due)
+        for start in range(0, len(ordered), FIRE_BATCH):
+            self._in_background(self._fire_together(ordered[start : start + FIRE_BATCH]))
         self._arm()
 
     def _schedule_changed(self, schedule: Schedule, removed: bool) -> None:
@@ -131,6 +133,60 @@ class ScheduleRunner:
                     heapq.heappush(self._heap, (self.clock() + RETRY_AFTER, schedule_id))
                     self._arm()
                     return
+
+    async def _fire_together(self, schedule_ids: list[str]) -> None:
+        """Fire the schedules that fell due at one moment: their runs are made as one batch
+        of tasks (as a BatchCreate: one write for all), then each schedule records its plan.
+        A schedule being fired by a call of its own is left to that call."""
+        while schedule_ids:
+            plans: list[Plan] = []
+            held: list[asyncio.Lock] = []
+            for schedule_id in schedule_ids:
+                lock, schedule = self._lock(schedule_id), self.book.get(schedule_id)
+                if lock.locked() or schedule is None:
+                    continue
+                await lock.acquire()  # free, so taken at once
+                held.append(lock)
+                running = await self.running(schedule)
+                plan = rules.plan(schedule, self.clock(), running, self.started_at)
+                if plan is not None:
+                    plans.append(plan)
+            try:
+                if not await self._carry_out_together(plans):
+                    for plan in plans:
+                        heapq.heappush(
+                            self._heap, (self.clock() + RETRY_AFTER, plan.before.schedule_id)
+                        )
+                    self._arm()
+                    return
+            finally:
+                for lock in held:
+                    lock.release()
+            now = self.clock()
+            schedule_ids = [
+                plan.before.schedule_id
+                for plan in plans
+                if (latest := self.book.get(plan.before.schedule_id)) is not None
+                and rules.due(latest, now)
+            ]  # those with more times due than one plan deals with
+
+    async def _carry_out_together(self, plans: Sequence[Plan]) -> bool:
+        for plan in plans:
+            if plan.cancel_running:
+                await self._cancel_runs(plan.before)
+        requests = [self._run_requests(plan.before, plan.runs) for plan in plans]
+        try:
+            made = await self._make([request for each in requests for request in each])
+        except ConveyorError as error:  # the queue is full, the store failed, or shutting down
+            log.warning("%d schedules: their runs could not be made: %s", len(plans), error)
+            return False
+        start = 0
+        records = []
+        for plan, each in zip(plans, requests, strict=True):
+            records.append(self._record(plan, made[start : start + len(each)]))
+            start += len(each)
+        await asyncio.gather(*records)
+        return True
 
     async def _release(self, schedule_id: str) -> None:
         async with self._lock(schedule_id):
@@ -183,6 +239,12 @@ class ScheduleRunner:
         """The runs' tasks, made from the schedule's template (or found, if made before:
         then with False; also when made from another template, or at another moment, such as
         a repeated trigger)."""
+        return await self._make(self._run_requests(schedule, orders))
+
+    def _run_requests(
+        self, schedule: Schedule, orders: Sequence[RunOrder]
+    ) -> list[tpb.CreateRequest]:
+        """The CreateRequests of a schedule's runs: its template, labelled, with their keys."""
         if not orders:
             return []
         template = spb.ScheduleRequest.FromString(schedule.request).task
@@ -192,6 +254,13 @@ class ScheduleRunner:
             task.task.labels[SCHEDULE_LABEL] = schedule.schedule_id
             task.task.labels[NOMINAL_LABEL] = rules.nominal_text(order.nominal)
             requests.append(task)
+        return requests
+
+    async def _make(self, requests: list[tpb.CreateRequest]) -> list[tuple[Task, bool]]:
+        """Make the tasks together; one by one if one of them was made before from another
+        request (a changed template, or a repeated trigger), which is then found."""
+        if not requests:
+            return []
         try:
             return await self.make_tasks(requests)
         except RequestIdReused:

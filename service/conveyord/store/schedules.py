@@ -122,10 +122,17 @@ class ScheduleBook:
 
 
 def encode(schedule: Schedule) -> str:
-    """A schedule as a JSON object of its fields."""
-    record: dict[str, Any] = dataclasses.asdict(schedule)
+    """A schedule as a JSON object of its fields (built field by field: a schedule is
+    written each time it fires, and `dataclasses.asdict` copies deeply)."""
+    record: dict[str, Any] = {name: getattr(schedule, name) for name in _FIELDS}
     record["request"] = schedule.request.hex()
     record["request_hash"] = schedule.request_hash.hex()
+    record["spec"] = {name: getattr(schedule.spec, name) for name in _SPEC_FIELDS}
+    policy = schedule.policy
+    record["policy"] = [int(policy.overlap), policy.catchup_window, policy.catchup_limit]
+    record["buffer"] = list(schedule.buffer)
+    last = schedule.last_run
+    record["last_run"] = None if last is None else [last.nominal, last.made_at, last.task_id]
     return json.dumps(record, separators=(",", ":"))
 
 
@@ -134,8 +141,12 @@ def decode(data: str) -> Schedule:
     record["request"] = bytes.fromhex(record["request"])
     record["request_hash"] = bytes.fromhex(record["request_hash"])
     record["spec"] = Spec(**record["spec"])
-    policy = record["policy"]
-    record["policy"] = Policy(Overlap(policy["overlap"]), *list(policy.values())[1:])
+    overlap, window, limit = record["policy"]
+    record["policy"] = Policy(Overlap(overlap), window, limit)
     record["buffer"] = tuple(record["buffer"])
-    record["last_run"] = Run(**record["last_run"]) if record["last_run"] else None
+    record["last_run"] = Run(*record["last_run"]) if record["last_run"] else None
     return Schedule(**record)
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(Schedule))
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(Spec))
