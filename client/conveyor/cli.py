@@ -454,6 +454,20 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     )
 
 
+def _params(parser: argparse.ArgumentParser, what: str) -> None:
+    """`-p KEY=VALUE`, repeatable: the fields of a JSON object (parameters, an input)."""
+    parser.add_argument(
+        "-p",
+        "--param",
+        dest="params",
+        metavar="KEY=VALUE",
+        type=_parameter,
+        action="append",
+        default=[],
+        help=f"{what}; VALUE is JSON when it parses as JSON (2, true, [1,2]), else a string",
+    )
+
+
 def _labels(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--label",
@@ -518,16 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         "description, request_id, start_at (ISO 8601 with its zone), start_after_seconds and "
         "queue_timeout_seconds",
     )
-    create.add_argument(
-        "-p",
-        "--param",
-        dest="params",
-        metavar="KEY=VALUE",
-        type=_parameter,
-        action="append",
-        default=[],
-        help="a parameter; VALUE is JSON when it parses as JSON (2, true, [1,2]), else a string",
-    )
+    _params(create, "a parameter")
     create.add_argument(
         "--json-params", metavar="FILE", help="parameters from a JSON object in FILE (- for stdin)"
     )
@@ -629,16 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         "send", _send, "send an input to a task: a task waiting for input runs on with it"
     )
     send.add_argument("task_id", metavar="ID", help=ID_HELP)
-    send.add_argument(
-        "-p",
-        "--param",
-        dest="params",
-        metavar="KEY=VALUE",
-        type=_parameter,
-        action="append",
-        default=[],
-        help="a field of the input; VALUE is JSON when it parses as JSON, else a string",
-    )
+    _params(send, "a field of the input")
     send.add_argument(
         "--json-input",
         metavar="FILE",
