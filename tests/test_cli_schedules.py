@@ -46,6 +46,8 @@ def test_a_schedule_from_create_to_delete(
     got = conveyor("schedule", "get", schedule_id[:8])
     assert "next run" in got.out and ("CET" in got.out or "CEST" in got.out)
     assert schedule_id[:8] in conveyor("schedule", "list").out
+    assert schedule_id[:8] in conveyor("schedule", "list", "--label", "team=data").out
+    assert schedule_id[:8] not in conveyor("schedule", "list", "--type", "sleep").out
     paused = conveyor("schedule", "pause", schedule_id, "--note", "holidays")
     assert "paused: holidays" in paused.out
     assert "active" in conveyor("schedule", "unpause", schedule_id).out

@@ -372,6 +372,18 @@ async def test_create_is_idempotent_and_list_get_delete_work(stubs: Stubs) -> No
     )
     assert [s.schedule_id for s in rest.schedules] == [two.schedule_id]
     assert not rest.next_page_token
+    labelled = every(60)
+    labelled.task.labels["team"] = "data"
+    three = await make(stubs, labelled)
+    mine = await stubs.schedules.ListSchedules(
+        spb.ListSchedulesRequest(labels={"team": "data"}, page_size=1)
+    )
+    assert [s.schedule_id for s in mine.schedules] == [three.schedule_id]
+    with pytest.raises(grpc.aio.AioRpcError) as other_filter:
+        await stubs.schedules.ListSchedules(
+            spb.ListSchedulesRequest(task_type="echo", page_token=page.next_page_token)
+        )
+    assert "page_token" in field_violations(other_filter.value)
     await stubs.schedules.DeleteSchedule(spb.DeleteScheduleRequest(schedule_id=one.schedule_id))
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await get(stubs, one.schedule_id)

@@ -42,7 +42,12 @@ def add_commands(
     update.add_argument("schedule_id", metavar="ID", help=ID_HELP)
     update.add_argument("task_type", metavar="TYPE", help="the type of the task each run creates")
     _spec_options(update, parse)
-    action("list", _list, "list the schedules, oldest first")
+    listing = action("list", _list, "list the schedules, oldest first")
+    listing.add_argument("--type", metavar="TYPE", help="only those whose runs have this type")
+    listing.add_argument(
+        "--label", dest="labels", metavar="KEY=VALUE", type=parse["label"], action="append",
+        default=[], help="only those whose runs carry this label; repeat for several",
+    )  # fmt: skip
     for name, run, help in [
         ("get", _get, "show a schedule: its next run times, last run and counters"),
         ("unpause", _unpause, "run a paused schedule again, from now on"),
@@ -131,7 +136,7 @@ def _get(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace, out: Output) -> int:
-    schedules = list(client.schedules.list())
+    schedules = list(client.schedules.list(task_type=args.type, labels=dict(args.labels)))
     if out.json_lines:
         for schedule in schedules:
             out._json(schedule_json(schedule))

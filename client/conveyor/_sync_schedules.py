@@ -108,9 +108,16 @@ class Schedules:
         response = self._client._call(self._stub.GetSchedule, request, timeout, retry=True)
         return Schedule._from_proto(response.schedule)
 
-    def list(self, *, timeout: float | None = None) -> Iterator[Schedule]:
-        """Every schedule, oldest first, a page at a time as you iterate."""
-        request = pb.ListSchedulesRequest(page_size=1000)
+    def list(
+        self,
+        *,
+        task_type: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Schedule]:
+        """Every schedule (whose runs have `task_type` and carry all of `labels`, if given),
+        oldest first, a page at a time as you iterate."""
+        request = pb.ListSchedulesRequest(page_size=1000, task_type=task_type or "", labels=labels)
         while True:
             page = self._client._call(self._stub.ListSchedules, request, timeout, retry=True)
             for schedule in page.schedules:

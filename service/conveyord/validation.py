@@ -243,16 +243,16 @@ def check_create(
     _create(checker, request, known, prefix, now)
 
 
-def page_token(after_seq: int) -> str:
-    """A page token of a list without a filter (schedules), after `after_seq`."""
-    return _encode_token(after_seq, TaskFilter())
+def page_token(after_seq: int, task_filter: TaskFilter) -> str:
+    """A page token of another list (schedules), after `after_seq`, for `task_filter`."""
+    return _encode_token(after_seq, task_filter)
 
 
-def after_page_token(checker: Checker, token: str) -> int:
-    """Where a page token of a list without a filter continues from (0 for none)."""
+def after_page_token(checker: Checker, token: str, task_filter: TaskFilter) -> int:
+    """Where a page token of another list continues from (0 for none)."""
     if not token:
         return 0
-    decoded = _decode_token(token, TaskFilter())
+    decoded = _decode_token(token, task_filter)
     if isinstance(decoded, str):
         checker.fail("page_token", decoded)
         return 0
@@ -350,6 +350,11 @@ def _value_depth(value: struct_pb2.Value) -> int:
     if kind == "list_value":
         return 1 + max((_value_depth(item) for item in value.list_value.values), default=0)
     return 0
+
+
+def check_labels(checker: Checker, labels: Any, field: str) -> None:
+    """Labels as a TaskRequest takes them (a filter of another list, say)."""
+    _labels(checker, labels, field)
 
 
 def _labels(checker: Checker, labels: Any, field: str) -> None:

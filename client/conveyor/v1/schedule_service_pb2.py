@@ -27,17 +27,19 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/schedule_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x0cIntervalSpec\x12(\n\x05\x65very\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05phase\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\tDailySpec\x12\x0c\n\x04hour\x18\x01 \x01(\x05\x12\x0e\n\x06minute\x18\x02 \x01(\x05\x12\x0e\n\x06second\x18\x03 \x01(\x05\"\xba\x02\n\x0cScheduleSpec\x12-\n\x08interval\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.IntervalSpecH\x00\x12\'\n\x05\x64\x61ily\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.DailySpecH\x00\x12\x0e\n\x04\x63ron\x18\x03 \x01(\tH\x00\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12,\n\x08start_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06jitter\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x08max_runs\x18\x08 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04whenB\x0b\n\t_max_runs\"\x9e\x01\n\x0eSchedulePolicy\x12+\n\x07overlap\x18\x01 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x31\n\x0e\x63\x61tchup_window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\rcatchup_limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_catchup_limit\"\xa4\x01\n\x0fScheduleRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\x12&\n\x04task\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12+\n\x06policy\x18\x03 \x01(\x0b\x32\x1b.conveyor.v1.SchedulePolicy\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"}\n\x0bScheduleRun\x12\x30\n\x0cnominal_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07made_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"\xf5\x01\n\x0cScheduleInfo\x12\x32\n\x0enext_run_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08last_run\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.ScheduleRun\x12\x11\n\trun_count\x18\x03 \x01(\x03\x12\x18\n\x10running_task_ids\x18\x04 \x03(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x16\n\x0e\x62uffer_dropped\x18\x06 \x01(\x03\x12\x0e\n\x06missed\x18\x07 \x01(\x03\x12\x10\n\x08\x62uffered\x18\x08 \x01(\x05\x12\r\n\x05\x65nded\x18\t \x01(\x08\"\xf6\x01\n\x08Schedule\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12.\n\x08schedule\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\'\n\x04info\x18\x05 \x01(\x0b\x32\x19.conveyor.v1.ScheduleInfo\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x15\x43reateScheduleRequest\x12.\n\x08schedule\x18\x01 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\")\n\x12GetScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x15UpdateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12.\n\x08schedule\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\",\n\x15\x44\x65leteScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"9\n\x14PauseScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"@\n\x15PauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"-\n\x16UnpauseScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"B\n\x17UnpauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"n\n\x16TriggerScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12+\n\x07overlap\x18\x02 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"k\n\x17TriggerScheduleResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\xb5\x01\n\x17\x42\x61\x63kfillScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12,\n\x08start_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07overlap\x18\x04 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\"m\n\x18\x42\x61\x63kfillScheduleResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\x17\n\x15WatchSchedulesRequest\"o\n\x16WatchSchedulesResponse\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.conveyor.v1.ScheduleEventType\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule*\xc5\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x01\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ALL\x10\x03\x12\x1f\n\x1bOVERLAP_POLICY_CANCEL_OTHER\x10\x04\x12\x1c\n\x18OVERLAP_POLICY_ALLOW_ALL\x10\x05*\xbe\x01\n\x11ScheduleEventType\x12#\n\x1fSCHEDULE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_CURRENT\x10\x01\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_CHANGED\x10\x02\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_REMOVED\x10\x03\x12!\n\x1dSCHEDULE_EVENT_TYPE_HEARTBEAT\x10\x04\x32\x9e\x07\n\x0fScheduleService\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12V\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\x12\\\n\x0fUnpauseSchedule\x12#.conveyor.v1.UnpauseScheduleRequest\x1a$.conveyor.v1.UnpauseScheduleResponse\x12\\\n\x0fTriggerSchedule\x12#.conveyor.v1.TriggerScheduleRequest\x1a$.conveyor.v1.TriggerScheduleResponse\x12_\n\x10\x42\x61\x63kfillSchedule\x12$.conveyor.v1.BackfillScheduleRequest\x1a%.conveyor.v1.BackfillScheduleResponse\x12[\n\x0eWatchSchedules\x12\".conveyor.v1.WatchSchedulesRequest\x1a#.conveyor.v1.WatchSchedulesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"conveyor/v1/schedule_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x0cIntervalSpec\x12(\n\x05\x65very\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05phase\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\tDailySpec\x12\x0c\n\x04hour\x18\x01 \x01(\x05\x12\x0e\n\x06minute\x18\x02 \x01(\x05\x12\x0e\n\x06second\x18\x03 \x01(\x05\"\xba\x02\n\x0cScheduleSpec\x12-\n\x08interval\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.IntervalSpecH\x00\x12\'\n\x05\x64\x61ily\x18\x02 \x01(\x0b\x32\x16.conveyor.v1.DailySpecH\x00\x12\x0e\n\x04\x63ron\x18\x03 \x01(\tH\x00\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12,\n\x08start_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06jitter\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x08max_runs\x18\x08 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04whenB\x0b\n\t_max_runs\"\x9e\x01\n\x0eSchedulePolicy\x12+\n\x07overlap\x18\x01 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x31\n\x0e\x63\x61tchup_window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\rcatchup_limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_catchup_limit\"\xa4\x01\n\x0fScheduleRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.ScheduleSpec\x12&\n\x04task\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12+\n\x06policy\x18\x03 \x01(\x0b\x32\x1b.conveyor.v1.SchedulePolicy\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"}\n\x0bScheduleRun\x12\x30\n\x0cnominal_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07made_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"\xf5\x01\n\x0cScheduleInfo\x12\x32\n\x0enext_run_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08last_run\x18\x02 \x01(\x0b\x32\x18.conveyor.v1.ScheduleRun\x12\x11\n\trun_count\x18\x03 \x01(\x03\x12\x18\n\x10running_task_ids\x18\x04 \x03(\t\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x16\n\x0e\x62uffer_dropped\x18\x06 \x01(\x03\x12\x0e\n\x06missed\x18\x07 \x01(\x03\x12\x10\n\x08\x62uffered\x18\x08 \x01(\x05\x12\r\n\x05\x65nded\x18\t \x01(\x08\"\xf6\x01\n\x08Schedule\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12.\n\x08schedule\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\x12\x0e\n\x06paused\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\'\n\x04info\x18\x05 \x01(\x0b\x32\x19.conveyor.v1.ScheduleInfo\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x15\x43reateScheduleRequest\x12.\n\x08schedule\x18\x01 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x16\x43reateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\")\n\x12GetScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\">\n\x13GetScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\xbe\x01\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12=\n\x06labels\x18\x04 \x03(\x0b\x32-.conveyor.v1.ListSchedulesRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x15ListSchedulesResponse\x12(\n\tschedules\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x15UpdateScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12.\n\x08schedule\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.ScheduleRequest\"A\n\x16UpdateScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\",\n\x15\x44\x65leteScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"9\n\x14PauseScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"@\n\x15PauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"-\n\x16UnpauseScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\"B\n\x17UnpauseScheduleResponse\x12\'\n\x08schedule\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"n\n\x16TriggerScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12+\n\x07overlap\x18\x02 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"k\n\x17TriggerScheduleResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\xb5\x01\n\x17\x42\x61\x63kfillScheduleRequest\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12,\n\x08start_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07overlap\x18\x04 \x01(\x0e\x32\x1a.conveyor.v1.OverlapPolicy\"m\n\x18\x42\x61\x63kfillScheduleResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule\"\x17\n\x15WatchSchedulesRequest\"o\n\x16WatchSchedulesResponse\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.conveyor.v1.ScheduleEventType\x12\'\n\x08schedule\x18\x02 \x01(\x0b\x32\x15.conveyor.v1.Schedule*\xc5\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x01\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ALL\x10\x03\x12\x1f\n\x1bOVERLAP_POLICY_CANCEL_OTHER\x10\x04\x12\x1c\n\x18OVERLAP_POLICY_ALLOW_ALL\x10\x05*\xbe\x01\n\x11ScheduleEventType\x12#\n\x1fSCHEDULE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_CURRENT\x10\x01\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_CHANGED\x10\x02\x12\x1f\n\x1bSCHEDULE_EVENT_TYPE_REMOVED\x10\x03\x12!\n\x1dSCHEDULE_EVENT_TYPE_HEARTBEAT\x10\x04\x32\x9e\x07\n\x0fScheduleService\x12Y\n\x0e\x43reateSchedule\x12\".conveyor.v1.CreateScheduleRequest\x1a#.conveyor.v1.CreateScheduleResponse\x12P\n\x0bGetSchedule\x12\x1f.conveyor.v1.GetScheduleRequest\x1a .conveyor.v1.GetScheduleResponse\x12V\n\rListSchedules\x12!.conveyor.v1.ListSchedulesRequest\x1a\".conveyor.v1.ListSchedulesResponse\x12Y\n\x0eUpdateSchedule\x12\".conveyor.v1.UpdateScheduleRequest\x1a#.conveyor.v1.UpdateScheduleResponse\x12Y\n\x0e\x44\x65leteSchedule\x12\".conveyor.v1.DeleteScheduleRequest\x1a#.conveyor.v1.DeleteScheduleResponse\x12V\n\rPauseSchedule\x12!.conveyor.v1.PauseScheduleRequest\x1a\".conveyor.v1.PauseScheduleResponse\x12\\\n\x0fUnpauseSchedule\x12#.conveyor.v1.UnpauseScheduleRequest\x1a$.conveyor.v1.UnpauseScheduleResponse\x12\\\n\x0fTriggerSchedule\x12#.conveyor.v1.TriggerScheduleRequest\x1a$.conveyor.v1.TriggerScheduleResponse\x12_\n\x10\x42\x61\x63kfillSchedule\x12$.conveyor.v1.BackfillScheduleRequest\x1a%.conveyor.v1.BackfillScheduleResponse\x12[\n\x0eWatchSchedules\x12\".conveyor.v1.WatchSchedulesRequest\x1a#.conveyor.v1.WatchSchedulesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.schedule_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OVERLAPPOLICY']._serialized_start=3118
-  _globals['_OVERLAPPOLICY']._serialized_end=3315
-  _globals['_SCHEDULEEVENTTYPE']._serialized_start=3318
-  _globals['_SCHEDULEEVENTTYPE']._serialized_end=3508
+  _globals['_LISTSCHEDULESREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_LISTSCHEDULESREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_OVERLAPPOLICY']._serialized_start=3248
+  _globals['_OVERLAPPOLICY']._serialized_end=3445
+  _globals['_SCHEDULEEVENTTYPE']._serialized_start=3448
+  _globals['_SCHEDULEEVENTTYPE']._serialized_end=3638
   _globals['_INTERVALSPEC']._serialized_start=140
   _globals['_INTERVALSPEC']._serialized_end=238
   _globals['_DAILYSPEC']._serialized_start=240
@@ -62,38 +64,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSCHEDULEREQUEST']._serialized_end=1769
   _globals['_GETSCHEDULERESPONSE']._serialized_start=1771
   _globals['_GETSCHEDULERESPONSE']._serialized_end=1833
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1835
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1896
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1898
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1988
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1990
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=2082
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=2084
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=2149
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=2151
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=2195
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=2197
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=2221
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=2223
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=2280
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=2282
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2346
-  _globals['_UNPAUSESCHEDULEREQUEST']._serialized_start=2348
-  _globals['_UNPAUSESCHEDULEREQUEST']._serialized_end=2393
-  _globals['_UNPAUSESCHEDULERESPONSE']._serialized_start=2395
-  _globals['_UNPAUSESCHEDULERESPONSE']._serialized_end=2461
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=2463
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=2573
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=2575
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=2682
-  _globals['_BACKFILLSCHEDULEREQUEST']._serialized_start=2685
-  _globals['_BACKFILLSCHEDULEREQUEST']._serialized_end=2866
-  _globals['_BACKFILLSCHEDULERESPONSE']._serialized_start=2868
-  _globals['_BACKFILLSCHEDULERESPONSE']._serialized_end=2977
-  _globals['_WATCHSCHEDULESREQUEST']._serialized_start=2979
-  _globals['_WATCHSCHEDULESREQUEST']._serialized_end=3002
-  _globals['_WATCHSCHEDULESRESPONSE']._serialized_start=3004
-  _globals['_WATCHSCHEDULESRESPONSE']._serialized_end=3115
-  _globals['_SCHEDULESERVICE']._serialized_start=3511
-  _globals['_SCHEDULESERVICE']._serialized_end=4437
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1836
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=2026
+  _globals['_LISTSCHEDULESREQUEST_LABELSENTRY']._serialized_start=1981
+  _globals['_LISTSCHEDULESREQUEST_LABELSENTRY']._serialized_end=2026
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=2028
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=2118
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=2120
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=2212
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=2214
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=2279
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=2281
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=2325
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=2327
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=2351
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=2353
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=2410
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=2412
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2476
+  _globals['_UNPAUSESCHEDULEREQUEST']._serialized_start=2478
+  _globals['_UNPAUSESCHEDULEREQUEST']._serialized_end=2523
+  _globals['_UNPAUSESCHEDULERESPONSE']._serialized_start=2525
+  _globals['_UNPAUSESCHEDULERESPONSE']._serialized_end=2591
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=2593
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=2703
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=2705
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=2812
+  _globals['_BACKFILLSCHEDULEREQUEST']._serialized_start=2815
+  _globals['_BACKFILLSCHEDULEREQUEST']._serialized_end=2996
+  _globals['_BACKFILLSCHEDULERESPONSE']._serialized_start=2998
+  _globals['_BACKFILLSCHEDULERESPONSE']._serialized_end=3107
+  _globals['_WATCHSCHEDULESREQUEST']._serialized_start=3109
+  _globals['_WATCHSCHEDULESREQUEST']._serialized_end=3132
+  _globals['_WATCHSCHEDULESRESPONSE']._serialized_start=3134
+  _globals['_WATCHSCHEDULESRESPONSE']._serialized_end=3245
+  _globals['_SCHEDULESERVICE']._serialized_start=3641
+  _globals['_SCHEDULESERVICE']._serialized_end=4567
 # @@protoc_insertion_point(module_scope)

@@ -167,9 +167,11 @@ class ScheduleServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSchedules(self, request, context):
-        """Schedules, oldest first, a page at a time.
+        """Schedules, oldest first, a page at a time; those whose task type and labels match, if
+        asked.
 
-        Codes: OK; INVALID_ARGUMENT (a bad page size or token).
+        Codes: OK; INVALID_ARGUMENT (a bad page size, a bad filter, or a token of another
+        filter).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,9 +75,11 @@ class ScheduleServiceStub:
     Codes: OK; INVALID_ARGUMENT (schedule_id is not a UUID); NOT_FOUND.
     """
     ListSchedules: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]
-    """Schedules, oldest first, a page at a time.
+    """Schedules, oldest first, a page at a time; those whose task type and labels match, if
+    asked.
 
-    Codes: OK; INVALID_ARGUMENT (a bad page size or token).
+    Codes: OK; INVALID_ARGUMENT (a bad page size, a bad filter, or a token of another
+    filter).
     """
     UpdateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateScheduleRequest, _schedule_service_pb2.UpdateScheduleResponse]
     """Replaces a schedule's spec, task template and policy. Its counters, its run count
@@ -175,9 +177,11 @@ class ScheduleServiceAsyncStub(ScheduleServiceStub):
     Codes: OK; INVALID_ARGUMENT (schedule_id is not a UUID); NOT_FOUND.
     """
     ListSchedules: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
-    """Schedules, oldest first, a page at a time.
+    """Schedules, oldest first, a page at a time; those whose task type and labels match, if
+    asked.
 
-    Codes: OK; INVALID_ARGUMENT (a bad page size or token).
+    Codes: OK; INVALID_ARGUMENT (a bad page size, a bad filter, or a token of another
+    filter).
     """
     UpdateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateScheduleRequest, _schedule_service_pb2.UpdateScheduleResponse]  # type: ignore[assignment]
     """Replaces a schedule's spec, task template and policy. Its counters, its run count
@@ -290,9 +294,11 @@ class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _schedule_service_pb2.ListSchedulesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_schedule_service_pb2.ListSchedulesResponse, _abc.Awaitable[_schedule_service_pb2.ListSchedulesResponse]]:
-        """Schedules, oldest first, a page at a time.
+        """Schedules, oldest first, a page at a time; those whose task type and labels match, if
+        asked.
 
-        Codes: OK; INVALID_ARGUMENT (a bad page size or token).
+        Codes: OK; INVALID_ARGUMENT (a bad page size, a bad filter, or a token of another
+        filter).
         """
 
     @_abc_1.abstractmethod

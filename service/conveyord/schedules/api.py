@@ -83,12 +83,21 @@ class ScheduleServiceApi:
         return pb.GetScheduleResponse(schedule=await self.message(schedule)).SerializeToString()
 
     async def list(self, request: pb.ListSchedulesRequest) -> bytes:
-        after, size = requests.page(request)
-        found = self.book.page(after, size + 1)
+        after, size, wanted = requests.page(request)
+
+        def matches(schedule: Schedule) -> bool:
+            if not (wanted.task_type or wanted.labels):
+                return True
+            task = pb.ScheduleRequest.FromString(schedule.request).task
+            if wanted.task_type and task.task_type != wanted.task_type:
+                return False
+            return all(task.labels.get(k) == v for k, v in wanted.labels.items())
+
+        found = self.book.page(after, size + 1, matches)
         page = found[:size]
         answer = pb.ListSchedulesResponse(schedules=[await self.message(s) for s in page])
         if len(found) > size:
-            answer.next_page_token = page_token(page[-1].seq)
+            answer.next_page_token = page_token(page[-1].seq, wanted)
         return answer.SerializeToString()
 
     async def update(self, request: pb.UpdateScheduleRequest) -> bytes:

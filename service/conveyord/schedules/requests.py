@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as tpb
 from conveyord.limits import MAX_WAIT_SECONDS
+from conveyord.model import TaskFilter
 from conveyord.schedules.model import Overlap, Policy
 from conveyord.schedules.spec import Spec, SpecError, daily_cron, zone
 from conveyord.validation import (
@@ -23,6 +24,7 @@ from conveyord.validation import (
     KnownTypes,
     after_page_token,
     check_create,
+    check_labels,
     task_id_in,
 )
 
@@ -163,15 +165,18 @@ def note(value: str) -> str:
     return value
 
 
-def page(request: spb.ListSchedulesRequest) -> tuple[int, int]:
-    """(after_seq, page_size) of a ListSchedulesRequest."""
+def page(request: spb.ListSchedulesRequest) -> tuple[int, int, TaskFilter]:
+    """(after_seq, page_size, the filter of the runs' type and labels) of a
+    ListSchedulesRequest."""
     checker = Checker()
     size = request.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         checker.fail("page_size", f"must be between 0 and {MAX_PAGE_SIZE}, not {request.page_size}")
-    after = after_page_token(checker, request.page_token)
+    check_labels(checker, request.labels, "labels")
+    wanted = TaskFilter(task_type=request.task_type, labels=dict(request.labels))
+    after = after_page_token(checker, request.page_token, wanted)
     checker.done()
-    return after, size
+    return after, size, wanted
 
 
 def window(request: spb.BackfillScheduleRequest) -> tuple[float, float]:

@@ -86,9 +86,11 @@ class ScheduleBook:
         """Every schedule, oldest first."""
         return sorted(self._schedules.values(), key=lambda s: s.seq)
 
-    def page(self, after_seq: int, limit: int) -> list[Schedule]:
-        """Up to `limit` schedules made after `after_seq`, oldest first."""
-        return [s for s in self.all() if s.seq > after_seq][:limit]
+    def page(
+        self, after_seq: int, limit: int, wanted: Callable[[Schedule], bool] = lambda s: True
+    ) -> list[Schedule]:
+        """Up to `limit` schedules made after `after_seq` that are `wanted`, oldest first."""
+        return [s for s in self.all() if s.seq > after_seq and wanted(s)][:limit]
 
     async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
         """Apply `mutation` to the latest state (None: no change); ScheduleNotFound."""
