@@ -33,9 +33,9 @@ class ScheduleServiceStub:
     schedule's id) and `conveyor/nominal-time` (the time it stands for, RFC 3339 in UTC), and
     created with the request id `schedule:<schedule id>:<nominal time>`: a run is made at
     most once per nominal time, however many servers run schedules on one store and however
-    often they restart, with no leader. A run is decided before it is made, and the
-    decision is kept with the schedule, so a server that stops between the two makes it
-    when it starts again: no run is lost either.
+    often they restart, with no leader. A run is made before its schedule records it, so a
+    server that stops between the two makes it again when it starts (and finds the task it
+    made): no run is lost either.
 
     When a run falls due while the schedule's previous run has not ended, the schedule's
     overlap policy decides; every run that is not made is counted with its reason
@@ -122,9 +122,9 @@ class ScheduleServiceServicer:
     schedule's id) and `conveyor/nominal-time` (the time it stands for, RFC 3339 in UTC), and
     created with the request id `schedule:<schedule id>:<nominal time>`: a run is made at
     most once per nominal time, however many servers run schedules on one store and however
-    often they restart, with no leader. A run is decided before it is made, and the
-    decision is kept with the schedule, so a server that stops between the two makes it
-    when it starts again: no run is lost either.
+    often they restart, with no leader. A run is made before its schedule records it, so a
+    server that stops between the two makes it again when it starts (and finds the task it
+    made): no run is lost either.
 
     When a run falls due while the schedule's previous run has not ended, the schedule's
     overlap policy decides; every run that is not made is counted with its reason
@@ -322,9 +322,9 @@ class ScheduleService:
     schedule's id) and `conveyor/nominal-time` (the time it stands for, RFC 3339 in UTC), and
     created with the request id `schedule:<schedule id>:<nominal time>`: a run is made at
     most once per nominal time, however many servers run schedules on one store and however
-    often they restart, with no leader. A run is decided before it is made, and the
-    decision is kept with the schedule, so a server that stops between the two makes it
-    when it starts again: no run is lost either.
+    often they restart, with no leader. A run is made before its schedule records it, so a
+    server that stops between the two makes it again when it starts (and finds the task it
+    made): no run is lost either.
 
     When a run falls due while the schedule's previous run has not ended, the schedule's
     overlap policy decides; every run that is not made is counted with its reason
