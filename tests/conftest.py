@@ -88,7 +88,15 @@ class ServerThread:
             self.loop.close()
 
 
-SERVER_SETTINGS = ("history_size", "history_age", "store", "watch_buffer", "workers")
+SERVER_SETTINGS = (
+    "history_size",
+    "history_age",
+    "store",
+    "watch_buffer",
+    "workers",
+    "tls",
+    "insecure",
+)
 
 
 def server_config(**settings: Any) -> ServerConfig:

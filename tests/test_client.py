@@ -663,6 +663,7 @@ def test_the_public_names_are_pinned() -> None:
         "TaskEvent",
         "TaskFailed",
         "TaskStatus",
+        "Tls",
         "Unauthenticated",
         "Unavailable",
         "WaitTimeout",

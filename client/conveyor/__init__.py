@@ -29,6 +29,7 @@ from conveyor.errors import (
 from conveyor.handlers import TaskContext, handler
 from conveyor.schedules import Overlap, Schedule, ScheduleEvent, ScheduleEventKind, ScheduleRun
 from conveyor.tasks import EventKind, InputSent, Task, TaskError, TaskEvent, TaskStatus
+from conveyor.tls import Tls
 
 __all__ = [
     "AlreadyExists",
@@ -58,6 +59,7 @@ __all__ = [
     "TaskEvent",
     "TaskFailed",
     "TaskStatus",
+    "Tls",
     "Unauthenticated",
     "Unavailable",
     "WaitTimeout",

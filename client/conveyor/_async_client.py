@@ -17,6 +17,7 @@ from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
+from conveyor.tls import Tls, credentials
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
@@ -30,9 +31,11 @@ class AsyncClient(ClientBase):
     """An asyncio client of a conveyor server; `Client` is its blocking twin.
 
     `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
-    or pass a `channel` of your own (for TLS or channel options), which `close` leaves
-    open. `timeout` is the default of every call's `timeout` (None: no limit), and also
-    how long a broken watch keeps trying to reconnect. Watches ask the server for a
+    or pass a `channel` of your own (for channel options), which `close` leaves open. `tls`
+    (a `Tls`, or True for the system's roots) talks TLS; unset, $CONVEYOR_TLS_CA,
+    $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout` is the default of every
+    call's `timeout` (None: no limit), and also how long a broken watch keeps trying to
+    reconnect. Watches ask the server for a
     heartbeat after `heartbeat_interval` quiet seconds, which keeps proxies from closing
     idle streams and gives a recent revision to resume from. A watch left before its end
     keeps its stream open until it is closed: use `contextlib.aclosing` around it.
@@ -42,12 +45,14 @@ class AsyncClient(ClientBase):
     # """A blocking client of a conveyor server; `AsyncClient` is its asyncio twin.
     #
     # `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
-    # or pass a `channel` of your own (for TLS or channel options), which `close` leaves
-    # open; give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
-    # client's own channel has. `timeout` is the default of every call's `timeout` (None:
-    # no limit), and also how long a broken watch keeps trying to reconnect. Watches ask
-    # the server for a heartbeat after `heartbeat_interval` quiet seconds, which keeps
-    # proxies from closing idle streams and gives a recent revision to resume from.
+    # or pass a `channel` of your own (for channel options), which `close` leaves open;
+    # give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
+    # client's own channel has. `tls` (a `Tls`, or True for the system's roots) talks TLS;
+    # unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout`
+    # is the default of every call's `timeout` (None: no limit), and also how long a
+    # broken watch keeps trying to reconnect. Watches ask the server for a heartbeat after
+    # `heartbeat_interval` quiet seconds, which keeps proxies from closing idle streams and
+    # gives a recent revision to resume from.
     # """
     # unasync: end
 
@@ -58,11 +63,18 @@ class AsyncClient(ClientBase):
         timeout: float | None = _requests.DEFAULT_TIMEOUT,
         heartbeat_interval: float = _requests.DEFAULT_HEARTBEAT,
         channel: grpc.aio.Channel | None = None,
+        tls: Tls | bool | None = None,
     ) -> None:
         super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
-        self._channel = channel or grpc.aio.insecure_channel(
-            self._target, options=_requests.ASYNC_CHANNEL_OPTIONS
-        )
+        if channel is None:
+            secure = credentials(tls)
+            options = _requests.ASYNC_CHANNEL_OPTIONS
+            channel = (
+                grpc.aio.insecure_channel(self._target, options=options)
+                if secure is None
+                else grpc.aio.secure_channel(self._target, secure, options=options)
+            )
+        self._channel = channel
         self._stub = TaskServiceStub(self._channel)
         self.schedules = AsyncSchedules(self)  # the schedule calls: client.schedules.create ...
 

@@ -19,6 +19,7 @@ from conveyor._sync_schedules import Schedules
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
+from conveyor.tls import Tls, credentials
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
@@ -31,12 +32,14 @@ class Client(ClientBase):
     """A blocking client of a conveyor server; `AsyncClient` is its asyncio twin.
 
     `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
-    or pass a `channel` of your own (for TLS or channel options), which `close` leaves
-    open; give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
-    client's own channel has. `timeout` is the default of every call's `timeout` (None:
-    no limit), and also how long a broken watch keeps trying to reconnect. Watches ask
-    the server for a heartbeat after `heartbeat_interval` quiet seconds, which keeps
-    proxies from closing idle streams and gives a recent revision to resume from.
+    or pass a `channel` of your own (for channel options), which `close` leaves open;
+    give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
+    client's own channel has. `tls` (a `Tls`, or True for the system's roots) talks TLS;
+    unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout`
+    is the default of every call's `timeout` (None: no limit), and also how long a
+    broken watch keeps trying to reconnect. Watches ask the server for a heartbeat after
+    `heartbeat_interval` quiet seconds, which keeps proxies from closing idle streams and
+    gives a recent revision to resume from.
     """
 
     def __init__(
@@ -46,11 +49,18 @@ class Client(ClientBase):
         timeout: float | None = _requests.DEFAULT_TIMEOUT,
         heartbeat_interval: float = _requests.DEFAULT_HEARTBEAT,
         channel: grpc.Channel | None = None,
+        tls: Tls | bool | None = None,
     ) -> None:
         super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
-        self._channel = channel or grpc.insecure_channel(
-            self._target, options=_requests.CHANNEL_OPTIONS
-        )
+        if channel is None:
+            secure = credentials(tls)
+            options = _requests.CHANNEL_OPTIONS
+            channel = (
+                grpc.insecure_channel(self._target, options=options)
+                if secure is None
+                else grpc.secure_channel(self._target, secure, options=options)
+            )
+        self._channel = channel
         self._stub = TaskServiceStub(self._channel)
         self.schedules = Schedules(self)  # the schedule calls: client.schedules.create ...
 

@@ -29,6 +29,7 @@ from conveyor.errors import (
     WaitTimeout,
 )
 from conveyor.tasks import Task, TaskStatus
+from conveyor.tls import CA_ENV, CERT_ENV, KEY_ENV, Tls
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     output = Output(json_lines=args.json)
     try:
-        with Client(args.server, timeout=args.rpc_timeout) as client:
+        with Client(args.server, timeout=args.rpc_timeout, tls=_tls(args)) as client:
             code: int = args.run(client, args, output)
             return code
     except UsageError as error:
@@ -445,6 +446,18 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         help="print one JSON object per line (a task, or each state or event followed)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="talk TLS, trusting the system's roots (implied by --tls-ca or $CONVEYOR_TLS_CA)",
+    )
+    for flag, what, env in (
+        ("--tls-ca", "trust the server's certificate if this CA (PEM) signed it", CA_ENV),
+        ("--tls-cert", "present this client certificate (PEM): mutual TLS", CERT_ENV),
+        ("--tls-key", "the client certificate's private key (PEM)", KEY_ENV),
+    ):
+        parser.add_argument(flag, metavar="FILE", default=default(None), help=f"{what} [env {env}]")
+    parser.add_argument(
         "--rpc-timeout",
         metavar="S",
         type=_positive,
@@ -684,6 +697,16 @@ def _no_client(client: Client, args: argparse.Namespace, output: Output) -> int:
     raise AssertionError("`conveyor worker` runs without a Client: see main")
 
 
+def _tls(args: argparse.Namespace) -> Tls | bool | None:
+    """TLS as the options say; None (the environment decides) if none is given."""
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        try:
+            return Tls(args.tls_ca, args.tls_cert, args.tls_key)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+    return True if args.tls else None
+
+
 def _worker(args: argparse.Namespace) -> int:
     """`conveyor worker`: run the handlers of --handlers until drained."""
     import asyncio
@@ -702,7 +725,7 @@ def _worker(args: argparse.Namespace) -> int:
         registry = HandlerRegistry.from_modules(args.handlers, builtins=False)
         worker = Worker(
             _requests.target(args.server), registry,
-            concurrency=args.concurrency, worker_id=args.worker_id,
+            concurrency=args.concurrency, worker_id=args.worker_id, tls=_tls(args),
         )  # fmt: skip
     except (HandlerLoadError, ValueError) as error:
         return _fail(str(error), EXIT_USAGE)

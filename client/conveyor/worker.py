@@ -49,6 +49,7 @@ from conveyor.handlers import (
     run_on_thread,
 )
 from conveyor.protojson import dict_to_struct, struct_to_dict, to_value
+from conveyor.tls import Tls, credentials
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
 
@@ -102,6 +103,7 @@ class Worker:
         concurrency: int = 8,
         worker_id: str | None = None,
         options: tuple[tuple[str, Any], ...] = (),
+        tls: Tls | bool | None = None,
     ) -> None:
         if not registry.task_types:
             raise ValueError("a worker needs at least one handler")
@@ -110,6 +112,7 @@ class Worker:
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
         self._options = options
+        self._tls = tls  # read again for each new channel: a rotated file is picked up
         self._attempts: dict[str, _Attempt] = {}
         self._draining = asyncio.Event()
         self._finishing: list[tuple[pb.FinishRequest, asyncio.Future[None]]] = []
@@ -143,7 +146,7 @@ class Worker:
         after a silent one: its TCP connection may be dead without anyone knowing)."""
         ceiling = RECONNECT_INITIAL
         while True:
-            async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+            async with self._channel() as channel:
                 stub: WorkerServiceAsyncStub = WorkerServiceStub(channel)
                 while True:
                     try:
@@ -160,6 +163,13 @@ class Worker:
                         break  # a new channel
                     await asyncio.sleep(random.random() * ceiling)
                     ceiling = min(ceiling * 2, RECONNECT_MAXIMUM)
+
+    def _channel(self) -> grpc.aio.Channel:
+        """A new channel to the server, with TLS credentials read from their files now."""
+        secure = credentials(self._tls)
+        if secure is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(self.target, secure, options=self._options)
 
     def _refused(self, error: grpc.aio.AioRpcError) -> None:
         """Raise WorkerRefused for a refusal that reconnecting cannot help."""

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from conveyord.allocator import tune_allocator
@@ -21,6 +22,7 @@ from conveyord.store import (
     StoreOpenError,
     default_store_path,
 )
+from conveyord.tls import ExposureRefused, TlsError, TlsFiles
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
 from conveyord.worker.remote import SessionTimings
 
@@ -96,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     option(
         "--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN
+    )
+    option("--tls-cert", "CONVEYORD_TLS_CERT", "the server's certificate chain, a PEM file")
+    option("--tls-key", "CONVEYORD_TLS_KEY", "the server's private key, a PEM file")
+    option(
+        "--tls-client-ca",
+        "CONVEYORD_TLS_CLIENT_CA",
+        "require clients to present a certificate signed by this CA (PEM): mutual TLS. The "
+        "TLS files are read again at the first new connection after they change",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get("CONVEYORD_INSECURE", "") not in ("", "0"),
+        help="listen beyond the loopback interface without TLS and authentication (refused "
+        "otherwise) [env CONVEYORD_INSECURE=1]",
     )
     option(
         "--store",
@@ -313,7 +330,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         blocked_loop_warning=args.blocked_loop_warning,
         workers=SessionTimings(lease_duration=args.worker_lease, reconnect_grace=args.worker_grace),
+        tls=_tls(args),
+        insecure=args.insecure,
     )
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+    return TlsFiles(Path(args.tls_cert), Path(args.tls_key), client_ca)
 
 
 def _import_from_cwd() -> None:
@@ -334,16 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _import_from_cwd()
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         return 0 if asyncio.run(serve(config)) else 1
     except HandlerLoadError as error:
         print(f"conveyord: cannot load handlers: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # a malformed --store
+    except ValueError as error:  # a malformed --store, or half the TLS options
         print(f"conveyord: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
+    except (OSError, ExposureRefused, TlsError) as error:
         print(f"conveyord: {error}", file=sys.stderr)
         return 3
     except StoreOpenError as error:

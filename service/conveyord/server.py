@@ -33,6 +33,7 @@ from conveyord.schedules.api import method_handlers as schedule_method_handlers
 from conveyord.schedules.runner import ScheduleRunner
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.tls import CertificateFiles, TlsFiles, check_exposure
 from conveyord.validation import NewTask
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
 from conveyord.worker.remote import SessionTimings, WorkerSessions
@@ -79,6 +80,8 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     blocked_loop_warning: float = DEFAULT_BLOCKED_LOOP_WARNING  # seconds; 0: never
     workers: SessionTimings = dataclasses.field(default_factory=SessionTimings)
+    tls: TlsFiles | None = None  # None: plaintext (on loopback, or with `insecure`)
+    insecure: bool = False  # listen beyond loopback without TLS and authentication
 
 
 class Server:
@@ -146,8 +149,13 @@ class Server:
         reflection.enable_server_reflection(service_names, server)
         await self.store.open()
         self.hub.revision = await self.store.revision()
+        check_exposure(self.config.listen, self.config.tls, self.config.insecure)
         try:
-            self.port = server.add_insecure_port(self.config.listen)
+            if self.config.tls is not None:
+                credentials = CertificateFiles(self.config.tls).credentials()
+                self.port = server.add_secure_port(self.config.listen, credentials)
+            else:
+                self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
