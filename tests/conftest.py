@@ -96,6 +96,7 @@ SERVER_SETTINGS = (
     "workers",
     "tls",
     "insecure",
+    "token_file",
 )
 
 

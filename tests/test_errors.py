@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from conveyord.auth import Permission, PermissionDenied, Unauthenticated
 from conveyord.errors import ERROR_DOMAIN, ConveyorError, ShuttingDown
 from conveyord.handlers import HandlerLoadError
 from conveyord.hub import HubClosed, WatcherTooSlow
@@ -57,6 +58,8 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (WorkerReplaced("w-1"), {"worker_id": "w-1"}),
     (WorkerNotConnected("w-1"), {"worker_id": "w-1"}),
     (ScheduleNotFound("s-1"), {"schedule_id": "s-1"}),
+    (Unauthenticated("no token"), {}),
+    (PermissionDenied("may not", Permission.CONTROL), {"permission": "control"}),
 ]
 
 

@@ -33,8 +33,9 @@ class AsyncClient(ClientBase):
     `target` is the server's address (default: $CONVEYOR_SERVER, else 127.0.0.1:50051);
     or pass a `channel` of your own (for channel options), which `close` leaves open. `tls`
     (a `Tls`, or True for the system's roots) talks TLS; unset, $CONVEYOR_TLS_CA,
-    $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout` is the default of every
-    call's `timeout` (None: no limit), and also how long a broken watch keeps trying to
+    $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `token` (default: $CONVEYOR_TOKEN)
+    goes with every call as a bearer token. `timeout` is the default of every call's
+    `timeout` (None: no limit), and also how long a broken watch keeps trying to
     reconnect. Watches ask the server for a
     heartbeat after `heartbeat_interval` quiet seconds, which keeps proxies from closing
     idle streams and gives a recent revision to resume from. A watch left before its end
@@ -48,7 +49,8 @@ class AsyncClient(ClientBase):
     # or pass a `channel` of your own (for channel options), which `close` leaves open;
     # give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
     # client's own channel has. `tls` (a `Tls`, or True for the system's roots) talks TLS;
-    # unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout`
+    # unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `token`
+    # (default: $CONVEYOR_TOKEN) goes with every call as a bearer token. `timeout`
     # is the default of every call's `timeout` (None: no limit), and also how long a
     # broken watch keeps trying to reconnect. Watches ask the server for a heartbeat after
     # `heartbeat_interval` quiet seconds, which keeps proxies from closing idle streams and
@@ -64,8 +66,11 @@ class AsyncClient(ClientBase):
         heartbeat_interval: float = _requests.DEFAULT_HEARTBEAT,
         channel: grpc.aio.Channel | None = None,
         tls: Tls | bool | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
+        super().__init__(
+            target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval, token=token
+        )
         if channel is None:
             secure = credentials(tls)
             options = _requests.ASYNC_CHANNEL_OPTIONS
@@ -348,7 +353,7 @@ class AsyncClient(ClientBase):
         backoff = Backoff(UNARY_RETRY if retry else NO_RETRY, deadline)
         while True:
             try:
-                return await method(request, timeout=deadline.remaining())
+                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
@@ -373,7 +378,9 @@ class AsyncClient(ClientBase):
                 async for page in self._pages(relist, watch.deadline.cap(self._timeout)):
                     for listed in watch.relisted(page):
                         yield listed
-            call = self._stub.Watch(watch.request(), timeout=watch.deadline.remaining())
+            call = self._stub.Watch(
+                watch.request(), timeout=watch.deadline.remaining(), metadata=self._metadata
+            )
             error = None
             try:
                 async for response in call:

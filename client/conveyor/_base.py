@@ -21,6 +21,7 @@ class ClientBase:
         *,
         timeout: float | None,
         heartbeat_interval: float,
+        token: str | None = None,
     ) -> None:
         if target is not None and channel is not None:
             raise ValueError("give a target or a channel, not both")
@@ -30,6 +31,8 @@ class ClientBase:
         self._timeout = timeout
         self._heartbeat = heartbeat_interval
         self._own_channel = channel is None
+        # Sent with every call: the bearer token ($CONVEYOR_TOKEN when none is given).
+        self._metadata = _requests.token_metadata(token)
 
     def _deadline(self, timeout: float | None) -> Deadline:
         """The deadline of one unary call: its own `timeout`, else the client's."""

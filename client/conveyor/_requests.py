@@ -43,6 +43,15 @@ CREATE_KEYS = frozenset(
 REVISION_REQUEST = pb.ListRequest(page_size=1)
 
 
+TOKEN_ENV = "CONVEYOR_TOKEN"
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries a bearer token (the one given, else $CONVEYOR_TOKEN)."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def target(given: str | None) -> str:
     """The server to talk to: the one given, else $CONVEYOR_SERVER, else the default."""
     return given or os.environ.get(TARGET_ENV) or DEFAULT_TARGET

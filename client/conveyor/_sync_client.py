@@ -35,7 +35,8 @@ class Client(ClientBase):
     or pass a `channel` of your own (for channel options), which `close` leaves open;
     give it grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, as the
     client's own channel has. `tls` (a `Tls`, or True for the system's roots) talks TLS;
-    unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `timeout`
+    unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `token`
+    (default: $CONVEYOR_TOKEN) goes with every call as a bearer token. `timeout`
     is the default of every call's `timeout` (None: no limit), and also how long a
     broken watch keeps trying to reconnect. Watches ask the server for a heartbeat after
     `heartbeat_interval` quiet seconds, which keeps proxies from closing idle streams and
@@ -50,8 +51,11 @@ class Client(ClientBase):
         heartbeat_interval: float = _requests.DEFAULT_HEARTBEAT,
         channel: grpc.Channel | None = None,
         tls: Tls | bool | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval)
+        super().__init__(
+            target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval, token=token
+        )
         if channel is None:
             secure = credentials(tls)
             options = _requests.CHANNEL_OPTIONS
@@ -328,7 +332,7 @@ class Client(ClientBase):
         backoff = Backoff(UNARY_RETRY if retry else NO_RETRY, deadline)
         while True:
             try:
-                return method(request, timeout=deadline.remaining())
+                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
@@ -350,7 +354,9 @@ class Client(ClientBase):
             if (relist := watch.relist_request()) is not None:
                 for page in self._pages(relist, watch.deadline.cap(self._timeout)):
                     yield from watch.relisted(page)
-            call = self._stub.Watch(watch.request(), timeout=watch.deadline.remaining())
+            call = self._stub.Watch(
+                watch.request(), timeout=watch.deadline.remaining(), metadata=self._metadata
+            )
             error = None
             try:
                 for response in call:

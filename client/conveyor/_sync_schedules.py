@@ -202,7 +202,9 @@ class Schedules:
 
     def watch(self) -> Iterator[ScheduleEvent]:
         """Every schedule as it stands, then each change, until you stop iterating."""
-        call = self._stub.WatchSchedules(pb.WatchSchedulesRequest())
+        call = self._stub.WatchSchedules(
+            pb.WatchSchedulesRequest(), metadata=self._client._metadata
+        )
         try:
             for response in call:
                 if response.type in (

@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     output = Output(json_lines=args.json)
     try:
-        with Client(args.server, timeout=args.rpc_timeout, tls=_tls(args)) as client:
+        with Client(
+            args.server, timeout=args.rpc_timeout, tls=_tls(args), token=args.token
+        ) as client:
             code: int = args.run(client, args, output)
             return code
     except UsageError as error:
@@ -451,6 +453,12 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         default=default(False),
         help="talk TLS, trusting the system's roots (implied by --tls-ca or $CONVEYOR_TLS_CA)",
     )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(None),
+        help="the bearer token to call with [env CONVEYOR_TOKEN]",
+    )
     for flag, what, env in (
         ("--tls-ca", "trust the server's certificate if this CA (PEM) signed it", CA_ENV),
         ("--tls-cert", "present this client certificate (PEM): mutual TLS", CERT_ENV),
@@ -726,6 +734,7 @@ def _worker(args: argparse.Namespace) -> int:
         worker = Worker(
             _requests.target(args.server), registry,
             concurrency=args.concurrency, worker_id=args.worker_id, tls=_tls(args),
+            token=args.token,
         )  # fmt: skip
     except (HandlerLoadError, ValueError) as error:
         return _fail(str(error), EXIT_USAGE)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from conveyor._requests import token_metadata
 from conveyor.handlers import (
     HandlerRegistry,
     Refusal,
@@ -104,6 +105,7 @@ class Worker:
         worker_id: str | None = None,
         options: tuple[tuple[str, Any], ...] = (),
         tls: Tls | bool | None = None,
+        token: str | None = None,
     ) -> None:
         if not registry.task_types:
             raise ValueError("a worker needs at least one handler")
@@ -113,6 +115,7 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self._options = options
         self._tls = tls  # read again for each new channel: a rotated file is picked up
+        self._metadata = token_metadata(token)  # the bearer token, else $CONVEYOR_TOKEN
         self._attempts: dict[str, _Attempt] = {}
         self._draining = asyncio.Event()
         self._finishing: list[tuple[pb.FinishRequest, asyncio.Future[None]]] = []
@@ -191,7 +194,7 @@ class Worker:
             batch_assignments=True,
             pausable_types=self.registry.pausable_types,
         )
-        call = stub.Connect(request)
+        call = stub.Connect(request, metadata=self._metadata)
         loop = asyncio.get_running_loop()
         self._heard = loop.time()
         helpers = [asyncio.create_task(self._watch_silence(call))]
@@ -242,7 +245,7 @@ class Worker:
 
     async def _drain_when_asked(self, stub: WorkerServiceAsyncStub) -> None:
         await self._draining.wait()
-        await stub.Drain(pb.DrainRequest(worker_id=self.worker_id))
+        await stub.Drain(pb.DrainRequest(worker_id=self.worker_id), metadata=self._metadata)
         log.info("worker %s: draining, %d attempts to finish", self.worker_id, self.running)
 
     def _welcomed(self, welcome: pb.Welcome, stub: WorkerServiceAsyncStub) -> asyncio.Task[None]:
@@ -262,7 +265,7 @@ class Worker:
                 continue
             refs = [attempt.ref for attempt in self._attempts.values()]
             with contextlib.suppress(grpc.aio.AioRpcError):  # the session's end says why
-                answer = await stub.Renew(pb.RenewRequest(leases=refs))
+                answer = await stub.Renew(pb.RenewRequest(leases=refs), metadata=self._metadata)
                 for ref in answer.lost:
                     self._drop(ref.task_id, "its lease was lost")
 
@@ -325,7 +328,8 @@ class Worker:
             if previous is not None:
                 await previous
             with contextlib.suppress(grpc.aio.AioRpcError):  # the attempt is over, or lost
-                await stub.Report(pb.ReportRequest(lease=attempt.ref, parked=True))
+                parked = pb.ReportRequest(lease=attempt.ref, parked=True)
+                await stub.Report(parked, metadata=self._metadata)
             await self._send_reports(attempt, stub)  # reported since, if the pause was withdrawn
 
         attempt.reporter = asyncio.create_task(park())
@@ -400,7 +404,7 @@ class Worker:
             while True:
                 try:
                     assert self._stub is not None
-                    answer = await self._stub.FinishMany(request)
+                    answer = await self._stub.FinishMany(request, metadata=self._metadata)
                     break
                 except grpc.aio.AioRpcError as error:
                     if error.code() not in _TRY_AGAIN:
@@ -439,7 +443,7 @@ class Worker:
             if changes.get("progress_detail") is not None:
                 request.detail.CopyFrom(dict_to_struct(changes["progress_detail"]))
             try:
-                answer = await stub.Report(request)
+                answer = await stub.Report(request, metadata=self._metadata)
             except grpc.aio.AioRpcError:
                 return  # lost or refused: progress is best effort; the result is what counts
             if answer.stop_requested:

@@ -18,6 +18,7 @@ from google.protobuf import message
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
+from conveyord.auth import Permission, require_types
 from conveyord.convert import (
     change_message,
     encode_task,
@@ -52,6 +53,7 @@ class TaskServiceApi:
     async def create(self, request: pb.CreateRequest) -> bytes:
         """A CreateResponse."""
         now = self.scheduler.clock()
+        require_types(Permission.SUBMIT, (request.task.task_type,))
         new = validation.create_request(
             request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )
@@ -61,6 +63,7 @@ class TaskServiceApi:
     async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
         """A BatchCreateResponse."""
         now = self.scheduler.clock()
+        require_types(Permission.SUBMIT, {one.task.task_type for one in request.requests})
         batch = validation.batch_create_request(
             request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "require clients to present a certificate signed by this CA (PEM): mutual TLS. The "
         "TLS files are read again at the first new connection after they change",
     )
+    option(
+        "--token-file",
+        "CONVEYORD_TOKEN_FILE",
+        "authenticate callers with the bearer tokens of this JSON file (SHA-256 of each token, "
+        "its name, tenant and permissions); read again when it changes",
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",
@@ -331,6 +337,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         blocked_loop_warning=args.blocked_loop_warning,
         workers=SessionTimings(lease_duration=args.worker_lease, reconnect_grace=args.worker_grace),
         tls=_tls(args),
+        token_file=Path(args.token_file) if args.token_file else None,
         insecure=args.insecure,
     )
 

@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from conveyor.v1 import task_service_pb2
 from conveyord.allocator import trim_when_idle
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers, new_task_id
+from conveyord.auth import Authenticator, TokenFile
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
@@ -81,6 +83,7 @@ class ServerConfig:
     blocked_loop_warning: float = DEFAULT_BLOCKED_LOOP_WARNING  # seconds; 0: never
     workers: SessionTimings = dataclasses.field(default_factory=SessionTimings)
     tls: TlsFiles | None = None  # None: plaintext (on loopback, or with `insecure`)
+    token_file: Path | None = None  # None: callers are not authenticated
     insecure: bool = False  # listen beyond loopback without TLS and authentication
 
 
@@ -123,6 +126,8 @@ class Server:
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
         self.port = 0
+        if config.token_file is not None:
+            interceptors = [Authenticator(TokenFile(config.token_file)), *interceptors]
         self._grpc = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
@@ -149,7 +154,12 @@ class Server:
         reflection.enable_server_reflection(service_names, server)
         await self.store.open()
         self.hub.revision = await self.store.revision()
-        check_exposure(self.config.listen, self.config.tls, self.config.insecure)
+        check_exposure(
+            self.config.listen,
+            self.config.tls,
+            self.config.insecure,
+            authenticated=self.config.token_file is not None,
+        )
         try:
             if self.config.tls is not None:
                 credentials = CertificateFiles(self.config.tls).credentials()

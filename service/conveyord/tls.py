@@ -88,22 +88,25 @@ class ExposureRefused(Exception):
     exit_code = 3
 
 
-def check_exposure(listen: str, tls: TlsFiles | None, insecure: bool) -> None:
+def check_exposure(
+    listen: str, tls: TlsFiles | None, insecure: bool, *, authenticated: bool = False
+) -> None:
     """Refuse a listen address beyond the loopback interface without TLS and authentication
-    (this server has no authentication of callers yet), unless `insecure`; warn when it is."""
-    if is_loopback(listen):
+    (`authenticated`: a token file), unless `insecure`; warn when it is."""
+    if is_loopback(listen) or (tls is not None and authenticated):
         return
     if not insecure:
-        missing = "authentication" if tls else "TLS (--tls-cert, --tls-key) and authentication"
+        needs = ["TLS (--tls-cert, --tls-key)"] if tls is None else []
+        needs += [] if authenticated else ["authentication (--token-file)"]
+        missing = " and ".join(needs)
         raise ExposureRefused(
             f"conveyord will not listen on {listen}, beyond this machine, without {missing}: "
             "anyone who reaches it could read, create and cancel every task. Listen on "
             "127.0.0.1, or pass --insecure to accept that"
         )
-    log.warning(
-        "listening on %s with --insecure: %s; anyone who reaches this address can use it",
-        listen, "TLS but no authentication" if tls else "no TLS and no authentication",
-    )  # fmt: skip
+    what = "no TLS" if tls is None else "TLS"
+    what += " and no authentication" if not authenticated else " and authentication"
+    log.warning("listening on %s with --insecure: %s", listen, what)
 
 
 def is_loopback(listen: str) -> bool:

@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 from conveyor.handlers import MAX_LABEL
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import worker_service_pb2 as pb
+from conveyord.auth import Permission, require_types
 from conveyord.convert import task_to_proto
 from conveyord.dispatch import Dispatcher
 from conveyord.lifecycle import InputWait, Outcome, StaleLease
@@ -67,6 +68,7 @@ class WorkerServiceApi:
     async def connect(self, request: pb.ConnectRequest) -> AsyncIterator[bytes]:
         """The session's stream: a welcome, then what the outbox holds, with heartbeats."""
         hello = _connect_request(request)
+        require_types(Permission.WORKER, hello.types)
         await self.declare_types(hello.types)
         worker, kept = await self.sessions.connect(hello)
         outbox = worker.outbox
