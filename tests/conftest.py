@@ -97,6 +97,7 @@ SERVER_SETTINGS = (
     "tls",
     "insecure",
     "token_file",
+    "jwt",
 )
 
 

@@ -1,10 +1,16 @@
-"""Who calls, and what they may do: bearer tokens from a token file, and permissions per RPC.
+"""Who calls, and what they may do: bearer tokens (from a token file, or signed JWTs), and
+the permission each RPC needs.
 
 A token file is JSON: `{"tokens": [{"name": "ci", "tenant": "team-a", "sha256": "<hex of the
 token's SHA-256>", "permissions": ["read", "submit:resize,thumbnail", "worker:resize"]}]}`.
 Tokens are stored hashed; one is revoked by removing it from the file, which is read again
 (at the next call, once a second at most) when it changes. A permission may be limited to
 task types (`submit:resize` creates only `resize` tasks; `worker:resize` runs only them).
+
+A JWT is verified with PyJWT against the public keys of a file (PEM keys, or a JWKS), read
+again when it changes: RS256, ES256 or EdDSA; its issuer, audience, expiry and not-before
+are checked; its `sub` names the caller, and its `tenant` and `permissions` claims say the
+rest, as a token file's entry does.
 
 Every call of TaskService, WorkerService and ScheduleService carries `authorization: Bearer
 <token>`: without a valid one it is UNAUTHENTICATED, without the permission its method
@@ -26,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conveyord.errors import ConveyorError
 from conveyord.rpc import status_of
@@ -202,12 +211,107 @@ class TokenFile:
         self._stamp = (stat.st_mtime_ns, stat.st_size)
 
 
-class Authenticator(grpc.aio.ServerInterceptor):
-    """Checks every call's bearer token and the permission its method needs; the caller is
-    `caller` while the method runs."""
+JWT_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
+_KEY_TYPES: Mapping[str, type[Any]] = {
+    "RS256": rsa.RSAPublicKey,
+    "ES256": ec.EllipticCurvePublicKey,
+    "EdDSA": ed25519.Ed25519PublicKey,
+}
 
-    def __init__(self, tokens: TokenFile) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class JwtSettings:
+    """Where the keys that sign callers' JWTs are, and the issuer and audience they must name."""
+
+    keys: Path
+    issuer: str
+    audience: str
+
+
+class JwtKeys:
+    """Verifies JWTs with the keys of a file (PEM public keys, or a JWKS), read again when
+    the file changes."""
+
+    def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._keys: list[tuple[str | None, Any]] = []  # (key id, public key)
+        self._stamp: tuple[int, int] | None = None
+        self._checked = float("-inf")
+        self._load()
+
+    def identify(self, token: str) -> Identity:
+        """The caller a valid JWT names; Unauthenticated saying what is wrong with it."""
+        if self._clock() - self._checked >= RELOAD_EVERY:
+            self._reload()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as error:
+            raise Unauthenticated(f"the bearer token is not a JWT: {error}") from None
+        kid, algorithm = header.get("kid"), header.get("alg")
+        if algorithm not in JWT_ALGORITHMS:
+            raise Unauthenticated(f"a JWT signed with {algorithm!r}; {JWT_ALGORITHMS} are taken")
+        problem: Exception | None = None
+        for key_id, key in self._keys:
+            if kid is not None and key_id is not None and key_id != kid:
+                continue
+            if not isinstance(key, _KEY_TYPES[algorithm]):
+                continue
+            try:
+                claims = jwt.decode(
+                    token, key, algorithms=JWT_ALGORITHMS, audience=self.settings.audience,
+                    issuer=self.settings.issuer,
+                    options={"require": ["exp", "iss", "aud", "sub"]},
+                )  # fmt: skip
+            except jwt.InvalidSignatureError as error:
+                problem = error
+                continue  # another key may have signed it
+            except jwt.InvalidTokenError as error:
+                raise Unauthenticated(f"the JWT is not valid: {error}") from None
+            try:
+                permissions = parse_permissions(claims.get("permissions", []))
+            except ValueError as error:
+                raise Unauthenticated(f"the JWT's permissions: {error}") from None
+            return Identity(str(claims["sub"]), str(claims.get("tenant", "")), permissions)
+        raise Unauthenticated(f"the JWT is not valid: {problem or 'no key of its kid'}")
+
+    def _reload(self) -> None:
+        self._checked = self._clock()
+        try:
+            stat = self.settings.keys.stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                self._load()
+                log.info("JWT keys %s changed: %d keys", self.settings.keys, len(self._keys))
+        except (OSError, ValueError) as error:
+            log.error("the JWT keys changed but cannot be read; the old keys stay: %s", error)
+
+    def _load(self) -> None:
+        path = self.settings.keys
+        stat = path.stat()
+        text = path.read_text()
+        if text.lstrip().startswith("{"):
+            try:
+                jwks = jwt.PyJWKSet.from_json(text)
+            except jwt.PyJWKError as error:
+                raise ValueError(f"{path}: not a JWKS: {error}") from error
+            keys: list[tuple[str | None, Any]] = [(key.key_id, key.key) for key in jwks.keys]
+        else:
+            marker = "-----BEGIN PUBLIC KEY-----"
+            blocks = [marker + part for part in text.split(marker)[1:]]
+            keys = [(None, serialization.load_pem_public_key(b.encode())) for b in blocks]
+        if not keys:
+            raise ValueError(f"{path} holds no public key")
+        self._keys = keys
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+
+
+class Authenticator(grpc.aio.ServerInterceptor):
+    """Checks every call's bearer token (from a token file, or a JWT) and the permission
+    its method needs; the caller is `caller` while the method runs."""
+
+    def __init__(self, tokens: TokenFile | None, jwts: JwtKeys | None = None) -> None:
         self.tokens = tokens
+        self.jwts = jwts
 
     async def intercept_service(
         self,
@@ -240,7 +344,10 @@ class Authenticator(grpc.aio.ServerInterceptor):
                     token = None
         if not token:
             raise Unauthenticated("this server needs a bearer token: authorization: Bearer ...")
-        identity = self.tokens.identify(token.strip())
+        token = token.strip()
+        identity = self.tokens.identify(token) if self.tokens is not None else None
+        if identity is None and self.jwts is not None and token.count(".") == 2:
+            return self.jwts.identify(token)
         if identity is None:
             raise Unauthenticated("the bearer token is not known (or was revoked)")
         return identity

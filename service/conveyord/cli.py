@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyord.allocator import tune_allocator
+from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
 from conveyord.hub import DEFAULT_WATCH_BUFFER
 from conveyord.scheduler import SchedulerConfig
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         "authenticate callers with the bearer tokens of this JSON file (SHA-256 of each token, "
         "its name, tenant and permissions); read again when it changes",
     )
+    option(
+        "--jwt-keys",
+        "CONVEYORD_JWT_KEYS",
+        "authenticate callers with JWTs signed by the keys of this file (PEM public keys, or a "
+        "JWKS); read again when it changes. Needs --jwt-issuer and --jwt-audience",
+    )
+    option("--jwt-issuer", "CONVEYORD_JWT_ISSUER", "the `iss` a JWT must have")
+    option("--jwt-audience", "CONVEYORD_JWT_AUDIENCE", "the `aud` a JWT must have")
     parser.add_argument(
         "--insecure",
         action="store_true",
@@ -338,8 +347,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         workers=SessionTimings(lease_duration=args.worker_lease, reconnect_grace=args.worker_grace),
         tls=_tls(args),
         token_file=Path(args.token_file) if args.token_file else None,
+        jwt=_jwt(args),
         insecure=args.insecure,
     )
+
+
+def _jwt(args: argparse.Namespace) -> JwtSettings | None:
+    if args.jwt_keys is None:
+        if args.jwt_issuer or args.jwt_audience:
+            raise ValueError("--jwt-issuer and --jwt-audience go with --jwt-keys")
+        return None
+    if not (args.jwt_issuer and args.jwt_audience):
+        raise ValueError("--jwt-keys needs --jwt-issuer and --jwt-audience")
+    return JwtSettings(Path(args.jwt_keys), args.jwt_issuer, args.jwt_audience)
 
 
 def _tls(args: argparse.Namespace) -> TlsFiles | None:

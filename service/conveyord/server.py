@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from conveyor.v1 import task_service_pb2
 from conveyord.allocator import trim_when_idle
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers, new_task_id
-from conveyord.auth import Authenticator, TokenFile
+from conveyord.auth import Authenticator, JwtKeys, JwtSettings, TokenFile
 from conveyord.handlers import HandlerRegistry
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
@@ -83,7 +83,8 @@ class ServerConfig:
     blocked_loop_warning: float = DEFAULT_BLOCKED_LOOP_WARNING  # seconds; 0: never
     workers: SessionTimings = dataclasses.field(default_factory=SessionTimings)
     tls: TlsFiles | None = None  # None: plaintext (on loopback, or with `insecure`)
-    token_file: Path | None = None  # None: callers are not authenticated
+    token_file: Path | None = None  # None: callers are not authenticated by a token file
+    jwt: JwtSettings | None = None  # None: nor by JWTs
     insecure: bool = False  # listen beyond loopback without TLS and authentication
 
 
@@ -126,8 +127,10 @@ class Server:
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
         self.port = 0
-        if config.token_file is not None:
-            interceptors = [Authenticator(TokenFile(config.token_file)), *interceptors]
+        if config.token_file is not None or config.jwt is not None:
+            tokens = TokenFile(config.token_file) if config.token_file else None
+            jwts = JwtKeys(config.jwt) if config.jwt else None
+            interceptors = [Authenticator(tokens, jwts), *interceptors]
         self._grpc = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
@@ -158,7 +161,7 @@ class Server:
             self.config.listen,
             self.config.tls,
             self.config.insecure,
-            authenticated=self.config.token_file is not None,
+            authenticated=self.config.token_file is not None or self.config.jwt is not None,
         )
         try:
             if self.config.tls is not None:
