@@ -405,6 +405,7 @@ async def test_update_follows_the_new_spec_from_now(clocked: ServerThread, stubs
     [
         ({"cron": "61 * * * *"}, "schedule.spec.cron"),
         ({"cron": "* * * * *", "time_zone": "Mars/Olympus"}, "schedule.spec.time_zone"),
+        ({"cron": "* * * * *", "time_zone": "x" * 5000}, "schedule.spec.time_zone"),
         ({"interval": spb.IntervalSpec(every=seconds(0.5))}, "schedule.spec.interval.every"),
         ({}, "schedule.spec.when"),
     ],

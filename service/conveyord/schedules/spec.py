@@ -111,8 +111,8 @@ def zone(name: str) -> tzinfo:
         return UTC
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise SpecError("time_zone", f"{name!r} is not a known IANA time zone") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name no file can have
+        raise SpecError("time_zone", f"{name[:64]!r} is not a known IANA time zone") from None
 
 
 def daily_cron(hour: int, minute: int) -> str:
