@@ -21,6 +21,7 @@ from bench import (
     rpc,
     schedules,
     scheduling,
+    security,
     store,
     workers,
 )
@@ -38,6 +39,7 @@ SECTIONS = {
     "workers": workers,
     "control": control,
     "schedules": schedules,
+    "security": security,
 }
 
 

@@ -91,7 +91,7 @@ REQUIRED: Mapping[str, Mapping[str, Permission]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # one object per caller of a token file
 class Identity:
     """A caller: its name, its tenant, and its permissions, each with the task types it is
     limited to (None: any type)."""
@@ -99,6 +99,7 @@ class Identity:
     name: str
     tenant: str
     permissions: Mapping[Permission, frozenset[str] | None]
+    lasting: bool = True  # the same object for every call of this caller (a token file's)
 
     def allows(self, permission: Permission) -> bool:
         return Permission.ADMIN in self.permissions or permission in self.permissions
@@ -272,7 +273,8 @@ class JwtKeys:
                 permissions = parse_permissions(claims.get("permissions", []))
             except ValueError as error:
                 raise Unauthenticated(f"the JWT's permissions: {error}") from None
-            return Identity(str(claims["sub"]), str(claims.get("tenant", "")), permissions)
+            tenant = str(claims.get("tenant", ""))
+            return Identity(str(claims["sub"]), tenant, permissions, lasting=False)
         raise Unauthenticated(f"the JWT is not valid: {problem or 'no key of its kid'}")
 
     def _reload(self) -> None:
@@ -312,6 +314,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenFile | None, jwts: JwtKeys | None = None) -> None:
         self.tokens = tokens
         self.jwts = jwts
+        # The handler that runs a method as a caller of the token file, made once per
+        # method and caller (each is one Identity until the file changes).
+        self._handlers: dict[tuple[str, Identity], Any] = {}
 
     async def intercept_service(
         self,
@@ -333,7 +338,15 @@ class Authenticator(grpc.aio.ServerInterceptor):
                 )
         except ConveyorError as refusal:
             return _refusing(handler, refusal)
-        return _as(handler, identity)
+        if not identity.lasting:
+            return _as(handler, identity)  # a JWT's caller is a new object at each call
+        key = (details.method, identity)
+        wrapped = self._handlers.get(key)
+        if wrapped is None:
+            if len(self._handlers) > 10_000:  # the token file changed often: start afresh
+                self._handlers.clear()
+            wrapped = self._handlers[key] = _as(handler, identity)
+        return wrapped
 
     def _identity(self, metadata: Iterable[tuple[str, Any]]) -> Identity:
         token = None
