@@ -4,6 +4,7 @@ the refusal to listen beyond loopback without protection."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conveyor import AsyncClient, Client, Tls, Unavailable
+from conveyor import AsyncClient, Client, PermissionDenied, Tls, Unauthenticated, Unavailable
 from conveyor.cli import main
 from conveyord.tls import ExposureRefused, TlsFiles, check_exposure, is_loopback
 from tests.certificates import Authority
@@ -166,3 +167,23 @@ def test_conveyord_refuses_to_listen_beyond_loopback_and_says_why() -> None:
     )  # fmt: skip
     assert run.returncode == 3
     assert "--insecure" in run.stderr and "0.0.0.0:0" in run.stderr
+
+
+def test_a_client_certificate_can_stand_for_a_token(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    ca = Authority(tmp_path)
+    pair = ca.issue("server", "conveyord", server=True)
+    tokens = tmp_path / "tokens.json"
+    entry = {"name": "team-a", "tenant": "a", "certificate": "team-a", "permissions": ["read"]}
+    tokens.write_text(json.dumps({"tokens": [entry]}))
+    files = TlsFiles(pair.cert, pair.key, client_ca=ca.pem)
+    server = start_server(tls=files, token_file=tokens)
+    known, stranger = (ca.issue(name, name, server=False) for name in ("team-a", "team-b"))
+    with Client(server.address, tls=Tls(str(ca.pem), str(known.cert), str(known.key))) as reader:
+        assert list(reader.list()) == []  # read: allowed
+        with pytest.raises(PermissionDenied, match="submit"):
+            reader.create("echo")
+    other = Tls(str(ca.pem), str(stranger.cert), str(stranger.key))
+    with Client(server.address, tls=other) as unknown, pytest.raises(Unauthenticated):
+        list(unknown.list())

@@ -171,6 +171,7 @@ class TokenFile:
         self.path = path
         self._clock = clock
         self._identities: dict[str, Identity] = {}
+        self._certificates: dict[str, Identity] = {}
         self._stamp: tuple[int, int] | None = None
         self._checked = float("-inf")
         self._load()
@@ -198,18 +199,32 @@ class TokenFile:
     def _load(self) -> None:
         stat = self.path.stat()
         data = json.loads(self.path.read_text())
-        identities = {}
+        identities, certificates = {}, {}
         for index, entry in enumerate(data.get("tokens", [])):
             try:
                 identity = Identity(
                     str(entry["name"]), str(entry.get("tenant", "")),
                     parse_permissions(entry.get("permissions", [])),
                 )  # fmt: skip
-                identities[str(entry["sha256"]).lower()] = identity
+                if "certificate" in entry:  # a verified client certificate's common name
+                    certificates[str(entry["certificate"])] = identity
+                else:
+                    identities[str(entry["sha256"]).lower()] = identity
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{self.path}: tokens[{index}]: {error}") from error
-        self._identities = identities
+        self._identities, self._certificates = identities, certificates
         self._stamp = (stat.st_mtime_ns, stat.st_size)
+
+    @property
+    def has_certificates(self) -> bool:
+        """Whether some caller is named by a client certificate rather than a token."""
+        return bool(self._certificates)
+
+    def by_certificate(self, common_name: str) -> Identity | None:
+        """The caller that a verified client certificate of this common name stands for."""
+        if self._clock() - self._checked >= RELOAD_EVERY:
+            self._reload()
+        return self._certificates.get(common_name)
 
 
 JWT_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
@@ -330,12 +345,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
             return handler  # health, reflection: open
         try:
             identity = self._identity(details.invocation_metadata or ())
-            if needed is None or not identity.allows(needed):
-                what = needed.value if needed else "a permission for it"
-                raise PermissionDenied(
-                    f"{identity.name} may not call {method}: it needs the {what} permission",
-                    needed or Permission.ADMIN,
-                )
+            if identity is None:  # no token: the client certificate may stand for one
+                return _by_certificate(handler, self.tokens, method, needed)
+            _check(identity, method, needed)
         except ConveyorError as refusal:
             return _refusing(handler, refusal)
         if not identity.lasting:
@@ -348,7 +360,7 @@ class Authenticator(grpc.aio.ServerInterceptor):
             wrapped = self._handlers[key] = _as(handler, identity)
         return wrapped
 
-    def _identity(self, metadata: Iterable[tuple[str, Any]]) -> Identity:
+    def _identity(self, metadata: Iterable[tuple[str, Any]]) -> Identity | None:
         token = None
         for key, value in metadata:
             if key == "authorization" and isinstance(value, str):
@@ -356,7 +368,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
                 if scheme.lower() != "bearer":
                     token = None
         if not token:
-            raise Unauthenticated("this server needs a bearer token: authorization: Bearer ...")
+            if self.tokens is not None and self.tokens.has_certificates:
+                return None  # the call's client certificate decides, once the call runs
+            raise Unauthenticated(NO_TOKEN)
         token = token.strip()
         identity = self.tokens.identify(token) if self.tokens is not None else None
         if identity is None and self.jwts is not None and token.count(".") == 2:
@@ -366,13 +380,42 @@ class Authenticator(grpc.aio.ServerInterceptor):
         return identity
 
 
-def _as(handler: Any, identity: Identity) -> Any:
+NO_TOKEN = "this server needs a bearer token: authorization: Bearer ..."
+
+
+def _check(identity: Identity, method: str, needed: Permission | None) -> None:
+    if needed is None or not identity.allows(needed):
+        what = needed.value if needed else "a permission for it"
+        raise PermissionDenied(
+            f"{identity.name} may not call {method}: it needs the {what} permission",
+            needed or Permission.ADMIN,
+        )
+
+
+def _by_certificate(
+    handler: Any, tokens: TokenFile | None, method: str, needed: Permission | None
+) -> Any:
+    """The handler, run as the caller its verified client certificate stands for (read
+    from the call's TLS peer when it runs); UNAUTHENTICATED if it stands for none."""
+
+    def resolve(context: Any) -> Identity:
+        names = context.auth_context().get("x509_common_name") or []
+        found = tokens.by_certificate(names[0].decode()) if tokens and names else None
+        if found is None:
+            raise Unauthenticated(NO_TOKEN + ", or a client certificate the server knows")
+        _check(found, method, needed)
+        return found
+
+    return _as(handler, resolve)
+
+
+def _as(handler: Any, identity: Identity | Callable[[Any], Identity]) -> Any:
     """The handler, run with `identity` as the caller."""
     if handler.response_streaming:
         behaviour = handler.unary_stream
 
         async def stream(request: Any, context: Any) -> Any:
-            caller.set(identity)
+            await _run_as(identity, context)
             async for response in behaviour(request, context):
                 yield response
 
@@ -382,12 +425,26 @@ def _as(handler: Any, identity: Identity) -> Any:
     unary = handler.unary_unary
 
     async def call(request: Any, context: Any) -> Any:
-        caller.set(identity)
+        await _run_as(identity, context)
         return await unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
         call, handler.request_deserializer, handler.response_serializer
     )
+
+
+async def _run_as(identity: Identity | Callable[[Any], Identity], context: Any) -> None:
+    """Make the call's caller `identity`, or the one it resolves to (the call is aborted
+    with the refusal if it resolves to none)."""
+    if isinstance(identity, Identity):
+        caller.set(identity)
+        return
+    try:
+        caller.set(identity(context))
+    except ConveyorError as refusal:
+        status = status_of(refusal)
+        assert status is not None
+        await context.abort_with_status(status)
 
 
 def _refusing(handler: Any, refusal: ConveyorError) -> Any:
