@@ -53,3 +53,10 @@ async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
     if ctx.attempt < int(ctx.parameters.get("fail_until", 0)):
         raise RuntimeError(f"attempt {ctx.attempt} fails after {len(ctx.inputs)} inputs")
     return ctx.inputs
+
+
+async def pause_point_after_input(ctx: TaskContext) -> dict[str, Any]:
+    """Reaches its one pause point once it has been sent an input; says if it parked there."""
+    while not ctx.inputs and not ctx.cancelled:
+        await ctx.wait_cancelled(0.002)
+    return {"parked": await ctx.pause_point()}

@@ -161,3 +161,8 @@ async def ask(ctx: TaskContext) -> dict[str, Any]:
 @handler("collect")
 async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
     return await control_handlers.collect(ctx)
+
+
+@handler("pause_point_after_input", pausable=True)
+async def pause_point_after_input(ctx: TaskContext) -> dict[str, Any]:
+    return await control_handlers.pause_point_after_input(ctx)

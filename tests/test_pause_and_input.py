@@ -118,21 +118,26 @@ async def test_a_cancel_reaches_a_parked_handler(stub: TaskServiceAsyncStub) -> 
 async def test_a_resume_before_the_handler_parks_withdraws_the_pause(
     stub: TaskServiceAsyncStub,
 ) -> None:
-    task = await create(stub, "cooperative_blocking")  # runs no pause point
+    task = await create(stub, "pause_point_after_input")  # its pause point waits for input
+    await wait_status(stub, task.task_id, RUNNING)
+    asked = await pause(stub, task.task_id)
+    assert asked.paused and asked.task.HasField("pause_requested_at")
+    withdrawn = await resume(stub, task.task_id)
+    assert withdrawn.status == RUNNING and not withdrawn.HasField("pause_requested_at")
+    await send(stub, task.task_id, {"go": True})  # now it reaches its pause point
+    done = await final(stub, task.task_id)
+    assert (done.status, done.result.struct_value["parked"]) == (COMPLETED, False)
+
+
+async def test_a_pause_of_a_handler_that_cannot_pause_is_refused(
+    stub: TaskServiceAsyncStub,
+) -> None:
+    task = await create(stub, "cooperative_blocking")  # not marked pausable
     await wait_status(stub, task.task_id, RUNNING)
     refused = await pause(stub, task.task_id)
-    assert not refused.paused  # its handler is not pausable
-    pausable = await create(stub, "pausable", {"steps": 10**6})
-    await wait_status(stub, pausable.task_id, RUNNING)
-    asked = await pause(stub, pausable.task_id)
-    withdrawn = await resume(stub, pausable.task_id)
-    assert asked.paused and withdrawn.status in (RUNNING, PAUSED)
-    if withdrawn.status == PAUSED:  # it had parked already: this resumes it
-        withdrawn = await resume(stub, pausable.task_id)
-    assert not withdrawn.HasField("pause_requested_at")
-    for task_id in (task.task_id, pausable.task_id):
-        await stub.Cancel(pb.CancelRequest(task_id=task_id))
-        assert (await final(stub, task_id)).status == CANCELLED
+    assert not refused.paused and not refused.task.HasField("pause_requested_at")
+    await stub.Cancel(pb.CancelRequest(task_id=task.task_id))
+    assert (await final(stub, task.task_id)).status == CANCELLED
 
 
 async def test_a_task_parked_when_the_server_stops_is_held_paused_across_the_restart(

@@ -26,8 +26,8 @@ def add_commands(
     common: argparse.ArgumentParser,
     parse: dict[str, Callable[..., Any]],
 ) -> None:
-    """The actions of `conveyor schedule`; `parse` holds the shared argument types
-    (parameter, label, seconds, time, json_object)."""
+    """The actions of `conveyor schedule`; `parse` holds what the other commands' options
+    share: argument types (seconds, time, json_object) and option makers (params, labels)."""
     actions = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def action(name: str, run: Run, help: str) -> argparse.ArgumentParser:
@@ -44,10 +44,7 @@ def add_commands(
     _spec_options(update, parse)
     listing = action("list", _list, "list the schedules, oldest first")
     listing.add_argument("--type", metavar="TYPE", help="only those whose runs have this type")
-    listing.add_argument(
-        "--label", dest="labels", metavar="KEY=VALUE", type=parse["label"], action="append",
-        default=[], help="only those whose runs carry this label; repeat for several",
-    )  # fmt: skip
+    parse["labels"](listing, "only those whose runs carry this label")
     for name, run, help in [
         ("get", _get, "show a schedule: its next run times, last run and counters"),
         ("unpause", _unpause, "run a paused schedule again, from now on"),
@@ -73,10 +70,7 @@ def _spec_options(parser: argparse.ArgumentParser, parse: dict[str, Callable[...
     when.add_argument("--daily", metavar="HH:MM[:SS]", help="each day at this time")
     when.add_argument("--cron", metavar="EXPR", help='a cron expression, such as "0 9 * * MON-FRI"')
     parser.add_argument("--zone", default="", metavar="ZONE", help="IANA time zone (default UTC)")
-    parser.add_argument(
-        "-p", "--param", dest="params", metavar="KEY=VALUE", type=parse["parameter"],
-        action="append", default=[], help="a parameter of the task (VALUE as in create)",
-    )  # fmt: skip
+    parse["params"](parser, "a parameter of the task")
     parser.add_argument("--json-params", metavar="FILE", help="parameters from a JSON object")
     _overlap_option(parser, "when the previous run still goes (default: skip)")
     parser.add_argument("--catchup-window", type=parse["seconds"], metavar="S")
@@ -86,10 +80,7 @@ def _spec_options(parser: argparse.ArgumentParser, parse: dict[str, Callable[...
     parser.add_argument("--priority", type=int, metavar="N")
     parser.add_argument("--timeout", type=parse["seconds"], metavar="S", help="of each run")
     parser.add_argument("--max-attempts", type=int, metavar="N")
-    parser.add_argument(
-        "--label", dest="labels", metavar="KEY=VALUE", type=parse["label"], action="append",
-        default=[], help="a label of each run",
-    )  # fmt: skip
+    parse["labels"](parser, "a label of each run")
     parser.add_argument("--description", default="", metavar="TEXT")
     parser.add_argument("--request-id", metavar="ID", help="makes a repeated create return it")
     parser.set_defaults(json_object=parse["json_object"])

@@ -638,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
         schedule,
         common,
         {
-            "parameter": _parameter,
-            "label": _label,
+            "params": _params,
+            "labels": _labels,
             "seconds": _positive,
             "time": _time_of_day,
             "json_object": _json_object,

@@ -164,40 +164,58 @@ def parse_permissions(texts: Iterable[str]) -> dict[Permission, frozenset[str] |
     return found
 
 
-class TokenFile:
-    """The callers of a token file, by the SHA-256 of their token; read again when it changes."""
+class _WatchedFile:
+    """A file that is read again when it changes (its size or time), looked at once a
+    RELOAD_EVERY at most; a change that cannot be read leaves what was read before."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
         self.path = path
         self._clock = clock
-        self._identities: dict[str, Identity] = {}
-        self._certificates: dict[str, Identity] = {}
         self._stamp: tuple[int, int] | None = None
         self._checked = float("-inf")
         self._load()
 
+    def _read(self) -> None:
+        """Read the file (a ValueError says what is wrong with it)."""
+        raise NotImplementedError
+
+    def _fresh(self) -> None:
+        """Read the file again if it changed since it was last read."""
+        if self._clock() - self._checked < RELOAD_EVERY:
+            return
+        self._checked = self._clock()
+        try:
+            stat = self.path.stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                self._load()
+                log.info("%s changed: read again", self.path)
+        except (OSError, ValueError) as error:
+            log.error("%s changed but cannot be read; what it held stays: %s", self.path, error)
+
+    def _load(self) -> None:
+        stat = self.path.stat()
+        self._read()
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+
+
+class TokenFile(_WatchedFile):
+    """The callers of a token file, by the SHA-256 of their token; read again when it changes."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self._identities: dict[str, Identity] = {}
+        self._certificates: dict[str, Identity] = {}
+        super().__init__(path, clock)
+
     def identify(self, token: str) -> Identity | None:
         """The caller whose token this is, or None."""
-        if self._clock() - self._checked >= RELOAD_EVERY:
-            self._reload()
+        self._fresh()
         digest = hashlib.sha256(token.encode()).hexdigest()
         for known, identity in self._identities.items():
             if hmac.compare_digest(known, digest):
                 return identity
         return None
 
-    def _reload(self) -> None:
-        self._checked = self._clock()
-        try:
-            stat = self.path.stat()
-            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
-                self._load()
-                log.info("token file %s changed: %d tokens", self.path, len(self._identities))
-        except (OSError, ValueError) as error:
-            log.error("the token file changed but cannot be read; the old tokens stay: %s", error)
-
-    def _load(self) -> None:
-        stat = self.path.stat()
+    def _read(self) -> None:
         data = json.loads(self.path.read_text())
         identities, certificates = {}, {}
         for index, entry in enumerate(data.get("tokens", [])):
@@ -213,7 +231,6 @@ class TokenFile:
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{self.path}: tokens[{index}]: {error}") from error
         self._identities, self._certificates = identities, certificates
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
 
     @property
     def has_certificates(self) -> bool:
@@ -222,8 +239,7 @@ class TokenFile:
 
     def by_certificate(self, common_name: str) -> Identity | None:
         """The caller that a verified client certificate of this common name stands for."""
-        if self._clock() - self._checked >= RELOAD_EVERY:
-            self._reload()
+        self._fresh()
         return self._certificates.get(common_name)
 
 
@@ -244,22 +260,18 @@ class JwtSettings:
     audience: str
 
 
-class JwtKeys:
+class JwtKeys(_WatchedFile):
     """Verifies JWTs with the keys of a file (PEM public keys, or a JWKS), read again when
     the file changes."""
 
     def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self._clock = clock
         self._keys: list[tuple[str | None, Any]] = []  # (key id, public key)
-        self._stamp: tuple[int, int] | None = None
-        self._checked = float("-inf")
-        self._load()
+        super().__init__(settings.keys, clock)
 
     def identify(self, token: str) -> Identity:
         """The caller a valid JWT names; Unauthenticated saying what is wrong with it."""
-        if self._clock() - self._checked >= RELOAD_EVERY:
-            self._reload()
+        self._fresh()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as error:
@@ -292,19 +304,8 @@ class JwtKeys:
             return Identity(str(claims["sub"]), tenant, permissions, lasting=False)
         raise Unauthenticated(f"the JWT is not valid: {problem or 'no key of its kid'}")
 
-    def _reload(self) -> None:
-        self._checked = self._clock()
-        try:
-            stat = self.settings.keys.stat()
-            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
-                self._load()
-                log.info("JWT keys %s changed: %d keys", self.settings.keys, len(self._keys))
-        except (OSError, ValueError) as error:
-            log.error("the JWT keys changed but cannot be read; the old keys stay: %s", error)
-
-    def _load(self) -> None:
-        path = self.settings.keys
-        stat = path.stat()
+    def _read(self) -> None:
+        path = self.path
         text = path.read_text()
         if text.lstrip().startswith("{"):
             try:
@@ -319,7 +320,6 @@ class JwtKeys:
         if not keys:
             raise ValueError(f"{path} holds no public key")
         self._keys = keys
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
 
 
 class Authenticator(grpc.aio.ServerInterceptor):

@@ -88,7 +88,7 @@ class ScheduleServiceApi:
         def matches(schedule: Schedule) -> bool:
             if not (wanted.task_type or wanted.labels):
                 return True
-            task = pb.ScheduleRequest.FromString(schedule.request).task
+            task = schedule.template.task
             if wanted.task_type and task.task_type != wanted.task_type:
                 return False
             return all(task.labels.get(k) == v for k, v in wanted.labels.items())
@@ -234,7 +234,7 @@ class ScheduleServiceApi:
             )
         return pb.Schedule(
             schedule_id=schedule.schedule_id,
-            schedule=pb.ScheduleRequest.FromString(schedule.request),
+            schedule=schedule.template,
             paused=schedule.paused,
             note=schedule.note,
             info=info,

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any
 
+from conveyor.v1 import schedule_service_pb2 as spb
 from conveyord.schedules.spec import Spec
 
 SCHEDULE_LABEL = "conveyor/schedule"
 NOMINAL_LABEL = "conveyor/nominal-time"
 MAX_BUFFER = 1000  # runs waiting for the previous one to end (BUFFER_ALL)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(request: bytes) -> spb.ScheduleRequest:
+    return spb.ScheduleRequest.FromString(request)
 
 
 class Overlap(enum.IntEnum):
@@ -74,6 +81,12 @@ class Schedule:
         if limit is not None and self.spec_runs >= limit:
             return True
         return self.spec.after(self.cursor) is None
+
+    @property
+    def template(self) -> spb.ScheduleRequest:
+        """The ScheduleRequest it was made from, parsed (once per request: read, never
+        change, what this returns)."""
+        return _parsed(self.request)
 
     def evolve(self, **changes: Any) -> Schedule:
         return dataclasses.replace(self, **changes)

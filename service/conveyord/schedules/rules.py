@@ -11,7 +11,8 @@ first made, and only one record lands.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from conveyord.schedules.model import MAX_BUFFER, Overlap, Run, Schedule
@@ -49,19 +50,24 @@ def nominal_text(nominal: float) -> str:
     return datetime.fromtimestamp(nominal, UTC).isoformat().replace("+00:00", "Z")
 
 
-def due(schedule: Schedule, now: float) -> list[float]:
-    """The nominal times after the schedule's cursor whose run falls due by `now` (their
-    jitter included), in order, at most MAX_STEPS, stopping where `max_runs` would be
-    passed if each became a run."""
-    spec, found = schedule.spec, list[float]()
+def _coming(schedule: Schedule) -> Iterator[float]:
+    """The nominal times after the schedule's cursor, in order, stopping where `max_runs`
+    would be passed if each became a run."""
+    spec = schedule.spec
     room = None if spec.max_runs is None else spec.max_runs - schedule.spec_runs
     moment = spec.after(schedule.cursor)
-    while moment is not None and len(found) < MAX_STEPS and (room is None or len(found) < room):
-        if moment + spec.delay(schedule.schedule_id, moment) > now:
-            break
-        found.append(moment)
+    while moment is not None and (room is None or room > 0):
+        yield moment
+        room = None if room is None else room - 1
         moment = spec.after(moment)
-    return found
+
+
+def due(schedule: Schedule, now: float) -> list[float]:
+    """The coming times whose run falls due by `now` (their jitter included), in order, at
+    most MAX_STEPS."""
+    delay, schedule_id = schedule.spec.delay, schedule.schedule_id
+    falling_due = itertools.takewhile(lambda t: t + delay(schedule_id, t) <= now, _coming(schedule))
+    return list(itertools.islice(falling_due, MAX_STEPS))
 
 
 def plan(schedule: Schedule, now: float, running: bool, started_at: float) -> Plan | None:
@@ -165,22 +171,11 @@ def _overlap(
 
 def next_times(schedule: Schedule, count: int = 5) -> list[float]:
     """The next `count` nominal times (fewer near its end); none while paused."""
-    if schedule.paused:
-        return []
-    spec, found = schedule.spec, list[float]()
-    room = None if spec.max_runs is None else spec.max_runs - schedule.spec_runs
-    moment = spec.after(schedule.cursor)
-    while moment is not None and len(found) < count and (room is None or len(found) < room):
-        found.append(moment)
-        moment = spec.after(moment)
-    return found
+    return [] if schedule.paused else list(itertools.islice(_coming(schedule), count))
 
 
 def wake_at(schedule: Schedule) -> float | None:
     """When the schedule's next time falls due (its jitter included); None if it has none.
     A paused schedule wakes too, to count what it misses."""
-    spec = schedule.spec
-    if spec.max_runs is not None and schedule.spec_runs >= spec.max_runs:
-        return None
-    moment = spec.after(schedule.cursor)
-    return None if moment is None else moment + spec.delay(schedule.schedule_id, moment)
+    moment = next(_coming(schedule), None)
+    return None if moment is None else moment + schedule.spec.delay(schedule.schedule_id, moment)

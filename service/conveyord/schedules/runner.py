@@ -14,7 +14,6 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as tpb
 from conveyord import lifecycle
 from conveyord.errors import ConveyorError
@@ -247,7 +246,7 @@ class ScheduleRunner:
         """The CreateRequests of a schedule's runs: its template, labelled, with their keys."""
         if not orders:
             return []
-        template = spb.ScheduleRequest.FromString(schedule.request).task
+        template = schedule.template.task
         requests = []
         for order in orders:
             task = tpb.CreateRequest(task=template, request_id=order.key)

@@ -43,8 +43,8 @@ class DispatchIndex:
         due = None
         if new is not None and (new.start_deadline or new.input_deadline) is not None:
             due = _wait_deadline(new)
-        if due is not None:
-            self._waits.set(new.task_id, due)  # type: ignore[union-attr]
+        if new is not None and due is not None:
+            self._waits.set(new.task_id, due)
         elif old is not None and (old.start_deadline or old.input_deadline) is not None:
             self._waits.drop(old.task_id)
         if new is not None and new.lease_expires_at is not None and new.status in LEASED:

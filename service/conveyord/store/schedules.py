@@ -83,8 +83,8 @@ class ScheduleBook:
         return self._schedules.get(schedule_id)
 
     def all(self) -> list[Schedule]:
-        """Every schedule, oldest first."""
-        return sorted(self._schedules.values(), key=lambda s: s.seq)
+        """Every schedule, oldest first (the order they were kept in: by seq)."""
+        return list(self._schedules.values())
 
     def page(
         self, after_seq: int, limit: int, wanted: Callable[[Schedule], bool] = lambda s: True

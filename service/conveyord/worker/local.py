@@ -96,8 +96,7 @@ class LocalWorker:
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
 
     def stop(self, task: Task, why: TaskError, grace: float) -> None:
-        attempt = self._attempts.get(task.task_id)
-        if attempt is not None and attempt.lease_id == task.lease_id:
+        if (attempt := self._attempt_of(task)) is not None:
             attempt.context._request_stop(why.message)
 
     def abandon(self, task_id: str, lease_id: str) -> None:
@@ -114,19 +113,21 @@ class LocalWorker:
             attempt.runner.cancel()
 
     def pause(self, task: Task) -> None:
-        attempt = self._attempts.get(task.task_id)
-        if attempt is not None and attempt.lease_id == task.lease_id:
+        if (attempt := self._attempt_of(task)) is not None:
             attempt.context._request_pause(task.pause_reason)
 
     def resume(self, task: Task) -> None:
-        attempt = self._attempts.get(task.task_id)
-        if attempt is not None and attempt.lease_id == task.lease_id:
+        if (attempt := self._attempt_of(task)) is not None:
             attempt.context._resume()
 
     def give_inputs(self, task: Task, first: int) -> None:
-        attempt = self._attempts.get(task.task_id)
-        if attempt is not None and attempt.lease_id == task.lease_id:
+        if (attempt := self._attempt_of(task)) is not None:
             attempt.context._give_inputs(sent.data for sent in task.inputs[first:])
+
+    def _attempt_of(self, task: Task) -> _Attempt | None:
+        """The attempt this worker runs under the task's lease, if any."""
+        attempt = self._attempts.get(task.task_id)
+        return attempt if attempt is not None and attempt.lease_id == task.lease_id else None
 
     def _park(self, attempt: _Attempt) -> None:
         """The handler parked at a pause point: record it (what it reported lands first)."""
