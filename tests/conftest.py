@@ -98,6 +98,9 @@ SERVER_SETTINGS = (
     "insecure",
     "token_file",
     "jwt",
+    "tenant_limits",
+    "tenant_limits_file",
+    "queue_high_water",
 )
 
 

@@ -26,6 +26,7 @@ from conveyord.store.base import (
 )
 from conveyord.store.schedules import ScheduleNotFound
 from conveyord.store.sqlite import StoreLocked, StoreOpenError
+from conveyord.tenants import TenantLimitReached
 from conveyord.validation import InvalidArgument
 from conveyord.worker.remote import WorkerNotConnected, WorkerReplaced
 
@@ -60,6 +61,7 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (ScheduleNotFound("s-1"), {"schedule_id": "s-1"}),
     (Unauthenticated("no token"), {}),
     (PermissionDenied("may not", Permission.CONTROL), {"permission": "control"}),
+    (TenantLimitReached("at most 5 a second", "rate", 0.2), {"limit": "rate"}),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,12 @@ def new_task(request_id: str = "", request_hash: bytes = b"h", **fields: object)
     return Task(**{**base, **fields})
 
 
-def admit(count: int) -> None:
+def admit(tasks: Sequence[Task]) -> None:
     pass
 
 
 async def create_one(
-    store: TaskStore, task: Task, admit: Callable[[int], None] = admit
+    store: TaskStore, task: Task, admit: Callable[[Sequence[Task]], None] = admit
 ) -> tuple[Task, bool]:
     (result,) = await store.create([task], admit)
     return result
@@ -99,7 +99,7 @@ async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskS
 
 
 async def test_a_refused_admission_stores_nothing(store: TaskStore) -> None:
-    def full(count: int) -> None:
+    def full(tasks: Sequence[Task]) -> None:
         raise RuntimeError("full")
 
     with pytest.raises(RuntimeError):
@@ -314,7 +314,7 @@ async def test_a_batch_is_stored_whole_in_order(store: TaskStore) -> None:
     known, _ = await create_one(store, new_task("known"))
     batch = [new_task("a"), new_task("known"), new_task(), new_task("b")]
     admitted: list[int] = []
-    results = await store.create(batch, admitted.append)
+    results = await store.create(batch, lambda new: admitted.append(len(new)))
     assert admitted == [3]  # the replayed request is not a new task
     assert [created for _, created in results] == [True, False, True, True]
     assert results[1][0] == known

@@ -8,6 +8,11 @@ also how a connection reset or a proxy ending a stream (RST_STREAM) reach the cl
 delays start below `initial` (0.1 s), grow `multiplier` (2) times up to `maximum` (5 s), and
 each is drawn at random between 0 and that ceiling ("full jitter"), so that clients that
 failed together do not come back together.
+
+A refusal for a limit (RESOURCE_EXHAUSTED: a full queue, a tenant's rate) changed nothing,
+so any call may be tried again; when it carries a RetryInfo, the client waits what it says
+(and up to a tenth more, at random) and tries again, up to `MAX_TOLD_WAITS` times within the
+deadline, before it raises ResourceExhausted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from collections.abc import Callable
 import grpc
 
 from conveyor._deadline import Deadline
+from conveyor.errors import retry_delay_of
+
+MAX_TOLD_WAITS = 3  # tries again after a RetryInfo, at most, in one call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +61,26 @@ class Backoff:
         self._jitter = jitter
         self._ceiling = policy.initial
         self._retried: grpc.RpcError | None = None
+        self._told_waits = 0
 
     def delay_after(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before trying again after `error`, or None to give up."""
+        told = retry_delay_of(error)
+        if told is not None:
+            return self._told(told)
         if error.code() not in self._policy.codes:
             return None
         self._retried = error
         return self.next_delay()
+
+    def _told(self, delay: float) -> float | None:
+        """The server's delay, with a little jitter; None past MAX_TOLD_WAITS or the deadline."""
+        self._told_waits += 1
+        delay *= 1.0 + 0.1 * self._jitter()
+        remaining = self._deadline.remaining()
+        if self._told_waits > MAX_TOLD_WAITS or (remaining is not None and delay >= remaining):
+            return None
+        return delay
 
     def reported(self, error: grpc.RpcError) -> grpc.RpcError:
         """The error to raise on giving up after `error`.

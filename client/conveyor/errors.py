@@ -178,6 +178,18 @@ def from_rpc_error(error: grpc.RpcError) -> RpcError:
     return cls(message, **info)
 
 
+def retry_delay_of(error: grpc.RpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED error's RetryInfo says to wait before trying again
+    (None: it says nothing)."""
+    if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    retry_info = error_details_pb2.RetryInfo()
+    for detail in _details(error):
+        if detail.Unpack(retry_info):
+            return float(retry_info.retry_delay.ToTimedelta().total_seconds())
+    return None
+
+
 def _details(error: grpc.RpcError) -> list[Any]:
     """The google.protobuf.Any details of the error's google.rpc.Status, if it has one."""
     try:

@@ -8,6 +8,7 @@ builds the method handlers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +19,7 @@ from google.protobuf import message
 
 from conveyor.v1 import task_service_pb2 as pb
 from conveyord import validation
-from conveyord.auth import Permission, require_types
+from conveyord.auth import Permission, current_tenant, require_types
 from conveyord.convert import (
     change_message,
     encode_task,
@@ -30,7 +31,7 @@ from conveyord.convert import (
 )
 from conveyord.hub import EventHub, WatcherTooSlow
 from conveyord.limits import MAX_PAGE_BYTES, RECEIVE_LIMITS
-from conveyord.model import Change, ChangeKind, Task, TaskInput
+from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskInput
 from conveyord.rpc import stream_method, unary_method
 from conveyord.scheduler import Scheduler
 from conveyord.store.base import TaskNotFound
@@ -57,7 +58,9 @@ class TaskServiceApi:
         new = validation.create_request(
             request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )
-        ((task, _),) = await self.scheduler.create([new.to_task(new_task_id(), now)])
+        tenant = current_tenant()
+        self.scheduler.tenants.take(tenant, 1)
+        ((task, _),) = await self.scheduler.create([new.to_task(new_task_id(), now, tenant)])
         return task_message(task)
 
     async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
@@ -67,21 +70,21 @@ class TaskServiceApi:
         batch = validation.batch_create_request(
             request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
         )
-        created = await self.scheduler.create([new.to_task(new_task_id(), now) for new in batch])
+        tenant = current_tenant()
+        self.scheduler.tenants.take(tenant, len(batch))
+        tasks = [new.to_task(new_task_id(), now, tenant) for new in batch]
+        created = await self.scheduler.create(tasks)
         return tasks_message(task for task, _ in created)
 
     async def get(self, request: pb.GetRequest) -> bytes:
         """A GetResponse."""
-        task_id = validation.task_id(request.task_id)
-        task = await self.store.get(task_id)
-        if task is None:
-            raise TaskNotFound(task_id)
-        return task_message(task)
+        return task_message(await self._own(validation.task_id(request.task_id)))
 
     async def list(self, request: pb.ListRequest) -> bytes:
         """A ListResponse."""
         query = validation.list_request(request)
-        tasks, revision = await self.store.list(query.filter, query.after_seq, query.page_size)
+        scope = _scoped(query.filter)
+        tasks, revision = await self.store.list(scope, query.after_seq, query.page_size)
         page = _fitting(tasks)
         more = len(page) < len(tasks) or len(tasks) == query.page_size
         token = query.next_token(page[-1].seq) if more else ""
@@ -90,23 +93,28 @@ class TaskServiceApi:
     async def cancel(self, request: pb.CancelRequest) -> bytes:
         """A CancelResponse."""
         task_id, reason = validation.task_and_reason(request)
+        await self._own(task_id)
         task = await self.scheduler.cancel(task_id, reason)
         return task_message(task)
 
     async def pause(self, request: pb.PauseRequest) -> bytes:
         """A PauseResponse."""
         task_id, reason = validation.task_and_reason(request)
+        await self._own(task_id)
         task, paused = await self.scheduler.pause(task_id, reason)
         return pause_message(task, paused)
 
     async def resume(self, request: pb.ResumeRequest) -> bytes:
         """A ResumeResponse."""
-        task = await self.scheduler.resume(validation.task_id(request.task_id))
+        task_id = validation.task_id(request.task_id)
+        await self._own(task_id)
+        task = await self.scheduler.resume(task_id)
         return task_message(task)
 
     async def send_input(self, request: pb.SendInputRequest) -> bytes:
         """A SendInputResponse."""
         query = validation.send_input_request(request)
+        await self._own(query.task_id)
         sent = TaskInput(query.request_id, query.data, self.scheduler.clock(), query.size)
         task, sequence = await self.scheduler.send_input(query.task_id, sent)
         return task_message(task) + pb.SendInputResponse(sequence=sequence).SerializeToString()
@@ -114,8 +122,20 @@ class TaskServiceApi:
     async def cancel_matching(self, request: pb.CancelMatchingRequest) -> bytes:
         """A CancelMatchingResponse."""
         task_filter, reason, dry_run = validation.cancel_matching_request(request)
-        count = await self.scheduler.cancel_matching(task_filter, reason, dry_run)
+        count = await self.scheduler.cancel_matching(_scoped(task_filter), reason, dry_run)
         return pb.CancelMatchingResponse(count=count).SerializeToString()
+
+    async def _owned(self, task_id: str) -> Task | None:
+        """The task, if it exists for the caller: another tenant's task does not."""
+        task = await self.store.get(task_id)
+        return task if task is not None and task.tenant == current_tenant() else None
+
+    async def _own(self, task_id: str) -> Task:
+        """The task, or NOT_FOUND (for another tenant's task as for one that never was)."""
+        task = await self._owned(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
 
     async def watch(self, request: pb.WatchRequest) -> AsyncIterator[bytes]:
         """See the Watch RPC in task_service.proto: replay or current state first, then live.
@@ -123,19 +143,21 @@ class TaskServiceApi:
         Yields encoded WatchResponses: a live change is encoded once for all its watchers.
         """
         query = validation.watch_request(request)
+        query.filter = _scoped(query.filter)
         task_id = query.filter.task_id
-        with self.hub.subscribe(query.filter) as subscription:
+        with (
+            self.scheduler.tenants.watching(query.filter.tenant or ""),
+            self.hub.subscribe(query.filter) as subscription,
+        ):
             last = self.hub.revision
             if task_id and query.since_revision is None:
-                task = await self.store.get(task_id)
-                if task is None:
-                    raise TaskNotFound(task_id)
-                yield watch_message(pb.WATCH_EVENT_TYPE_CURRENT, task, task.revision)
-                if task.terminal:
+                current = await self._own(task_id)
+                yield watch_message(pb.WATCH_EVENT_TYPE_CURRENT, current, current.revision)
+                if current.terminal:
                     return
-                last = task.revision
+                last = current.revision
             elif query.since_revision is not None:
-                task = await self.store.get(task_id) if task_id else None
+                task = await self._owned(task_id) if task_id else None
                 changes = await self.store.changes_since(query.since_revision, query.filter)
                 if task_id and task is None and not changes:
                     raise TaskNotFound(task_id)
@@ -162,6 +184,11 @@ class TaskServiceApi:
                     last = delivery.change.revision
                     if _ends_watch(query, delivery.change):
                         return
+
+
+def _scoped(task_filter: TaskFilter) -> TaskFilter:
+    """`task_filter`, of the caller's tenant's tasks only."""
+    return dataclasses.replace(task_filter, tenant=current_tenant())
 
 
 def _fitting(tasks: Sequence[Task]) -> Sequence[Task]:

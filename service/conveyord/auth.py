@@ -38,10 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conveyord.errors import ConveyorError
 from conveyord.rpc import status_of
+from conveyord.watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
-
-RELOAD_EVERY = 1.0  # seconds: how often the token file's change is looked for, at most
 
 
 class Permission(enum.Enum):
@@ -131,6 +130,13 @@ class PermissionDenied(ConveyorError):
         return {"permission": self.permission.value}
 
 
+def current_tenant() -> str:
+    """The current caller's tenant: only its tasks, schedules and workers exist for it ("" on
+    a server where nobody signs in, and for the server's own work)."""
+    identity = caller.get()
+    return "" if identity is None else identity.tenant
+
+
 def require_types(permission: Permission, task_types: Iterable[str]) -> None:
     """Refuse a call of the current caller for task types its permission does not cover."""
     identity = caller.get()
@@ -164,41 +170,7 @@ def parse_permissions(texts: Iterable[str]) -> dict[Permission, frozenset[str] |
     return found
 
 
-class _WatchedFile:
-    """A file that is read again when it changes (its size or time), looked at once a
-    RELOAD_EVERY at most; a change that cannot be read leaves what was read before."""
-
-    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
-        self.path = path
-        self._clock = clock
-        self._stamp: tuple[int, int] | None = None
-        self._checked = float("-inf")
-        self._load()
-
-    def _read(self) -> None:
-        """Read the file (a ValueError says what is wrong with it)."""
-        raise NotImplementedError
-
-    def _fresh(self) -> None:
-        """Read the file again if it changed since it was last read."""
-        if self._clock() - self._checked < RELOAD_EVERY:
-            return
-        self._checked = self._clock()
-        try:
-            stat = self.path.stat()
-            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
-                self._load()
-                log.info("%s changed: read again", self.path)
-        except (OSError, ValueError) as error:
-            log.error("%s changed but cannot be read; what it held stays: %s", self.path, error)
-
-    def _load(self) -> None:
-        stat = self.path.stat()
-        self._read()
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
-
-
-class TokenFile(_WatchedFile):
+class TokenFile(WatchedFile):
     """The callers of a token file, by the SHA-256 of their token; read again when it changes."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
@@ -260,7 +232,7 @@ class JwtSettings:
     audience: str
 
 
-class JwtKeys(_WatchedFile):
+class JwtKeys(WatchedFile):
     """Verifies JWTs with the keys of a file (PEM public keys, or a JWKS), read again when
     the file changes."""
 

@@ -14,6 +14,7 @@ from typing import Any
 from conveyord.allocator import tune_allocator
 from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
+from conveyord.high_water import DEFAULT_HIGH_WATER
 from conveyord.hub import DEFAULT_WATCH_BUFFER
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
@@ -23,6 +24,7 @@ from conveyord.store import (
     StoreOpenError,
     default_store_path,
 )
+from conveyord.tenants import TenantLimits
 from conveyord.tls import ExposureRefused, TlsError, TlsFiles
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
 from conveyord.worker.remote import SessionTimings
@@ -51,6 +53,13 @@ def _not_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, not {text}")
     return value
 
 
@@ -187,6 +196,52 @@ def build_parser() -> argparse.ArgumentParser:
         "tasks waiting at most; beyond it Create answers RESOURCE_EXHAUSTED",
         type=_positive(int),
         default=_DEFAULTS.max_queued,
+    )
+    option(
+        "--queue-high-water",
+        "CONVEYORD_QUEUE_HIGH_WATER",
+        "the share of --max-queued above which the health of conveyor.v1.TaskService turns "
+        "NOT_SERVING (a load balancer sends new work elsewhere), SERVING again below 0.8 of it",
+        type=_fraction,
+        default=DEFAULT_HIGH_WATER,
+        metavar="SHARE",
+    )
+    option(
+        "--tenant-max-queued",
+        "CONVEYORD_TENANT_MAX_QUEUED",
+        "tasks waiting at most per tenant (default: no limit but --max-queued)",
+        type=_not_negative_int,
+    )
+    option(
+        "--tenant-rate",
+        "CONVEYORD_TENANT_RATE",
+        "tasks a tenant creates per second at most, sustained (a token bucket; default: no limit)",
+        type=_positive(float),
+    )
+    option(
+        "--tenant-burst",
+        "CONVEYORD_TENANT_BURST",
+        "tasks a tenant creates at once at most, the bucket's size (default: a second's worth)",
+        type=_positive(int),
+    )
+    option(
+        "--tenant-max-watches",
+        "CONVEYORD_TENANT_MAX_WATCHES",
+        "open Watch streams per tenant at most (default: no limit)",
+        type=_not_negative_int,
+    )
+    option(
+        "--tenant-max-workers",
+        "CONVEYORD_TENANT_MAX_WORKERS",
+        "connected workers per tenant at most (default: no limit)",
+        type=_not_negative_int,
+    )
+    option(
+        "--tenant-limits",
+        "CONVEYORD_TENANT_LIMITS",
+        'limits of each tenant, a JSON file: {"default": {...}, "tenants": {"NAME": '
+        '{"max_queued": N, "rate": N, "burst": N, "max_watches": N, "max_workers": N}}}; a '
+        "tenant's entry overrides the defaults. Read again when it changes",
     )
     option(
         "--default-timeout",
@@ -349,6 +404,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         token_file=Path(args.token_file) if args.token_file else None,
         jwt=_jwt(args),
         insecure=args.insecure,
+        tenant_limits=TenantLimits(
+            max_queued=args.tenant_max_queued,
+            rate=args.tenant_rate,
+            burst=args.tenant_burst,
+            max_watches=args.tenant_max_watches,
+            max_workers=args.tenant_max_workers,
+        ),
+        tenant_limits_file=Path(args.tenant_limits) if args.tenant_limits else None,
+        queue_high_water=args.queue_high_water,
     )
 
 

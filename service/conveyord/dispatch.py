@@ -39,6 +39,7 @@ class Worker(Protocol):
     and remote workers through their connection."""
 
     holder: str  # who holds its leases; stable across restarts of the same worker
+    tenant: str | None  # the tenant whose tasks it runs (None: any tenant's, in turns)
     types: frozenset[str] | None  # the task types it runs (None: any)
     pausable: frozenset[str]  # the task types whose handlers can park at a pause point
     # How long a lease lasts unless renewed; None: the attempt's timeout and grace, with
@@ -267,7 +268,10 @@ class Dispatcher:
         }
         now = self.clock()
         lease_until = _lease_until(worker, now, self.limits.cancel_grace + RECORDING_TIME)
-        claim = Claim(worker.holder, count, worker.types, limits, lease_until, now, worker.pausable)
+        claim = Claim(
+            worker.holder, count, worker.types, limits, lease_until, now, worker.pausable,
+            worker.tenant,
+        )  # fmt: skip
         for task in await self.store.claim(claim):
             self._grant(task, worker)
 

@@ -130,7 +130,7 @@ class Task:
     labels: Mapping[str, str]
     created_at: float
     updated_at: float
-    owner: str = ""  # who the task belongs to; empty until callers are authenticated
+    tenant: str = ""  # whose task it is: its creator's tenant ("" where nobody signs in)
     request_id: str = ""
     request_hash: bytes = b""  # fingerprint of the TaskRequest, to judge a reused request_id
     status: TaskStatus = TaskStatus.CREATED
@@ -216,8 +216,11 @@ class TaskFilter:
     task_type: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     task_id_prefix: str = ""  # lower case, as ids are
+    tenant: str | None = None  # a caller's tenant: only its tasks exist for it (None: any)
 
     def matches(self, task: Task) -> bool:
+        if self.tenant is not None and task.tenant != self.tenant:
+            return False
         if self.task_id and task.task_id != self.task_id:
             return False
         if self.task_id_prefix and not task.task_id.startswith(self.task_id_prefix):

@@ -31,6 +31,7 @@ from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-expor
 from conveyord.limits import INPUT_LIMITS
 from conveyord.model import Task, TaskFilter, TaskInput, TaskStatus
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.tenants import Tenants
 from conveyord.worker.local import LocalWorker
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,13 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        tenants: Tenants | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.config = config or SchedulerConfig()
         self.clock = clock
+        self.tenants = tenants or Tenants()
         limits = Limits(
             self.config.max_running or sys.maxsize,
             self.config.type_concurrency,
@@ -164,12 +167,17 @@ class Scheduler:
         self._refusal = reason
         self._accepting = False
 
-    def _admit(self, count: int) -> None:
-        """Raise unless there is room for `count` more tasks (the store asks before storing)."""
+    def _admit(self, tasks: Sequence[Task]) -> None:
+        """Raise unless the queue, and each tenant's, has room for `tasks` (the store asks
+        before storing)."""
         if not self._accepting:
             raise self._refusal or ShuttingDown()
-        if self.queued + count > self.config.max_queued:
-            raise QueueFull(count, self.config.max_queued)
+        if self.queued + len(tasks) > self.config.max_queued:
+            raise QueueFull(len(tasks), self.config.max_queued)
+        tenants = {task.tenant for task in tasks}  # one, but for schedules' runs
+        for tenant in tenants:
+            count = len(tasks) if len(tenants) == 1 else [t.tenant for t in tasks].count(tenant)
+            self.tenants.check_queue(tenant, count, self.store.queued_of(tenant))
 
     async def create(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, for dispatch to run; each comes back with False if

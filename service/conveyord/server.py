@@ -20,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from conveyor.v1 import task_service_pb2
 from conveyord.allocator import trim_when_idle
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers, new_task_id
 from conveyord.auth import Authenticator, JwtKeys, JwtSettings, TokenFile
 from conveyord.handlers import HandlerRegistry
+from conveyord.high_water import DEFAULT_HIGH_WATER, QueueMarks
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
 from conveyord.model import Task
@@ -32,9 +32,10 @@ from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.schedules.api import SERVICE_NAME as SCHEDULE_SERVICE_NAME
 from conveyord.schedules.api import ScheduleServiceApi
 from conveyord.schedules.api import method_handlers as schedule_method_handlers
-from conveyord.schedules.runner import ScheduleRunner
+from conveyord.schedules.runner import RunRequest, ScheduleRunner
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.tenants import TenantLimits, Tenants
 from conveyord.tls import CertificateFiles, TlsFiles, check_exposure
 from conveyord.validation import NewTask
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING, LoopWatchdog
@@ -86,6 +87,9 @@ class ServerConfig:
     token_file: Path | None = None  # None: callers are not authenticated by a token file
     jwt: JwtSettings | None = None  # None: nor by JWTs
     insecure: bool = False  # listen beyond loopback without TLS and authentication
+    tenant_limits: TenantLimits = dataclasses.field(default_factory=TenantLimits)
+    tenant_limits_file: Path | None = None  # each tenant's own limits, read on change
+    queue_high_water: float = DEFAULT_HIGH_WATER  # of max_queued: health NOT_SERVING above
 
 
 class Server:
@@ -118,7 +122,10 @@ class Server:
         self.store.on_failure = self._store_failed
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
-        self.scheduler = Scheduler(self.store, self.registry, config.scheduler, clock=clock)
+        self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file)
+        self.scheduler = Scheduler(
+            self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
+        )
         self.schedules = ScheduleRunner(self.store, self._make_runs, clock)
         self._schedule_api = ScheduleServiceApi(
             self.store, self.schedules, lambda: self.scheduler.task_types, clock
@@ -126,6 +133,13 @@ class Server:
         self.sessions = WorkerSessions(self.scheduler.dispatcher, self.store, config.workers)
         self.watchdog = LoopWatchdog(config.blocked_loop_warning)
         self.health = HealthServicer()
+        self.marks = QueueMarks(
+            lambda: self.store.queued,
+            config.scheduler.max_queued,
+            config.queue_high_water,
+            self._task_service_serving,
+        )
+        self._health_updates: set[asyncio.Task[None]] = set()
         self.port = 0
         if config.token_file is not None or config.jwt is not None:
             tokens = TokenFile(config.token_file) if config.token_file else None
@@ -140,7 +154,7 @@ class Server:
         api = TaskServiceApi(self.scheduler, self.hub)
         server.add_registered_method_handlers(SERVICE_NAME, method_handlers(api))
         workers = WorkerServiceApi(
-            self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types
+            self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types, self.tenants
         )
         server.add_registered_method_handlers(WORKER_SERVICE_NAME, worker_method_handlers(workers))
         server.add_registered_method_handlers(
@@ -177,6 +191,8 @@ class Server:
         await server.start()
         for service in ("", SERVICE_NAME, WORKER_SERVICE_NAME, SCHEDULE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.store.feed.follow(self.marks.changed)
+        self.marks.changed()  # a queue recovered above the mark
         log.info(
             "conveyord listening on %s (port %d) with handlers: %s",
             self.config.listen,
@@ -205,15 +221,29 @@ class Server:
         await self.watchdog.stop()
         log.info("conveyord stopped")
 
-    async def _make_runs(
-        self, requests: Sequence[task_service_pb2.CreateRequest]
-    ) -> list[tuple[Task, bool]]:
+    async def _make_runs(self, requests: Sequence[RunRequest]) -> list[tuple[Task, bool]]:
         """The tasks of schedules' runs (their templates were checked when the schedule
-        was made), created as Create would."""
+        was made), created as Create would, each for its schedule's tenant."""
         now = self.scheduler.clock()
         timeout = self.config.scheduler.default_timeout
-        tasks = [NewTask(request, timeout).to_task(new_task_id(), now) for request in requests]
+        tasks = [
+            NewTask(request, timeout).to_task(new_task_id(), now, tenant)
+            for request, tenant in requests
+        ]
         return await self.scheduler.create(tasks)
+
+    def _task_service_serving(self, serving: bool) -> None:
+        """Say whether TaskService takes new work (the queue's marks were crossed)."""
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        log.warning(
+            "the queue holds %d tasks: %s takes new work %s", self.store.queued, SERVICE_NAME,
+            "again (below the low-water mark)" if serving else "no more (high-water mark)",
+        )  # fmt: skip
+        update = asyncio.ensure_future(self.health.set(SERVICE_NAME, status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     def _store_failed(self, error: Exception) -> None:
         self.failed = True

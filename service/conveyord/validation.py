@@ -171,7 +171,7 @@ class NewTask:
             task.queue_timeout_seconds if task.HasField("queue_timeout_seconds") else None
         )
 
-    def to_task(self, task_id: str, now: float) -> Task:
+    def to_task(self, task_id: str, now: float, tenant: str = "") -> Task:
         """The record of the new task, queued (or waiting for its start) on its first attempt."""
         start = self.start_at if self.start_at is not None else now + self.start_after
         runnable_at = start if start > now else None
@@ -190,6 +190,7 @@ class NewTask:
             labels=self.labels,
             created_at=now,
             updated_at=now,
+            tenant=tenant,
             request_id=self.request_id,
             request_hash=self.request_hash,
             message="queued",

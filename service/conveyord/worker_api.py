@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 from conveyor.handlers import MAX_LABEL
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import worker_service_pb2 as pb
-from conveyord.auth import Permission, require_types
+from conveyord.auth import Permission, current_tenant, require_types
 from conveyord.convert import task_to_proto
 from conveyord.dispatch import Dispatcher
 from conveyord.lifecycle import InputWait, Outcome, StaleLease
@@ -29,8 +29,9 @@ from conveyord.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES, MA
 from conveyord.model import ErrorCode, Task, TaskError, json_problem
 from conveyord.rpc import stream_method, unary_method
 from conveyord.store.base import TaskNotFound
+from conveyord.tenants import Tenants
 from conveyord.validation import Checker, InvalidArgument, task_id_in
-from conveyord.worker.remote import Hello, SessionTimings, WorkerSessions
+from conveyord.worker.remote import Hello, RemoteWorker, SessionTimings, WorkerSessions, holder_name
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
@@ -59,18 +60,27 @@ class WorkerServiceApi:
         dispatcher: Dispatcher,
         sessions: WorkerSessions,
         declare_types: Callable[[frozenset[str]], Awaitable[None]],
+        tenants: Tenants,
     ) -> None:
         self.dispatcher = dispatcher
+        self.tenants = tenants
         self.sessions = sessions
         self.timings: SessionTimings = sessions.timings
         self.declare_types = declare_types
 
     async def connect(self, request: pb.ConnectRequest) -> AsyncIterator[bytes]:
         """The session's stream: a welcome, then what the outbox holds, with heartbeats."""
-        hello = _connect_request(request)
+        hello = _connect_request(request, current_tenant())
         require_types(Permission.WORKER, hello.types)
-        await self.declare_types(hello.types)
-        worker, kept = await self.sessions.connect(hello)
+        with self.tenants.connected(hello.tenant):
+            await self.declare_types(hello.types)
+            worker, kept = await self.sessions.connect(hello)
+            async for message in self._session(hello, worker, kept):
+                yield message
+
+    async def _session(
+        self, hello: Hello, worker: RemoteWorker, kept: list[tuple[str, str]]
+    ) -> AsyncIterator[bytes]:
         outbox = worker.outbox
         try:
             yield self.timings.welcome(hello.worker_id, kept)
@@ -88,9 +98,21 @@ class WorkerServiceApi:
         finally:
             self.sessions.disconnected(worker, outbox)
 
+    async def _owns(self, task_id: str) -> bool:
+        """Whether the task is not another tenant's (a worker of one tenant learns nothing
+        of another's tasks, even holding a lease id)."""
+        task = await self.dispatcher.store.get(task_id)
+        return task is None or task.tenant == current_tenant()
+
+    async def _own(self, task_id: str) -> None:
+        """NOT_FOUND for another tenant's task, as for one that never was."""
+        if not await self._owns(task_id):
+            raise TaskNotFound(task_id)
+
     async def report(self, request: pb.ReportRequest) -> bytes:
         """A ReportResponse."""
         task, lease = _lease(request.lease, "lease")
+        await self._own(task)
         changes = _report_changes(request)
         if changes or not request.parked:
             await self.dispatcher.report(task, lease, changes)
@@ -108,11 +130,16 @@ class WorkerServiceApi:
             checker.fail("leases", f"holds {len(request.leases)}; at most {MAX_LEASES}")
         leases = [_lease_in(checker, ref, f"leases[{i}]") for i, ref in enumerate(request.leases)]
         checker.done()
+        foreign = {task for task, _ in leases if not await self._owns(task)}
         seconds = self.timings.lease_duration
         answer = pb.RenewResponse()
         answer.expires_at.FromNanoseconds(int((time.time() + seconds) * 1e9))
         # Together, so that a durable store writes them in one transaction.
-        renewals = [self.dispatcher.renew(task, lease, seconds) for task, lease in leases]
+        # Another tenant's task is lost, as one that never was.
+        renewals = [
+            self.dispatcher.renew(task, lease, seconds) if task not in foreign else _not_found(task)
+            for task, lease in leases
+        ]
         outcomes = await asyncio.gather(*renewals, return_exceptions=True)
         for (task, lease), outcome in zip(leases, outcomes, strict=True):
             if isinstance(outcome, StaleLease | TaskNotFound):
@@ -124,6 +151,7 @@ class WorkerServiceApi:
     async def finish(self, request: pb.FinishRequest) -> bytes:
         """A FinishResponse: the task after the attempt."""
         task, lease = _lease(request.lease, "lease")
+        await self._own(task)
         outcome = _outcome(request)
         ended = await self.dispatcher.finish(task, lease, outcome)
         return pb.FinishResponse(task=task_to_proto(ended)).SerializeToString()
@@ -145,9 +173,11 @@ class WorkerServiceApi:
         indexes: list[int] = []  # of the ends in the request
         for index, finish in enumerate(request.finishes):
             try:
-                ends.append((*_lease(finish.lease, "lease"), _outcome(finish)))
+                task, lease = _lease(finish.lease, "lease")
+                await self._own(task)
+                ends.append((task, lease, _outcome(finish)))
                 indexes.append(index)
-            except InvalidArgument as error:
+            except (InvalidArgument, TaskNotFound) as error:
                 refused[index] = _refusal(finish.lease, error)
         ended = await self.dispatcher.finish_many(ends)
         recorded: dict[int, Task] = {}
@@ -173,8 +203,12 @@ class WorkerServiceApi:
 
     async def drain(self, request: pb.DrainRequest) -> bytes:
         """A DrainResponse."""
-        self.sessions.drain(request.worker_id)
+        self.sessions.drain(holder_name(current_tenant(), request.worker_id))
         return pb.DrainResponse().SerializeToString()
+
+
+async def _not_found(task_id: str) -> Task:
+    raise TaskNotFound(task_id)
 
 
 def _refusal(
@@ -194,7 +228,7 @@ def _heartbeat() -> bytes:
 # -- requests --------------------------------------------------------------------
 
 
-def _connect_request(request: pb.ConnectRequest) -> Hello:
+def _connect_request(request: pb.ConnectRequest, tenant: str) -> Hello:
     checker = Checker()
     if not _WORKER_ID.fullmatch(request.worker_id):
         checker.fail("worker_id", "must be 1 to 128 characters of A-Z a-z 0-9 . _ : / @ -")
@@ -217,7 +251,9 @@ def _connect_request(request: pb.ConnectRequest) -> Hello:
             checker.fail(f"pausable_types[{index}]", f"{task_type[:64]!r} is not in task_types")
     checker.done()
     pausable = frozenset(request.pausable_types)
-    return Hello(request.worker_id, types, request.slots, held, request.batch_assignments, pausable)
+    return Hello(
+        request.worker_id, types, request.slots, held, request.batch_assignments, pausable, tenant
+    )
 
 
 def _lease(ref: pb.LeaseRef, field: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from conveyor.v1 import schedule_service_pb2 as pb
+from conveyord.auth import current_tenant
 from conveyord.convert import task_to_proto
 from conveyord.errors import ShuttingDown
 from conveyord.hub import WatcherTooSlow
@@ -73,7 +74,7 @@ class ScheduleServiceApi:
         schedule = Schedule(
             schedule_id=str(uuid.uuid4()), seq=0, request=new.request, spec=new.spec,
             policy=new.policy, created_at=now, updated_at=now, cursor=now,
-            request_id=request_id, request_hash=new.request_hash,
+            tenant=current_tenant(), request_id=request_id, request_hash=new.request_hash,
         )  # fmt: skip
         made, _ = await self.book.create(schedule)
         return pb.CreateScheduleResponse(schedule=await self.message(made)).SerializeToString()
@@ -84,8 +85,11 @@ class ScheduleServiceApi:
 
     async def list(self, request: pb.ListSchedulesRequest) -> bytes:
         after, size, wanted = requests.page(request)
+        tenant = current_tenant()
 
         def matches(schedule: Schedule) -> bool:
+            if schedule.tenant != tenant:
+                return False
             if not (wanted.task_type or wanted.labels):
                 return True
             task = schedule.template.task
@@ -101,7 +105,7 @@ class ScheduleServiceApi:
         return answer.SerializeToString()
 
     async def update(self, request: pb.UpdateScheduleRequest) -> bytes:
-        schedule_id = requests.schedule_id(request.schedule_id)
+        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
         now = self.clock()
         new = requests.schedule_request(request.schedule, self.known(), now)
 
@@ -115,11 +119,11 @@ class ScheduleServiceApi:
         return pb.UpdateScheduleResponse(schedule=await self.message(updated)).SerializeToString()
 
     async def delete(self, request: pb.DeleteScheduleRequest) -> bytes:
-        await self.book.delete(requests.schedule_id(request.schedule_id))
+        await self.book.delete(self._get(requests.schedule_id(request.schedule_id)).schedule_id)
         return pb.DeleteScheduleResponse().SerializeToString()
 
     async def pause(self, request: pb.PauseScheduleRequest) -> bytes:
-        schedule_id = requests.schedule_id(request.schedule_id)
+        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
         note, now = requests.note(request.note) or "paused by request", self.clock()
         await self.runner.fire(schedule_id)  # what fell due before the pause is made
         paused = await self.book.update(
@@ -128,7 +132,7 @@ class ScheduleServiceApi:
         return pb.PauseScheduleResponse(schedule=await self.message(paused)).SerializeToString()
 
     async def unpause(self, request: pb.UnpauseScheduleRequest) -> bytes:
-        schedule_id = requests.schedule_id(request.schedule_id)
+        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
         await self.runner.fire(schedule_id)  # what fell due while paused is counted missed
         now = self.clock()
         running = await self.book.update(
@@ -174,9 +178,12 @@ class ScheduleServiceApi:
         """Every schedule as it stands, then each change, with heartbeats."""
         changes: asyncio.Queue[tuple[Schedule, bool] | None] = asyncio.Queue(WATCH_BUFFER)
         overflowed = False
+        tenant = current_tenant()
 
         def listen(schedule: Schedule, removed: bool) -> None:
             nonlocal overflowed
+            if schedule.tenant != tenant:
+                return
             try:
                 changes.put_nowait((schedule, removed))
             except asyncio.QueueFull:
@@ -186,6 +193,8 @@ class ScheduleServiceApi:
         self._watchers.add(changes)
         try:
             for schedule in self.book.all():
+                if schedule.tenant != tenant:
+                    continue
                 yield _event(pb.SCHEDULE_EVENT_TYPE_CURRENT, await self.message(schedule))
             while not overflowed:
                 try:
@@ -204,8 +213,9 @@ class ScheduleServiceApi:
             self._watchers.discard(changes)
 
     def _get(self, schedule_id: str) -> Schedule:
+        """The schedule, or NOT_FOUND (for another tenant's as for one that never was)."""
         schedule = self.book.get(schedule_id)
-        if schedule is None:
+        if schedule is None or schedule.tenant != current_tenant():
             raise ScheduleNotFound(schedule_id)
         return schedule
 

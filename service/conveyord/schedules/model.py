@@ -61,6 +61,7 @@ class Schedule:
     created_at: float
     updated_at: float
     cursor: float  # the latest nominal time dealt with (made, skipped, buffered or missed)
+    tenant: str = ""  # whose schedule it is: its creator's tenant, and its runs'
     request_id: str = ""
     request_hash: bytes = b""
     paused: bool = False

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER = 1.0  # seconds before a schedule whose runs could not be made is tried again
 FIRE_BATCH = 200  # schedules fired together (their runs one batch of tasks): a few ms of work
-# Makes tasks from validated CreateRequests: each task, and whether it is new.
-MakeTasks = Callable[[Sequence[tpb.CreateRequest]], Awaitable[list[tuple[Task, bool]]]]
+# A run's validated CreateRequest, and the tenant whose task it makes (its schedule's).
+RunRequest = tuple[tpb.CreateRequest, str]
+# Makes tasks from RunRequests: each task, and whether it is new.
+MakeTasks = Callable[[Sequence[RunRequest]], Awaitable[list[tuple[Task, bool]]]]
 
 
 class ScheduleRunner:
@@ -240,10 +242,9 @@ class ScheduleRunner:
         a repeated trigger)."""
         return await self._make(self._run_requests(schedule, orders))
 
-    def _run_requests(
-        self, schedule: Schedule, orders: Sequence[RunOrder]
-    ) -> list[tpb.CreateRequest]:
-        """The CreateRequests of a schedule's runs: its template, labelled, with their keys."""
+    def _run_requests(self, schedule: Schedule, orders: Sequence[RunOrder]) -> list[RunRequest]:
+        """The CreateRequests of a schedule's runs: its template, labelled, with their keys;
+        each for the schedule's tenant."""
         if not orders:
             return []
         template = schedule.template.task
@@ -252,10 +253,10 @@ class ScheduleRunner:
             task = tpb.CreateRequest(task=template, request_id=order.key)
             task.task.labels[SCHEDULE_LABEL] = schedule.schedule_id
             task.task.labels[NOMINAL_LABEL] = rules.nominal_text(order.nominal)
-            requests.append(task)
+            requests.append((task, schedule.tenant))
         return requests
 
-    async def _make(self, requests: list[tpb.CreateRequest]) -> list[tuple[Task, bool]]:
+    async def _make(self, requests: list[RunRequest]) -> list[tuple[Task, bool]]:
         """Make the tasks together; one by one if one of them was made before from another
         request (a changed template, or a repeated trigger), which is then found."""
         if not requests:
@@ -265,7 +266,7 @@ class ScheduleRunner:
         except RequestIdReused:
             return [await self._make_or_find(request) for request in requests]
 
-    async def _make_or_find(self, request: tpb.CreateRequest) -> tuple[Task, bool]:
+    async def _make_or_find(self, request: RunRequest) -> tuple[Task, bool]:
         try:
             ((task, new),) = await self.make_tasks([request])
         except RequestIdReused as reused:

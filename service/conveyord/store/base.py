@@ -39,6 +39,7 @@ class Claim:
     lease_until: Callable[[Task], float]
     now: float
     pausable: frozenset[str] = frozenset()
+    tenant: str | None = None  # only this tenant's tasks (None: any tenant's, in turns)
 
 
 class StoreOpenError(Exception):
@@ -126,15 +127,15 @@ class TaskStore(Protocol):
         ...
 
     async def create(
-        self, tasks: Sequence[Task], admit: Callable[[int], None]
+        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
     ) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, and return each with its revision, its `seq`, and
         `True`. The records given become the store's (it stamps their seq and revision).
 
-        A task whose (owner, request_id) is already known is not stored again: the task
+        A task whose (tenant, request_id) is already known is not stored again: the task
         first created with it comes back with `False`; if that task was created from a
         different request, RequestIdReused is raised and nothing is stored. Before storing,
-        `admit(number of new tasks)` is called, which raises to refuse them (a full queue).
+        `admit(the new tasks)` is called, which raises to refuse them (a full queue).
         """
         ...
 
@@ -176,7 +177,11 @@ class TaskStore(Protocol):
 
     @property
     def queued(self) -> int:
-        """Tasks that are CREATED (runnable, or waiting for their next attempt)."""
+        """Tasks that are CREATED (runnable, or waiting for their next attempt) or PAUSED."""
+        ...
+
+    def queued_of(self, tenant: str) -> int:
+        """The tasks of `tenant` that `queued` counts."""
         ...
 
     async def claim(self, request: Claim) -> Sequence[Task]:

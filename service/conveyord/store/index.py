@@ -31,6 +31,7 @@ class DispatchIndex:
         self._leases = Deadlines()  # of attempts that hold one, tagged with the lease id
         self._waits = Deadlines()  # of queued tasks' start deadlines, and input deadlines
         self.active: dict[TaskStatus, set[str]] = {status: set() for status in UNFINISHED}
+        self.queued_by_tenant: dict[str, int] = {}  # CREATED and PAUSED tasks of each tenant
 
     @property
     def queued(self) -> int:
@@ -53,6 +54,11 @@ class DispatchIndex:
             self._leases.drop(old.task_id)
         if old is not None and old.status in self.active:
             self.active[old.status].discard(old.task_id)
+            if old.status in _QUEUED:
+                self.queued_by_tenant[old.tenant] -= 1
+        if new is not None and new.status in _QUEUED:
+            counts = self.queued_by_tenant
+            counts[new.tenant] = counts.get(new.tenant, 0) + 1
         if new is None or new.status not in self.active:
             if old is not None and old.status is TaskStatus.CREATED:
                 self.ready.discard(old.task_id)
@@ -71,7 +77,9 @@ class DispatchIndex:
         if task.next_attempt_at is not None:
             heapq.heappush(self._waiting, (task.next_attempt_at, task.task_id))
         else:
-            self.ready.push(task.task_id, task.task_type, task.priority, task.queued_since)
+            self.ready.push(
+                task.task_id, task.task_type, task.priority, task.queued_since, task.tenant
+            )
 
     def promote(self, now: float, working: Mapping[str, Task]) -> None:
         """Move the waiting tasks whose time has come into the ready queue."""
@@ -85,7 +93,7 @@ class DispatchIndex:
                 and task.next_attempt_at == runnable_at
                 and task_id not in self.ready
             ):
-                self.ready.push(task_id, task.task_type, task.priority, runnable_at)
+                self.ready.push(task_id, task.task_type, task.priority, runnable_at, task.tenant)
 
     def next_runnable_at(self) -> float | None:
         """When the earliest waiting task becomes runnable (an entry may be stale: early)."""
@@ -115,10 +123,14 @@ class DispatchIndex:
         return min(times, default=None)
 
     def pick(
-        self, count: int, types: AbstractSet[str] | None, limits: Mapping[str, int]
+        self,
+        count: int,
+        types: AbstractSet[str] | None,
+        limits: Mapping[str, int],
+        tenant: str | None = None,
     ) -> list[str]:
-        """Up to `count` runnable task ids, best first, of `types` (None: any), at most
-        `limits[type]` of a limited type."""
+        """Up to `count` runnable task ids, best first, of `types` (None: any) and of
+        `tenant` (None: any, in turns), at most `limits[type]` of a limited type."""
         taken: dict[str, int] = {}
 
         def room(task_type: str) -> bool:
@@ -128,7 +140,7 @@ class DispatchIndex:
             return limit is None or taken.get(task_type, 0) < limit
 
         picked: list[str] = []
-        while len(picked) < count and (found := self.ready.pop(room)) is not None:
+        while len(picked) < count and (found := self.ready.pop(room, tenant)) is not None:
             task_id, task_type = found
             picked.append(task_id)
             taken[task_type] = taken.get(task_type, 0) + 1
@@ -184,6 +196,9 @@ class Deadlines:
         while heap and live.get(heap[0][1]) != heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+
+_QUEUED = frozenset({TaskStatus.CREATED, TaskStatus.PAUSED})
 
 
 def _wait_deadline(task: Task) -> float | None:

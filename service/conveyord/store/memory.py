@@ -93,13 +93,16 @@ class MemoryStore:
     def queued(self) -> int:
         return self._index.queued
 
+    def queued_of(self, tenant: str) -> int:
+        return self._index.queued_by_tenant.get(tenant, 0)
+
     # -- writes ------------------------------------------------------------------
 
     async def create(
-        self, tasks: Sequence[Task], admit: Callable[[int], None]
+        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
     ) -> list[tuple[Task, bool]]:
         known = [self._known_request(task) for task in tasks]
-        admit(known.count(None))
+        admit([task for task, first in zip(tasks, known, strict=True) if first is None])
         changes: list[Change] = []
         for task, first in zip(tasks, known, strict=True):
             if first is None:
@@ -107,7 +110,7 @@ class MemoryStore:
                 task.seq = self._last_seq
                 changes.append(self._stage(ChangeKind.CHANGED, task))
                 if task.request_id:
-                    self._request_ids[(task.owner, task.request_id)] = task.task_id
+                    self._request_ids[(task.tenant, task.request_id)] = task.task_id
         for first in known:
             if first is not None:
                 await self._settled(first.task_id)
@@ -121,7 +124,7 @@ class MemoryStore:
         it came from a different request)."""
         if not task.request_id:
             return None
-        first_id = self._request_ids.get((task.owner, task.request_id))
+        first_id = self._request_ids.get((task.tenant, task.request_id))
         if first_id is None:
             return None
         first = self._working[first_id]
@@ -156,7 +159,8 @@ class MemoryStore:
     async def claim(self, request: Claim) -> list[Task]:
         self._index.promote(request.now, self._working)
         changes: list[Change] = []
-        for task_id in self._index.pick(request.count, request.types, request.limits):
+        picked = self._index.pick(request.count, request.types, request.limits, request.tenant)
+        for task_id in picked:
             task = self._working[task_id]
             pausable = task.task_type in request.pausable
             lease = Lease(new_lease_id(), request.holder, request.lease_until(task), pausable)
@@ -222,7 +226,7 @@ class MemoryStore:
             del self._working[task.task_id]
             self._index.changed(task, None)
             if task.request_id:
-                self._request_ids.pop((task.owner, task.request_id), None)
+                self._request_ids.pop((task.tenant, task.request_id), None)
         previous = 0 if old is None else old.revision
         return Change(self._staged_revision, kind, task, self._clock(), previous)
 
@@ -287,7 +291,7 @@ class MemoryStore:
             self._index.changed(None, task)
             self._order.added(task)
             if task.request_id:
-                self._request_ids[(task.owner, task.request_id)] = task.task_id
+                self._request_ids[(task.tenant, task.request_id)] = task.task_id
             if task.terminal:
                 self._finished.append((task.finished_at or task.updated_at, task.task_id))
         self._finished = deque(sorted(self._finished))

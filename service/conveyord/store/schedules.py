@@ -47,7 +47,7 @@ class ScheduleBook:
     def __init__(self, persist: Persist = _in_memory) -> None:
         self._persist = persist
         self._schedules: dict[str, Schedule] = {}
-        self._request_ids: dict[str, str] = {}
+        self._request_ids: dict[tuple[str, str], str] = {}  # (tenant, request id): id
         self._last_seq = 0
         self._revision = 0
         self._listeners: list[Listener] = []
@@ -57,7 +57,7 @@ class ScheduleBook:
         for schedule in sorted(schedules, key=lambda s: s.seq):
             self._schedules[schedule.schedule_id] = schedule
             if schedule.request_id:
-                self._request_ids[schedule.request_id] = schedule.schedule_id
+                self._request_ids[(schedule.tenant, schedule.request_id)] = schedule.schedule_id
             self._last_seq = max(self._last_seq, schedule.seq)
             self._revision = max(self._revision, schedule.revision)
 
@@ -69,14 +69,15 @@ class ScheduleBook:
     async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
         """Keep a new schedule (its seq and revision stamped); a known request id returns
         the schedule first made with it and False (RequestIdReused for another request)."""
-        if schedule.request_id and schedule.request_id in self._request_ids:
-            first = self._schedules[self._request_ids[schedule.request_id]]
+        key = (schedule.tenant, schedule.request_id)
+        if schedule.request_id and key in self._request_ids:
+            first = self._schedules[self._request_ids[key]]
             if first.request_hash != schedule.request_hash:
                 raise RequestIdReused(schedule.request_id, first.schedule_id)
             return first, False
         self._last_seq += 1
         if schedule.request_id:
-            self._request_ids[schedule.request_id] = schedule.schedule_id
+            self._request_ids[(schedule.tenant, schedule.request_id)] = schedule.schedule_id
         return await self._commit(schedule.evolve(seq=self._last_seq)), True
 
     def get(self, schedule_id: str) -> Schedule | None:
@@ -106,7 +107,7 @@ class ScheduleBook:
         current = self._schedules.pop(schedule_id, None)
         if current is None:
             raise ScheduleNotFound(schedule_id)
-        self._request_ids.pop(current.request_id, None)
+        self._request_ids.pop((current.tenant, current.request_id), None)
         await self._persist(schedule_id, None)
         for listener in list(self._listeners):
             listener(current, True)

@@ -304,4 +304,6 @@ def _decode(data: str) -> Task:
         if record.get(name):
             record[name] = TaskError(*record[name])
     record["inputs"] = tuple(TaskInput(*sent) for sent in record.get("inputs", ()))
+    if "owner" in record:  # written before tenants had that name
+        record["tenant"] = record.pop("owner")
     return Task(**{name: record[name] for name in TASK_FIELDS if name in record})

@@ -61,6 +61,7 @@ class LocalWorker:
     """Runs up to `slots` attempts at once with the registered handlers."""
 
     holder = LOCAL_HOLDER
+    tenant: str | None = None  # the server's own handlers run every tenant's tasks
     lease_seconds: float | None = None  # in this process: a lease lasts the attempt
 
     def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:

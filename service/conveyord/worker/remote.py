@@ -167,13 +167,20 @@ class Hello:
     held: dict[str, str]  # task_id: lease_id, of the attempts it still runs
     batch: bool  # it takes the assignments of a claim round in one message
     pausable: frozenset[str] = frozenset()  # task types whose handlers can park
+    tenant: str = ""  # the caller's: the worker takes only this tenant's tasks
+
+
+def holder_name(tenant: str, worker_id: str) -> str:
+    """Who holds a worker's leases: its id, within its tenant (a worker id has no '#')."""
+    return f"{tenant}#{worker_id}" if tenant else worker_id
 
 
 class RemoteWorker:
     """One worker process, as dispatch sees it: its types, slots and held attempts."""
 
     def __init__(self, hello: Hello, lease: float) -> None:
-        self.holder = hello.worker_id
+        self.holder = holder_name(hello.tenant, hello.worker_id)
+        self.tenant: str | None = hello.tenant
         self.types: frozenset[str] | None = hello.types
         self.pausable = hello.pausable
         self.slots = hello.slots
@@ -256,10 +263,10 @@ class WorkerSessions:
         """Open a session; the worker, and the attempts of `hello.held` it keeps."""
         if self._closing:
             raise ShuttingDown()
-        worker = self._workers.get(hello.worker_id)
+        worker = self._workers.get(holder_name(hello.tenant, hello.worker_id))
         if worker is None:
             worker = RemoteWorker(hello, self.timings.lease_duration)
-            self._workers[hello.worker_id] = worker
+            self._workers[worker.holder] = worker
         else:
             if worker.grace is not None:
                 worker.grace.cancel()
@@ -336,11 +343,11 @@ class WorkerSessions:
         if self._workers.get(worker.holder) is worker:
             del self._workers[worker.holder]
 
-    def drain(self, worker_id: str) -> None:
+    def drain(self, holder: str) -> None:
         """The worker takes nothing more; its stream ends once it holds nothing."""
-        worker = self._workers.get(worker_id)
+        worker = self._workers.get(holder)
         if worker is None or not worker.connected:
-            raise WorkerNotConnected(worker_id)
+            raise WorkerNotConnected(holder.rpartition("#")[2])
         worker.draining = True
         if not worker.held:
             worker.outbox.put(None)

@@ -1,0 +1,229 @@
+"""What each tenant may use: its queued tasks, its rate of new tasks, its open watches and
+its connected workers.
+
+The limits of a tenant are the defaults (`conveyord --tenant-...` flags), or its own entry
+in a limits file, read again when it changes:
+`{"default": {"rate": 100}, "tenants": {"batch-jobs": {"max_queued": 1000000, "rate": 5000}}}`.
+A tenant's entry replaces the defaults field by field: a field it leaves out keeps the
+default.
+
+Over a limit, a call is refused with RESOURCE_EXHAUSTED and a RetryInfo saying when to try
+again (for the rate, when the bucket will hold enough; for the others, a second), before
+anything changes. The counts are this server's: with one store per server they are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+
+from conveyord.errors import ConveyorError
+from conveyord.watched_file import WatchedFile
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantLimits:
+    """One tenant's limits (None: no limit of that kind)."""
+
+    max_queued: int | None = None  # its tasks queued (CREATED or PAUSED) at once
+    rate: float | None = None  # tasks it creates per second, sustained (a token bucket)
+    burst: int | None = None  # ... and at once (the bucket's size; default: a second's worth)
+    max_watches: int | None = None  # its open Watch streams
+    max_workers: int | None = None  # its connected workers
+
+    @property
+    def bucket(self) -> float:
+        """How many tasks the bucket holds when full."""
+        assert self.rate is not None
+        return float(self.burst if self.burst is not None else max(1.0, self.rate))
+
+    def over(self, other: TenantLimits) -> TenantLimits:
+        """These limits where set, `other`'s elsewhere."""
+        mine = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.replace(other, **mine)
+
+
+def parse_limits(entry: Mapping[str, Any], where: str) -> TenantLimits:
+    """A limits file's entry; ValueError naming the field that is wrong."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be an object")
+    known = {field.name: field.type for field in dataclasses.fields(TenantLimits)}
+    values: dict[str, Any] = {}
+    for name, value in entry.items():
+        if name not in known:
+            raise ValueError(f"{where}.{name} is not a limit (known: {', '.join(known)})")
+        if value is None:
+            continue
+        whole = name != "rate"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}.{name} must be a number, not {value!r}")
+        if not math.isfinite(value) or value < 0 or (not whole and value == 0):
+            raise ValueError(f"{where}.{name} must be a positive number, not {value}")
+        if whole and value != int(value):
+            raise ValueError(f"{where}.{name} must be a whole number, not {value}")
+        values[name] = int(value) if whole else float(value)
+    return TenantLimits(**values)
+
+
+class LimitsFile(WatchedFile):
+    """Per-tenant limits from a JSON file, read again when it changes."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.default: TenantLimits | None = None
+        self.tenants: dict[str, TenantLimits] = {}
+        super().__init__(path, clock)
+
+    def _read(self) -> None:
+        try:
+            document = json.loads(self.path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path} is not JSON: {error}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("tenants", {}), dict):
+            raise ValueError(f'{self.path}: expected {{"default": {{...}}, "tenants": {{...}}}}')
+        default = document.get("default")
+        tenants = {
+            str(name): parse_limits(entry, f"tenants[{name!r}]")
+            for name, entry in document.get("tenants", {}).items()
+        }
+        self.default = None if default is None else parse_limits(default, "default")
+        self.tenants = tenants
+
+    def limits_of(self, tenant: str, defaults: TenantLimits) -> TenantLimits:
+        self._fresh()
+        base = self.default.over(defaults) if self.default is not None else defaults
+        own = self.tenants.get(tenant)
+        return own.over(base) if own is not None else base
+
+
+class TenantLimitReached(ConveyorError):
+    """A tenant is at one of its limits; nothing was done. Try again after `retry_after`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TENANT_LIMIT"
+
+    def __init__(self, message: str, limit: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+
+    def metadata(self) -> dict[str, str]:
+        return {"limit": self.limit}
+
+    def details(self) -> list[Message]:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(self.retry_after * 1e9)))
+        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class _Bucket:
+    """A token bucket: `level` tasks may be created now; it refills at the tenant's rate."""
+
+    def __init__(self, level: float, now: float) -> None:
+        self.level = level
+        self.at = now
+
+    def take(self, count: int, rate: float, size: float, now: float) -> float:
+        """Take `count` tokens; 0.0 if taken, else the seconds until they are there."""
+        self.level = min(size, self.level + (now - self.at) * rate)
+        self.at = now
+        if count <= self.level:
+            self.level -= count
+            return 0.0
+        if count > size:  # more than the bucket ever holds: wait for it full, then overdraw
+            if self.level >= size:
+                self.level -= count
+                return 0.0
+            return (size - self.level) / rate
+        return (count - self.level) / rate
+
+
+class Tenants:
+    """Each tenant's limits, and what it uses of them now (its buckets, watches, workers)."""
+
+    def __init__(
+        self,
+        defaults: TenantLimits = TenantLimits(),
+        limits_file: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.defaults = defaults
+        self._file = LimitsFile(limits_file, clock) if limits_file is not None else None
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self.watches: dict[str, int] = {}
+        self.workers: dict[str, int] = {}
+
+    def limits(self, tenant: str) -> TenantLimits:
+        if self._file is None:
+            return self.defaults
+        return self._file.limits_of(tenant, self.defaults)
+
+    def take(self, tenant: str, count: int) -> None:
+        """Count `count` new tasks against the tenant's rate, or refuse them all."""
+        limits = self.limits(tenant)
+        if limits.rate is None or count == 0:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = _Bucket(limits.bucket, now)
+        wait = bucket.take(count, limits.rate, limits.bucket, now)
+        if wait:
+            raise TenantLimitReached(
+                f"the tenant creates at most {limits.rate:g} tasks a second "
+                f"(bursts of {limits.bucket:g}); {count} more fit in {wait:.3f} s",
+                "rate",
+                wait,
+            )
+
+    def check_queue(self, tenant: str, count: int, queued: int) -> None:
+        """Refuse `count` new tasks if the tenant's queue has no room for them."""
+        limit = self.limits(tenant).max_queued
+        if limit is not None and queued + count > limit:
+            raise TenantLimitReached(
+                f"the tenant's queue has no room for {count} more tasks "
+                f"(it holds {queued}; at most {limit})",
+                "max_queued",
+                1.0,
+            )
+
+    @contextlib.contextmanager
+    def watching(self, tenant: str) -> Iterator[None]:
+        """Count an open Watch stream of the tenant while it lasts, or refuse it."""
+        with self._counted(self.watches, tenant, self.limits(tenant).max_watches, "watches"):
+            yield
+
+    @contextlib.contextmanager
+    def connected(self, tenant: str) -> Iterator[None]:
+        """Count a connected worker of the tenant while it stays, or refuse it."""
+        with self._counted(self.workers, tenant, self.limits(tenant).max_workers, "workers"):
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _counted(
+        counts: dict[str, int], tenant: str, limit: int | None, what: str
+    ) -> Iterator[None]:
+        count = counts.get(tenant, 0)
+        if limit is not None and count >= limit:
+            raise TenantLimitReached(
+                f"the tenant has {count} open {what}; at most {limit}", f"max_{what}", 1.0
+            )
+        counts[tenant] = count + 1
+        try:
+            yield
+        finally:
+            counts[tenant] -= 1
+            if not counts[tenant]:
+                del counts[tenant]
