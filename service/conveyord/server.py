@@ -122,7 +122,7 @@ class Server:
         self.store.on_failure = self._store_failed
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
-        self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file)
+        self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file, clock)
         self.scheduler = Scheduler(
             self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
         )

@@ -126,6 +126,9 @@ class TenantLimitReached(ConveyorError):
         return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
+_CRUMB = 1e-6  # of a token: what the clock's rounding may leave short of a whole one
+
+
 class _Bucket:
     """A token bucket: `level` tasks may be created now; it refills at the tenant's rate."""
 
@@ -137,11 +140,11 @@ class _Bucket:
         """Take `count` tokens; 0.0 if taken, else the seconds until they are there."""
         self.level = min(size, self.level + (now - self.at) * rate)
         self.at = now
-        if count <= self.level:
+        if count <= self.level + _CRUMB:
             self.level -= count
             return 0.0
         if count > size:  # more than the bucket ever holds: wait for it full, then overdraw
-            if self.level >= size:
+            if self.level + _CRUMB >= size:
                 self.level -= count
                 return 0.0
             return (size - self.level) / rate
