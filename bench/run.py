@@ -23,6 +23,7 @@ from bench import (
     scheduling,
     security,
     store,
+    tenants,
     workers,
 )
 from bench.harness import machine, pin_load_generator
@@ -40,6 +41,7 @@ SECTIONS = {
     "control": control,
     "schedules": schedules,
     "security": security,
+    "tenants": tenants,
 }
 
 
