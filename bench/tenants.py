@@ -90,7 +90,8 @@ class Completions:
         """When the task was seen COMPLETED."""
         if task_id in self.seen:
             return self.seen.pop(task_id)
-        waiter = self.waiters[task_id] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiters[task_id] = waiter
         return await waiter
 
     def close(self) -> None:
