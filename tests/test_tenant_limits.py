@@ -95,23 +95,37 @@ def test_a_tenant_over_its_rate_is_refused_until_its_bucket_refills(limited: Any
     _, a, b = limited(clock=clock, tenant_limits=TenantLimits(rate=2, burst=3))
     a.create(count=3)  # the whole burst at once
     limit, delay = a.refused(lambda: a.create())
-    assert (limit, delay) == ("rate", 0.5)  # one task's worth refills in half a second
+    # One task's worth refills in half a second.
+    assert (limit, delay) == ("rate", pytest.approx(0.5, abs=1e-5))
     assert a.count() == 3  # the refused call made nothing
     b.create(count=3)  # another tenant's bucket is its own
     clock.now += 0.5
     a.create()
     limit, delay = a.refused(lambda: a.create(count=2))
-    assert (limit, delay) == ("rate", 1.0)
+    assert (limit, delay) == ("rate", pytest.approx(1.0, abs=1e-5))
+
+
+def test_callers_refused_together_are_told_to_come_back_one_after_another(limited: Any) -> None:
+    clock = ManualClock()
+    _, a, _ = limited(clock=clock, tenant_limits=TenantLimits(rate=2, burst=1))
+    a.create()
+    told = [a.refused(lambda: a.create())[1] for _ in range(3)]
+    # Each after the tokens of those told before it.
+    assert told == pytest.approx([0.5, 1.0, 1.5], abs=1e-5)
+    clock.now += 0.5
+    a.create()  # the first came back in its turn
+    # After the two still to come.
+    assert a.refused(lambda: a.create()) == ("rate", pytest.approx(1.5, abs=1e-5))
 
 
 def test_a_batch_larger_than_the_burst_waits_for_a_full_bucket(limited: Any) -> None:
     clock = ManualClock()
     _, a, _ = limited(clock=clock, tenant_limits=TenantLimits(rate=10, burst=5))
     a.create(count=1)
-    assert a.refused(lambda: a.create(count=8)) == ("rate", pytest.approx(0.1))
+    assert a.refused(lambda: a.create(count=8)) == ("rate", pytest.approx(0.1, abs=1e-5))
     clock.now += 0.1
     a.create(count=8)  # from a full bucket: it overdraws, and the next waits longer
-    assert a.refused(lambda: a.create()) == ("rate", pytest.approx(0.4))
+    assert a.refused(lambda: a.create()) == ("rate", pytest.approx(0.4, abs=1e-5))
 
 
 def test_a_tenant_s_queue_cap_refuses_only_that_tenant(limited: Any) -> None:

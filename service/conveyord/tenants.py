@@ -126,29 +126,33 @@ class TenantLimitReached(ConveyorError):
         return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
-_CRUMB = 1e-6  # of a token: what the clock's rounding may leave short of a whole one
+_CRUMB = 1e-6  # seconds: what a clock's rounding (of times near 2e9 s) may leave a caller short
 
 
 class _Bucket:
-    """A token bucket: `level` tasks may be created now; it refills at the tenant's rate."""
+    """A token bucket kept as the generic cell rate algorithm does: `full_at`, the time at
+    which the bucket is full again (up to `size` tokens may be taken while it lies at most
+    `size / rate` ahead).
 
-    def __init__(self, level: float, now: float) -> None:
-        self.level = level
-        self.at = now
+    A refused caller is told to come back when its tokens will be there after those of the
+    callers refused before it (`told`): callers refused together come back one after
+    another, each in its turn, rather than all at the moment of the next token.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.full_at = now
+        self.told = -math.inf  # when the latest refused caller was told to come back
 
     def take(self, count: int, rate: float, size: float, now: float) -> float:
         """Take `count` tokens; 0.0 if taken, else the seconds until they are there."""
-        self.level = min(size, self.level + (now - self.at) * rate)
-        self.at = now
-        if count <= self.level + _CRUMB:
-            self.level -= count
+        start = max(self.full_at, now)
+        # More than the bucket ever holds fits once it is full, and overdraws it.
+        fits_at = start if count > size else start + (count - size) / rate
+        if fits_at <= now + _CRUMB:
+            self.full_at = start + count / rate
             return 0.0
-        if count > size:  # more than the bucket ever holds: wait for it full, then overdraw
-            if self.level + _CRUMB >= size:
-                self.level -= count
-                return 0.0
-            return (size - self.level) / rate
-        return (count - self.level) / rate
+        self.told = max(fits_at, self.told + min(count, size) / rate)
+        return self.told - now
 
 
 class Tenants:
@@ -180,7 +184,7 @@ class Tenants:
         now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(limits.bucket, now)
+            bucket = self._buckets[tenant] = _Bucket(now)
         wait = bucket.take(count, limits.rate, limits.bucket, now)
         if wait:
             raise TenantLimitReached(
