@@ -41,7 +41,10 @@ class _Link:
 class Proxy:
     """Listens on 127.0.0.1 (a port of its own) and forwards each connection to `upstream`."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, opaque: bool = False) -> None:
+        """`opaque`: forward the bytes as they come, without reading HTTP/2 frames in them
+        (TLS, whose records are not frames; `drop_next_answer` then does nothing)."""
+        self._opaque = opaque
         host, _, port = upstream.rpartition(":")
         self._upstream = (host, int(port))
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -156,7 +159,10 @@ class Proxy:
         while data := _receive(link.server):
             link.flowing.wait()
             pending += data
-            forward, pending, drop = self._split_at_answer(pending)
+            if self._opaque:
+                forward, pending, drop = pending, b"", False
+            else:
+                forward, pending, drop = self._split_at_answer(pending)
             if forward and not _send(link.client, forward):
                 break
             if drop:

@@ -4,23 +4,34 @@ the refusal to listen beyond loopback without protection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
-from conveyor import AsyncClient, Client, PermissionDenied, Tls, Unauthenticated, Unavailable
+from conveyor import (
+    AsyncClient,
+    Client,
+    PermissionDenied,
+    Tls,
+    Unauthenticated,
+    Unavailable,
+    _reloading,
+)
 from conveyor.cli import main
 from conveyord.tls import ExposureRefused, TlsFiles, check_exposure, is_loopback
 from tests.certificates import Authority
 from tests.conftest import ServerThread
+from tests.proxy import Proxy
 
 StartServer = Callable[..., ServerThread]
 
@@ -94,6 +105,58 @@ def test_rotated_certificate_files_reach_new_connections_without_a_restart(
         assert connected.get(task.task_id).task_id == task.task_id  # still connected
         with Client(server.address, tls=tls) as fresh:
             assert fresh.get(task.task_id).task_id == task.task_id
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_client_follows_its_rotated_files_on_an_open_channel(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Mutual TLS whose CA is replaced: the server trusts only the new CA's clients from its
+    next connection on, and the client's files now hold a certificate of the new CA. After
+    the connection breaks, the client reconnects with the new files; a channel made from the
+    old ones (as gRPC alone would keep) is refused."""
+    monkeypatch.setattr(_reloading, "RECHECK_EVERY", 0.0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = Authority(tmp_path / "old"), Authority(tmp_path / "new")
+    server_pair = old.issue("server", "conveyord", server=True)
+    trusted = tmp_path / "trusted-clients.pem"
+    shutil.copy(old.pem, trusted)
+    server = start_server(tls=TlsFiles(server_pair.cert, server_pair.key, client_ca=trusted))
+    first = old.issue("client-1", "team-a", server=False)
+    live = Tls(str(old.pem), str(tmp_path / "live.crt"), str(tmp_path / "live.key"))
+    shutil.copy(first.cert, live.cert_file or "")
+    shutil.copy(first.key, live.key_file or "")
+    with Proxy(server.address, opaque=True) as proxy:
+        frozen = grpc.secure_channel(proxy.address, live.credentials())
+        with Client(channel=frozen, timeout=2) as stale:
+            task_id = stale.create("echo").task_id
+            async with _client(kind, proxy.address, live) as client:
+                assert await _get(client, task_id) == task_id
+                second = new.issue("client-2", "team-a", server=False)
+                shutil.copy(new.pem, trusted)
+                shutil.copy(second.cert, live.cert_file or "")
+                shutil.copy(second.key, live.key_file or "")
+                proxy.cut()
+                assert await _get(client, task_id) == task_id  # on a new connection
+            with pytest.raises(Unavailable):
+                stale.get(task_id)
+
+
+@contextlib.asynccontextmanager
+async def _client(kind: str, address: str, tls: Tls) -> AsyncIterator[Client | AsyncClient]:
+    if kind == "sync":
+        with Client(address, tls=tls, timeout=10) as client:
+            yield client
+    else:
+        async with AsyncClient(address, tls=tls, timeout=10) as async_client:
+            yield async_client
+
+
+async def _get(client: Client | AsyncClient, task_id: str) -> str:
+    if isinstance(client, AsyncClient):
+        return (await client.get(task_id)).task_id
+    return client.get(task_id).task_id
 
 
 def test_the_command_line_and_the_environment_take_tls_options(

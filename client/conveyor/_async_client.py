@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -13,11 +13,12 @@ from conveyor import _requests
 from conveyor._async_schedules import AsyncSchedules
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
+from conveyor._reloading import AsyncReloadingChannel
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
-from conveyor.tls import Tls, credentials
+from conveyor.tls import Tls, chosen
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
@@ -72,16 +73,22 @@ class AsyncClient(ClientBase):
             target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval, token=token
         )
         if channel is None:
-            secure = credentials(tls)
-            options = _requests.ASYNC_CHANNEL_OPTIONS
-            channel = (
-                grpc.aio.insecure_channel(self._target, options=options)
-                if secure is None
-                else grpc.aio.secure_channel(self._target, secure, options=options)
-            )
+            channel = self._make_channel(chosen(tls), _requests.ASYNC_CHANNEL_OPTIONS)
         self._channel = channel
         self._stub = TaskServiceStub(self._channel)
         self.schedules = AsyncSchedules(self)  # the schedule calls: client.schedules.create ...
+
+    def _make_channel(self, tls: Tls | None, options: Any) -> grpc.aio.Channel:
+        """The client's own channel: plaintext, or TLS that follows its files."""
+        target = self._target
+        if tls is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return cast(
+            grpc.aio.Channel,
+            AsyncReloadingChannel(
+                tls, lambda secure: grpc.aio.secure_channel(target, secure, options=options)
+            ),
+        )
 
     async def close(self) -> None:
         """Close the channel (unless it was passed in); calls under way are cancelled."""

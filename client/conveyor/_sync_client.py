@@ -7,19 +7,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
 from conveyor import _requests
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
+from conveyor._reloading import ReloadingChannel
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
 from conveyor._sync_schedules import Schedules
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
-from conveyor.tls import Tls, credentials
+from conveyor.tls import Tls, chosen
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
@@ -57,16 +58,22 @@ class Client(ClientBase):
             target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval, token=token
         )
         if channel is None:
-            secure = credentials(tls)
-            options = _requests.CHANNEL_OPTIONS
-            channel = (
-                grpc.insecure_channel(self._target, options=options)
-                if secure is None
-                else grpc.secure_channel(self._target, secure, options=options)
-            )
+            channel = self._make_channel(chosen(tls), _requests.CHANNEL_OPTIONS)
         self._channel = channel
         self._stub = TaskServiceStub(self._channel)
         self.schedules = Schedules(self)  # the schedule calls: client.schedules.create ...
+
+    def _make_channel(self, tls: Tls | None, options: Any) -> grpc.Channel:
+        """The client's own channel: plaintext, or TLS that follows its files."""
+        target = self._target
+        if tls is None:
+            return grpc.insecure_channel(target, options=options)
+        return cast(
+            grpc.Channel,
+            ReloadingChannel(
+                tls, lambda secure: grpc.secure_channel(target, secure, options=options)
+            ),
+        )
 
     def close(self) -> None:
         """Close the channel (unless it was passed in); calls under way are cancelled."""

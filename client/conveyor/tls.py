@@ -2,7 +2,8 @@
 
 gRPC Python reads a channel's certificates once, when the channel is made: the files are
 read each time a channel is made, so a worker (which makes a new channel when its
-connection goes silent) and a new client pick up rotated files.
+connection goes silent) picks up rotated files, and a client's own channel follows them
+(_reloading.py).
 """
 
 from __future__ import annotations
@@ -52,14 +53,21 @@ class Tls:
         return cls(ca, cert, key)
 
 
-def credentials(tls: Tls | bool | None) -> grpc.ChannelCredentials | None:
-    """The credentials a client's own channel is made with: None for plaintext. `tls` None
-    means as the environment says, True TLS with the system's roots, False plaintext."""
+def chosen(tls: Tls | bool | None) -> Tls | None:
+    """The TLS a client's own channel talks (None: plaintext). `tls` None means as the
+    environment says, True TLS with the system's roots, False plaintext."""
     if tls is None:
-        tls = Tls.from_environment()
-    elif tls is True:
-        tls = Tls()
-    return tls.credentials() if isinstance(tls, Tls) else None
+        return Tls.from_environment()
+    if tls is True:
+        return Tls()
+    return tls or None
+
+
+def credentials(tls: Tls | bool | None) -> grpc.ChannelCredentials | None:
+    """The credentials a channel is made with, from the files as they are now (None:
+    plaintext); `tls` as `chosen` reads it."""
+    found = chosen(tls)
+    return found.credentials() if found is not None else None
 
 
 def _read(path: str | None) -> bytes | None:
