@@ -228,12 +228,13 @@ def task_send_input(w: World) -> None:
 
 
 def worker_connect(w: World) -> None:
-    hello = wpb.ConnectRequest(worker_id="w-a", task_types=[REMOTE], slots=5)  # a's id, too
+    # a's worker id, and it says it holds a's running attempt, with its lease.
+    hello = wpb.ConnectRequest(worker_id="w-a", task_types=[REMOTE], slots=5, held=[w.lease])
     stream = w.b.workers.Connect(hello, metadata=w.b.metadata, timeout=10)
     messages = iter(stream)
     welcome = next(messages)
     assert welcome.WhichOneof("message") == "welcome"
-    assert not welcome.welcome.kept  # b's worker is its own, not a's w-a
+    assert not welcome.welcome.kept  # b's w-a is its own worker: it keeps nothing of a's
     w.b.call(w.b.tasks.Create, _create(REMOTE))  # b's worker takes b's task, not a's queued
     assignment = _first_assignment(messages)
     stream.cancel()

@@ -82,6 +82,7 @@ class LimitsFile(WatchedFile):
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.default: TenantLimits | None = None
         self.tenants: dict[str, TenantLimits] = {}
+        self._merged: dict[tuple[str, TenantLimits], TenantLimits] = {}
         super().__init__(path, clock)
 
     def _read(self) -> None:
@@ -98,12 +99,18 @@ class LimitsFile(WatchedFile):
         }
         self.default = None if default is None else parse_limits(default, "default")
         self.tenants = tenants
+        self._merged = {}
 
     def limits_of(self, tenant: str, defaults: TenantLimits) -> TenantLimits:
+        """The tenant's entry over the file's default over `defaults` (merged once for each
+        reading of the file: it is asked at every Create)."""
         self._fresh()
-        base = self.default.over(defaults) if self.default is not None else defaults
-        own = self.tenants.get(tenant)
-        return own.over(base) if own is not None else base
+        found = self._merged.get((tenant, defaults))
+        if found is None:
+            base = self.default.over(defaults) if self.default is not None else defaults
+            own = self.tenants.get(tenant)
+            found = self._merged[(tenant, defaults)] = own.over(base) if own else base
+        return found
 
 
 class TenantLimitReached(ConveyorError):
