@@ -101,6 +101,7 @@ SERVER_SETTINGS = (
     "tenant_limits",
     "tenant_limits_file",
     "queue_high_water",
+    "reflection",
 )
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -57,6 +59,17 @@ async def test_reflection_lists_the_services(server: ServerThread) -> None:
             names = {s.name for s in response.list_services_response.service}
             break
     assert {"conveyor.v1.TaskService", "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_can_be_turned_off(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(reflection=False)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.ServerReflectionInfo(iter([request])):
+                pass
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_reflection_describes_the_task_service(server: ServerThread) -> None:

@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     option("--jwt-issuer", "CONVEYORD_JWT_ISSUER", "the `iss` a JWT must have")
     option("--jwt-audience", "CONVEYORD_JWT_AUDIENCE", "the `aud` a JWT must have")
     parser.add_argument(
+        "--no-reflection",
+        action="store_true",
+        default=os.environ.get("CONVEYORD_NO_REFLECTION", "") not in ("", "0"),
+        help="do not serve gRPC reflection, which tells any caller the services and their "
+        "messages [env CONVEYORD_NO_REFLECTION=1]",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         default=os.environ.get("CONVEYORD_INSECURE", "") not in ("", "0"),
@@ -413,6 +420,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         tenant_limits_file=Path(args.tenant_limits) if args.tenant_limits else None,
         queue_high_water=args.queue_high_water,
+        reflection=not args.no_reflection,
     )
 
 

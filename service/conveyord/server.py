@@ -89,6 +89,7 @@ class ServerConfig:
     insecure: bool = False  # listen beyond loopback without TLS and authentication
     tenant_limits: TenantLimits = dataclasses.field(default_factory=TenantLimits)
     tenant_limits_file: Path | None = None  # each tenant's own limits, read on change
+    reflection: bool = True  # serve gRPC reflection (open to every caller, as health is)
     queue_high_water: float = DEFAULT_HIGH_WATER  # of max_queued: health NOT_SERVING above
 
 
@@ -161,14 +162,15 @@ class Server:
             SCHEDULE_SERVICE_NAME, schedule_method_handlers(self._schedule_api)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        service_names = (
-            SERVICE_NAME,
-            WORKER_SERVICE_NAME,
-            SCHEDULE_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(service_names, server)
+        if self.config.reflection:
+            service_names = (
+                SERVICE_NAME,
+                WORKER_SERVICE_NAME,
+                SCHEDULE_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(service_names, server)
         await self.store.open()
         self.hub.revision = await self.store.revision()
         check_exposure(
