@@ -32,6 +32,7 @@ from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
 TOKENS = {"quiet-token": "quiet", "flood-token": "flood"}
 FLOOD_RATE = 100  # tasks a second the flooding tenant may create, in the limited phase
+FLOOD_BURST = 10  # ... and at once
 QUIET_EVERY = 0.02  # seconds between two of the quiet tenant's tasks
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
 PHASES = ("idle", "flood", "flood_limited")
@@ -46,7 +47,7 @@ def _files(folder: Path) -> tuple[Path, Path]:
     ]  # fmt: skip
     tokens.write_text(json.dumps({"tokens": entries}))
     limits = folder / "limits.json"
-    limits.write_text(json.dumps({"tenants": {"flood": {"rate": FLOOD_RATE}}}))
+    limits.write_text(json.dumps({"tenants": {"flood": {"rate": FLOOD_RATE, "burst": FLOOD_BURST}}}))
     return tokens, limits
 
 
@@ -205,7 +206,7 @@ def table(results: dict[str, Any]) -> list[list[str]]:
     names = {
         "idle": "idle server",
         "flood": "another tenant floods (no limit)",
-        "flood_limited": f"another tenant floods (held to {FLOOD_RATE}/s)",
+        "flood_limited": f"another tenant floods (held to {FLOOD_RATE}/s, bursts of {FLOOD_BURST})",
     }
     for phase in PHASES:
         figures = results[phase]
