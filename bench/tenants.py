@@ -47,7 +47,8 @@ def _files(folder: Path) -> tuple[Path, Path]:
     ]  # fmt: skip
     tokens.write_text(json.dumps({"tokens": entries}))
     limits = folder / "limits.json"
-    limits.write_text(json.dumps({"tenants": {"flood": {"rate": FLOOD_RATE, "burst": FLOOD_BURST}}}))
+    held = {"rate": FLOOD_RATE, "burst": FLOOD_BURST}
+    limits.write_text(json.dumps({"tenants": {"flood": held}}))
     return tokens, limits
 
 
