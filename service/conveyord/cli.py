@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["default"] = default
         parser.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
 
+    def switch(flag: str, env: str, help: str) -> None:
+        """A flag that is off unless given, or set by `env` (any value but empty or 0)."""
+        on = os.environ.get(env, "") not in ("", "0")
+        parser.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}=1]")
+
     option(
         "--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN
     )
@@ -131,19 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option("--jwt-issuer", "CONVEYORD_JWT_ISSUER", "the `iss` a JWT must have")
     option("--jwt-audience", "CONVEYORD_JWT_AUDIENCE", "the `aud` a JWT must have")
-    parser.add_argument(
+    switch(
         "--no-reflection",
-        action="store_true",
-        default=os.environ.get("CONVEYORD_NO_REFLECTION", "") not in ("", "0"),
-        help="do not serve gRPC reflection, which tells any caller the services and their "
-        "messages [env CONVEYORD_NO_REFLECTION=1]",
+        "CONVEYORD_NO_REFLECTION",
+        "do not serve gRPC reflection, which tells any caller the services and their messages",
     )
-    parser.add_argument(
+    switch(
         "--insecure",
-        action="store_true",
-        default=os.environ.get("CONVEYORD_INSECURE", "") not in ("", "0"),
-        help="listen beyond the loopback interface without TLS and authentication (refused "
-        "otherwise) [env CONVEYORD_INSECURE=1]",
+        "CONVEYORD_INSECURE",
+        "listen beyond the loopback interface without TLS and authentication (refused otherwise)",
     )
     option(
         "--store",
@@ -159,12 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_modules,
         default=[],
     )
-    parser.add_argument(
+    switch(
         "--no-builtin-handlers",
-        action="store_true",
-        default=os.environ.get("CONVEYORD_NO_BUILTIN_HANDLERS", "") not in ("", "0"),
-        help="do not register the built-in sleep, echo and fail handlers "
-        "[env CONVEYORD_NO_BUILTIN_HANDLERS=1]",
+        "CONVEYORD_NO_BUILTIN_HANDLERS",
+        "do not register the built-in sleep, echo and fail handlers",
     )
     option(
         "--concurrency",
