@@ -166,6 +166,43 @@ async def test_paging_stays_correct_while_tasks_are_created(stub: TaskServiceAsy
     assert len(seen) == len(set(seen))
 
 
+async def test_newest_first_pages_back_in_time_while_tasks_are_created(
+    stub: TaskServiceAsyncStub,
+) -> None:
+    before = await created_ids(stub, 25)
+    seen: list[str] = []
+    added: list[str] = []
+    token = ""
+    while True:
+        request = pb.ListRequest(page_size=10, page_token=token, newest_first=True)
+        page = await stub.List(request)
+        seen.extend(t.task_id for t in page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+        added.extend(await created_ids(stub, 1))  # newer than the first page: not listed
+    assert seen == before[::-1]  # nothing skipped, nothing twice, newest first
+    assert len(added) == 2
+    newest = await stub.List(pb.ListRequest(page_size=3, newest_first=True))
+    assert [t.task_id for t in newest.tasks] == [added[1], added[0], before[-1]]
+
+
+async def test_a_page_token_belongs_to_its_order(stub: TaskServiceAsyncStub) -> None:
+    await created_ids(stub, 3)
+    for newest_first in (False, True):
+        page = await stub.List(pb.ListRequest(page_size=1, newest_first=newest_first))
+        turned = pb.ListRequest(
+            page_size=1, page_token=page.next_page_token, newest_first=not newest_first
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.List(turned)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(caught.value) == {
+            "page_token": "was issued for a different filter or order; keep the filter and "
+            "the order the same while paging"
+        }
+
+
 async def test_a_page_holds_50_tasks_unless_asked_otherwise(stub: TaskServiceAsyncStub) -> None:
     await asyncio.gather(*(create(stub, "sleep", {"seconds": 0}) for _ in range(51)))
     first = await stub.List(pb.ListRequest())

@@ -353,6 +353,31 @@ async def test_list_by_type_and_label_pages_through_removals(store: TaskStore) -
     ]
 
 
+async def test_list_newest_first_pages_back_through_filters_and_removals(
+    store: TaskStore,
+) -> None:
+    made = [
+        (await create_one(store, new_task(task_type=kind, labels={"team": team})))[0]
+        for kind, team in [("a", "x"), ("b", "x"), ("a", "y"), ("b", "y"), ("a", "x")]
+    ]
+    await store.update(made[4].task_id, start)
+    await store.update(made[4].task_id, complete)
+    await store.remove_finished(finished_before=10.0, limit=10)  # the newest is gone
+    every, revision = await store.list(TaskFilter(), 0, 10, newest_first=True)
+    assert [t.task_id for t in every] == [t.task_id for t in reversed(made[:4])]
+    assert revision == (await store.revision())
+    first, _ = await store.list(TaskFilter(), 0, 2, newest_first=True)
+    rest, _ = await store.list(TaskFilter(), first[-1].seq, 10, newest_first=True)
+    assert [t.task_id for t in [*first, *rest]] == [t.task_id for t in every]
+    of_a, _ = await store.list(TaskFilter(task_type="a"), 0, 10, newest_first=True)
+    assert [t.task_id for t in of_a] == [made[2].task_id, made[0].task_id]
+    team_x = TaskFilter(labels={"team": "x"})
+    newest_x, _ = await store.list(team_x, 0, 1, newest_first=True)
+    older_x, _ = await store.list(team_x, newest_x[0].seq, 10, newest_first=True)
+    assert [t.task_id for t in [*newest_x, *older_x]] == [made[1].task_id, made[0].task_id]
+    assert (await store.list(team_x, made[0].seq, 10, newest_first=True))[0] == []
+
+
 async def test_one_tasks_changes_come_from_its_own_history(open_store: Opener) -> None:
     store = open_store(history_size=3)
     await store.open()

@@ -84,7 +84,9 @@ class TaskServiceApi:
         """A ListResponse."""
         query = validation.list_request(request)
         scope = _scoped(query.filter)
-        tasks, revision = await self.store.list(scope, query.after_seq, query.page_size)
+        tasks, revision = await self.store.list(
+            scope, query.after_seq, query.page_size, newest_first=query.newest_first
+        )
         page = _fitting(tasks)
         more = len(page) < len(tasks) or len(tasks) == query.page_size
         token = query.next_token(page[-1].seq) if more else ""

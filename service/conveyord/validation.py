@@ -402,13 +402,16 @@ def _filter(checker: Checker, message: task_pb2.TaskFilter, field: str) -> TaskF
 class ListQuery:
     """A validated ListRequest: the filter, where the page starts, and its size."""
 
-    def __init__(self, task_filter: TaskFilter, after_seq: int, page_size: int) -> None:
+    def __init__(
+        self, task_filter: TaskFilter, after_seq: int, page_size: int, *, newest_first: bool
+    ) -> None:
         self.filter = task_filter
-        self.after_seq = after_seq
+        self.after_seq = after_seq  # newest first: the page holds tasks created before it
         self.page_size = page_size
+        self.newest_first = newest_first
 
     def next_token(self, last_seq: int) -> str:
-        return _encode_token(last_seq, self.filter)
+        return _encode_token(last_seq, self.filter, newest_first=self.newest_first)
 
 
 def list_request(request: task_service_pb2.ListRequest) -> ListQuery:
@@ -418,24 +421,29 @@ def list_request(request: task_service_pb2.ListRequest) -> ListQuery:
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         checker.fail("page_size", f"must be between 0 and {MAX_PAGE_SIZE}, not {request.page_size}")
     after_seq = 0
+    newest_first = request.newest_first
     if request.page_token:
-        decoded = _decode_token(request.page_token, task_filter)
+        decoded = _decode_token(request.page_token, task_filter, newest_first=newest_first)
         if isinstance(decoded, str):
             checker.fail("page_token", decoded)
         else:
             after_seq = decoded
     checker.done()
-    return ListQuery(task_filter, after_seq, page_size)
+    return ListQuery(task_filter, after_seq, page_size, newest_first=newest_first)
 
 
-def _fingerprint(task_filter: TaskFilter) -> str:
+def _fingerprint(task_filter: TaskFilter, *, newest_first: bool = False) -> str:
+    """What a page token is bound to: the filter, and the order of the listing."""
     parts: list[Any] = [
         sorted(int(s) for s in task_filter.statuses),
         task_filter.task_type,
         task_filter.labels,
     ]
-    if task_filter.task_id_prefix:  # only when set: tokens issued before it existed still hold
+    # Each only when set: tokens issued before it existed still hold.
+    if task_filter.task_id_prefix:
         parts.append(task_filter.task_id_prefix)
+    if newest_first:
+        parts.append({"order": "newest_first"})
     canonical = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -446,12 +454,12 @@ _TOKEN = re.compile(r"([0-9]{1,19})\.([0-9a-f]{16})")
 MAX_PAGE_TOKEN = 64
 
 
-def _encode_token(after_seq: int, task_filter: TaskFilter) -> str:
-    payload = f"{after_seq}.{_fingerprint(task_filter)}"
+def _encode_token(after_seq: int, task_filter: TaskFilter, *, newest_first: bool = False) -> str:
+    payload = f"{after_seq}.{_fingerprint(task_filter, newest_first=newest_first)}"
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str, task_filter: TaskFilter) -> int | str:
+def _decode_token(token: str, task_filter: TaskFilter, *, newest_first: bool = False) -> int | str:
     """The sequence number a page token continues after, or what is wrong with the token."""
     if len(token) > MAX_PAGE_TOKEN:
         return "is not a page token that this server issued"
@@ -461,8 +469,11 @@ def _decode_token(token: str, task_filter: TaskFilter) -> int | str:
         return "is not a page token that this server issued"
     if (match := _TOKEN.fullmatch(payload)) is None:
         return "is not a page token that this server issued"
-    if match.group(2) != _fingerprint(task_filter):
-        return "was issued for a different filter; keep the filter the same while paging"
+    if match.group(2) != _fingerprint(task_filter, newest_first=newest_first):
+        return (
+            "was issued for a different filter or order; keep the filter and the order "
+            "the same while paging"
+        )
     return int(match.group(1))
 
 

@@ -221,10 +221,19 @@ class ListRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many tasks in the page: 0 means 50, the most is 1000."""
     page_token: _builtins.str
-    """The `next_page_token` of the previous page, with the same filter; empty for the first page."""
+    """The `next_page_token` of the previous page, with the same filter and order; empty for
+    the first page.
+    """
+    newest_first: _builtins.bool
+    """List the newest tasks first (the latest created first) rather than the oldest. Paging
+    goes on toward older tasks from where the previous page ended, so none is skipped or
+    repeated; a task created while a caller pages through is newer than the first page
+    and does not appear (watch from the first page's revision to see it).
+    """
     @_builtins.property
     def filter(self) -> _task_pb2.TaskFilter:
         """Which tasks to list; unset lists every task."""
@@ -235,10 +244,11 @@ class ListRequest(_message.Message):
         filter: _task_pb2.TaskFilter | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,8 +264,9 @@ class ListResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass it as `page_token` to get the next page; empty on the last page. Tasks created
-    while a caller pages through appear on later pages; none is skipped or repeated.
+    """Pass it as `page_token` to get the next page; empty on the last page. None is skipped
+    or repeated. Oldest first, tasks created while a caller pages through appear on later
+    pages; newest first, they are newer than the first page and do not appear.
     """
     revision: _builtins.int
     """The store revision when this page was read. Watch from the first page's revision
@@ -263,7 +274,7 @@ class ListResponse(_message.Message):
     """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskResponse]:
-        """The tasks of this page, oldest first."""
+        """The tasks of this page, in creation order: oldest first, or newest first if asked."""
 
     def __init__(
         self,

@@ -159,7 +159,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Lists tasks in the order they were created, oldest first, one page at a time.
+        """Lists tasks in the order they were created, oldest first (or newest first, with
+        `newest_first`), one page at a time.
 
         A page holds fewer tasks than page_size, with a next_page_token, when more would
         make the answer larger than 3 MiB.

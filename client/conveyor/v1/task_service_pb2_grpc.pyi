@@ -77,7 +77,8 @@ class TaskServiceStub:
     or it ended longer ago than the server's retention period).
     """
     List: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListRequest, _task_service_pb2.ListResponse]
-    """Lists tasks in the order they were created, oldest first, one page at a time.
+    """Lists tasks in the order they were created, oldest first (or newest first, with
+    `newest_first`), one page at a time.
 
     A page holds fewer tasks than page_size, with a next_page_token, when more would
     make the answer larger than 3 MiB.
@@ -238,7 +239,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     or it ended longer ago than the server's retention period).
     """
     List: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListRequest, _task_service_pb2.ListResponse]  # type: ignore[assignment]
-    """Lists tasks in the order they were created, oldest first, one page at a time.
+    """Lists tasks in the order they were created, oldest first (or newest first, with
+    `newest_first`), one page at a time.
 
     A page holds fewer tasks than page_size, with a next_page_token, when more would
     make the answer larger than 3 MiB.
@@ -420,7 +422,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_service_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListResponse, _abc.Awaitable[_task_service_pb2.ListResponse]]:
-        """Lists tasks in the order they were created, oldest first, one page at a time.
+        """Lists tasks in the order they were created, oldest first (or newest first, with
+        `newest_first`), one page at a time.
 
         A page holds fewer tasks than page_size, with a next_page_token, when more would
         make the answer larger than 3 MiB.

@@ -154,9 +154,13 @@ class TaskStore(Protocol):
         ...
 
     async def list(
-        self, task_filter: TaskFilter, after_seq: int, limit: int
+        self, task_filter: TaskFilter, after_seq: int, limit: int, *, newest_first: bool = False
     ) -> tuple[Sequence[Task], int]:
-        """Up to `limit` matching tasks created after `after_seq`, oldest first; the revision."""
+        """Up to `limit` matching tasks created after `after_seq`, oldest first; the revision.
+
+        `newest_first` turns the order around: the tasks created before `after_seq` (0:
+        from the newest), newest first.
+        """
         ...
 
     async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:

@@ -244,6 +244,10 @@ class ListIndex:
         (removed ones included): those of its most selective type or label."""
         return self._narrowest(task_filter).after(seq)
 
+    def before(self, seq: int, task_filter: TaskFilter) -> Iterator[str]:
+        """As `after`, newest first: the ids of tasks created before `seq` (0: every task)."""
+        return self._narrowest(task_filter).before(seq)
+
     def ids(self, task_filter: TaskFilter) -> list[str]:
         """The ids the filter may match, as `after(0, ...)` gives them, in a list."""
         return self._narrowest(task_filter).ids()
@@ -276,6 +280,14 @@ class CreationOrder:
         """The ids of the tasks created after `seq`, oldest first (removed ones included)."""
         ids = self._ids
         for index in range(bisect.bisect_right(self._seqs, seq), len(ids)):
+            yield ids[index]
+
+    def before(self, seq: int) -> Iterator[str]:
+        """The ids of the tasks created before `seq` (0: all), newest first (removed ones
+        included)."""
+        ids = self._ids
+        end = len(ids) if seq == 0 else bisect.bisect_left(self._seqs, seq)
+        for index in range(end - 1, -1, -1):
             yield ids[index]
 
     def ids(self) -> list[str]:

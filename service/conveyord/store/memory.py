@@ -262,10 +262,11 @@ class MemoryStore:
         return self._tasks.get(task_id)
 
     async def list(
-        self, task_filter: TaskFilter, after_seq: int, limit: int
+        self, task_filter: TaskFilter, after_seq: int, limit: int, *, newest_first: bool = False
     ) -> tuple[Sequence[Task], int]:
         page: list[Task] = []
-        for task_id in self._order.after(after_seq, task_filter):
+        order = self._order.before if newest_first else self._order.after
+        for task_id in order(after_seq, task_filter):
             task = self._tasks.get(task_id)
             if task is not None and task_filter.matches(task):
                 page.append(task)
