@@ -6,6 +6,7 @@ import asyncio
 import collections
 import inspect
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, timedelta
@@ -198,6 +199,13 @@ async def test_list_follows_the_page_tokens_and_keeps_the_filters(twin: Twin) ->
     assert len(await twin.list(labels=labels, statuses=[TaskStatus.COMPLETED])) == 7
     assert await twin.list(labels=labels, statuses=[TaskStatus.RUNNING]) == []
     assert await twin.list(labels=labels, task_type="sleep") == []
+
+
+async def test_list_newest_first_gives_the_latest_created_first(twin: Twin) -> None:
+    labels = unique_labels()
+    created = [await twin.create("echo", {"i": i}, labels=labels) for i in range(5)]
+    listed = await twin.list(labels=labels, newest_first=True, page_size=2)
+    assert [task.task_id for task in listed] == [task.task_id for task in reversed(created)]
 
 
 async def test_list_and_watch_all_filter_by_the_start_of_the_task_id(twin: Twin) -> None:
@@ -435,6 +443,28 @@ async def test_watch_all_from_now_sees_what_changes_after_it_begins(
     assert event.task.status is TaskStatus.CREATED
 
 
+async def test_watch_all_can_start_with_the_running_tasks(twin: Twin) -> None:
+    labels = unique_labels()
+    ended = await twin.create("echo", labels=labels)
+    await twin.wait(ended.task_id)
+    running = await twin.create("report_then_wait", {"seconds": 30}, labels=labels)
+    await twin.collect("watch", running.task_id, each=lambda t: t.status is TaskStatus.RUNNING)
+    stream = twin.client.watch_all(labels=labels, start_with=[TaskStatus.RUNNING])
+    current = await first_item(stream)
+    assert (current.kind, current.task.task_id) == (EventKind.CURRENT, running.task_id)
+    assert current.task.status is TaskStatus.RUNNING
+    await twin.cancel(running.task_id)
+    changed = await first_item(stream)  # the watch goes on from the List's revision
+    if isinstance(stream, AsyncIterator):
+        await cast("AsyncGenerator[conveyor.TaskEvent, None]", stream).aclose()
+    else:
+        cast("Generator[conveyor.TaskEvent, None, None]", stream).close()
+    assert (changed.kind, changed.task.task_id) == (EventKind.CHANGED, running.task_id)
+    assert changed.task.cancel_requested_at is not None and changed.revision > current.revision
+    with pytest.raises(ValueError, match="start_with or since_revision"):
+        await twin.collect("watch_all", start_with=[TaskStatus.RUNNING], since_revision=1)
+
+
 # -- wait, poll, result -------------------------------------------------------------
 
 
@@ -580,6 +610,20 @@ async def test_a_server_that_is_not_there_is_unavailable(kind: str) -> None:
         assert isinstance(caught.value.__cause__, grpc.RpcError)
         with pytest.raises(Unavailable):
             await twin.watch(str(uuid.uuid4()))
+
+
+async def test_a_client_told_not_to_retry_refusals_says_at_once_that_nothing_listens(
+    kind: str,
+) -> None:
+    address = closed_port_address()
+    async with open_twin(kind, address, timeout=30, retry_refused=False) as twin:
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as caught:
+            await twin.get(str(uuid.uuid4()))
+        with pytest.raises(Unavailable):
+            await twin.watch(str(uuid.uuid4()))
+        assert time.monotonic() - started < 5  # both, far below their 30 s timeout
+    assert "Connection refused" in caught.value.message
 
 
 # -- construction -------------------------------------------------------------------

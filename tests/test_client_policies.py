@@ -143,6 +143,34 @@ def test_only_unavailable_is_retried_for_calls_and_only_transport_codes_for_stre
     assert STREAM_RETRY.codes == {CODE.UNAVAILABLE, CODE.INTERNAL, CODE.CANCELLED}
 
 
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
+    "Failed to connect to remote host: Connection refused"
+)
+
+
+def test_a_refused_first_try_is_given_up_at_once_only_when_asked() -> None:
+    patient = Backoff(UNARY_RETRY, Deadline(None))
+    assert patient.delay_after(FakeRpcError(CODE.UNAVAILABLE, REFUSED)) is not None
+    hasty = Backoff(UNARY_RETRY, Deadline(None), retry_refused=False)
+    assert hasty.delay_after(FakeRpcError(CODE.UNAVAILABLE, REFUSED)) is None
+    # Only the first try: a server that answered once may be restarting, and is waited for.
+    later = Backoff(UNARY_RETRY, Deadline(None), retry_refused=False)
+    assert later.delay_after(FakeRpcError(CODE.UNAVAILABLE, "shutting down")) is not None
+    assert later.delay_after(FakeRpcError(CODE.UNAVAILABLE, REFUSED)) is not None
+
+
+def test_a_watch_refused_before_it_heard_the_server_gives_up_at_once_only_when_asked() -> None:
+    refused = FakeRpcError(CODE.UNAVAILABLE, REFUSED)
+    assert TaskWatch("t", WatchSettings(10.0, 30.0, None)).broken(refused) >= 0
+    hasty = WatchSettings(10.0, 30.0, None, retry_refused=False)
+    with pytest.raises(Unavailable):
+        TaskWatch("t", hasty).broken(refused)
+    heard = TaskWatch("t", hasty)
+    heard.receive(response(HEARTBEAT, 3))
+    assert heard.broken(refused) >= 0  # it was under way: it reconnects
+
+
 def test_retrying_stops_when_the_next_try_would_start_past_the_deadline() -> None:
     clock = Clock()
     backoff = Backoff(UNARY_RETRY, Deadline(1.0, clock=clock), jitter=lambda: 1.0)
@@ -312,6 +340,29 @@ def test_a_watch_of_many_tasks_lists_them_again_when_its_revision_is_out_of_rang
     assert [(e.task.task_id, e.revision) for e in first + last] == [("t12", 12), ("t25", 25)]
     assert watch.relist_request() is None
     assert watch.request().since_revision == 30
+
+
+def test_a_watch_of_many_tasks_can_start_with_a_list_and_go_on_from_its_revision() -> None:
+    running = task_pb2.TaskFilter(statuses=[task_pb2.TASK_STATUS_RUNNING], task_type="sleep")
+    watch = AllTasksWatch(
+        task_pb2.TaskFilter(task_type="sleep"), None, WatchSettings(10.0, 30.0, None), running
+    )
+    first_list = watch.relist_request()
+    assert first_list is not None and first_list.filter == running
+    first = watch.relisted(page(30, 5, 12, token="more"))
+    last = watch.relisted(page(32, 25, 31))  # 31 came after the first page: the watch has it
+    assert [(e.kind, e.revision) for e in first + last] == [
+        (EventKind.CURRENT, 5),
+        (EventKind.CURRENT, 12),
+        (EventKind.CURRENT, 25),
+    ]
+    assert watch.relist_request() is None
+    assert watch.request().since_revision == 30  # the first page's: nothing missed between
+    assert watch.request().filter.task_type == "sleep" and not watch.request().filter.statuses
+    watch.broken(FakeRpcError(CODE.OUT_OF_RANGE))
+    again = watch.relist_request()  # later, a relist of the changes, by the watch's filter
+    assert again is not None and not again.filter.statuses
+    assert [e.kind for e in watch.relisted(page(40, 35))] == [EventKind.CHANGED]
 
 
 def test_a_server_whose_revisions_went_back_is_listed_afresh() -> None:

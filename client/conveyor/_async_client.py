@@ -14,7 +14,6 @@ from conveyor._async_schedules import AsyncSchedules
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._reloading import AsyncReloadingChannel
-from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
@@ -37,9 +36,11 @@ class AsyncClient(ClientBase):
     $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `token` (default: $CONVEYOR_TOKEN)
     goes with every call as a bearer token. `timeout` is the default of every call's
     `timeout` (None: no limit), and also how long a broken watch keeps trying to
-    reconnect. Watches ask the server for a
-    heartbeat after `heartbeat_interval` quiet seconds, which keeps proxies from closing
-    idle streams and gives a recent revision to resume from. A watch left before its end
+    reconnect; with `retry_refused=False`, a call or watch whose first try finds nothing
+    listening at `target` raises Unavailable at once rather than retrying until then.
+    Watches ask the server for a heartbeat after `heartbeat_interval` quiet seconds,
+    which keeps proxies from closing idle streams and gives a recent revision to resume
+    from. A watch left before its end
     keeps its stream open until it is closed: use `contextlib.aclosing` around it.
     """
 
@@ -53,7 +54,9 @@ class AsyncClient(ClientBase):
     # unset, $CONVEYOR_TLS_CA, $CONVEYOR_TLS_CERT and $CONVEYOR_TLS_KEY decide. `token`
     # (default: $CONVEYOR_TOKEN) goes with every call as a bearer token. `timeout`
     # is the default of every call's `timeout` (None: no limit), and also how long a
-    # broken watch keeps trying to reconnect. Watches ask the server for a heartbeat after
+    # broken watch keeps trying to reconnect; with `retry_refused=False`, a call or watch
+    # whose first try finds nothing listening at `target` raises Unavailable at once rather
+    # than retrying until then. Watches ask the server for a heartbeat after
     # `heartbeat_interval` quiet seconds, which keeps proxies from closing idle streams and
     # gives a recent revision to resume from.
     # """
@@ -68,9 +71,15 @@ class AsyncClient(ClientBase):
         channel: grpc.aio.Channel | None = None,
         tls: Tls | bool | None = None,
         token: str | None = None,
+        retry_refused: bool = True,
     ) -> None:
         super().__init__(
-            target, channel, timeout=timeout, heartbeat_interval=heartbeat_interval, token=token
+            target,
+            channel,
+            timeout=timeout,
+            heartbeat_interval=heartbeat_interval,
+            token=token,
+            retry_refused=retry_refused,
         )
         if channel is None:
             channel = self._make_channel(chosen(tls), _requests.ASYNC_CHANNEL_OPTIONS)
@@ -176,18 +185,21 @@ class AsyncClient(ClientBase):
         task_type: str | None = None,
         labels: Mapping[str, str] | None = None,
         task_id_prefix: str | None = None,
+        newest_first: bool = False,
         page_size: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[Task]:
-        """Every task that matches, oldest first, fetched a page at a time as you iterate.
+        """Every task that matches, oldest first (`newest_first`: the latest created first),
+        fetched a page at a time as you iterate.
 
         A task matches when its status is one of `statuses` (any, if None), its type is
         `task_type`, it carries all of `labels` and its id starts with `task_id_prefix`
-        (hex digits and '-', in either case). `timeout` bounds the call for each page,
-        retries included.
+        (hex digits and '-', in either case). Newest first, a task created after the first
+        page is not listed. `timeout` bounds the call for each page, retries included.
         """
         task_filter = _requests.task_filter(statuses, task_type, labels, task_id_prefix)
-        async for page in self._pages(_requests.list_request(task_filter, page_size), timeout):
+        request = _requests.list_request(task_filter, page_size, newest_first)
+        async for page in self._pages(request, timeout):
             for task in page.tasks:
                 yield Task._from_proto(task)
 
@@ -291,19 +303,24 @@ class AsyncClient(ClientBase):
         labels: Mapping[str, str] | None = None,
         task_id_prefix: str | None = None,
         since_revision: int | None = None,
+        start_with: Iterable[TaskStatus] | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[TaskEvent]:
         """Each change to a task that matches (the filters of `list`), as a TaskEvent.
 
         It starts after `since_revision` (default: the latest revision when iteration
-        begins) and never ends on its own. It resumes like `watch`; when the server's
+        begins) and never ends on its own. With `start_with` (statuses, such as RUNNING;
+        not with `since_revision`), it first passes on the matching tasks in those
+        statuses as they stand, as CURRENT events, then every change after the List that
+        read them: none is missed between. It resumes like `watch`; when the server's
         history no longer reaches back, it lists the matching tasks again and passes on
         (as CHANGED) those that changed meanwhile. `timeout` bounds the whole watch.
         """
-        if since_revision is None:
+        start = _requests.start_statuses(statuses, start_with, since_revision)
+        if since_revision is None and start is None:
             since_revision = await self.revision(timeout=timeout)
         watch = self._all_tasks_watch(
-            statuses, task_type, labels, task_id_prefix, since_revision, timeout
+            statuses, task_type, labels, task_id_prefix, since_revision, start, timeout
         )
         async for event in self._follow(watch):
             yield event
@@ -357,7 +374,7 @@ class AsyncClient(ClientBase):
     ) -> Response:
         """One unary call, retried on UNAVAILABLE if `retry`, within `timeout` (or the default)."""
         deadline = self._deadline(timeout)
-        backoff = Backoff(UNARY_RETRY if retry else NO_RETRY, deadline)
+        backoff = self._backoff(retry, deadline)
         while True:
             try:
                 return await method(request, timeout=deadline.remaining(), metadata=self._metadata)

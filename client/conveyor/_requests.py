@@ -200,5 +200,24 @@ def cancel_matching_request(
     )
 
 
-def list_request(task_filter: task_pb2.TaskFilter, page_size: int | None) -> pb.ListRequest:
-    return pb.ListRequest(filter=task_filter, page_size=page_size or 0)
+def list_request(
+    task_filter: task_pb2.TaskFilter, page_size: int | None, newest_first: bool
+) -> pb.ListRequest:
+    return pb.ListRequest(filter=task_filter, page_size=page_size or 0, newest_first=newest_first)
+
+
+def start_statuses(
+    statuses: Iterable[TaskStatus] | None,
+    start_with: Iterable[TaskStatus] | None,
+    since_revision: int | None,
+) -> list[TaskStatus] | None:
+    """The statuses of the tasks a `watch_all` starts with: those of `start_with` that the
+    watch's `statuses` let through; None for none (then it starts at a revision)."""
+    if start_with is None:
+        return None
+    if since_revision is not None:
+        raise ValueError("give start_with or since_revision, not both")
+    wanted = set(start_with)
+    if statuses is not None:
+        wanted &= set(statuses)
+    return sorted(wanted) or None

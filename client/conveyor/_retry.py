@@ -9,6 +9,10 @@ delays start below `initial` (0.1 s), grow `multiplier` (2) times up to `maximum
 each is drawn at random between 0 and that ceiling ("full jitter"), so that clients that
 failed together do not come back together.
 
+A client made with `retry_refused=False` (the command line's) does not retry a first try
+that found nothing listening at the server's address (connection refused): a person wants
+to hear at once that the server is not running, not after the whole timeout.
+
 A refusal for a limit (RESOURCE_EXHAUSTED: a full queue, a tenant's rate) changed nothing,
 so any call may be tried again; when it carries a RetryInfo, the client waits what it says
 (and up to a tenth more, at random) and tries again, up to `MAX_TOLD_WAITS` times within the
@@ -46,8 +50,20 @@ STREAM_RETRY = RetryPolicy(
 )
 
 
+def refused(error: grpc.RpcError) -> bool:
+    """The call found nothing listening at the server's address (gRPC says so only in the
+    details of UNAVAILABLE)."""
+    return (
+        error.code() == grpc.StatusCode.UNAVAILABLE
+        and "connection refused" in (error.details() or "").lower()
+    )
+
+
 class Backoff:
-    """The delays of one run of retries; it gives up when the next try would start too late."""
+    """The delays of one run of retries; it gives up when the next try would start too late.
+
+    Unless `retry_refused`, it gives up at once when the first try was refused.
+    """
 
     def __init__(
         self,
@@ -55,6 +71,7 @@ class Backoff:
         deadline: Deadline,
         *,
         jitter: Callable[[], float] = random.random,
+        retry_refused: bool = True,
     ) -> None:
         self._policy = policy
         self._deadline = deadline
@@ -62,9 +79,13 @@ class Backoff:
         self._ceiling = policy.initial
         self._retried: grpc.RpcError | None = None
         self._told_waits = 0
+        self._first = not retry_refused  # still to see the first failure, and to judge it
 
     def delay_after(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before trying again after `error`, or None to give up."""
+        first, self._first = self._first, False
+        if first and refused(error):
+            return None
         told = retry_delay_of(error)
         if told is not None:
             return self._told(told)

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2
 from conveyor._deadline import Deadline
 from conveyor._polling import Polling, PollingPolicy
 from conveyor._requests import RELIST_PAGE_SIZE
-from conveyor._retry import STREAM_RETRY, Backoff
+from conveyor._retry import STREAM_RETRY, Backoff, refused
 from conveyor.errors import (
     ConveyorError,
     DeadlineExceeded,
@@ -67,11 +67,13 @@ WATCH_REFUSALS = frozenset(
 @dataclasses.dataclass(frozen=True)
 class WatchSettings:
     """How a watch runs: the quiet time before a heartbeat, how long it may keep trying to
-    reconnect after a break (None: forever), and how long it may last in all (None: no limit)."""
+    reconnect after a break (None: forever), how long it may last in all (None: no limit),
+    and whether a first try that was refused is tried again."""
 
     heartbeat_interval: float
     reconnect_timeout: float | None
     timeout: float | None
+    retry_refused: bool = True
 
 
 class Watch(abc.ABC, Generic[Item]):
@@ -85,6 +87,7 @@ class Watch(abc.ABC, Generic[Item]):
         self._heartbeat.FromNanoseconds(round(settings.heartbeat_interval * 1e9))
         self._reconnect_timeout = settings.reconnect_timeout
         self._backoff = self._new_backoff()
+        self._heard = settings.retry_refused  # from the server (or need not have been)
 
     @abc.abstractmethod
     def request(self) -> pb.WatchRequest:
@@ -108,6 +111,8 @@ class Watch(abc.ABC, Generic[Item]):
         Returns how long to wait before re-opening it, or raises the error that ends the watch.
         A watch the server let go because it read too slowly resumes like a broken one.
         """
+        if error is not None and not self._heard and refused(error):
+            raise from_rpc_error(error) from error  # nothing listens: say so at once
         if error is None or _too_slow(error):
             delay = self._backoff.next_delay()
         else:
@@ -124,6 +129,7 @@ class Watch(abc.ABC, Generic[Item]):
         A newer revision is progress: the next break starts its backoff afresh. 0 is no
         revision (the server's start at 1): an event of a type not known may carry none.
         """
+        self._heard = True
         seen = self.revision
         if revision > 0 and (seen is None or revision > seen):
             self.revision = revision
@@ -207,15 +213,26 @@ class TaskWatch(Watch[Task]):
 
 
 class AllTasksWatch(Watch[TaskEvent]):
-    """A watch of every task that matches a filter; it never ends on its own."""
+    """A watch of every task that matches a filter; it never ends on its own.
+
+    It starts after `since_revision`, or with a `start` filter: first the tasks that match
+    it, listed (as CURRENT events), then every change after that List's first page.
+    """
 
     def __init__(
-        self, task_filter: task_pb2.TaskFilter, since_revision: int, settings: WatchSettings
+        self,
+        task_filter: task_pb2.TaskFilter,
+        since_revision: int | None,
+        settings: WatchSettings,
+        start: task_pb2.TaskFilter | None = None,
     ) -> None:
         super().__init__(settings)
+        if (since_revision is None) == (start is None):
+            raise ValueError("a watch of many tasks starts at a revision or with a List")
         self.revision = since_revision
         self._filter = task_filter
-        self._relisting = False
+        self._start = start
+        self._relisting = start is not None
         self._listed_at: int | None = None
 
     def request(self) -> pb.WatchRequest:
@@ -243,7 +260,7 @@ class AllTasksWatch(Watch[TaskEvent]):
         if not self._relisting:
             return None
         self._listed_at = None
-        return pb.ListRequest(filter=self._filter, page_size=RELIST_PAGE_SIZE)
+        return pb.ListRequest(filter=self._start or self._filter, page_size=RELIST_PAGE_SIZE)
 
     def relisted(self, page: pb.ListResponse) -> list[TaskEvent]:
         """The events a page of the relist makes: tasks changed since the last revision seen.
@@ -256,13 +273,15 @@ class AllTasksWatch(Watch[TaskEvent]):
             self._listed_at = page.revision
         listed_at = self._listed_at
         seen = self.revision if self.revision is not None and self.revision <= listed_at else -1
+        kind = EventKind.CHANGED if self._start is None else EventKind.CURRENT
         events = [
-            TaskEvent(EventKind.CHANGED, Task._from_proto(task), task.revision)
+            TaskEvent(kind, Task._from_proto(task), task.revision)
             for task in page.tasks
             if seen < task.revision <= listed_at
         ]
         if not page.next_page_token:
             self._relisting = False
+            self._start = None  # a later relist (after OUT_OF_RANGE) is of the changes
             self.revision = listed_at
             self._backoff = self._new_backoff()
         return events

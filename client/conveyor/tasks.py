@@ -181,17 +181,20 @@ def _time(message: task_pb2.TaskResponse, field: _OptionalTime) -> datetime | No
 class EventKind(enum.IntEnum):
     """What a TaskEvent reports; mirrors conveyor.v1.WatchEventType without the prefix.
 
-    A watch passes on only these; an event of a type it does not know (from a newer
-    server) it skips.
+    CURRENT is a task as it stood when the watch began (`watch_all`'s `start_with`). A
+    watch passes on only these; an event of a type it does not know (from a newer server)
+    it skips.
     """
 
+    CURRENT = 1
     CHANGED = 2
     REMOVED = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskEvent:
-    """One event of `watch_all`: a task CHANGED to `task`, or was REMOVED (`task`: its last state).
+    """One event of `watch_all`: a task CHANGED to `task`, or was REMOVED (`task`: its last
+    state), or is CURRENT: `task` as it stood when the watch began.
 
     `revision` orders the events of a watch and is where a later watch can resume from.
     """
