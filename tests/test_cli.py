@@ -19,12 +19,14 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
 from conveyor import Client, TaskStatus, _views
 from conveyor.cli import main
@@ -210,7 +212,7 @@ def test_create_wait_exits_with_how_the_task_ended(conveyor: Callable[..., Run])
     assert completed.code == 0
     created, ended = completed.json_lines()
     assert (created["status"], ended["status"]) == ("CREATED", "COMPLETED")
-    assert created["task_id"] == ended["task_id"]
+    assert created["taskId"] == ended["taskId"]
     assert ended["result"] == {"x": 1}
     failed = conveyor("create", "fail", "-p", "message=disk full", "--wait")
     assert failed.code == 1
@@ -232,7 +234,7 @@ def test_create_from_a_file_creates_every_task_in_order(
     created = run.json_lines()
     assert [t["parameters"] for t in created] == [{"i": 0}, {"i": 1}, {"i": 2}]
     listed = [t.task_id for t in client.list(labels={"batch": label})]
-    assert listed == [t["task_id"] for t in created]
+    assert listed == [t["taskId"] for t in created]
 
 
 @pytest.mark.parametrize(
@@ -267,7 +269,7 @@ def test_create_with_a_request_id_twice_gives_one_task(conveyor: Callable[..., R
     request_id = str(uuid.uuid4())
     first = conveyor("--json", "create", "echo", "--request-id", request_id).json_lines()[0]
     again = conveyor("--json", "create", "echo", "--request-id", request_id).json_lines()[0]
-    assert first["task_id"] == again["task_id"]
+    assert first["taskId"] == again["taskId"]
 
 
 def test_create_watch_without_a_terminal_shows_a_line_per_state(
@@ -294,9 +296,9 @@ def test_get_shows_the_task_or_says_there_is_none(
     assert run.code == 0
     assert task.task_id in run.out and "COMPLETED" in run.out and "for get" in run.out
     data = conveyor("--json", "get", task.task_id).json_lines()
-    assert [(d["task_id"], d["status"]) for d in data] == [(task.task_id, "COMPLETED")]
+    assert [(d["taskId"], d["status"]) for d in data] == [(task.task_id, "COMPLETED")]
     assert data[0]["result"] == {"k": "v"}
-    assert data[0]["finished_at"].endswith("Z")
+    assert data[0]["finishedAt"].endswith("Z")
     missing = conveyor("get", str(uuid.uuid4()))
     assert (missing.code, missing.out) == (4, "")
     assert "not found" in missing.err
@@ -317,16 +319,90 @@ def test_list_prints_an_aligned_table_and_keeps_the_filters(
     assert run.code == 0
     header, *rows = run.out.splitlines()
     assert header.split() == ["ID", "TYPE", "STATUS", "PROGRESS", "PRIORITY", "CREATED", "MESSAGE"]
-    assert [row.split()[0] for row in rows] == [echo.task_id, failing.task_id]
+    assert [row.split()[0] for row in rows] == [failing.task_id, echo.task_id]  # newest first
     status_at = header.index("STATUS")
-    assert [row[status_at:].split()[0] for row in rows] == ["COMPLETED", "FAILED"]
+    assert [row[status_at:].split()[0] for row in rows] == ["FAILED", "COMPLETED"]
     only_failed = conveyor("--json", "list", "--label", label, "--status", "failed")
-    assert [t["task_id"] for t in only_failed.json_lines()] == [failing.task_id]
+    assert [t["taskId"] for t in only_failed.json_lines()] == [failing.task_id]
     by_type = conveyor("--json", "list", "--label", label, "--type", "echo")
-    assert [t["task_id"] for t in by_type.json_lines()] == [echo.task_id]
+    assert [t["taskId"] for t in by_type.json_lines()] == [echo.task_id]
     assert len(conveyor("--json", "list", "--label", label, "--limit", "1").json_lines()) == 1
     for bad in (["--status", "sleeping"], ["--limit", "0"], ["--limit", "-1"]):
         assert conveyor("list", *bad).code == 2
+
+
+def test_list_shows_the_newest_first_and_limit_keeps_the_newest(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    labels = {"run": uuid.uuid4().hex}
+    made = [client.create("echo", {"i": i}, labels=labels).task_id for i in range(5)]
+    label = f"run={labels['run']}"
+
+    def listed(*args: str) -> list[str]:
+        run = conveyor("--json", "list", "--label", label, *args)
+        assert run.code == 0, run.err
+        return [task["taskId"] for task in run.json_lines()]
+
+    assert listed() == made[::-1]
+    assert listed("--limit", "2") == [made[4], made[3]]
+    assert listed("--oldest-first") == made
+    assert listed("--oldest-first", "--limit", "2") == [made[0], made[1]]
+    table = conveyor("list", "--label", label, "--limit", "3").out.splitlines()
+    assert [row.split()[0] for row in table[1:]] == [made[4], made[3], made[2]]
+
+
+@pytest.mark.parametrize("columns", [60, 120])
+def test_the_table_fits_the_screen_with_one_line_a_task(
+    conveyor: Callable[..., Run], client: Client, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    labels = {"run": uuid.uuid4().hex}
+    failed = client.create("fail", {"message": "the disk is full " * 8}, labels=labels)
+    client.wait(failed.task_id)
+    running = client.create("report_then_wait", {"seconds": 30}, labels=labels)
+    for state in client.watch(running.task_id):
+        if state.status is TaskStatus.RUNNING:
+            break
+    monkeypatch.setenv("COLUMNS", str(columns))
+    run = conveyor("list", "--label", f"run={labels['run']}")
+    client.cancel(running.task_id)
+    assert run.code == 0
+    header, *rows = run.out.splitlines()
+    assert max(len(line) for line in [header, *rows]) <= columns
+    assert len(rows) == 2  # one line a task, however long its message
+    shown = [row.split()[0] for row in rows]
+    statuses = [row[header.index("STATUS") :].split()[0] for row in rows]
+    assert statuses == ["RUNNING", "FAILED"]  # in full
+    assert rows[1].endswith("…")  # the message, cut short
+    if columns == 60:
+        assert header.split() == ["ID", "TYPE", "STATUS", "PROGRESS", "MESSAGE"]
+        assert shown == [running.task_id[:8], failed.task_id[:8]]  # as the progress bar
+        again = conveyor("--json", "get", shown[1])  # what it shows, the commands take
+        assert again.json_lines()[0]["taskId"] == failed.task_id
+    else:
+        assert header.split() == [
+            "ID", "TYPE", "STATUS", "PROGRESS", "PRIORITY", "CREATED", "MESSAGE"
+        ]  # fmt: skip
+        assert shown == [running.task_id, failed.task_id]
+
+
+def test_json_names_the_fields_as_the_protos_json_mapping_does(
+    conveyor: Callable[..., Run], client: Client
+) -> None:
+    labels = {"team_name": uuid.uuid4().hex}
+    task = client.create("echo", {"snake_case": 1}, labels=labels)
+    ended = client.wait(task.task_id)
+    data = conveyor("--json", "get", task.task_id).json_lines()[0]
+    assert set(data) == {field.json_name for field in task_pb2.TaskResponse.DESCRIPTOR.fields}
+    assert set(json_format.MessageToDict(ended.proto)) <= set(data)  # as json_format names them
+    assert data["taskId"] == task.task_id and data["createdAt"].endswith("Z")
+    assert data["startDeadline"] is None  # every field, null when unset
+    assert data["parameters"] == data["result"] == {"snake_case": 1}  # the data, as it is
+    assert data["labels"] == labels
+    label = f"team_name={labels['team_name']}"
+    counted = conveyor("--json", "cancel", "--label", label, "--dry-run").json_lines()
+    assert counted == [{"count": 0, "dryRun": True}]
+    (listed,) = conveyor("--json", "list", "--label", label).json_lines()
+    assert listed == data
 
 
 def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
@@ -339,7 +415,7 @@ def test_cancel_shows_the_cancel_under_way_then_the_task_ends_cancelled(
     run = conveyor("--json", "cancel", task.task_id, "--reason", "enough")
     assert run.code == 0
     answer = run.json_lines()[0]
-    assert answer["status"] == "RUNNING" and answer["cancel_requested_at"]
+    assert answer["status"] == "RUNNING" and answer["cancelRequestedAt"]
     waited = conveyor("wait", task.task_id)
     assert waited.code == 3
     assert "CANCELLED" in waited.out and "enough" in waited.out
@@ -357,7 +433,7 @@ def test_cancel_by_label_counts_with_a_dry_run_then_cancels_only_those(
     assert (dry.code, dry.out.strip()) == (0, "3 tasks would be cancelled")
     assert client.get(ours[0].task_id).status is TaskStatus.CREATED
     run = conveyor("--json", "cancel", "--label", "conv=c1", "--reason", "closed")
-    assert run.json_lines() == [{"count": 3, "dry_run": False}]
+    assert run.json_lines() == [{"count": 3, "dryRun": False}]
     assert {client.get(task.task_id).status for task in ours} == {TaskStatus.CANCELLED}
     assert client.get(theirs.task_id).status is TaskStatus.CREATED
 
@@ -468,15 +544,15 @@ def test_every_command_takes_the_start_of_a_task_id(
     short = task.task_id[:8]  # as the progress bar shows it
     shown = conveyor("--json", "get", short)
     assert shown.code == 0
-    assert shown.json_lines()[0]["task_id"] == task.task_id
+    assert shown.json_lines()[0]["taskId"] == task.task_id
     for given in (task.task_id[:4], short.upper(), task.task_id[:9], task.task_id[:-1]):
         assert task.task_id in conveyor("get", given).out
     cancelled = conveyor("--json", "cancel", short, "--reason", "by its prefix")
     assert cancelled.code == 0
-    assert cancelled.json_lines()[0]["task_id"] == task.task_id
+    assert cancelled.json_lines()[0]["taskId"] == task.task_id
     waited = conveyor("--json", "wait", short)
     assert waited.code == 3
-    assert waited.json_lines()[-1]["task_id"] == task.task_id
+    assert waited.json_lines()[-1]["taskId"] == task.task_id
     watched = conveyor("watch", short)
     assert watched.code == 3
     assert watched.out.splitlines()[-1] == "CANCELLED: by its prefix"
@@ -497,7 +573,7 @@ def test_the_start_of_an_id_that_several_tasks_have_is_a_usage_error(
     assert client.get(first.task_id).status is not TaskStatus.CANCELLED
     assert client.get(second.task_id).status is not TaskStatus.CANCELLED
     longer = conveyor("--json", "wait", first.task_id[:-1])  # more of the id is unique again
-    assert (longer.code, longer.json_lines()[-1]["task_id"]) == (0, first.task_id)
+    assert (longer.code, longer.json_lines()[-1]["taskId"]) == (0, first.task_id)
 
 
 def test_the_start_of_an_id_that_no_task_has_is_not_found(
@@ -509,6 +585,30 @@ def test_the_start_of_an_id_that_no_task_has_is_not_found(
         run = conveyor(command, other)
         assert (run.code, run.out) == (4, "")
         assert "not found" in run.err and other in run.err
+
+
+def test_a_whole_id_goes_straight_to_the_server_and_the_start_of_one_costs_one_list(
+    start_server: StartServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = Calls()
+    server = start_server(interceptors=[calls])
+    with Client(server.address) as client:
+        task = client.create("report_then_wait", {"seconds": 30})
+        for args in (["get"], ["pause"], ["resume"], ["send", "-p", "answer=42"]):
+            for given, lists in (
+                (task.task_id, 0),
+                (task.task_id[:8], 1),
+                (task.task_id.upper(), 0),
+            ):
+                before = calls.counts["List"]
+                assert (
+                    main(["--server", server.address, "--json", *args[:1], given, *args[1:]]) == 0
+                )
+                shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+                assert shown[-1]["taskId"] == task.task_id
+                assert calls.counts["List"] - before == lists, (args, given)
+        assert client.get(task.task_id).input_count == 3
+        client.cancel(task.task_id)
 
 
 @pytest.mark.parametrize("given", ["1", "abc", "xyz!", "0ddba11g", "0" * 37])
@@ -601,17 +701,35 @@ def test_the_server_comes_from_the_option_or_the_environment(
     assert capsys.readouterr().out.count(task.task_id) == 2
 
 
-def test_a_server_that_is_down_is_a_clear_message_and_exit_five(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["get", str(uuid.uuid4())],
+        ["get", "0ddba11"],  # the start of an id: the List that looks it up is refused
+        ["create", "echo"],
+        ["create", "echo", "--watch"],
+        ["list"],
+        ["watch", str(uuid.uuid4())],
+        ["watch", "--all"],
+        ["cancel", "--label", "a=b", "--yes"],
+    ],
+)
+def test_a_server_that_refuses_the_connection_is_reported_at_once_with_exit_five(
+    capsys: pytest.CaptureFixture[str], args: list[str]
 ) -> None:
-    address = closed_port_address()
-    for args in (["get", str(uuid.uuid4())], ["create", "echo"], ["watch", str(uuid.uuid4())]):
-        code = main(["--server", address, "--rpc-timeout", "0.5", *args])
-        captured = capsys.readouterr()
-        assert code == 5
-        assert f"cannot reach the conveyor server at {address}" in captured.err
-        assert "Traceback" not in captured.err
-        assert captured.out == ""
+    address = closed_port_address()  # nothing listens: the connection is refused
+    started = time.monotonic()
+    code = main(["--server", address, "--rpc-timeout", "30", *args])
+    took = time.monotonic() - started
+    captured = capsys.readouterr()
+    assert code == 5
+    assert captured.err == (
+        f"conveyor: cannot reach the conveyor server at {address}: connection refused; is it "
+        "running? Point --server or $CONVEYOR_SERVER at it.\n"
+    )
+    heading = "watching the running tasks, then every change; Ctrl-C to stop\n"
+    assert captured.out == (heading if "--all" in args else "")
+    assert took < 3.0  # at once (well under a second unloaded), not after the 30 s timeout
 
 
 # -- a newer server: a status and an event type this conveyor has never seen --------
@@ -726,7 +844,8 @@ def test_watch_all_skips_an_event_type_not_known_and_shows_a_status_not_known(
         live = against(server.address, *watch_all)
     assert as_json.code == plain.code == live.code == 6  # it ran out of time, as asked
     assert [(e["kind"], e["revision"], e["task"]["status"]) for e in as_json.json_lines()] == [
-        ("CHANGED", 7, "UNKNOWN(9)")
+        ("CURRENT", 5, "RUNNING"),  # listed first, as running
+        ("CHANGED", 7, "UNKNOWN(9)"),
     ]
     assert re.search(rf"CHANGED\s+{task_id}\s+sleep\s+UNKNOWN\(9\)", plain.out)
     assert re.search(rf"{task_id}\s+sleep\s+UNKNOWN\(9\)", live.out)  # the live table
@@ -742,7 +861,10 @@ def command_line() -> list[str]:
 
 
 def process_env(server: ServerThread) -> dict[str, str]:
-    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": str(ROOT)}
+    """The environment of a command run in a process: this checkout's sources come first (not
+    those the command was installed from, which may be another checkout's)."""
+    sources = os.pathsep.join(str(ROOT / part) for part in ("client", "service", ""))
+    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": sources}
 
 
 class Terminal:
@@ -837,20 +959,34 @@ def test_a_bulk_cancel_at_a_terminal_asks_first_with_the_count(
     assert "cancelled 2 tasks" in terminal.text
 
 
-def test_watch_all_in_a_terminal_keeps_a_live_table_until_ctrl_c(
-    server: ServerThread, client: Client
+def test_watch_all_in_a_terminal_starts_with_the_running_tasks_and_goes_on_until_ctrl_c(
+    start_server: StartServer,
 ) -> None:
-    label = f"run={uuid.uuid4().hex}"
-    terminal = Terminal([*command_line(), "watch", "--all", "--label", label], process_env(server))
-    terminal.read_until("Ctrl-C to stop")
-    first = client.create("echo", labels=dict([label.split("=")]))
-    second = client.create("fail", labels=dict([label.split("=")]))
-    screen = terminal.read_until(second.task_id)
-    screen = terminal.read_until("FAILED")
-    assert first.task_id in screen
-    assert "ID" in screen and "STATUS" in screen
-    terminal.process.send_signal(signal.SIGINT)
-    assert terminal.finish() == 130
+    calls = Calls()
+    server = start_server(interceptors=[calls])
+    labels = {"run": uuid.uuid4().hex}
+    with Client(server.address) as client:
+        ended = client.create("echo", labels=labels)
+        client.wait(ended.task_id)
+        running = client.create("report_then_wait", {"seconds": 30}, labels=labels)
+        for state in client.watch(running.task_id):
+            if state.status is TaskStatus.RUNNING:
+                break
+        calls.arrived["Watch"].clear()
+        args = [*command_line(), "watch", "--all", "--label", f"run={labels['run']}"]
+        terminal = Terminal(args, process_env(server))
+        screen = terminal.read_until(running.task_id)  # before any change: it was running
+        assert "RUNNING" in screen and ended.task_id not in screen
+        assert calls.arrived["Watch"].wait(30)  # after the List that found it
+        first = client.create("echo", labels=labels)
+        second = client.create("fail", labels=labels)
+        terminal.read_until(second.task_id)
+        screen = terminal.read_until("FAILED")
+        assert first.task_id in screen and running.task_id in screen
+        assert "ID" in screen and "STATUS" in screen
+        terminal.process.send_signal(signal.SIGINT)
+        assert terminal.finish() == 130
+        client.cancel(running.task_id)
     assert "interrupted" in terminal.text
     assert "Traceback" not in terminal.text
 
@@ -879,12 +1015,55 @@ def test_watch_all_for_a_script_prints_each_change_as_json_until_ctrl_c(
             break
     process.send_signal(signal.SIGINT)
     assert process.wait(30) == 130
-    assert [event["kind"] for event in events] == ["CHANGED"] * len(events)
-    assert {event["task"]["task_id"] for event in events} == {task.task_id}
+    assert [event["kind"] for event in events] == ["CHANGED"] * len(events)  # none was running
+    assert {event["task"]["taskId"] for event in events} == {task.task_id}
     assert events[0]["task"]["status"] == TaskStatus.CREATED.name
     assert "Traceback" not in process.stderr.read()
     process.stdout.close()
     process.stderr.close()
+
+
+def test_ctrl_c_during_create_watch_says_the_task_goes_on_and_how_to_follow_it(
+    server: ServerThread,
+) -> None:
+    args = ["create", "report_then_wait", "-p", "seconds=30", "--watch"]
+    process = subprocess.Popen(
+        [*command_line(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=process_env(server),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    created = process.stdout.readline()  # created task ID (report_then_wait)
+    task_id = created.split()[2]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 130
+    assert process.stderr.read() == (
+        f"conveyor: interrupted; task {task_id} goes on: follow it with "
+        f"`conveyor watch {task_id}`\n"
+    )
+    process.stdout.close()
+    process.stderr.close()
+    with Client(server.address) as client:
+        assert not client.get(task_id).status.terminal  # it goes on indeed
+        client.cancel(task_id)
+
+
+def test_ctrl_c_during_watch_in_a_terminal_says_the_task_goes_on(
+    server: ServerThread, client: Client
+) -> None:
+    task = client.create("report_then_wait", {"seconds": 30})
+    terminal = Terminal([*command_line(), "watch", task.task_id[:8]], process_env(server))
+    terminal.read_until(f"report_then_wait {task.task_id[:8]}")  # the bar is drawn
+    terminal.process.send_signal(signal.SIGINT)
+    assert terminal.finish() == 130
+    assert f"task {task.task_id} goes on: follow it with `conveyor watch {task.task_id}`" in (
+        terminal.text.replace("\r\n", "")
+    )
+    assert "Traceback" not in terminal.text
+    assert not client.get(task.task_id).status.terminal
+    client.cancel(task.task_id)
 
 
 @pytest.mark.parametrize("args", [["list"], ["--json", "list"]])

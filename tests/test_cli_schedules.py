@@ -41,7 +41,9 @@ def test_a_schedule_from_create_to_delete(
     )  # fmt: skip
     assert made.code == 0, made.err
     shown = json.loads(made.out)
-    schedule_id = shown["schedule_id"]
+    schedule_id = shown["scheduleId"]
+    assert {"taskType", "timeZone", "nextRunTimes", "runCount", "runningTaskIds"} <= set(shown)
+    assert not [key for key in shown if "_" in key]  # named as the proto's JSON names fields
     assert shown["when"] == "daily at 02:30:00 Europe/Berlin" and shown["overlap"] == "BUFFER_ONE"
     got = conveyor("schedule", "get", schedule_id[:8])
     assert "next run" in got.out and ("CET" in got.out or "CEST" in got.out)

@@ -1,5 +1,9 @@
 """How the command line shows tasks: a JSON object per line for scripts, and for people a
 detail block, a table, or (on a terminal) a live progress bar or a live table.
+
+The JSON objects name their fields as the proto's JSON mapping does (lowerCamelCase, the
+`json_name` that protobuf.json_format prints: taskId, createdAt), whatever the command;
+every field is there, null when unset; statuses go by name (COMPLETED), times in RFC 3339.
 """
 
 from __future__ import annotations
@@ -8,10 +12,12 @@ import dataclasses
 import enum
 import heapq
 import json
+import os
+import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.live import Live
@@ -39,20 +45,33 @@ STATUS_STYLES = {
     TaskStatus.PAUSED: "blue",
     TaskStatus.WAITING_INPUT: "bold cyan",
 }
-PIPE_WIDTH = 240  # off a terminal, rich would wrap tables at 80 columns
+PIPE_WIDTH = 240  # off a terminal (unless $COLUMNS says), rich would wrap tables at 80 columns
 WIDE_SCREEN = 120  # enough for every column of a table of tasks
+WHOLE_IDS = 100  # narrower, a table shows the first 8 characters of an id, as the bar does
+SHORT_ID = 8  # what the commands take as an id as long as no other task's starts alike
+_AFTER_UNDERSCORE = re.compile(r"_([a-z0-9])")
+
+
+def json_name(name: str) -> str:
+    """A field's name as the proto's JSON mapping spells it: task_id -> taskId."""
+    return _AFTER_UNDERSCORE.sub(lambda match: match.group(1).upper(), name)
+
+
+def json_names(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with its own keys (not those of the values inside) spelled by `json_name`."""
+    return {json_name(key): value for key, value in data.items()}
 
 
 def task_json(task: Task) -> dict[str, Any]:
-    """The task as a JSON object: statuses by name (UNKNOWN(9) for one not known), times in
-    ISO 8601."""
+    """The task as a JSON object, named as the proto's JSON: statuses by name (UNKNOWN(9)
+    for one not known), times in ISO 8601."""
     data = {
         field.name: _json_value(getattr(task, field.name))
         for field in dataclasses.fields(task)
         if field.name != "proto"
     }
     data["status"] = task.status_label
-    return data
+    return json_names(data)
 
 
 def event_json(event: TaskEvent) -> dict[str, Any]:
@@ -107,21 +126,54 @@ def ending(task: Task) -> Text:
 
 @dataclasses.dataclass(frozen=True)
 class _Column:
+    """A column of the table of tasks. The table lays out every column at the width of its
+    header and cells, but TYPE and MESSAGE, which share what is left (MESSAGE first gives
+    way), cut with an ellipsis: one line a task, at any width."""
+
     header: str
     cell: Callable[[Task], str | Text]
-    width: int | None = None  # never narrower: an id cut short is no use
     optional: bool = False  # shown only on a wide screen
+    justify: Literal["left", "right"] = "left"
+
+
+def _id_cell(task: Task) -> str:
+    return task.task_id
+
+
+def _short_id_cell(task: Task) -> str:
+    return task.task_id[:SHORT_ID]
 
 
 _COLUMNS = [
-    _Column("ID", lambda task: task.task_id, width=36),
+    _Column("ID", _id_cell),
     _Column("TYPE", lambda task: task.task_type),
-    _Column("STATUS", status_text, width=9),
-    _Column("PROGRESS", _percent),
-    _Column("PRIORITY", lambda task: str(task.priority), optional=True),
+    _Column("STATUS", status_text),
+    _Column("PROGRESS", _percent, justify="right"),
+    _Column("PRIORITY", lambda task: str(task.priority), optional=True, justify="right"),
     _Column("CREATED", lambda task: _time(task.created_at), optional=True),
     _Column("MESSAGE", lambda task: task.message),
 ]
+_SHARED = ("TYPE", "MESSAGE")  # the columns that give way, in this order of priority
+_GAP = 2  # between two columns
+
+
+def _fitted(width: int, columns: list[_Column], rows: list[list[str | Text]]) -> list[int]:
+    """The width of each column: as wide as its header and cells, but that TYPE and MESSAGE
+    share the room left when it is short: TYPE keeps half of it, or all that MESSAGE
+    leaves, and MESSAGE takes the rest."""
+    widths = [len(column.header) for column in columns]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    at = {column.header: index for index, column in enumerate(columns)}
+    fixed = sum(
+        w for column, w in zip(columns, widths, strict=True) if column.header not in _SHARED
+    )
+    room = width - fixed - _GAP * (len(columns) - 1)
+    kind, message = widths[at["TYPE"]], widths[at["MESSAGE"]]
+    if kind + message > room:
+        kind = min(kind, max(room - message, room // 2, 4))
+        widths[at["TYPE"]], widths[at["MESSAGE"]] = kind, max(room - kind, 1)
+    return widths
 
 
 class _ElapsedColumn(ProgressColumn):
@@ -145,11 +197,13 @@ class Output:
     def __init__(self, *, json_lines: bool) -> None:
         self.json_lines = json_lines
         self.console = _Console(highlight=False, markup=False)
-        if not self.console.is_terminal:
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
             self.console.width = PIPE_WIDTH
 
-    def _json(self, data: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(data) + "\n")
+    def _json(self, data: Mapping[str, Any]) -> None:
+        """One JSON object on a line of its own; its keys named as the proto's JSON names
+        them (dry_run is printed dryRun), so that every command's output is alike."""
+        sys.stdout.write(json.dumps(json_names(data)) + "\n")
         sys.stdout.flush()
 
     def task(self, task: Task) -> None:
@@ -238,15 +292,25 @@ class Output:
         self.console.print(self._table(tasks))
 
     def _table(self, tasks: Iterable[Task]) -> Table:
-        """An aligned table; the columns that are nice to have only when the screen is wide."""
-        columns = [c for c in _COLUMNS if not c.optional or self.console.width >= WIDE_SCREEN]
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in columns:
+        """An aligned table that fits the screen, one line a task: the columns that are nice
+        to have only when it is wide, and ids in full only when there is room for them."""
+        width = self.console.width
+        columns = [c for c in _COLUMNS if not c.optional or width >= WIDE_SCREEN]
+        if width < WHOLE_IDS:
+            columns[0] = dataclasses.replace(columns[0], cell=_short_id_cell)
+        rows = [[column.cell(task) for column in columns] for task in tasks]
+        widths = _fitted(width, columns, rows)
+        table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, _GAP // 2))
+        for column, column_width in zip(columns, widths, strict=True):
             table.add_column(
-                column.header, no_wrap=column.header != "MESSAGE", min_width=column.width
+                column.header,
+                width=column_width,
+                no_wrap=True,
+                overflow="ellipsis",
+                justify=column.justify,
             )
-        for task in tasks:
-            table.add_row(*(column.cell(task) for column in columns))
+        for row in rows:
+            table.add_row(*row)
         return table
 
     def follow(self, states: Iterable[Task]) -> Task | None:

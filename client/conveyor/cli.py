@@ -1,7 +1,8 @@
 """The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell.
 
 For people it draws tables and live views; with `--json`, every command prints one JSON
-object per line for scripts, and the exit code says how a followed task ended.
+object per line for scripts, its fields named as in the proto's JSON mapping (taskId), and
+the exit code says how a followed task ended.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from itertools import islice
 from typing import Any
@@ -79,6 +81,10 @@ class UsageError(Exception):
     """Input the command cannot use, found after the arguments were parsed."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C while following a task, which goes on: the message says how to follow it again."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns its exit code."""
     parser = build_parser()
@@ -91,13 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     output = Output(json_lines=args.json)
     try:
+        # A server that refuses the connection is reported at once, not after --rpc-timeout.
         with Client(
-            args.server, timeout=args.rpc_timeout, tls=_tls(args), token=args.token
+            args.server,
+            timeout=args.rpc_timeout,
+            tls=_tls(args),
+            token=args.token,
+            retry_refused=False,
         ) as client:
             code: int = args.run(client, args, output)
             return code
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
+    except Interrupted as stopped:
+        return _fail(str(stopped), EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:
@@ -139,6 +152,12 @@ def _warn(message: str) -> None:
 def _explain(error: ConveyorError, server: str) -> tuple[str, int]:
     """What to tell the person, and the exit code, for an error."""
     match error:
+        case Unavailable() if "connection refused" in error.message.lower():
+            return (
+                f"cannot reach the conveyor server at {server}: connection refused; is it "
+                "running? Point --server or $CONVEYOR_SERVER at it.",
+                EXIT_UNREACHABLE,
+            )
         case Unavailable():
             return (
                 f"cannot reach the conveyor server at {server} ({error.message}); is it "
@@ -183,6 +202,18 @@ def resolve_id(client: Client, given: str) -> str:
     return found[0]
 
 
+@contextmanager
+def _goes_on(task_id: str) -> Iterator[None]:
+    """Ctrl-C while following a task stops following it, not the task: say so, and how to
+    follow it again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; task {task_id} goes on: follow it with `conveyor watch {task_id}`"
+        ) from None
+
+
 def outcome_code(task: Task | None) -> int:
     """The exit code that says how a followed task ended: EXIT_ERROR when it did not end in
     a status known here (the watch ended first, or the task is in a newer server's status)."""
@@ -210,13 +241,15 @@ def _create(client: Client, args: argparse.Namespace, out: Output) -> int:
         queue_timeout_seconds=args.queue_timeout,
     )
     if args.watch:
-        out.note(f"created task {task.task_id} ({task.task_type})")
-        return outcome_code(out.follow(client.watch(task.task_id, timeout=args.wait_timeout)))
+        with _goes_on(task.task_id):
+            out.note(f"created task {task.task_id} ({task.task_type})")
+            return outcome_code(out.follow(client.watch(task.task_id, timeout=args.wait_timeout)))
     if not args.wait:
         out.task(task)
         return EXIT_COMPLETED
-    out.created(task)
-    ended = client.wait(task.task_id, timeout=args.wait_timeout)
+    with _goes_on(task.task_id):
+        out.created(task)
+        ended = client.wait(task.task_id, timeout=args.wait_timeout)
     out.task(ended)
     return outcome_code(ended)
 
@@ -277,7 +310,15 @@ def _get(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _list(client: Client, args: argparse.Namespace, out: Output) -> int:
-    tasks = client.list(statuses=args.status, task_type=args.type, labels=dict(args.labels))
+    """Newest first unless --oldest-first; with --limit, the first N in that order, asking
+    the server for no more than that."""
+    tasks = client.list(
+        statuses=args.status,
+        task_type=args.type,
+        labels=dict(args.labels),
+        newest_first=not args.oldest_first,
+        page_size=min(args.limit, _requests.RELIST_PAGE_SIZE) if args.limit else None,
+    )
     out.tasks(islice(tasks, args.limit))
     return EXIT_COMPLETED
 
@@ -338,21 +379,26 @@ def _resume(client: Client, args: argparse.Namespace, out: Output) -> int:
 def _watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.all:
         task_id = resolve_id(client, args.task_id)
-        return outcome_code(out.follow(client.watch(task_id, timeout=args.timeout)))
-    since = client.revision()
+        with _goes_on(task_id):
+            return outcome_code(out.follow(client.watch(task_id, timeout=args.timeout)))
     events = client.watch_all(
         statuses=args.status,
         task_type=args.type,
         labels=dict(args.labels),
-        since_revision=since,
+        start_with=[TaskStatus.RUNNING],  # then every change after the List that found them
         timeout=args.timeout,
     )
-    out.follow_all(events, f"watching tasks from revision {since}; Ctrl-C to stop")
+    first = (
+        "the running tasks, then " if not args.status or TaskStatus.RUNNING in args.status else ""
+    )
+    out.follow_all(events, f"watching {first}every change; Ctrl-C to stop")
     return EXIT_COMPLETED
 
 
 def _wait(client: Client, args: argparse.Namespace, out: Output) -> int:
-    ended = client.wait(resolve_id(client, args.task_id), timeout=args.timeout)
+    task_id = resolve_id(client, args.task_id)
+    with _goes_on(task_id):
+        ended = client.wait(task_id, timeout=args.timeout)
     out.task(ended)
     return outcome_code(ended)
 
@@ -445,7 +491,8 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         "--json",
         action="store_true",
         default=default(False),
-        help="print one JSON object per line (a task, or each state or event followed)",
+        help="print one JSON object per line (a task, or each state or event followed), "
+        "its fields named as in the proto's JSON mapping (taskId, createdAt)",
     )
     parser.add_argument(
         "--tls",
@@ -593,9 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
     get = command("get", _get, "show a task")
     get.add_argument("task_id", metavar="ID", help=ID_HELP)
 
-    listing = command("list", _list, "list tasks, oldest first")
+    listing = command("list", _list, "list tasks, newest first")
     _filters(listing)
-    listing.add_argument("--limit", type=_count, metavar="N", help="at most N tasks")
+    listing.add_argument(
+        "--limit",
+        type=_count,
+        metavar="N",
+        help="the newest N tasks (the oldest, with --oldest-first)",
+    )
+    listing.add_argument("--oldest-first", action="store_true", help="list the oldest tasks first")
 
     cancel = command(
         "cancel", _cancel, "cancel a task, or every unfinished task with a label or of a type"
@@ -665,10 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-id", metavar="ID", help="makes a repeated send keep the input once"
     )
 
-    watch = command("watch", _watch, "show a task's progress until it ends, or every change")
+    watch = command(
+        "watch",
+        _watch,
+        "show a task's progress until it ends, or (--all) the running tasks and every change",
+    )
     watch.add_argument("task_id", metavar="ID", nargs="?", help=f"the task to follow: {ID_HELP}")
     watch.add_argument(
-        "--all", action="store_true", help="follow every change to the tasks that match"
+        "--all",
+        action="store_true",
+        help="show the running tasks that match, then follow every change to those that match",
     )
     _filters(watch)
     _seconds(watch, "--timeout", "give up after S seconds")
