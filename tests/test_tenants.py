@@ -164,9 +164,11 @@ def task_get(w: World) -> None:
 
 
 def task_list(w: World) -> None:
-    assert _ids(w.b.call(w.b.tasks.List, tpb.ListRequest(page_size=100))) == set()
-    mine = _ids(w.a.call(w.a.tasks.List, tpb.ListRequest(page_size=100)))
-    assert {w.task_id, w.queued_id, w.running_id} <= mine
+    for newest_first in (False, True):
+        request = tpb.ListRequest(page_size=100, newest_first=newest_first)
+        assert _ids(w.b.call(w.b.tasks.List, request)) == set()
+        mine = _ids(w.a.call(w.a.tasks.List, request))
+        assert {w.task_id, w.queued_id, w.running_id} <= mine
 
 
 def task_watch(w: World) -> None:
