@@ -202,3 +202,10 @@ def cancel_matching_request(
 
 def list_request(task_filter: task_pb2.TaskFilter, page_size: int | None) -> pb.ListRequest:
     return pb.ListRequest(filter=task_filter, page_size=page_size or 0)
+
+
+def rerun_request(task_id: str, request_id: str | None) -> pb.RerunRequest:
+    """The RerunRequest; a request_id is made up when none is given, so that a retry is safe."""
+    return pb.RerunRequest(
+        task_id=task_id, request_id=str(uuid.uuid4()) if request_id is None else request_id
+    )
