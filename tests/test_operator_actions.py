@@ -9,9 +9,10 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ from conveyor import (
     NotFound,
     ResourceExhausted,
     Task,
+    TaskEvent,
     TaskStatus,
 )
 from conveyor.v1 import task_pb2
@@ -172,7 +174,7 @@ def test_watchers_see_a_delete_as_a_removal(server: ServerThread, client: Client
     many = client.watch_all(labels={"team": "ops"}, since_revision=since)
     client.delete(task.task_id)
     event = next(many)
-    many.close()
+    cast(Generator[TaskEvent], many).close()  # a generator: closing it ends the stream
     assert (event.kind, event.task) == (EventKind.REMOVED, task)
     with grpc.insecure_channel(server.address) as channel:
         stub = TaskServiceStub(channel)
