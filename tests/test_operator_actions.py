@@ -24,6 +24,7 @@ from conveyor import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Task,
     TaskEvent,
@@ -35,6 +36,7 @@ from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.tenants import TenantLimits
 from tests.conftest import ServerThread
 from tests.handlers import gate
+from tests.test_auth import TOKENS, write_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = "00000000-0000-4000-8000-000000000000"
@@ -306,3 +308,22 @@ def test_types_include_those_of_kept_tasks_the_server_no_longer_takes(
         with pytest.raises(FailedPrecondition, match="retired") as refused:
             client.rerun(task.task_id)
         assert refused.value.reason == "TASK_TYPE_UNKNOWN"
+
+
+def test_a_rerun_needs_the_permission_to_submit_its_type(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    write_tokens(tmp_path / "tokens.json", TOKENS)
+    server = start_server(token_file=tmp_path / "tokens.json")
+    with (
+        Client(server.address, timeout=10, token="admin-token") as admin,
+        Client(server.address, timeout=10, token="echo-token") as echoer,
+    ):
+        echo = admin.wait(admin.create("echo").task_id)
+        sleep = admin.wait(admin.create("sleep", {"seconds": 0}).task_id)
+        assert echoer.rerun(echo.task_id).rerun_of == echo.task_id
+        with pytest.raises(PermissionDenied, match="sleep"):
+            echoer.rerun(sleep.task_id)
+        with pytest.raises(PermissionDenied, match="control"):
+            echoer.delete(echo.task_id)  # deleting takes the control permission
+        assert admin.delete(echo.task_id) == echo
