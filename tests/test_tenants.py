@@ -231,7 +231,8 @@ def _ended(w: World) -> str:
     """Tenant a's first task, once it has ended (its Watch ends with its terminal state)."""
     for _ in w.a.tasks.Watch(tpb.WatchRequest(task_id=w.task_id), metadata=w.a.metadata):
         pass
-    return w.task_id
+    ended: str = w.task_id
+    return ended
 
 
 def task_rerun(w: World) -> None:
