@@ -1,4 +1,5 @@
-"""The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell.
+"""The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell
+(and rerun, delete, count them, and list their types: `_ops_cli.py`).
 
 For people it draws tables and live views; with `--json`, every command prints one JSON
 object per line for scripts, and the exit code says how a followed task ended.
