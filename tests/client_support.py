@@ -215,6 +215,22 @@ class ScriptedServer(TaskServiceServicer):
     ) -> pb.SendInputResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    def Rerun(self, request: pb.RerunRequest, context: grpc.ServicerContext) -> pb.RerunResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def ListTaskTypes(
+        self, request: pb.ListTaskTypesRequest, context: grpc.ServicerContext
+    ) -> pb.ListTaskTypesResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    def CountTasks(
+        self, request: pb.CountTasksRequest, context: grpc.ServicerContext
+    ) -> pb.CountTasksResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(task=self.task)
 

@@ -3,6 +3,7 @@ anything else is no known failure (the RPC fails with UNKNOWN, logged)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from conveyord.handlers import HandlerLoadError
 from conveyord.hub import HubClosed, WatcherTooSlow
 from conveyord.lifecycle import InputLimits, InputsFull, StaleLease
 from conveyord.model import Task, TaskStatus
+from conveyord.operations import TaskNotEnded, TaskTypeUnknown
 from conveyord.rpc import MalformedRequest, RequestTooLarge, status_of
 from conveyord.scheduler import QueueFull, TaskAlreadyEnded
 from conveyord.store.base import (
@@ -62,6 +64,11 @@ EXAMPLES: list[tuple[ConveyorError, dict[str, str] | None]] = [
     (Unauthenticated("no token"), {}),
     (PermissionDenied("may not", Permission.CONTROL), {"permission": "control"}),
     (TenantLimitReached("at most 5 a second", "rate", 0.2), {"limit": "rate"}),
+    (
+        TaskNotEnded(dataclasses.replace(ENDED, status=TaskStatus.RUNNING), "deleted"),
+        {"task_id": ENDED.task_id, "status": "RUNNING"},
+    ),
+    (TaskTypeUnknown(ENDED), {"task_id": ENDED.task_id, "task_type": "echo"}),
 ]
 
 

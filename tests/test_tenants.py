@@ -229,6 +229,53 @@ def task_send_input(w: World) -> None:
     assert w.a.call(w.a.tasks.SendInput, make(w.queued_id)).sequence == 1
 
 
+def _ended(w: World) -> str:
+    """Tenant a's first task, once it has ended (its Watch ends with its terminal state)."""
+    for _ in w.a.tasks.Watch(tpb.WatchRequest(task_id=w.task_id), metadata=w.a.metadata):
+        pass
+    ended: str = w.task_id
+    return ended
+
+
+def task_rerun(w: World) -> None:
+    ended = _ended(w)
+    _same_refusal(w, w.b.tasks.Rerun, lambda i: tpb.RerunRequest(task_id=i), ended)
+    rerun = w.a.call(w.a.tasks.Rerun, tpb.RerunRequest(task_id=ended)).task
+    assert rerun.rerun_of == ended
+    assert _ids(w.b.call(w.b.tasks.List, tpb.ListRequest())) == set()  # it is a's too
+
+
+def task_delete(w: World) -> None:
+    ended = _ended(w)
+    _same_refusal(w, w.b.tasks.Delete, lambda i: tpb.DeleteRequest(task_id=i), ended)
+    assert w.a.call(w.a.tasks.Delete, tpb.DeleteRequest(task_id=ended)).task.task_id == ended
+    assert w.a.error(w.a.tasks.Get, tpb.GetRequest(task_id=ended)).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+def task_list_task_types(w: World) -> None:
+    def workers(tenant: Tenant) -> dict[str, list[str]]:
+        answer = tenant.call(tenant.tasks.ListTaskTypes, tpb.ListTaskTypesRequest())
+        return {t.task_type: [worker.worker_id for worker in t.workers] for t in answer.task_types}
+
+    b_types, a_types = workers(w.b), workers(w.a)
+    assert (b_types[REMOTE], a_types[REMOTE]) == ([], ["w-a"])  # a's worker is a's alone
+    assert b_types["echo"] == a_types["echo"] == ["conveyord/local"]  # the server's, for all
+
+
+def task_count_tasks(w: World) -> None:
+    def counts(tenant: Tenant) -> dict[str, int]:
+        answer = tenant.call(tenant.tasks.CountTasks, tpb.CountTasksRequest())
+        found: dict[str, int] = {}
+        for entry in answer.counts:
+            found[entry.task_type] = found.get(entry.task_type, 0) + entry.count
+        return found
+
+    assert counts(w.b) == {}
+    assert counts(w.a) == {"echo": 1, REMOTE: 2}
+
+
 def worker_connect(w: World) -> None:
     # a's worker id, and it says it holds a's running attempt, with its lease.
     hello = wpb.ConnectRequest(worker_id="w-a", task_types=[REMOTE], slots=5, held=[w.lease])
@@ -346,6 +393,10 @@ CASES: dict[tuple[str, str], Callable[[World], None]] = {
     ("conveyor.v1.TaskService", "Pause"): task_pause,
     ("conveyor.v1.TaskService", "Resume"): task_resume,
     ("conveyor.v1.TaskService", "SendInput"): task_send_input,
+    ("conveyor.v1.TaskService", "Rerun"): task_rerun,
+    ("conveyor.v1.TaskService", "Delete"): task_delete,
+    ("conveyor.v1.TaskService", "ListTaskTypes"): task_list_task_types,
+    ("conveyor.v1.TaskService", "CountTasks"): task_count_tasks,
     ("conveyor.v1.WorkerService", "Connect"): worker_connect,
     ("conveyor.v1.WorkerService", "Report"): worker_report,
     ("conveyor.v1.WorkerService", "Renew"): worker_renew,

@@ -1,7 +1,8 @@
 """conveyor: the client of the conveyor task service; the generated contract is `conveyor.v1`.
 
 `Client` (blocking) and `AsyncClient` (asyncio) have the same methods: create, get, list,
-cancel, watch, watch_all, wait, poll, result and revision. They return plain Python
+cancel, watch, watch_all, wait, poll, result and revision, and the operator's rerun, delete,
+list_task_types and count_tasks. They return plain Python
 (`Task`, `TaskEvent`) and raise subclasses of `ConveyorError`. `handler` and `TaskContext`
 write task handlers, which run in conveyord or in a worker process (`conveyor.worker`).
 """
@@ -28,7 +29,17 @@ from conveyor.errors import (
 )
 from conveyor.handlers import TaskContext, handler
 from conveyor.schedules import Overlap, Schedule, ScheduleEvent, ScheduleEventKind, ScheduleRun
-from conveyor.tasks import EventKind, InputSent, Task, TaskError, TaskEvent, TaskStatus
+from conveyor.tasks import (
+    EventKind,
+    InputSent,
+    Task,
+    TaskCounts,
+    TaskError,
+    TaskEvent,
+    TaskStatus,
+    TaskType,
+    TaskWorker,
+)
 from conveyor.tls import Tls
 
 __all__ = [
@@ -55,10 +66,13 @@ __all__ = [
     "Task",
     "TaskCancelled",
     "TaskContext",
+    "TaskCounts",
     "TaskError",
     "TaskEvent",
     "TaskFailed",
     "TaskStatus",
+    "TaskType",
+    "TaskWorker",
     "Tls",
     "Unauthenticated",
     "Unavailable",

@@ -16,7 +16,7 @@ from conveyor._polling import Polling
 from conveyor._reloading import AsyncReloadingChannel
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
-from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
+from conveyor.tasks import InputSent, Task, TaskCounts, TaskEvent, TaskStatus, TaskType
 from conveyor.tls import Tls, chosen
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
@@ -274,6 +274,55 @@ class AsyncClient(ClientBase):
         )
         response = await self._call(self._stub.CancelMatching, request, timeout, retry=dry_run)
         return response.count
+
+    async def rerun(
+        self, task_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> Task:
+        """Create a new task (CREATED) from the request of a task that ended, with
+        `rerun_of` naming it; FailedPrecondition if it has not ended.
+
+        The new task has the ended one's type, parameters, priority, timeouts, attempts and
+        labels, and starts at once. A `request_id` is made up when none is given, so the
+        call is retried on UNAVAILABLE and a retry never makes a second task
+        (`request_id=""`: no retry). `timeout` bounds the whole call, retries included.
+        """
+        request = _requests.rerun_request(task_id, request_id)
+        response = await self._call(
+            self._stub.Rerun, request, timeout, retry=bool(request.request_id)
+        )
+        return Task._from_proto(response.task)
+
+    async def delete(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """Delete a task that ended: it is gone from get, list and watches (NotFound from
+        then on), watchers get a REMOVED event, and its request_id is free again. Returns
+        its last state; FailedPrecondition if it has not ended. Not retried. `timeout`
+        bounds the call."""
+        request = pb.DeleteRequest(task_id=task_id)
+        response = await self._call(self._stub.Delete, request, timeout, retry=False)
+        return Task._from_proto(response.task)
+
+    async def list_task_types(self, *, timeout: float | None = None) -> tuple[TaskType, ...]:
+        """The task types the server knows, by name, each with the workers that serve it
+        now: the server's own handlers, and this tenant's connected workers. `timeout`
+        bounds the whole call, retries included."""
+        request = pb.ListTaskTypesRequest()
+        response = await self._call(self._stub.ListTaskTypes, request, timeout, retry=True)
+        return tuple(TaskType._from_proto(task_type) for task_type in response.task_types)
+
+    async def count_tasks(
+        self,
+        *,
+        statuses: Iterable[TaskStatus] | None = None,
+        task_type: str | None = None,
+        timeout: float | None = None,
+    ) -> TaskCounts:
+        """How many tasks there are by type and status (of `statuses` and `task_type` only,
+        if given), counted by the server without listing them. `timeout` bounds the whole
+        call, retries included."""
+        task_filter = _requests.task_filter(statuses, task_type, None)
+        request = pb.CountTasksRequest(filter=task_filter)
+        response = await self._call(self._stub.CountTasks, request, timeout, retry=True)
+        return TaskCounts._from_proto(response)
 
     async def revision(self, *, timeout: float | None = None) -> int:
         """The server's latest revision: a `watch_all` from it sees every change made after.

@@ -221,3 +221,10 @@ def start_statuses(
     if statuses is not None:
         wanted &= set(statuses)
     return sorted(wanted) or None
+
+
+def rerun_request(task_id: str, request_id: str | None) -> pb.RerunRequest:
+    """The RerunRequest; a request_id is made up when none is given, so that a retry is safe."""
+    return pb.RerunRequest(
+        task_id=task_id, request_id=str(uuid.uuid4()) if request_id is None else request_id
+    )

@@ -1,4 +1,5 @@
-"""The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell.
+"""The `conveyor` command: create, get, list, cancel, watch and wait for tasks from a shell
+(and rerun, delete, count them, and list their types: `_ops_cli.py`).
 
 For people it draws tables and live views; with `--json`, every command prints one JSON
 object per line for scripts, its fields named as in the proto's JSON mapping (taskId), and
@@ -19,7 +20,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from conveyor import _requests, _schedule_cli
+from conveyor import _ops_cli, _requests, _schedule_cli
 from conveyor._sync_client import Client
 from conveyor._views import Output
 from conveyor.errors import (
@@ -731,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _filters(watch)
     _seconds(watch, "--timeout", "give up after S seconds")
+
+    _ops_cli.add_commands(command, resolve_id, _status, ID_HELP)
 
     wait = command("wait", _wait, "wait for a task to end, and show it")
     wait.add_argument("task_id", metavar="ID", help=ID_HELP)

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from conveyor.protojson import struct_to_dict, timestamp_to_datetime, to_python
-from conveyor.v1 import task_pb2
+from conveyor.v1 import task_pb2, task_service_pb2
 
 
 class TaskStatus(enum.IntEnum):
@@ -101,6 +101,7 @@ class Task:
     input_label: str
     input_deadline: datetime | None  # while WAITING_INPUT: no input by then, it fails
     input_count: int  # inputs sent to it
+    rerun_of: str  # made by `rerun`: the id of the ended task it repeats ("" otherwise)
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
 
     @property
@@ -149,6 +150,7 @@ class Task:
             input_label=message.input_label,
             input_deadline=_time(message, "input_deadline"),
             input_count=message.input_count,
+            rerun_of=message.rerun_of,
             proto=message,
         )
 
@@ -202,3 +204,62 @@ class TaskEvent:
     kind: EventKind
     task: Task
     revision: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskWorker:
+    """A worker that serves a task type: the server's own handlers (`local`, id
+    "conveyord/local") or a connected remote worker; its `slots` are shared by all its types."""
+
+    worker_id: str
+    local: bool
+    slots: int
+    free_slots: int
+    pausable: bool  # its handler of the type can park at a pause point
+    draining: bool  # it takes no new attempt
+
+    @classmethod
+    def _from_proto(cls, message: task_service_pb2.TaskWorker) -> TaskWorker:
+        return cls(
+            message.worker_id, message.local, message.slots, message.free_slots,
+            message.pausable, message.draining,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskType:
+    """A task type the server knows, whether Create takes it, and the workers serving it now
+    (none: its tasks wait for one)."""
+
+    task_type: str
+    accepted: bool
+    workers: tuple[TaskWorker, ...]
+
+    @classmethod
+    def _from_proto(cls, message: task_service_pb2.TaskType) -> TaskType:
+        workers = tuple(TaskWorker._from_proto(worker) for worker in message.workers)
+        return cls(message.task_type, message.accepted, workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskCounts:
+    """How many tasks there are, by task type and status (`by_type[type][status]`; a pair
+    with none is left out), their `total`, and the `revision` they are of (a `watch_all`
+    from it sees every change since). A status this client does not know counts as UNKNOWN."""
+
+    by_type: dict[str, dict[TaskStatus, int]]
+    total: int
+    revision: int
+
+    def of_status(self, status: TaskStatus) -> int:
+        """How many tasks, of any type, are in `status`."""
+        return sum(counts.get(status, 0) for counts in self.by_type.values())
+
+    @classmethod
+    def _from_proto(cls, message: task_service_pb2.CountTasksResponse) -> TaskCounts:
+        by_type: dict[str, dict[TaskStatus, int]] = {}
+        for entry in message.counts:
+            counts = by_type.setdefault(entry.task_type, {})
+            status = TaskStatus._from_wire(entry.status)
+            counts[status] = counts.get(status, 0) + entry.count
+        return cls(by_type, message.total, message.revision)

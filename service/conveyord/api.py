@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import message
 
 from conveyor.v1 import task_service_pb2 as pb
-from conveyord import validation
+from conveyord import operations, validation
 from conveyord.auth import Permission, current_tenant, require_types
 from conveyord.convert import (
     change_message,
@@ -36,6 +36,7 @@ from conveyord.rpc import stream_method, unary_method
 from conveyord.scheduler import Scheduler
 from conveyord.store.base import TaskNotFound
 from conveyord.validation import WatchQuery
+from conveyord.worker.remote import WorkerSessions
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,13 @@ Request = TypeVar("Request", bound=message.Message)
 class TaskServiceApi:
     """The RPCs of conveyor.v1.TaskService."""
 
-    def __init__(self, scheduler: Scheduler, hub: EventHub) -> None:
+    def __init__(
+        self, scheduler: Scheduler, hub: EventHub, sessions: WorkerSessions | None = None
+    ) -> None:
         self.scheduler = scheduler
         self.store = scheduler.store
         self.hub = hub
+        self.sessions = sessions  # the remote workers, for ListTaskTypes
 
     async def create(self, request: pb.CreateRequest) -> bytes:
         """A CreateResponse."""
@@ -126,6 +130,50 @@ class TaskServiceApi:
         task_filter, reason, dry_run = validation.cancel_matching_request(request)
         count = await self.scheduler.cancel_matching(_scoped(task_filter), reason, dry_run)
         return pb.CancelMatchingResponse(count=count).SerializeToString()
+
+    # -- operator actions (operations.py) ------------------------------------------
+
+    async def rerun(self, request: pb.RerunRequest) -> bytes:
+        """A RerunResponse: a new task from an ended one's request, admitted as a Create."""
+        task_id, request_id = validation.rerun_request(request)
+        ended = await self._own(task_id)
+        require_types(Permission.SUBMIT, (ended.task_type,))
+        operations.require_ended(ended, "rerun")
+        if ended.task_type not in self.scheduler.task_types:
+            raise operations.TaskTypeUnknown(ended)
+        self.scheduler.tenants.take(ended.tenant, 1)
+        new = operations.rerun(ended, new_task_id(), self.scheduler.clock(), request_id)
+        ((task, _),) = await self.scheduler.create([new])
+        return task_message(task)
+
+    async def delete(self, request: pb.DeleteRequest) -> bytes:
+        """A DeleteResponse: the task's last state and the revision of its removal."""
+        task_id = validation.task_id(request.task_id)
+        await self._own(task_id)
+        removal = await self.store.remove(
+            task_id, lambda task: operations.require_ended(task, "deleted")
+        )
+        revision = pb.DeleteResponse(revision=removal.revision).SerializeToString()
+        return task_message(removal.task) + revision
+
+    async def list_task_types(self, request: pb.ListTaskTypesRequest) -> bytes:
+        """A ListTaskTypesResponse: the caller's known types, and who serves each."""
+        tenant = current_tenant()
+        kept, _ = await self.store.counts(TaskFilter(tenant=tenant))
+        config = self.scheduler.config
+        known = {*self.scheduler.registry.task_types, *config.worker_types}
+        known.update(task_type for task_type, _ in kept)
+        workers = [operations.local_worker(self.scheduler.worker)]
+        if self.sessions is not None:
+            workers += map(operations.remote_worker, self.sessions.connected(tenant))
+        answer = operations.task_types_message(known, self.scheduler.task_types, workers)
+        return answer.SerializeToString()
+
+    async def count_tasks(self, request: pb.CountTasksRequest) -> bytes:
+        """A CountTasksResponse: the caller's tasks counted by type and status."""
+        task_filter = validation.count_tasks_request(request)
+        counts, revision = await self.store.counts(_scoped(task_filter))
+        return operations.counts_message(counts, revision).SerializeToString()
 
     async def _owned(self, task_id: str) -> Task | None:
         """The task, if it exists for the caller: another tenant's task does not."""
@@ -238,4 +286,12 @@ def method_handlers(api: TaskServiceApi) -> dict[str, grpc.RpcMethodHandler[Any,
             api.cancel_matching, pb.CancelMatchingRequest, RECEIVE_LIMITS["CancelMatching"]
         ),
         "Watch": stream_method(api.watch, pb.WatchRequest, RECEIVE_LIMITS["Watch"]),
+        "Rerun": unary_method(api.rerun, pb.RerunRequest, RECEIVE_LIMITS["Rerun"]),
+        "Delete": unary_method(api.delete, pb.DeleteRequest, RECEIVE_LIMITS["Delete"]),
+        "ListTaskTypes": unary_method(
+            api.list_task_types, pb.ListTaskTypesRequest, RECEIVE_LIMITS["ListTaskTypes"]
+        ),
+        "CountTasks": unary_method(
+            api.count_tasks, pb.CountTasksRequest, RECEIVE_LIMITS["CountTasks"]
+        ),
     }

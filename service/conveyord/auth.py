@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 
 
 class Permission(enum.Enum):
-    READ = "read"  # Get, List, Watch, and schedules' Get, List, Watch
-    SUBMIT = "submit"  # Create, BatchCreate, SendInput
-    CONTROL = "control"  # Cancel, CancelMatching, Pause, Resume
+    READ = "read"  # Get, List, Watch, ListTaskTypes, CountTasks, and schedules' Get, List, Watch
+    SUBMIT = "submit"  # Create, BatchCreate, SendInput, Rerun
+    CONTROL = "control"  # Cancel, CancelMatching, Pause, Resume, Delete
     WORKER = "worker"  # take and report tasks (WorkerService)
     SCHEDULES = "schedules"  # make, change, fire and delete schedules
     ADMIN = "admin"  # everything
@@ -65,6 +65,10 @@ REQUIRED: Mapping[str, Mapping[str, Permission]] = {
         "CancelMatching": Permission.CONTROL,
         "Pause": Permission.CONTROL,
         "Resume": Permission.CONTROL,
+        "Rerun": Permission.SUBMIT,  # of the task's type, as Create
+        "Delete": Permission.CONTROL,
+        "ListTaskTypes": Permission.READ,
+        "CountTasks": Permission.READ,
     },
     "conveyor.v1.WorkerService": {
         name: Permission.WORKER

@@ -68,6 +68,8 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
     if task.last_attempt_error is not None:
         message.last_attempt_error.code = task.last_attempt_error.code
         message.last_attempt_error.message = task.last_attempt_error.message
+    if task.rerun_of:
+        message.rerun_of = task.rerun_of
     return message
 
 

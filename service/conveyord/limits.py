@@ -64,5 +64,9 @@ RECEIVE_LIMITS = {
     "SendInput": MAX_INPUT_BYTES + 16 * KIB,
     "List": 128 * KIB,
     "Watch": 128 * KIB,
+    "Rerun": 8 * KIB,
+    "Delete": 4 * KIB,
+    "ListTaskTypes": 4 * KIB,
+    "CountTasks": 128 * KIB,
 }
 MAX_RECEIVE_BYTES = max(RECEIVE_LIMITS.values())

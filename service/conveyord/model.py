@@ -163,6 +163,9 @@ class Task:
     lease_id: str = ""
     lease_holder: str = ""
     lease_expires_at: float | None = None
+    # What a Rerun repeats beyond the request's other fields, and the task it repeated.
+    queue_timeout: float | None = None  # as the request gave it (start_deadline is derived)
+    rerun_of: str = ""  # the id of the ended task this one reruns
     revision: int = 0
     # This state's TaskResponse, serialized, once something has needed it (see convert.py):
     # every reader of the same state (Get, List, watchers) shares one encoding.

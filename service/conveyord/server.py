@@ -152,7 +152,7 @@ class Server:
     async def start(self) -> int:
         """Start serving; returns the port (useful with a listen address ending in :0)."""
         server = self._grpc
-        api = TaskServiceApi(self.scheduler, self.hub)
+        api = TaskServiceApi(self.scheduler, self.hub, self.sessions)
         server.add_registered_method_handlers(SERVICE_NAME, method_handlers(api))
         workers = WorkerServiceApi(
             self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types, self.tenants

@@ -196,6 +196,7 @@ class NewTask:
             message="queued",
             next_attempt_at=runnable_at,
             start_deadline=deadline,
+            queue_timeout=self.queue_timeout,
         )
 
 
@@ -570,3 +571,31 @@ def send_input_request(request: task_service_pb2.SendInputRequest) -> InputQuery
         checker.fail("input", f"nests deeper than {MAX_JSON_DEPTH} levels")
     checker.done()
     return InputQuery(task, request.request_id, struct_to_dict(request.input), size)
+
+
+def rerun_request(request: task_service_pb2.RerunRequest) -> tuple[str, str]:
+    """The id of the task to rerun, and the request id of the rerun."""
+    checker = Checker()
+    task = task_id_in(checker, request.task_id, "task_id")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    checker.done()
+    return task, request.request_id
+
+
+def count_tasks_request(request: task_service_pb2.CountTasksRequest) -> TaskFilter:
+    """The filter of the tasks to count: by statuses and task type only."""
+    checker = Checker()
+    task_filter = _filter(checker, request.filter, "filter")
+    for field, value in (
+        ("labels", task_filter.labels),
+        ("task_id_prefix", request.filter.task_id_prefix),
+    ):
+        if value:
+            checker.fail(
+                f"filter.{field}",
+                "is not counted by: CountTasks counts by task type and status (List the "
+                "tasks to narrow them further)",
+            )
+    checker.done()
+    return task_filter

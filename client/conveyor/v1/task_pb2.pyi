@@ -297,6 +297,7 @@ class TaskResponse(_message.Message):
     INPUT_LABEL_FIELD_NUMBER: _builtins.int
     INPUT_DEADLINE_FIELD_NUMBER: _builtins.int
     INPUT_COUNT_FIELD_NUMBER: _builtins.int
+    RERUN_OF_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -331,6 +332,8 @@ class TaskResponse(_message.Message):
     """
     input_count: _builtins.int
     """How many inputs the task was sent (SendInput), all kept."""
+    rerun_of: _builtins.str
+    """For a task made by Rerun: the id of the ended task whose request it repeats."""
     @_builtins.property
     def progress_detail(self) -> _struct_pb2.Struct:
         """Structured progress, as last reported by the handler."""
@@ -441,10 +444,11 @@ class TaskResponse(_message.Message):
         input_label: _builtins.str = ...,
         input_deadline: _timestamp_pb2.Timestamp | None = ...,
         input_count: _builtins.int = ...,
+        rerun_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input_deadline", b"input_deadline", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "input_count", b"input_count", "input_deadline", b"input_deadline", "input_label", b"input_label", "input_prompt", b"input_prompt", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "input_count", b"input_count", "input_deadline", b"input_deadline", "input_label", b"input_label", "input_prompt", b"input_prompt", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "rerun_of", b"rerun_of", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,7 +39,9 @@ class _WatchEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchE
     its new state.
     """
     WATCH_EVENT_TYPE_REMOVED: _WatchEventType.ValueType  # 3
-    """A task was removed at the end of its retention period; `task` is its last state."""
+    """A task was removed: deleted (Delete), or at the end of its retention period; `task`
+    is its last state.
+    """
     WATCH_EVENT_TYPE_HEARTBEAT: _WatchEventType.ValueType  # 4
     """Nothing to report; `revision` is the latest revision of the store."""
 
@@ -57,7 +59,9 @@ WATCH_EVENT_TYPE_CHANGED: WatchEventType.ValueType  # 2
 its new state.
 """
 WATCH_EVENT_TYPE_REMOVED: WatchEventType.ValueType  # 3
-"""A task was removed at the end of its retention period; `task` is its last state."""
+"""A task was removed: deleted (Delete), or at the end of its retention period; `task`
+is its last state.
+"""
 WATCH_EVENT_TYPE_HEARTBEAT: WatchEventType.ValueType  # 4
 """Nothing to report; `revision` is the latest revision of the store."""
 Global___WatchEventType: _TypeAlias = WatchEventType  # noqa: Y015
@@ -636,3 +640,320 @@ class WatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class RerunRequest(_message.Message):
+    """The request of Rerun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The id of the task that ended, whose request the new task repeats."""
+    request_id: _builtins.str
+    """Makes the Rerun idempotent: a repeated Rerun of the same task with the same request_id
+    returns the task it first made. It shares the namespace of Create's request ids (per
+    tenant), so one used for a Create, or a Rerun of another task, is refused. At most 128
+    characters; empty means no idempotency.
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRequest: _TypeAlias = RerunRequest  # noqa: Y015
+
+@_typing.final
+class RerunResponse(_message.Message):
+    """The response of Rerun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskResponse:
+        """The new task (or the one first made with the same request_id), CREATED, with
+        `rerun_of` set.
+        """
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.TaskResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunResponse: _TypeAlias = RerunResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRequest(_message.Message):
+    """The request of Delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The id of the task that ended."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
+
+@_typing.final
+class DeleteResponse(_message.Message):
+    """The response of Delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The revision of the deletion: the REMOVED event that watchers get carries it."""
+    @_builtins.property
+    def task(self) -> _task_pb2.TaskResponse:
+        """The task's last state, as it was when it was deleted."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.TaskResponse | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
+
+@_typing.final
+class ListTaskTypesRequest(_message.Message):
+    """The request of ListTaskTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskTypesRequest: _TypeAlias = ListTaskTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskTypesResponse(_message.Message):
+    """The response of ListTaskTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskType]:
+        """The known task types, by name."""
+
+    def __init__(
+        self,
+        *,
+        task_types: _abc.Iterable[Global___TaskType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_types", b"task_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskTypesResponse: _TypeAlias = ListTaskTypesResponse  # noqa: Y015
+
+@_typing.final
+class TaskType(_message.Message):
+    """A task type and the workers that serve it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    task_type: _builtins.str
+    """Its name, such as "sleep"."""
+    accepted: _builtins.bool
+    """Whether Create takes tasks of this type (false for a type of kept tasks that the
+    server no longer knows).
+    """
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskWorker]:
+        """The workers connected now that run it: the server's own first, then remote ones by
+        worker_id. Empty when none does (its tasks wait for one).
+        """
+
+    def __init__(
+        self,
+        *,
+        task_type: _builtins.str = ...,
+        accepted: _builtins.bool = ...,
+        workers: _abc.Iterable[Global___TaskWorker] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "task_type", b"task_type", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskType: _TypeAlias = TaskType  # noqa: Y015
+
+@_typing.final
+class TaskWorker(_message.Message):
+    """A worker, as it serves one task type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    PAUSABLE_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker's id: "conveyord/local" for the server's own handlers, else the worker_id
+    its ConnectRequest gave.
+    """
+    local: _builtins.bool
+    """True for the server's own handlers (loaded with `--handlers`)."""
+    slots: _builtins.int
+    """Attempts the worker runs at once, shared by all its task types."""
+    free_slots: _builtins.int
+    """Of those, how many are free now (0 while it drains)."""
+    pausable: _builtins.bool
+    """Whether its handler of this type can park at a pause point (Pause of a RUNNING task)."""
+    draining: _builtins.bool
+    """True while it drains (WorkerService.Drain): it takes no new attempt."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        local: _builtins.bool = ...,
+        slots: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        pausable: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_slots", b"free_slots", "local", b"local", "pausable", b"pausable", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskWorker: _TypeAlias = TaskWorker  # noqa: Y015
+
+@_typing.final
+class CountTasksRequest(_message.Message):
+    """The request of CountTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> _task_pb2.TaskFilter:
+        """Which tasks to count: `statuses` and `task_type` narrow the counts; unset counts every
+        task. Setting `labels` or `task_id_prefix` is refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: _task_pb2.TaskFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountTasksRequest: _TypeAlias = CountTasksRequest  # noqa: Y015
+
+@_typing.final
+class CountTasksResponse(_message.Message):
+    """The response of CountTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """The sum of the counts."""
+    revision: _builtins.int
+    """The store revision the counts are of: Watch from it to follow the changes since."""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskCount]:
+        """How many tasks there are of each task type in each status, for the pairs that have
+        any (a missing pair has none), by task_type, then by status.
+        """
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[Global___TaskCount] | None = ...,
+        total: _builtins.int = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "revision", b"revision", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountTasksResponse: _TypeAlias = CountTasksResponse  # noqa: Y015
+
+@_typing.final
+class TaskCount(_message.Message):
+    """How many tasks of one type are in one status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    task_type: _builtins.str
+    """The task type."""
+    status: _task_pb2.TaskStatus.ValueType
+    """The status."""
+    count: _builtins.int
+    """How many tasks of the type are in the status."""
+    def __init__(
+        self,
+        *,
+        task_type: _builtins.str = ...,
+        status: _task_pb2.TaskStatus.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "status", b"status", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskCount: _TypeAlias = TaskCount  # noqa: Y015

@@ -32,12 +32,13 @@ class TaskServiceStub:
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -98,6 +99,26 @@ class TaskServiceStub:
                 request_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_task__service__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Rerun = channel.unary_unary(
+                '/conveyor.v1.TaskService/Rerun',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.RerunRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.RerunResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/conveyor.v1.TaskService/Delete',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.ListTaskTypes = channel.unary_unary(
+                '/conveyor.v1.TaskService/ListTaskTypes',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.FromString,
+                _registered_method=True)
+        self.CountTasks = channel.unary_unary(
+                '/conveyor.v1.TaskService/CountTasks',
+                request_serializer=conveyor_dot_v1_dot_task__service__pb2.CountTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_task__service__pb2.CountTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -107,12 +128,13 @@ class TaskServiceServicer:
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -299,6 +321,72 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerun(self, request, context):
+        """Creates a new task from the request of a task that ended (COMPLETED, FAILED or
+        CANCELLED), such as to run a failed task again once its cause is fixed. The new task
+        has the ended one's task_type, description, parameters, priority, timeout_seconds,
+        max_attempts, labels and queue timeout; it starts at once (a delayed start is not
+        repeated), with attempt 1, and its `rerun_of` names the ended task, which stays as it
+        was. It belongs to the same tenant and is admitted as a Create is: it needs the
+        permission to submit its task type, and counts toward the queue's limit and the
+        tenant's limits. It has no request_id unless the RerunRequest gives one.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or a bad request_id); NOT_FOUND (no
+        such task); FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata
+        `status`; TASK_TYPE_UNKNOWN: the server no longer takes its task type); ALREADY_EXISTS
+        (request_id already used for a different request); RESOURCE_EXHAUSTED (the queue or
+        the tenant is at its limit); UNAVAILABLE (the server is shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Deletes a task that ended (COMPLETED, FAILED or CANCELLED) before its retention period
+        is over: it is gone from Get, List and Watch (NOT_FOUND from then on) and from the
+        store, and its request_id is free again (a Create with it makes a new task).
+
+        Watchers see the deletion as a REMOVED event, as they see a task removed at the end of
+        its retention period: `task` is its last (terminal) state and `revision` the deletion's.
+        A watcher of many tasks gets it when that last state matches its filter; a watcher of
+        the one task, whose stream ended with the task's terminal state, gets it only when it
+        resumes with a `since_revision` before the deletion (the REMOVED event, then the end
+        of the stream); a new Watch of it is NOT_FOUND.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task);
+        FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata `status`; cancel
+        it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTaskTypes(self, request, context):
+        """Lists the task types known to the caller, each with the workers that serve it now: the
+        server's own handlers (its local worker) and the caller's remote workers that are
+        connected (WorkerService). Known types are those of the server's handlers, those the
+        server is configured to take for workers (`--task-type`), those of the caller's
+        connected workers, and those of the caller's tasks that the server keeps. A tenant sees
+        its own workers only.
+
+        Codes: OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountTasks(self, request, context):
+        """Counts the tasks that match a filter, by task type and status, without listing them:
+        the counts come from totals the server keeps up to date at every change, so a call
+        costs the same however many tasks there are. The filter may set `statuses` and
+        `task_type`; `labels` and `task_id_prefix` are not counted by (List them).
+
+        Codes: OK; INVALID_ARGUMENT (a bad filter, or one that sets labels or task_id_prefix).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -352,6 +440,26 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=conveyor_dot_v1_dot_task__service__pb2.WatchRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_task__service__pb2.WatchResponse.SerializeToString,
             ),
+            'Rerun': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerun,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.RerunRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.RerunResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.DeleteRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ListTaskTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskTypes,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.SerializeToString,
+            ),
+            'CountTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTasks,
+                    request_deserializer=conveyor_dot_v1_dot_task__service__pb2.CountTasksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_task__service__pb2.CountTasksResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'conveyor.v1.TaskService', rpc_method_handlers)
@@ -367,12 +475,13 @@ class TaskService:
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -637,6 +746,114 @@ class TaskService:
             '/conveyor.v1.TaskService/Watch',
             conveyor_dot_v1_dot_task__service__pb2.WatchRequest.SerializeToString,
             conveyor_dot_v1_dot_task__service__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/Rerun',
+            conveyor_dot_v1_dot_task__service__pb2.RerunRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.RerunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/Delete',
+            conveyor_dot_v1_dot_task__service__pb2.DeleteRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/ListTaskTypes',
+            conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.TaskService/CountTasks',
+            conveyor_dot_v1_dot_task__service__pb2.CountTasksRequest.SerializeToString,
+            conveyor_dot_v1_dot_task__service__pb2.CountTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

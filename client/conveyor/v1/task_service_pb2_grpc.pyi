@@ -33,12 +33,13 @@ class TaskServiceStub:
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -189,6 +190,56 @@ class TaskServiceStub:
     outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
     UNAVAILABLE (the server is shutting down; resume elsewhere or later).
     """
+    Rerun: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RerunRequest, _task_service_pb2.RerunResponse]
+    """Creates a new task from the request of a task that ended (COMPLETED, FAILED or
+    CANCELLED), such as to run a failed task again once its cause is fixed. The new task
+    has the ended one's task_type, description, parameters, priority, timeout_seconds,
+    max_attempts, labels and queue timeout; it starts at once (a delayed start is not
+    repeated), with attempt 1, and its `rerun_of` names the ended task, which stays as it
+    was. It belongs to the same tenant and is admitted as a Create is: it needs the
+    permission to submit its task type, and counts toward the queue's limit and the
+    tenant's limits. It has no request_id unless the RerunRequest gives one.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or a bad request_id); NOT_FOUND (no
+    such task); FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata
+    `status`; TASK_TYPE_UNKNOWN: the server no longer takes its task type); ALREADY_EXISTS
+    (request_id already used for a different request); RESOURCE_EXHAUSTED (the queue or
+    the tenant is at its limit); UNAVAILABLE (the server is shutting down).
+    """
+    Delete: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRequest, _task_service_pb2.DeleteResponse]
+    """Deletes a task that ended (COMPLETED, FAILED or CANCELLED) before its retention period
+    is over: it is gone from Get, List and Watch (NOT_FOUND from then on) and from the
+    store, and its request_id is free again (a Create with it makes a new task).
+
+    Watchers see the deletion as a REMOVED event, as they see a task removed at the end of
+    its retention period: `task` is its last (terminal) state and `revision` the deletion's.
+    A watcher of many tasks gets it when that last state matches its filter; a watcher of
+    the one task, whose stream ended with the task's terminal state, gets it only when it
+    resumes with a `since_revision` before the deletion (the REMOVED event, then the end
+    of the stream); a new Watch of it is NOT_FOUND.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task);
+    FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata `status`; cancel
+    it first).
+    """
+    ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]
+    """Lists the task types known to the caller, each with the workers that serve it now: the
+    server's own handlers (its local worker) and the caller's remote workers that are
+    connected (WorkerService). Known types are those of the server's handlers, those the
+    server is configured to take for workers (`--task-type`), those of the caller's
+    connected workers, and those of the caller's tasks that the server keeps. A tenant sees
+    its own workers only.
+
+    Codes: OK.
+    """
+    CountTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CountTasksRequest, _task_service_pb2.CountTasksResponse]
+    """Counts the tasks that match a filter, by task type and status, without listing them:
+    the counts come from totals the server keeps up to date at every change, so a call
+    costs the same however many tasks there are. The filter may set `statuses` and
+    `task_type`; `labels` and `task_id_prefix` are not counted by (List them).
+
+    Codes: OK; INVALID_ARGUMENT (a bad filter, or one that sets labels or task_id_prefix).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -198,12 +249,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -351,6 +403,56 @@ class TaskServiceAsyncStub(TaskServiceStub):
     outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
     UNAVAILABLE (the server is shutting down; resume elsewhere or later).
     """
+    Rerun: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RerunRequest, _task_service_pb2.RerunResponse]  # type: ignore[assignment]
+    """Creates a new task from the request of a task that ended (COMPLETED, FAILED or
+    CANCELLED), such as to run a failed task again once its cause is fixed. The new task
+    has the ended one's task_type, description, parameters, priority, timeout_seconds,
+    max_attempts, labels and queue timeout; it starts at once (a delayed start is not
+    repeated), with attempt 1, and its `rerun_of` names the ended task, which stays as it
+    was. It belongs to the same tenant and is admitted as a Create is: it needs the
+    permission to submit its task type, and counts toward the queue's limit and the
+    tenant's limits. It has no request_id unless the RerunRequest gives one.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or a bad request_id); NOT_FOUND (no
+    such task); FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata
+    `status`; TASK_TYPE_UNKNOWN: the server no longer takes its task type); ALREADY_EXISTS
+    (request_id already used for a different request); RESOURCE_EXHAUSTED (the queue or
+    the tenant is at its limit); UNAVAILABLE (the server is shutting down).
+    """
+    Delete: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRequest, _task_service_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Deletes a task that ended (COMPLETED, FAILED or CANCELLED) before its retention period
+    is over: it is gone from Get, List and Watch (NOT_FOUND from then on) and from the
+    store, and its request_id is free again (a Create with it makes a new task).
+
+    Watchers see the deletion as a REMOVED event, as they see a task removed at the end of
+    its retention period: `task` is its last (terminal) state and `revision` the deletion's.
+    A watcher of many tasks gets it when that last state matches its filter; a watcher of
+    the one task, whose stream ended with the task's terminal state, gets it only when it
+    resumes with a `since_revision` before the deletion (the REMOVED event, then the end
+    of the stream); a new Watch of it is NOT_FOUND.
+
+    Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task);
+    FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata `status`; cancel
+    it first).
+    """
+    ListTaskTypes: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
+    """Lists the task types known to the caller, each with the workers that serve it now: the
+    server's own handlers (its local worker) and the caller's remote workers that are
+    connected (WorkerService). Known types are those of the server's handlers, those the
+    server is configured to take for workers (`--task-type`), those of the caller's
+    connected workers, and those of the caller's tasks that the server keeps. A tenant sees
+    its own workers only.
+
+    Codes: OK.
+    """
+    CountTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CountTasksRequest, _task_service_pb2.CountTasksResponse]  # type: ignore[assignment]
+    """Counts the tasks that match a filter, by task type and status, without listing them:
+    the counts come from totals the server keeps up to date at every change, so a call
+    costs the same however many tasks there are. The filter may set `statuses` and
+    `task_type`; `labels` and `task_id_prefix` are not counted by (List them).
+
+    Codes: OK; INVALID_ARGUMENT (a bad filter, or one that sets labels or task_id_prefix).
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs tasks in the background and lets callers follow them.
@@ -359,12 +461,13 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     naming each bad field; the other codes a google.rpc.ErrorInfo whose `reason` is
     stable (TASK_NOT_FOUND, REQUEST_ID_REUSED, TASK_ALREADY_ENDED, QUEUE_FULL,
     REVISION_OUT_OF_RANGE, WATCHER_TOO_SLOW, SHUTTING_DOWN, STORE_FAILED,
-    REQUEST_TOO_LARGE, TASK_INPUTS_FULL) and whose domain is "conveyor.v1". A BadRequest names at most 10
+    REQUEST_TOO_LARGE, TASK_INPUTS_FULL, TASK_NOT_ENDED, TASK_TYPE_UNKNOWN) and whose domain is "conveyor.v1". A BadRequest names at most 10
     fields; the status message counts the rest.
 
     Every method refuses a request larger than it can legitimately receive with
     RESOURCE_EXHAUSTED, reason REQUEST_TOO_LARGE, metadata `limit_bytes` (Get 4 KiB, Cancel
-    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB).
+    8 KiB, List and Watch 128 KiB, SendInput 80 KiB, Create 1.25 MiB, BatchCreate 4 MiB;
+    Delete and ListTaskTypes 4 KiB, Rerun 8 KiB, CountTasks 128 KiB).
     UNAVAILABLE (shutting down, or the store failed and the server is stopping) is
     worth retrying, on this server once restarted or on another.
     """
@@ -569,6 +672,80 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         heartbeat_interval); NOT_FOUND (no such task); OUT_OF_RANGE (since_revision
         outside the history); RESOURCE_EXHAUSTED (the watcher fell too far behind; resume);
         UNAVAILABLE (the server is shutting down; resume elsewhere or later).
+        """
+
+    @_abc_1.abstractmethod
+    def Rerun(
+        self,
+        request: _task_service_pb2.RerunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RerunResponse, _abc.Awaitable[_task_service_pb2.RerunResponse]]:
+        """Creates a new task from the request of a task that ended (COMPLETED, FAILED or
+        CANCELLED), such as to run a failed task again once its cause is fixed. The new task
+        has the ended one's task_type, description, parameters, priority, timeout_seconds,
+        max_attempts, labels and queue timeout; it starts at once (a delayed start is not
+        repeated), with attempt 1, and its `rerun_of` names the ended task, which stays as it
+        was. It belongs to the same tenant and is admitted as a Create is: it needs the
+        permission to submit its task type, and counts toward the queue's limit and the
+        tenant's limits. It has no request_id unless the RerunRequest gives one.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID, or a bad request_id); NOT_FOUND (no
+        such task); FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata
+        `status`; TASK_TYPE_UNKNOWN: the server no longer takes its task type); ALREADY_EXISTS
+        (request_id already used for a different request); RESOURCE_EXHAUSTED (the queue or
+        the tenant is at its limit); UNAVAILABLE (the server is shutting down).
+        """
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _task_service_pb2.DeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.DeleteResponse, _abc.Awaitable[_task_service_pb2.DeleteResponse]]:
+        """Deletes a task that ended (COMPLETED, FAILED or CANCELLED) before its retention period
+        is over: it is gone from Get, List and Watch (NOT_FOUND from then on) and from the
+        store, and its request_id is free again (a Create with it makes a new task).
+
+        Watchers see the deletion as a REMOVED event, as they see a task removed at the end of
+        its retention period: `task` is its last (terminal) state and `revision` the deletion's.
+        A watcher of many tasks gets it when that last state matches its filter; a watcher of
+        the one task, whose stream ended with the task's terminal state, gets it only when it
+        resumes with a `since_revision` before the deletion (the REMOVED event, then the end
+        of the stream); a new Watch of it is NOT_FOUND.
+
+        Codes: OK; INVALID_ARGUMENT (task_id is not a UUID); NOT_FOUND (no such task);
+        FAILED_PRECONDITION (TASK_NOT_ENDED: the task has not ended, metadata `status`; cancel
+        it first).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTaskTypes(
+        self,
+        request: _task_service_pb2.ListTaskTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListTaskTypesResponse, _abc.Awaitable[_task_service_pb2.ListTaskTypesResponse]]:
+        """Lists the task types known to the caller, each with the workers that serve it now: the
+        server's own handlers (its local worker) and the caller's remote workers that are
+        connected (WorkerService). Known types are those of the server's handlers, those the
+        server is configured to take for workers (`--task-type`), those of the caller's
+        connected workers, and those of the caller's tasks that the server keeps. A tenant sees
+        its own workers only.
+
+        Codes: OK.
+        """
+
+    @_abc_1.abstractmethod
+    def CountTasks(
+        self,
+        request: _task_service_pb2.CountTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.CountTasksResponse, _abc.Awaitable[_task_service_pb2.CountTasksResponse]]:
+        """Counts the tasks that match a filter, by task type and status, without listing them:
+        the counts come from totals the server keeps up to date at every change, so a call
+        costs the same however many tasks there are. The filter may set `statuses` and
+        `task_type`; `labels` and `task_id_prefix` are not counted by (List them).
+
+        Codes: OK; INVALID_ARGUMENT (a bad filter, or one that sets labels or task_id_prefix).
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

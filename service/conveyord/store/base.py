@@ -16,7 +16,7 @@ import grpc
 
 from conveyord.errors import ConveyorError
 from conveyord.feed import ChangeFeed
-from conveyord.model import Change, Task, TaskFilter
+from conveyord.model import Change, Task, TaskFilter, TaskStatus
 
 if TYPE_CHECKING:
     from conveyord.store.schedules import ScheduleBook
@@ -166,6 +166,20 @@ class TaskStore(Protocol):
     async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:
         """Matching changes after `revision`, oldest first; RevisionOutOfRange when the
         history no longer reaches back that far or `revision` is ahead of the store."""
+        ...
+
+    async def remove(self, task_id: str, check: Callable[[Task], None]) -> Change:
+        """Remove a task now (a Delete), atomically with respect to updates: `check(its
+        latest state)` raises to refuse (nothing changes). The removal is a REMOVED change,
+        as at the end of retention, and frees the task's request_id. Raises TaskNotFound."""
+        ...
+
+    async def counts(
+        self, task_filter: TaskFilter
+    ) -> tuple[dict[tuple[str, TaskStatus], int], int]:
+        """How many committed tasks there are of each (task type, status) that the filter's
+        tenant, statuses and task type allow (its labels and id prefix are not looked at),
+        without going through the tasks; and the revision they are of."""
         ...
 
     async def remove_finished(self, finished_before: float, limit: int) -> int:

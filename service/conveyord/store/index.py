@@ -316,3 +316,44 @@ def _order_of(orders: dict[Any, CreationOrder], key: Any) -> CreationOrder:
     if order is None:
         order = orders[key] = CreationOrder()
     return order
+
+
+class TaskCounts:
+    """How many tasks each tenant has of each task type in each status, kept up to date at
+    every committed change, so that CountTasks answers without going through the tasks."""
+
+    def __init__(self) -> None:
+        self._by_tenant: dict[str, dict[tuple[str, TaskStatus], int]] = {}
+
+    def changed(self, old: Task | None, new: Task | None) -> None:
+        """Follow one committed change: `old` became `new` (None: created, or removed). Most
+        changes keep the status and the type, and cost one comparison."""
+        if old is not None and new is not None and old.status is new.status:
+            return
+        if old is not None:
+            counts = self._by_tenant[old.tenant]
+            key = (old.task_type, old.status)
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]
+        if new is not None:
+            counts = self._by_tenant.setdefault(new.tenant, {})
+            key = (new.task_type, new.status)
+            counts[key] = counts.get(key, 0) + 1
+
+    def of(self, task_filter: TaskFilter) -> dict[tuple[str, TaskStatus], int]:
+        """The counts of the filter's tenant (every tenant's, summed, for None), narrowed to
+        its statuses and task type (its labels and id prefix are not looked at)."""
+        if task_filter.tenant is not None:
+            tenants = [self._by_tenant.get(task_filter.tenant, {})]
+        else:
+            tenants = list(self._by_tenant.values())
+        found: dict[tuple[str, TaskStatus], int] = {}
+        for counts in tenants:
+            for (task_type, status), count in counts.items():
+                if task_filter.statuses and status not in task_filter.statuses:
+                    continue
+                if task_filter.task_type and task_type != task_filter.task_type:
+                    continue
+                found[(task_type, status)] = found.get((task_type, status), 0) + count
+        return found

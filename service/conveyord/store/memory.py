@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
 from conveyord.lifecycle import Lease, new_lease_id
-from conveyord.model import Change, ChangeKind, Task, TaskFilter
+from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
     Claim,
     Mutation,
@@ -28,7 +28,7 @@ from conveyord.store.base import (
     TaskNotFound,
 )
 from conveyord.store.history import ChangeHistory
-from conveyord.store.index import DispatchIndex, ListIndex
+from conveyord.store.index import DispatchIndex, ListIndex, TaskCounts
 from conveyord.store.schedules import ScheduleBook
 
 DEFAULT_HISTORY_SIZE = 100_000
@@ -64,6 +64,7 @@ class MemoryStore:
         # The committed view: what readers see.
         self._tasks: dict[str, Task] = {}
         self._order = ListIndex()  # task ids in creation order: all, by type, by label
+        self._counts = TaskCounts()  # by tenant, task type and status
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, task_id), oldest first
         self._history = ChangeHistory(history_size, history_age, clock)
         self._revision = 0
@@ -156,6 +157,15 @@ class MemoryStore:
             await self._persist(changes)
         return len(changes)
 
+    async def remove(self, task_id: str, check: Callable[[Task], None]) -> Change:
+        current = self._working.get(task_id)
+        if current is None:
+            raise TaskNotFound(task_id)
+        check(current)
+        change = self._stage(ChangeKind.REMOVED, current)
+        await self._persist([change])
+        return change
+
     async def claim(self, request: Claim) -> list[Task]:
         self._index.promote(request.now, self._working)
         changes: list[Change] = []
@@ -242,11 +252,13 @@ class MemoryStore:
         for change in changes:
             task = change.task
             if change.kind is ChangeKind.REMOVED:
-                self._tasks.pop(task.task_id, None)
+                removed = self._tasks.pop(task.task_id, None)
                 self._order.removed(task, self._tasks)
+                self._counts.changed(removed, None)
             else:
                 previous = self._tasks.get(task.task_id)
                 self._tasks[task.task_id] = task
+                self._counts.changed(previous, task)
                 if previous is None:
                     self._order.added(task)
                 if task.terminal and (previous is None or not previous.terminal):
@@ -277,6 +289,11 @@ class MemoryStore:
     async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:
         return self._history.since(revision, self._revision, task_filter)
 
+    async def counts(
+        self, task_filter: TaskFilter
+    ) -> tuple[dict[tuple[str, TaskStatus], int], int]:
+        return self._counts.of(task_filter), self._revision
+
     async def open(self) -> None:
         pass
 
@@ -291,6 +308,7 @@ class MemoryStore:
             self._working[task.task_id] = self._tasks[task.task_id] = task
             self._index.changed(None, task)
             self._order.added(task)
+            self._counts.changed(None, task)
             if task.request_id:
                 self._request_ids[(task.tenant, task.request_id)] = task.task_id
             if task.terminal:

@@ -180,6 +180,7 @@ class RemoteWorker:
 
     def __init__(self, hello: Hello, lease: float) -> None:
         self.holder = holder_name(hello.tenant, hello.worker_id)
+        self.worker_id = hello.worker_id
         self.tenant: str | None = hello.tenant
         self.types: frozenset[str] | None = hello.types
         self.pausable = hello.pausable
@@ -342,6 +343,10 @@ class WorkerSessions:
         self.dispatcher.leave(worker)
         if self._workers.get(worker.holder) is worker:
             del self._workers[worker.holder]
+
+    def connected(self, tenant: str) -> list[RemoteWorker]:
+        """The workers of `tenant` whose stream is open now."""
+        return [w for w in self._workers.values() if w.connected and w.tenant == tenant]
 
     def drain(self, holder: str) -> None:
         """The worker takes nothing more; its stream ends once it holds nothing."""
