@@ -56,11 +56,11 @@ def test_rerun_shows_the_new_task(conveyor: Callable[..., Run], client: Client) 
     assert "echo" in run.out and "CREATED" in run.out
     scripted = conveyor("--json", "rerun", ended.task_id, "--request-id", "r-1")
     (task,) = scripted.json_lines()
-    assert (task["rerun_of"], task["status"], task["parameters"]) == (
+    assert (task["rerunOf"], task["status"], task["parameters"]) == (
         ended.task_id, "CREATED", {"n": 2},
     )  # fmt: skip
     again = conveyor("--json", "rerun", ended.task_id, "--request-id", "r-1").json_lines()
-    assert again[0]["task_id"] == task["task_id"]
+    assert again[0]["taskId"] == task["taskId"]
 
 
 def test_delete_says_what_it_deleted(conveyor: Callable[..., Run], client: Client) -> None:
@@ -69,7 +69,7 @@ def test_delete_says_what_it_deleted(conveyor: Callable[..., Run], client: Clien
     run = conveyor("delete", first.task_id)
     assert (run.code, run.out.strip()) == (0, f"deleted task {first.task_id} (echo, COMPLETED)")
     (deleted,) = conveyor("--json", "delete", second.task_id).json_lines()
-    assert (deleted["deleted"], deleted["task_id"], deleted["status"]) == (
+    assert (deleted["deleted"], deleted["taskId"], deleted["status"]) == (
         True, second.task_id, "COMPLETED",
     )  # fmt: skip
     gone = conveyor("delete", first.task_id)
@@ -93,12 +93,12 @@ def test_types_shows_each_type_and_its_workers(conveyor: Callable[..., Run]) -> 
     lines = {line.split()[0]: line for line in run.out.splitlines()[1:]}
     assert "yes" in lines["echo"] and "conveyord/local (8 of 8 slots free)" in lines["echo"]
     assert "pausable" in lines["pausable"]
-    scripted = {t["task_type"]: t for t in conveyor("--json", "types").json_lines()}
+    scripted = {t["taskType"]: t for t in conveyor("--json", "types").json_lines()}
     assert scripted["echo"] == {
-        "task_type": "echo",
+        "taskType": "echo",
         "accepted": True,
         "workers": [
-            {"worker_id": "conveyord/local", "local": True, "slots": 8, "free_slots": 8,
+            {"workerId": "conveyord/local", "local": True, "slots": 8, "freeSlots": 8,
              "pausable": False, "draining": False},
         ],
     }  # fmt: skip
@@ -120,7 +120,7 @@ def test_count_shows_a_table_of_types_by_status(
         ["TOTAL", "1", "2", "3"],
     ]
     (scripted,) = conveyor("--json", "count", "--status", "completed").json_lines()
-    assert scripted["counts"] == [{"task_type": "echo", "status": "COMPLETED", "count": 2}]
+    assert scripted["counts"] == [{"taskType": "echo", "status": "COMPLETED", "count": 2}]
     assert scripted["total"] == 2 and scripted["revision"] == client.revision()
     narrowed = conveyor("count", "--type", "sleep").out.splitlines()
     assert narrowed[-1].split() == ["TOTAL", "1", "1"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from conveyor._sync_client import Client
-from conveyor._views import Output, task_json
+from conveyor._views import Output, json_names, record_json, task_json
 from conveyor.tasks import TaskCounts, TaskStatus, TaskType, TaskWorker
 
 Run = Callable[[Client, argparse.Namespace, Output], int]
@@ -74,7 +73,7 @@ def _types(client: Client, args: argparse.Namespace, out: Output) -> int:
     task_types = client.list_task_types()
     if out.json_lines:
         for task_type in task_types:
-            _json(dataclasses.asdict(task_type))
+            _json(record_json(task_type))
         return EXIT_OK
     table = Table(box=None, header_style="bold", pad_edge=False)
     for header in ("TYPE", "ACCEPTED", "WORKERS"):
@@ -118,7 +117,7 @@ def _count(client: Client, args: argparse.Namespace, out: Output) -> int:
 def _counts_json(counts: TaskCounts) -> dict[str, Any]:
     """The counts as CountTasksResponse has them: one entry per type and status."""
     entries = [
-        {"task_type": task_type, "status": status.name, "count": count}
+        {"taskType": task_type, "status": status.name, "count": count}
         for task_type, by_status in sorted(counts.by_type.items())
         for status, count in sorted(by_status.items())
     ]
@@ -126,5 +125,6 @@ def _counts_json(counts: TaskCounts) -> dict[str, Any]:
 
 
 def _json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
+    """One JSON object on a line, named as the proto's JSON names its fields (taskId)."""
+    sys.stdout.write(json.dumps(json_names(data)) + "\n")
     sys.stdout.flush()

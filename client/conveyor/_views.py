@@ -62,6 +62,19 @@ def json_names(data: Mapping[str, Any]) -> dict[str, Any]:
     return {json_name(key): value for key, value in data.items()}
 
 
+def record_json(value: Any) -> Any:
+    """A dataclass of the client's (and those inside it) as JSON, its fields named as the
+    proto's JSON names them; lists, enums and times as `task_json` gives them."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            json_name(field.name): record_json(getattr(value, field.name))
+            for field in dataclasses.fields(value)
+        }
+    if isinstance(value, list | tuple):
+        return [record_json(item) for item in value]
+    return _json_value(value)
+
+
 def task_json(task: Task) -> dict[str, Any]:
     """The task as a JSON object, named as the proto's JSON: statuses by name (UNKNOWN(9)
     for one not known), times in ISO 8601."""
