@@ -40,6 +40,11 @@ class ChangeFeed:
         self._step_followers.append(follower)
         return lambda: self._step_followers.remove(follower)
 
+    @property
+    def followers(self) -> int:
+        """How many follow it, of either kind."""
+        return len(self._followers) + len(self._step_followers)
+
     def publish(self, change: Change, before: Task | None = None) -> None:
         """Deliver a committed change (called by the store, in revision order), with the
         task's committed state before it (None: the task is new)."""
