@@ -17,8 +17,10 @@ from typing import Any
 
 import grpc
 
-# Told of each call's end: the service, the method, the status code, the seconds it took.
-CallObserver = Callable[[str, str, grpc.StatusCode, float], None]
+# Told of each call's end of one method: its status code and the seconds it took.
+CallEnded = Callable[[grpc.StatusCode, float], None]
+# Gives what is told of the calls of a method (the service, the method), once per method.
+CallObserver = Callable[[str, str], CallEnded]
 
 MethodHandlers = Mapping[str, "grpc.RpcMethodHandler[Any, Any]"]
 
@@ -28,28 +30,28 @@ def observed(
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The method handlers of `service`, each telling `observer` how its calls ended."""
     return {
-        method: _observed(service, method, handler, observer)
+        method: _observed(handler, observer(service, method))
         for method, handler in handlers.items()
     }
 
 
 def _observed(
-    service: str, method: str, handler: grpc.RpcMethodHandler[Any, Any], observer: CallObserver
+    handler: grpc.RpcMethodHandler[Any, Any], ended: CallEnded
 ) -> grpc.RpcMethodHandler[Any, Any]:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _stream(service, method, handler.unary_stream, observer),
+            _stream(handler.unary_stream, ended),
             handler.request_deserializer,
             handler.response_serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
-        _unary(service, method, handler.unary_unary, observer),
+        _unary(handler.unary_unary, ended),
         handler.request_deserializer,
         handler.response_serializer,
     )
 
 
-def _unary(service: str, method: str, behaviour: Any, observer: CallObserver) -> Any:
+def _unary(behaviour: Any, ended: CallEnded) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         began = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN  # an unexpected exception: what gRPC answers
@@ -64,12 +66,12 @@ def _unary(service: str, method: str, behaviour: Any, observer: CallObserver) ->
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            observer(service, method, code, time.perf_counter() - began)
+            ended(code, time.perf_counter() - began)
 
     return call
 
 
-def _stream(service: str, method: str, behaviour: Any, observer: CallObserver) -> Any:
+def _stream(behaviour: Any, ended: CallEnded) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         began = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
@@ -84,6 +86,6 @@ def _stream(service: str, method: str, behaviour: Any, observer: CallObserver) -
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            observer(service, method, code, time.perf_counter() - began)
+            ended(code, time.perf_counter() - began)
 
     return call

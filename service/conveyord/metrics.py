@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from conveyord.calls import CallEnded
 from conveyord.hub import EventHub
 from conveyord.model import TaskFilter, TaskStatus
 from conveyord.schedules.model import Schedule
@@ -168,10 +169,19 @@ class Metrics:
             self._httpd.server_close()
             self._httpd = None
 
-    def call_ended(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        """An RPC ended (calls.CallObserver)."""
-        self._rpcs(service, method, code.name).inc()
-        self._rpc_seconds(service, method).observe(seconds)
+    def rpc_ended(self, service: str, method: str) -> CallEnded:
+        """What counts the end of each call of one method (a calls.CallObserver)."""
+        seconds = self._rpc_seconds(service, method)
+        by_code: dict[grpc.StatusCode, Counter] = {}
+
+        def ended(code: grpc.StatusCode, took: float) -> None:
+            counter = by_code.get(code)
+            if counter is None:
+                counter = by_code[code] = self._rpcs(service, method, code.name)
+            counter.inc()
+            seconds.observe(took)
+
+        return ended
 
     def store_committed(self, changes: int, seconds: float) -> None:
         """The store wrote and synced a batch of changes."""

@@ -239,7 +239,7 @@ class Server:
     def _add_service(self, name: str, handlers: MethodHandlers) -> None:
         """Serve a service's methods, each telling the metrics how its calls end (if any)."""
         if self.metrics is not None:
-            handlers = observed(name, handlers, self.metrics.call_ended)
+            handlers = observed(name, handlers, self.metrics.rpc_ended)
         self._grpc.add_registered_method_handlers(name, handlers)
 
     async def _make_runs(self, requests: Sequence[RunRequest]) -> list[tuple[Task, bool]]:
