@@ -7,8 +7,12 @@ commits and schedules' runs; and a server without the flag does none of it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +30,7 @@ from conveyord.cli import build_parser
 from conveyord.worker.local import LOCAL_HOLDER
 from tests.conftest import ManualClock, ServerThread
 from tests.handlers import gate
-from tests.processes import Conveyord
+from tests.processes import ROOT, Conveyord
 from tests.support import (
     COMPLETED,
     FAILED,
@@ -295,6 +299,26 @@ async def test_without_the_flag_no_metrics_are_made(start_server: StartServer) -
 def test_a_metrics_address_must_be_host_and_port() -> None:
     parser = build_parser()
     assert parser.parse_args(["--metrics-address", "0.0.0.0:9464"]).metrics_address
-    assert parser.parse_args([]).metrics_address == ""
+    assert not parser.parse_args([]).metrics_address
     with pytest.raises(SystemExit):
         parser.parse_args(["--metrics-address", "9464"])
+
+
+def test_a_metrics_port_in_use_stops_the_start() -> None:
+    taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "conveyord", "--store", "memory", "--listen"]
+        address = ["127.0.0.1:0", "--metrics-address", f"127.0.0.1:{port}"]
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        done = subprocess.run(
+            [*command, *address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+    assert done.returncode == 3
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr

@@ -382,9 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-address",
         "CONVEYORD_METRICS_ADDRESS",
         "serve Prometheus metrics over HTTP at HOST:PORT (/metrics; port 0: any free port); "
-        "empty: no metrics, and none of their cost",
+        "unset or empty: no metrics, and none of their cost",
         type=_address,
-        default="",
         metavar="HOST:PORT",
     )
     option(
@@ -440,7 +439,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tenant_limits_file=Path(args.tenant_limits) if args.tenant_limits else None,
         queue_high_water=args.queue_high_water,
         reflection=not args.no_reflection,
-        metrics_address=args.metrics_address,
+        metrics_address=args.metrics_address or "",
     )
 
 

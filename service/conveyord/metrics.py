@@ -144,7 +144,10 @@ class Metrics:
         loop = asyncio.get_running_loop()
         self.registry.register(_StateCollector(loop, self.tasks, hub, dispatch, clock))
         host, port = self.address
-        self._httpd, _ = start_http_server(port, host, self.registry)
+        try:
+            self._httpd, _ = start_http_server(port, host, self.registry)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
         self.port = self._httpd.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
