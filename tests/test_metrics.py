@@ -225,6 +225,8 @@ async def test_a_watcher_too_slow_is_coalesced_then_cut(start_server: StartServe
     seen = await scrape(small.server.metrics_port)
     assert seen("conveyor_watchers_coalesced_total") == 1
     assert seen("conveyor_watchers_cut_total") == 1
+    cut_watch = {"service": TASKS, "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
+    assert seen("conveyor_rpcs_total", **cut_watch) == 1
 
 
 async def test_the_store_s_group_commits(start_server: StartServer, tmp_path: Path) -> None:
