@@ -18,6 +18,7 @@ from bench import (
     end_to_end,
     fanout,
     memory,
+    observability,
     rpc,
     schedules,
     scheduling,
@@ -42,6 +43,7 @@ SECTIONS = {
     "schedules": schedules,
     "security": security,
     "tenants": tenants,
+    "observability": observability,
 }
 
 

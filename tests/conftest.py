@@ -102,6 +102,7 @@ SERVER_SETTINGS = (
     "tenant_limits_file",
     "queue_high_water",
     "reflection",
+    "metrics_address",
 )
 
 

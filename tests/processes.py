@@ -23,7 +23,10 @@ class Conveyord:
         command: Sequence[str] = (sys.executable, "-m", "conveyord"),
         cwd: Path = ROOT,
     ) -> None:
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        # This tree first, then the caller's path (which may name this tree's sources, where
+        # the installed package is another checkout's).
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.process = subprocess.Popen(
             [
                 *command,

@@ -163,6 +163,26 @@ async def test_every_change_reaches_the_listener_in_order(store: TaskStore) -> N
     ]  # fmt: skip
 
 
+async def test_a_step_follower_gets_each_change_with_the_task_before_it(
+    store: TaskStore,
+) -> None:
+    seen: list[tuple[TaskStatus, TaskStatus | None]] = []
+
+    def follow(change: Change, before: Task | None) -> None:
+        seen.append((change.task.status, before.status if before is not None else None))
+
+    store.feed.follow_steps(follow)
+    task, _ = await create_one(store, new_task())
+    await store.update(task.task_id, start)
+    await store.update(task.task_id, complete)
+    assert seen == [
+        (TaskStatus.CREATED, None),
+        (TaskStatus.RUNNING, TaskStatus.CREATED),
+        (TaskStatus.COMPLETED, TaskStatus.RUNNING),
+    ]
+    assert store.feed.followers == 1
+
+
 async def test_changes_since_replays_the_history(store: TaskStore) -> None:
     a, _ = await create_one(store, new_task())
     b, _ = await create_one(store, new_task())

@@ -16,6 +16,7 @@ from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
 from conveyord.high_water import DEFAULT_HIGH_WATER
 from conveyord.hub import DEFAULT_WATCH_BUFFER
+from conveyord.metrics import parse_address
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
 from conveyord.store import (
@@ -68,6 +69,16 @@ def _type_limit(text: str) -> tuple[str, int]:
     if not task_type or not limit.isdigit() or int(limit) < 1:
         raise argparse.ArgumentTypeError(f"expected TYPE=N with N >= 1, not {text!r}")
     return task_type, int(limit)
+
+
+def _address(text: str) -> str:
+    """HOST:PORT, or empty (off)."""
+    if text:
+        try:
+            parse_address(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _env_list(name: str) -> list[str]:
@@ -368,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
     )
     option(
+        "--metrics-address",
+        "CONVEYORD_METRICS_ADDRESS",
+        "serve Prometheus metrics over HTTP at HOST:PORT (/metrics; port 0: any free port); "
+        "unset or empty: no metrics, and none of their cost",
+        type=_address,
+        metavar="HOST:PORT",
+    )
+    option(
         "--log-level",
         "CONVEYORD_LOG_LEVEL",
         "DEBUG, INFO, WARNING or ERROR",
@@ -420,6 +439,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tenant_limits_file=Path(args.tenant_limits) if args.tenant_limits else None,
         queue_high_water=args.queue_high_water,
         reflection=not args.no_reflection,
+        metrics_address=args.metrics_address or "",
     )
 
 

@@ -146,6 +146,13 @@ class Dispatcher:
     def running(self) -> int:
         return len(self._held)
 
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Each worker's attempts held and free slots, by holder (for metrics)."""
+        held: dict[str, int] = {}
+        for attempt in self._held.values():
+            held[attempt.worker.holder] = held.get(attempt.worker.holder, 0) + 1
+        return {w.holder: (held.get(w.holder, 0), w.free_slots) for w in self._workers}
+
     # -- life --------------------------------------------------------------------
 
     async def start(self, workers: list[Worker]) -> None:

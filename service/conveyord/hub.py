@@ -96,8 +96,10 @@ class Subscription:
             if latest[d.change.task.task_id] is d
             or (d.change.kind is ChangeKind.CHANGED and d.change.task.terminal)
         )
+        self._hub.coalesced += 1
         if len(kept) > self.limit // 2:
             self._too_slow = True
+            self._hub.cut += 1
             self._pending.clear()
         else:
             self._pending = kept
@@ -155,6 +157,8 @@ class EventHub:
         self._broad: set[Subscription] = set()  # watchers of many tasks of any type
         self._closed = False
         self._gone = asyncio.Event()  # set once the hub is closed and every watcher has left
+        self.coalesced = 0  # times a watcher's buffer was coalesced
+        self.cut = 0  # watchers cut loose as too slow
 
     def subscribe(self, task_filter: TaskFilter) -> Subscription:
         if self._closed:

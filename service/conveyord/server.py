@@ -23,10 +23,12 @@ from grpc_reflection.v1alpha import reflection
 from conveyord.allocator import trim_when_idle
 from conveyord.api import SERVICE_NAME, TaskServiceApi, method_handlers, new_task_id
 from conveyord.auth import Authenticator, JwtKeys, JwtSettings, TokenFile
+from conveyord.calls import MethodHandlers, observed
 from conveyord.handlers import HandlerRegistry
 from conveyord.high_water import DEFAULT_HIGH_WATER, QueueMarks
 from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
+from conveyord.metrics import Metrics
 from conveyord.model import Task
 from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.schedules.api import SERVICE_NAME as SCHEDULE_SERVICE_NAME
@@ -91,6 +93,7 @@ class ServerConfig:
     tenant_limits_file: Path | None = None  # each tenant's own limits, read on change
     reflection: bool = True  # serve gRPC reflection (open to every caller, as health is)
     queue_high_water: float = DEFAULT_HIGH_WATER  # of max_queued: health NOT_SERVING above
+    metrics_address: str = ""  # HOST:PORT of the Prometheus endpoint; empty: no metrics
 
 
 class Server:
@@ -142,6 +145,7 @@ class Server:
         )
         self._health_updates: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.metrics = Metrics(config.metrics_address) if config.metrics_address else None
         if config.token_file is not None or config.jwt is not None:
             tokens = TokenFile(config.token_file) if config.token_file else None
             jwts = JwtKeys(config.jwt) if config.jwt else None
@@ -153,14 +157,12 @@ class Server:
         """Start serving; returns the port (useful with a listen address ending in :0)."""
         server = self._grpc
         api = TaskServiceApi(self.scheduler, self.hub, self.sessions)
-        server.add_registered_method_handlers(SERVICE_NAME, method_handlers(api))
+        self._add_service(SERVICE_NAME, method_handlers(api))
         workers = WorkerServiceApi(
             self.scheduler.dispatcher, self.sessions, self.scheduler.declare_types, self.tenants
         )
-        server.add_registered_method_handlers(WORKER_SERVICE_NAME, worker_method_handlers(workers))
-        server.add_registered_method_handlers(
-            SCHEDULE_SERVICE_NAME, schedule_method_handlers(self._schedule_api)
-        )
+        self._add_service(WORKER_SERVICE_NAME, worker_method_handlers(workers))
+        self._add_service(SCHEDULE_SERVICE_NAME, schedule_method_handlers(self._schedule_api))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.reflection:
             service_names = (
@@ -187,6 +189,10 @@ class Server:
                 self.port = server.add_insecure_port(self.config.listen)
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
+        if self.metrics is not None:  # before the scheduler, so that recovery is counted
+            await self.metrics.start(
+                self.store, self.hub, self.scheduler.dispatcher, self.scheduler.clock
+            )
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
         await self.scheduler.start()
         self.schedules.start()
@@ -221,7 +227,20 @@ class Server:
         await self._grpc.stop(grace=1.0)
         await self.store.close()
         await self.watchdog.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         log.info("conveyord stopped")
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of the metrics endpoint once started (0: no metrics)."""
+        return self.metrics.port if self.metrics is not None else 0
+
+    def _add_service(self, name: str, handlers: MethodHandlers) -> None:
+        """Serve a service's methods, each telling the metrics how its calls end (if any)."""
+        if self.metrics is not None:
+            handlers = observed(name, handlers, self.metrics.rpc_ended)
+        self._grpc.add_registered_method_handlers(name, handlers)
 
     async def _make_runs(self, requests: Sequence[RunRequest]) -> list[tuple[Task, bool]]:
         """The tasks of schedules' runs (their templates were checked when the schedule

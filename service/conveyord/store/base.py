@@ -193,6 +193,10 @@ class TaskStore(Protocol):
     on_failure: Callable[[Exception], None]
     """Called once when the store can no longer make changes durable: the server must stop."""
 
+    on_commit: Callable[[int, float], None] | None
+    """Called after each batch a durable store wrote, with its size (changes) and the
+    seconds its write and sync took (for metrics); None: nobody asks."""
+
     @property
     def queued(self) -> int:
         """Tasks that are CREATED (runnable, or waiting for their next attempt) or PAUSED."""

@@ -55,6 +55,8 @@ class MemoryStore:
         self._clock = clock
         self._feed = ChangeFeed()
         self.on_failure: Callable[[Exception], None] = lambda error: None  # memory cannot fail
+        # Told of each batch written to disk (changes, seconds): none in memory.
+        self.on_commit: Callable[[int, float], None] | None = None
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}
@@ -252,9 +254,9 @@ class MemoryStore:
         for change in changes:
             task = change.task
             if change.kind is ChangeKind.REMOVED:
-                removed = self._tasks.pop(task.task_id, None)
+                previous = self._tasks.pop(task.task_id, None)
                 self._order.removed(task, self._tasks)
-                self._counts.changed(removed, None)
+                self._counts.changed(previous, None)
             else:
                 previous = self._tasks.get(task.task_id)
                 self._tasks[task.task_id] = task
@@ -265,7 +267,7 @@ class MemoryStore:
                     self._finished.append((task.finished_at or task.updated_at, task.task_id))
             self._revision = change.revision
             self._history.remember(change)
-            self._feed.publish(change)
+            self._feed.publish(change, previous)
         self._history.trim()
 
     # -- reads -------------------------------------------------------------------

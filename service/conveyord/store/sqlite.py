@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -179,11 +180,14 @@ class SqliteStore(MemoryStore):
             assert done is not None
             self._batch, self._batch_done, self._schedule_rows = [], None, {}
             state = (self._staged_revision, self._last_seq + 1, self._history.compacted)
+            began = time.perf_counter()
             try:
                 await loop.run_in_executor(self._writer, self._write, batch, state, schedules)
             except Exception as error:
                 self._fail(error, done)
                 return
+            if self.on_commit is not None:
+                self.on_commit(len(batch) + len(schedules), time.perf_counter() - began)
             self._commit(batch)
             for change in batch:
                 if self._in_flight.get(change.task.task_id) is done:
