@@ -27,15 +27,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"K\n\rCreateRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x0e\x43reateResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"B\n\x12\x42\x61tchCreateRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.CreateRequest\"?\n\x13\x42\x61tchCreateResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0bGetResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"]\n\x0bListRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x0cListResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0e\x43\x61ncelResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"/\n\x0cPauseRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\rPauseResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x0e\n\x06paused\x18\x02 \x01(\x08\" \n\rResumeRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x0eResumeResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"_\n\x10SendInputRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n\x11SendInputResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08sequence\x18\x02 \x01(\x05\"a\n\x15\x43\x61ncelMatchingRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\'\n\x16\x43\x61ncelMatchingResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xaf\x01\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_since_revision\"u\n\rWatchResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.conveyor.v1.WatchEventType\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08revision\x18\x03 \x01(\x03*\xac\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WATCH_EVENT_TYPE_CURRENT\x10\x01\x12\x1c\n\x18WATCH_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1e\n\x1aWATCH_EVENT_TYPE_HEARTBEAT\x10\x04\x32\xc8\x05\n\x0bTaskService\x12\x41\n\x06\x43reate\x12\x1a.conveyor.v1.CreateRequest\x1a\x1b.conveyor.v1.CreateResponse\x12P\n\x0b\x42\x61tchCreate\x12\x1f.conveyor.v1.BatchCreateRequest\x1a .conveyor.v1.BatchCreateResponse\x12\x38\n\x03Get\x12\x17.conveyor.v1.GetRequest\x1a\x18.conveyor.v1.GetResponse\x12;\n\x04List\x12\x18.conveyor.v1.ListRequest\x1a\x19.conveyor.v1.ListResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12Y\n\x0e\x43\x61ncelMatching\x12\".conveyor.v1.CancelMatchingRequest\x1a#.conveyor.v1.CancelMatchingResponse\x12>\n\x05Pause\x12\x19.conveyor.v1.PauseRequest\x1a\x1a.conveyor.v1.PauseResponse\x12\x41\n\x06Resume\x12\x1a.conveyor.v1.ResumeRequest\x1a\x1b.conveyor.v1.ResumeResponse\x12J\n\tSendInput\x12\x1d.conveyor.v1.SendInputRequest\x1a\x1e.conveyor.v1.SendInputResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63onveyor/v1/task_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"K\n\rCreateRequest\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.TaskRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x0e\x43reateResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"B\n\x12\x42\x61tchCreateRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.CreateRequest\"?\n\x13\x42\x61tchCreateResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\"7\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x18\n\x10include_attempts\x18\x02 \x01(\x08\"6\n\x0bGetResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"]\n\x0bListRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x0cListResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0e\x43\x61ncelResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"/\n\x0cPauseRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\rPauseResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x0e\n\x06paused\x18\x02 \x01(\x08\" \n\rResumeRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x0eResumeResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"_\n\x10SendInputRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n\x11SendInputResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08sequence\x18\x02 \x01(\x05\"a\n\x15\x43\x61ncelMatchingRequest\x12\'\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\'\n\x16\x43\x61ncelMatchingResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xaf\x01\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.TaskFilter\x12\x1b\n\x0esince_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_since_revision\"u\n\rWatchResponse\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.conveyor.v1.WatchEventType\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08revision\x18\x03 \x01(\x03*\xac\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WATCH_EVENT_TYPE_CURRENT\x10\x01\x12\x1c\n\x18WATCH_EVENT_TYPE_CHANGED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1e\n\x1aWATCH_EVENT_TYPE_HEARTBEAT\x10\x04\x32\xc8\x05\n\x0bTaskService\x12\x41\n\x06\x43reate\x12\x1a.conveyor.v1.CreateRequest\x1a\x1b.conveyor.v1.CreateResponse\x12P\n\x0b\x42\x61tchCreate\x12\x1f.conveyor.v1.BatchCreateRequest\x1a .conveyor.v1.BatchCreateResponse\x12\x38\n\x03Get\x12\x17.conveyor.v1.GetRequest\x1a\x18.conveyor.v1.GetResponse\x12;\n\x04List\x12\x18.conveyor.v1.ListRequest\x1a\x19.conveyor.v1.ListResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.conveyor.v1.CancelRequest\x1a\x1b.conveyor.v1.CancelResponse\x12Y\n\x0e\x43\x61ncelMatching\x12\".conveyor.v1.CancelMatchingRequest\x1a#.conveyor.v1.CancelMatchingResponse\x12>\n\x05Pause\x12\x19.conveyor.v1.PauseRequest\x1a\x1a.conveyor.v1.PauseResponse\x12\x41\n\x06Resume\x12\x1a.conveyor.v1.ResumeRequest\x1a\x1b.conveyor.v1.ResumeResponse\x12J\n\tSendInput\x12\x1d.conveyor.v1.SendInputRequest\x1a\x1e.conveyor.v1.SendInputResponse\x12@\n\x05Watch\x12\x19.conveyor.v1.WatchRequest\x1a\x1a.conveyor.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.task_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHEVENTTYPE']._serialized_start=1625
-  _globals['_WATCHEVENTTYPE']._serialized_end=1797
+  _globals['_WATCHEVENTTYPE']._serialized_start=1651
+  _globals['_WATCHEVENTTYPE']._serialized_end=1823
   _globals['_CREATEREQUEST']._serialized_start=133
   _globals['_CREATEREQUEST']._serialized_end=208
   _globals['_CREATERESPONSE']._serialized_start=210
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHCREATERESPONSE']._serialized_start=337
   _globals['_BATCHCREATERESPONSE']._serialized_end=400
   _globals['_GETREQUEST']._serialized_start=402
-  _globals['_GETREQUEST']._serialized_end=431
-  _globals['_GETRESPONSE']._serialized_start=433
-  _globals['_GETRESPONSE']._serialized_end=487
-  _globals['_LISTREQUEST']._serialized_start=489
-  _globals['_LISTREQUEST']._serialized_end=582
-  _globals['_LISTRESPONSE']._serialized_start=584
-  _globals['_LISTRESPONSE']._serialized_end=683
-  _globals['_CANCELREQUEST']._serialized_start=685
-  _globals['_CANCELREQUEST']._serialized_end=733
-  _globals['_CANCELRESPONSE']._serialized_start=735
-  _globals['_CANCELRESPONSE']._serialized_end=792
-  _globals['_PAUSEREQUEST']._serialized_start=794
-  _globals['_PAUSEREQUEST']._serialized_end=841
-  _globals['_PAUSERESPONSE']._serialized_start=843
-  _globals['_PAUSERESPONSE']._serialized_end=915
-  _globals['_RESUMEREQUEST']._serialized_start=917
-  _globals['_RESUMEREQUEST']._serialized_end=949
-  _globals['_RESUMERESPONSE']._serialized_start=951
-  _globals['_RESUMERESPONSE']._serialized_end=1008
-  _globals['_SENDINPUTREQUEST']._serialized_start=1010
-  _globals['_SENDINPUTREQUEST']._serialized_end=1105
-  _globals['_SENDINPUTRESPONSE']._serialized_start=1107
-  _globals['_SENDINPUTRESPONSE']._serialized_end=1185
-  _globals['_CANCELMATCHINGREQUEST']._serialized_start=1187
-  _globals['_CANCELMATCHINGREQUEST']._serialized_end=1284
-  _globals['_CANCELMATCHINGRESPONSE']._serialized_start=1286
-  _globals['_CANCELMATCHINGRESPONSE']._serialized_end=1325
-  _globals['_WATCHREQUEST']._serialized_start=1328
-  _globals['_WATCHREQUEST']._serialized_end=1503
-  _globals['_WATCHRESPONSE']._serialized_start=1505
-  _globals['_WATCHRESPONSE']._serialized_end=1622
-  _globals['_TASKSERVICE']._serialized_start=1800
-  _globals['_TASKSERVICE']._serialized_end=2512
+  _globals['_GETREQUEST']._serialized_end=457
+  _globals['_GETRESPONSE']._serialized_start=459
+  _globals['_GETRESPONSE']._serialized_end=513
+  _globals['_LISTREQUEST']._serialized_start=515
+  _globals['_LISTREQUEST']._serialized_end=608
+  _globals['_LISTRESPONSE']._serialized_start=610
+  _globals['_LISTRESPONSE']._serialized_end=709
+  _globals['_CANCELREQUEST']._serialized_start=711
+  _globals['_CANCELREQUEST']._serialized_end=759
+  _globals['_CANCELRESPONSE']._serialized_start=761
+  _globals['_CANCELRESPONSE']._serialized_end=818
+  _globals['_PAUSEREQUEST']._serialized_start=820
+  _globals['_PAUSEREQUEST']._serialized_end=867
+  _globals['_PAUSERESPONSE']._serialized_start=869
+  _globals['_PAUSERESPONSE']._serialized_end=941
+  _globals['_RESUMEREQUEST']._serialized_start=943
+  _globals['_RESUMEREQUEST']._serialized_end=975
+  _globals['_RESUMERESPONSE']._serialized_start=977
+  _globals['_RESUMERESPONSE']._serialized_end=1034
+  _globals['_SENDINPUTREQUEST']._serialized_start=1036
+  _globals['_SENDINPUTREQUEST']._serialized_end=1131
+  _globals['_SENDINPUTRESPONSE']._serialized_start=1133
+  _globals['_SENDINPUTRESPONSE']._serialized_end=1211
+  _globals['_CANCELMATCHINGREQUEST']._serialized_start=1213
+  _globals['_CANCELMATCHINGREQUEST']._serialized_end=1310
+  _globals['_CANCELMATCHINGRESPONSE']._serialized_start=1312
+  _globals['_CANCELMATCHINGRESPONSE']._serialized_end=1351
+  _globals['_WATCHREQUEST']._serialized_start=1354
+  _globals['_WATCHREQUEST']._serialized_end=1529
+  _globals['_WATCHRESPONSE']._serialized_start=1531
+  _globals['_WATCHRESPONSE']._serialized_end=1648
+  _globals['_TASKSERVICE']._serialized_start=1826
+  _globals['_TASKSERVICE']._serialized_end=2538
 # @@protoc_insertion_point(module_scope)
