@@ -26,14 +26,25 @@ from conveyor.errors import (
     Unavailable,
     WaitTimeout,
 )
-from conveyor.handlers import TaskContext, handler
+from conveyor.handlers import AttemptFailed, NonRetryableError, TaskContext, handler
 from conveyor.schedules import Overlap, Schedule, ScheduleEvent, ScheduleEventKind, ScheduleRun
-from conveyor.tasks import EventKind, InputSent, Task, TaskError, TaskEvent, TaskStatus
+from conveyor.tasks import (
+    AttemptOutcome,
+    EventKind,
+    InputSent,
+    Task,
+    TaskAttempt,
+    TaskError,
+    TaskEvent,
+    TaskStatus,
+)
 from conveyor.tls import Tls
 
 __all__ = [
     "AlreadyExists",
     "AsyncClient",
+    "AttemptFailed",
+    "AttemptOutcome",
     "Client",
     "ConveyorError",
     "DeadlineExceeded",
@@ -42,6 +53,7 @@ __all__ = [
     "FieldViolation",
     "InputSent",
     "InvalidArgument",
+    "NonRetryableError",
     "NotFound",
     "OutOfRange",
     "Overlap",
@@ -53,6 +65,7 @@ __all__ = [
     "ScheduleEventKind",
     "ScheduleRun",
     "Task",
+    "TaskAttempt",
     "TaskCancelled",
     "TaskContext",
     "TaskError",
