@@ -33,6 +33,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyord import api
 from tests.client_support import Calls, ScriptedServer, closed_port_address
 from tests.conftest import ServerThread
+from tests.processes import SOURCE_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, cursor moves, clearing lines
@@ -742,7 +743,7 @@ def command_line() -> list[str]:
 
 
 def process_env(server: ServerThread) -> dict[str, str]:
-    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": SOURCE_PATH}
 
 
 class Terminal:
