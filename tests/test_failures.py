@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from conveyor import AttemptFailed, NonRetryableError
 from conveyor.cli import main
-from conveyor.handlers import HandlerRegistry
+from conveyor.handlers import HandlerRegistry, error_type_of, traceback_of
 from conveyor.limits import MAX_TRACEBACK_BYTES
 from conveyor.protojson import dict_to_struct, struct_to_dict
 from conveyor.v1 import task_pb2
@@ -31,6 +31,7 @@ from conveyord.cli import build_parser, config_from_args
 from conveyord.lifecycle import TypeRetry
 from conveyord.worker.local import LOCAL_HOLDER
 from tests.conftest import ManualClock, ServerThread
+from tests.failure_handlers import Unreachable
 from tests.support import (
     COMPLETED,
     CREATED,
@@ -102,6 +103,17 @@ async def test_a_long_traceback_keeps_its_last_16_kib_and_says_what_was_cut(
     assert first.startswith("[the traceback's first ") and "bytes were cut" in first
     assert rest.endswith("ValueError: the last link\n")  # the end, where it failed, is kept
     assert "LookupError: link 299" in rest and "LookupError: link 0\n" not in rest
+
+
+def test_a_traceback_is_cut_between_characters_never_inside_one() -> None:
+    try:
+        raise ValueError("é" * 20_000)  # two bytes each: the cut falls on one or between
+    except ValueError as error:
+        kept = traceback_of(error)
+    assert len(kept.encode()) <= MAX_TRACEBACK_BYTES
+    assert kept.endswith("é" * 100 + "\n") and "\ufffd" not in kept
+    assert error_type_of(Unreachable()) == "tests.failure_handlers.Unreachable"
+    assert error_type_of(KeyError()) == "KeyError"
 
 
 # -- the history of attempts -------------------------------------------------------------

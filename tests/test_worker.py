@@ -104,6 +104,8 @@ async def test_a_worker_process_runs_async_blocking_and_failing_handlers(
     broken = await final(stub, failed.task_id)
     assert (broken.status, broken.error.code) == (FAILED, "HANDLER_ERROR")
     assert broken.error.message == "KeyError: 'missing-key'"
+    assert broken.error.error_type == "KeyError"  # and where it was raised:
+    assert 'raise KeyError("missing-key")' in broken.error.traceback
 
 
 async def test_a_cancel_reaches_a_blocking_handler_in_a_worker(
