@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from conveyord import TaskContext, handler
-from tests import control_handlers
+from tests import control_handlers, failure_handlers
 
 # Set by `stubborn_blocking` when it finally returns, long after it was abandoned.
 abandoned_returned = threading.Event()
@@ -166,3 +166,36 @@ async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
 @handler("pause_point_after_input", pausable=True)
 async def pause_point_after_input(ctx: TaskContext) -> dict[str, Any]:
     return await control_handlers.pause_point_after_input(ctx)
+
+
+# -- failures (tests/test_failures.py) ------------------------------------------------
+
+
+@handler("custom_failure")
+def custom_failure(ctx: TaskContext) -> None:
+    failure_handlers.custom_failure(ctx)
+
+
+@handler("chained_failure")
+def chained_failure(ctx: TaskContext) -> None:
+    failure_handlers.chained_failure(ctx)
+
+
+@handler("non_retryable")
+def non_retryable(ctx: TaskContext) -> int:
+    return failure_handlers.non_retryable(ctx)
+
+
+@handler("retry_later")
+def retry_later(ctx: TaskContext) -> int:
+    return failure_handlers.retry_later(ctx)
+
+
+@handler("checkpointed")
+async def checkpointed(ctx: TaskContext) -> dict[str, Any]:
+    return await failure_handlers.checkpointed(ctx)
+
+
+@handler("flaky")
+def flaky(ctx: TaskContext) -> int:
+    return failure_handlers.flaky(ctx)

@@ -10,6 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The PYTHONPATH of a process a test starts: this checkout's sources first (the tests, the
+# client and the server), so that it runs the code under test even where an editable
+# install of another checkout (a worktree's main) is in the environment.
+SOURCE_PATH = os.pathsep.join(str(path) for path in (ROOT, ROOT / "client", ROOT / "service"))
 CONSOLE_SCRIPT = Path(sys.executable).parent / "conveyord"  # what `pip install` puts on PATH
 
 
@@ -23,10 +27,7 @@ class Conveyord:
         command: Sequence[str] = (sys.executable, "-m", "conveyord"),
         cwd: Path = ROOT,
     ) -> None:
-        # This tree first, then the caller's path (which may name this tree's sources, where
-        # the installed package is another checkout's).
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        environment = {**os.environ, "PYTHONPATH": path, **(env or {})}
+        environment = {**os.environ, "PYTHONPATH": SOURCE_PATH, **(env or {})}
         self.process = subprocess.Popen(
             [
                 *command,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conveyord import allocator
+from tests.processes import SOURCE_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,7 @@ def _second_block(mode: str) -> dict[str, object]:
         for name, value in os.environ.items()
         if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"
     }
-    environment["PYTHONPATH"] = str(ROOT / "service")
+    environment["PYTHONPATH"] = SOURCE_PATH  # this checkout's conveyord (and conveyor)
     result = subprocess.run(
         [sys.executable, "-c", _SECOND_BLOCK, mode],
         env=environment,

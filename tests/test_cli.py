@@ -35,6 +35,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyord import api
 from tests.client_support import Calls, ScriptedServer, closed_port_address
 from tests.conftest import ServerThread
+from tests.processes import SOURCE_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, cursor moves, clearing lines
@@ -863,8 +864,7 @@ def command_line() -> list[str]:
 def process_env(server: ServerThread) -> dict[str, str]:
     """The environment of a command run in a process: this checkout's sources come first (not
     those the command was installed from, which may be another checkout's)."""
-    sources = os.pathsep.join(str(ROOT / part) for part in ("client", "service", ""))
-    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": sources}
+    return {**os.environ, "CONVEYOR_SERVER": server.address, "PYTHONPATH": SOURCE_PATH}
 
 
 class Terminal:

@@ -514,7 +514,11 @@ async def test_result_of_a_failed_task_raises_task_failed_with_its_error(twin: T
     task = await twin.create("fail", {"message": "disk full"})
     with pytest.raises(TaskFailed, match="HANDLER_ERROR: RuntimeError: disk full") as caught:
         await twin.result(task.task_id)
-    assert caught.value.task.error == TaskError("HANDLER_ERROR", "RuntimeError: disk full")
+    error = caught.value.task.error
+    assert error is not None and error.traceback.endswith("RuntimeError: disk full\n")
+    assert error == TaskError(
+        "HANDLER_ERROR", "RuntimeError: disk full", "RuntimeError", error.traceback
+    )
     assert caught.value.task.task_id == task.task_id
 
 
@@ -682,6 +686,8 @@ def test_the_public_names_are_pinned() -> None:
     assert sorted(conveyor.__all__) == [
         "AlreadyExists",
         "AsyncClient",
+        "AttemptFailed",
+        "AttemptOutcome",
         "Client",
         "ConveyorError",
         "DeadlineExceeded",
@@ -690,6 +696,7 @@ def test_the_public_names_are_pinned() -> None:
         "FieldViolation",
         "InputSent",
         "InvalidArgument",
+        "NonRetryableError",
         "NotFound",
         "OutOfRange",
         "Overlap",
@@ -701,6 +708,7 @@ def test_the_public_names_are_pinned() -> None:
         "ScheduleEventKind",
         "ScheduleRun",
         "Task",
+        "TaskAttempt",
         "TaskCancelled",
         "TaskContext",
         "TaskCounts",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import struct_pb2
 
-from conveyor.protojson import seconds_to_timestamp
+from conveyor.protojson import dict_to_struct, seconds_to_timestamp
+from conveyor.v1 import task_pb2
 from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1 import worker_service_pb2 as wpb
 from conveyord.convert import (
@@ -17,12 +19,17 @@ from conveyord.convert import (
     list_message,
     task_message,
     task_to_proto,
+    task_with_attempts,
     tasks_message,
     watch_message,
 )
-from conveyord.model import Change, ChangeKind, Task, TaskError, TaskStatus
+from conveyord.lifecycle import checkpoint_of
+from conveyord.model import Attempt, AttemptOutcome, Change, ChangeKind, Task, TaskError, TaskStatus
 from tests.test_store import new_task
 
+FAILURE = TaskError(
+    "HANDLER_ERROR", "KeyError: 'k'", "KeyError", "Traceback ...\nKeyError: 'k'\n", True
+)
 TASKS = [
     new_task(),
     new_task(
@@ -40,6 +47,13 @@ TASKS = [
         description="x" * 300,
     ),
     new_task(status=TaskStatus.COMPLETED, result=[1, {"a": True}], revision=127),
+    new_task(
+        status=TaskStatus.CREATED,
+        attempt=2,
+        error=FAILURE,
+        last_attempt_error=FAILURE,
+        checkpoint={"cursor": "c-9"},  # one key: a map's order is not fixed
+    ),
 ]
 
 
@@ -114,6 +128,7 @@ def test_assignments_are_the_serialized_response(deadline: float) -> None:
                     lease_id=task.lease_id,
                     deadline=seconds_to_timestamp(deadline),
                     lease_expires_at=seconds_to_timestamp(deadline + 15),
+                    checkpoint=_checkpoint(task),
                 )
                 for task in tasks
             ]
@@ -131,6 +146,47 @@ def test_an_assignment_alone_is_the_serialized_response() -> None:
             lease_id=task.lease_id,
             deadline=seconds_to_timestamp(10.5),
             lease_expires_at=seconds_to_timestamp(25.0),
+            checkpoint=_checkpoint(task),
         )
     )
     assert assignment_message(assignment(task, 10.5, 25.0)) == expected.SerializeToString()
+
+
+def _attempt_proto(attempt: Attempt) -> task_pb2.TaskAttempt:
+    message = task_pb2.TaskAttempt(
+        number=attempt.number,
+        started_at=seconds_to_timestamp(attempt.started_at),
+        ended_at=seconds_to_timestamp(attempt.ended_at),
+        worker=attempt.holder,
+        outcome=task_pb2.AttemptOutcome.ValueType(attempt.outcome),
+    )
+    if attempt.error is not None:
+        error = attempt.error
+        message.error.CopyFrom(
+            task_pb2.TaskError(
+                code=error.code,
+                message=error.message,
+                error_type=error.error_type,
+                traceback=error.traceback,
+                non_retryable=error.non_retryable,
+            )
+        )
+    return message
+
+
+def _checkpoint(task: Task) -> struct_pb2.Struct | None:
+    """The Assignment's checkpoint of a task: what it resumes from, or unset."""
+    checkpoint = checkpoint_of(task)
+    return None if checkpoint is None else dict_to_struct(checkpoint)
+
+
+def test_a_task_with_its_attempts_is_the_serialized_response() -> None:
+    task = TASKS[-1]
+    attempts = [
+        Attempt(1, 10.25, 12.5, "conveyord/local", AttemptOutcome.FAILED, FAILURE),
+        Attempt(2, 13.0, 14.0, "t#w-1", AttemptOutcome.COMPLETED),
+    ]
+    proto = task_to_proto(task)
+    proto.attempts.extend(_attempt_proto(attempt) for attempt in attempts)
+    assert task_with_attempts(task, attempts) == pb.GetResponse(task=proto).SerializeToString()
+    assert proto.error.error_type == "KeyError" and proto.checkpoint["cursor"] == "c-9"

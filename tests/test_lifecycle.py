@@ -19,8 +19,18 @@ from conveyord.lifecycle import (
     RetryPolicy,
     StaleLease,
     TaskAlreadyEnded,
+    TypeRetry,
 )
-from conveyord.model import TRANSITIONS, ErrorCode, Task, TaskError, TaskInput, TaskStatus
+from conveyord.model import (
+    TRANSITIONS,
+    Attempt,
+    AttemptOutcome,
+    ErrorCode,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskStatus,
+)
 
 CREATED, RUNNING, PAUSED = TaskStatus.CREATED, TaskStatus.RUNNING, TaskStatus.PAUSED
 WAITING_INPUT = TaskStatus.WAITING_INPUT
@@ -425,8 +435,144 @@ def test_a_failed_attempt_follows_the_retry_policy(
     outcome = Outcome(error=BOOM, retryable=retryable)
     ended = lifecycle.finish(task(RUNNING, attempt=attempt), LEASE.lease_id, outcome, POLICY, NOW)
     assert (ended.status, ended.attempt, ended.next_attempt_at) == (status, next_attempt, next_at)
-    assert ended.error == ended.last_attempt_error == BOOM and _holds_no_lease(ended)
+    kept = dataclasses.replace(BOOM, non_retryable=not retryable)  # marked if not retried
+    assert ended.error == ended.last_attempt_error == kept and _holds_no_lease(ended)
     assert (ended.finished_at is not None) == (status is FAILED)
+
+
+@pytest.mark.parametrize(
+    ("task_type", "retry_delay", "next_at"),
+    [
+        ("echo", None, NOW + 4),  # the server's backoff: 1 s, 2 s, 4 s ...
+        ("slow", None, NOW + 90),  # the type's own: 10 s, times 3 each time
+        ("slow", 0.0, NOW),  # the handler's delay wins over any backoff: at once
+        ("echo", 7.5, NOW + 7.5),
+    ],
+)
+def test_a_retry_waits_for_the_handler_s_delay_else_the_type_s_backoff(
+    task_type: str, retry_delay: float | None, next_at: float
+) -> None:
+    policy = POLICY.with_types({"slow": TypeRetry(5, initial=10.0, multiplier=3.0)})
+    failing = task(RUNNING, task_type=task_type, attempt=3, max_attempts=5)
+    outcome = Outcome(error=BOOM, retry_delay=retry_delay)
+    ended = lifecycle.finish(failing, LEASE.lease_id, outcome, policy, NOW)
+    assert (ended.status, ended.attempt, ended.next_attempt_at) == (CREATED, 4, next_at)
+
+
+def test_a_type_s_backoff_keeps_the_server_s_parts_it_does_not_set() -> None:
+    policy = POLICY.with_types({"capped": TypeRetry(3, maximum=3.0), "plain": TypeRetry(2)})
+    assert [policy.delay(n, "capped") for n in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert "plain" not in policy.by_type  # attempts alone: the server's backoff
+    assert policy.delay(3, "plain") == policy.delay(3) == 4.0
+
+
+def test_a_non_retryable_error_fails_the_task_at_once_with_attempts_left() -> None:
+    outcome = Outcome(error=BOOM, retryable=False)
+    ended = lifecycle.finish(task(RUNNING, max_attempts=5), LEASE.lease_id, outcome, POLICY, NOW)
+    assert (ended.status, ended.attempt, ended.max_attempts) == (FAILED, 1, 5)
+    assert ended.error is not None and ended.error.non_retryable
+
+
+@pytest.mark.parametrize(
+    ("outcome", "checkpoint"),
+    [
+        (Outcome(error=BOOM, checkpoint={"page": 7}), {"page": 7}),  # the failure's own
+        (Outcome(error=BOOM), {"page": 3}),  # none given: the one saved before stays
+        (Outcome(result=1, checkpoint={"page": 9}), {"page": 9}),
+    ],
+)
+def test_an_attempt_s_end_keeps_its_checkpoint(
+    outcome: Outcome, checkpoint: dict[str, Any]
+) -> None:
+    running = task(RUNNING, checkpoint={"page": 3})
+    ended = lifecycle.finish(running, LEASE.lease_id, outcome, POLICY, NOW)
+    assert ended.checkpoint == checkpoint
+
+
+@pytest.mark.parametrize(
+    ("fields", "resumes_from"),
+    [
+        ({}, None),  # a first attempt: nothing to resume from
+        ({"progress_detail": {"done": 4}}, {"done": 4}),  # the latest progress detail
+        ({"progress_detail": {"done": 4}, "checkpoint": {"page": 2}}, {"page": 2}),  # saved
+    ],
+)
+def test_an_attempt_resumes_from_the_saved_checkpoint_else_the_latest_detail(
+    fields: dict[str, Any], resumes_from: dict[str, Any] | None
+) -> None:
+    assert lifecycle.checkpoint_of(task(CREATED, **fields)) == resumes_from
+
+
+# -- the history of attempts -------------------------------------------------------
+
+
+def _ended(running: Task, ended: Task | None) -> Attempt | None:
+    assert ended is not None
+    return lifecycle.ended_attempt(running, ended)
+
+
+RUNS = task(RUNNING, started_at=NOW - 5, max_attempts=3)
+INTERRUPTED = Outcome(error=TaskError(ErrorCode.INTERRUPTED, "stopped"), interrupted=True)
+WAITS = Outcome(wait=InputWait("approve?", "", None, 0))
+NOT_RETRIED = dataclasses.replace(BOOM, non_retryable=True)
+
+
+@pytest.mark.parametrize(
+    ("ended", "outcome", "error"),
+    [
+        (lifecycle.finish(RUNS, LEASE.lease_id, Outcome(result=1), POLICY, NOW),
+         AttemptOutcome.COMPLETED, None),
+        (lifecycle.finish(RUNS, LEASE.lease_id, Outcome(error=BOOM), POLICY, NOW),
+         AttemptOutcome.FAILED, BOOM),  # retried
+        (lifecycle.finish(RUNS, LEASE.lease_id, Outcome(error=BOOM, retryable=False), POLICY,
+                          NOW), AttemptOutcome.FAILED, NOT_RETRIED),
+        (lifecycle.cancelled(RUNS, "no", NOW), AttemptOutcome.CANCELLED,
+         TaskError(ErrorCode.CANCELLED, "no")),
+        (lifecycle.finish(RUNS, LEASE.lease_id, INTERRUPTED, POLICY, NOW),
+         AttemptOutcome.INTERRUPTED, None),  # (error checked below: the requeue's own)
+        (lifecycle.finish(RUNS, LEASE.lease_id, WAITS, POLICY, NOW), AttemptOutcome.SUSPENDED,
+         None),
+        (lifecycle.expire(RUNS, BOOM, POLICY, NOW, 0.0), AttemptOutcome.FAILED, BOOM),
+    ],
+)  # fmt: skip
+def test_an_attempt_that_ends_is_recorded_with_how_it_ended(
+    ended: Task, outcome: AttemptOutcome, error: TaskError | None
+) -> None:
+    attempt = _ended(RUNS, ended)
+    assert attempt is not None
+    assert (attempt.number, attempt.started_at, attempt.ended_at, attempt.holder) == (
+        1, NOW - 5, NOW, LEASE.holder,
+    )  # fmt: skip
+    assert attempt.outcome is outcome
+    if outcome is AttemptOutcome.INTERRUPTED:
+        assert attempt.error is not None and attempt.error.code == ErrorCode.INTERRUPTED
+    else:
+        assert attempt.error == error
+
+
+def test_an_attempt_that_ends_parked_is_recorded_too() -> None:
+    parked = task(PAUSED, parked=True, started_at=NOW - 5, paused_at=NOW - 1, pause_reason="x")
+    ended = lifecycle.finish(parked, LEASE.lease_id, Outcome(error=BOOM), POLICY, NOW)
+    attempt = _ended(parked, ended)
+    assert ended.status is PAUSED and attempt is not None
+    assert (attempt.number, attempt.outcome, attempt.error) == (1, AttemptOutcome.FAILED, BOOM)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        lifecycle.report(RUNS, LEASE.lease_id, {"progress": 0.5}, NOW),
+        lifecycle.renew(RUNS, LEASE.lease_id, NOW + 60),
+        lifecycle.cancel(RUNS, "asked", NOW),  # asked only: the attempt still runs
+    ],
+)
+def test_a_change_that_keeps_the_lease_ends_no_attempt(changed: Task | None) -> None:
+    assert _ended(RUNS, changed) is None
+
+
+def test_a_claim_ends_no_attempt() -> None:
+    queued = task(CREATED)
+    assert _ended(queued, lifecycle.claim(queued, LEASE, NOW)) is None
 
 
 @pytest.mark.parametrize("outcome", [Outcome(result=1), Outcome(error=BOOM)])

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conveyord.model import TaskFilter
+from conveyord.model import TaskError, TaskFilter
 from conveyord.store.base import StoreFailed
 from conveyord.store.sqlite import (
     MIGRATIONS,
@@ -267,4 +267,20 @@ async def test_declared_task_types_survive_a_restart(tmp_path: Path) -> None:
     await store.close()
     store = await _opened(path)
     assert await store.declared_task_types() == {"resize"}
+    await store.close()
+
+
+async def test_a_failed_attempt_s_error_survives_a_restart_written_once(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    store = await _opened(path)
+    error = TaskError("HANDLER_ERROR", "KeyError: 'k'", "KeyError", "Traceback\n" * 500, True)
+    failed, _ = await create_one(store, new_task(error=error, last_attempt_error=error))
+    await store.close()
+    connection = sqlite3.connect(path)
+    (data,) = connection.execute("SELECT data FROM tasks").fetchone()
+    connection.close()
+    assert data.count("Traceback") == 500  # once, not once for each of the two fields
+    store = await _opened(path)
+    again = await store.get(failed.task_id)
+    assert again is not None and again.error == again.last_attempt_error == error
     await store.close()

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
+from conveyord.model import (
+    AttemptOutcome,
+    Change,
+    ChangeKind,
+    Task,
+    TaskError,
+    TaskFilter,
+    TaskStatus,
+)
 from conveyord.store.base import (
     Claim,
     RequestIdReused,
@@ -18,7 +26,7 @@ from conveyord.store.base import (
     TaskNotFound,
     TaskStore,
 )
-from conveyord.store.memory import MemoryStore
+from conveyord.store.memory import MAX_KEPT_ATTEMPTS, MemoryStore
 from conveyord.store.sqlite import SqliteStore
 
 Opener = Callable[..., TaskStore]
@@ -464,3 +472,64 @@ async def test_declared_task_types_are_remembered(store: TaskStore) -> None:
     await store.declare_task_types({"resize", "encode"})
     await store.declare_task_types({"resize"})
     assert await store.declared_task_types() == {"resize", "encode"}
+
+
+# -- the history of attempts ---------------------------------------------------------
+
+
+def _claimed(task: Task, holder: str = "w-1") -> Task:
+    return task.evolve(
+        status=TaskStatus.RUNNING, lease_id=uuid.uuid4().hex, lease_holder=holder,
+        started_at=task.updated_at + 1, updated_at=task.updated_at + 1,
+    )  # fmt: skip
+
+
+def _failed_once(task: Task) -> Task:
+    error = TaskError("HANDLER_ERROR", "KeyError: 'k'", "KeyError", "Traceback ...")
+    return task.evolve(
+        status=TaskStatus.CREATED, attempt=task.attempt + 1, error=error,
+        last_attempt_error=error, lease_id="", lease_holder="", updated_at=task.updated_at + 2,
+    )  # fmt: skip
+
+
+async def test_each_ended_attempt_is_kept_apart_from_the_task(store: TaskStore) -> None:
+    task, _ = await create_one(store, new_task(max_attempts=3))
+    await store.update(task.task_id, _claimed)
+    await store.update(task.task_id, lambda t: t.evolve(progress=0.5))  # no end: not kept
+    retried = await store.update(task.task_id, _failed_once)
+    await store.update(task.task_id, lambda t: _claimed(t, "w-2"))
+    done = await store.update(task.task_id, lambda t: complete(t).evolve(lease_id=""))
+    attempts = await store.attempts(task.task_id)
+    assert [(a.number, a.holder, a.outcome) for a in attempts] == [
+        (1, "w-1", AttemptOutcome.FAILED), (2, "w-2", AttemptOutcome.COMPLETED),
+    ]  # fmt: skip
+    assert attempts[0].error == retried.error and attempts[1].error is None
+    assert (attempts[0].started_at, attempts[0].ended_at) == (2.0, 4.0)
+    assert done.progress == 0.5 and not hasattr(done, "attempts")  # not in the task's record
+    assert await store.attempts(str(uuid.uuid4())) == ()
+
+
+async def test_a_task_s_attempts_go_with_it(store: TaskStore) -> None:
+    task, _ = await create_one(store, new_task())
+    await store.update(task.task_id, _claimed)
+    await store.update(task.task_id, lambda t: complete(t).evolve(lease_id="", finished_at=3.0))
+    assert len(await store.attempts(task.task_id)) == 1
+    assert await store.remove_finished(finished_before=10, limit=10) == 1
+    assert await store.attempts(task.task_id) == ()
+
+
+async def test_a_task_keeps_its_latest_hundred_attempts(open_store: Opener) -> None:
+    store = open_store()
+    await store.open()
+    task, _ = await create_one(store, new_task(max_attempts=100))
+    for _ in range(MAX_KEPT_ATTEMPTS + 5):  # (a count that interruptions or waits can reach)
+        await store.update(task.task_id, _claimed)
+        await store.update(task.task_id, _failed_once)
+    kept = await store.attempts(task.task_id)
+    assert [a.number for a in kept] == list(range(6, MAX_KEPT_ATTEMPTS + 6))
+    await store.close()
+    store = open_store()  # a durable store reads back the same
+    await store.open()
+    if isinstance(store, SqliteStore):
+        assert await store.attempts(task.task_id) == kept
+    await store.close()

@@ -161,6 +161,12 @@ def task_batch_create(w: World) -> None:
 def task_get(w: World) -> None:
     _same_refusal(w, w.b.tasks.Get, lambda i: tpb.GetRequest(task_id=i), w.task_id)
     assert w.a.call(w.a.tasks.Get, tpb.GetRequest(task_id=w.task_id)).task.task_id == w.task_id
+    _same_refusal(w, w.b.tasks.Get, _get_with_attempts, w.task_id)  # nor its history
+    assert w.a.call(w.a.tasks.Get, _get_with_attempts(w.task_id)).task.task_id == w.task_id
+
+
+def _get_with_attempts(task_id: str) -> tpb.GetRequest:
+    return tpb.GetRequest(task_id=task_id, include_attempts=True)
 
 
 def task_list(w: World) -> None:

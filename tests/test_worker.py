@@ -24,7 +24,7 @@ from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.worker.remote import SessionTimings
 from tests.conftest import ServerThread
-from tests.processes import Conveyord
+from tests.processes import SOURCE_PATH, Conveyord
 from tests.proxy import Proxy
 from tests.support import (
     CANCELLED,
@@ -61,7 +61,7 @@ def start_worker() -> Iterator[StartWorker]:
         command = [sys.executable, "-m", "conveyor", "--server", address, "worker"]
         process = subprocess.Popen(
             [*command, "--handlers", "tests.worker_handlers", *args],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": SOURCE_PATH},
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         started.append(process)
@@ -104,6 +104,8 @@ async def test_a_worker_process_runs_async_blocking_and_failing_handlers(
     broken = await final(stub, failed.task_id)
     assert (broken.status, broken.error.code) == (FAILED, "HANDLER_ERROR")
     assert broken.error.message == "KeyError: 'missing-key'"
+    assert broken.error.error_type == "KeyError"  # and where it was raised:
+    assert 'raise KeyError("missing-key")' in broken.error.traceback
 
 
 async def test_a_cancel_reaches_a_blocking_handler_in_a_worker(

@@ -27,12 +27,14 @@ from conveyor.errors import (
     Unavailable,
     WaitTimeout,
 )
-from conveyor.handlers import TaskContext, handler
+from conveyor.handlers import AttemptFailed, NonRetryableError, TaskContext, handler
 from conveyor.schedules import Overlap, Schedule, ScheduleEvent, ScheduleEventKind, ScheduleRun
 from conveyor.tasks import (
+    AttemptOutcome,
     EventKind,
     InputSent,
     Task,
+    TaskAttempt,
     TaskCounts,
     TaskError,
     TaskEvent,
@@ -45,6 +47,8 @@ from conveyor.tls import Tls
 __all__ = [
     "AlreadyExists",
     "AsyncClient",
+    "AttemptFailed",
+    "AttemptOutcome",
     "Client",
     "ConveyorError",
     "DeadlineExceeded",
@@ -53,6 +57,7 @@ __all__ = [
     "FieldViolation",
     "InputSent",
     "InvalidArgument",
+    "NonRetryableError",
     "NotFound",
     "OutOfRange",
     "Overlap",
@@ -64,6 +69,7 @@ __all__ = [
     "ScheduleEventKind",
     "ScheduleRun",
     "Task",
+    "TaskAttempt",
     "TaskCancelled",
     "TaskContext",
     "TaskCounts",

@@ -153,11 +153,14 @@ class Client(ClientBase):
             created += (Task._from_proto(task) for task in response.tasks)
         return created
 
-    def get(self, task_id: str, *, timeout: float | None = None) -> Task:
-        """The task as it stands. `timeout` bounds the whole call, retries included."""
-        request = pb.GetRequest(task_id=task_id)
+    def get(
+        self, task_id: str, *, include_attempts: bool = False, timeout: float | None = None
+    ) -> Task:
+        """The task as it stands; with `include_attempts`, its history of ended attempts too
+        (`Task.attempts`). `timeout` bounds the whole call, retries included."""
+        request = pb.GetRequest(task_id=task_id, include_attempts=include_attempts)
         response = self._call(self._stub.Get, request, timeout, retry=True)
-        return Task._from_proto(response.task)
+        return Task._from_proto(response.task, with_attempts=include_attempts)
 
     def list(
         self,

@@ -33,7 +33,7 @@ from rich.progress import Task as Bar
 from rich.table import Table
 from rich.text import Text
 
-from conveyor.tasks import EventKind, Task, TaskEvent, TaskStatus
+from conveyor.tasks import EventKind, Task, TaskAttempt, TaskError, TaskEvent, TaskStatus
 
 STATUS_STYLES = {
     TaskStatus.UNKNOWN: "bold",  # a newer server's status: shown as UNKNOWN(its number)
@@ -97,7 +97,9 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.name
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):  # a task's attempts
+        return [_json_value(item) for item in value]
     return value
 
 
@@ -135,6 +137,27 @@ def ending(task: Task) -> Text:
         code = "" if task.error.code == task.status.name else f"{task.error.code}: "
         how = f": {code}{task.error.message}"
     return Text.assemble(status_text(task), how)
+
+
+def _error_details(error: TaskError, name: str) -> Iterator[tuple[str, str]]:
+    """An error's lines of a task's details: code and message, what failed, where."""
+    yield name, f"{error.code}: {error.message}"
+    if error.error_type:
+        yield "error type", error.error_type + (" (not retried)" if error.non_retryable else "")
+    if error.traceback:
+        yield "traceback", error.traceback.rstrip("\n")
+
+
+def _attempt_line(attempt: TaskAttempt) -> str:
+    """One ended attempt, on one line: number, outcome, start, run time, worker, error."""
+    took = (attempt.ended_at - attempt.started_at).total_seconds()
+    line = (
+        f"{attempt.number}  {attempt.outcome.name:<11}  {_time(attempt.started_at)}  "
+        f"{took:.1f} s  {attempt.worker}"
+    )
+    if attempt.error is not None:
+        line += f"  {attempt.error.code}: {attempt.error.message}".split("\n")[0]
+    return line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +266,11 @@ class Output:
         if task.status is TaskStatus.COMPLETED:
             yield "result", json.dumps(task.result)
         if task.error is not None:
-            yield "error", f"{task.error.code}: {task.error.message}"
+            yield from _error_details(task.error, "error")
+        elif task.last_attempt_error is not None:  # completed after a failed attempt
+            yield from _error_details(task.last_attempt_error, "last error")
+        if task.checkpoint is not None:
+            yield "checkpoint", json.dumps(task.checkpoint)
         if task.parameters:
             yield "parameters", json.dumps(task.parameters)
         if task.labels:
@@ -273,6 +300,8 @@ class Output:
             yield "inputs", str(task.input_count)
         if task.cancel_requested_at:
             yield "cancel asked", _time(task.cancel_requested_at)
+        if task.attempts:
+            yield "attempts", "\n".join(_attempt_line(attempt) for attempt in task.attempts)
 
     def note(self, text: str) -> None:
         """A line for people only; scripts get the same from the JSON that follows."""

@@ -306,7 +306,7 @@ def _json_object(source: str | None, option: str) -> dict[str, Any]:
 
 
 def _get(client: Client, args: argparse.Namespace, out: Output) -> int:
-    out.task(client.get(resolve_id(client, args.task_id)))
+    out.task(client.get(resolve_id(client, args.task_id), include_attempts=True))
     return EXIT_COMPLETED
 
 
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--watch", action="store_true", help="show its progress until it ends")
     _seconds(create, "--wait-timeout", "with --wait or --watch: give up after S seconds")
 
-    get = command("get", _get, "show a task")
+    get = command("get", _get, "show a task, its error's traceback and its attempts")
     get.add_argument("task_id", metavar="ID", help=ID_HELP)
 
     listing = command("list", _list, "list tasks, newest first")

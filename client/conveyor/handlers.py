@@ -6,7 +6,11 @@ process of their own (`conveyor worker --handlers MODULE`, see conveyor.worker).
 A handler takes one argument, a `TaskContext`, and returns the task's result (anything
 JSON can hold). It may be `async def` (run on the server's event loop) or a plain
 `def` (run on a thread of its own, so that it never blocks the loop). Raising fails the
-attempt with the exception's message.
+attempt: the task keeps the exception's message, type and traceback, and is retried while
+attempts remain. Raise `NonRetryableError` to fail it at once, or `AttemptFailed` with a
+`retry_delay` to choose when the next attempt runs. A handler resumes from where an
+earlier attempt got to with `ctx.checkpoint`: what that attempt saved with
+`ctx.save_checkpoint(...)` (or gave its AttemptFailed), else its latest progress detail.
 
 A handler marked `pausable=True` can be paused while it runs: it parks at its next pause
 point (`await ctx.pause_point()`, or `ctx.pause_point_sync()` in a blocking handler) until
@@ -38,10 +42,18 @@ import importlib
 import inspect
 import math
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from conveyor.limits import MAX_DETAIL_BYTES, MAX_MESSAGE, MAX_RESULT_BYTES
+from conveyor.limits import (
+    MAX_DETAIL_BYTES,
+    MAX_ERROR_TYPE,
+    MAX_MESSAGE,
+    MAX_RESULT_BYTES,
+    MAX_RETRY_DELAY,
+    MAX_TRACEBACK_BYTES,
+)
 from conveyor.protojson import dict_to_struct, json_problem, to_value
 
 Handler = Callable[["TaskContext"], Any]
@@ -52,6 +64,7 @@ _PAUSABLE_ATTRIBUTE = "__conveyor_pausable__"
 MAX_PROMPT = 4096  # characters of a wait's prompt
 MAX_LABEL = 255  # characters of a wait's label
 _BUILTIN_MODULE = "conveyord.builtin_handlers"
+_CUT_NOTE_ROOM = 100  # bytes of a cut traceback's first line, which says what was cut
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +101,103 @@ class WaitForInput(BaseException):
     def __init__(self, prompt: str, label: str, timeout: float | None, seen: int) -> None:
         super().__init__(prompt)
         self.prompt, self.label, self.timeout, self.seen = prompt, label, timeout, seen
+
+
+class AttemptFailed(Exception):
+    """Raised by a handler to fail its attempt, saying what follows: not `retryable` (the
+    task fails now, whatever attempts remain), a `retry_delay` in seconds before the next
+    attempt (in place of the task's backoff), a `checkpoint` for the next attempt, and the
+    `error_type` the task shows (by default, the exception's class).
+
+    Raise it `from` the exception that caused it: the traceback kept shows both.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retryable: bool = True,
+        retry_delay: float | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if retry_delay is not None and not 0 <= retry_delay <= MAX_RETRY_DELAY:
+            raise ValueError(
+                f"retry_delay must be 0 to {MAX_RETRY_DELAY:.0f} seconds, not {retry_delay!r}"
+            )
+        if checkpoint is not None and (refusal := checkpoint_problem(checkpoint)) is not None:
+            raise ValueError(refusal.message)
+        if error_type is not None and not 0 < len(error_type) <= MAX_ERROR_TYPE:
+            raise ValueError(f"error_type must be 1 to {MAX_ERROR_TYPE} characters")
+        self.retryable = retryable
+        self.retry_delay = retry_delay
+        self.checkpoint = None if checkpoint is None else dict(checkpoint)
+        self.error_type = error_type
+
+
+class NonRetryableError(AttemptFailed):
+    """Raised by a handler to fail its task now, whatever attempts remain (a bad input,
+    say, that another attempt would fail on again)."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        checkpoint: Mapping[str, Any] | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message, retryable=False, checkpoint=checkpoint, error_type=error_type)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """A handler's exception, as the attempt's end keeps it."""
+
+    message: str  # its type, then what it says
+    error_type: str  # `KeyError` for a built-in, `module.QualName` for another
+    traceback: str  # its last MAX_TRACEBACK_BYTES (UTF-8)
+    retryable: bool = True
+    retry_delay: float | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+def failure_of(error: BaseException) -> Failure:
+    """What an attempt's end keeps of the exception its handler raised."""
+    kept = Failure(failure_message(error), error_type_of(error), traceback_of(error))
+    if isinstance(error, AttemptFailed):
+        named = error.error_type
+        return dataclasses.replace(
+            kept,
+            message=f"{named}: {error}"[:MAX_MESSAGE] if named else kept.message,
+            error_type=named or kept.error_type,
+            retryable=error.retryable,
+            retry_delay=error.retry_delay,
+            checkpoint=error.checkpoint,
+        )
+    return kept
+
+
+def error_type_of(error: BaseException) -> str:
+    """The exception's class: its bare name for a built-in (`KeyError`), else qualified by
+    its module (`myteam.errors.Unreachable`), so that two `Error`s are told apart."""
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"[:MAX_ERROR_TYPE]
+
+
+def traceback_of(error: BaseException) -> str:
+    """The exception's traceback (its causes first, as Python prints them), cut to its last
+    MAX_TRACEBACK_BYTES of UTF-8: the end holds the exception and the innermost frames,
+    which say the most, and a first line says how much of the beginning was cut."""
+    text = "".join(traceback.format_exception(error))
+    encoded = text.encode()
+    if len(encoded) <= MAX_TRACEBACK_BYTES:
+        return text
+    end = encoded[-(MAX_TRACEBACK_BYTES - _CUT_NOTE_ROOM) :].decode(errors="ignore")
+    cut = len(encoded) - len(end.encode())  # (a character cut in two is dropped whole)
+    return f"[the traceback's first {cut} bytes were cut; its end follows]\n{end}"
 
 
 class HandlerLoadError(Exception):
@@ -168,6 +278,9 @@ def report_problem(changes: Mapping[str, Any]) -> Refusal | None:
             "REPORT_TOO_LARGE",
             f"a progress message of {len(message)} characters; at most {MAX_MESSAGE} are kept",
         )
+    checkpoint = changes.get("checkpoint")
+    if checkpoint is not None and (refusal := checkpoint_problem(checkpoint)) is not None:
+        return refusal
     detail = changes.get("progress_detail")
     if detail is None:
         return None
@@ -178,6 +291,19 @@ def report_problem(changes: Mapping[str, Any]) -> Refusal | None:
         return Refusal(
             "REPORT_TOO_LARGE",
             f"a progress detail of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
+        )
+    return None
+
+
+def checkpoint_problem(checkpoint: Mapping[str, Any]) -> Refusal | None:
+    """Why a checkpoint cannot be kept (not JSON, or over a progress detail's cap), or None."""
+    if (problem := json_problem(checkpoint, "checkpoint")) is not None:
+        return Refusal("INVALID_REPORT", problem)
+    size = dict_to_struct(checkpoint).ByteSize()
+    if size > MAX_DETAIL_BYTES:
+        return Refusal(
+            "REPORT_TOO_LARGE",
+            f"a checkpoint of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
         )
     return None
 
@@ -274,9 +400,11 @@ class TaskContext:
         sink: ProgressSink,
         inputs: Iterable[Mapping[str, Any]] = (),
         on_park: Callable[[], None] | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         """The context of attempt `attempt` of a task; reports go to `sink` on `loop`, and
-        `on_park` is called on `loop` when the handler parks at a pause point."""
+        `on_park` is called on `loop` when the handler parks at a pause point. `checkpoint`:
+        what an earlier run of the task left for this one."""
         self.task_id, self.task_type = task_id, task_type
         self.parameters: dict[str, Any] = dict(parameters)
         self.labels: dict[str, str] = dict(labels)
@@ -293,6 +421,9 @@ class TaskContext:
         self._closed = False
         self.inputs: list[dict[str, Any]] = [dict(sent) for sent in inputs] if inputs else []
         self._on_park = on_park
+        # What an earlier run left: the checkpoint it saved, else its latest progress detail
+        # (None for a first attempt). Resume from it rather than from the start.
+        self.checkpoint: dict[str, Any] | None = None if checkpoint is None else dict(checkpoint)
         # The pause and input state starts as the class's defaults below (an attempt is made
         # for every task, and most never pause nor wait for input).
 
@@ -352,12 +483,24 @@ class TaskContext:
         if detail is not None:
             changes["progress_detail"] = dict(detail)
         if changes and not self._closed:
-            report: dict[str, Any] | Refusal = report_problem(changes) or changes
-            if threading.get_ident() == self._loop_thread:  # an async handler: in order, now
-                self._sink(report)
-                return
-            with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
-                self._loop.call_soon_threadsafe(self._sink, report)
+            self._send(changes)
+
+    def _send(self, changes: dict[str, Any]) -> None:
+        """Pass a report (or the refusal of one over a cap) to the sink, on the loop."""
+        report: dict[str, Any] | Refusal = report_problem(changes) or changes
+        if threading.get_ident() == self._loop_thread:  # an async handler: in order, now
+            self._sink(report)
+            return
+        with contextlib.suppress(RuntimeError):  # the server's loop has closed: nobody listens
+            self._loop.call_soon_threadsafe(self._sink, report)
+
+    def save_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Leave `checkpoint` (a JSON object, at most 64 KiB encoded) for the task's next
+        attempt, which finds it as `ctx.checkpoint`, whatever progress detail it reports
+        later; returns at once, as `report` does. One that breaks its cap fails the attempt
+        (not retried), as a report's detail would."""
+        if not self._closed:
+            self._send({"checkpoint": dict(checkpoint)})
 
     @property
     def pause_requested(self) -> bool:

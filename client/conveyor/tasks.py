@@ -55,10 +55,64 @@ class InputSent:
 
 @dataclasses.dataclass(frozen=True)
 class TaskError:
-    """Why a task failed or was cancelled: a stable `code` (HANDLER_ERROR, ...) and a message."""
+    """Why a task failed or was cancelled: a stable `code` (HANDLER_ERROR, ...) and a message;
+    for a handler's failure, what failed (`error_type`, such as `KeyError`) and its
+    `traceback` (the last 16 KiB); `non_retryable` when it was not retried."""
 
     code: str
     message: str
+    error_type: str = ""
+    traceback: str = ""
+    non_retryable: bool = False
+
+    @classmethod
+    def _from_proto(cls, error: task_pb2.TaskError) -> TaskError:
+        return cls(
+            error.code, error.message, error.error_type, error.traceback, error.non_retryable
+        )
+
+
+class AttemptOutcome(enum.IntEnum):
+    """How an attempt ended; mirrors conveyor.v1.AttemptOutcome without the prefix (UNKNOWN:
+    one this client does not know)."""
+
+    UNKNOWN = 0
+    COMPLETED = 1
+    FAILED = 2
+    CANCELLED = 3
+    INTERRUPTED = 4  # the server's shutdown stopped it; the same attempt ran again
+    SUSPENDED = 5  # its handler waited for input; the same attempt ran again afresh
+
+    @classmethod
+    def _from_wire(cls, value: int) -> AttemptOutcome:
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskAttempt:
+    """One ended run of a task's handler: its number, when it ran, the worker that ran it,
+    how it ended and why (`error`, None if it completed or was suspended)."""
+
+    number: int
+    started_at: datetime
+    ended_at: datetime
+    worker: str
+    outcome: AttemptOutcome
+    error: TaskError | None
+
+    @classmethod
+    def _from_proto(cls, message: task_pb2.TaskAttempt) -> TaskAttempt:
+        return cls(
+            number=message.number,
+            started_at=timestamp_to_datetime(message.started_at),
+            ended_at=timestamp_to_datetime(message.ended_at),
+            worker=message.worker,
+            outcome=AttemptOutcome._from_wire(message.outcome),
+            error=TaskError._from_proto(message.error) if message.HasField("error") else None,
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,6 +156,9 @@ class Task:
     input_deadline: datetime | None  # while WAITING_INPUT: no input by then, it fails
     input_count: int  # inputs sent to it
     rerun_of: str  # made by `rerun`: the id of the ended task it repeats ("" otherwise)
+    checkpoint: dict[str, Any] | None  # what the handler saved for the next attempt
+    # The ended attempts, oldest first: only from `get(..., include_attempts=True)`, else None.
+    attempts: tuple[TaskAttempt, ...] | None
     proto: task_pb2.TaskResponse = dataclasses.field(compare=False, repr=False)
 
     @property
@@ -117,7 +174,8 @@ class Task:
         return self.status.name
 
     @classmethod
-    def _from_proto(cls, message: task_pb2.TaskResponse) -> Task:
+    def _from_proto(cls, message: task_pb2.TaskResponse, *, with_attempts: bool = False) -> Task:
+        """The task of a TaskResponse; `with_attempts`: it was asked with its attempts."""
         return cls(
             task_id=message.task_id,
             task_type=message.task_type,
@@ -151,6 +209,14 @@ class Task:
             input_deadline=_time(message, "input_deadline"),
             input_count=message.input_count,
             rerun_of=message.rerun_of,
+            checkpoint=(
+                struct_to_dict(message.checkpoint) if message.HasField("checkpoint") else None
+            ),
+            attempts=(
+                tuple(TaskAttempt._from_proto(attempt) for attempt in message.attempts)
+                if with_attempts
+                else None
+            ),
             proto=message,
         )
 
@@ -172,8 +238,7 @@ def _error(
 ) -> TaskError | None:
     if not message.HasField(field):
         return None
-    error = getattr(message, field)
-    return TaskError(error.code, error.message)
+    return TaskError._from_proto(getattr(message, field))
 
 
 def _time(message: task_pb2.TaskResponse, field: _OptionalTime) -> datetime | None:

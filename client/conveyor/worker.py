@@ -40,11 +40,12 @@ import grpc
 
 from conveyor._requests import token_metadata
 from conveyor.handlers import (
+    Failure,
     HandlerRegistry,
     Refusal,
     TaskContext,
     WaitForInput,
-    failure_message,
+    failure_of,
     is_async,
     result_problem,
     run_on_thread,
@@ -296,6 +297,9 @@ class Worker:
             sink=lambda changes: self._report(attempt, changes, stub),  # made just below
             inputs=[struct_to_dict(sent.data) for sent in assignment.inputs],
             on_park=lambda: self._park(attempt, stub),
+            checkpoint=(
+                struct_to_dict(assignment.checkpoint) if assignment.HasField("checkpoint") else None
+            ),
         )
         attempt = _Attempt(ref, context)
         self._attempts[task.task_id] = attempt
@@ -366,9 +370,7 @@ class Worker:
             return request
         except Exception as error:
             log.exception("task %s: the handler raised", context.task_id)
-            request.error.CopyFrom(
-                pb.AttemptError(code="HANDLER_ERROR", message=failure_message(error))
-            )
+            request.error.CopyFrom(_attempt_error(failure_of(error)))
             return request
         if (refusal := attempt.refusal or result_problem(result)) is not None:
             request.error.CopyFrom(
@@ -442,9 +444,27 @@ class Worker:
                 request.message = changes["message"]
             if changes.get("progress_detail") is not None:
                 request.detail.CopyFrom(dict_to_struct(changes["progress_detail"]))
+            if changes.get("checkpoint") is not None:
+                request.checkpoint.CopyFrom(dict_to_struct(changes["checkpoint"]))
             try:
                 answer = await stub.Report(request, metadata=self._metadata)
             except grpc.aio.AioRpcError:
                 return  # lost or refused: progress is best effort; the result is what counts
             if answer.stop_requested:
                 attempt.context._request_stop("the server asked the attempt to stop")
+
+
+def _attempt_error(failure: Failure) -> pb.AttemptError:
+    """A handler's failure as the AttemptError of its Finish."""
+    error = pb.AttemptError(
+        code="HANDLER_ERROR",
+        message=failure.message,
+        no_retry=not failure.retryable,
+        error_type=failure.error_type,
+        traceback=failure.traceback,
+    )
+    if failure.retry_delay is not None:
+        error.retry_delay.FromNanoseconds(round(failure.retry_delay * 1e9))
+    if failure.checkpoint is not None:
+        error.checkpoint.CopyFrom(dict_to_struct(failure.checkpoint))
+    return error

@@ -26,6 +26,7 @@ from conveyord.convert import (
     list_message,
     pause_message,
     task_message,
+    task_with_attempts,
     tasks_message,
     watch_message,
 )
@@ -59,9 +60,11 @@ class TaskServiceApi:
         """A CreateResponse."""
         now = self.scheduler.clock()
         require_types(Permission.SUBMIT, (request.task.task_type,))
+        scheduler = self.scheduler
         new = validation.create_request(
-            request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
-        )
+            request, scheduler.task_types, scheduler.config.default_timeout, now,
+            scheduler.default_attempts,
+        )  # fmt: skip
         tenant = current_tenant()
         self.scheduler.tenants.take(tenant, 1)
         ((task, _),) = await self.scheduler.create([new.to_task(new_task_id(), now, tenant)])
@@ -71,9 +74,11 @@ class TaskServiceApi:
         """A BatchCreateResponse."""
         now = self.scheduler.clock()
         require_types(Permission.SUBMIT, {one.task.task_type for one in request.requests})
+        scheduler = self.scheduler
         batch = validation.batch_create_request(
-            request, self.scheduler.task_types, self.scheduler.config.default_timeout, now
-        )
+            request, scheduler.task_types, scheduler.config.default_timeout, now,
+            scheduler.default_attempts,
+        )  # fmt: skip
         tenant = current_tenant()
         self.scheduler.tenants.take(tenant, len(batch))
         tasks = [new.to_task(new_task_id(), now, tenant) for new in batch]
@@ -81,8 +86,11 @@ class TaskServiceApi:
         return tasks_message(task for task, _ in created)
 
     async def get(self, request: pb.GetRequest) -> bytes:
-        """A GetResponse."""
-        return task_message(await self._own(validation.task_id(request.task_id)))
+        """A GetResponse; with the task's history of attempts if asked."""
+        task = await self._own(validation.task_id(request.task_id))
+        if not request.include_attempts:
+            return task_message(task)
+        return task_with_attempts(task, await self.store.attempts(task.task_id))
 
     async def list(self, request: pb.ListRequest) -> bytes:
         """A ListResponse."""

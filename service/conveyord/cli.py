@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
 from conveyord.high_water import DEFAULT_HIGH_WATER
 from conveyord.hub import DEFAULT_WATCH_BUFFER
+from conveyord.lifecycle import TypeRetry
 from conveyord.metrics import parse_address
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import DEFAULT_LISTEN, ServerConfig, serve
@@ -27,6 +29,7 @@ from conveyord.store import (
 )
 from conveyord.tenants import TenantLimits
 from conveyord.tls import ExposureRefused, TlsError, TlsFiles
+from conveyord.validation import MAX_ATTEMPTS
 from conveyord.watchdog import DEFAULT_BLOCKED_LOOP_WARNING
 from conveyord.worker.remote import SessionTimings
 
@@ -79,6 +82,29 @@ def _address(text: str) -> str:
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def _type_retry(text: str) -> tuple[str, TypeRetry]:
+    """TYPE=ATTEMPTS[:INITIAL[:MULTIPLIER[:MAX]]]; a part left empty keeps the server's."""
+    task_type, _, spec = text.partition("=")
+    attempts, *backoff = spec.split(":")
+    usage = f"expected TYPE=ATTEMPTS[:INITIAL[:MULTIPLIER[:MAX]]], not {text!r}"
+    if not task_type or not attempts.isdigit() or len(backoff) > 3:
+        raise argparse.ArgumentTypeError(usage)
+    if not 1 <= int(attempts) <= MAX_ATTEMPTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: ATTEMPTS must be 1 to {MAX_ATTEMPTS}")
+    parts: list[float | None] = []
+    for name, part in zip(("INITIAL", "MULTIPLIER", "MAX"), backoff, strict=False):
+        try:
+            value = float(part) if part else None
+        except ValueError:
+            raise argparse.ArgumentTypeError(usage) from None
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be a number of 0 or more")
+        if name == "MULTIPLIER" and value == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: MULTIPLIER must be positive")
+        parts.append(value)
+    return task_type, TypeRetry(int(attempts), *parts)
 
 
 def _env_list(name: str) -> list[str]:
@@ -198,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE=N",
         default=[],
         help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue)",
+    )
+    parser.add_argument(
+        "--type-retry",
+        action="append",
+        type=_type_retry,
+        metavar="TYPE=ATTEMPTS[:INITIAL[:MULTIPLIER[:MAX]]]",
+        default=_env_type_retry(parser),
+        help="retry defaults of TYPE (repeatable): the attempts of its tasks whose request "
+        "does not set max_attempts, and optionally the backoff of their retries, in seconds "
+        "(a part left empty keeps the --retry-* value), such as email=5:10::600 [env "
+        "CONVEYORD_TYPE_RETRY, comma-separated; the flags add to it, the last for a type wins]",
     )
     parser.add_argument(
         "--task-type",
@@ -396,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env_type_retry(parser: argparse.ArgumentParser) -> list[tuple[str, TypeRetry]]:
+    """The retry defaults of $CONVEYORD_TYPE_RETRY (exits with usage if malformed)."""
+    text = os.environ.get("CONVEYORD_TYPE_RETRY", "")
+    try:
+        return [_type_retry(entry) for entry in _modules(text)]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"CONVEYORD_TYPE_RETRY={text!r}: {error}")
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     scheduler = SchedulerConfig(
         concurrency=args.concurrency,
@@ -412,6 +458,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         retention=args.retention,
         sweep_interval=args.sweep_interval,
         max_interruptions=args.max_interruptions,
+        type_retry=dict(args.type_retry),
     )
     return ServerConfig(
         listen=args.listen,

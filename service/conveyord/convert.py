@@ -6,9 +6,10 @@ from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
 
-from conveyor.protojson import to_value
+from conveyor.protojson import dict_to_struct, to_value
 from conveyor.v1 import task_pb2, task_service_pb2
-from conveyord.model import Change, ChangeKind, Task, TaskInput
+from conveyord.lifecycle import checkpoint_of
+from conveyord.model import Attempt, Change, ChangeKind, Task, TaskError, TaskInput
 
 
 def task_to_proto(task: Task) -> task_pb2.TaskResponse:
@@ -63,14 +64,48 @@ def task_to_proto(task: Task) -> task_pb2.TaskResponse:
     if task.result is not None:
         message.result.CopyFrom(to_value(task.result))
     if task.error is not None:
-        message.error.code = task.error.code
-        message.error.message = task.error.message
+        _error(message.error, task.error)
     if task.last_attempt_error is not None:
-        message.last_attempt_error.code = task.last_attempt_error.code
-        message.last_attempt_error.message = task.last_attempt_error.message
+        _error(message.last_attempt_error, task.last_attempt_error)
     if task.rerun_of:
         message.rerun_of = task.rerun_of
+    if task.checkpoint is not None:
+        message.checkpoint.update(task.checkpoint)
     return message
+
+
+def _error(message: task_pb2.TaskError, error: TaskError) -> None:
+    message.code, message.message = error.code, error.message
+    if error.error_type:
+        message.error_type = error.error_type
+    if error.traceback:
+        message.traceback = error.traceback
+    if error.non_retryable:
+        message.non_retryable = True
+
+
+def attempt_to_proto(attempt: Attempt) -> task_pb2.TaskAttempt:
+    """An ended attempt as the contract's TaskAttempt."""
+    message = task_pb2.TaskAttempt(
+        number=attempt.number,
+        worker=attempt.holder,
+        outcome=task_pb2.AttemptOutcome.ValueType(attempt.outcome),
+    )
+    _stamp(message.started_at, attempt.started_at)
+    _stamp(message.ended_at, attempt.ended_at)
+    if attempt.error is not None:
+        _error(message.error, attempt.error)
+    return message
+
+
+def task_with_attempts(task: Task, attempts: Iterable[Attempt]) -> bytes:
+    """A GetResponse whose task carries its history of attempts: the task's shared encoding,
+    with the attempts (its repeated field 33) after it (a message's encoding may go on with
+    more fields, which merge into it)."""
+    history = b"".join(
+        _length_delimited(33, attempt_to_proto(attempt).SerializeToString()) for attempt in attempts
+    )
+    return _length_delimited(1, encode_task(task) + history)
 
 
 def _stamp(timestamp: timestamp_pb2.Timestamp, seconds: float) -> None:
@@ -124,8 +159,9 @@ def change_message(change: Change) -> bytes:
 
 def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     """A worker's Assignment of the task's attempt: task (1), lease_id (2), deadline (3),
-    lease_expires_at (4), inputs (5). The task's encoding is the one its watchers share."""
-    return (
+    lease_expires_at (4), inputs (5), checkpoint (6). The task's encoding is the one its
+    watchers share."""
+    encoded = (
         _length_delimited(1, encode_task(task))
         + _length_delimited(2, task.lease_id.encode())
         + _length_delimited(3, _timestamp(deadline))
@@ -135,6 +171,10 @@ def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
             for number, sent in enumerate(task.inputs, 1)
         )
     )
+    checkpoint = checkpoint_of(task)
+    if checkpoint is not None:
+        encoded += _length_delimited(6, dict_to_struct(checkpoint).SerializeToString())
+    return encoded
 
 
 def input_to_proto(sent: TaskInput, sequence: int) -> task_pb2.TaskInput:

@@ -3,13 +3,17 @@ runs in the server and a worker process runs elsewhere. Kept here so that handle
 written with `from conveyord import TaskContext, handler` keep working."""
 
 from conveyor.handlers import (
+    AttemptFailed,
+    Failure,
     Handler,
     HandlerLoadError,
     HandlerRegistry,
+    NonRetryableError,
     Refusal,
     TaskContext,
     WaitForInput,
     failure_message,
+    failure_of,
     handler,
     is_async,
     report_problem,
@@ -18,7 +22,7 @@ from conveyor.handlers import (
 )
 
 __all__ = [
-    "Handler", "HandlerLoadError", "HandlerRegistry", "Refusal", "TaskContext",
-    "WaitForInput", "failure_message", "handler", "is_async", "report_problem", "result_problem",
-    "run_on_thread",
+    "AttemptFailed", "Failure", "Handler", "HandlerLoadError", "HandlerRegistry",
+    "NonRetryableError", "Refusal", "TaskContext", "WaitForInput", "failure_message",
+    "failure_of", "handler", "is_async", "report_problem", "result_problem", "run_on_thread",
 ]  # fmt: skip

@@ -23,7 +23,16 @@ from typing import Any
 import grpc
 
 from conveyord.errors import ConveyorError
-from conveyord.model import LEASED, ErrorCode, Task, TaskError, TaskInput, TaskStatus
+from conveyord.model import (
+    LEASED,
+    Attempt,
+    AttemptOutcome,
+    ErrorCode,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskStatus,
+)
 
 # The fields of a task whose attempt is over: its lease, and a Pause it had not reached.
 _NO_LEASE: Mapping[str, Any] = {
@@ -36,19 +45,63 @@ _NOT_WAITING: Mapping[str, Any] = {"input_prompt": "", "input_label": "", "input
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long a task waits before its next attempt: `initial` seconds after the first
+    failed attempt, times `multiplier` for each one after it, at most `maximum`."""
+
+    initial: float = 1.0
+    multiplier: float = 2.0
+    maximum: float = 300.0
+
+    def delay(self, failed_attempt: int) -> float:
+        """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
+        return min(self.initial * self.multiplier ** (failed_attempt - 1), self.maximum)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TypeRetry:
+    """The retry defaults of one task type: the attempts of a task whose request does not
+    say, and the parts of its backoff that differ from the server's (None: the server's)."""
+
+    max_attempts: int
+    initial: float | None = None
+    multiplier: float | None = None
+    maximum: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When a failed attempt runs again: after `initial` seconds, times `multiplier` for each
-    attempt after the first, at most `maximum`; and how often the server's own shutdown may
-    send an attempt back to the queue without using it."""
+    attempt after the first, at most `maximum` (or as `by_type` says for a task type); and
+    how often the server's own shutdown may send an attempt back to the queue without
+    using it."""
 
     initial: float = 1.0
     multiplier: float = 2.0
     maximum: float = 300.0
     max_interruptions: int = 3
+    by_type: Mapping[str, Backoff] = dataclasses.field(default_factory=dict)
 
-    def delay(self, failed_attempt: int) -> float:
-        """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
-        return min(self.initial * self.multiplier ** (failed_attempt - 1), self.maximum)
+    def delay(self, failed_attempt: int, task_type: str = "") -> float:
+        """Seconds before the attempt after `failed_attempt` of a task of `task_type`
+        (1 s, 2 s, 4 s ... by default)."""
+        backoff = self.by_type.get(task_type)
+        if backoff is None:
+            backoff = Backoff(self.initial, self.multiplier, self.maximum)
+        return backoff.delay(failed_attempt)
+
+    def with_types(self, types: Mapping[str, TypeRetry]) -> RetryPolicy:
+        """This policy with the backoff of each task type that sets one."""
+        by_type = {
+            task_type: Backoff(
+                self.initial if retry.initial is None else retry.initial,
+                self.multiplier if retry.multiplier is None else retry.multiplier,
+                self.maximum if retry.maximum is None else retry.maximum,
+            )
+            for task_type, retry in types.items()
+            if (retry.initial, retry.multiplier, retry.maximum) != (None, None, None)
+        }
+        return dataclasses.replace(self, by_type=by_type)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,6 +123,8 @@ class Outcome:
     retryable: bool = True
     interrupted: bool = False  # stopped by the server's own shutdown, not by the task
     wait: InputWait | None = None  # the handler waits for input: the attempt is suspended
+    retry_delay: float | None = None  # the handler's delay before the next attempt
+    checkpoint: Mapping[str, Any] | None = None  # the handler's, for the next attempt
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,6 +258,8 @@ def finish(task: Task, lease_id: str, outcome: Outcome, policy: RetryPolicy, now
     if task.status is TaskStatus.PAUSED:
         running = task.evolve(status=TaskStatus.RUNNING)
         return _ended_parked(task, finish(running, lease_id, outcome, policy, now))
+    if outcome.checkpoint is not None:
+        task = task.evolve(checkpoint=outcome.checkpoint)
     if task.cancel_requested_at is not None:
         return cancelled(task, task.cancel_reason, now)
     if outcome.wait is not None:
@@ -228,12 +285,17 @@ def finish(task: Task, lease_id: str, outcome: Outcome, policy: RetryPolicy, now
             finished_at=now,
             updated_at=now,
         )
-    delay = policy.delay(task.attempt)
+    delay = outcome.retry_delay
+    if delay is None:
+        delay = policy.delay(task.attempt, task.task_type)
     return failed(task, error, retryable=outcome.retryable, now=now, delay=delay)
 
 
 def failed(task: Task, error: TaskError, *, retryable: bool, now: float, delay: float) -> Task:
-    """A failed attempt: back to CREATED for the next one after `delay`, or FAILED."""
+    """A failed attempt: back to CREATED for the next one after `delay`, or FAILED (at once
+    if not `retryable`, its error marked so)."""
+    if not retryable and not error.non_retryable:
+        error = dataclasses.replace(error, non_retryable=True)
     if retryable and task.attempt < task.max_attempts:
         when = f"in {delay:g} s" if delay else "now"
         return task.evolve(
@@ -255,6 +317,32 @@ def failed(task: Task, error: TaskError, *, retryable: bool, now: float, delay: 
         updated_at=now,
         message=f"failed: {error.message}",
     )
+
+
+def checkpoint_of(task: Task) -> Mapping[str, Any] | None:
+    """What an attempt of `task` resumes from: the checkpoint its handler last saved, else
+    the latest progress detail (None on a first attempt that has neither)."""
+    return task.checkpoint if task.checkpoint is not None else task.progress_detail
+
+
+def ended_attempt(old: Task, new: Task) -> Attempt | None:
+    """The attempt that the change from `old` to `new` ended, for the task's history: one
+    whose lease `new` no longer holds. None if the change ended none."""
+    if not old.lease_id or new.lease_id == old.lease_id:
+        return None
+    error = new.error
+    if new.status is TaskStatus.COMPLETED:
+        outcome, error = AttemptOutcome.COMPLETED, None
+    elif new.status is TaskStatus.CANCELLED:
+        outcome = AttemptOutcome.CANCELLED
+    elif new.status is TaskStatus.FAILED or new.attempt > old.attempt:
+        outcome = AttemptOutcome.FAILED
+    elif new.interruptions > old.interruptions:
+        outcome = AttemptOutcome.INTERRUPTED
+    else:  # its handler waits for input (queued again at once if one had come)
+        outcome, error = AttemptOutcome.SUSPENDED, None
+    started = old.started_at if old.started_at is not None else new.updated_at
+    return Attempt(old.attempt, started, new.updated_at, old.lease_holder, outcome, error)
 
 
 def cancel(task: Task, reason: str, now: float) -> Task | None:

@@ -105,8 +105,37 @@ class TaskInput:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskError:
+    """Why an attempt or a task failed: a stable code, a message, and for a handler's
+    failure, what failed (`error_type`) and where (`traceback`, its last 16 KiB)."""
+
     code: str
     message: str
+    error_type: str = ""
+    traceback: str = ""
+    non_retryable: bool = False  # not retried, even with attempts left
+
+
+class AttemptOutcome(enum.IntEnum):
+    """How an attempt ended; mirrors conveyor.v1.AttemptOutcome without the prefix."""
+
+    COMPLETED = 1
+    FAILED = 2
+    CANCELLED = 3
+    INTERRUPTED = 4  # the server's shutdown: queued again on the same attempt
+    SUSPENDED = 5  # its handler waits for input: the same attempt runs again afresh
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One ended run of a task's handler, as the task's history keeps it (apart from the
+    task's record: see store.memory)."""
+
+    number: int
+    started_at: float
+    ended_at: float
+    holder: str  # who held its lease: the worker that ran it
+    outcome: AttemptOutcome
+    error: TaskError | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -159,6 +188,8 @@ class Task:
     interruptions: int = 0  # attempts stopped by a server's shutdown, which used no attempt
     # The error of the latest failed attempt, kept when a later attempt completes.
     last_attempt_error: TaskError | None = None
+    # What the handler last saved for the next attempt (None: it gets the progress detail).
+    checkpoint: Mapping[str, Any] | None = None
     # The lease of the running attempt: its id fences the attempt's reports and result.
     lease_id: str = ""
     lease_holder: str = ""
@@ -257,3 +288,6 @@ class Change(NamedTuple):
     # The revision of the same task's change before this one (0: none), so that one task's
     # changes are a chain through the history rather than a list of their own.
     previous: int = 0
+    # The attempt that this change ended, if it ended one: the store adds it to the task's
+    # history of attempts, in the same write.
+    ended: Attempt | None = None

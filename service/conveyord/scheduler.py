@@ -26,7 +26,7 @@ from conveyord.dispatch import RECORDING_TIME, Dispatcher, Limits
 from conveyord.errors import ConveyorError
 from conveyord.errors import ShuttingDown as ShuttingDown  # re-exported: it was defined here
 from conveyord.handlers import HandlerRegistry
-from conveyord.lifecycle import RetryPolicy
+from conveyord.lifecycle import RetryPolicy, TypeRetry
 from conveyord.lifecycle import TaskAlreadyEnded as TaskAlreadyEnded  # re-exported
 from conveyord.limits import INPUT_LIMITS
 from conveyord.model import Task, TaskFilter, TaskInput, TaskStatus
@@ -56,12 +56,22 @@ class SchedulerConfig:
     sweep_batch: int = 500
     worker_types: frozenset[str] = frozenset()  # run by workers elsewhere: see --task-type
     max_interruptions: int = 3
+    # Retry defaults by task type: the attempts of a task whose request does not say, and
+    # the backoff of its retries (see --type-retry).
+    type_retry: Mapping[str, TypeRetry] = dataclasses.field(default_factory=dict)
 
     @property
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(
+        policy = RetryPolicy(
             self.retry_initial, self.retry_multiplier, self.retry_max, self.max_interruptions
         )
+        return policy.with_types(self.type_retry)
+
+    @property
+    def default_attempts(self) -> Mapping[str, int]:
+        """The attempts of a task whose request leaves them unset, by task type (1 for a
+        type not named)."""
+        return {task_type: retry.max_attempts for task_type, retry in self.type_retry.items()}
 
     def retry_delay(self, failed_attempt: int) -> float:
         """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
@@ -112,6 +122,7 @@ class Scheduler:
         # What Create accepts: the local handlers' types, those declared in the
         # configuration, and those that remote workers declared when they connected.
         self.task_types = frozenset(registry.task_types) | self.config.worker_types
+        self.default_attempts = self.config.default_attempts  # by task type, for Create
         self._accepting = False
         self._refusal: Exception | None = None  # why new tasks are refused, if not a shutdown
         self._sweeper: asyncio.Task[None] | None = None

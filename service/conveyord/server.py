@@ -248,7 +248,9 @@ class Server:
         now = self.scheduler.clock()
         timeout = self.config.scheduler.default_timeout
         tasks = [
-            NewTask(request, timeout).to_task(new_task_id(), now, tenant)
+            NewTask(request, timeout, self.scheduler.default_attempts).to_task(
+                new_task_id(), now, tenant
+            )
             for request, tenant in requests
         ]
         return await self.scheduler.create(tasks)

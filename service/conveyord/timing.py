@@ -105,7 +105,8 @@ class Timekeeper:
                 f"the lease of attempt {task.attempt} ran out: its holder {task.lease_holder} "
                 "is gone",
             )
-            return lifecycle.expire(task, error, policy, now, policy.delay(task.attempt))
+            delay = policy.delay(task.attempt, task.task_type)
+            return lifecycle.expire(task, error, policy, now, delay)
 
         return expire
 

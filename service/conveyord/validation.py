@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import re
+import types
 import uuid
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -61,6 +63,7 @@ MAX_VIOLATION_TEXT = 200
 # The task types Create accepts: those of the server's handlers and those declared as run by
 # workers elsewhere.
 KnownTypes = AbstractSet[str]
+NO_DEFAULTS: Mapping[str, int] = types.MappingProxyType({})
 
 
 class InvalidArgument(ConveyorError):
@@ -149,7 +152,14 @@ class NewTask:
         "timeout_seconds",
     )
 
-    def __init__(self, request: task_service_pb2.CreateRequest, default_timeout: float) -> None:
+    def __init__(
+        self,
+        request: task_service_pb2.CreateRequest,
+        default_timeout: float,
+        default_attempts: Mapping[str, int] = NO_DEFAULTS,
+    ) -> None:
+        """`default_attempts`: the attempts of a task whose request leaves them unset, by
+        task type (1 for a type not named)."""
         task = request.task
         self.task_type = task.task_type
         self.description = task.description
@@ -161,7 +171,11 @@ class NewTask:
         self.timeout_seconds = (
             task.timeout_seconds if task.HasField("timeout_seconds") else default_timeout
         )
-        self.max_attempts = task.max_attempts if task.HasField("max_attempts") else 1
+        self.max_attempts = (
+            task.max_attempts
+            if task.HasField("max_attempts")
+            else default_attempts.get(task.task_type, 1)
+        )
         self.labels = dict(task.labels) if task.labels else {}
         self.request_id = request.request_id
         self.request_hash = hashlib.sha256(task.SerializeToString(deterministic=True)).digest()
@@ -201,12 +215,16 @@ class NewTask:
 
 
 def create_request(
-    request: task_service_pb2.CreateRequest, known: KnownTypes, default_timeout: float, now: float
+    request: task_service_pb2.CreateRequest,
+    known: KnownTypes,
+    default_timeout: float,
+    now: float,
+    default_attempts: Mapping[str, int] = NO_DEFAULTS,
 ) -> NewTask:
     checker = Checker()
     _create(checker, request, known, "", now)
     checker.done()
-    return NewTask(request, default_timeout)
+    return NewTask(request, default_timeout, default_attempts)
 
 
 def batch_create_request(
@@ -214,6 +232,7 @@ def batch_create_request(
     known: KnownTypes,
     default_timeout: float,
     now: float,
+    default_attempts: Mapping[str, int] = NO_DEFAULTS,
 ) -> list[NewTask]:
     checker = Checker()
     count = len(request.requests)
@@ -230,7 +249,7 @@ def batch_create_request(
                     f"requests[{index}].request_id", f"is the request_id of requests[{earlier}]"
                 )
     checker.done()
-    return [NewTask(create, default_timeout) for create in request.requests]
+    return [NewTask(create, default_timeout, default_attempts) for create in request.requests]
 
 
 def check_create(

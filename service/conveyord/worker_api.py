@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from conveyor.handlers import MAX_LABEL
+from conveyor.limits import MAX_ERROR_TYPE, MAX_RETRY_DELAY, MAX_TRACEBACK_BYTES
 from conveyor.protojson import struct_to_dict, to_python
 from conveyor.v1 import worker_service_pb2 as pb
 from conveyord.auth import Permission, current_tenant, require_types
@@ -44,7 +45,7 @@ _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 
 RECEIVE_LIMITS = {
     "Connect": 256 * 1024,
-    "Report": MAX_DETAIL_BYTES + 32 * 1024,
+    "Report": 2 * MAX_DETAIL_BYTES + 32 * 1024,  # a detail and a checkpoint
     "Renew": 128 * 1024,
     "Finish": MAX_RESULT_BYTES + 32 * 1024,
     "FinishMany": 4 * MAX_RESULT_BYTES,
@@ -289,8 +290,21 @@ def _report_changes(request: pb.ReportRequest) -> dict[str, Any]:
         elif (problem := json_problem(detail, "detail")) is not None:
             checker.fail("detail", problem)
         changes["progress_detail"] = detail
+    if request.HasField("checkpoint"):
+        changes["checkpoint"] = _checkpoint(checker, request.checkpoint, "checkpoint")
     checker.done()
     return changes
+
+
+def _checkpoint(checker: Checker, checkpoint: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A checkpoint for the next attempt, checked as a progress detail is."""
+    size = checkpoint.ByteSize()
+    kept = struct_to_dict(checkpoint)
+    if size > MAX_DETAIL_BYTES:
+        checker.fail(field, f"is {size} bytes encoded; at most {MAX_DETAIL_BYTES}")
+    elif (problem := json_problem(kept, field)) is not None:
+        checker.fail(field, problem)
+    return kept
 
 
 def _outcome(request: pb.FinishRequest) -> Outcome:
@@ -310,16 +324,42 @@ def _outcome(request: pb.FinishRequest) -> Outcome:
         checker.done()
         return Outcome(result=result)
     else:
-        error = request.error
-        code = error.code or ErrorCode.HANDLER_ERROR
-        if not _ERROR_CODE.fullmatch(code):
-            checker.fail("error.code", f"{code[:64]!r} is not UPPER_SNAKE_CASE of 1 to 64")
-        if len(error.message) > MAX_MESSAGE:
-            checker.fail("error.message", f"is longer than {MAX_MESSAGE} characters")
-        checker.done()
-        return Outcome(error=TaskError(code, error.message), retryable=not error.no_retry)
+        return _failed(checker, request.error)
     checker.done()
     raise AssertionError("unreachable: an outcome is required")
+
+
+def _failed(checker: Checker, error: pb.AttemptError) -> Outcome:
+    """The outcome of an attempt that failed, as its worker says."""
+    code = error.code or ErrorCode.HANDLER_ERROR
+    if not _ERROR_CODE.fullmatch(code):
+        checker.fail("error.code", f"{code[:64]!r} is not UPPER_SNAKE_CASE of 1 to 64")
+    if len(error.message) > MAX_MESSAGE:
+        checker.fail("error.message", f"is longer than {MAX_MESSAGE} characters")
+    if len(error.error_type) > MAX_ERROR_TYPE or not error.error_type.isprintable():
+        checker.fail("error.error_type", f"must be at most {MAX_ERROR_TYPE} printable characters")
+    if len(error.traceback.encode()) > MAX_TRACEBACK_BYTES:
+        checker.fail(
+            "error.traceback", f"is over {MAX_TRACEBACK_BYTES} bytes encoded: keep its end"
+        )
+    retry_delay: float | None = None
+    if error.HasField("retry_delay"):
+        retry_delay = error.retry_delay.ToNanoseconds() / 1e9
+        if not 0 <= retry_delay <= MAX_RETRY_DELAY:
+            checker.fail(
+                "error.retry_delay", f"must be 0 to {MAX_RETRY_DELAY:.0f} s, not {retry_delay:g}"
+            )
+    checkpoint = None
+    if error.HasField("checkpoint"):
+        checkpoint = _checkpoint(checker, error.checkpoint, "error.checkpoint")
+    checker.done()
+    failure = TaskError(code, error.message, error.error_type, error.traceback)
+    return Outcome(
+        error=failure,
+        retryable=not error.no_retry,
+        retry_delay=retry_delay,
+        checkpoint=checkpoint,
+    )
 
 
 def _input_wait(checker: Checker, wait: pb.InputWait) -> Outcome:

@@ -90,6 +90,46 @@ afresh, seeing every input the task was sent. Not terminal.
 """
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
+class _AttemptOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_OUTCOME_UNSPECIFIED: _AttemptOutcome.ValueType  # 0
+    """Never set by the server."""
+    ATTEMPT_OUTCOME_COMPLETED: _AttemptOutcome.ValueType  # 1
+    """Its handler returned the task's result."""
+    ATTEMPT_OUTCOME_FAILED: _AttemptOutcome.ValueType  # 2
+    """It failed (`error` says why): the task was retried, or FAILED."""
+    ATTEMPT_OUTCOME_CANCELLED: _AttemptOutcome.ValueType  # 3
+    """A Cancel ended it."""
+    ATTEMPT_OUTCOME_INTERRUPTED: _AttemptOutcome.ValueType  # 4
+    """The server's shutdown stopped it; the task was queued again on the same attempt."""
+    ATTEMPT_OUTCOME_SUSPENDED: _AttemptOutcome.ValueType  # 5
+    """Its handler waited for input: the run ended, and the same attempt runs again afresh
+    once an input comes.
+    """
+
+class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
+    """How one attempt ended."""
+
+ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome.ValueType  # 0
+"""Never set by the server."""
+ATTEMPT_OUTCOME_COMPLETED: AttemptOutcome.ValueType  # 1
+"""Its handler returned the task's result."""
+ATTEMPT_OUTCOME_FAILED: AttemptOutcome.ValueType  # 2
+"""It failed (`error` says why): the task was retried, or FAILED."""
+ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome.ValueType  # 3
+"""A Cancel ended it."""
+ATTEMPT_OUTCOME_INTERRUPTED: AttemptOutcome.ValueType  # 4
+"""The server's shutdown stopped it; the task was queued again on the same attempt."""
+ATTEMPT_OUTCOME_SUSPENDED: AttemptOutcome.ValueType  # 5
+"""Its handler waited for input: the run ended, and the same attempt runs again afresh
+once an input comes.
+"""
+Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
+
 @_typing.final
 class TaskRequest(_message.Message):
     """What a caller asks the server to run."""
@@ -210,9 +250,12 @@ class TaskError(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    TRACEBACK_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """A stable machine-readable code: HANDLER_ERROR (the handler raised; the message
-    starts with the exception's type), DEADLINE_EXCEEDED (an attempt ran past its
+    starts with the exception's type, and `error_type` names it), DEADLINE_EXCEEDED (an attempt ran past its
     timeout), CANCELLED (a Cancel ended the task), INVALID_RESULT (the handler returned
     something that is not JSON, or nests deeper than 32 levels), RESULT_TOO_LARGE (a
     result over 1 MiB encoded), INVALID_REPORT (a progress detail that is not JSON),
@@ -226,19 +269,88 @@ class TaskError(_message.Message):
     """
     message: _builtins.str
     """What happened, for people."""
+    error_type: _builtins.str
+    """What failed the attempt, as its worker names it: for a Python handler, its exception's
+    class (`KeyError` for a built-in one, `module.QualName` for another, or the type an
+    AttemptFailed names). Empty for an error the server made (DEADLINE_EXCEEDED, ...).
+    """
+    traceback: _builtins.str
+    """The handler's traceback, most recent call last. At most its last 16 KiB (UTF-8) are
+    kept: the end holds the exception and the innermost frames, which say the most; a first
+    line then says how much of the beginning was cut.
+    """
+    non_retryable: _builtins.bool
+    """The attempt's error asked not to be retried (a non-retryable error, or an INVALID_ or
+    _TOO_LARGE failure): the task FAILED even if attempts were left.
+    """
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         message: _builtins.str = ...,
+        error_type: _builtins.str = ...,
+        traceback: _builtins.str = ...,
+        non_retryable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error_type", b"error_type", "message", b"message", "non_retryable", b"non_retryable", "traceback", b"traceback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskError: _TypeAlias = TaskError  # noqa: Y015
+
+@_typing.final
+class TaskAttempt(_message.Message):
+    """One run of a task's handler, as kept in the task's history once it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """The attempt's number, from 1 (a run that was interrupted or suspended is followed by
+    another of the same number).
+    """
+    worker: _builtins.str
+    """Who ran it: the holder of its lease ("conveyord/local" for the server's own handlers,
+    else the worker's `worker_id`, after "TENANT#" for a tenant's worker).
+    """
+    outcome: Global___AttemptOutcome.ValueType
+    """How it ended."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    @_builtins.property
+    def error(self) -> Global___TaskError:
+        """Why it failed, was cancelled or interrupted; unset when it completed or was suspended."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        worker: _builtins.str = ...,
+        outcome: Global___AttemptOutcome.ValueType = ...,
+        error: Global___TaskError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "error", b"error", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "error", b"error", "number", b"number", "outcome", b"outcome", "started_at", b"started_at", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskAttempt: _TypeAlias = TaskAttempt  # noqa: Y015
 
 @_typing.final
 class TaskResponse(_message.Message):
@@ -298,6 +410,8 @@ class TaskResponse(_message.Message):
     INPUT_DEADLINE_FIELD_NUMBER: _builtins.int
     INPUT_COUNT_FIELD_NUMBER: _builtins.int
     RERUN_OF_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, a UUID chosen by the server."""
     task_type: _builtins.str
@@ -410,6 +524,21 @@ class TaskResponse(_message.Message):
         input comes before.
         """
 
+    @_builtins.property
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """The checkpoint that the task's next attempt receives, as its handler last set it
+        explicitly (TaskContext.save_checkpoint, a ReportRequest's or an AttemptError's
+        `checkpoint`); unset if it never did (the next attempt then receives the latest
+        `progress_detail`).
+        """
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
+        """The attempts that ended, oldest first (the latest 100 at most), only in the answer to
+        a Get that set `include_attempts`: kept apart from the task, so that Watch events and
+        List pages do not carry them.
+        """
+
     def __init__(
         self,
         *,
@@ -445,10 +574,12 @@ class TaskResponse(_message.Message):
         input_deadline: _timestamp_pb2.Timestamp | None = ...,
         input_count: _builtins.int = ...,
         rerun_of: _builtins.str = ...,
+        checkpoint: _struct_pb2.Struct | None = ...,
+        attempts: _abc.Iterable[Global___TaskAttempt] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input_deadline", b"input_deadline", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "checkpoint", b"checkpoint", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input_deadline", b"input_deadline", "last_attempt_error", b"last_attempt_error", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "progress_detail", b"progress_detail", "result", b"result", "start_deadline", b"start_deadline", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "input_count", b"input_count", "input_deadline", b"input_deadline", "input_label", b"input_label", "input_prompt", b"input_prompt", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "rerun_of", b"rerun_of", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancel_requested_at", b"cancel_requested_at", "checkpoint", b"checkpoint", "created_at", b"created_at", "description", b"description", "error", b"error", "finished_at", b"finished_at", "input_count", b"input_count", "input_deadline", b"input_deadline", "input_label", b"input_label", "input_prompt", b"input_prompt", "labels", b"labels", "last_attempt_error", b"last_attempt_error", "max_attempts", b"max_attempts", "message", b"message", "next_attempt_at", b"next_attempt_at", "parameters", b"parameters", "pause_reason", b"pause_reason", "pause_requested_at", b"pause_requested_at", "paused_at", b"paused_at", "priority", b"priority", "progress", b"progress", "progress_detail", b"progress_detail", "rerun_of", b"rerun_of", "result", b"result", "revision", b"revision", "start_deadline", b"start_deadline", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

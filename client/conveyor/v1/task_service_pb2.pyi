@@ -177,16 +177,20 @@ class GetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_ATTEMPTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id."""
+    include_attempts: _builtins.bool
+    """Answer the task's history of attempts too (`TaskResponse.attempts`)."""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
+        include_attempts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_attempts", b"include_attempts", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

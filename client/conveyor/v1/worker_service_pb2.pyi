@@ -388,6 +388,7 @@ class Assignment(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease: every Report, Renew and Finish of this attempt carries it."""
     @_builtins.property
@@ -410,6 +411,13 @@ class Assignment(_message.Message):
         or resumed attempt rebuilds its state from them).
         """
 
+    @_builtins.property
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """What the earlier runs of the task left for this one: the checkpoint its handler last
+        set explicitly (`task.checkpoint`), else the latest progress detail; unset if neither
+        (a first attempt). The handler resumes from it rather than from the start.
+        """
+
     def __init__(
         self,
         *,
@@ -418,10 +426,11 @@ class Assignment(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         inputs: _abc.Iterable[_task_pb2.TaskInput] | None = ...,
+        checkpoint: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "inputs", b"inputs", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline", b"deadline", "inputs", b"inputs", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,6 +511,7 @@ class ReportRequest(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     PARKED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     progress: _builtins.float
     """0..1; unset keeps the last value."""
     message: _builtins.str
@@ -518,6 +528,12 @@ class ReportRequest(_message.Message):
     def detail(self) -> _struct_pb2.Struct:
         """Structured progress, at most 64 KiB encoded; unset keeps the last value."""
 
+    @_builtins.property
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """A checkpoint for the task's next attempt (see Assignment.checkpoint), at most 64 KiB
+        encoded; unset keeps the last one.
+        """
+
     def __init__(
         self,
         *,
@@ -526,10 +542,11 @@ class ReportRequest(_message.Message):
         message: _builtins.str | None = ...,
         detail: _struct_pb2.Struct | None = ...,
         parked: _builtins.bool = ...,
+        checkpoint: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "detail", b"detail", "lease", b"lease", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "checkpoint", b"checkpoint", "detail", b"detail", "lease", b"lease", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "detail", b"detail", "lease", b"lease", "message", b"message", "parked", b"parked", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message", b"_message", "_progress", b"_progress", "checkpoint", b"checkpoint", "detail", b"detail", "lease", b"lease", "message", b"message", "parked", b"parked", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__message: _TypeAlias = _typing.Literal["message"]  # noqa: Y015
     _WhichOneofArgType__message: _TypeAlias = _typing.Literal["_message", b"_message"]  # noqa: Y015
@@ -627,6 +644,10 @@ class AttemptError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     NO_RETRY_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    TRACEBACK_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """UPPER_SNAKE_CASE, at most 64 characters; empty means HANDLER_ERROR."""
     message: _builtins.str
@@ -635,16 +656,36 @@ class AttemptError(_message.Message):
     """True: the task fails now, whatever attempts remain (a bad input, say); false (the
     default): retried per the task's policy.
     """
+    error_type: _builtins.str
+    """What failed, such as the exception's class; at most 256 printable characters. Kept as
+    the task's `error.error_type`.
+    """
+    traceback: _builtins.str
+    """The traceback, at most 16 KiB encoded (UTF-8): keep its end. Kept as `error.traceback`."""
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """When set, the next attempt starts this long after this one failed, in place of the
+        task's backoff (0 to 366 days); ignored when the task fails.
+        """
+
+    @_builtins.property
+    def checkpoint(self) -> _struct_pb2.Struct:
+        """A checkpoint for the task's next attempt, as in ReportRequest."""
+
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         message: _builtins.str = ...,
         no_retry: _builtins.bool = ...,
+        error_type: _builtins.str = ...,
+        traceback: _builtins.str = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+        checkpoint: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "retry_delay", b"retry_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "no_retry", b"no_retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "code", b"code", "error_type", b"error_type", "message", b"message", "no_retry", b"no_retry", "retry_delay", b"retry_delay", "traceback", b"traceback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -186,7 +186,7 @@ class WorkerServiceServicer:
         """Reports an attempt's progress: what a watcher of the task sees.
 
         Codes: OK; INVALID_ARGUMENT (a bad field: progress outside 0..1, a message over 4096
-        characters, a detail over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
+        characters, a detail or a checkpoint over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
         (LEASE_NOT_HELD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -208,7 +208,8 @@ class WorkerServiceServicer:
         policy unless `error.no_retry` is set.
 
         Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
-        that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
+        that is not UPPER_SNAKE_CASE, an error type, traceback, retry delay or checkpoint
+        beyond its bounds); NOT_FOUND (no such task); FAILED_PRECONDITION
         (LEASE_NOT_HELD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

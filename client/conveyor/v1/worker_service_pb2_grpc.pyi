@@ -97,7 +97,7 @@ class WorkerServiceStub:
     """Reports an attempt's progress: what a watcher of the task sees.
 
     Codes: OK; INVALID_ARGUMENT (a bad field: progress outside 0..1, a message over 4096
-    characters, a detail over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
+    characters, a detail or a checkpoint over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
     """
     Renew: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.RenewRequest, _worker_service_pb2.RenewResponse]
@@ -111,7 +111,8 @@ class WorkerServiceStub:
     policy unless `error.no_retry` is set.
 
     Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
-    that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
+    that is not UPPER_SNAKE_CASE, an error type, traceback, retry delay or checkpoint
+    beyond its bounds); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
     """
     FinishMany: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.FinishManyRequest, _worker_service_pb2.FinishManyResponse]
@@ -199,7 +200,7 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Reports an attempt's progress: what a watcher of the task sees.
 
     Codes: OK; INVALID_ARGUMENT (a bad field: progress outside 0..1, a message over 4096
-    characters, a detail over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
+    characters, a detail or a checkpoint over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
     """
     Renew: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.RenewRequest, _worker_service_pb2.RenewResponse]  # type: ignore[assignment]
@@ -213,7 +214,8 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     policy unless `error.no_retry` is set.
 
     Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
-    that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
+    that is not UPPER_SNAKE_CASE, an error type, traceback, retry delay or checkpoint
+    beyond its bounds); NOT_FOUND (no such task); FAILED_PRECONDITION
     (LEASE_NOT_HELD).
     """
     FinishMany: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.FinishManyRequest, _worker_service_pb2.FinishManyResponse]  # type: ignore[assignment]
@@ -310,7 +312,7 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reports an attempt's progress: what a watcher of the task sees.
 
         Codes: OK; INVALID_ARGUMENT (a bad field: progress outside 0..1, a message over 4096
-        characters, a detail over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
+        characters, a detail or a checkpoint over 64 KiB); NOT_FOUND (no such task); FAILED_PRECONDITION
         (LEASE_NOT_HELD).
         """
 
@@ -336,7 +338,8 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         policy unless `error.no_retry` is set.
 
         Codes: OK; INVALID_ARGUMENT (no outcome, a result over 1 MiB encoded, an error code
-        that is not UPPER_SNAKE_CASE); NOT_FOUND (no such task); FAILED_PRECONDITION
+        that is not UPPER_SNAKE_CASE, an error type, traceback, retry delay or checkpoint
+        beyond its bounds); NOT_FOUND (no such task); FAILED_PRECONDITION
         (LEASE_NOT_HELD).
         """
 

@@ -16,7 +16,7 @@ import grpc
 
 from conveyord.errors import ConveyorError
 from conveyord.feed import ChangeFeed
-from conveyord.model import Change, Task, TaskFilter, TaskStatus
+from conveyord.model import Attempt, Change, Task, TaskFilter, TaskStatus
 
 if TYPE_CHECKING:
     from conveyord.store.schedules import ScheduleBook
@@ -141,6 +141,11 @@ class TaskStore(Protocol):
 
     async def get(self, task_id: str) -> Task | None:
         """The task's latest committed state, or None."""
+        ...
+
+    async def attempts(self, task_id: str) -> Sequence[Attempt]:
+        """The task's ended attempts, oldest first (the latest 100): each is added by the
+        committed change that ended it (Change.ended), and they go with the task."""
         ...
 
     async def update(self, task_id: str, mutation: Mutation, *, quiet: bool = False) -> Task:

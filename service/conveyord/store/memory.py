@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
 from conveyord.lifecycle import Lease, new_lease_id
-from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
+from conveyord.model import Attempt, Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.store.base import (
     Claim,
     Mutation,
@@ -39,6 +39,9 @@ DEFAULT_AGING_RATE = 1 / 60  # priority levels per second of waiting: one a minu
 # enough: a call takes several) rather than waiting for the whole of a large one.
 SCAN_CHUNK = 128
 SCAN_PAUSE = 0.001
+# The ended attempts kept per task: every one of a task with 100 attempts (the most a
+# request may ask) unless interruptions or waits for input added more; the oldest go first.
+MAX_KEPT_ATTEMPTS = 100
 
 
 class MemoryStore:
@@ -71,6 +74,9 @@ class MemoryStore:
         self._history = ChangeHistory(history_size, history_age, clock)
         self._revision = 0
         self._declared: set[str] = set()  # task types that workers declared
+        # Each task's ended attempts, oldest first (the latest MAX_KEPT_ATTEMPTS): apart from
+        # its record, so that the changes, watchers and List pages do not carry them.
+        self._attempts: dict[str, list[Attempt]] = {}
         self.schedules = ScheduleBook()
 
     async def revision(self) -> int:
@@ -240,7 +246,10 @@ class MemoryStore:
             if task.request_id:
                 self._request_ids.pop((task.tenant, task.request_id), None)
         previous = 0 if old is None else old.revision
-        return Change(self._staged_revision, kind, task, self._clock(), previous)
+        ended = None
+        if old is not None and old.lease_id and kind is not ChangeKind.REMOVED:
+            ended = lifecycle.ended_attempt(old, task)
+        return Change(self._staged_revision, kind, task, self._clock(), previous, ended)
 
     async def _persist(self, changes: list[Change]) -> None:
         """Make staged changes durable, then commit them. In memory: at once."""
@@ -257,7 +266,10 @@ class MemoryStore:
                 previous = self._tasks.pop(task.task_id, None)
                 self._order.removed(task, self._tasks)
                 self._counts.changed(previous, None)
+                self._attempts.pop(task.task_id, None)
             else:
+                if change.ended is not None:
+                    self._keep_attempt(task.task_id, change.ended)
                 previous = self._tasks.get(task.task_id)
                 self._tasks[task.task_id] = task
                 self._counts.changed(previous, task)
@@ -270,10 +282,20 @@ class MemoryStore:
             self._feed.publish(change, previous)
         self._history.trim()
 
+    def _keep_attempt(self, task_id: str, attempt: Attempt) -> None:
+        """Add an ended attempt to the task's history, dropping the oldest past the cap."""
+        kept = self._attempts.setdefault(task_id, [])
+        kept.append(attempt)
+        if len(kept) > MAX_KEPT_ATTEMPTS:
+            del kept[: len(kept) - MAX_KEPT_ATTEMPTS]
+
     # -- reads -------------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
+
+    async def attempts(self, task_id: str) -> Sequence[Attempt]:
+        return tuple(self._attempts.get(task_id, ()))
 
     async def list(
         self, task_filter: TaskFilter, after_seq: int, limit: int, *, newest_first: bool = False
@@ -303,9 +325,17 @@ class MemoryStore:
         pass
 
     def _restore(
-        self, tasks: Iterable[Task], history: Iterable[Change], revision: int, last_seq: int
+        self,
+        tasks: Iterable[Task],
+        history: Iterable[Change],
+        revision: int,
+        last_seq: int,
+        attempts: Iterable[tuple[str, Attempt]] = (),
     ) -> None:
-        """Fill both views from what a durable store read back at start."""
+        """Fill both views from what a durable store read back at start (the attempts,
+        each with its task's id, oldest first)."""
+        for task_id, attempt in attempts:
+            self._keep_attempt(task_id, attempt)
         for task in sorted(tasks, key=lambda t: t.seq):
             self._working[task.task_id] = self._tasks[task.task_id] = task
             self._index.changed(None, task)

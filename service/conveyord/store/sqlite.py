@@ -28,7 +28,17 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
-from conveyord.model import TASK_FIELDS, Change, ChangeKind, Task, TaskError, TaskInput, TaskStatus
+from conveyord.model import (
+    TASK_FIELDS,
+    Attempt,
+    AttemptOutcome,
+    Change,
+    ChangeKind,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskStatus,
+)
 from conveyord.schedules.model import Schedule
 from conveyord.store.base import StoreFailed
 from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
@@ -36,6 +46,7 @@ from conveyord.store.memory import (
     DEFAULT_AGING_RATE,
     DEFAULT_HISTORY_AGE,
     DEFAULT_HISTORY_SIZE,
+    MAX_KEPT_ATTEMPTS,
     MemoryStore,
 )
 from conveyord.store.schedules import ScheduleBook
@@ -87,7 +98,8 @@ class SqliteStore(MemoryStore):
         tasks, history, revision, next_seq = await loop.run_in_executor(self._writer, self._load)
         self._declared = await loop.run_in_executor(self._writer, self._load_task_types)
         self.schedules.load(await loop.run_in_executor(self._writer, self._load_schedules))
-        self._restore(tasks, history, revision, next_seq - 1)
+        attempts = await loop.run_in_executor(self._writer, self._load_attempts)
+        self._restore(tasks, history, revision, next_seq - 1, attempts)
         self._history.trim()
         log.info(
             "store %s: %d tasks, revision %d, %d changes of history",
@@ -129,6 +141,17 @@ class SqliteStore(MemoryStore):
         disk."""
         self._schedule_rows[schedule_id] = None if schedule is None else encode_schedule(schedule)
         await self._persist([])
+
+    def _load_attempts(self) -> list[tuple[str, Attempt]]:
+        assert self._connection is not None
+        rows = self._connection.execute(
+            "SELECT task_id, data FROM attempts ORDER BY task_id, revision"
+        )
+        try:
+            return [(task_id, _decode_attempt(data)) for task_id, data in rows]
+        except (ValueError, KeyError, TypeError) as error:
+            message = f"store file {self.path} has a corrupt attempt: {error}"
+            raise StoreOpenError(message) from error
 
     def _load_task_types(self) -> set[str]:
         assert self._connection is not None
@@ -220,12 +243,15 @@ class SqliteStore(MemoryStore):
         upserts: list[tuple[str, str]] = []
         deletes: list[tuple[str]] = []
         changes: list[tuple[int, int, float, str]] = []
+        attempts: list[tuple[str, int, str]] = []
         for change in batch:
             data = _encode(change.task)
             if change.kind is ChangeKind.REMOVED:
                 deletes.append((change.task.task_id,))
             else:
                 upserts.append((change.task.task_id, data))
+            if change.ended is not None:
+                attempts.append((change.task.task_id, change.revision, _encode_attempt(change)))
             changes.append((change.revision, int(change.kind), change.at, data))
         connection = self._connection
         connection.execute("BEGIN")
@@ -234,6 +260,9 @@ class SqliteStore(MemoryStore):
                 "INSERT OR REPLACE INTO tasks (task_id, data) VALUES (?, ?)", upserts
             )
             connection.executemany("DELETE FROM tasks WHERE task_id = ?", deletes)
+            if attempts:
+                _write_attempts(connection, attempts)
+            connection.executemany("DELETE FROM attempts WHERE task_id = ?", deletes)
             connection.executemany(
                 "INSERT INTO changes (revision, kind, at, data) VALUES (?, ?, ?, ?)", changes
             )
@@ -288,16 +317,58 @@ def _write_schedules(connection: sqlite3.Connection, rows: dict[str, str | None]
     )
 
 
+def _write_attempts(connection: sqlite3.Connection, rows: list[tuple[str, int, str]]) -> None:
+    """Add ended attempts, and drop those of their tasks past the latest MAX_KEPT_ATTEMPTS."""
+    connection.executemany(
+        "INSERT OR REPLACE INTO attempts (task_id, revision, data) VALUES (?, ?, ?)", rows
+    )
+    connection.executemany(
+        "DELETE FROM attempts WHERE task_id = ?1 AND revision <= (SELECT revision FROM "
+        "attempts WHERE task_id = ?1 ORDER BY revision DESC LIMIT 1 OFFSET ?2)",
+        [(task_id, MAX_KEPT_ATTEMPTS) for task_id in {row[0] for row in rows}],
+    )
+
+
 def _encode(task: Task) -> str:
-    """A task as a JSON object of its fields."""
+    """A task as a JSON object of its fields (its latest error once, when the last
+    attempt's error is the same)."""
     record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
     record["status"] = int(task.status)
     record["request_hash"] = task.request_hash.hex()
     for name in _ERROR_FIELDS:
-        error = getattr(task, name)
-        record[name] = [error.code, error.message] if error else None
+        record[name] = _error_row(getattr(task, name))
+    if task.error is not None and task.last_attempt_error is task.error:
+        record["last_attempt_error"] = True  # the same as `error`: a traceback written once
     record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
     return json.dumps(record, separators=(",", ":"))
+
+
+def _error_row(error: TaskError | None) -> list[Any] | None:
+    """An error as a JSON list of its fields, without the trailing ones left empty."""
+    if error is None:
+        return None
+    row = list(dataclasses.astuple(error))
+    while len(row) > 2 and not row[-1]:
+        row.pop()
+    return row
+
+
+def _encode_attempt(change: Change) -> str:
+    assert change.ended is not None
+    attempt = change.ended
+    return json.dumps(
+        [attempt.number, attempt.started_at, attempt.ended_at, attempt.holder,
+         int(attempt.outcome), _error_row(attempt.error)],
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def _decode_attempt(data: str) -> Attempt:
+    number, started_at, ended_at, holder, outcome, error = json.loads(data)
+    return Attempt(
+        number, started_at, ended_at, holder, AttemptOutcome(outcome),
+        TaskError(*error) if error else None,
+    )  # fmt: skip
 
 
 def _decode(data: str) -> Task:
@@ -305,7 +376,9 @@ def _decode(data: str) -> Task:
     record["status"] = TaskStatus(record["status"])
     record["request_hash"] = bytes.fromhex(record["request_hash"])
     for name in _ERROR_FIELDS:
-        if record.get(name):
+        if record.get(name) is True:
+            record[name] = record["error"]  # written once, as `error`
+        elif record.get(name):
             record[name] = TaskError(*record[name])
     record["inputs"] = tuple(TaskInput(*sent) for sent in record.get("inputs", ()))
     if "owner" in record:  # written before tenants had that name

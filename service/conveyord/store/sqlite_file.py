@@ -37,6 +37,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE schedules (schedule_id TEXT PRIMARY KEY, data TEXT NOT NULL);
     """,
+    # Each task's ended attempts, keyed by the revision of the change that ended each.
+    """
+    CREATE TABLE attempts (
+        task_id TEXT NOT NULL, revision INTEGER NOT NULL, data TEXT NOT NULL,
+        PRIMARY KEY (task_id, revision)
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -22,12 +22,12 @@ from conveyord.handlers import (
     Refusal,
     TaskContext,
     WaitForInput,
-    failure_message,
+    failure_of,
     is_async,
     result_problem,
     run_on_thread,
 )
-from conveyord.lifecycle import InputWait, Outcome, StaleLease
+from conveyord.lifecycle import InputWait, Outcome, StaleLease, checkpoint_of
 from conveyord.model import ErrorCode, Task, TaskError
 from conveyord.store.base import StoreFailed
 from conveyord.watchdog import track
@@ -91,6 +91,7 @@ class LocalWorker:
             sink=lambda changes: self._report(attempt, changes),
             inputs=[sent.data for sent in task.inputs] if task.inputs else (),
             on_park=lambda: self._park(attempt),
+            checkpoint=checkpoint_of(task),
         )
         attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
@@ -224,14 +225,23 @@ class LocalWorker:
 
 
 def _failure(error: Exception, task: Task) -> Outcome:
-    """A handler's exception as HANDLER_ERROR (its type kept in the message), its traceback
-    logged with the task."""
+    """A handler's exception as HANDLER_ERROR, with its type and traceback (also logged with
+    the task), and what an AttemptFailed asks of the retry and leaves for the next attempt."""
     log.error(
         "task %s (%s), attempt %d: the handler raised %s",
         task.task_id, task.task_type, task.attempt, type(error).__name__,
         exc_info=error,
     )  # fmt: skip
-    return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, failure_message(error)))
+    failure = failure_of(error)
+    kept = TaskError(
+        ErrorCode.HANDLER_ERROR, failure.message, failure.error_type, failure.traceback
+    )
+    return Outcome(
+        error=kept,
+        retryable=failure.retryable,
+        retry_delay=failure.retry_delay,
+        checkpoint=failure.checkpoint,
+    )
 
 
 def result_outcome(result: Any) -> Outcome:
