@@ -70,8 +70,6 @@ def record_json(value: Any) -> Any:
             json_name(field.name): record_json(getattr(value, field.name))
             for field in dataclasses.fields(value)
         }
-    if isinstance(value, list | tuple):
-        return [record_json(item) for item in value]
     return _json_value(value)
 
 
@@ -96,9 +94,9 @@ def _json_value(value: Any) -> Any:
         return value.isoformat().replace("+00:00", "Z")
     if isinstance(value, enum.Enum):
         return value.name
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):  # a task's attempts
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an error, an attempt
+        return record_json(value)
+    if isinstance(value, list | tuple):  # attempts, workers
         return [_json_value(item) for item in value]
     return value
 
