@@ -280,7 +280,7 @@ async def test_conveyor_get_shows_the_error_type_traceback_and_attempts(
         main, ["--server", server.address, "--json", "get", task.task_id]
     )
     shown = json.loads(capsys.readouterr().out)
-    assert code == 0 and shown["error"]["error_type"] == "KeyError"
+    assert code == 0 and shown["error"]["errorType"] == "KeyError"
     assert [a["outcome"] for a in shown["attempts"]] == ["FAILED", "FAILED"]
 
 
