@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# This tree's sources first, so that the process runs them rather than an installed copy.
+SOURCES = os.pathsep.join(str(ROOT / part) for part in ("client", "service", "."))
 CONSOLE_SCRIPT = Path(sys.executable).parent / "conveyord"  # what `pip install` puts on PATH
 
 
@@ -23,7 +25,7 @@ class Conveyord:
         command: Sequence[str] = (sys.executable, "-m", "conveyord"),
         cwd: Path = ROOT,
     ) -> None:
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        environment = {**os.environ, "PYTHONPATH": SOURCES, **(env or {})}
         self.process = subprocess.Popen(
             [
                 *command,

@@ -15,6 +15,7 @@ from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._reloading import AsyncReloadingChannel
 from conveyor._retry import NO_RETRY, UNARY_RETRY, Backoff
+from conveyor._tracing import traced
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskEvent, TaskStatus
@@ -360,7 +361,8 @@ class AsyncClient(ClientBase):
         backoff = Backoff(UNARY_RETRY if retry else NO_RETRY, deadline)
         while True:
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                metadata = traced(self._metadata)
+                return await method(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
@@ -386,7 +388,7 @@ class AsyncClient(ClientBase):
                     for listed in watch.relisted(page):
                         yield listed
             call = self._stub.Watch(
-                watch.request(), timeout=watch.deadline.remaining(), metadata=self._metadata
+                watch.request(), timeout=watch.deadline.remaining(), metadata=traced(self._metadata)
             )
             error = None
             try:

@@ -122,7 +122,8 @@ def change_message(change: Change) -> bytes:
 
 def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     """A worker's Assignment of the task's attempt: task (1), lease_id (2), deadline (3),
-    lease_expires_at (4), inputs (5). The task's encoding is the one its watchers share."""
+    lease_expires_at (4), inputs (5), traceparent (10). The task's encoding is the one its
+    watchers share."""
     return (
         _length_delimited(1, encode_task(task))
         + _length_delimited(2, task.lease_id.encode())
@@ -132,6 +133,7 @@ def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
             _length_delimited(5, input_to_proto(sent, number).SerializeToString())
             for number, sent in enumerate(task.inputs, 1)
         )
+        + (_length_delimited(10, task.trace_parent.encode()) if task.trace_parent else b"")
     )
 
 
