@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from conveyor import Client, NotFound, TaskStatus, Unauthenticated
+from conveyord.cli import build_parser, config_from_args
 from tests.processes import ROOT, SOURCES, Conveyord
 
 StartConveyord = Callable[..., Conveyord]
@@ -81,6 +82,10 @@ def test_json_lines_tell_a_completed_a_retried_and_a_failed_task_s_steps(
         "status": "FAILED", "error_code": "HANDLER_ERROR", "error_message": "RuntimeError: boom",
         "attempt": 1,
     }  # fmt: skip
+
+    (raised,) = [e for e in entries if e["level"] == "ERROR" and e["task_id"] == failed.task_id]
+    assert (raised["attempt"], raised["task_type"]) == (1, "fail")
+    assert raised["exception"].endswith("RuntimeError: boom")  # the traceback, in one field
 
     handled = [e for e in entries if e["logger"] == "tests.observed_handlers"]
     assert [(e["message"], e["task_id"], e["attempt"]) for e in handled] == [
@@ -211,3 +216,18 @@ def test_without_tracing_conveyord_imports_nothing_of_opentelemetry(
 ) -> None:
     assert "opentelemetry" not in _imported_modules(conveyord)
     assert "| opentelemetry.sdk.trace" in _imported_modules(conveyord, "--tracing")
+
+
+def test_the_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["--log-level", "DEBUG", "--log-format", "json"])
+    assert (args.log_level, args.log_format, config_from_args(args).tracing) == (
+        "debug", "json", False,
+    )  # fmt: skip
+    monkeypatch.setenv("CONVEYORD_TRACING", "1")
+    monkeypatch.setenv("CONVEYORD_LOG_FORMAT", "json")
+    args = build_parser().parse_args([])
+    assert (args.log_level, args.log_format, config_from_args(args).tracing) == (
+        "info", "json", True,
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--log-format", "xml"])
