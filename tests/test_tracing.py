@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,8 +21,10 @@ from conveyor import AsyncClient, NotFound, TaskStatus
 from conveyor.handlers import HandlerRegistry
 from conveyor.worker import Worker
 from conveyord.server import Server, ServerConfig
+from conveyord.store.sqlite import SqliteStore
 from tests import observed_handlers
 from tests.conftest import TEST_HANDLERS, ManualClock, ServerThread, server_config
+from tests.test_store import create_one, new_task
 
 CREATE = "conveyor.v1.TaskService/Create"
 REMOTE = "remote.traced"
@@ -135,3 +138,17 @@ async def test_an_rpc_span_carries_its_status_code_and_an_untraced_create_roots_
     assert get.status.is_unset  # a refusal of the caller's, not a fault of the server's
     (work,) = [span for span in finished if span.name == "handler work"]
     assert chain(finished, work) == ["handler work", "run observed.traced", CREATE]
+
+
+async def test_a_task_keeps_its_create_s_trace_across_a_restart(tmp_path: Path) -> None:
+    """So that an attempt run after a restart still joins the trace of its Create."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    store = SqliteStore(tmp_path / "tasks.db")
+    await store.open()
+    task, _ = await create_one(store, new_task(trace_parent=traceparent))
+    await store.close()
+    store = SqliteStore(tmp_path / "tasks.db")
+    await store.open()
+    kept = await store.get(task.task_id)
+    await store.close()
+    assert kept is not None and kept.trace_parent == traceparent
