@@ -231,3 +231,30 @@ def test_the_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPat
     )  # fmt: skip
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--log-format", "xml"])
+
+
+def test_an_attempt_cut_short_by_a_crash_is_logged_as_retried_after_the_restart(
+    conveyord: StartConveyord, tmp_path: Path
+) -> None:
+    store = ("--store", f"sqlite:{tmp_path / 'tasks.db'}", "--log-format", "json")
+    first = conveyord(*store)
+    with Client(first.address) as client:
+        task = client.create("sleep", {"seconds": 60}, max_attempts=2)
+        for state in client.watch(task.task_id, timeout=20):
+            if state.status is TaskStatus.RUNNING:
+                break
+    first.process.kill()
+    first.process.wait()
+    second = conveyord(*store)
+    with Client(second.address) as client:
+        for state in client.watch(task.task_id, timeout=20):
+            if state.status is TaskStatus.RUNNING and state.attempt == 2:
+                break
+        client.cancel(task.task_id, reason="enough")  # its second attempt is not awaited
+        client.wait(task.task_id, timeout=20)
+    steps = task_lines(json_lines(stopped_log(second)), task.task_id)
+    assert [(e["message"], e["attempt"]) for e in steps][:2] == [
+        ("task retried", 1), ("task started", 2),
+    ]  # fmt: skip
+    assert (steps[0]["error_code"], steps[0]["worker"]) == ("INTERRUPTED", "conveyord/local")
+    assert (steps[-1]["message"], steps[-1]["status"]) == ("task ended", "CANCELLED")

@@ -126,8 +126,9 @@ class Server:
         self.store.on_failure = self._store_failed
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
-        if TaskLog.wanted():
-            self.store.feed.follow(TaskLog())
+        self.task_log = TaskLog() if TaskLog.wanted() else None
+        if self.task_log is not None:
+            self.store.feed.follow(self.task_log)
         self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file, clock)
         self.scheduler = Scheduler(
             self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
@@ -195,6 +196,8 @@ class Server:
         except RuntimeError as error:  # grpc's way of saying the address is taken or bad
             raise OSError(f"cannot listen on {self.config.listen}: {error}") from error
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
+        if self.task_log is not None:
+            await self.task_log.recall(self.store)  # before recovery settles them
         await self.scheduler.start()
         self.schedules.start()
         await server.start()

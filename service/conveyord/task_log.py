@@ -4,8 +4,9 @@ retried, ended.
 It follows the feed (committed changes, in revision order), so the log says what watchers
 see, and nothing that was not committed. A change carries only the task's new state, so
 the attempts that run are remembered (by task id, the state they started in: as many as
-run at once) to tell an attempt's start from a report of progress, and its end from a
-pause. Each line's fields are keys in JSON and key=value in text (conveyor.logs).
+run at once, and those that ran when the server last stopped) to tell an attempt's start
+from a report of progress, and its end from a pause. Each line's fields are keys in JSON
+and key=value in text (conveyor.logs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from conveyord.model import Change, ChangeKind, Task
+from conveyord.model import LEASED, Change, ChangeKind, Task, TaskFilter
+from conveyord.store.base import TaskStore
 
 log = logging.getLogger("conveyord.tasks")
 
@@ -28,6 +30,18 @@ class TaskLog:
     def wanted() -> bool:
         """Whether its lines would be written (decided once: it is not followed otherwise)."""
         return log.isEnabledFor(logging.INFO)
+
+    async def recall(self, store: TaskStore) -> None:
+        """Remember the attempts that ran when the server last stopped (before recovery
+        settles them), so that their retries are logged as any other."""
+
+        def remember(task: Task) -> None:
+            if task.lease_id:
+                self._running[task.task_id] = task
+
+        # update_where goes through the leased tasks by the store's index; a mutation that
+        # returns None changes nothing.
+        await store.update_where(TaskFilter(statuses=LEASED), remember)
 
     def __call__(self, change: Change) -> None:
         task = change.task
