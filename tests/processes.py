@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,9 +50,21 @@ class Conveyord:
             self.log.append(line)
             if match := re.search(r"\(port (\d+)\)", line):
                 self.address = f"127.0.0.1:{match.group(1)}"
-                return
-        raise AssertionError("conveyord did not start:\n" + "".join(self.log))
+                break
+        else:
+            raise AssertionError("conveyord did not start:\n" + "".join(self.log))
+        # Read the log as it comes, so that a busy server (a line per task) never blocks on
+        # a full pipe.
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        with contextlib.suppress(ValueError, OSError):  # closed by a test that is done with it
+            for line in self.process.stderr:
+                self.log.append(line)
 
     def rest_of_log(self) -> str:
-        assert self.process.stderr is not None
-        return "".join(self.log) + self.process.stderr.read()
+        """The whole log, once the process has closed it (exited)."""
+        self._reader.join()
+        return "".join(self.log)

@@ -30,7 +30,7 @@ from conveyord.cli import build_parser
 from conveyord.worker.local import LOCAL_HOLDER
 from tests.conftest import ManualClock, ServerThread
 from tests.handlers import gate
-from tests.processes import ROOT, Conveyord
+from tests.processes import SOURCE_PATH, Conveyord
 from tests.support import (
     COMPLETED,
     FAILED,
@@ -314,13 +314,12 @@ def test_a_metrics_port_in_use_stops_the_start() -> None:
         port = taken.getsockname()[1]
         command = [sys.executable, "-m", "conveyord", "--store", "memory", "--listen"]
         address = ["127.0.0.1:0", "--metrics-address", f"127.0.0.1:{port}"]
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         done = subprocess.run(
             [*command, *address],
             capture_output=True,
             text=True,
             timeout=30,
-            env={**os.environ, "PYTHONPATH": path},
+            env={**os.environ, "PYTHONPATH": SOURCE_PATH},
         )
     assert done.returncode == 3
     assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr

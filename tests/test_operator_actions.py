@@ -36,6 +36,7 @@ from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.tenants import TenantLimits
 from tests.conftest import ServerThread
 from tests.handlers import gate
+from tests.processes import SOURCE_PATH
 from tests.test_auth import TOKENS, write_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,7 +255,7 @@ def started_worker(address: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [*command, "--handlers", "tests.worker_handlers", "--concurrency", "3",
          "--worker-id", "w-ops"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": SOURCE_PATH}, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         yield process

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
-from tests.processes import ROOT, Conveyord
+from tests.processes import ROOT, SOURCE_PATH, Conveyord
 from tests.support import create, details, error_reason
 
 Start = Callable[..., Conveyord]
@@ -105,7 +105,7 @@ def test_a_read_only_store_is_named_at_start(tmp_path: Path) -> None:
     result = subprocess.run(
         [*wrapper, "conveyord", "--store", f"sqlite:{path}", "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, cwd=ROOT, timeout=30,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "DIR": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH, "DIR": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 5
     assert f"store file {path} is on a read-only file system" in result.stderr

@@ -14,6 +14,7 @@ from conveyor._async_schedules import AsyncSchedules
 from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._reloading import AsyncReloadingChannel
+from conveyor._tracing import traced
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskCounts, TaskEvent, TaskStatus, TaskType
@@ -429,7 +430,8 @@ class AsyncClient(ClientBase):
         backoff = self._backoff(retry, deadline)
         while True:
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                metadata = traced(self._metadata)
+                return await method(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
@@ -455,7 +457,7 @@ class AsyncClient(ClientBase):
                     for listed in watch.relisted(page):
                         yield listed
             call = self._stub.Watch(
-                watch.request(), timeout=watch.deadline.remaining(), metadata=self._metadata
+                watch.request(), timeout=watch.deadline.remaining(), metadata=traced(self._metadata)
             )
             error = None
             try:

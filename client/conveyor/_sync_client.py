@@ -16,6 +16,7 @@ from conveyor._base import ClientBase
 from conveyor._polling import Polling
 from conveyor._reloading import ReloadingChannel
 from conveyor._sync_schedules import Schedules
+from conveyor._tracing import traced
 from conveyor._watching import Watch
 from conveyor.errors import DeadlineExceeded, RpcError, from_rpc_error, outcome
 from conveyor.tasks import InputSent, Task, TaskCounts, TaskEvent, TaskStatus, TaskType
@@ -404,7 +405,8 @@ class Client(ClientBase):
         backoff = self._backoff(retry, deadline)
         while True:
             try:
-                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                metadata = traced(self._metadata)
+                return method(request, timeout=deadline.remaining(), metadata=metadata)
             except grpc.RpcError as error:
                 delay = backoff.delay_after(error)
                 if delay is None:
@@ -427,7 +429,7 @@ class Client(ClientBase):
                 for page in self._pages(relist, watch.deadline.cap(self._timeout)):
                     yield from watch.relisted(page)
             call = self._stub.Watch(
-                watch.request(), timeout=watch.deadline.remaining(), metadata=self._metadata
+                watch.request(), timeout=watch.deadline.remaining(), metadata=traced(self._metadata)
             )
             error = None
             try:

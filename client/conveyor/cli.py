@@ -760,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="this worker's identity, unique to the process (default: host/pid/random)",
     )
+    worker.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("CONVEYOR_LOG_FORMAT", "text"),
+        help="log lines as text (a message, then key=value) or JSON objects; a handler's own "
+        "lines carry its task_id and attempt (default: text) [env CONVEYOR_LOG_FORMAT]",
+    )
     return parser
 
 
@@ -782,12 +789,11 @@ def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from conveyor import logs
     from conveyor.handlers import HandlerLoadError, HandlerRegistry
     from conveyor.worker import Worker, WorkerRefused
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("info", args.log_format)
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.insert(0, cwd)  # --handlers may name modules of the current directory

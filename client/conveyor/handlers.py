@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import importlib
 import inspect
@@ -355,7 +356,11 @@ def run_on_thread(function: Handler, context: TaskContext) -> asyncio.Future[Any
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=work, name=f"conveyor-{context.task_id}", daemon=True).start()
+    # The thread runs in a copy of the caller's context: the attempt that handlers' log
+    # records name, and the trace its spans join.
+    running = contextvars.copy_context()
+    name = f"conveyor-{context.task_id}"
+    threading.Thread(target=running.run, args=(work,), name=name, daemon=True).start()
     return future
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from conveyor._requests import token_metadata
+from conveyor._tracing import attempt_span
 from conveyor.handlers import (
     Failure,
     HandlerRegistry,
@@ -50,6 +51,7 @@ from conveyor.handlers import (
     result_problem,
     run_on_thread,
 )
+from conveyor.logs import attempt_scope
 from conveyor.protojson import dict_to_struct, struct_to_dict, to_value
 from conveyor.tls import Tls, credentials
 from conveyor.v1 import worker_service_pb2 as pb
@@ -87,6 +89,7 @@ class _Attempt:
     progress: dict[str, Any] = dataclasses.field(default_factory=dict)
     reporter: asyncio.Task[None] | None = None
     refusal: Refusal | None = None  # a report over a cap: the attempt fails with it
+    traceparent: str = ""  # the span of the task's Create, when the server traces
 
 
 def default_worker_id() -> str:
@@ -301,7 +304,7 @@ class Worker:
                 struct_to_dict(assignment.checkpoint) if assignment.HasField("checkpoint") else None
             ),
         )
-        attempt = _Attempt(ref, context)
+        attempt = _Attempt(ref, context, traceparent=assignment.traceparent)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt, stub))
 
@@ -357,10 +360,11 @@ class Worker:
         try:
             if function is None:
                 raise LookupError(f"no handler for task type {context.task_type!r}")
-            if is_async(function):
-                result = await cast(Awaitable[Any], function(context))
-            else:
-                result = await run_on_thread(function, context)
+            with attempt_scope(context.task_id, context.attempt), self._span(attempt):
+                if is_async(function):
+                    result = await cast(Awaitable[Any], function(context))
+                else:
+                    result = await run_on_thread(function, context)
         except WaitForInput as wait:
             request.wait_for_input.CopyFrom(
                 pb.InputWait(prompt=wait.prompt, label=wait.label, inputs_seen=wait.seen)
@@ -379,6 +383,20 @@ class Worker:
         else:
             request.result.CopyFrom(to_value(result))
         return request
+
+    def _span(self, attempt: _Attempt) -> contextlib.AbstractContextManager[None]:
+        """The span of the attempt's run, the child of its Create's, when the server traces
+        and opentelemetry is installed here."""
+        if not attempt.traceparent:
+            return contextlib.nullcontext()
+        context = attempt.context
+        return attempt_span(
+            attempt.traceparent,
+            task_id=context.task_id,
+            task_type=context.task_type,
+            attempt=context.attempt,
+            worker=self.worker_id,
+        )
 
     async def _finish(self, stub: WorkerServiceAsyncStub, request: pb.FinishRequest) -> None:
         """End the attempt: its Finish goes out with those of the attempts that ended at the

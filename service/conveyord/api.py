@@ -36,6 +36,7 @@ from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskInput
 from conveyord.rpc import stream_method, unary_method
 from conveyord.scheduler import Scheduler
 from conveyord.store.base import TaskNotFound
+from conveyord.tracing import create_trace
 from conveyord.validation import WatchQuery
 from conveyord.worker.remote import WorkerSessions
 
@@ -67,7 +68,8 @@ class TaskServiceApi:
         )  # fmt: skip
         tenant = current_tenant()
         self.scheduler.tenants.take(tenant, 1)
-        ((task, _),) = await self.scheduler.create([new.to_task(new_task_id(), now, tenant)])
+        made = new.to_task(new_task_id(), now, tenant, create_trace.get())
+        ((task, _),) = await self.scheduler.create([made])
         return task_message(task)
 
     async def batch_create(self, request: pb.BatchCreateRequest) -> bytes:
@@ -81,7 +83,8 @@ class TaskServiceApi:
         )  # fmt: skip
         tenant = current_tenant()
         self.scheduler.tenants.take(tenant, len(batch))
-        tasks = [new.to_task(new_task_id(), now, tenant) for new in batch]
+        trace = create_trace.get()
+        tasks = [new.to_task(new_task_id(), now, tenant, trace) for new in batch]
         created = await self.scheduler.create(tasks)
         return tasks_message(task for task, _ in created)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import math
 import os
 import sys
@@ -12,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from conveyor import logs
+from conveyor.logs import LOG_FORMATS, LOG_LEVELS
 from conveyord.allocator import tune_allocator
 from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
@@ -426,9 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     option(
         "--log-level",
         "CONVEYORD_LOG_LEVEL",
-        "DEBUG, INFO, WARNING or ERROR",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "what to log: debug adds a line for every RPC; info, a line for each step of every "
+        "task (created, started, retried, ended)",
+        type=str.lower,
+        default="info",
+        choices=LOG_LEVELS,
+    )
+    option(
+        "--log-format",
+        "CONVEYORD_LOG_FORMAT",
+        "log lines as text (a message, then key=value) or as JSON objects (one a line)",
+        type=str.lower,
+        default="text",
+        choices=LOG_FORMATS,
+    )
+    switch(
+        "--tracing",
+        "CONVEYORD_TRACING",
+        "trace RPCs and task runs with OpenTelemetry (needs the `tracing` extra), exported as "
+        "the OTEL_* environment variables say (OTLP over gRPC by default); a task's runs "
+        "join the trace of the Create that made it",
     )
     return parser
 
@@ -487,6 +505,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         queue_high_water=args.queue_high_water,
         reflection=not args.no_reflection,
         metrics_address=args.metrics_address or "",
+        tracing=args.tracing,
     )
 
 
@@ -522,14 +541,25 @@ def _import_from_cwd() -> None:
         sys.path.insert(0, cwd)
 
 
+def _start_tracing() -> None:
+    try:
+        from conveyord.tracing import configure_sdk
+
+        configure_sdk()
+    except ImportError as error:
+        raise ValueError(
+            f"--tracing needs OpenTelemetry: pip install 'conveyor[tracing]' ({error})"
+        ) from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()  # before gRPC starts its threads: see conveyord/allocator.py
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     _import_from_cwd()
     try:
+        if args.tracing:
+            _start_tracing()
         config = config_from_args(args)
         return 0 if asyncio.run(serve(config)) else 1
     except HandlerLoadError as error:

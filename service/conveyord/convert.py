@@ -159,8 +159,8 @@ def change_message(change: Change) -> bytes:
 
 def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     """A worker's Assignment of the task's attempt: task (1), lease_id (2), deadline (3),
-    lease_expires_at (4), inputs (5), checkpoint (6). The task's encoding is the one its
-    watchers share."""
+    lease_expires_at (4), inputs (5), checkpoint (6), traceparent (10). The task's encoding
+    is the one its watchers share."""
     encoded = (
         _length_delimited(1, encode_task(task))
         + _length_delimited(2, task.lease_id.encode())
@@ -174,6 +174,8 @@ def assignment(task: Task, deadline: float, lease_expires_at: float) -> bytes:
     checkpoint = checkpoint_of(task)
     if checkpoint is not None:
         encoded += _length_delimited(6, dict_to_struct(checkpoint).SerializeToString())
+    if task.trace_parent:
+        encoded += _length_delimited(10, task.trace_parent.encode())
     return encoded
 
 

@@ -162,6 +162,9 @@ class Task:
     tenant: str = ""  # whose task it is: its creator's tenant ("" where nobody signs in)
     request_id: str = ""
     request_hash: bytes = b""  # fingerprint of the TaskRequest, to judge a reused request_id
+    # The W3C traceparent of the traced Create that made it: its attempts' runs are its
+    # children ("" untraced).
+    trace_parent: str = ""
     status: TaskStatus = TaskStatus.CREATED
     progress: float = 0.0
     message: str = ""

@@ -30,6 +30,7 @@ from conveyord.hub import DEFAULT_WATCH_BUFFER, EventHub
 from conveyord.limits import MAX_RECEIVE_BYTES
 from conveyord.metrics import Metrics
 from conveyord.model import Task
+from conveyord.rpc_log import RpcLog
 from conveyord.scheduler import Scheduler, SchedulerConfig
 from conveyord.schedules.api import SERVICE_NAME as SCHEDULE_SERVICE_NAME
 from conveyord.schedules.api import ScheduleServiceApi
@@ -37,6 +38,7 @@ from conveyord.schedules.api import method_handlers as schedule_method_handlers
 from conveyord.schedules.runner import RunRequest, ScheduleRunner
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.task_log import TaskLog
 from conveyord.tenants import TenantLimits, Tenants
 from conveyord.tls import CertificateFiles, TlsFiles, check_exposure
 from conveyord.validation import NewTask
@@ -94,6 +96,7 @@ class ServerConfig:
     reflection: bool = True  # serve gRPC reflection (open to every caller, as health is)
     queue_high_water: float = DEFAULT_HIGH_WATER  # of max_queued: health NOT_SERVING above
     metrics_address: str = ""  # HOST:PORT of the Prometheus endpoint; empty: no metrics
+    tracing: bool = False  # OpenTelemetry spans of RPCs and attempts (needs the SDK set up)
 
 
 class Server:
@@ -126,10 +129,14 @@ class Server:
         self.store.on_failure = self._store_failed
         self.hub = EventHub(buffer=config.watch_buffer)  # its revision is set at start
         self.store.feed.follow(self.hub.publish)
+        self.task_log = TaskLog() if TaskLog.wanted() else None
+        if self.task_log is not None:
+            self.store.feed.follow(self.task_log)
         self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file, clock)
         self.scheduler = Scheduler(
             self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
         )
+        self.scheduler.worker.tracing = config.tracing
         self.schedules = ScheduleRunner(self.store, self._make_runs, clock)
         self._schedule_api = ScheduleServiceApi(
             self.store, self.schedules, lambda: self.scheduler.task_types, clock
@@ -150,6 +157,7 @@ class Server:
             tokens = TokenFile(config.token_file) if config.token_file else None
             jwts = JwtKeys(config.jwt) if config.jwt else None
             interceptors = [Authenticator(tokens, jwts), *interceptors]
+        interceptors = [*_observers(config), *interceptors]
         self._grpc = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self._stopping: asyncio.Task[None] | None = None
 
@@ -194,6 +202,8 @@ class Server:
                 self.store, self.hub, self.scheduler.dispatcher, self.scheduler.clock
             )
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
+        if self.task_log is not None:
+            await self.task_log.recall(self.store)  # before recovery settles them
         await self.scheduler.start()
         self.schedules.start()
         await server.start()
@@ -279,6 +289,20 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+def _observers(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors that see every call whole, outermost (so that they see the calls
+    that authentication refuses too): each only when it is on, so that it costs nothing
+    otherwise."""
+    observers: list[grpc.aio.ServerInterceptor] = []
+    if config.tracing:
+        from conveyord.tracing import TracingInterceptor
+
+        observers.append(TracingInterceptor())
+    if RpcLog.wanted():
+        observers.append(RpcLog())
+    return observers
 
 
 async def serve(config: ServerConfig) -> bool:

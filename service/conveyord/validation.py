@@ -185,8 +185,9 @@ class NewTask:
             task.queue_timeout_seconds if task.HasField("queue_timeout_seconds") else None
         )
 
-    def to_task(self, task_id: str, now: float, tenant: str = "") -> Task:
-        """The record of the new task, queued (or waiting for its start) on its first attempt."""
+    def to_task(self, task_id: str, now: float, tenant: str = "", trace_parent: str = "") -> Task:
+        """The record of the new task, queued (or waiting for its start) on its first attempt;
+        `trace_parent`: the span of the Create that made it (tracing only)."""
         start = self.start_at if self.start_at is not None else now + self.start_after
         runnable_at = start if start > now else None
         deadline = None
@@ -205,6 +206,7 @@ class NewTask:
             created_at=now,
             updated_at=now,
             tenant=tenant,
+            trace_parent=trace_parent,
             request_id=self.request_id,
             request_hash=self.request_hash,
             message="queued",

@@ -28,15 +28,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x9e\x01\n\x0e\x43onnectRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12#\n\x04held\x18\x04 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x19\n\x11\x62\x61tch_assignments\x18\x05 \x01(\x08\x12\x16\n\x0epausable_types\x18\x06 \x03(\t\"\xfb\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.AssignmentH\x00\x12!\n\x04stop\x18\x03 \x01(\x0b\x32\x11.conveyor.v1.StopH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12/\n\x0b\x61ssignments\x18\x05 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x05pause\x18\x06 \x01(\x0b\x32\x19.conveyor.v1.PauseAttemptH\x00\x12,\n\x06resume\x18\x07 \x01(\x0b\x32\x1a.conveyor.v1.ResumeAttemptH\x00\x12*\n\x05input\x18\x08 \x01(\x0b\x32\x19.conveyor.v1.AttemptInputH\x00\x42\t\n\x07message\"A\n\x0cPauseAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\rResumeAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"X\n\x0c\x41ttemptInput\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05input\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskInput\"\x92\x02\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04kept\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\";\n\x0b\x41ssignments\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x80\x02\n\nAssignment\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskInput\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x8a\x01\n\x04Stop\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.StopCause\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\rReportRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x15\n\x08progress\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07message\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\'\n\x06\x64\x65tail\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06parked\x18\x05 \x01(\x08\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x0b\n\t_progressB\n\n\x08_message\"(\n\x0eReportResponse\x12\x16\n\x0estop_requested\x18\x01 \x01(\x08\"5\n\x0cRenewRequest\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"d\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04lost\x18\x02 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"\xc3\x01\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08no_retry\x18\x03 \x01(\x08\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc8\x01\n\rFinishRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.AttemptErrorH\x00\x12\x30\n\x0ewait_for_input\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.InputWaitH\x00\x42\t\n\x07outcome\"k\n\tInputWait\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binputs_seen\x18\x04 \x01(\x05\"9\n\x0e\x46inishResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"X\n\x11\x46inishManyRequest\x12,\n\x08\x66inishes\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.FinishRequest\x12\x15\n\rrefusals_only\x18\x02 \x01(\x08\"m\n\x12\x46inishManyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.FinishResult\x12+\n\x07refused\x18\x02 \x03(\x0b\x32\x1a.conveyor.v1.FinishRefusal\"r\n\x0c\x46inishResult\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponseH\x00\x12-\n\x07refusal\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.FinishRefusalH\x00\x42\x08\n\x06result\"d\n\rFinishRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12$\n\x05lease\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rDrainResponse*y\n\tStopCause\x12\x1a\n\x16STOP_CAUSE_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_CAUSE_CANCELLED\x10\x01\x12\x18\n\x14STOP_CAUSE_TIMED_OUT\x10\x02\x12\x1c\n\x18STOP_CAUSE_SHUTTING_DOWN\x10\x03\x32\xac\x03\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse0\x01\x12\x41\n\x06Report\x12\x1a.conveyor.v1.ReportRequest\x1a\x1b.conveyor.v1.ReportResponse\x12>\n\x05Renew\x12\x19.conveyor.v1.RenewRequest\x1a\x1a.conveyor.v1.RenewResponse\x12\x41\n\x06\x46inish\x12\x1a.conveyor.v1.FinishRequest\x1a\x1b.conveyor.v1.FinishResponse\x12M\n\nFinishMany\x12\x1e.conveyor.v1.FinishManyRequest\x1a\x1f.conveyor.v1.FinishManyResponse\x12>\n\x05\x44rain\x12\x19.conveyor.v1.DrainRequest\x1a\x1a.conveyor.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/worker_service.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x9e\x01\n\x0e\x43onnectRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12#\n\x04held\x18\x04 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x19\n\x11\x62\x61tch_assignments\x18\x05 \x01(\x08\x12\x16\n\x0epausable_types\x18\x06 \x03(\t\"\xfb\x02\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.conveyor.v1.WelcomeH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.AssignmentH\x00\x12!\n\x04stop\x18\x03 \x01(\x0b\x32\x11.conveyor.v1.StopH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.HeartbeatH\x00\x12/\n\x0b\x61ssignments\x18\x05 \x01(\x0b\x32\x18.conveyor.v1.AssignmentsH\x00\x12*\n\x05pause\x18\x06 \x01(\x0b\x32\x19.conveyor.v1.PauseAttemptH\x00\x12,\n\x06resume\x18\x07 \x01(\x0b\x32\x1a.conveyor.v1.ResumeAttemptH\x00\x12*\n\x05input\x18\x08 \x01(\x0b\x32\x19.conveyor.v1.AttemptInputH\x00\x42\t\n\x07message\"A\n\x0cPauseAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\rResumeAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"X\n\x0c\x41ttemptInput\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05input\x18\x03 \x01(\x0b\x32\x16.conveyor.v1.TaskInput\"\x92\x02\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04kept\x18\x06 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\";\n\x0b\x41ssignments\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.conveyor.v1.Assignment\"\x95\x02\n\nAssignment\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.conveyor.v1.TaskInput\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btraceparent\x18\n \x01(\t\"\x8a\x01\n\x04Stop\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12%\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x16.conveyor.v1.StopCause\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x05grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\rReportRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12\x15\n\x08progress\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07message\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\'\n\x06\x64\x65tail\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06parked\x18\x05 \x01(\x08\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x0b\n\t_progressB\n\n\x08_message\"(\n\x0eReportResponse\x12\x16\n\x0estop_requested\x18\x01 \x01(\x08\"5\n\x0cRenewRequest\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"d\n\rRenewResponse\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04lost\x18\x02 \x03(\x0b\x32\x15.conveyor.v1.LeaseRef\"\xc3\x01\n\x0c\x41ttemptError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08no_retry\x18\x03 \x01(\x08\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12.\n\x0bretry_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc8\x01\n\rFinishRequest\x12$\n\x05lease\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.conveyor.v1.AttemptErrorH\x00\x12\x30\n\x0ewait_for_input\x18\x04 \x01(\x0b\x32\x16.conveyor.v1.InputWaitH\x00\x42\t\n\x07outcome\"k\n\tInputWait\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binputs_seen\x18\x04 \x01(\x05\"9\n\x0e\x46inishResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponse\"X\n\x11\x46inishManyRequest\x12,\n\x08\x66inishes\x18\x01 \x03(\x0b\x32\x1a.conveyor.v1.FinishRequest\x12\x15\n\rrefusals_only\x18\x02 \x01(\x08\"m\n\x12\x46inishManyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.conveyor.v1.FinishResult\x12+\n\x07refused\x18\x02 \x03(\x0b\x32\x1a.conveyor.v1.FinishRefusal\"r\n\x0c\x46inishResult\x12)\n\x04task\x18\x01 \x01(\x0b\x32\x19.conveyor.v1.TaskResponseH\x00\x12-\n\x07refusal\x18\x02 \x01(\x0b\x32\x1a.conveyor.v1.FinishRefusalH\x00\x42\x08\n\x06result\"d\n\rFinishRefusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12$\n\x05lease\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.LeaseRef\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0f\n\rDrainResponse*y\n\tStopCause\x12\x1a\n\x16STOP_CAUSE_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_CAUSE_CANCELLED\x10\x01\x12\x18\n\x14STOP_CAUSE_TIMED_OUT\x10\x02\x12\x1c\n\x18STOP_CAUSE_SHUTTING_DOWN\x10\x03\x32\xac\x03\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse0\x01\x12\x41\n\x06Report\x12\x1a.conveyor.v1.ReportRequest\x1a\x1b.conveyor.v1.ReportResponse\x12>\n\x05Renew\x12\x19.conveyor.v1.RenewRequest\x1a\x1a.conveyor.v1.RenewResponse\x12\x41\n\x06\x46inish\x12\x1a.conveyor.v1.FinishRequest\x1a\x1b.conveyor.v1.FinishResponse\x12M\n\nFinishMany\x12\x1e.conveyor.v1.FinishManyRequest\x1a\x1f.conveyor.v1.FinishManyResponse\x12>\n\x05\x44rain\x12\x19.conveyor.v1.DrainRequest\x1a\x1a.conveyor.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPCAUSE']._serialized_start=3230
-  _globals['_STOPCAUSE']._serialized_end=3351
+  _globals['_STOPCAUSE']._serialized_start=3251
+  _globals['_STOPCAUSE']._serialized_end=3372
   _globals['_LEASEREF']._serialized_start=168
   _globals['_LEASEREF']._serialized_end=213
   _globals['_CONNECTREQUEST']._serialized_start=216
@@ -54,39 +54,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENTS']._serialized_start=1244
   _globals['_ASSIGNMENTS']._serialized_end=1303
   _globals['_ASSIGNMENT']._serialized_start=1306
-  _globals['_ASSIGNMENT']._serialized_end=1562
-  _globals['_STOP']._serialized_start=1565
-  _globals['_STOP']._serialized_end=1703
-  _globals['_HEARTBEAT']._serialized_start=1705
-  _globals['_HEARTBEAT']._serialized_end=1761
-  _globals['_REPORTREQUEST']._serialized_start=1764
-  _globals['_REPORTREQUEST']._serialized_end=1989
-  _globals['_REPORTRESPONSE']._serialized_start=1991
-  _globals['_REPORTRESPONSE']._serialized_end=2031
-  _globals['_RENEWREQUEST']._serialized_start=2033
-  _globals['_RENEWREQUEST']._serialized_end=2086
-  _globals['_RENEWRESPONSE']._serialized_start=2088
-  _globals['_RENEWRESPONSE']._serialized_end=2188
-  _globals['_ATTEMPTERROR']._serialized_start=2191
-  _globals['_ATTEMPTERROR']._serialized_end=2386
-  _globals['_FINISHREQUEST']._serialized_start=2389
-  _globals['_FINISHREQUEST']._serialized_end=2589
-  _globals['_INPUTWAIT']._serialized_start=2591
-  _globals['_INPUTWAIT']._serialized_end=2698
-  _globals['_FINISHRESPONSE']._serialized_start=2700
-  _globals['_FINISHRESPONSE']._serialized_end=2757
-  _globals['_FINISHMANYREQUEST']._serialized_start=2759
-  _globals['_FINISHMANYREQUEST']._serialized_end=2847
-  _globals['_FINISHMANYRESPONSE']._serialized_start=2849
-  _globals['_FINISHMANYRESPONSE']._serialized_end=2958
-  _globals['_FINISHRESULT']._serialized_start=2960
-  _globals['_FINISHRESULT']._serialized_end=3074
-  _globals['_FINISHREFUSAL']._serialized_start=3076
-  _globals['_FINISHREFUSAL']._serialized_end=3176
-  _globals['_DRAINREQUEST']._serialized_start=3178
-  _globals['_DRAINREQUEST']._serialized_end=3211
-  _globals['_DRAINRESPONSE']._serialized_start=3213
-  _globals['_DRAINRESPONSE']._serialized_end=3228
-  _globals['_WORKERSERVICE']._serialized_start=3354
-  _globals['_WORKERSERVICE']._serialized_end=3782
+  _globals['_ASSIGNMENT']._serialized_end=1583
+  _globals['_STOP']._serialized_start=1586
+  _globals['_STOP']._serialized_end=1724
+  _globals['_HEARTBEAT']._serialized_start=1726
+  _globals['_HEARTBEAT']._serialized_end=1782
+  _globals['_REPORTREQUEST']._serialized_start=1785
+  _globals['_REPORTREQUEST']._serialized_end=2010
+  _globals['_REPORTRESPONSE']._serialized_start=2012
+  _globals['_REPORTRESPONSE']._serialized_end=2052
+  _globals['_RENEWREQUEST']._serialized_start=2054
+  _globals['_RENEWREQUEST']._serialized_end=2107
+  _globals['_RENEWRESPONSE']._serialized_start=2109
+  _globals['_RENEWRESPONSE']._serialized_end=2209
+  _globals['_ATTEMPTERROR']._serialized_start=2212
+  _globals['_ATTEMPTERROR']._serialized_end=2407
+  _globals['_FINISHREQUEST']._serialized_start=2410
+  _globals['_FINISHREQUEST']._serialized_end=2610
+  _globals['_INPUTWAIT']._serialized_start=2612
+  _globals['_INPUTWAIT']._serialized_end=2719
+  _globals['_FINISHRESPONSE']._serialized_start=2721
+  _globals['_FINISHRESPONSE']._serialized_end=2778
+  _globals['_FINISHMANYREQUEST']._serialized_start=2780
+  _globals['_FINISHMANYREQUEST']._serialized_end=2868
+  _globals['_FINISHMANYRESPONSE']._serialized_start=2870
+  _globals['_FINISHMANYRESPONSE']._serialized_end=2979
+  _globals['_FINISHRESULT']._serialized_start=2981
+  _globals['_FINISHRESULT']._serialized_end=3095
+  _globals['_FINISHREFUSAL']._serialized_start=3097
+  _globals['_FINISHREFUSAL']._serialized_end=3197
+  _globals['_DRAINREQUEST']._serialized_start=3199
+  _globals['_DRAINREQUEST']._serialized_end=3232
+  _globals['_DRAINRESPONSE']._serialized_start=3234
+  _globals['_DRAINRESPONSE']._serialized_end=3249
+  _globals['_WORKERSERVICE']._serialized_start=3375
+  _globals['_WORKERSERVICE']._serialized_end=3803
 # @@protoc_insertion_point(module_scope)

@@ -389,8 +389,14 @@ class Assignment(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease: every Report, Renew and Finish of this attempt carries it."""
+    traceparent: _builtins.str
+    """The W3C traceparent of the span that created the task, when the server traces
+    (OpenTelemetry): a worker that traces starts the attempt's span as its child, so that
+    the handler's spans join the caller's trace. Empty otherwise.
+    """
     @_builtins.property
     def task(self) -> _task_pb2.TaskResponse:
         """The task as it stands, RUNNING: its id, type, parameters, attempt (1 for the first),
@@ -427,10 +433,11 @@ class Assignment(_message.Message):
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         inputs: _abc.Iterable[_task_pb2.TaskInput] | None = ...,
         checkpoint: _struct_pb2.Struct | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline", b"deadline", "lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline", b"deadline", "inputs", b"inputs", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "deadline", b"deadline", "inputs", b"inputs", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "task", b"task", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,8 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, cast
 
+from conveyor._tracing import attempt_span
+from conveyor.logs import attempt_scope
 from conveyord.dispatch import Dispatcher
 from conveyord.handlers import (
     HandlerRegistry,
@@ -63,6 +65,7 @@ class LocalWorker:
     holder = LOCAL_HOLDER
     tenant: str | None = None  # the server's own handlers run every tenant's tasks
     lease_seconds: float | None = None  # in this process: a lease lasts the attempt
+    tracing = False  # a span for each attempt's run (the server's --tracing)
 
     def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:
         self.registry = registry
@@ -186,11 +189,12 @@ class LocalWorker:
             message = f"no handler is registered for task type {task.task_type!r}"
             return Outcome(error=TaskError(ErrorCode.HANDLER_ERROR, message), retryable=False)
         try:
-            if is_async(function):
-                handler = cast(Awaitable[Any], function(context))
-                result = await track(handler, task.task_id, task.task_type)
-            else:
-                result = await run_on_thread(function, context)
+            with attempt_scope(task.task_id, task.attempt), self._span(task):
+                if is_async(function):
+                    handler = cast(Awaitable[Any], function(context))
+                    result = await track(handler, task.task_id, task.task_type)
+                else:
+                    result = await run_on_thread(function, context)
         except asyncio.CancelledError:
             raise
         except WaitForInput as wait:
@@ -198,6 +202,18 @@ class LocalWorker:
         except Exception as error:
             return _failure(error, task)
         return result_outcome(result)
+
+    def _span(self, task: Task) -> contextlib.AbstractContextManager[None]:
+        """The span of the attempt's run when the server traces (a child of its Create's)."""
+        if not self.tracing:
+            return contextlib.nullcontext()
+        return attempt_span(
+            task.trace_parent,
+            task_id=task.task_id,
+            task_type=task.task_type,
+            attempt=task.attempt,
+            worker=self.holder,
+        )
 
     def _report(self, attempt: _Attempt, changes: dict[str, Any] | Refusal) -> None:
         """Merge a handler's report and write it unless a write is already on its way; a
@@ -231,6 +247,7 @@ def _failure(error: Exception, task: Task) -> Outcome:
         "task %s (%s), attempt %d: the handler raised %s",
         task.task_id, task.task_type, task.attempt, type(error).__name__,
         exc_info=error,
+        extra={"task_id": task.task_id, "task_type": task.task_type, "attempt": task.attempt},
     )  # fmt: skip
     failure = failure_of(error)
     kept = TaskError(

@@ -1,0 +1,119 @@
+"""One INFO line per step of a task's life, from the change feed: created, started,
+retried, ended.
+
+It follows the feed (committed changes, in revision order), so the log says what watchers
+see, and nothing that was not committed. A change carries only the task's new state, so
+the attempts that run are remembered (by task id, the state they started in: as many as
+run at once, and those that ran when the server last stopped) to tell an attempt's start
+from a report of progress, and its end from a pause. Each line's fields are keys in JSON
+and key=value in text (conveyor.logs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from conveyord.model import LEASED, Change, ChangeKind, Task, TaskError, TaskFilter
+from conveyord.store.base import TaskStore
+
+log = logging.getLogger("conveyord.tasks")
+
+
+class TaskLog:
+    """The feed follower that logs tasks' transitions to the `conveyord.tasks` logger."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, Task] = {}  # by task id: each running attempt as it started
+
+    @staticmethod
+    def wanted() -> bool:
+        """Whether its lines would be written (decided once: it is not followed otherwise)."""
+        return log.isEnabledFor(logging.INFO)
+
+    async def recall(self, store: TaskStore) -> None:
+        """Remember the attempts that ran when the server last stopped (before recovery
+        settles them), so that their retries are logged as any other."""
+
+        def remember(task: Task) -> None:
+            if task.lease_id:
+                self._running[task.task_id] = task
+
+        # update_where goes through the leased tasks by the store's index; a mutation that
+        # returns None changes nothing.
+        await store.update_where(TaskFilter(statuses=LEASED), remember)
+
+    def __call__(self, change: Change) -> None:
+        task = change.task
+        if change.kind is not ChangeKind.CHANGED:
+            if change.kind is ChangeKind.REMOVED:
+                self._running.pop(task.task_id, None)
+            return
+        if not change.previous:
+            _line("task created", task, priority=task.priority)
+        started = self._running.get(task.task_id)
+        if task.lease_id:  # an attempt holds the task: a new one if its lease is new
+            if started is None or started.lease_id != task.lease_id:
+                self._running[task.task_id] = task
+                _line("task started", task, worker=task.lease_holder)
+            return
+        if started is not None:
+            del self._running[task.task_id]
+        if task.terminal:
+            self._ended(task)
+        elif started is not None and (
+            task.attempt > started.attempt or task.interruptions > started.interruptions
+        ):
+            self._retried(task, started)
+
+    @staticmethod
+    def _retried(task: Task, started: Task) -> None:
+        """A failed (or interrupted) attempt, and the task queued for its next one."""
+        error = task.error
+        runnable_at = task.next_attempt_at or task.updated_at
+        _line(
+            "task retried",
+            task,
+            attempt=started.attempt,
+            next_attempt=task.attempt,
+            worker=started.lease_holder,
+            retry_in_seconds=round(max(0.0, runnable_at - task.updated_at), 6),
+            **_error_fields(error),
+        )
+
+    @staticmethod
+    def _ended(task: Task) -> None:
+        fields: dict[str, Any] = {"status": task.status.name}
+        fields.update(_error_fields(task.error))
+        end = task.finished_at or task.updated_at
+        fields["duration_seconds"] = round(end - task.created_at, 6)
+        if task.started_at is not None:  # the last attempt's run
+            fields["run_seconds"] = round(end - task.started_at, 6)
+        _line("task ended", task, **fields)
+
+
+def _error_fields(error: TaskError | None) -> dict[str, str]:
+    """What the log says of an attempt's error: its code and message, and for a handler's
+    exception its type and traceback (as the task keeps them: the last 16 KiB)."""
+    if error is None:
+        return {}
+    fields = {"error_code": error.code, "error_message": error.message}
+    if error.error_type:
+        fields["error_type"] = error.error_type
+    if error.traceback:
+        fields["traceback"] = error.traceback
+    return fields
+
+
+def _line(message: str, task: Task, **fields: Any) -> None:
+    """Log one transition of `task` at INFO, with the task's own fields first."""
+    log.info(
+        message,
+        extra={
+            "task_id": task.task_id,
+            "task_type": task.task_type,
+            "tenant": task.tenant,
+            "attempt": task.attempt,
+            **fields,
+        },
+    )
