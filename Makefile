@@ -11,7 +11,7 @@ GENERATOR_STAMP := $(GENERATOR)/.installed
 GENERATED := client/conveyor/v1
 IMAGE ?= conveyor:latest
 
-.PHONY: setup serve test lint breaking generate check-generated image bench clean
+.PHONY: setup serve test test-image lint breaking generate check-generated image bench clean
 
 NODE_WORKER := examples/node-worker
 NODE_STAMP := $(NODE_WORKER)/node_modules/.installed
@@ -64,8 +64,13 @@ check-generated: setup
 	$(BIN)/python scripts/unasync.py --check
 
 # The container image (deploy/Containerfile), built with podman: see deploy/build-image.sh.
+# Both need root, podman and debootstrap.
 image: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/build-image.sh $(IMAGE)
+	PYTHON=$(BIN)/python deploy/build-image.sh $(IMAGE)
+
+# Build the image and check it: its settings, and its programs run from its file system.
+test-image: $(STAMP)
+	$(BIN)/pytest -q deploy/test_image.py
 
 bench: setup
 	$(BIN)/python -m bench.run $(ARGS)
