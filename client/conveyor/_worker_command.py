@@ -44,6 +44,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         "--handlers",
         metavar="MODULE",
         action="append",
+        default=_comma_separated(os.environ.get(HANDLERS_ENV, "")),
         help="a module whose @handler functions to run (repeatable); the same modules as "
         f"conveyord --handlers [env {HANDLERS_ENV}, comma-separated]",
     )
@@ -78,8 +79,7 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _import_from_cwd()
-    named = args.handlers or _comma_separated(os.environ.get(HANDLERS_ENV, ""))
-    modules = handler_modules(named, discover=not args.no_handler_entry_points)
+    modules = handler_modules(args.handlers, discover=not args.no_handler_entry_points)
     if not modules:
         return _fail(
             prog,

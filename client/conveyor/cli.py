@@ -44,6 +44,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as a Unix tool killed by SIGPIPE
 
 RPC_TIMEOUT_ENV = "CONVEYOR_RPC_TIMEOUT"
+JSON_ENV = "CONVEYOR_JSON"
 
 # An ID may be the start of a task's id, as git and docker take a commit's or a container's:
 # at least this many characters (as git asks, so that a small number is not taken for one).
@@ -441,20 +442,21 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         "--server",
         metavar="HOST:PORT",
         default=default(None),
-        help="the conveyor server (default: $CONVEYOR_SERVER, else "
-        f"{_requests.DEFAULT_TARGET}, where `make serve` starts it)",
+        help=f"the conveyor server (default: {_requests.DEFAULT_TARGET}, where `make serve` "
+        f"starts it) [env {_requests.TARGET_ENV}]",
     )
     parser.add_argument(
         "--json",
         action="store_true",
-        default=default(False),
-        help="print one JSON object per line (a task, or each state or event followed)",
+        default=default(os.environ.get(JSON_ENV, "") not in ("", "0")),
+        help="print one JSON object per line (a task, or each state or event followed) "
+        f"[env {JSON_ENV}=1]",
     )
     parser.add_argument(
         "--tls",
         action="store_true",
         default=default(False),
-        help="talk TLS, trusting the system's roots (implied by --tls-ca or $CONVEYOR_TLS_CA)",
+        help="talk TLS, trusting the system's roots (implied by --tls-ca) [env CONVEYOR_TLS=1]",
     )
     parser.add_argument(
         "--token",
