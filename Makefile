@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The code generator's own environment (buf.gen.yaml runs its plugin): its grpcio-tools sets
 # the lowest protobuf and grpcio that the generated code accepts (pyproject.toml).
 GENERATOR := $(VENV)/protoc
-GENERATOR_TOOLS := grpcio-tools==1.72.1 grpcio==1.72.1 protobuf==6.33.6
+GENERATOR_TOOLS := grpcio-tools==1.72.1 grpcio==1.72.1 protobuf==6.33.6 typing_extensions==4.16.0
 GENERATOR_STAMP := $(GENERATOR)/.installed
 GENERATED := client/conveyor/v1
 IMAGE ?= conveyor:latest
