@@ -146,3 +146,73 @@ def test_a_worker_from_the_image_runs_tasks(root_fs: Path, config: dict[str, obj
         server.process.kill()
         stopped(server)
     assert worker.returncode == 0, log
+
+
+HANDLERS_PROJECT = {
+    "pyproject.toml": """[build-system]
+requires = ["setuptools==80.9.0"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "image-handlers"
+version = "1.0"
+
+[project.entry-points."conveyor.handlers"]
+image = "image_handlers"
+
+[tool.setuptools]
+py-modules = ["image_handlers"]
+""",
+    "image_handlers.py": """from conveyor import TaskContext, handler
+
+
+@handler("image.shout")
+def shout(ctx: TaskContext) -> str:
+    return str(ctx.parameters["text"]).upper()
+""",
+}
+DERIVED = """FROM {image}
+USER root
+COPY *.whl /tmp/
+RUN python -m pip install --quiet --no-index --no-deps /tmp/*.whl && rm /tmp/*.whl
+USER 10001:10001
+"""
+
+
+@pytest.fixture(scope="module")
+def derived_fs(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An image FROM the image that adds a handlers package, as the README says; mounted."""
+    work = tmp_path_factory.mktemp("derived")
+    project, context = work / "project", work / "context"
+    project.mkdir()
+    for name, text in HANDLERS_PROJECT.items():
+        (project / name).write_text(text)
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", context, project)
+    (context / "Containerfile").write_text(DERIVED.format(image=image))
+    derived = f"{image}-derived"
+    run("podman", "build", "--layers=false", "--isolation", "chroot", "-t", derived, context)
+    yield Path(run("podman", "image", "mount", derived).strip())
+    run("podman", "image", "unmount", derived)
+    subprocess.run(["podman", "rmi", derived], capture_output=True)
+
+
+def test_an_image_from_it_adds_handlers_that_its_worker_finds_by_entry_point(
+    derived_fs: Path, config: dict[str, object]
+) -> None:
+    server = Conveyord("--task-type", "image.shout")
+    worker = subprocess.Popen(
+        in_image(derived_fs, config, "conveyor-worker", "--server", server.address),
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with Client(server.address) as client:
+            task = client.create("image.shout", {"text": "found"})
+            done = client.wait(task.task_id, timeout=30)
+        assert (done.status, done.result) == (TaskStatus.COMPLETED, "FOUND")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, log = worker.communicate(timeout=30)
+        server.process.kill()
+        stopped(server)
+    assert worker.returncode == 0, log
+    assert "image.shout from image_handlers" in log
