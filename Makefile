@@ -3,19 +3,33 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The code generator's own environment (buf.gen.yaml runs its plugin): its grpcio-tools sets
+# the lowest protobuf and grpcio that the generated code accepts (pyproject.toml).
+GENERATOR := $(VENV)/protoc
+GENERATOR_TOOLS := grpcio-tools==1.72.1 grpcio==1.72.1 protobuf==6.33.6 typing_extensions==4.16.0
+GENERATOR_STAMP := $(GENERATOR)/.installed
+GENERATED := client/conveyor/v1
+IMAGE ?= conveyor:latest
 
-.PHONY: setup serve test lint generate check-generated bench clean
+.PHONY: setup serve test test-image lint breaking generate check-generated image bench clean
 
 NODE_WORKER := examples/node-worker
 NODE_STAMP := $(NODE_WORKER)/node_modules/.installed
 
-setup: $(STAMP) $(NODE_STAMP)
+setup: $(STAMP) $(GENERATOR_STAMP) $(NODE_STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# Both distributions, editable: the client with its command line (.[cli]) and the server
+# (service/), with the development tools.
+$(STAMP): pyproject.toml service/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,tracing]' -e ./service --group dev
 	touch $(STAMP)
+
+$(GENERATOR_STAMP): Makefile
+	test -x $(GENERATOR)/bin/python || $(PYTHON) -m venv $(GENERATOR)
+	$(GENERATOR)/bin/python -m pip install --quiet $(GENERATOR_TOOLS)
+	touch $(GENERATOR_STAMP)
 
 # The JavaScript worker example, which the tests run: its pinned packages (package-lock.json).
 $(NODE_STAMP): $(NODE_WORKER)/package.json $(NODE_WORKER)/package-lock.json
@@ -32,17 +46,34 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(MAKE) breaking
+
+# The contract against main: see scripts/breaking.sh for what "main" is on each checkout.
+breaking: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/breaking.sh
+
+generate: setup
+	$(BIN)/buf generate
+	$(BIN)/python scripts/unasync.py
+
+# Regenerate into a scratch folder: any difference with the committed code fails.
+check-generated: setup
+	rm -rf $(VENV)/generated
+	$(BIN)/buf generate --output $(VENV)/generated
+	diff -r -x __init__.py -x '*.proto' -x __pycache__ $(VENV)/generated/$(GENERATED) $(GENERATED)
+	$(BIN)/python scripts/unasync.py --check
+
+# The container image (deploy/Containerfile), built with podman: see deploy/build-image.sh.
+# Both need root, podman and debootstrap.
+image: $(STAMP)
+	PYTHON=$(BIN)/python deploy/build-image.sh $(IMAGE)
+
+# Build the image and check it: its settings, and its programs run from its file system.
+test-image: $(STAMP)
+	$(BIN)/pytest -q deploy/test_image.py
 
 bench: setup
 	$(BIN)/python -m bench.run $(ARGS)
-
-generate: setup
-	$(BIN)/python scripts/generate.py
-	$(BIN)/python scripts/unasync.py
-
-check-generated: setup
-	$(BIN)/python scripts/generate.py --check
-	$(BIN)/python scripts/unasync.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(NODE_WORKER)/node_modules

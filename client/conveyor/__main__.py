@@ -1,5 +1,5 @@
 """`python -m conveyor`: the `conveyor` command."""
 
-from conveyor.cli import main
+from conveyor._command import main
 
 raise SystemExit(main())

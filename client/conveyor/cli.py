@@ -20,8 +20,9 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
-from conveyor import _ops_cli, _requests, _schedule_cli
+from conveyor import _ops_cli, _requests, _schedule_cli, _worker_command
 from conveyor._sync_client import Client
+from conveyor._version import add_version_option
 from conveyor._views import Output
 from conveyor.errors import (
     ConveyorError,
@@ -44,6 +45,9 @@ EXIT_TIMED_OUT = 6
 EXIT_ERROR = 7
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as a Unix tool killed by SIGPIPE
+
+RPC_TIMEOUT_ENV = "CONVEYOR_RPC_TIMEOUT"
+JSON_ENV = "CONVEYOR_JSON"
 
 # An ID may be the start of a task's id, as git and docker take a commit's or a container's:
 # at least this many characters (as git asks, so that a small number is not taken for one).
@@ -485,21 +489,21 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         "--server",
         metavar="HOST:PORT",
         default=default(None),
-        help="the conveyor server (default: $CONVEYOR_SERVER, else "
-        f"{_requests.DEFAULT_TARGET}, where `make serve` starts it)",
+        help=f"the conveyor server (default: {_requests.DEFAULT_TARGET}, where `make serve` "
+        f"starts it) [env {_requests.TARGET_ENV}]",
     )
     parser.add_argument(
         "--json",
         action="store_true",
-        default=default(False),
+        default=default(os.environ.get(JSON_ENV, "") not in ("", "0")),
         help="print one JSON object per line (a task, or each state or event followed), "
-        "its fields named as in the proto's JSON mapping (taskId, createdAt)",
+        f"its fields named as in the proto's JSON mapping (taskId, createdAt) [env {JSON_ENV}=1]",
     )
     parser.add_argument(
         "--tls",
         action="store_true",
         default=default(False),
-        help="talk TLS, trusting the system's roots (implied by --tls-ca or $CONVEYOR_TLS_CA)",
+        help="talk TLS, trusting the system's roots (implied by --tls-ca) [env CONVEYOR_TLS=1]",
     )
     parser.add_argument(
         "--token",
@@ -517,9 +521,9 @@ def _common_options(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         "--rpc-timeout",
         metavar="S",
         type=_positive,
-        default=default(10.0),
+        default=default(os.environ.get(RPC_TIMEOUT_ENV, "10")),
         help="seconds each request to the server may take, retries included, and that a "
-        "broken watch keeps trying to reconnect (default: 10)",
+        f"broken watch keeps trying to reconnect (default: 10) [env {RPC_TIMEOUT_ENV}]",
     )
 
 
@@ -572,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser, "conveyor", "conveyor")
     _common_options(parser, inherit=False)
     common = argparse.ArgumentParser(add_help=False)
     _common_options(common, inherit=True)
@@ -744,29 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run task handlers for the server, in this process, until SIGTERM or SIGINT (which "
         "drain: nothing new is taken, and what runs finishes)",
     )
-    worker.add_argument(
-        "--handlers",
-        metavar="MODULE",
-        action="append",
-        required=True,
-        help="a module whose @handler functions to run (repeatable); the same modules as "
-        "conveyord --handlers",
-    )
-    worker.add_argument(
-        "--concurrency", type=int, default=8, metavar="N", help="attempts run at once (default: 8)"
-    )
-    worker.add_argument(
-        "--worker-id",
-        metavar="ID",
-        help="this worker's identity, unique to the process (default: host/pid/random)",
-    )
-    worker.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=os.environ.get("CONVEYOR_LOG_FORMAT", "text"),
-        help="log lines as text (a message, then key=value) or JSON objects; a handler's own "
-        "lines carry its task_id and attempt (default: text) [env CONVEYOR_LOG_FORMAT]",
-    )
+    _worker_command.add_worker_options(worker)
     return parser
 
 
@@ -785,33 +768,8 @@ def _tls(args: argparse.Namespace) -> Tls | bool | None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """`conveyor worker`: run the handlers of --handlers until drained."""
-    import asyncio
-    import logging
-
-    from conveyor import logs
-    from conveyor.handlers import HandlerLoadError, HandlerRegistry
-    from conveyor.worker import Worker, WorkerRefused
-
-    logs.configure("info", args.log_format)
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)  # --handlers may name modules of the current directory
-    try:
-        registry = HandlerRegistry.from_modules(args.handlers, builtins=False)
-        worker = Worker(
-            _requests.target(args.server), registry,
-            concurrency=args.concurrency, worker_id=args.worker_id, tls=_tls(args),
-            token=args.token,
-        )  # fmt: skip
-    except (HandlerLoadError, ValueError) as error:
-        return _fail(str(error), EXIT_USAGE)
-    logging.getLogger("conveyor.worker").info(
-        "worker %s for %s: %s, %d at once",
-        worker.worker_id, worker.target, ", ".join(registry.task_types), args.concurrency,
-    )  # fmt: skip
-    try:
-        asyncio.run(worker.run_until_signal())
-    except WorkerRefused as error:
-        return _fail(f"the server refused this worker: {error}", EXIT_USAGE)
-    return EXIT_COMPLETED
+    """`conveyor worker`: `conveyor-worker`, with this command's connection options."""
+    target = _requests.target(args.server)
+    return _worker_command.run(
+        args, prog="conveyor", target=target, tls=_tls(args), token=args.token
+    )

@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect
 import math
 import threading
@@ -66,6 +67,10 @@ MAX_PROMPT = 4096  # characters of a wait's prompt
 MAX_LABEL = 255  # characters of a wait's label
 _BUILTIN_MODULE = "conveyord.builtin_handlers"
 _CUT_NOTE_ROOM = 100  # bytes of a cut traceback's first line, which says what was cut
+# Installed distributions name their handler modules under this entry point group:
+#   [project.entry-points."conveyor.handlers"]
+#   reports = "myteam.reports.handlers"
+ENTRY_POINT_GROUP = "conveyor.handlers"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -602,3 +607,20 @@ class TaskContext:
         """The attempt is over: later reports are ignored, and a parked handler goes on."""
         self._closed = True
         self._unpark()
+
+
+def entry_point_modules() -> list[str]:
+    """The handler modules that installed distributions declare in the `conveyor.handlers`
+    entry point group, by entry point name: installing a package is enough to serve its
+    handlers, in conveyord and in a worker, without naming it in --handlers."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return list(dict.fromkeys(point.module for point in sorted(found, key=lambda p: p.name)))
+
+
+def handler_modules(named: Iterable[str], *, discover: bool) -> list[str]:
+    """The modules to load: those `named` (--handlers), then, if `discover`, those of the
+    entry points that are not named already."""
+    modules = list(dict.fromkeys(named))
+    if discover:
+        modules += [name for name in entry_point_modules() if name not in modules]
+    return modules

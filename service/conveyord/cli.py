@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from conveyor import logs
+from conveyor._version import add_version_option
+from conveyor.handlers import ENTRY_POINT_GROUP, handler_modules
 from conveyor.logs import LOG_FORMATS, LOG_LEVELS
 from conveyord.allocator import tune_allocator
 from conveyord.auth import JwtSettings
@@ -112,6 +114,10 @@ def _env_list(name: str) -> list[str]:
     return _modules(os.environ.get(name, ""))
 
 
+def _env_type_limits(name: str) -> list[tuple[str, int]]:
+    return [_type_limit(item) for item in _modules(os.environ.get(name, ""))]
+
+
 def _modules(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         on = os.environ.get(env, "") not in ("", "0")
         parser.add_argument(flag, action="store_true", default=on, help=f"{help} [env {env}=1]")
 
+    add_version_option(parser, "conveyord", "conveyord")
     option(
         "--listen", "CONVEYORD_LISTEN", "address to listen on, HOST:PORT", default=DEFAULT_LISTEN
     )
@@ -199,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
     )
     switch(
+        "--no-handler-entry-points",
+        "CONVEYORD_NO_HANDLER_ENTRY_POINTS",
+        "register only the --handlers modules, not also those that installed packages declare "
+        f"in the {ENTRY_POINT_GROUP} entry point group",
+    )
+    switch(
         "--no-builtin-handlers",
         "CONVEYORD_NO_BUILTIN_HANDLERS",
         "do not register the built-in sleep, echo and fail handlers",
@@ -218,13 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=_DEFAULTS.max_running,
     )
+    try:
+        type_limits = _env_type_limits("CONVEYORD_TYPE_CONCURRENCY")
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"CONVEYORD_TYPE_CONCURRENCY: {error}")
     parser.add_argument(
         "--type-concurrency",
         action="append",
         type=_type_limit,
         metavar="TYPE=N",
-        default=[],
-        help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue)",
+        default=type_limits,
+        help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue) "
+        "[env CONVEYORD_TYPE_CONCURRENCY, comma-separated]",
     )
     parser.add_argument(
         "--type-retry",
@@ -481,7 +499,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         listen=args.listen,
         store=args.store,
-        handler_modules=tuple(args.handlers),
+        handler_modules=tuple(
+            handler_modules(args.handlers, discover=not args.no_handler_entry_points)
+        ),
         builtin_handlers=not args.no_builtin_handlers,
         scheduler=scheduler,
         history_size=args.history_size,

@@ -5,7 +5,7 @@ import warnings
 
 from conveyor.v1 import schedule_service_pb2 as conveyor_dot_v1_dot_schedule__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in conveyor/v1/schedule_service_pb2_grpc.py depends on'
+        + f' but the generated code in conveyor/v1/schedule_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ScheduleServiceStub:
+class ScheduleServiceStub(object):
     """Runs tasks on a schedule: every interval, daily at a time, or on a cron expression, in a
     named time zone.
 
@@ -114,7 +114,7 @@ class ScheduleServiceStub:
                 _registered_method=True)
 
 
-class ScheduleServiceServicer:
+class ScheduleServiceServicer(object):
     """Runs tasks on a schedule: every interval, daily at a time, or on a cron expression, in a
     named time zone.
 
@@ -314,7 +314,7 @@ def add_ScheduleServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ScheduleService:
+class ScheduleService(object):
     """Runs tasks on a schedule: every interval, daily at a time, or on a cron expression, in a
     named time zone.
 

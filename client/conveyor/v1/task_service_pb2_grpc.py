@@ -5,7 +5,7 @@ import warnings
 
 from conveyor.v1 import task_service_pb2 as conveyor_dot_v1_dot_task__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in conveyor/v1/task_service_pb2_grpc.py depends on'
+        + f' but the generated code in conveyor/v1/task_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TaskServiceStub:
+class TaskServiceStub(object):
     """Runs tasks in the background and lets callers follow them.
 
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
@@ -121,7 +121,7 @@ class TaskServiceStub:
                 _registered_method=True)
 
 
-class TaskServiceServicer:
+class TaskServiceServicer(object):
     """Runs tasks in the background and lets callers follow them.
 
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest
@@ -468,7 +468,7 @@ def add_TaskServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TaskService:
+class TaskService(object):
     """Runs tasks in the background and lets callers follow them.
 
     Errors carry google.rpc.Status details: INVALID_ARGUMENT a google.rpc.BadRequest

@@ -5,7 +5,7 @@ import warnings
 
 from conveyor.v1 import worker_service_pb2 as conveyor_dot_v1_dot_worker__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in conveyor/v1/worker_service_pb2_grpc.py depends on'
+        + f' but the generated code in conveyor/v1/worker_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class WorkerServiceStub:
+class WorkerServiceStub(object):
     """Hands tasks to workers in other processes, written in any language, under leases.
 
     A worker's life, in order:
@@ -115,7 +115,7 @@ class WorkerServiceStub:
                 _registered_method=True)
 
 
-class WorkerServiceServicer:
+class WorkerServiceServicer(object):
     """Hands tasks to workers in other processes, written in any language, under leases.
 
     A worker's life, in order:
@@ -280,7 +280,7 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class WorkerService:
+class WorkerService(object):
     """Hands tasks to workers in other processes, written in any language, under leases.
 
     A worker's life, in order:
