@@ -8,10 +8,13 @@ import dataclasses
 import os
 import platform
 import re
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+
+import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,11 +125,7 @@ async def server_process(
 ) -> AsyncIterator[Process]:
     """A Python process that logs a line matching `ready` once it is ready (a server: its
     port, which gives the address); on the servers' cores, unless it is a client."""
-    environment = {**os.environ, "PYTHONPATH": SOURCE_PATH}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=_on_server_cores if on_server_cores else None,
-    )  # fmt: skip
+    process = await _spawn(args, on_server_cores)
     assert process.stderr is not None
     address = None
     while address is None:
@@ -135,13 +134,52 @@ async def server_process(
             raise RuntimeError(f"{' '.join(args)} did not start")
         if match := re.search(ready, line):
             address = f"127.0.0.1:{match.group(1)}" if match.groups() else ""
-    drain = asyncio.create_task(process.stderr.read())
-    try:
+    async with _running(process):
         yield Process(address, process.pid)
+
+
+@contextlib.asynccontextmanager
+async def quiet_conveyord(*args: str) -> AsyncIterator[Process]:
+    """A conveyord that logs warnings only (no line per task, nor the one naming its port):
+    on a port chosen here, ready once a channel to it is."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    command = ["-m", "conveyord", "--listen", address, "--store", "memory"]
+    flags = ["--handlers", "bench.handlers", "--log-level", "warning", *args]
+    process = await _spawn([*command, *flags], on_server_cores=True)
+    async with _running(process), grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout=30)
+        yield Process(address, process.pid)
+
+
+async def _spawn(args: Sequence[str], on_server_cores: bool) -> asyncio.subprocess.Process:
+    environment = {**os.environ, "PYTHONPATH": SOURCE_PATH}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_on_server_cores if on_server_cores else None,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _running(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
+    """Read the process's log as it comes (and drop it), so that it never blocks on a full
+    pipe; stop the process at the end."""
+    assert process.stderr is not None
+    stderr = process.stderr
+
+    async def drain() -> None:
+        while await stderr.read(1 << 16):
+            pass
+
+    draining = asyncio.create_task(drain())
+    try:
+        yield
     finally:
         process.terminate()
         await process.wait()
-        await drain
+        await draining
 
 
 def machine() -> str:

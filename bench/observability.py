@@ -11,13 +11,18 @@ from typing import Any
 import grpc
 
 from bench.end_to_end import throughput
-from bench.harness import Load, best, closed_loop, conveyord, ratio
+from bench.harness import Load, best, closed_loop, conveyord, quiet_conveyord, ratio
 from bench.rpc import PARKED, create_call
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 
+QUIET = ("--log-level", "warning")  # no line per task (read by quiet_conveyord)
+METRICS = ("--metrics-address", "127.0.0.1:0")
 CONFIGURATIONS: list[tuple[str, tuple[str, ...]]] = [
-    ("off", ()),
-    ("metrics", ("--metrics-address", "127.0.0.1:0")),
+    ("off (log level warning, no metrics)", QUIET),
+    ("metrics", (*QUIET, *METRICS)),
+    ("task log lines, text (log level info: the default)", ("--log-level", "info")),
+    ("task log lines, JSON", ("--log-level", "info", "--log-format", "json")),
+    ("metrics and task log lines", ("--log-level", "info", *METRICS)),
 ]
 # Tasks of type `parked` stay queued (Create alone is measured); `noop` ones run at once,
 # and the watcher that counts them may fall behind in a burst without being let go.
@@ -41,7 +46,8 @@ async def run(quick: bool) -> dict[str, Any]:
     rates: dict[str, list[float]] = {name: [] for name, _ in CONFIGURATIONS}
     for _ in range(rounds):  # alternated, so that the host's drift hits all alike
         for name, flags in CONFIGURATIONS:
-            async with conveyord(*SERVER_FLAGS, *flags) as server:
+            server_of = quiet_conveyord if flags[:2] == QUIET else conveyord
+            async with server_of(*SERVER_FLAGS, *flags) as server:
                 load, rate = await _measure(server.address, creates, tasks)
             loads[name].append(load)
             rates[name].append(rate)
