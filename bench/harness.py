@@ -10,6 +10,7 @@ import platform
 import re
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -125,16 +126,9 @@ async def server_process(
 ) -> AsyncIterator[Process]:
     """A Python process that logs a line matching `ready` once it is ready (a server: its
     port, which gives the address); on the servers' cores, unless it is a client."""
-    process = await _spawn(args, on_server_cores)
-    assert process.stderr is not None
-    address = None
-    while address is None:
-        line = (await process.stderr.readline()).decode()
-        if not line:
-            raise RuntimeError(f"{' '.join(args)} did not start")
-        if match := re.search(ready, line):
-            address = f"127.0.0.1:{match.group(1)}" if match.groups() else ""
-    async with _running(process):
+    async with _running(args, on_server_cores) as (process, log):
+        match = await _logged(process, log, re.compile(ready))
+        address = f"127.0.0.1:{match.group(1)}" if match.groups() else ""
         yield Process(address, process.pid)
 
 
@@ -148,38 +142,53 @@ async def quiet_conveyord(*args: str) -> AsyncIterator[Process]:
     address = f"127.0.0.1:{port}"
     command = ["-m", "conveyord", "--listen", address, "--store", "memory"]
     flags = ["--handlers", "bench.handlers", "--log-level", "warning", *args]
-    process = await _spawn([*command, *flags], on_server_cores=True)
-    async with _running(process), grpc.aio.insecure_channel(address) as channel:
+    async with (
+        _running([*command, *flags], on_server_cores=True) as (process, _),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
         yield Process(address, process.pid)
 
 
-async def _spawn(args: Sequence[str], on_server_cores: bool) -> asyncio.subprocess.Process:
-    environment = {**os.environ, "PYTHONPATH": SOURCE_PATH}
-    return await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=ROOT, env=environment, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=_on_server_cores if on_server_cores else None,
-    )  # fmt: skip
-
-
 @contextlib.asynccontextmanager
-async def _running(process: asyncio.subprocess.Process) -> AsyncIterator[None]:
-    """Read the process's log as it comes (and drop it), so that it never blocks on a full
-    pipe; stop the process at the end."""
-    assert process.stderr is not None
-    stderr = process.stderr
+async def _running(
+    args: Sequence[str], on_server_cores: bool
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
+    """The process, its log written to a file: a server's log lines cost it what they cost
+    in production, and nothing to the load generator (which a pipe to read would). The
+    process is stopped, and its log removed, at the end."""
+    environment = {**os.environ, "PYTHONPATH": SOURCE_PATH}
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as folder:
+        log = Path(folder) / "stderr.log"
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, *args, cwd=ROOT, env=environment, stderr=stderr,
+                preexec_fn=_on_server_cores if on_server_cores else None,
+            )  # fmt: skip
+        try:
+            yield process, log
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            await process.wait()
 
-    async def drain() -> None:
-        while await stderr.read(1 << 16):
-            pass
 
-    draining = asyncio.create_task(drain())
-    try:
-        yield
-    finally:
-        process.terminate()
-        await process.wait()
-        await draining
+async def _logged(
+    process: asyncio.subprocess.Process, log: Path, pattern: re.Pattern[str]
+) -> re.Match[str]:
+    """The first match of `pattern` in a line of the process's log, read as it grows."""
+    written = b""
+    with log.open("rb") as lines:
+        while True:
+            chunk = lines.read()
+            written += chunk
+            for line in written.decode(errors="replace").splitlines():
+                if match := pattern.search(line):
+                    return match
+            if not chunk:
+                if process.returncode is not None:
+                    raise RuntimeError(f"exited before it was ready: {written.decode()}")
+                await asyncio.sleep(0.01)
 
 
 def machine() -> str:

@@ -15,6 +15,7 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -75,11 +76,18 @@ class TextFormatter(logging.Formatter):
         return f"{head} {pairs}{newline}{rest}"
 
 
+_PLAIN = re.compile(r'[^\s"=]+')  # what a value may be unquoted: no space, quote or '='
+
+
 def _text(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if not text or any(c in text for c in ' "=\n'):
-        return json.dumps(text)
-    return text
+    """A value as key=value writes it: plain if it can be, else quoted as JSON quotes it
+    (numbers and plain strings take the quick way: a line has several per task)."""
+    if isinstance(value, str):
+        return value if _PLAIN.fullmatch(value) else json.dumps(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    text = json.dumps(value, default=str)
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):
