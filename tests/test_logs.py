@@ -4,8 +4,11 @@ with their task and attempt, as JSON and as text; and no opentelemetry without -
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 
 from conveyor import Client, NotFound, TaskStatus, Unauthenticated
+from conveyor.logs import PacedHandler
 from conveyord.cli import build_parser, config_from_args
 from tests.processes import ROOT, SOURCE_PATH, Conveyord
 
@@ -263,3 +267,23 @@ def test_an_attempt_cut_short_by_a_crash_is_logged_as_retried_after_the_restart(
     ]  # fmt: skip
     assert (steps[0]["error_code"], steps[0]["worker"]) == ("INTERRUPTED", "conveyord/local")
     assert (steps[-1]["message"], steps[-1]["status"]) == ("task ended", "CANCELLED")
+
+
+async def test_lines_of_the_loop_are_written_together_at_its_pace_and_in_order() -> None:
+    stream = io.StringIO()
+    handler = PacedHandler(stream, pace=3600)  # no timer fires within the test: flush does
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("tests.paced")
+    log.propagate, log.level = False, logging.INFO
+    log.addHandler(handler)
+    try:
+        log.info("first")
+        log.info("second")
+        assert stream.getvalue() == ""  # waiting for the loop's next write
+        await asyncio.to_thread(log.info, "from a thread")  # no loop there: written at once
+        assert stream.getvalue() == "first\nsecond\nfrom a thread\n"  # after those waiting
+        log.info("third")
+        handler.flush()  # as at exit
+        assert stream.getvalue().endswith("from a thread\nthird\n")
+    finally:
+        log.removeHandler(handler)

@@ -10,15 +10,18 @@ its attempt (task id and attempt number) is in a context variable (`attempt_scop
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime
+import itertools
 import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
-from typing import Any, Literal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -31,6 +34,9 @@ _attempt: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVa
 
 # What every LogRecord has of its own: anything else on a record came from `extra`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# A record's own attributes come first in its __dict__, those of `extra` (and of filters)
+# after them: skipping the first ones is quicker than testing each (a line has ~25).
+_FIRST_EXTRA = len(vars(logging.makeLogRecord({})))
 
 
 @contextlib.contextmanager
@@ -57,26 +63,75 @@ class AttemptFilter(logging.Filter):
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a record carries beyond the standard ones (its `extra`)."""
-    return {key: value for key, value in vars(record).items() if key not in _STANDARD}
+    return {key: value for key, value in _extra_items(record) if key not in _STANDARD}
+
+
+def _extra_items(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    return itertools.islice(vars(record).items(), _FIRST_EXTRA, None)
+
+
+class _Seconds:
+    """The part of a time stamp that changes once a second, made once a second: formatting
+    a time is a third of a line's cost, and a busy server writes thousands a second."""
+
+    def __init__(self, make: Callable[[int], str]) -> None:
+        self._make = make
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._text = second, self._make(second)
+        return self._text
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message key=value ...`; values with spaces or quotes are quoted."""
+    """`time LEVEL logger: message key=value ...` (the time local, as logging's default
+    asctime); values with spaces or quotes are quoted; a traceback below the line."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__()
+        self._seconds = _Seconds(
+            lambda second: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        )
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = fields(record)
-        if not extra:
-            return line
-        head, newline, rest = line.partition("\n")  # a traceback stays below the fields
-        pairs = " ".join(f"{key}={_text(value)}" for key, value in extra.items())
-        return f"{head} {pairs}{newline}{rest}"
+        stamp = f"{self._seconds(record.created)},{int(record.msecs):03d}"
+        line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
+        pairs = _pairs(record)
+        if pairs:
+            line += " " + pairs
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
 
 _PLAIN = re.compile(r'[^\s"=]+')  # what a value may be unquoted: no space, quote or '='
+_plain = _PLAIN.fullmatch
+
+
+def _pairs(record: logging.LogRecord) -> str:
+    """The record's own fields as `key=value ...`. Inlined for strings and numbers: a busy
+    server writes a few lines per task, and a call per value was half of a line's cost."""
+    pairs = []
+    for key, value in _extra_items(record):
+        if key in _STANDARD:  # set by a formatter (message, asctime)
+            continue
+        kind = type(value)
+        if kind is str and _plain(value):
+            pairs.append(f"{key}={value}")
+        elif kind is int or kind is float:
+            pairs.append(f"{key}={value!r}")
+        elif kind is str and not value:
+            pairs.append(f'{key}=""')
+        else:
+            pairs.append(f"{key}={_text(value)}")
+    return " ".join(pairs)
 
 
 def _text(value: Any) -> str:
@@ -94,11 +149,15 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then every
     field of the record's `extra`, and `exception` (its traceback) when there is one."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _Seconds(
+            lambda second: datetime.datetime.fromtimestamp(second, datetime.UTC).isoformat()[:19]
+        )
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": f"{self._seconds(record.created)}.{int(record.msecs):03d}+00:00",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -113,6 +172,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class PacedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines logged on an event loop together, at most `pace` seconds after the
+    first of them (one write for a busy server's many lines, not a system call each; a
+    crash loses at most that much); lines of other threads, and of no loop, at once.
+    `flush` (at exit too) writes what waits."""
+
+    def __init__(self, stream: TextIO, pace: float = 0.05) -> None:
+        super().__init__(stream)
+        self._pace = pace
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()  # the loop's waiting lines came first
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._waiting:
+            loop.call_later(self._pace, self.flush)
+        self._waiting.append(line)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._waiting:
+                self._waiting.append("")  # the last line's end
+                self.stream.write(self.terminator.join(self._waiting))
+                self._waiting.clear()
+            self.stream.flush()
+
+
 def configure(level: str = "info", log_format: LogFormat = "text") -> None:
     """Log to stderr at `level` (debug, info, warning or error) as text or JSON, with the
     running attempt on handlers' records: the one logging set-up of conveyord and of
@@ -121,7 +216,7 @@ def configure(level: str = "info", log_format: LogFormat = "text") -> None:
     # frame above all): not gathered, as the logging HOWTO's "Optimization" advises.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = PacedHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(AttemptFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
