@@ -138,3 +138,28 @@ def stream_method(
     return grpc.unary_stream_rpc_method_handler(
         stream(behaviour), request_deserializer=deserializer(request, limit)
     )
+
+
+class MethodWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler in `wrap` once, keeping the wrapped
+    handler by method: a call then costs a lookup, not a new wrapping."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[Any, Any]] = {}  # by method: (handler, wrapped)
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        """The handler of `method` that calls go through instead of `handler`."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        known = self._handlers.get(details.method)
+        if known is None or known[0] is not handler:
+            known = self._handlers[details.method] = (handler, self.wrap(handler, details.method))
+        return known[1]

@@ -12,41 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from conveyor.v1 import task_service_pb2
 from conveyord.auth import current_tenant
+from conveyord.rpc import MethodWrapper
 
 log = logging.getLogger("conveyord.rpc")
 
 _CREATE = "/conveyor.v1.TaskService/Create"
 
 
-class RpcLog(grpc.aio.ServerInterceptor):
+class RpcLog(MethodWrapper):
     """Logs each call of every method when it ends."""
-
-    def __init__(self) -> None:
-        self._handlers: dict[str, tuple[Any, Any]] = {}  # by method: (handler, logged handler)
 
     @staticmethod
     def wanted() -> bool:
         return log.isEnabledFor(logging.DEBUG)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        known = self._handlers.get(details.method)
-        if known is None or known[0] is not handler:
-            known = self._handlers[details.method] = (handler, _logged(handler, details.method))
-        return known[1]
+    def wrap(self, handler: Any, method: str) -> Any:
+        return _logged(handler, method)
 
 
 def _logged(handler: Any, method: str) -> Any:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from conveyor._tracing import traceparent_of
+from conveyord.rpc import MethodWrapper
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -60,29 +61,18 @@ def configure_sdk() -> None:
     trace.set_tracer_provider(provider)
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(MethodWrapper):
     """Runs every call in a server span named after its method (`conveyor.v1.TaskService/
     Create`), the child of the caller's span, with its status code."""
 
     def __init__(self) -> None:
         from opentelemetry import trace
 
+        super().__init__()
         self._tracer: Tracer = trace.get_tracer("conveyord")
-        self._handlers: dict[str, tuple[Any, Any]] = {}  # by method: (handler, traced handler)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        known = self._handlers.get(details.method)
-        if known is None or known[0] is not handler:
-            traced = _traced(handler, details.method, self._tracer)
-            known = self._handlers[details.method] = (handler, traced)
-        return known[1]
+    def wrap(self, handler: Any, method: str) -> Any:
+        return _traced(handler, method, self._tracer)
 
 
 def _traced(handler: Any, method: str, tracer: Tracer) -> Any:
