@@ -191,6 +191,12 @@ async def _logged(
                 await asyncio.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) that process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> str:
     """One line about where the figures come from."""
     cpu = platform.processor() or platform.machine()
