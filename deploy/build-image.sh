@@ -17,13 +17,23 @@ base=localhost/conveyor-base:$suite
 cache=${CONVEYOR_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/conveyor-image}
 python=${PYTHON:-python3}
 
+# The Debian archive to take the base from: $DEBIAN_MIRROR, else the one this machine's apt
+# uses (a build machine may reach Debian only through its own mirror), else deb.debian.org.
+debian_mirror() {
+  if [ -n "${DEBIAN_MIRROR:-}" ]; then echo "$DEBIAN_MIRROR"; return; fi
+  found=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+      /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v '^[[:space:]]*#' \
+    | grep -oE '(https?|file)://[^ ]*/debian/?([[:space:]]|$)' | sed 's/[[:space:]]*$//' \
+    | head -n 1)
+  echo "${found:-http://deb.debian.org/debian}"
+}
+
 if ! podman image exists "$base"; then
   tarball=$cache/debian-$suite-python3.tar
   if [ ! -f "$tarball" ]; then
     mkdir -p "$cache"
     rootfs=$(mktemp -d "$cache/rootfs.XXXXXX")
-    debootstrap --variant=minbase --include=python3 "$suite" "$rootfs" \
-      "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+    debootstrap --variant=minbase --include=python3 "$suite" "$rootfs" "$(debian_mirror)"
     rm -rf "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/* \
       "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
