@@ -10,6 +10,8 @@ attempt's span as its child, so the handler's spans join the caller's trace.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +41,13 @@ def traceparent_of(context: Any = None) -> str:
     return carrier.get("traceparent", "")
 
 
+@functools.cache
+def _installed() -> bool:
+    """Whether opentelemetry's API can be imported here (asked once: Python does not keep a
+    failed import, and would search for it again at every attempt)."""
+    return importlib.util.find_spec("opentelemetry.trace") is not None
+
+
 @contextlib.contextmanager
 def attempt_span(
     traceparent: str, *, task_id: str, task_type: str, attempt: int, worker: str
@@ -46,12 +55,12 @@ def attempt_span(
     """A span for one attempt's run, the child of the span `traceparent` names (a root span
     without one); nothing when opentelemetry is not installed. An exception that leaves it
     is recorded on it."""
-    try:
-        from opentelemetry import context, trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-    except ImportError:
+    if not _installed():
         yield
         return
+    from opentelemetry import context, trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     parent = context.Context()  # not whatever span happened to be current when it started
     if traceparent:
         parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent}, parent)

@@ -10,12 +10,13 @@ which answers UNAUTHENTICATED or PERMISSION_DENIED itself) is not seen here.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+
+from conveyord.rpc import code_of
 
 # Told of each call's end of one method: its status code and the seconds it took.
 CallEnded = Callable[[grpc.StatusCode, float], None]
@@ -54,19 +55,13 @@ def _observed(
 def _unary(behaviour: Any, ended: CallEnded) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         began = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN  # an unexpected exception: what gRPC answers
         try:
             response = await behaviour(request, context)
-            code = grpc.StatusCode.OK
-            return response
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED  # the caller went away, or its deadline passed
+        except BaseException as error:
+            ended(code_of(error, context), time.perf_counter() - began)
             raise
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            ended(code, time.perf_counter() - began)
+        ended(grpc.StatusCode.OK, time.perf_counter() - began)
+        return response
 
     return call
 
@@ -74,18 +69,12 @@ def _unary(behaviour: Any, ended: CallEnded) -> Any:
 def _stream(behaviour: Any, ended: CallEnded) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         began = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN
         try:
             async for response in behaviour(request, context):
                 yield response
-            code = grpc.StatusCode.OK
-        except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+        except BaseException as error:
+            ended(code_of(error, context), time.perf_counter() - began)
             raise
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            ended(code, time.perf_counter() - began)
+        ended(grpc.StatusCode.OK, time.perf_counter() - began)
 
     return call

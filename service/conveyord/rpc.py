@@ -9,6 +9,7 @@ google.rpc details. Behaviours answer with their response already encoded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -140,12 +141,23 @@ def stream_method(
     )
 
 
+def code_of(error: BaseException, context: Any) -> grpc.StatusCode:
+    """The status a call that raised `error` ends with: the one it aborted with, CANCELLED
+    if the caller went away, UNKNOWN for an unexpected exception (as grpc answers it)."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
 class MethodWrapper(grpc.aio.ServerInterceptor):
     """An interceptor that wraps each method's handler in `wrap` once, keeping the wrapped
-    handler by method: a call then costs a lookup, not a new wrapping."""
+    handler: a call then costs a lookup, not a new wrapping."""
+
+    MAX_KEPT = 10_000  # wrapped handlers kept (the one of a caller's identity: see auth.py)
 
     def __init__(self) -> None:
-        self._handlers: dict[str, tuple[Any, Any]] = {}  # by method: (handler, wrapped)
+        self._handlers: dict[tuple[str, Any], Any] = {}  # by (method, handler): wrapped
 
     def wrap(self, handler: Any, method: str) -> Any:
         """The handler of `method` that calls go through instead of `handler`."""
@@ -159,7 +171,12 @@ class MethodWrapper(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        known = self._handlers.get(details.method)
-        if known is None or known[0] is not handler:
-            known = self._handlers[details.method] = (handler, self.wrap(handler, details.method))
-        return known[1]
+        # The handler that reaches this interceptor may differ by caller (authentication
+        # wraps it per identity), so the wrapped one is kept by both.
+        key = (details.method, handler)
+        wrapped = self._handlers.get(key)
+        if wrapped is None:
+            if len(self._handlers) >= self.MAX_KEPT:
+                self._handlers.clear()
+            wrapped = self._handlers[key] = self.wrap(handler, details.method)
+        return wrapped

@@ -9,7 +9,6 @@ the tenant that the caller turned out to have, if any).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ import grpc
 
 from conveyor.v1 import task_service_pb2
 from conveyord.auth import current_tenant
-from conveyord.rpc import MethodWrapper
+from conveyord.rpc import MethodWrapper, code_of
 
 log = logging.getLogger("conveyord.rpc")
 
@@ -49,7 +48,7 @@ def _logged(handler: Any, method: str) -> Any:
                 async for response in stream(request, context):
                     yield response
             except BaseException as error:
-                code = _code_of(error, context)
+                code = code_of(error, context)
                 raise
             finally:
                 _line(method, code, start, _named_task(request))
@@ -65,7 +64,7 @@ def _logged(handler: Any, method: str) -> Any:
         try:
             response = await unary(request, context)
         except BaseException as error:
-            _line(method, _code_of(error, context), start, task_id)
+            _line(method, code_of(error, context), start, task_id)
             raise
         if method == _CREATE and isinstance(response, bytes):
             task_id = task_service_pb2.CreateResponse.FromString(response).task.task_id
@@ -75,15 +74,6 @@ def _logged(handler: Any, method: str) -> Any:
     return grpc.unary_unary_rpc_method_handler(
         call, handler.request_deserializer, handler.response_serializer
     )
-
-
-def _code_of(error: BaseException, context: Any) -> grpc.StatusCode:
-    """The status a call that raised ends with: the one it aborted with, CANCELLED if the
-    caller went away, UNKNOWN for an unexpected exception (as grpc answers it)."""
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
-        return grpc.StatusCode.CANCELLED
-    code = context.code()
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _named_task(request: Any) -> str:

@@ -131,7 +131,7 @@ class Server:
         self.store.feed.follow(self.hub.publish)
         self.task_log = TaskLog() if TaskLog.wanted() else None
         if self.task_log is not None:
-            self.store.feed.follow(self.task_log)
+            self.store.feed.follow_steps(self.task_log)
         self.tenants = Tenants(config.tenant_limits, config.tenant_limits_file, clock)
         self.scheduler = Scheduler(
             self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
@@ -202,8 +202,6 @@ class Server:
                 self.store, self.hub, self.scheduler.dispatcher, self.scheduler.clock
             )
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
-        if self.task_log is not None:
-            await self.task_log.recall(self.store)  # before recovery settles them
         await self.scheduler.start()
         self.schedules.start()
         await server.start()

@@ -2,11 +2,11 @@
 retried, ended.
 
 It follows the feed (committed changes, in revision order), so the log says what watchers
-see, and nothing that was not committed. A change carries only the task's new state, so
-the attempts that run are remembered (by task id, the state they started in: as many as
-run at once, and those that ran when the server last stopped) to tell an attempt's start
-from a report of progress, and its end from a pause. Each line's fields are keys in JSON
-and key=value in text (conveyor.logs).
+see, and nothing that was not committed; the feed gives it the task as it stood before
+each change, which tells an attempt's start from a report of progress, and its end from a
+pause (after a restart too: the store's recovery of the attempts that ran changes tasks
+that were restored leased). Each line's fields are keys in JSON and key=value in text
+(conveyor.logs).
 """
 
 from __future__ import annotations
@@ -15,57 +15,40 @@ import logging
 import time
 from typing import Any
 
-from conveyord.model import LEASED, Change, ChangeKind, Task, TaskError, TaskFilter
-from conveyord.store.base import TaskStore
+from conveyord.model import Change, ChangeKind, Task, TaskError
 
 log = logging.getLogger("conveyord.tasks")
 
 
 class TaskLog:
-    """The feed follower that logs tasks' transitions to the `conveyord.tasks` logger."""
-
-    def __init__(self) -> None:
-        self._running: dict[str, Task] = {}  # by task id: each running attempt as it started
+    """The feed follower (of its steps: each change with the task as it stood before it)
+    that logs tasks' transitions to the `conveyord.tasks` logger."""
 
     @staticmethod
     def wanted() -> bool:
         """Whether its lines would be written (decided once: it is not followed otherwise)."""
         return log.isEnabledFor(logging.INFO)
 
-    async def recall(self, store: TaskStore) -> None:
-        """Remember the attempts that ran when the server last stopped (before recovery
-        settles them), so that their retries are logged as any other."""
-
-        def remember(task: Task) -> None:
-            if task.lease_id:
-                self._running[task.task_id] = task
-
-        # update_where goes through the leased tasks by the store's index; a mutation that
-        # returns None changes nothing.
-        await store.update_where(TaskFilter(statuses=LEASED), remember)
-
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: Change, before: Task | None) -> None:
         task = change.task
         if change.kind is not ChangeKind.CHANGED:
-            if change.kind is ChangeKind.REMOVED:
-                self._running.pop(task.task_id, None)
             return
-        if not change.previous:
+        if before is None:
             _line("task created", task, priority=task.priority)
-        started = self._running.get(task.task_id)
+        held = before.lease_id if before is not None else ""
         if task.lease_id:  # an attempt holds the task: a new one if its lease is new
-            if started is None or started.lease_id != task.lease_id:
-                self._running[task.task_id] = task
+            if task.lease_id != held:
                 _line("task started", task, worker=task.lease_holder)
             return
-        if started is not None:
-            del self._running[task.task_id]
         if task.terminal:
-            self._ended(task)
-        elif started is not None and (
-            task.attempt > started.attempt or task.interruptions > started.interruptions
+            if before is None or not before.terminal:
+                self._ended(task)
+        elif (
+            held
+            and before is not None
+            and (task.attempt > before.attempt or task.interruptions > before.interruptions)
         ):
-            self._retried(task, started)
+            self._retried(task, before)
 
     @staticmethod
     def _retried(task: Task, started: Task) -> None:

@@ -113,7 +113,7 @@ class TaskMetrics:
             self._enqueue(task)
         if task.lease_id and task.lease_id != (before.lease_id if before else ""):
             self._started(task, before)
-        if before is not None and before.lease_id and before.lease_id != task.lease_id:
+        if change.ended is not None and before is not None:  # the store saw an attempt end
             self._attempt_ended(before, task)
         if before is not None and task.attempt > before.attempt:
             self.retried(task.task_type).inc()

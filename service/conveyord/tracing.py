@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from conveyor._tracing import traceparent_of
-from conveyord.rpc import MethodWrapper
+from conveyord.rpc import MethodWrapper, code_of
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -82,6 +82,8 @@ def _traced(handler: Any, method: str, tracer: Tracer) -> Any:
     name = method.lstrip("/")
     service, _, rpc = name.rpartition("/")
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+    # Only the calls that make tasks keep their trace for them (decided once per method).
+    makes_tasks = service == "conveyor.v1.TaskService" and rpc in ("Create", "BatchCreate")
 
     def span(context: Any) -> Any:
         carrier = {key: value for key, value in context.invocation_metadata() or ()}
@@ -99,12 +101,11 @@ def _traced(handler: Any, method: str, tracer: Tracer) -> Any:
 
         async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
             with span(context) as current:
-                create_trace.set(traceparent_of())
                 try:
                     async for response in stream(request, context):
                         yield response
                 except BaseException as error:
-                    _ended(current, _code_of(error, context), error)
+                    _ended(current, code_of(error, context), error)
                     raise
                 _ended(current, grpc.StatusCode.OK, None)
 
@@ -115,11 +116,12 @@ def _traced(handler: Any, method: str, tracer: Tracer) -> Any:
 
     async def call(request: Any, context: Any) -> Any:
         with span(context) as current:
-            create_trace.set(traceparent_of())
+            if makes_tasks:
+                create_trace.set(traceparent_of())
             try:
                 response = await unary(request, context)
             except BaseException as error:
-                _ended(current, _code_of(error, context), error)
+                _ended(current, code_of(error, context), error)
                 raise
             _ended(current, context.code() or grpc.StatusCode.OK, None)
             return response
@@ -127,13 +129,6 @@ def _traced(handler: Any, method: str, tracer: Tracer) -> Any:
     return grpc.unary_unary_rpc_method_handler(
         call, handler.request_deserializer, handler.response_serializer
     )
-
-
-def _code_of(error: BaseException, context: Any) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
-        return grpc.StatusCode.CANCELLED
-    code = context.code()
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _ended(span: Span, code: grpc.StatusCode, error: BaseException | None) -> None:
