@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from conveyor import logs
 from conveyor._version import add_version_option
@@ -114,8 +114,16 @@ def _env_list(name: str) -> list[str]:
     return _modules(os.environ.get(name, ""))
 
 
-def _env_type_limits(name: str) -> list[tuple[str, int]]:
-    return [_type_limit(item) for item in _modules(os.environ.get(name, ""))]
+T = TypeVar("T")
+
+
+def _env_items(parser: argparse.ArgumentParser, name: str, parse: Callable[[str], T]) -> list[T]:
+    """The comma-separated items of $`name`, each parsed (exits with usage if one is bad)."""
+    text = os.environ.get(name, "")
+    try:
+        return [parse(item) for item in _modules(text)]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"{name}={text!r}: {error}")
 
 
 def _modules(text: str) -> list[str]:
@@ -231,16 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=_DEFAULTS.max_running,
     )
-    try:
-        type_limits = _env_type_limits("CONVEYORD_TYPE_CONCURRENCY")
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"CONVEYORD_TYPE_CONCURRENCY: {error}")
     parser.add_argument(
         "--type-concurrency",
         action="append",
         type=_type_limit,
         metavar="TYPE=N",
-        default=type_limits,
+        default=_env_items(parser, "CONVEYORD_TYPE_CONCURRENCY", _type_limit),
         help="tasks of TYPE running at once (repeatable; 1 makes a one-at-a-time queue) "
         "[env CONVEYORD_TYPE_CONCURRENCY, comma-separated]",
     )
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_type_retry,
         metavar="TYPE=ATTEMPTS[:INITIAL[:MULTIPLIER[:MAX]]]",
-        default=_env_type_retry(parser),
+        default=_env_items(parser, "CONVEYORD_TYPE_RETRY", _type_retry),
         help="retry defaults of TYPE (repeatable): the attempts of its tasks whose request "
         "does not set max_attempts, and optionally the backoff of their retries, in seconds "
         "(a part left empty keeps the --retry-* value), such as email=5:10::600 [env "
@@ -467,15 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
         "join the trace of the Create that made it",
     )
     return parser
-
-
-def _env_type_retry(parser: argparse.ArgumentParser) -> list[tuple[str, TypeRetry]]:
-    """The retry defaults of $CONVEYORD_TYPE_RETRY (exits with usage if malformed)."""
-    text = os.environ.get("CONVEYORD_TYPE_RETRY", "")
-    try:
-        return [_type_retry(entry) for entry in _modules(text)]
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"CONVEYORD_TYPE_RETRY={text!r}: {error}")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
