@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -509,13 +511,26 @@ async def test_each_ended_attempt_is_kept_apart_from_the_task(store: TaskStore) 
     assert await store.attempts(str(uuid.uuid4())) == ()
 
 
-async def test_a_task_s_attempts_go_with_it(store: TaskStore) -> None:
+async def test_a_task_s_attempts_go_with_it(open_store: Opener) -> None:
+    store = open_store()
+    await store.open()
     task, _ = await create_one(store, new_task())
     await store.update(task.task_id, _claimed)
     await store.update(task.task_id, lambda t: complete(t).evolve(lease_id="", finished_at=3.0))
     assert len(await store.attempts(task.task_id)) == 1
     assert await store.remove_finished(finished_before=10, limit=10) == 1
     assert await store.attempts(task.task_id) == ()
+    await store.close()
+    if isinstance(store, SqliteStore):  # gone from the file too, not only from memory
+        assert _attempt_rows(store, task.task_id) == 0
+
+
+def _attempt_rows(store: SqliteStore, task_id: str) -> int:
+    """How many attempts of the task the (closed) store's file holds."""
+    with contextlib.closing(sqlite3.connect(store.path)) as file:
+        query = "SELECT count(*) FROM attempts WHERE task_id = ?"
+        (count,) = file.execute(query, (task_id,)).fetchone()
+    return int(count)
 
 
 async def test_a_task_keeps_its_latest_hundred_attempts(open_store: Opener) -> None:
@@ -533,3 +548,5 @@ async def test_a_task_keeps_its_latest_hundred_attempts(open_store: Opener) -> N
     if isinstance(store, SqliteStore):
         assert await store.attempts(task.task_id) == kept
     await store.close()
+    if isinstance(store, SqliteStore):  # the file trimmed too, not only what was read back
+        assert _attempt_rows(store, task.task_id) == MAX_KEPT_ATTEMPTS

@@ -335,10 +335,11 @@ def _encode(task: Task) -> str:
     record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
     record["status"] = int(task.status)
     record["request_hash"] = task.request_hash.hex()
-    for name in _ERROR_FIELDS:
-        record[name] = _error_row(getattr(task, name))
+    record["error"] = _error_row(task.error)
     if task.error is not None and task.last_attempt_error is task.error:
         record["last_attempt_error"] = True  # the same as `error`: a traceback written once
+    else:
+        record["last_attempt_error"] = _error_row(task.last_attempt_error)
     record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
     return json.dumps(record, separators=(",", ":"))
 
@@ -347,7 +348,8 @@ def _error_row(error: TaskError | None) -> list[Any] | None:
     """An error as a JSON list of its fields, without the trailing ones left empty."""
     if error is None:
         return None
-    row = list(dataclasses.astuple(error))
+    # Field by field: dataclasses.astuple deep-copies, at every write of a task that failed.
+    row = [error.code, error.message, error.error_type, error.traceback, error.non_retryable]
     while len(row) > 2 and not row[-1]:
         row.pop()
     return row
