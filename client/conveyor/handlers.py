@@ -175,7 +175,7 @@ def failure_of(error: BaseException) -> Failure:
         named = error.error_type
         return dataclasses.replace(
             kept,
-            message=f"{named}: {error}"[:MAX_MESSAGE] if named else kept.message,
+            message=failure_message(error, named) if named else kept.message,
             error_type=named or kept.error_type,
             retryable=error.retryable,
             retry_delay=error.retry_delay,
@@ -288,28 +288,23 @@ def report_problem(changes: Mapping[str, Any]) -> Refusal | None:
     if checkpoint is not None and (refusal := checkpoint_problem(checkpoint)) is not None:
         return refusal
     detail = changes.get("progress_detail")
-    if detail is None:
-        return None
-    if (problem := json_problem(detail, "detail")) is not None:
-        return Refusal("INVALID_REPORT", problem)
-    size = dict_to_struct(detail).ByteSize()
-    if size > MAX_DETAIL_BYTES:
-        return Refusal(
-            "REPORT_TOO_LARGE",
-            f"a progress detail of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
-        )
-    return None
+    return None if detail is None else _struct_problem(detail, "detail", "a progress detail")
 
 
 def checkpoint_problem(checkpoint: Mapping[str, Any]) -> Refusal | None:
     """Why a checkpoint cannot be kept (not JSON, or over a progress detail's cap), or None."""
-    if (problem := json_problem(checkpoint, "checkpoint")) is not None:
+    return _struct_problem(checkpoint, "checkpoint", "a checkpoint")
+
+
+def _struct_problem(value: Mapping[str, Any], path: str, what: str) -> Refusal | None:
+    """Why `value` (a progress detail or a checkpoint) cannot be kept, or None."""
+    if (problem := json_problem(value, path)) is not None:
         return Refusal("INVALID_REPORT", problem)
-    size = dict_to_struct(checkpoint).ByteSize()
+    size = dict_to_struct(value).ByteSize()
     if size > MAX_DETAIL_BYTES:
         return Refusal(
             "REPORT_TOO_LARGE",
-            f"a checkpoint of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
+            f"{what} of {size} bytes encoded; at most {MAX_DETAIL_BYTES} are kept",
         )
     return None
 
@@ -327,9 +322,9 @@ def result_problem(result: Any) -> Refusal | None:
     return None
 
 
-def failure_message(error: BaseException) -> str:
-    """A handler's exception as an error message: its type, then what it says."""
-    name = type(error).__qualname__
+def failure_message(error: BaseException, name: str = "") -> str:
+    """A handler's exception as an error message: its type (or `name`), then what it says."""
+    name = name or type(error).__qualname__
     message = f"{name}: {error}" if str(error) else name
     return message[:MAX_MESSAGE]
 

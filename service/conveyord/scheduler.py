@@ -10,6 +10,7 @@ and every change goes through it and out on its change feed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import sys
@@ -185,9 +186,8 @@ class Scheduler:
             raise self._refusal or ShuttingDown()
         if self.queued + len(tasks) > self.config.max_queued:
             raise QueueFull(len(tasks), self.config.max_queued)
-        tenants = {task.tenant for task in tasks}  # one, but for schedules' runs
-        for tenant in tenants:
-            count = len(tasks) if len(tenants) == 1 else [t.tenant for t in tasks].count(tenant)
+        # One tenant, but for schedules' runs.
+        for tenant, count in collections.Counter(task.tenant for task in tasks).items():
             self.tenants.check_queue(tenant, count, self.store.queued_of(tenant))
 
     async def create(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:

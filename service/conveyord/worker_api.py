@@ -283,23 +283,17 @@ def _report_changes(request: pb.ReportRequest) -> dict[str, Any]:
             checker.fail("message", f"is longer than {MAX_MESSAGE} characters")
         changes["message"] = request.message
     if request.HasField("detail"):
-        size = request.detail.ByteSize()
-        detail = struct_to_dict(request.detail)
-        if size > MAX_DETAIL_BYTES:
-            checker.fail("detail", f"is {size} bytes encoded; at most {MAX_DETAIL_BYTES}")
-        elif (problem := json_problem(detail, "detail")) is not None:
-            checker.fail("detail", problem)
-        changes["progress_detail"] = detail
+        changes["progress_detail"] = _struct(checker, request.detail, "detail")
     if request.HasField("checkpoint"):
-        changes["checkpoint"] = _checkpoint(checker, request.checkpoint, "checkpoint")
+        changes["checkpoint"] = _struct(checker, request.checkpoint, "checkpoint")
     checker.done()
     return changes
 
 
-def _checkpoint(checker: Checker, checkpoint: struct_pb2.Struct, field: str) -> dict[str, Any]:
-    """A checkpoint for the next attempt, checked as a progress detail is."""
-    size = checkpoint.ByteSize()
-    kept = struct_to_dict(checkpoint)
+def _struct(checker: Checker, value: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A progress detail or a checkpoint for the next attempt: JSON, within the cap."""
+    size = value.ByteSize()
+    kept = struct_to_dict(value)
     if size > MAX_DETAIL_BYTES:
         checker.fail(field, f"is {size} bytes encoded; at most {MAX_DETAIL_BYTES}")
     elif (problem := json_problem(kept, field)) is not None:
@@ -351,7 +345,7 @@ def _failed(checker: Checker, error: pb.AttemptError) -> Outcome:
             )
     checkpoint = None
     if error.HasField("checkpoint"):
-        checkpoint = _checkpoint(checker, error.checkpoint, "error.checkpoint")
+        checkpoint = _struct(checker, error.checkpoint, "error.checkpoint")
     checker.done()
     failure = TaskError(code, error.message, error.error_type, error.traceback)
     return Outcome(
