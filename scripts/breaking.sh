@@ -8,6 +8,7 @@
 # The working tree is what is judged, uncommitted changes included.
 set -eu
 cd "$(dirname "$0")/.."
+command -v git >/dev/null || { echo "breaking.sh: git is needed to compare with main" >&2; exit 1; }
 main=${MAIN:-main}
 git rev-parse -q --verify "$main^{commit}" >/dev/null || main=origin/main
 base=$(git merge-base HEAD "$main" 2>/dev/null || true)

@@ -89,10 +89,13 @@ class AsyncClient(ClientBase):
         self.schedules = AsyncSchedules(self)  # the schedule calls: client.schedules.create ...
 
     def _make_channel(self, tls: Tls | None, options: Any) -> grpc.aio.Channel:
-        """The client's own channel: plaintext, or TLS that follows its files."""
+        """The client's own channel: plaintext, or TLS that follows its files (if it has any:
+        the system's roots alone are read once)."""
         target = self._target
         if tls is None:
             return grpc.aio.insecure_channel(target, options=options)
+        if tls.ca_file is None and tls.cert_file is None:
+            return grpc.aio.secure_channel(target, tls.credentials(), options=options)
         return cast(
             grpc.aio.Channel,
             AsyncReloadingChannel(

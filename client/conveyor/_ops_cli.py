@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from rich.table import Table
 
 from conveyor._sync_client import Client
-from conveyor._views import Output, json_names, record_json, task_json
+from conveyor._views import Output, record_json, task_json
 from conveyor.tasks import TaskCounts, TaskStatus, TaskType, TaskWorker
 
 Run = Callable[[Client, argparse.Namespace, Output], int]
@@ -63,7 +61,7 @@ def _rerun(client: Client, args: argparse.Namespace, out: Output, resolve: Resol
 def _delete(client: Client, args: argparse.Namespace, out: Output, resolve: Resolve) -> int:
     task = client.delete(resolve(client, args.task_id))
     if out.json_lines:
-        _json({"deleted": True, **task_json(task)})
+        out._json({"deleted": True, **task_json(task)})
     else:
         out.console.print(f"deleted task {task.task_id} ({task.task_type}, {task.status_label})")
     return EXIT_OK
@@ -73,7 +71,7 @@ def _types(client: Client, args: argparse.Namespace, out: Output) -> int:
     task_types = client.list_task_types()
     if out.json_lines:
         for task_type in task_types:
-            _json(record_json(task_type))
+            out._json(record_json(task_type))
         return EXIT_OK
     table = Table(box=None, header_style="bold", pad_edge=False)
     for header in ("TYPE", "ACCEPTED", "WORKERS"):
@@ -99,7 +97,7 @@ def _worker(worker: TaskWorker) -> str:
 def _count(client: Client, args: argparse.Namespace, out: Output) -> int:
     counts = client.count_tasks(statuses=args.status, task_type=args.type)
     if out.json_lines:
-        _json(_counts_json(counts))
+        out._json(_counts_json(counts))
         return EXIT_OK
     statuses = sorted({status for by_status in counts.by_type.values() for status in by_status})
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -122,9 +120,3 @@ def _counts_json(counts: TaskCounts) -> dict[str, Any]:
         for status, count in sorted(by_status.items())
     ]
     return {"counts": entries, "total": counts.total, "revision": counts.revision}
-
-
-def _json(data: dict[str, Any]) -> None:
-    """One JSON object on a line, named as the proto's JSON names its fields (taskId)."""
-    sys.stdout.write(json.dumps(json_names(data)) + "\n")
-    sys.stdout.flush()

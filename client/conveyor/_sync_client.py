@@ -72,10 +72,13 @@ class Client(ClientBase):
         self.schedules = Schedules(self)  # the schedule calls: client.schedules.create ...
 
     def _make_channel(self, tls: Tls | None, options: Any) -> grpc.Channel:
-        """The client's own channel: plaintext, or TLS that follows its files."""
+        """The client's own channel: plaintext, or TLS that follows its files (if it has any:
+        the system's roots alone are read once)."""
         target = self._target
         if tls is None:
             return grpc.insecure_channel(target, options=options)
+        if tls.ca_file is None and tls.cert_file is None:
+            return grpc.secure_channel(target, tls.credentials(), options=options)
         return cast(
             grpc.Channel,
             ReloadingChannel(

@@ -20,7 +20,9 @@ from conveyor.handlers import (
     ENTRY_POINT_GROUP,
     HandlerLoadError,
     HandlerRegistry,
+    comma_separated,
     handler_modules,
+    import_from_cwd,
 )
 from conveyor.tls import CA_ENV, CERT_ENV, KEY_ENV, TLS_ENV, Tls
 from conveyor.worker import Worker, WorkerRefused
@@ -33,7 +35,7 @@ LOG_FORMAT_ENV = "CONVEYOR_LOG_FORMAT"
 EXIT_USAGE = 2
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number from 1, not {text!r}")
     return int(text)
@@ -45,7 +47,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         "--handlers",
         metavar="MODULE",
         action="append",
-        default=_comma_separated(os.environ.get(HANDLERS_ENV, "")),
+        default=comma_separated(os.environ.get(HANDLERS_ENV, "")),
         help="a module whose @handler functions to run (repeatable); the same modules as "
         f"conveyord --handlers [env {HANDLERS_ENV}, comma-separated]",
     )
@@ -58,7 +60,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=os.environ.get(CONCURRENCY_ENV, "8"),
         metavar="N",
         help=f"attempts run at once (default: 8) [env {CONCURRENCY_ENV}]",
@@ -84,7 +86,7 @@ def run(
 ) -> int:
     """Run the worker that `args` describe until SIGTERM or SIGINT has drained it."""
     logs.configure("info", args.log_format)
-    _import_from_cwd()
+    import_from_cwd()
     modules = handler_modules(args.handlers, discover=not args.no_handler_entry_points)
     if not modules:
         return _fail(
@@ -148,29 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        tls = _tls(args)
+        tls = tls_of(args)
     except ValueError as error:
         return _fail("conveyor-worker", str(error))
     target = _requests.target(args.server)
     return run(args, prog="conveyor-worker", target=target, tls=tls, token=args.token)
 
 
-def _tls(args: argparse.Namespace) -> Tls | bool | None:
+def tls_of(args: argparse.Namespace) -> Tls | bool | None:
     """TLS as the options say; None (the environment decides) if none is given."""
     if args.tls_ca or args.tls_cert or args.tls_key:
         return Tls(args.tls_ca, args.tls_cert, args.tls_key)
     return True if args.tls else None
-
-
-def _comma_separated(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _import_from_cwd() -> None:
-    """Let --handlers name modules of the current directory, as `python -m` would."""
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
 
 
 def _fail(prog: str, message: str) -> int:

@@ -441,10 +441,7 @@ def _status(text: str) -> TaskStatus:
         raise argparse.ArgumentTypeError(f"expected one of {names}, not {text!r}") from None
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1, not {text!r}")
-    return int(text)
+_count = _worker_command.positive_int
 
 
 def _not_negative(text: str) -> float:
@@ -759,12 +756,10 @@ def _no_client(client: Client, args: argparse.Namespace, output: Output) -> int:
 
 def _tls(args: argparse.Namespace) -> Tls | bool | None:
     """TLS as the options say; None (the environment decides) if none is given."""
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        try:
-            return Tls(args.tls_ca, args.tls_cert, args.tls_key)
-        except ValueError as error:
-            raise UsageError(str(error)) from error
-    return True if args.tls else None
+    try:
+        return _worker_command.tls_of(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -43,6 +43,8 @@ import importlib
 import importlib.metadata
 import inspect
 import math
+import os
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -619,3 +621,17 @@ def handler_modules(named: Iterable[str], *, discover: bool) -> list[str]:
     if discover:
         modules += [name for name in entry_point_modules() if name not in modules]
     return modules
+
+
+def comma_separated(text: str) -> list[str]:
+    """The names in a comma-separated list (an environment variable's), blanks left out."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def import_from_cwd() -> None:
+    """Let --handlers name modules of the current directory, as `python -m` would: a console
+    script (`conveyord`, `conveyor-worker`) puts only its own folder on sys.path; uvicorn
+    and celery add the current directory the same way."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)

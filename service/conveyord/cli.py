@@ -13,7 +13,12 @@ from typing import Any, TypeVar
 
 from conveyor import logs
 from conveyor._version import add_version_option
-from conveyor.handlers import ENTRY_POINT_GROUP, handler_modules
+from conveyor.handlers import (
+    ENTRY_POINT_GROUP,
+    comma_separated,
+    handler_modules,
+    import_from_cwd,
+)
 from conveyor.logs import LOG_FORMATS, LOG_LEVELS
 from conveyord.allocator import tune_allocator
 from conveyord.auth import JwtSettings
@@ -111,7 +116,7 @@ def _type_retry(text: str) -> tuple[str, TypeRetry]:
 
 
 def _env_list(name: str) -> list[str]:
-    return _modules(os.environ.get(name, ""))
+    return comma_separated(os.environ.get(name, ""))
 
 
 T = TypeVar("T")
@@ -121,13 +126,9 @@ def _env_items(parser: argparse.ArgumentParser, name: str, parse: Callable[[str]
     """The comma-separated items of $`name`, each parsed (exits with usage if one is bad)."""
     text = os.environ.get(name, "")
     try:
-        return [parse(item) for item in _modules(text)]
+        return [parse(item) for item in comma_separated(text)]
     except argparse.ArgumentTypeError as error:
         parser.error(f"{name}={text!r}: {error}")
-
-
-def _modules(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--handlers",
         "CONVEYORD_HANDLERS",
         "comma-separated modules whose @handler functions to register",
-        type=_modules,
+        type=comma_separated,
         default=[],
     )
     switch(
@@ -545,17 +546,6 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
     return TlsFiles(Path(args.tls_cert), Path(args.tls_key), client_ca)
 
 
-def _import_from_cwd() -> None:
-    """Let --handlers name modules of the current directory, as the README says.
-
-    `python -m conveyord` puts the current directory on sys.path, but the `conveyord` console
-    script puts only its own folder there; uvicorn and celery add it the same way.
-    """
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-
-
 def _start_tracing() -> None:
     try:
         from conveyord.tracing import configure_sdk
@@ -571,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()  # before gRPC starts its threads: see conveyord/allocator.py
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    _import_from_cwd()
+    import_from_cwd()
     try:
         if args.tracing:
             _start_tracing()
