@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,7 @@ class Authenticator(grpc.aio.ServerInterceptor):
         self.jwts = jwts
         # The handler that runs a method as a caller of the token file, made once per
         # method and caller (each is one Identity until the file changes).
-        self._handlers: dict[tuple[str, Identity], Any] = {}
+        self._handlers: dict[tuple[str, Identity | None, Any], Any] = {}
 
     async def intercept_service(
         self,
@@ -322,18 +323,26 @@ class Authenticator(grpc.aio.ServerInterceptor):
         try:
             identity = self._identity(details.invocation_metadata or ())
             if identity is None:  # no token: the client certificate may stand for one
-                return _by_certificate(handler, self.tokens, method, needed)
+                by_certificate = partial(_by_certificate, handler, self.tokens, method, needed)
+                return self._kept(details.method, None, handler, by_certificate)
             _check(identity, method, needed)
         except ConveyorError as refusal:
             return _refusing(handler, refusal)
         if not identity.lasting:
             return _as(handler, identity)  # a JWT's caller is a new object at each call
-        key = (details.method, identity)
+        return self._kept(details.method, identity, handler, partial(_as, handler, identity))
+
+    def _kept(
+        self, method: str, identity: Identity | None, handler: Any, wrap: Callable[[], Any]
+    ) -> Any:
+        """`wrap()`, made once per method, caller (None: a client certificate's, known when
+        the call runs) and handler (what the interceptors after this one gave)."""
+        key = (method, identity, handler)
         wrapped = self._handlers.get(key)
         if wrapped is None:
             if len(self._handlers) > 10_000:  # the token file changed often: start afresh
                 self._handlers.clear()
-            wrapped = self._handlers[key] = _as(handler, identity)
+            wrapped = self._handlers[key] = wrap()
         return wrapped
 
     def _identity(self, metadata: Iterable[tuple[str, Any]]) -> Identity | None:
