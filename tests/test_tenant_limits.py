@@ -190,13 +190,13 @@ def test_a_limits_file_gives_tenants_their_own_limits(tmp_path: Path) -> None:
         json.dumps({"default": {"rate": 10}, "tenants": {"big": {"rate": 1000, "burst": 50}}})
     )
     now = [0.0]
-    limits = LimitsFile(path, clock=lambda: now[0])
     defaults = TenantLimits(max_queued=100, rate=1)
-    assert limits.limits_of("small", defaults) == TenantLimits(max_queued=100, rate=10)
-    assert limits.limits_of("big", defaults) == TenantLimits(max_queued=100, rate=1000, burst=50)
+    limits = LimitsFile(path, defaults, clock=lambda: now[0])
+    assert limits.limits_of("small") == TenantLimits(max_queued=100, rate=10)
+    assert limits.limits_of("big") == TenantLimits(max_queued=100, rate=1000, burst=50)
     path.write_text(json.dumps({"tenants": {"big": {"max_queued": 5}}}))
     now[0] += 1.0  # read again once it changed
-    assert limits.limits_of("big", defaults) == TenantLimits(max_queued=5, rate=1)
+    assert limits.limits_of("big") == TenantLimits(max_queued=5, rate=1)
 
 
 @pytest.mark.parametrize(

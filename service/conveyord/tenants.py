@@ -58,7 +58,7 @@ def parse_limits(entry: Mapping[str, Any], where: str) -> TenantLimits:
     """A limits file's entry; ValueError naming the field that is wrong."""
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} must be an object")
-    known = {field.name: field.type for field in dataclasses.fields(TenantLimits)}
+    known = [field.name for field in dataclasses.fields(TenantLimits)]
     values: dict[str, Any] = {}
     for name, value in entry.items():
         if name not in known:
@@ -77,12 +77,19 @@ def parse_limits(entry: Mapping[str, Any], where: str) -> TenantLimits:
 
 
 class LimitsFile(WatchedFile):
-    """Per-tenant limits from a JSON file, read again when it changes."""
+    """Per-tenant limits from a JSON file, read again when it changes, over `defaults` (the
+    flags')."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path,
+        defaults: TenantLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.defaults = defaults or TenantLimits()
         self.default: TenantLimits | None = None
         self.tenants: dict[str, TenantLimits] = {}
-        self._merged: dict[tuple[str, TenantLimits], TenantLimits] = {}
+        self._merged: dict[str, TenantLimits] = {}
         super().__init__(path, clock)
 
     def _read(self) -> None:
@@ -101,15 +108,16 @@ class LimitsFile(WatchedFile):
         self.tenants = tenants
         self._merged = {}
 
-    def limits_of(self, tenant: str, defaults: TenantLimits) -> TenantLimits:
-        """The tenant's entry over the file's default over `defaults` (merged once for each
+    def limits_of(self, tenant: str) -> TenantLimits:
+        """The tenant's entry over the file's default over the flags' (merged once for each
         reading of the file: it is asked at every Create)."""
         self._fresh()
-        found = self._merged.get((tenant, defaults))
+        found = self._merged.get(tenant)
         if found is None:
+            defaults = self.defaults
             base = self.default.over(defaults) if self.default is not None else defaults
             own = self.tenants.get(tenant)
-            found = self._merged[(tenant, defaults)] = own.over(base) if own else base
+            found = self._merged[tenant] = own.over(base) if own else base
         return found
 
 
@@ -172,7 +180,9 @@ class Tenants:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.defaults = defaults
-        self._file = LimitsFile(limits_file, clock) if limits_file is not None else None
+        self._file = (
+            LimitsFile(limits_file, self.defaults, clock) if limits_file is not None else None
+        )
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self.watches: dict[str, int] = {}
@@ -181,7 +191,7 @@ class Tenants:
     def limits(self, tenant: str) -> TenantLimits:
         if self._file is None:
             return self.defaults
-        return self._file.limits_of(tenant, self.defaults)
+        return self._file.limits_of(tenant)
 
     def take(self, tenant: str, count: int) -> None:
         """Count `count` new tasks against the tenant's rate, or refuse them all."""
