@@ -36,10 +36,16 @@ TOKENS = {
 
 
 def write_tokens(path: Path, tokens: dict[str, tuple[str, list[str]]]) -> None:
+    """A token file: token -> (name, permissions), all of tenant "t"."""
+    write_token_file(path, [(t, name, "t", held) for t, (name, held) in tokens.items()])
+
+
+def write_token_file(path: Path, tokens: list[tuple[str, str, str, list[str]]]) -> None:
+    """A token file of (token, name, tenant, permissions), each token kept as its hash."""
     entries = [
-        {"name": name, "tenant": "t", "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        {"name": name, "tenant": tenant, "sha256": hashlib.sha256(token.encode()).hexdigest(),
          "permissions": permissions}
-        for token, (name, permissions) in tokens.items()
+        for token, name, tenant, permissions in tokens
     ]  # fmt: skip
     path.write_text(json.dumps({"tokens": entries}))
 

@@ -24,6 +24,7 @@ from conveyor.v1 import task_service_pb2 as tpb
 from conveyor.v1 import worker_service_pb2 as wpb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
+from conveyord.high_water import QueueMarks
 from conveyord.queue import ReadyQueue
 from conveyord.tenants import LimitsFile, TenantLimits
 from tests.conftest import ManualClock, ServerThread
@@ -260,3 +261,14 @@ def test_health_says_not_serving_above_the_high_water_mark_and_serving_below_the
     a.tasks.Cancel(tpb.CancelRequest(task_id=created[2].task_id), metadata=a.metadata)
     assert next(statuses) == serving  # 3 queued
     statuses.close()
+
+
+def test_health_turns_at_the_high_mark_and_back_only_below_the_low_one() -> None:
+    queued = [0]
+    told: list[bool] = []
+    marks = QueueMarks(lambda: queued[0], cap=10, share=0.5, set_serving=told.append)
+    assert (marks.high, marks.low) == (5, 4)
+    for count, expected in [(4, []), (5, [False]), (6, [False]), (4, [False]), (3, [False, True])]:
+        queued[0] = count
+        marks.changed()
+        assert told == expected, count  # at 4, between the marks, it does not flap back

@@ -6,8 +6,6 @@ was; the same call by tenant a finds them."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from conveyor.v1.schedule_service_pb2_grpc import ScheduleServiceStub
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
 from tests.conftest import ServerThread
-from tests.test_auth import METHODS
+from tests.test_auth import METHODS, write_token_file
 
 StartServer = Callable[..., ServerThread]
 REMOTE = "remote.square"
@@ -33,12 +31,7 @@ REMOTE = "remote.square"
 
 def write_tenant_tokens(path: Path, tokens: dict[str, tuple[str, list[str]]]) -> None:
     """A token file: token -> (tenant, permissions); each token is named after itself."""
-    entries = [
-        {"name": token, "tenant": tenant, "sha256": hashlib.sha256(token.encode()).hexdigest(),
-         "permissions": permissions}
-        for token, (tenant, permissions) in tokens.items()
-    ]  # fmt: skip
-    path.write_text(json.dumps({"tokens": entries}))
+    write_token_file(path, [(t, t, tenant, held) for t, (tenant, held) in tokens.items()])
 
 
 class Tenant:
