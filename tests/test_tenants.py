@@ -214,10 +214,15 @@ def task_cancel_matching(w: World) -> None:
 
 def task_pause(w: World) -> None:
     _same_refusal(w, w.b.tasks.Pause, lambda i: tpb.PauseRequest(task_id=i), w.queued_id)
+    paused = w.a.call(w.a.tasks.Pause, tpb.PauseRequest(task_id=w.queued_id)).task
+    assert paused.status == task_pb2.TASK_STATUS_PAUSED  # its own: it may
 
 
 def task_resume(w: World) -> None:
+    w.a.call(w.a.tasks.Pause, tpb.PauseRequest(task_id=w.queued_id))
     _same_refusal(w, w.b.tasks.Resume, lambda i: tpb.ResumeRequest(task_id=i), w.queued_id)
+    resumed = w.a.call(w.a.tasks.Resume, tpb.ResumeRequest(task_id=w.queued_id)).task
+    assert resumed.status == task_pb2.TASK_STATUS_CREATED  # its own: it may
 
 
 def task_send_input(w: World) -> None:
@@ -357,6 +362,7 @@ def _schedule_refusal(method: str, make: Callable[[str], Any]) -> Callable[[Worl
         assert w.a.call(
             w.a.schedules.GetSchedule, spb.GetScheduleRequest(schedule_id=w.schedule_id)
         ).schedule.schedule_id == w.schedule_id  # fmt: skip
+        w.a.call(getattr(w.a.schedules, method), make(w.schedule_id))  # its own: it may
 
     return case
 
