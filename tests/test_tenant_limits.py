@@ -41,10 +41,11 @@ class Caller:
         self.tasks = TaskServiceStub(channel)
         self.workers = WorkerServiceStub(channel)
 
-    def create(self, task_type: str = REMOTE, count: int = 1) -> Any:
+    def create(self, task_type: str = REMOTE, count: int = 1, request_id: str = "") -> Any:
         task = task_pb2.TaskRequest(task_type=task_type)
         if count == 1:
-            return self.tasks.Create(tpb.CreateRequest(task=task), metadata=self.metadata)
+            request = tpb.CreateRequest(task=task, request_id=request_id)
+            return self.tasks.Create(request, metadata=self.metadata)
         batch = tpb.BatchCreateRequest(requests=[tpb.CreateRequest(task=task)] * count)
         return self.tasks.BatchCreate(batch, metadata=self.metadata)
 
@@ -127,6 +128,21 @@ def test_a_batch_larger_than_the_burst_waits_for_a_full_bucket(limited: Any) -> 
     clock.now += 0.1
     a.create(count=8)  # from a full bucket: it overdraws, and the next waits longer
     assert a.refused(lambda: a.create()) == ("rate", pytest.approx(0.4, abs=1e-5))
+
+
+def test_a_create_that_makes_nothing_spends_none_of_the_tenant_s_rate(limited: Any) -> None:
+    clock = ManualClock()
+    _, a, _ = limited(clock=clock, tenant_limits=TenantLimits(rate=1, burst=2, max_queued=1))
+    first = a.create(request_id="nightly-report")
+    # A replay of a known request_id makes no task: it is answered, and costs no token.
+    for _ in range(3):
+        assert a.create(request_id="nightly-report").task.task_id == first.task.task_id
+    # Refused for the tenant's full queue: nothing made, no token spent.
+    assert a.refused(lambda: a.create()) == ("max_queued", 1.0)
+    a.tasks.Cancel(tpb.CancelRequest(task_id=first.task.task_id), metadata=a.metadata)
+    a.create()  # the burst's second token was still there
+    clock.now += 1.0  # one more token: the queue is full again, and still costs none
+    assert a.refused(lambda: a.create()) == ("max_queued", 1.0)
 
 
 def test_a_tenant_s_queue_cap_refuses_only_that_tenant(limited: Any) -> None:

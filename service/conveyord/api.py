@@ -66,9 +66,7 @@ class TaskServiceApi:
             request, scheduler.task_types, scheduler.config.default_timeout, now,
             scheduler.default_attempts,
         )  # fmt: skip
-        tenant = current_tenant()
-        self.scheduler.tenants.take(tenant, 1)
-        made = new.to_task(new_task_id(), now, tenant, create_trace.get())
+        made = new.to_task(new_task_id(), now, current_tenant(), create_trace.get())
         ((task, _),) = await self.scheduler.create([made])
         return task_message(task)
 
@@ -81,9 +79,7 @@ class TaskServiceApi:
             request, scheduler.task_types, scheduler.config.default_timeout, now,
             scheduler.default_attempts,
         )  # fmt: skip
-        tenant = current_tenant()
-        self.scheduler.tenants.take(tenant, len(batch))
-        trace = create_trace.get()
+        tenant, trace = current_tenant(), create_trace.get()
         tasks = [new.to_task(new_task_id(), now, tenant, trace) for new in batch]
         created = await self.scheduler.create(tasks)
         return tasks_message(task for task, _ in created)
@@ -152,7 +148,6 @@ class TaskServiceApi:
         operations.require_ended(ended, "rerun")
         if ended.task_type not in self.scheduler.task_types:
             raise operations.TaskTypeUnknown(ended)
-        self.scheduler.tenants.take(ended.tenant, 1)
         new = operations.rerun(ended, new_task_id(), self.scheduler.clock(), request_id)
         ((task, _),) = await self.scheduler.create([new])
         return task_message(task)

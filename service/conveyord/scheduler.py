@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -179,23 +180,30 @@ class Scheduler:
         self._refusal = reason
         self._accepting = False
 
-    def _admit(self, tasks: Sequence[Task]) -> None:
-        """Raise unless the queue, and each tenant's, has room for `tasks` (the store asks
-        before storing)."""
+    def _admit(self, tasks: Sequence[Task], charge: bool = True) -> None:
+        """Raise unless the queue, and each tenant's, has room for `tasks` and, if they are
+        to be charged, the tenant's rate allows them (the store asks before storing, with
+        the new tasks only: a replayed request_id, or a refused call, costs nothing)."""
         if not self._accepting:
             raise self._refusal or ShuttingDown()
         if self.queued + len(tasks) > self.config.max_queued:
             raise QueueFull(len(tasks), self.config.max_queued)
         # One tenant, but for schedules' runs.
-        for tenant, count in collections.Counter(task.tenant for task in tasks).items():
+        per_tenant = collections.Counter(task.tenant for task in tasks).items()
+        for tenant, count in per_tenant:
             self.tenants.check_queue(tenant, count, self.store.queued_of(tenant))
+        if charge:  # the last check: the tokens taken are then spent on tasks made
+            for tenant, count in per_tenant:
+                self.tenants.take(tenant, count)
 
-    async def create(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
+    async def create(self, tasks: Sequence[Task], charge: bool = True) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, for dispatch to run; each comes back with False if
-        its request_id was known already (it is then the task first created with it)."""
+        its request_id was known already (it is then the task first created with it). The
+        new ones count against their tenant's rate if `charge` (not a schedule's runs)."""
         if not self._accepting:
             raise self._refusal or ShuttingDown()
-        return await self.store.create(tasks, admit=self._admit)
+        admit = self._admit if charge else functools.partial(self._admit, charge=False)
+        return await self.store.create(tasks, admit=admit)
 
     async def cancel(self, task_id: str, reason: str) -> Task:
         """Cancel a task: at once if queued; if running, its holder is told (by dispatch,

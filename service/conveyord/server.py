@@ -252,7 +252,8 @@ class Server:
 
     async def _make_runs(self, requests: Sequence[RunRequest]) -> list[tuple[Task, bool]]:
         """The tasks of schedules' runs (their templates were checked when the schedule
-        was made), created as Create would, each for its schedule's tenant."""
+        was made), created as Create would, each for its schedule's tenant (whose rate
+        they do not count against: a run that a limit refused would be a run missed)."""
         now = self.scheduler.clock()
         timeout = self.config.scheduler.default_timeout
         tasks = [
@@ -261,7 +262,7 @@ class Server:
             )
             for request, tenant in requests
         ]
-        return await self.scheduler.create(tasks)
+        return await self.scheduler.create(tasks, charge=False)
 
     def _task_service_serving(self, serving: bool) -> None:
         """Say whether TaskService takes new work (the queue's marks were crossed)."""
