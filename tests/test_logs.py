@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from conveyor import Client, NotFound, TaskStatus, Unauthenticated
-from conveyor.logs import PacedHandler
+from conveyor.logs import AttemptFilter, JsonFormatter, PacedHandler, TextFormatter, line_writer
 from conveyord.cli import build_parser, config_from_args
 from tests.processes import ROOT, SOURCE_PATH, Conveyord
 
@@ -287,3 +287,42 @@ async def test_lines_of_the_loop_are_written_together_at_its_pace_and_in_order()
         assert stream.getvalue().endswith("from a thread\nthird\n")
     finally:
         log.removeHandler(handler)
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter, JsonFormatter])
+async def test_a_line_written_without_a_record_is_the_line_a_record_gives(
+    formatter: type[TextFormatter | JsonFormatter],
+) -> None:
+    stream = io.StringIO()
+    handler = PacedHandler(stream, pace=3600)
+    handler.setFormatter(formatter())
+    handler.addFilter(AttemptFilter())
+    name = f"tests.direct.{formatter.__name__}"  # pytest's capture joins loggers once used
+    parent, log = logging.getLogger(name), logging.getLogger(f"{name}.tasks")
+    parent.propagate = False
+    log.setLevel(logging.INFO)
+    parent.addHandler(handler)
+    fields = {"task_id": "t-1", "tenant": "", "attempt": 2, "why": 'a "b" = c', "seconds": 0.25}
+    try:
+        write = line_writer(log)
+        assert write is not None
+        write("task retried", fields.items())
+        log.info("task retried", extra=fields)
+        handler.flush()
+        direct, recorded = stream.getvalue().splitlines()
+        if formatter is JsonFormatter:
+            assert {**json.loads(direct), "time": 0} == {**json.loads(recorded), "time": 0}
+        else:  # the same but for the time stamp (its first two words)
+            assert direct.split(" ", 2)[2] == recorded.split(" ", 2)[2]
+            assert direct.split(" ", 2)[2].endswith('attempt=2 why="a \\"b\\" = c" seconds=0.25')
+        # Lines that would go elsewhere too, or through a filter, or not at INFO: as records.
+        log.addFilter(logging.Filter(log.name))
+        assert line_writer(log) is None
+        log.filters.clear()
+        log.addHandler(second := logging.NullHandler())
+        assert line_writer(log) is None
+        log.removeHandler(second)
+        log.setLevel(logging.WARNING)
+        assert line_writer(log) is None
+    finally:
+        parent.removeHandler(handler)

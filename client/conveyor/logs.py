@@ -20,7 +20,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TextIO
 
 LogFormat = Literal["text", "json"]
@@ -61,6 +61,9 @@ class AttemptFilter(logging.Filter):
         return True
 
 
+Fields = Iterable[tuple[str, Any]]  # a line's fields, as (key, value) pairs
+
+
 def fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a record carries beyond the standard ones (its `extra`)."""
     return {key: value for key, value in _extra_items(record) if key not in _STANDARD}
@@ -97,9 +100,8 @@ class TextFormatter(logging.Formatter):
         )
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = f"{self._seconds(record.created)},{int(record.msecs):03d}"
-        line = f"{stamp} {record.levelname} {record.name}: {record.getMessage()}"
-        pairs = _pairs(record)
+        line = self.render(record.created, record.levelname, record.name, record.getMessage())
+        pairs = _pairs(_extra_items(record))
         if pairs:
             line += " " + pairs
         if record.exc_info and not record.exc_text:
@@ -110,16 +112,25 @@ class TextFormatter(logging.Formatter):
             line += "\n" + self.formatStack(record.stack_info)
         return line
 
+    def render(
+        self, created: float, level: str, logger: str, message: str, items: Fields = ()
+    ) -> str:
+        """A line of these parts (`items`: its fields), with no record made."""
+        stamp = f"{self._seconds(created)},{int((created - int(created)) * 1000):03d}"
+        line = f"{stamp} {level} {logger}: {message}"
+        pairs = _pairs(items)
+        return f"{line} {pairs}" if pairs else line
+
 
 _PLAIN = re.compile(r'[^\s"=]+')  # what a value may be unquoted: no space, quote or '='
 _plain = _PLAIN.fullmatch
 
 
-def _pairs(record: logging.LogRecord) -> str:
-    """The record's own fields as `key=value ...`. Inlined for strings and numbers: a busy
-    server writes a few lines per task, and a call per value was half of a line's cost."""
+def _pairs(items: Fields) -> str:
+    """Fields as `key=value ...`. Inlined for strings and numbers: a busy server writes a
+    few lines per task, and a call per value was half of a line's cost."""
     pairs = []
-    for key, value in _extra_items(record):
+    for key, value in items:
         if key in _STANDARD:  # set by a formatter (message, asctime)
             continue
         kind = type(value)
@@ -156,13 +167,8 @@ class JsonFormatter(logging.Formatter):
         )
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": f"{self._seconds(record.created)}.{int(record.msecs):03d}+00:00",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **fields(record),
-        }
+        entry = self._entry(record.created, record.levelname, record.name, record.getMessage())
+        entry.update(fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -170,6 +176,23 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str)
+
+    def render(
+        self, created: float, level: str, logger: str, message: str, items: Fields = ()
+    ) -> str:
+        """A line of these parts (`items`: its fields), with no record made."""
+        entry = self._entry(created, level, logger, message)
+        entry.update(items)
+        return json.dumps(entry, default=str)
+
+    def _entry(self, created: float, level: str, logger: str, message: str) -> dict[str, Any]:
+        milliseconds = int((created - int(created)) * 1000)
+        return {
+            "time": f"{self._seconds(created)}.{milliseconds:03d}+00:00",
+            "level": level,
+            "logger": logger,
+            "message": message,
+        }
 
 
 class PacedHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -195,6 +218,10 @@ class PacedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.queue(line, loop)
+
+    def queue(self, line: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Write `line` (formatted) with the others that `loop` logs meanwhile."""
         if not self._waiting:
             loop.call_later(self._pace, self.flush)
         self._waiting.append(line)
@@ -222,3 +249,40 @@ def configure(level: str = "info", log_format: LogFormat = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # gRPC's own debug lines (one per call and more) would drown the RPC lines out.
     logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+LineWriter = Callable[[str, Fields], None]  # a line's message and fields
+
+
+def line_writer(logger: logging.Logger, level: int = logging.INFO) -> LineWriter | None:
+    """A quick way to log lines of `level` with fields to `logger` from an event loop, for
+    a logger that writes thousands a second (conveyord's line per task transition): each
+    line is rendered and queued on configure()'s handler directly, with no LogRecord (whose
+    making and handling were most of a line's cost). None if the logger's lines would go
+    anywhere else (another handler, through a filter) or not at that level: log as usual."""
+    if not logger.isEnabledFor(level):
+        return None
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters or current.disabled:
+            return None
+        handlers.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    if len(handlers) != 1 or type(handlers[0]) is not PacedHandler:
+        return None
+    handler = handlers[0]
+    formatter = handler.formatter
+    if handler.level > level or not isinstance(formatter, TextFormatter | JsonFormatter):
+        return None
+    if any(type(each) is not AttemptFilter for each in handler.filters):
+        return None  # (the attempt filter adds nothing to a line that names its task)
+    name, level_name, lock = logger.name, logging.getLevelName(level), handler.lock
+    assert lock is not None
+
+    def write(message: str, items: Fields) -> None:
+        line = formatter.render(time.time(), level_name, name, message, items)
+        with lock:  # as a record's emit: a flush from another thread takes what waits
+            handler.queue(line, asyncio.get_running_loop())
+
+    return write

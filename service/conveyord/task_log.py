@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+from conveyor.logs import Fields, LineWriter, line_writer
 from conveyord.model import Change, ChangeKind, Task, TaskError
 
 log = logging.getLogger("conveyord.tasks")
@@ -26,7 +27,10 @@ class TaskLog:
 
     @staticmethod
     def wanted() -> bool:
-        """Whether its lines would be written (decided once: it is not followed otherwise)."""
+        """Whether its lines would be written (decided once: it is not followed otherwise);
+        if so, how they are written is decided too."""
+        global _write
+        _write = line_writer(log) or _record
         return log.isEnabledFor(logging.INFO)
 
     def __call__(self, change: Change, before: Task | None) -> None:
@@ -91,6 +95,19 @@ def _error_fields(error: TaskError | None) -> dict[str, str]:
 
 def _line(message: str, task: Task, **fields: Any) -> None:
     """Log one transition of `task` at INFO, with the task's own fields first."""
+    line = {
+        "task_id": task.task_id,
+        "task_type": task.task_type,
+        "tenant": task.tenant,
+        "attempt": task.attempt,
+    }
+    line.update(fields)
+    _write(message, line.items())
+
+
+def _record(message: str, items: Fields) -> None:
+    """Log a line as a record of its own (when logging is set up otherwise than by
+    conveyor.logs.configure, which writes them without: `line_writer`)."""
     record = logging.LogRecord.__new__(logging.LogRecord)
     attributes = record.__dict__
     attributes.update(_TEMPLATE)
@@ -99,16 +116,13 @@ def _line(message: str, task: Task, **fields: Any) -> None:
     attributes["msecs"] = (now - int(now)) * 1000
     attributes["relativeCreated"] = (now - _STARTED) * 1000
     attributes["msg"] = message
-    attributes["task_id"] = task.task_id
-    attributes["task_type"] = task.task_type
-    attributes["tenant"] = task.tenant
-    attributes["attempt"] = task.attempt
-    attributes.update(fields)
+    attributes.update(items)
     log.handle(record)
 
 
-# A task's line is made from a copy of this record's attributes (then its time, message and
+# A record is made from a copy of this record's attributes (then its time, message and
 # fields), not by logging's makeRecord: a busy server logs thousands a second, and making
 # each afresh (the caller's frame, the process, the thread ...) was a quarter of its cost.
 _TEMPLATE = vars(log.makeRecord(log.name, logging.INFO, "", 0, "", (), None))
 _STARTED = time.time() - _TEMPLATE["relativeCreated"] / 1000
+_write: LineWriter = _record
