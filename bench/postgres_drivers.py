@@ -105,7 +105,7 @@ class Driver(Protocol):
 class Asyncpg:
     """asyncpg: a statement a round trip, each prepared once per connection and kept; or,
     without its statement cache (what a PgBouncer before 1.21 in transaction mode needs),
-    parsed again at every call."""
+    described in a round trip of its own before every call."""
 
     def __init__(self, cache: bool = True) -> None:
         self.cache = cache
@@ -157,8 +157,8 @@ class Psycopg:
     """psycopg 3 (its C implementation, psycopg[binary]) with psycopg-pool: a statement is
     prepared once it has run 5 times on a connection, or never (what a PgBouncer before 1.21
     in transaction mode needs). In pipeline mode, statements whose results are not needed yet
-    go out together: a write takes two round trips (BEGIN, the task and the revision; the
-    change and COMMIT) where it took five, a claim two where it took four."""
+    go out together: in a write, BEGIN, the task and the revision, then the change and
+    COMMIT; in a claim, BEGIN and the SELECT, then the UPDATE and COMMIT."""
 
     def __init__(self, pipeline: bool = False, prepare: bool = True) -> None:
         self.pipeline = pipeline
@@ -175,9 +175,8 @@ class Psycopg:
 
     @contextlib.asynccontextmanager
     async def open(self, url: str) -> AsyncIterator[Driver]:
-        settings: dict[str, Any] = {
-            "autocommit": True
-        }  # transactions where asked for, as asyncpg's
+        # Transactions where asked for, as asyncpg's.
+        settings: dict[str, Any] = {"autocommit": True}
         if not self.prepare:
             settings["prepare_threshold"] = None
         pool = AsyncConnectionPool(
