@@ -19,6 +19,7 @@ from bench import (
     fanout,
     memory,
     observability,
+    postgres_drivers,
     rpc,
     schedules,
     scheduling,
@@ -44,6 +45,7 @@ SECTIONS = {
     "security": security,
     "tenants": tenants,
     "observability": observability,
+    "postgres_drivers": postgres_drivers,
 }
 
 

@@ -17,6 +17,7 @@ from conveyor.v1 import task_service_pb2_grpc
 from conveyord.handlers import HandlerRegistry
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import Server, ServerConfig
+from tests.postgres import PostgresNotFound, PostgresServer
 from tests.processes import Conveyord
 
 if TYPE_CHECKING:
@@ -185,3 +186,35 @@ def conveyord() -> Iterator[Callable[..., Conveyord]]:
         process.process.wait()
         if process.process.stderr:
             process.process.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started on first use, in a temporary
+    directory removed at the end. Without PostgreSQL installed, the tests that use it fail
+    (they are not skipped): the message says how to install it or leave them out."""
+    missing: PostgresNotFound | None = None
+    try:
+        server = PostgresServer()
+    except PostgresNotFound as error:
+        missing = error
+    if missing is not None:  # out of the except block: its message once, not twice
+        pytest.fail(str(missing), pytrace=False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a database of the test's own, new and empty, dropped after it."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `postgresql` every test that uses the PostgreSQL server, so that
+    `-m 'not postgresql'` leaves out all of them, marked by hand or not."""
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgresql)
