@@ -5,13 +5,25 @@ from __future__ import annotations
 import dataclasses
 import enum
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from conveyor.protojson import struct_to_dict, timestamp_to_datetime, to_python
 from conveyor.v1 import task_pb2, task_service_pb2
 
 
-class TaskStatus(enum.IntEnum):
+class _WireEnum(enum.IntEnum):
+    """An enum of the contract's numbers, 0 standing for one this client does not know."""
+
+    @classmethod
+    def _from_wire(cls, value: int) -> Self:
+        """The member a conveyor.v1 number stands for; UNKNOWN (0) for one not known."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls(0)
+
+
+class TaskStatus(_WireEnum):
     """Where a task is in its life; mirrors conveyor.v1.TaskStatus without the prefix.
 
     UNKNOWN stands for a status this client does not know, such as one a newer server
@@ -32,14 +44,6 @@ class TaskStatus(enum.IntEnum):
     def terminal(self) -> bool:
         """True for COMPLETED, FAILED and CANCELLED: a task in one of them never changes again."""
         return self in _TERMINAL
-
-    @classmethod
-    def _from_wire(cls, value: int) -> TaskStatus:
-        """The status a conveyor.v1.TaskStatus number stands for; UNKNOWN for one not known."""
-        try:
-            return cls(value)
-        except ValueError:
-            return cls.UNKNOWN
 
 
 _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -72,7 +76,7 @@ class TaskError:
         )
 
 
-class AttemptOutcome(enum.IntEnum):
+class AttemptOutcome(_WireEnum):
     """How an attempt ended; mirrors conveyor.v1.AttemptOutcome without the prefix (UNKNOWN:
     one this client does not know)."""
 
@@ -82,13 +86,6 @@ class AttemptOutcome(enum.IntEnum):
     CANCELLED = 3
     INTERRUPTED = 4  # the server's shutdown stopped it; the same attempt ran again
     SUSPENDED = 5  # its handler waited for input; the same attempt ran again afresh
-
-    @classmethod
-    def _from_wire(cls, value: int) -> AttemptOutcome:
-        try:
-            return cls(value)
-        except ValueError:
-            return cls.UNKNOWN
 
 
 @dataclasses.dataclass(frozen=True)
