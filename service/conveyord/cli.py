@@ -336,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.cancel_grace,
     )
     option(
+        "--local-lease",
+        "CONVEYORD_LOCAL_LEASE",
+        "on a store shared with other servers (PostgreSQL): seconds a lease of this server's "
+        "handlers lasts unless renewed (renewed every third of it); the tasks of a server "
+        "that dies are retried once theirs run out",
+        type=_positive(float),
+        default=_DEFAULTS.local_lease,
+    )
+    option(
         "--aging",
         "CONVEYORD_AGING",
         "priority levels a queued task gains per minute of waiting (0: strict priority)",
@@ -483,6 +492,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queued=args.max_queued,
         default_timeout=args.default_timeout,
         cancel_grace=args.cancel_grace,
+        local_lease=args.local_lease,
         aging_per_minute=args.aging,
         retry_initial=args.retry_initial,
         retry_multiplier=args.retry_multiplier,

@@ -34,7 +34,7 @@ from conveyord.limits import INPUT_LIMITS
 from conveyord.model import Task, TaskFilter, TaskInput, TaskStatus
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.tenants import Tenants
-from conveyord.worker.local import LocalWorker
+from conveyord.worker.local import LOCAL_HOLDER, LocalWorker, shared_holder
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class SchedulerConfig:
     sweep_batch: int = 500
     worker_types: frozenset[str] = frozenset()  # run by workers elsewhere: see --task-type
     max_interruptions: int = 3
+    # On a store shared with other servers: how long a lease of the local worker lasts
+    # unless renewed (it renews every third of it), so that a server that dies leaves its
+    # attempts to be retried this soon.
+    local_lease: float = 15.0
     # Retry defaults by task type: the attempts of a task whose request does not say, and
     # the backoff of its retries (see --type-retry).
     type_retry: Mapping[str, TypeRetry] = dataclasses.field(default_factory=dict)
@@ -78,6 +82,9 @@ class SchedulerConfig:
     def retry_delay(self, failed_attempt: int) -> float:
         """Seconds before the attempt after `failed_attempt` (1 s, 2 s, 4 s ... by default)."""
         return self.retry_policy.delay(failed_attempt)
+
+
+_OWN = (LOCAL_HOLDER, None)  # the local worker's holder and lease time on a store of its own
 
 
 class QueueFull(ConveyorError):
@@ -120,7 +127,9 @@ class Scheduler:
             self.config.cancel_grace,
         )
         self.dispatcher = Dispatcher(store, limits, self.config.retry_policy, clock)
-        self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency)
+        # On a shared store, its leases are its own and run out unless renewed.
+        holder, lease = (shared_holder(), self.config.local_lease) if store.shared else _OWN
+        self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency, holder, lease)
         # What Create accepts: the local handlers' types, those declared in the
         # configuration, and those that remote workers declared when they connected.
         self.task_types = frozenset(registry.task_types) | self.config.worker_types

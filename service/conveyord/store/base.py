@@ -195,6 +195,10 @@ class TaskStore(Protocol):
     schedules: ScheduleBook
     """The schedules, kept in the same store as the tasks."""
 
+    shared: bool
+    """Whether other servers write to the same store (PostgreSQL): then each server's
+    local worker holds leases of its own, which run out unless renewed."""
+
     on_failure: Callable[[Exception], None]
     """Called once when the store can no longer make changes durable: the server must stop."""
 

@@ -47,6 +47,8 @@ MAX_KEPT_ATTEMPTS = 100
 class MemoryStore:
     """Tasks in dictionaries, a revision counter, and a bounded change history."""
 
+    shared = False  # this server's alone
+
     def __init__(
         self,
         *,

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Awaitable
 from typing import Any, cast
 
@@ -40,8 +43,17 @@ _CANCELLED = "the handler was cancelled"
 _NO_RESULT = Outcome()
 
 # Who holds the local worker's leases: the same across restarts, so that a server that
-# starts again on its store knows the attempts it was running when it stopped.
+# starts again on its store knows the attempts it was running when it stopped. (On a store
+# that other servers share, each server's local worker is a holder of its own, whose leases
+# run out unless renewed: see `shared_holder`.)
 LOCAL_HOLDER = "conveyord/local"
+
+
+def shared_holder() -> str:
+    """A local worker's holder name on a shared store: this process's own (host and pid,
+    and a random part for a pid used again), so that no other server takes its leases for
+    its own, and a server that died leaves leases that simply run out."""
+    return f"{LOCAL_HOLDER}/{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class _Attempt:
@@ -60,14 +72,28 @@ class _Attempt:
 
 
 class LocalWorker:
-    """Runs up to `slots` attempts at once with the registered handlers."""
+    """Runs up to `slots` attempts at once with the registered handlers.
 
-    holder = LOCAL_HOLDER
+    Its leases last as long as their attempts (it never needs to renew one: it lives in the
+    server), unless `lease_seconds` is given: then they run out unless renewed, and it
+    renews them every third of that (a server that shares its store with others and dies
+    leaves leases that run out soon, for another server to retry the tasks).
+    """
+
     tenant: str | None = None  # the server's own handlers run every tenant's tasks
-    lease_seconds: float | None = None  # in this process: a lease lasts the attempt
     tracing = False  # a span for each attempt's run (the server's --tracing)
 
-    def __init__(self, registry: HandlerRegistry, dispatcher: Dispatcher, slots: int) -> None:
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        dispatcher: Dispatcher,
+        slots: int,
+        holder: str = LOCAL_HOLDER,
+        lease_seconds: float | None = None,
+    ) -> None:
+        self.holder = holder
+        self.lease_seconds = lease_seconds
+        self._renewing: asyncio.Task[None] | None = None
         self.registry = registry
         # It takes only the tasks it has a handler for: the others wait for their workers.
         self.types: frozenset[str] | None = frozenset(registry.task_types)
@@ -99,6 +125,21 @@ class LocalWorker:
         attempt = _Attempt(task, context)
         self._attempts[task.task_id] = attempt
         attempt.runner = loop.create_task(self._run(attempt), name=f"conveyor-task-{task.task_id}")
+        if self.lease_seconds is not None and self._renewing is None:
+            self._renewing = loop.create_task(self._renew(self.lease_seconds))
+
+    async def _renew(self, lease_seconds: float) -> None:
+        """Renew the leases of the attempts that run, every third of their time."""
+        while not self._closing:
+            await asyncio.sleep(lease_seconds / 3)
+            renewals = [
+                self.dispatcher.renew(task_id, attempt.lease_id, lease_seconds)
+                for task_id, attempt in list(self._attempts.items())
+                if not attempt.finishing
+            ]
+            # A lease gone (the attempt ended meanwhile), or a store that stops: dispatch
+            # drops the attempt, or the server stops.
+            await asyncio.gather(*renewals, return_exceptions=True)
 
     def stop(self, task: Task, why: TaskError, grace: float) -> None:
         if (attempt := self._attempt_of(task)) is not None:
@@ -150,6 +191,8 @@ class LocalWorker:
     async def close(self) -> None:
         """Stop what still runs (the server is going away)."""
         self._closing = True
+        if self._renewing is not None:
+            self._renewing.cancel()
         runners = [a.runner for a in self._attempts.values() if a.runner is not None]
         for runner in runners:
             runner.cancel()
