@@ -277,7 +277,7 @@ class Dispatcher:
         lease_until = _lease_until(worker, now, self.limits.cancel_grace + RECORDING_TIME)
         claim = Claim(
             worker.holder, count, worker.types, limits, lease_until, now, worker.pausable,
-            worker.tenant,
+            worker.tenant, self.limits.type_concurrency,
         )  # fmt: skip
         for task in await self.store.claim(claim):
             self._grant(task, worker)

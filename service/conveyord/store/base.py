@@ -40,6 +40,9 @@ class Claim:
     now: float
     pausable: frozenset[str] = frozenset()
     tenant: str | None = None  # only this tenant's tasks (None: any tenant's, in turns)
+    # The per-type caps themselves: `limits` counts this server's attempts only, so a store
+    # shared with other servers applies these to the attempts of all of them.
+    type_concurrency: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class StoreOpenError(Exception):
