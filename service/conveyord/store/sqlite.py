@@ -35,6 +35,7 @@ from conveyord.model import (
 from conveyord.schedules.model import Schedule
 from conveyord.store.base import StoreFailed
 from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
+from conveyord.store.base import StoreTooNew as StoreTooNew
 from conveyord.store.codec import decode, decode_attempt, encode, encode_attempt
 from conveyord.store.memory import (
     DEFAULT_AGING_RATE,
@@ -48,7 +49,6 @@ from conveyord.store.schedules import decode as decode_schedule
 from conveyord.store.schedules import encode as encode_schedule
 from conveyord.store.sqlite_file import MIGRATIONS as MIGRATIONS  # re-exported
 from conveyord.store.sqlite_file import StoreLocked as StoreLocked
-from conveyord.store.sqlite_file import StoreTooNew as StoreTooNew
 from conveyord.store.sqlite_file import connect, file_identity
 
 log = logging.getLogger(__name__)
