@@ -72,10 +72,16 @@ CLAIM_EXTRA = 16  # rows a claim fetches beyond twice its count, for its limits 
 DEFAULT_POOL_SIZE = 4
 
 # A database error: the batch is run again (deadlock, serialization, a lost connection).
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection left broken by one of those
+    OSError,
+)
 # The connection was lost: a COMMIT sent may or may not have been carried out.
 _LOST = (
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     OSError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # the server shut down, or killed it
@@ -599,7 +605,7 @@ class PostgresStore(MemoryStore):
                     await transaction.commit()
                 except BaseException:
                     if not committing:
-                        with contextlib.suppress(*_DB_ERRORS):
+                        with contextlib.suppress(Exception):  # the first error tells
                             await transaction.rollback()
                     raise
         except BaseException as error:
