@@ -435,6 +435,11 @@ class PostgresStore(MemoryStore):
 
     # -- reads -------------------------------------------------------------------------
 
+    async def revision(self) -> int:
+        """The latest revision this store's feed has delivered (not the database's, which
+        may be ahead: a heartbeat must not carry a revision its watchers were not given)."""
+        return self._revision
+
     async def get(self, task_id: str) -> Task | None:
         """From memory; a task not there may have just been made on another replica: the
         reader catches up with the database first."""
