@@ -238,7 +238,7 @@ def test_conveyord_exits_with_a_message_for_a_folder_it_cannot_make(tmp_path: Pa
 
 
 def test_a_malformed_store_option_is_refused() -> None:
-    result = _conveyord("--store", "postgres://somewhere")
+    result = _conveyord("--store", "mysql://somewhere")
     assert result.returncode == 2
     assert "unknown store" in result.stderr
 

@@ -1,4 +1,4 @@
-"""One suite for every store: the memory store and the SQLite store behave the same."""
+"""One suite for every store: the memory, SQLite and PostgreSQL stores behave the same."""
 
 from __future__ import annotations
 
@@ -29,18 +29,26 @@ from conveyord.store.base import (
     TaskStore,
 )
 from conveyord.store.memory import MAX_KEPT_ATTEMPTS, MemoryStore
+from conveyord.store.postgres import PostgresStore
 from conveyord.store.sqlite import SqliteStore
 
 Opener = Callable[..., TaskStore]
+DurableStore = (SqliteStore, PostgresStore)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+)
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    """Makes stores of the kind under test; SQLite ones share one file, one at a time."""
+    """Makes stores of the kind under test; SQLite ones share one file, one at a time, and
+    PostgreSQL ones one new database."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else ""
 
     def make(**options: Any) -> TaskStore:
         if request.param == "memory":
             return MemoryStore(**options)
+        if request.param == "postgresql":
+            return PostgresStore(url, **options)
         return SqliteStore(tmp_path / "tasks.db", **options)
 
     return make
@@ -545,7 +553,7 @@ async def test_a_task_keeps_its_latest_hundred_attempts(open_store: Opener) -> N
     await store.close()
     store = open_store()  # a durable store reads back the same
     await store.open()
-    if isinstance(store, SqliteStore):
+    if isinstance(store, DurableStore):
         assert await store.attempts(task.task_id) == kept
     await store.close()
     if isinstance(store, SqliteStore):  # the file trimmed too, not only what was read back

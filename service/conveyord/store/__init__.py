@@ -1,4 +1,5 @@
-"""Where tasks live: the seam (`base`), in memory (`memory`), in a SQLite file (`sqlite`)."""
+"""Where tasks live: the seam (`base`), in memory (`memory`), in a SQLite file (`sqlite`),
+in a PostgreSQL database that several servers share (`postgres`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from conveyord.store.memory import (
     DEFAULT_HISTORY_SIZE,
     MemoryStore,
 )
+from conveyord.store.postgres import PostgresStore
 from conveyord.store.sqlite import SqliteStore
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 def default_store_path() -> Path:
@@ -28,8 +32,14 @@ def store_from_url(
     history_age: float = DEFAULT_HISTORY_AGE,
     aging_rate: float = DEFAULT_AGING_RATE,
 ) -> TaskStore:
-    """`memory`, `sqlite` (the default path) or `sqlite:PATH`; ValueError for anything else."""
+    """`memory`, `sqlite` (the default path), `sqlite:PATH`, or a PostgreSQL URL
+    (`postgresql://user@host:port/database`, or `postgres://...`); ValueError for anything
+    else."""
     kind, _, path = url.partition(":")
+    if kind in POSTGRES_SCHEMES and path.startswith("//"):
+        return PostgresStore(
+            url, history_size=history_size, history_age=history_age, aging_rate=aging_rate
+        )
     if kind == "memory" and not path:
         return MemoryStore(
             history_size=history_size, history_age=history_age, aging_rate=aging_rate
@@ -39,7 +49,10 @@ def store_from_url(
         return SqliteStore(
             location, history_size=history_size, history_age=history_age, aging_rate=aging_rate
         )
-    raise ValueError(f"unknown store {url!r}: use memory, sqlite or sqlite:PATH")
+    raise ValueError(
+        f"unknown store {url!r}: use memory, sqlite, sqlite:PATH or "
+        "postgresql://user@host:port/database"
+    )
 
 
 __all__ = [
@@ -47,6 +60,7 @@ __all__ = [
     "DEFAULT_HISTORY_AGE",
     "DEFAULT_HISTORY_SIZE",
     "MemoryStore",
+    "PostgresStore",
     "SqliteStore",
     "StoreOpenError",
     "TaskStore",

@@ -51,6 +51,12 @@ class StoreOpenError(Exception):
     exit_code = 5
 
 
+class StoreTooNew(StoreOpenError):
+    """The store was written by a newer conveyord: its schema is newer than this one knows."""
+
+    exit_code = 6
+
+
 class StoreError(ConveyorError):
     """Base of the errors a store raises for a request it cannot honour; each sets its own
     status code and reason."""

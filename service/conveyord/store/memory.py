@@ -120,8 +120,6 @@ class MemoryStore:
                 self._last_seq += 1
                 task.seq = self._last_seq
                 changes.append(self._stage(ChangeKind.CHANGED, task))
-                if task.request_id:
-                    self._request_ids[(task.tenant, task.request_id)] = task.task_id
         for first in known:
             if first is not None:
                 await self._settled(first.task_id)
@@ -237,21 +235,30 @@ class MemoryStore:
         mutation with `evolve`): it is stamped with its revision in place, rather than copied.
         """
         self._staged_revision += 1
-        old = self._working.get(task.task_id)
         if kind is not ChangeKind.REMOVED:
             task.revision = self._staged_revision
-            self._index.changed(old, task)
-            self._working[task.task_id] = task
-        else:
-            del self._working[task.task_id]
-            self._index.changed(task, None)
-            if task.request_id:
-                self._request_ids.pop((task.tenant, task.request_id), None)
+        old = self._set_working(kind, task)
         previous = 0 if old is None else old.revision
         ended = None
         if old is not None and old.lease_id and kind is not ChangeKind.REMOVED:
             ended = lifecycle.ended_attempt(old, task)
         return Change(self._staged_revision, kind, task, self._clock(), previous, ended)
+
+    def _set_working(self, kind: ChangeKind, task: Task) -> Task | None:
+        """Apply a change to the working view, its dispatch index and its request ids; the
+        task's state before it (None: new)."""
+        old = self._working.get(task.task_id)
+        if kind is not ChangeKind.REMOVED:
+            self._index.changed(old, task)
+            self._working[task.task_id] = task
+            if old is None and task.request_id:
+                self._request_ids[(task.tenant, task.request_id)] = task.task_id
+        elif old is not None:
+            del self._working[task.task_id]
+            self._index.changed(old, None)
+            if old.request_id:
+                self._request_ids.pop((old.tenant, old.request_id), None)
+        return old
 
     async def _persist(self, changes: list[Change]) -> None:
         """Make staged changes durable, then commit them. In memory: at once."""
@@ -263,26 +270,31 @@ class MemoryStore:
     def _commit(self, changes: Iterable[Change]) -> None:
         """Apply persisted changes to the committed view and publish them, in order."""
         for change in changes:
-            task = change.task
-            if change.kind is ChangeKind.REMOVED:
-                previous = self._tasks.pop(task.task_id, None)
-                self._order.removed(task, self._tasks)
-                self._counts.changed(previous, None)
-                self._attempts.pop(task.task_id, None)
-            else:
-                if change.ended is not None:
-                    self._keep_attempt(task.task_id, change.ended)
-                previous = self._tasks.get(task.task_id)
-                self._tasks[task.task_id] = task
-                self._counts.changed(previous, task)
-                if previous is None:
-                    self._order.added(task)
-                if task.terminal and (previous is None or not previous.terminal):
-                    self._finished.append((task.finished_at or task.updated_at, task.task_id))
-            self._revision = change.revision
-            self._history.remember(change)
-            self._feed.publish(change, previous)
+            self._commit_one(change)
         self._history.trim()
+
+    def _commit_one(self, change: Change) -> None:
+        """Apply one persisted change to the committed view, its history and its counts, and
+        publish it with the task's committed state before it (the history is trimmed apart)."""
+        task = change.task
+        if change.kind is ChangeKind.REMOVED:
+            previous = self._tasks.pop(task.task_id, None)
+            self._order.removed(task, self._tasks)
+            self._counts.changed(previous, None)
+            self._attempts.pop(task.task_id, None)
+        else:
+            if change.ended is not None:
+                self._keep_attempt(task.task_id, change.ended)
+            previous = self._tasks.get(task.task_id)
+            self._tasks[task.task_id] = task
+            self._counts.changed(previous, task)
+            if previous is None:
+                self._order.added(task)
+            if task.terminal and (previous is None or not previous.terminal):
+                self._finished.append((task.finished_at or task.updated_at, task.task_id))
+        self._revision = change.revision
+        self._history.remember(change)
+        self._feed.publish(change, previous)
 
     def _keep_attempt(self, task_id: str, attempt: Attempt) -> None:
         """Add an ended attempt to the task's history, dropping the oldest past the cap."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import sqlite3
@@ -29,19 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from conveyord.model import (
-    TASK_FIELDS,
     Attempt,
-    AttemptOutcome,
     Change,
     ChangeKind,
     Task,
-    TaskError,
-    TaskInput,
-    TaskStatus,
 )
 from conveyord.schedules.model import Schedule
 from conveyord.store.base import StoreFailed
 from conveyord.store.base import StoreOpenError as StoreOpenError  # re-exported
+from conveyord.store.base import StoreTooNew as StoreTooNew
+from conveyord.store.codec import decode, decode_attempt, encode, encode_attempt
 from conveyord.store.memory import (
     DEFAULT_AGING_RATE,
     DEFAULT_HISTORY_AGE,
@@ -54,7 +49,6 @@ from conveyord.store.schedules import decode as decode_schedule
 from conveyord.store.schedules import encode as encode_schedule
 from conveyord.store.sqlite_file import MIGRATIONS as MIGRATIONS  # re-exported
 from conveyord.store.sqlite_file import StoreLocked as StoreLocked
-from conveyord.store.sqlite_file import StoreTooNew as StoreTooNew
 from conveyord.store.sqlite_file import connect, file_identity
 
 log = logging.getLogger(__name__)
@@ -112,9 +106,9 @@ class SqliteStore(MemoryStore):
             revision, next_seq = connection.execute(
                 "SELECT revision, next_seq FROM state"
             ).fetchone()
-            tasks = [_decode(data) for (data,) in connection.execute("SELECT data FROM tasks")]
+            tasks = [decode(data) for (data,) in connection.execute("SELECT data FROM tasks")]
             history = [
-                Change(rev, ChangeKind(kind), _decode(data), at)
+                Change(rev, ChangeKind(kind), decode(data), at)
                 for rev, kind, at, data in connection.execute(
                     "SELECT revision, kind, at, data FROM changes ORDER BY revision"
                 )
@@ -148,7 +142,7 @@ class SqliteStore(MemoryStore):
             "SELECT task_id, data FROM attempts ORDER BY task_id, revision"
         )
         try:
-            return [(task_id, _decode_attempt(data)) for task_id, data in rows]
+            return [(task_id, decode_attempt(data)) for task_id, data in rows]
         except (ValueError, KeyError, TypeError) as error:
             message = f"store file {self.path} has a corrupt attempt: {error}"
             raise StoreOpenError(message) from error
@@ -245,13 +239,14 @@ class SqliteStore(MemoryStore):
         changes: list[tuple[int, int, float, str]] = []
         attempts: list[tuple[str, int, str]] = []
         for change in batch:
-            data = _encode(change.task)
+            data = encode(change.task)
             if change.kind is ChangeKind.REMOVED:
                 deletes.append((change.task.task_id,))
             else:
                 upserts.append((change.task.task_id, data))
             if change.ended is not None:
-                attempts.append((change.task.task_id, change.revision, _encode_attempt(change)))
+                ended = encode_attempt(change.ended)
+                attempts.append((change.task.task_id, change.revision, ended))
             changes.append((change.revision, int(change.kind), change.at, data))
         connection = self._connection
         connection.execute("BEGIN")
@@ -303,9 +298,6 @@ class SqliteStore(MemoryStore):
         self._writer.shutdown(wait=True)
 
 
-_ERROR_FIELDS = ("error", "last_attempt_error")
-
-
 def _write_schedules(connection: sqlite3.Connection, rows: dict[str, str | None]) -> None:
     connection.executemany(
         "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
@@ -327,62 +319,3 @@ def _write_attempts(connection: sqlite3.Connection, rows: list[tuple[str, int, s
         "attempts WHERE task_id = ?1 ORDER BY revision DESC LIMIT 1 OFFSET ?2)",
         [(task_id, MAX_KEPT_ATTEMPTS) for task_id in {row[0] for row in rows}],
     )
-
-
-def _encode(task: Task) -> str:
-    """A task as a JSON object of its fields (its latest error once, when the last
-    attempt's error is the same)."""
-    record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
-    record["status"] = int(task.status)
-    record["request_hash"] = task.request_hash.hex()
-    record["error"] = _error_row(task.error)
-    if task.error is not None and task.last_attempt_error is task.error:
-        record["last_attempt_error"] = True  # the same as `error`: a traceback written once
-    else:
-        record["last_attempt_error"] = _error_row(task.last_attempt_error)
-    record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
-    return json.dumps(record, separators=(",", ":"))
-
-
-def _error_row(error: TaskError | None) -> list[Any] | None:
-    """An error as a JSON list of its fields, without the trailing ones left empty."""
-    if error is None:
-        return None
-    # Field by field: dataclasses.astuple deep-copies, at every write of a task that failed.
-    row = [error.code, error.message, error.error_type, error.traceback, error.non_retryable]
-    while len(row) > 2 and not row[-1]:
-        row.pop()
-    return row
-
-
-def _encode_attempt(change: Change) -> str:
-    assert change.ended is not None
-    attempt = change.ended
-    return json.dumps(
-        [attempt.number, attempt.started_at, attempt.ended_at, attempt.holder,
-         int(attempt.outcome), _error_row(attempt.error)],
-        separators=(",", ":"),
-    )  # fmt: skip
-
-
-def _decode_attempt(data: str) -> Attempt:
-    number, started_at, ended_at, holder, outcome, error = json.loads(data)
-    return Attempt(
-        number, started_at, ended_at, holder, AttemptOutcome(outcome),
-        TaskError(*error) if error else None,
-    )  # fmt: skip
-
-
-def _decode(data: str) -> Task:
-    record = json.loads(data)
-    record["status"] = TaskStatus(record["status"])
-    record["request_hash"] = bytes.fromhex(record["request_hash"])
-    for name in _ERROR_FIELDS:
-        if record.get(name) is True:
-            record[name] = record["error"]  # written once, as `error`
-        elif record.get(name):
-            record[name] = TaskError(*record[name])
-    record["inputs"] = tuple(TaskInput(*sent) for sent in record.get("inputs", ()))
-    if "owner" in record:  # written before tenants had that name
-        record["tenant"] = record.pop("owner")
-    return Task(**{name: record[name] for name in TASK_FIELDS if name in record})

@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from conveyord.store.base import StoreOpenError
+from conveyord.store.base import StoreOpenError, StoreTooNew
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ MIGRATIONS: tuple[str, ...] = (
 
 class StoreLocked(StoreOpenError):
     exit_code = 4
-
-
-class StoreTooNew(StoreOpenError):
-    exit_code = 6
 
 
 def connect(path: Path, migrations: Sequence[str]) -> tuple[sqlite3.Connection, tuple[int, int]]:

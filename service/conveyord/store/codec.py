@@ -1,0 +1,77 @@
+"""How a durable store writes a task and an ended attempt: each as compact JSON text, the
+same in a SQLite file and in a PostgreSQL database."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from conveyord.model import (
+    TASK_FIELDS,
+    Attempt,
+    AttemptOutcome,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskStatus,
+)
+
+_ERROR_FIELDS = ("error", "last_attempt_error")
+
+
+def encode(task: Task) -> str:
+    """A task as a JSON object of its fields (its latest error once, when the last
+    attempt's error is the same)."""
+    record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
+    record["status"] = int(task.status)
+    record["request_hash"] = task.request_hash.hex()
+    record["error"] = _error_row(task.error)
+    if task.error is not None and task.last_attempt_error is task.error:
+        record["last_attempt_error"] = True  # the same as `error`: a traceback written once
+    else:
+        record["last_attempt_error"] = _error_row(task.last_attempt_error)
+    record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
+    return json.dumps(record, separators=(",", ":"))
+
+
+def decode(data: str) -> Task:
+    record = json.loads(data)
+    record["status"] = TaskStatus(record["status"])
+    record["request_hash"] = bytes.fromhex(record["request_hash"])
+    for name in _ERROR_FIELDS:
+        if record.get(name) is True:
+            record[name] = record["error"]  # written once, as `error`
+        elif record.get(name):
+            record[name] = TaskError(*record[name])
+    record["inputs"] = tuple(TaskInput(*sent) for sent in record.get("inputs", ()))
+    if "owner" in record:  # written before tenants had that name
+        record["tenant"] = record.pop("owner")
+    return Task(**{name: record[name] for name in TASK_FIELDS if name in record})
+
+
+def _error_row(error: TaskError | None) -> list[Any] | None:
+    """An error as a JSON list of its fields, without the trailing ones left empty."""
+    if error is None:
+        return None
+    # Field by field: dataclasses.astuple deep-copies, at every write of a task that failed.
+    row = [error.code, error.message, error.error_type, error.traceback, error.non_retryable]
+    while len(row) > 2 and not row[-1]:
+        row.pop()
+    return row
+
+
+def encode_attempt(attempt: Attempt) -> str:
+    return json.dumps(
+        [attempt.number, attempt.started_at, attempt.ended_at, attempt.holder,
+         int(attempt.outcome), _error_row(attempt.error)],
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def decode_attempt(data: str) -> Attempt:
+    number, started_at, ended_at, holder, outcome, error = json.loads(data)
+    return Attempt(
+        number, started_at, ended_at, holder, AttemptOutcome(outcome),
+        TaskError(*error) if error else None,
+    )  # fmt: skip

@@ -1,0 +1,1140 @@
+"""The shared store: tasks in a PostgreSQL database that several conveyord replicas use at once.
+
+Each replica keeps the committed view in memory, as the SQLite store does, and serves Get,
+List, Watch and the counts from it; the database is the arbiter of every write and the
+source of every change. One writer per store runs the pending operations in batches, each
+batch one transaction (group commit): it locks the rows it changes, applies each operation
+to the task's latest state, claims with FOR UPDATE SKIP LOCKED, and last takes the next
+revisions from a one-row counter whose lock orders the commits of every replica. One change
+reader per store reads the changes table in revision order, this replica's changes and the
+others', and applies each to the views and publishes it on the feed; a write is answered
+once the reader has delivered it, so a replica reads its own writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import heapq
+import itertools
+import logging
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from conveyord import lifecycle
+from conveyord.lifecycle import Lease, new_lease_id
+from conveyord.model import Change, ChangeKind, Task, TaskFilter
+from conveyord.schedules.model import Schedule
+from conveyord.store.base import (
+    Claim,
+    Mutation,
+    RequestIdReused,
+    StoreFailed,
+    StoreOpenError,
+    TaskNotFound,
+)
+from conveyord.store.codec import decode, decode_attempt, encode, encode_attempt
+from conveyord.store.memory import (
+    DEFAULT_AGING_RATE,
+    DEFAULT_HISTORY_AGE,
+    DEFAULT_HISTORY_SIZE,
+    MAX_KEPT_ATTEMPTS,
+    MemoryStore,
+)
+from conveyord.store.postgres_schema import CREATED, MIGRATIONS, fix_aging_rate, upgrade
+from conveyord.store.schedules import ScheduleBook
+from conveyord.store.schedules import decode as decode_schedule
+from conveyord.store.schedules import encode as encode_schedule
+
+if TYPE_CHECKING:
+    from conveyord.store.postgres_schema import Connection
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "conveyor_changes"  # NOTIFY'd with the last revision of each commit
+POLL_SECONDS = 1.0  # the reader reads at least this often, a notification missed or not
+READ_LIMIT = 1000  # changes read at once
+CATCH_UP_SECONDS = 5.0  # the longest a read waits for the reader to reach the database
+CONNECT_SECONDS = 10.0
+RECONNECT_SECONDS = 10.0  # the reader's connection is tried again this long, then it fails
+RETRIES = 3  # a batch that fails before its COMMIT is run again this many times
+MAX_BATCH = 1000  # operations in one transaction
+TRIM_EVERY = 1000  # changes left behind the history before they are deleted from the table
+CLAIM_EXTRA = 16  # rows a claim fetches beyond twice its count, for its limits and turns
+DEFAULT_POOL_SIZE = 4
+
+# A database error: the batch is run again (deadlock, serialization, a lost connection).
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection left broken by one of those
+    OSError,
+)
+# The connection was lost: a COMMIT sent may or may not have been carried out.
+_LOST = (
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # the server shut down, or killed it
+)
+_TASK_ROW = "task_id, seq, revision, data"
+
+# --- the statements -----------------------------------------------------------------
+
+_LOCK = f"""
+SELECT {_TASK_ROW} FROM conveyor_tasks WHERE task_id = ANY($1::text[])
+ORDER BY task_id FOR UPDATE
+"""
+# New tasks, their request ids taken first (the rest of each row comes with the changes):
+# a request id another replica took meanwhile is a conflict, and no row.
+_INSERT = f"""
+INSERT INTO conveyor_tasks (task_id, seq, tenant, request_id, request_hash, task_type, status,
+    dispatch_key, revision, data)
+SELECT task_id, 0, tenant, request_id, request_hash, task_type, {CREATED}, 0, 0, ''
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+    AS n(task_id, tenant, request_id, request_hash, task_type)
+ORDER BY tenant, request_id
+ON CONFLICT (tenant, request_id) WHERE request_id <> '' DO NOTHING
+RETURNING task_id
+"""
+_FIRSTS = f"""
+SELECT t.tenant, t.request_id, {", ".join("t." + c for c in _TASK_ROW.split(", "))}
+FROM conveyor_tasks t JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id)
+    USING (tenant, request_id)
+"""
+_DELETE_TASKS = "DELETE FROM conveyor_tasks WHERE task_id = ANY($1::text[])"
+_DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[])"
+# Make room for a task's new attempts: keep its latest MAX_KEPT_ATTEMPTS - k.
+_TRIM_ATTEMPTS = """
+DELETE FROM conveyor_attempts a USING unnest($1::text[], $2::int[]) AS t(task_id, keep)
+WHERE a.task_id = t.task_id AND a.revision <= (
+    SELECT b.revision FROM conveyor_attempts b WHERE b.task_id = t.task_id
+    ORDER BY b.revision DESC OFFSET t.keep LIMIT 1)
+"""
+# The end of a batch, in one statement while the counter's row is locked: the revisions
+# taken, the changes, the ended attempts and the tasks' rows written, the readers told. A
+# negative seq or revision is an offset from the first revision taken (base + 1 is -1).
+_WRITE = """
+WITH bump AS (
+    UPDATE conveyor_state SET revision = revision + $1 WHERE id = 1
+    RETURNING revision - $1 AS base
+), written AS (
+    INSERT INTO conveyor_changes (revision, kind, at, task_id, seq, task_revision, data, ended)
+    SELECT base + n, kind, at, task_id,
+        CASE WHEN seq < 0 THEN base - seq ELSE seq END,
+        CASE WHEN task_revision < 0 THEN base - task_revision ELSE task_revision END,
+        data, ended
+    FROM bump, unnest($2::smallint[], $3::float8[], $4::text[], $5::bigint[], $6::bigint[],
+        $7::text[], $8::text[]) WITH ORDINALITY
+        AS c(kind, at, task_id, seq, task_revision, data, ended, n)
+    RETURNING revision, task_id, ended
+), attempts AS (
+    INSERT INTO conveyor_attempts (task_id, revision, data)
+    SELECT task_id, revision, ended FROM written WHERE ended IS NOT NULL
+), tasks AS (
+    UPDATE conveyor_tasks AS t SET
+        seq = CASE WHEN u.seq < 0 THEN base - u.seq ELSE u.seq END,
+        revision = base - u.revision, status = u.status, dispatch_key = u.dispatch_key,
+        runnable_at = u.runnable_at, data = u.data
+    FROM bump, unnest($9::text[], $10::bigint[], $11::bigint[], $12::smallint[],
+        $13::float8[], $14::float8[], $15::text[])
+        AS u(task_id, seq, revision, status, dispatch_key, runnable_at, data)
+    WHERE t.task_id = u.task_id
+)
+SELECT base, pg_notify($16, (base + $1)::text)::text FROM bump
+"""
+_READ = """
+SELECT revision, kind, at, task_id, seq, task_revision, data, ended FROM conveyor_changes
+WHERE revision > $1 ORDER BY revision LIMIT $2
+"""
+_TRIM_CHANGES = """
+DELETE FROM conveyor_changes WHERE revision IN (
+    SELECT revision FROM conveyor_changes WHERE revision <= $1 ORDER BY revision LIMIT 10000)
+"""
+
+
+# --- the operations a batch runs ----------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Op:
+    """One call waiting for the writer; its future gets what the call returns."""
+
+    future: asyncio.Future[Any] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    def locks(self) -> Iterable[str]:
+        """The ids of the tasks whose rows it changes (claims and creates find their own)."""
+        return ()
+
+
+@dataclasses.dataclass(eq=False)
+class _Create(_Op):
+    tasks: Sequence[Task]  # the tasks not known to the cache when the call came
+
+
+@dataclasses.dataclass(eq=False)
+class _Update(_Op):
+    task_id: str
+    mutation: Mutation
+    quiet: bool
+
+    def locks(self) -> Iterable[str]:
+        return (self.task_id,)
+
+
+@dataclasses.dataclass(eq=False)
+class _Remove(_Op):
+    task_id: str
+    check: Callable[[Task], None]
+
+    def locks(self) -> Iterable[str]:
+        return (self.task_id,)
+
+
+@dataclasses.dataclass(eq=False)
+class _UpdateMany(_Op):
+    task_ids: Sequence[str]
+    task_filter: TaskFilter
+    mutation: Mutation
+
+    def locks(self) -> Iterable[str]:
+        return self.task_ids
+
+
+@dataclasses.dataclass(eq=False)
+class _RemoveFinished(_Op):
+    task_ids: Sequence[str]
+    finished_before: float
+
+    def locks(self) -> Iterable[str]:
+        return self.task_ids
+
+
+@dataclasses.dataclass(eq=False)
+class _ClaimOp(_Op):
+    request: Claim
+
+
+@dataclasses.dataclass(eq=False)
+class _Rows(_Op):
+    """Task types to declare, and schedules' new rows (None: removed)."""
+
+    task_types: AbstractSet[str] = frozenset()
+    schedules: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class _Staged:
+    """A change a batch made: its place in the batch (1: the first revision it takes)."""
+
+    kind: ChangeKind
+    task: Task
+    at: float
+    ended: Any  # Attempt | None
+    offset: int
+    previous: int  # the revision of the task's change before, or (< 0) its offset here
+    change: Change | None = None  # once its revision is known
+
+
+Answer = Callable[[], Any]  # what an operation returns, once its changes have revisions
+
+
+class _Batch:
+    """What one transaction has read and changed so far: each task's latest state."""
+
+    def __init__(self, cached: Mapping[str, Task]) -> None:
+        self.cached = cached
+        self.latest: dict[str, Task | None] = {}  # None: not there (removed, or never)
+        self.seen = 0  # the highest revision read: answers wait until it is delivered
+        self.changes: list[_Staged] = []
+        self.created: dict[str, int] = {}  # task_id: the offset of the change creating it
+        self.last: dict[str, int] = {}  # task_id: the offset of its latest change
+        self.answers: list[tuple[_Op, Answer | None, BaseException | None]] = []
+        self.deferred: list[_Op] = []  # to run in the next batch
+        self.task_types: set[str] = set()
+        self.schedules: dict[str, str | None] = {}
+
+    def adopt(self, record: asyncpg.Record) -> Task:
+        """A row read from the database as a Task: the cached one if it is the same."""
+        task_id, revision = record["task_id"], record["revision"]
+        cached = self.cached.get(task_id)
+        fresh = cached is not None and cached.revision == revision
+        task = cached if fresh and cached is not None else _task_of(record)
+        self.latest[task_id] = task
+        self.seen = max(self.seen, revision)
+        return task
+
+    def stage(self, kind: ChangeKind, task: Task, at: float) -> tuple[ChangeKind, Task, Any]:
+        """A change to stage once its operation succeeds, with the attempt it ends."""
+        old = self.latest.get(task.task_id)
+        ended = None
+        if old is not None and old.lease_id and kind is not ChangeKind.REMOVED:
+            ended = lifecycle.ended_attempt(old, task)
+        # The task's change before: one of this batch (by its offset), or its revision.
+        before = self.last.get(task.task_id, 0)
+        previous = -before if before else (0 if old is None else old.revision)
+        return kind, task, (at, ended, previous)
+
+    def apply(self, staged: Iterable[tuple[ChangeKind, Task, Any]]) -> list[_Staged]:
+        made: list[_Staged] = []
+        for kind, task, (at, ended, previous) in staged:
+            entry = _Staged(kind, task, at, ended, len(self.changes) + 1, previous)
+            self.changes.append(entry)
+            made.append(entry)
+            if kind is ChangeKind.REMOVED:
+                self.latest[task.task_id] = None
+            else:
+                if self.latest.get(task.task_id) is None and task.task_id not in self.last:
+                    self.created.setdefault(task.task_id, entry.offset)
+                self.latest[task.task_id] = task
+                self.last[task.task_id] = entry.offset
+        return made
+
+
+class _Retry(Exception):
+    """A batch failed before its COMMIT was sent: nothing of it was written."""
+
+
+class PostgresStore(MemoryStore):
+    """A MemoryStore whose every change is decided by a PostgreSQL database that several
+    stores share, and read back from it in revision order."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        history_age: float = DEFAULT_HISTORY_AGE,
+        aging_rate: float = DEFAULT_AGING_RATE,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        migrations: Sequence[str] = MIGRATIONS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+        super().__init__(
+            history_size=history_size, history_age=history_age, aging_rate=aging_rate, **kwargs
+        )
+        self.url = url
+        self.where = redacted(url)
+        self._aging_rate = aging_rate
+        self._pool_size = pool_size
+        self._migrations = tuple(migrations)
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._pending: list[_Op] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap by revision
+        self._waiter_ids = itertools.count()
+        self._own: dict[int, Change] = {}  # revision: this store's change, not yet read back
+        self._failure: Exception | None = None
+        self._trimmed = 0  # changes up to this revision were deleted from the table
+        self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
+        self._turns = itertools.count(1)
+        self.schedules = ScheduleBook(self._persist_schedule)
+
+    # -- opening and closing ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, bring the schema up to date, load a consistent snapshot, and start
+        reading the changes that come after it."""
+        try:
+            self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_SECONDS
+            )
+            async with self._pool.acquire() as connection:
+                await upgrade(connection, self.where, self._migrations)
+                await fix_aging_rate(connection, self.where, self._aging_rate)
+            await self._listener.add_listener(CHANNEL, self._notified)  # before the snapshot
+            await self._load()
+        except StoreOpenError:
+            await self._release()
+            raise
+        except (*_DB_ERRORS, ValueError) as error:
+            await self._release()
+            raise StoreOpenError(f"cannot open the store at {self.where}: {error}") from error
+        self._reading = asyncio.create_task(self._read_forever())
+        log.info(
+            "store %s: %d tasks, revision %d, %d changes of history",
+            self.where, len(self._tasks), self._revision, len(self._history),
+        )  # fmt: skip
+
+    async def _load(self) -> None:
+        """Fill the views from one REPEATABLE READ snapshot of the database."""
+        assert self._pool is not None
+        async with (
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            revision = await connection.fetchval("SELECT revision FROM conveyor_state")
+            tasks = await connection.fetch(f"SELECT {_TASK_ROW} FROM conveyor_tasks")
+            changes = await connection.fetch(_READ, 0, None)
+            attempts = await connection.fetch(
+                "SELECT task_id, data FROM conveyor_attempts ORDER BY task_id, revision"
+            )
+            types = await connection.fetch("SELECT task_type FROM conveyor_task_types")
+            schedules = await connection.fetch("SELECT data FROM conveyor_schedules")
+        try:
+            self._declared = {row[0] for row in types}
+            self.schedules.load([decode_schedule(row[0]) for row in schedules])
+            self._restore(
+                [_task_of(row) for row in tasks],
+                [_change_of(row) for row in changes],
+                revision,
+                revision,
+                [(row[0], decode_attempt(row[1])) for row in attempts],
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreOpenError(f"the store at {self.where} is corrupt: {error}") from error
+        self._history.trim()
+        self._trimmed = self._history.compacted
+
+    async def close(self) -> None:
+        """Finish the writes under way and their answers, stop reading, and disconnect;
+        safe to call twice."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+        waiting = [future for _, _, future in self._waiters if not future.done()]
+        if waiting and self._reading is not None and not self._reading.done():
+            await asyncio.wait(waiting, timeout=CATCH_UP_SECONDS)
+        if self._reading is not None:
+            self._stopping = True  # not a cancel: asyncpg's and wait_for's may swallow it
+            self._wake.set()
+            _, running = await asyncio.wait({self._reading}, timeout=CONNECT_SECONDS)
+            for task in running:
+                task.cancel()
+            self._reading = None
+        await self._release()
+
+    async def _release(self) -> None:
+        listener, pool, self._listener, self._pool = self._listener, self._pool, None, None
+        if listener is not None:
+            with contextlib.suppress(*_DB_ERRORS):
+                await asyncio.wait_for(listener.close(), CONNECT_SECONDS)
+            listener.terminate()
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_SECONDS)
+            except (*_DB_ERRORS, TimeoutError):
+                pool.terminate()
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def revision(self) -> int:
+        """The latest revision this store's feed has delivered (not the database's, which
+        may be ahead: a heartbeat must not carry a revision its watchers were not given)."""
+        return self._revision
+
+    async def get(self, task_id: str) -> Task | None:
+        """From memory; a task not there may have just been made on another replica: the
+        reader catches up with the database first."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            await self._catch_up()
+            task = self._tasks.get(task_id)
+        return task
+
+    async def attempts(self, task_id: str) -> Sequence[Any]:
+        if task_id not in self._tasks:
+            await self._catch_up()
+        return await super().attempts(task_id)
+
+    async def changes_since(self, revision: int, task_filter: TaskFilter) -> Sequence[Change]:
+        """From memory, once the reader has caught up if `revision` is ahead of it (another
+        replica answered with it)."""
+        if revision > self._revision:
+            await self._catch_up()
+        return await super().changes_since(revision, task_filter)
+
+    async def declared_task_types(self) -> frozenset[str]:
+        """Every replica's: read from the database."""
+        pool = self._usable_pool()
+        rows = await pool.fetch("SELECT task_type FROM conveyor_task_types")
+        self._declared |= {row[0] for row in rows}
+        return frozenset(self._declared)
+
+    @property
+    def queued(self) -> int:
+        """From memory: what other replicas queued or took in the last few milliseconds,
+        not yet read back, is not counted (or still counted)."""
+        return self._index.queued
+
+    def queued_of(self, tenant: str) -> int:
+        """From memory, as approximate as `queued`."""
+        return self._index.queued_by_tenant.get(tenant, 0)
+
+    async def _catch_up(self) -> None:
+        """Wait (a bounded time) until the reader has delivered what the database holds now."""
+        if self._failure is not None or self._pool is None:
+            return
+        try:
+            current = await self._pool.fetchval("SELECT revision FROM conveyor_state")
+        except _DB_ERRORS as error:
+            log.warning("store %s: cannot read the revision: %s", self.where, error)
+            return
+        self._wake.set()
+        delivered = self._delivered(current)
+        await asyncio.wait({delivered}, timeout=CATCH_UP_SECONDS)
+        if delivered.done():
+            delivered.result()  # StoreFailed, if the store failed meanwhile
+
+    def _usable_pool(self) -> asyncpg.Pool:
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
+        assert self._pool is not None, "the store is not open"
+        return self._pool
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def create(
+        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
+    ) -> list[tuple[Task, bool]]:
+        known = [self._known_request(task) for task in tasks]
+        admit([task for task, first in zip(tasks, known, strict=True) if first is None])
+        new = [task for task, first in zip(tasks, known, strict=True) if first is None]
+        created: list[tuple[Task, bool]] = await self._submit(_Create(new)) if new else []
+        made = iter(created)
+        return [next(made) if first is None else (first, False) for first in known]
+
+    async def update(self, task_id: str, mutation: Mutation, *, quiet: bool = False) -> Task:
+        task: Task = await self._submit(_Update(task_id, mutation, quiet))
+        return task
+
+    async def remove(self, task_id: str, check: Callable[[Task], None]) -> Change:
+        change: Change = await self._submit(_Remove(task_id, check))
+        return change
+
+    async def remove_finished(self, finished_before: float, limit: int) -> int:
+        task_ids: list[str] = []
+        while self._finished and len(task_ids) < limit and self._finished[0][0] < finished_before:
+            _, task_id = self._finished.popleft()
+            task = self._tasks.get(task_id)
+            if task is not None and task.terminal:
+                task_ids.append(task_id)
+        if not task_ids:
+            return 0
+        removed: int = await self._submit(_RemoveFinished(task_ids, finished_before))
+        return removed
+
+    async def claim(self, request: Claim) -> list[Task]:
+        self._index.promote(request.now, self._working)  # keeps next_wakeup from going stale
+        claimed: list[Task] = await self._submit(_ClaimOp(request))
+        return claimed
+
+    async def update_where(self, task_filter: TaskFilter, mutation: Mutation) -> list[Task]:
+        changed: list[Task] = []
+        async for chunk in self._scan(task_filter):
+            if chunk:
+                ids = [task.task_id for task in chunk]
+                changed.extend(await self._submit(_UpdateMany(ids, task_filter, mutation)))
+        return changed
+
+    async def _persist_task_types(self, task_types: AbstractSet[str]) -> None:
+        await self._submit(_Rows(task_types=frozenset(task_types)))
+
+    async def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> None:
+        """Write a schedule's new row (None: its removal) in the next batch's transaction."""
+        data = None if schedule is None else encode_schedule(schedule)
+        await self._submit(_Rows(schedules={schedule_id: data}))
+
+    async def _submit(self, op: _Op) -> Any:
+        """Queue an operation for the writer and wait for its answer."""
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
+        self._pending.append(op)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_batches())
+        return await asyncio.shield(op.future)
+
+    async def _write_batches(self) -> None:
+        """Write the pending operations, a batch at a time, until none is left."""
+        while self._pending and self._failure is None:
+            ops, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            began = time.perf_counter()
+            try:
+                batch = await self._write_with_retries(ops)
+            except Exception as error:
+                self._fail(error, ops)
+                return
+            self._pending[:0] = batch.deferred
+            if self.on_commit is not None and (batch.changes or batch.schedules):
+                written = len(batch.changes) + len(batch.schedules)
+                self.on_commit(written, time.perf_counter() - began)
+            self._wake.set()
+            last = batch.changes[-1].change if batch.changes else None
+            revision = max(batch.seen, last.revision if last is not None else 0)
+            answered = functools.partial(_answer, batch.answers)
+            self._delivered(revision).add_done_callback(answered)
+
+    async def _write_with_retries(self, ops: list[_Op]) -> _Batch:
+        for attempt in itertools.count():
+            try:
+                return await self._write_batch(ops)
+            except _Retry as retry:
+                if attempt >= RETRIES:
+                    raise retry.__cause__ or retry from None
+                log.warning(
+                    "store %s: a write failed before its commit, trying again: %s",
+                    self.where, retry.__cause__,
+                )  # fmt: skip
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _write_batch(self, ops: list[_Op]) -> _Batch:
+        """Run the operations as one transaction; _Retry if it failed before its COMMIT."""
+        batch = _Batch(self._tasks)
+        committing = False
+        try:
+            async with self._usable_pool().acquire() as connection:
+                transaction = connection.transaction()
+                await transaction.start()
+                try:
+                    await self._run(batch, connection, ops)
+                    await self._write_changes(batch, connection)
+                    committing = True
+                    await transaction.commit()
+                except BaseException:
+                    if not committing:
+                        with contextlib.suppress(Exception):  # the first error tells
+                            await transaction.rollback()
+                    raise
+        except BaseException as error:
+            self._forget(batch)
+            if committing and isinstance(error, _LOST):  # the COMMIT sent: written or not
+                raise
+            if isinstance(error, _DB_ERRORS):  # nothing written (a refused COMMIT rolls back)
+                raise _Retry() from error
+            raise
+        return batch
+
+    def _forget(self, batch: _Batch) -> None:
+        """Drop the changes of a batch that was not committed from what the reader reuses."""
+        for entry in batch.changes:
+            if entry.change is not None:
+                self._own.pop(entry.change.revision, None)
+
+    async def _run(self, batch: _Batch, connection: Connection, ops: list[_Op]) -> None:
+        """Lock the rows the operations change, then apply the operations: creates first
+        (none of the others can name a task that is being created), the others in order."""
+        ids = sorted({task_id for op in ops for task_id in op.locks()})
+        if ids:
+            for record in await connection.fetch(_LOCK, ids):
+                batch.adopt(record)
+            for task_id in ids:
+                batch.latest.setdefault(task_id, None)
+        await self._create(batch, connection, [op for op in ops if isinstance(op, _Create)])
+        for op in ops:
+            if isinstance(op, _Create):
+                continue
+            try:
+                answer, staged = await self._apply_op(batch, connection, op)
+            except _DB_ERRORS:
+                raise
+            except Exception as error:  # the operation's own: it alone fails
+                batch.answers.append((op, None, error))
+                continue
+            batch.answers.append((op, answer, None))
+            batch.apply(staged)
+
+    async def _apply_op(
+        self, batch: _Batch, connection: Connection, op: _Op
+    ) -> tuple[Answer, list[tuple[ChangeKind, Task, Any]]]:
+        at = self._clock()
+        if isinstance(op, _Update):
+            current = batch.latest.get(op.task_id)
+            if current is None:
+                raise TaskNotFound(op.task_id)
+            new = op.mutation(current)
+            if new is None or new is current:
+                return lambda: current, []
+            kind = ChangeKind.RENEWED if op.quiet else ChangeKind.CHANGED
+            return lambda: new, [batch.stage(kind, new, at)]
+        if isinstance(op, _Remove):
+            current = batch.latest.get(op.task_id)
+            if current is None:
+                raise TaskNotFound(op.task_id)
+            op.check(current)
+            staged = batch.stage(ChangeKind.REMOVED, current, at)
+            return lambda: _change_made(batch, current.task_id), [staged]
+        if isinstance(op, _UpdateMany):
+            return _update_many(batch, op, at)
+        if isinstance(op, _RemoveFinished):
+            return _remove_finished(batch, op, at)
+        if isinstance(op, _ClaimOp):
+            return await self._claim(batch, connection, op.request, at)
+        assert isinstance(op, _Rows)
+        batch.task_types |= op.task_types
+        batch.schedules.update(op.schedules)
+        return lambda: None, []
+
+    async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
+        """Stage the new tasks of every create: a request id known to the cache, or taken in
+        the database by another replica meanwhile, gives back the first task (or fails the
+        create with RequestIdReused); one asked for twice in this batch waits for the next."""
+        taken: dict[tuple[str, str], _Create] = {}
+        inserting: list[_Create] = []
+        for op in ops:
+            keys = [(task.tenant, task.request_id) for task in op.tasks if task.request_id]
+            if any(key in taken for key in keys):
+                batch.deferred.append(op)
+                continue
+            taken.update(dict.fromkeys(keys, op))
+            inserting.append(op)
+        new = [task for op in inserting for task in op.tasks]
+        if not new:
+            return
+        inserted = {
+            row[0]
+            for row in await connection.fetch(
+                _INSERT,
+                [t.task_id for t in new], [t.tenant for t in new], [t.request_id for t in new],
+                [t.request_hash for t in new], [t.task_type for t in new],
+            )
+        }  # fmt: skip
+        conflicts = [task for task in new if task.task_id not in inserted]
+        firsts = await self._firsts(batch, connection, conflicts)
+        refused: list[str] = []
+        at = self._clock()
+        for op in inserting:
+            try:
+                results = _created(op.tasks, inserted, firsts)
+            except Exception as error:
+                batch.answers.append((op, None, error))
+                refused.extend(t.task_id for t in op.tasks if t.task_id in inserted)
+                continue
+            staged = [batch.stage(ChangeKind.CHANGED, task, at) for task, new in results if new]
+            batch.apply(staged)
+            batch.answers.append((op, functools.partial(list, results), None))
+        if refused:
+            await connection.execute(_DELETE_TASKS, refused)
+
+    async def _firsts(
+        self, batch: _Batch, connection: Connection, conflicts: list[Task]
+    ) -> dict[tuple[str, str], Task]:
+        """The tasks that hold the request ids the new ones could not take."""
+        if not conflicts:
+            return {}
+        rows = await connection.fetch(
+            _FIRSTS, [t.tenant for t in conflicts], [t.request_id for t in conflicts]
+        )
+        return {(row["tenant"], row["request_id"]): batch.adopt(row) for row in rows}
+
+    async def _claim(
+        self, batch: _Batch, connection: Connection, request: Claim, at: float
+    ) -> tuple[Answer, list[tuple[ChangeKind, Task, Any]]]:
+        """The best runnable tasks, locked and skipping those others hold (no replica waits
+        for another's, and none is handed out twice); the request's limits and the tenants'
+        turns are applied to what was fetched."""
+        full = [task_type for task_type, limit in request.limits.items() if limit <= 0]
+        query, args = _claim_query(request, full, sorted(batch.latest))
+        rows = await connection.fetch(query, *args)
+        candidates = [batch.adopt(row) for row in rows]
+        staged: list[tuple[ChangeKind, Task, Any]] = []
+        for task in self._pick(candidates, request):
+            pausable = task.task_type in request.pausable
+            lease = Lease(new_lease_id(), request.holder, request.lease_until(task), pausable)
+            started = lifecycle.claim(task, lease, request.now)
+            if started is not None:
+                staged.append(batch.stage(ChangeKind.CHANGED, started, at))
+        claimed = [task for _, task, _ in staged]
+        return lambda: claimed, staged
+
+    def _pick(self, candidates: list[Task], request: Claim) -> list[Task]:
+        """Up to `request.count` of the candidates (in dispatch order), at most
+        `limits[type]` of a limited type, tenants taking turns: each next task is the best
+        of the tenant served least recently by this store. Only the fetched rows take part,
+        so between tenants the turns are approximate (see CLAIM_EXTRA)."""
+        lanes: dict[str, deque[Task]] = {}
+        for task in candidates:
+            lanes.setdefault(task.tenant, deque()).append(task)
+        taken: dict[str, int] = {}
+        picked: list[Task] = []
+        while len(picked) < request.count and lanes:
+            tenant = min(lanes, key=lambda t: self._served.get(t, 0))
+            lane = lanes[tenant]
+            while lane and taken.get(lane[0].task_type, 0) >= request.limits.get(
+                lane[0].task_type, request.count
+            ):
+                lane.popleft()
+            if not lane:
+                del lanes[tenant]
+                continue
+            task = lane.popleft()
+            picked.append(task)
+            taken[task.task_type] = taken.get(task.task_type, 0) + 1
+            self._served[tenant] = next(self._turns)
+        return picked
+
+    async def _write_changes(self, batch: _Batch, connection: Connection) -> None:
+        """Write what the batch changed: the removed rows and trimmed attempts first, then
+        in one statement under the counter's lock the revisions, changes, attempts and
+        task rows, and the notification."""
+        if batch.task_types:
+            await connection.execute(
+                "INSERT INTO conveyor_task_types SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                sorted(batch.task_types),
+            )
+        if batch.schedules:
+            await _write_schedules(connection, batch.schedules)
+        if not batch.changes:
+            return
+        removed = sorted({
+            entry.task.task_id for entry in batch.changes
+            if entry.kind is ChangeKind.REMOVED and batch.latest.get(entry.task.task_id) is None
+        })  # fmt: skip
+        if removed:
+            await connection.execute(_DELETE_TASKS, removed)
+            await connection.execute(_DELETE_ATTEMPTS, removed)
+        await _trim_attempts(batch, connection)
+        base = await connection.fetchval(_WRITE, *self._arrays(batch))
+        self._stamp(batch, base)
+
+    def _arrays(self, batch: _Batch) -> list[Any]:
+        """The arguments of the final statement: the changes' columns, then the rows'."""
+        changes = batch.changes
+        columns: list[list[Any]] = [[] for _ in range(7)]
+        for entry in changes:
+            task = entry.task
+            if entry.kind is ChangeKind.REMOVED:
+                before = _offset_before(batch, entry)
+                revision = -before if before else task.revision
+            else:
+                revision = -entry.offset
+            values = (
+                int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
+                encode(task), None if entry.ended is None else encode_attempt(entry.ended),
+            )  # fmt: skip
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        tasks: list[list[Any]] = [[] for _ in range(7)]
+        for task_id, offset in batch.last.items():
+            latest = batch.latest[task_id]
+            if latest is None:
+                continue
+            task = latest
+            row = (
+                task_id, _seq_code(batch, task), -offset, int(task.status),
+                self._aging_rate * task.queued_since - task.priority, task.next_attempt_at,
+                encode(task),
+            )  # fmt: skip
+            for column, value in zip(tasks, row, strict=True):
+                column.append(value)
+        return [len(changes), *columns, *tasks, CHANNEL]
+
+    def _stamp(self, batch: _Batch, base: int) -> None:
+        """Give the batch's tasks their revisions and seqs, and keep its changes for the
+        reader to deliver as they are."""
+        for entry in batch.changes:
+            revision = base + entry.offset
+            task = entry.task
+            if entry.kind is not ChangeKind.REMOVED:
+                task.revision = revision
+            created = batch.created.get(task.task_id)
+            if created is not None:
+                task.seq = base + created
+            previous = base - entry.previous if entry.previous < 0 else entry.previous
+            entry.change = Change(revision, entry.kind, task, entry.at, previous, entry.ended)
+            self._own[revision] = entry.change
+
+    # -- the change reader -------------------------------------------------------------
+
+    def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        self._wake.set()
+
+    async def _read_forever(self) -> None:
+        """Read the changes as they come: on each notification, each wake-up from this
+        store's writer, and at least every POLL_SECONDS."""
+        while not self._stopping:
+            await _woken(self._wake, POLL_SECONDS)
+            if self._stopping:
+                return
+            try:
+                await self._read()
+            except _DB_ERRORS as error:
+                if not await self._reconnect(error):
+                    return
+            except Exception as error:
+                self._fail(error, [])
+                return
+
+    async def _read(self) -> None:
+        assert self._listener is not None
+        while True:
+            rows = await self._listener.fetch(_READ, self._revision, READ_LIMIT)
+            for row in rows:
+                self._apply(row)
+            if rows:
+                self._history.trim()
+                self._settle()
+            if len(rows) < READ_LIMIT:
+                break
+        if self._history.compacted - self._trimmed >= TRIM_EVERY and self._pool is not None:
+            compacted = self._history.compacted
+            await self._pool.execute(_TRIM_CHANGES, compacted)
+            self._trimmed = compacted
+
+    def _apply(self, row: asyncpg.Record) -> None:
+        """Apply one change read back, the next revision, to both views, and publish it."""
+        revision = row["revision"]
+        if revision != self._revision + 1:
+            raise StoreFailed(
+                f"the store's changes jump from revision {self._revision} to {revision}: the "
+                "changes between were deleted before this server read them"
+            )
+        change = self._own.pop(revision, None)
+        if change is None or change.task.task_id != row["task_id"]:
+            change = _change_of(row)
+        old = self._set_working(change.kind, change.task)
+        self._staged_revision = revision
+        previous = 0 if old is None else old.revision
+        self._commit_one(
+            change if change.previous == previous else change._replace(previous=previous)
+        )
+
+    async def _reconnect(self, error: BaseException) -> bool:
+        """Connect the reader again after its connection failed; False (the store failed)
+        if it cannot within RECONNECT_SECONDS."""
+        log.warning("store %s: the change reader lost its connection: %s", self.where, error)
+        deadline = asyncio.get_running_loop().time() + RECONNECT_SECONDS
+        while True:
+            if self._listener is not None:
+                self._listener.terminate()
+                self._listener = None
+            try:
+                self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
+                await self._listener.add_listener(CHANNEL, self._notified)
+                self._wake.set()
+                return True
+            except _DB_ERRORS as again:
+                if asyncio.get_running_loop().time() > deadline:
+                    self._fail(again, [])
+                    return False
+                await asyncio.sleep(0.2)
+
+    def _delivered(self, revision: int) -> asyncio.Future[None]:
+        """Done once the reader has delivered `revision` (at once if it has)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._failure is not None:
+            future.set_exception(StoreFailed(f"the store stopped: {self._failure}"))
+        elif revision <= self._revision:
+            future.set_result(None)
+        else:
+            heapq.heappush(self._waiters, (revision, next(self._waiter_ids), future))
+        return future
+
+    def _settle(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self._revision:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    def _fail(self, error: Exception, ops: Iterable[_Op]) -> None:
+        """The store can no longer tell what was written: refuse every further change, fail
+        what waits, and tell the server, which must stop."""
+        if self._failure is not None:
+            return
+        self._failure = error
+        log.critical(
+            "store %s failed; no further change is accepted: %s: %s",
+            self.where, type(error).__name__, error,
+        )  # fmt: skip
+        failure = StoreFailed(f"writing to the store failed: {error}")
+        pending, self._pending = [*ops, *self._pending], []
+        futures = [op.future for op in pending] + [f for _, _, f in self._waiters]
+        self._waiters = []
+        for future in futures:
+            if not future.done():
+                future.set_exception(failure)
+                future.exception()  # retrieved here too, in case no request waits on it
+        self.on_failure(error)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, to name the database in messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _woken(event: asyncio.Event, timeout: float) -> None:
+    """Wait until `event` is set or `timeout` passes, then clear it (asyncio.wait rather
+    than wait_for, which in Python 3.11 may swallow a cancellation that comes as the event
+    is set)."""
+    if not event.is_set():
+        waiting = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({waiting}, timeout=timeout)
+        finally:
+            waiting.cancel()
+    event.clear()
+
+
+def _task_of(row: asyncpg.Record) -> Task:
+    task = decode(row["data"])
+    task.seq, task.revision = row["seq"], row["revision"]
+    return task
+
+
+def _change_of(row: asyncpg.Record) -> Change:
+    task = decode(row["data"])
+    task.seq, task.revision = row["seq"], row["task_revision"]
+    ended = decode_attempt(row["ended"]) if row["ended"] else None
+    return Change(row["revision"], ChangeKind(row["kind"]), task, row["at"], 0, ended)
+
+
+def _answer(
+    answers: list[tuple[_Op, Answer | None, BaseException | None]], done: asyncio.Future[None]
+) -> None:
+    """Answer a batch's operations once its changes are delivered (or the store failed)."""
+    failure = done.exception()
+    for op, answer, error in answers:
+        if op.future.done():
+            continue
+        if error is None and failure is None and answer is not None:
+            op.future.set_result(answer())
+        else:
+            op.future.set_exception(error or failure or StoreFailed("no answer"))
+            if error is None:
+                op.future.exception()
+
+
+def _created(
+    tasks: Sequence[Task], inserted: AbstractSet[str], firsts: Mapping[tuple[str, str], Task]
+) -> list[tuple[Task, bool]]:
+    """Each task of a create, new (True) or the first with its request id (False);
+    RequestIdReused if that one came from a different request."""
+    results: list[tuple[Task, bool]] = []
+    for task in tasks:
+        if task.task_id in inserted:
+            results.append((task, True))
+            continue
+        first = firsts.get((task.tenant, task.request_id))
+        if first is None:  # the holder was removed between the insert and the look-up
+            raise StoreFailed(f"request_id {task.request_id!r} was taken and freed at once")
+        if first.request_hash != task.request_hash:
+            raise RequestIdReused(task.request_id, first.task_id)
+        results.append((first, False))
+    return results
+
+
+def _update_many(
+    batch: _Batch, op: _UpdateMany, at: float
+) -> tuple[Answer, list[tuple[ChangeKind, Task, Any]]]:
+    staged: list[tuple[ChangeKind, Task, Any]] = []
+    for task_id in op.task_ids:
+        current = batch.latest.get(task_id)
+        if current is None or not op.task_filter.matches(current):
+            continue
+        new = op.mutation(current)
+        if new is not None and new is not current:
+            staged.append(batch.stage(ChangeKind.CHANGED, new, at))
+    changed = [task for _, task, _ in staged]
+    return lambda: changed, staged
+
+
+def _remove_finished(
+    batch: _Batch, op: _RemoveFinished, at: float
+) -> tuple[Answer, list[tuple[ChangeKind, Task, Any]]]:
+    staged: list[tuple[ChangeKind, Task, Any]] = []
+    for task_id in op.task_ids:
+        current = batch.latest.get(task_id)
+        if current is None or not current.terminal:
+            continue
+        if (current.finished_at or current.updated_at) >= op.finished_before:
+            continue
+        staged.append(batch.stage(ChangeKind.REMOVED, current, at))
+    count = len(staged)
+    return lambda: count, staged
+
+
+def _change_made(batch: _Batch, task_id: str) -> Change:
+    """The change a removal made, once it has its revision."""
+    for entry in reversed(batch.changes):
+        if entry.task.task_id == task_id and entry.change is not None:
+            return entry.change
+    raise AssertionError(f"no change of {task_id} in the batch")
+
+
+def _offset_before(batch: _Batch, entry: _Staged) -> int:
+    """The offset of the same task's change before `entry` in the batch (0: none)."""
+    for earlier in reversed(batch.changes[: entry.offset - 1]):
+        if earlier.task.task_id == entry.task.task_id:
+            return earlier.offset if earlier.kind is not ChangeKind.REMOVED else 0
+    return 0
+
+
+def _seq_code(batch: _Batch, task: Task) -> int:
+    """The task's seq, or (negative) the offset of the change creating it in this batch."""
+    created = batch.created.get(task.task_id)
+    return -created if created is not None else task.seq
+
+
+def _claim_query(request: Claim, full: list[str], touched: list[str]) -> tuple[str, list[Any]]:
+    """The claim's SELECT: runnable tasks in dispatch order, of the request's types and
+    tenant, none this batch already holds, a few more than asked, locked."""
+    args: list[Any] = [request.now, touched, 2 * request.count + CLAIM_EXTRA]
+    where = [
+        f"status = {CREATED}", "(runnable_at IS NULL OR runnable_at <= $1)",
+        "NOT (task_id = ANY($2::text[]))",
+    ]  # fmt: skip
+    if request.types is not None:
+        args.append(sorted(request.types))
+        where.append(f"task_type = ANY(${len(args)}::text[])")
+    if full:
+        args.append(full)
+        where.append(f"NOT (task_type = ANY(${len(args)}::text[]))")
+    if request.tenant is not None:
+        args.append(request.tenant)
+        where.append(f"tenant = ${len(args)}")
+    query = (
+        f"SELECT {_TASK_ROW} FROM conveyor_tasks WHERE {' AND '.join(where)} "
+        "ORDER BY dispatch_key, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+    )
+    return query, args
+
+
+async def _trim_attempts(batch: _Batch, connection: Connection) -> None:
+    """Make room for the batch's ended attempts: each task keeps its latest
+    MAX_KEPT_ATTEMPTS."""
+    new: dict[str, int] = {}
+    for entry in batch.changes:
+        if entry.ended is not None and batch.latest.get(entry.task.task_id) is not None:
+            new[entry.task.task_id] = new.get(entry.task.task_id, 0) + 1
+    if new:
+        keep = [max(MAX_KEPT_ATTEMPTS - count, 0) for count in new.values()]
+        await connection.execute(_TRIM_ATTEMPTS, list(new), keep)
+
+
+async def _write_schedules(connection: Connection, rows: Mapping[str, str | None]) -> None:
+    kept = [(key, data) for key, data in rows.items() if data is not None]
+    if kept:
+        await connection.executemany(
+            "INSERT INTO conveyor_schedules (schedule_id, data) VALUES ($1, $2) "
+            "ON CONFLICT (schedule_id) DO UPDATE SET data = excluded.data",
+            kept,
+        )
+    gone = [key for key, data in rows.items() if data is None]
+    if gone:
+        await connection.execute(
+            "DELETE FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])", gone
+        )

@@ -1,0 +1,194 @@
+"""The PostgreSQL store: its schema, and several stores on one database (as several conveyord
+replicas use it): changes, revisions, claims and request ids across them, and a connection
+killed under one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from conveyord.model import Change, Task, TaskFilter, TaskStatus
+from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
+from conveyord.store.postgres import PostgresStore
+from conveyord.store.postgres_schema import MIGRATIONS
+from tests.test_store import admit, complete, create_one, new_task, start
+
+Opener = Callable[..., Any]
+
+
+@pytest.fixture
+async def opened(postgres_url: str) -> AsyncIterator[Opener]:
+    """Opens stores on the test's database, and closes them all at the end."""
+    stores: list[PostgresStore] = []
+
+    async def make(**options: Any) -> PostgresStore:
+        store = PostgresStore(postgres_url, **options)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+async def sql(url: str, statement: str, *args: Any) -> Any:
+    """Run one statement on its own connection; its first value."""
+    connection = await asyncpg.connect(url)
+    try:
+        return await connection.fetchval(statement, *args)
+    finally:
+        await connection.close()
+
+
+def claim_of(holder: str, count: int, now: float = 5.0) -> Claim:
+    return Claim(holder, count, None, {}, lambda task: now + 60, now=now)
+
+
+async def test_a_database_of_a_newer_schema_is_refused(postgres_url: str, opened: Opener) -> None:
+    store = await opened()
+    await create_one(store, new_task())
+    await store.close()
+    await sql(postgres_url, "UPDATE conveyor_schema SET version = $1", len(MIGRATIONS) + 1)
+    with pytest.raises(StoreTooNew, match=f"newer than the {len(MIGRATIONS)} this conveyord"):
+        await opened()
+    assert StoreTooNew.exit_code == 6
+    assert await sql(postgres_url, "SELECT count(*) FROM conveyor_tasks") == 1
+
+
+async def test_two_stores_opening_a_new_database_at_once_migrate_it_once(
+    postgres_url: str,
+) -> None:
+    marker = "CREATE TABLE upgraded_marker (n integer); INSERT INTO upgraded_marker VALUES (1)"
+    stores = [PostgresStore(postgres_url, migrations=(*MIGRATIONS, marker)) for _ in range(2)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        assert await sql(postgres_url, "SELECT count(*) FROM upgraded_marker") == 1
+        assert await sql(postgres_url, "SELECT version FROM conveyor_schema") == len(MIGRATIONS) + 1
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_an_unreachable_server_is_a_clear_open_error() -> None:
+    store = PostgresStore("postgresql://conveyor:secret@127.0.0.1:1/tasks")
+    with pytest.raises(StoreOpenError, match="cannot open the store at") as raised:
+        await store.open()
+    assert raised.value.exit_code == 5
+    assert "secret" not in str(raised.value)
+    await store.close()
+
+
+async def test_every_store_on_a_database_orders_the_queue_alike(opened: Opener) -> None:
+    await opened(aging_rate=1 / 60)
+    with pytest.raises(StoreOpenError, match="must use the same"):
+        await opened(aging_rate=1 / 30)
+
+
+async def test_a_change_through_one_store_reaches_the_other(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    seen: list[Change] = []
+    b.feed.follow(seen.append)
+    task, _ = await create_one(a, new_task())
+    assert await b.get(task.task_id) == task  # caught up at once, without waiting for a poll
+    running = await a.update(task.task_id, start)
+    done = await b.update(task.task_id, complete)  # b changes what a made
+    assert done.revision == running.revision + 1
+    await a.changes_since(done.revision, TaskFilter())  # a known task is read from memory:
+    assert await a.get(task.task_id) == done  # b's change is there once a has caught up
+    assert [c.revision for c in seen] == [1, 2, 3]
+    assert [c.task.status for c in seen] == [
+        TaskStatus.CREATED, TaskStatus.RUNNING, TaskStatus.COMPLETED,
+    ]  # fmt: skip
+
+
+async def test_revisions_are_contiguous_and_alike_on_every_store(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    feeds: dict[str, list[Change]] = {"a": [], "b": []}
+    a.feed.follow(feeds["a"].append)
+    b.feed.follow(feeds["b"].append)
+
+    async def write(store: PostgresStore) -> None:
+        for _ in range(10):
+            task, _ = await create_one(store, new_task())
+            await asyncio.gather(*(store.update(task.task_id, _bump) for _ in range(3)))
+
+    await asyncio.gather(*(write(store) for store in (a, b, a, b)))
+    latest = max(await a.revision(), await b.revision())
+    assert latest == 4 * 10 * 4
+    for store in (a, b):
+        await store.changes_since(latest, TaskFilter())  # caught up
+    for changes in feeds.values():
+        assert [c.revision for c in changes] == list(range(1, latest + 1))
+    assert [(c.revision, c.task.task_id, c.task.progress) for c in feeds["a"]] == [
+        (c.revision, c.task.task_id, c.task.progress) for c in feeds["b"]
+    ]
+
+
+def _bump(task: Task) -> Task:
+    return task.evolve(progress=task.progress + 0.1)
+
+
+async def test_claims_from_two_stores_at_once_never_take_one_task_twice(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    made = await a.create([new_task(priority=i % 10) for i in range(300)], admit)
+    claims = [store.claim(claim_of(f"w-{i}", 7)) for i in range(30) for store in (a, b)]
+    claimed = [task for tasks in await asyncio.gather(*claims) for task in tasks]
+    claimed += await a.claim(claim_of("w-last", 300))
+    ids = [task.task_id for task in claimed]
+    assert len(ids) == len(set(ids)) == len(made)
+    await b.changes_since(await a.revision(), TaskFilter())
+    assert b.queued == a.queued == 0
+
+
+async def test_a_request_id_raced_from_two_stores_makes_one_task(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    creates = [create_one(store, new_task("once")) for _ in range(10) for store in (a, b)]
+    results = await asyncio.gather(*creates)
+    assert len({task.task_id for task, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+
+
+async def test_changes_since_on_another_store_resumes_without_a_gap(opened: Opener) -> None:
+    """As a Watch resumes on another replica: the history from the revision it had, then
+    what that replica's feed delivers after it."""
+    a, b = await opened(), await opened()
+    first, _ = await create_one(a, new_task())
+    resume_at = await a.revision()
+    await a.update(first.task_id, start)
+    second, _ = await create_one(a, new_task())
+    await a.update(first.task_id, complete)
+    latest = await a.revision()
+    followed: list[Change] = []
+    b.feed.follow(followed.append)
+    history = list(await b.changes_since(resume_at, TaskFilter()))  # b may lag behind a
+    await b.changes_since(latest, TaskFilter())  # ahead of b: it catches up first
+    last = history[-1].revision if history else resume_at
+    changes = history + [c for c in followed if c.revision > last]
+    assert [c.revision for c in changes] == list(range(resume_at + 1, latest + 1))
+    assert [c.task.task_id for c in changes] == [first.task_id, second.task_id, first.task_id]
+    assert [c.revision for c in await b.changes_since(resume_at, TaskFilter())] == [2, 3, 4]
+
+
+async def test_a_store_whose_connections_are_killed_carries_on(
+    postgres_url: str, opened: Opener
+) -> None:
+    store = await opened()
+    seen: list[Change] = []
+    store.feed.follow(seen.append)
+    task, _ = await create_one(store, new_task())
+    killed = await sql(
+        postgres_url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    assert killed >= 2  # the reader's, and the pool's
+    running = await store.update(task.task_id, start)  # written on a new connection
+    other = await opened()  # a write from elsewhere reaches it through its new reader
+    done = await other.update(task.task_id, complete)
+    assert await store.changes_since(done.revision, TaskFilter()) == []
+    assert [c.revision for c in seen] == [1, running.revision, done.revision]
+    assert await store.get(task.task_id) == done
