@@ -144,6 +144,30 @@ async def test_claims_from_two_stores_at_once_never_take_one_task_twice(opened: 
     assert b.queued == a.queued == 0
 
 
+async def test_a_type_cap_holds_across_every_store(opened: Opener) -> None:
+    first, second = await opened(), await opened()
+    for _ in range(12):
+        await create_one(first, new_task(task_type="scarce"))
+    # Each store's own limits would let it start 4: the cap is 3 in all.
+    capped = [
+        Claim(
+            holder, 4, None, {"scarce": 4}, lambda task: 65.0, 5.0, type_concurrency={"scarce": 3}
+        )
+        for holder in ("a", "b", "a", "b")
+    ]
+    claims = await asyncio.gather(*(store.claim(claim) for store, claim in zip(
+        (first, second, first, second), capped, strict=True
+    )))  # fmt: skip
+    claimed = [task.task_id for tasks in claims for task in tasks]
+    assert len(claimed) == len(set(claimed)) == 3
+    # One ends: one more may start, on either store.
+    (done, *_) = (task for tasks in claims for task in tasks)
+    holder_store = first if done.lease_holder == "a" else second
+    await holder_store.update(done.task_id, complete)
+    assert len(await second.claim(capped[1])) == 1
+    assert await second.claim(capped[1]) == []
+
+
 async def test_a_request_id_raced_from_two_stores_makes_one_task(opened: Opener) -> None:
     a, b = await opened(), await opened()
     creates = [create_one(store, new_task("once")) for _ in range(10) for store in (a, b)]

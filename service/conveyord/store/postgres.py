@@ -31,7 +31,7 @@ import asyncpg
 
 from conveyord import lifecycle
 from conveyord.lifecycle import Lease, new_lease_id
-from conveyord.model import Change, ChangeKind, Task, TaskFilter
+from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
 from conveyord.schedules.model import Schedule
 from conveyord.store.base import (
     Claim,
@@ -49,7 +49,7 @@ from conveyord.store.memory import (
     MAX_KEPT_ATTEMPTS,
     MemoryStore,
 )
-from conveyord.store.postgres_schema import CREATED, MIGRATIONS, fix_aging_rate, upgrade
+from conveyord.store.postgres_schema import CREATED, MIGRATIONS, RUNNING, fix_aging_rate, upgrade
 from conveyord.store.schedules import ScheduleBook
 from conveyord.store.schedules import decode as decode_schedule
 from conveyord.store.schedules import encode as encode_schedule
@@ -310,6 +310,8 @@ class _Retry(Exception):
 class PostgresStore(MemoryStore):
     """A MemoryStore whose every change is decided by a PostgreSQL database that several
     stores share, and read back from it in revision order."""
+
+    shared = True
 
     def __init__(
         self,
@@ -740,6 +742,7 @@ class PostgresStore(MemoryStore):
         """The best runnable tasks, locked and skipping those others hold (no replica waits
         for another's, and none is handed out twice); the request's limits and the tenants'
         turns are applied to what was fetched."""
+        request = await self._capped(batch, connection, request)
         full = [task_type for task_type, limit in request.limits.items() if limit <= 0]
         query, args = _claim_query(request, full, sorted(batch.latest))
         rows = await connection.fetch(query, *args)
@@ -753,6 +756,33 @@ class PostgresStore(MemoryStore):
                 staged.append(batch.stage(ChangeKind.CHANGED, started, at))
         claimed = [task for _, task, _ in staged]
         return lambda: claimed, staged
+
+    @staticmethod
+    async def _capped(batch: _Batch, connection: Connection, request: Claim) -> Claim:
+        """The claim with its per-type limits lowered to what the caps leave across every
+        server: the attempts RUNNING of each capped type, counted under a lock that every
+        capped claim takes (so two servers never both fill the last slot), and those this
+        batch claimed already. (An attempt parked at a pause point counts on its own server
+        only.)"""
+        capped = {
+            task_type: cap
+            for task_type, cap in request.type_concurrency.items()
+            if request.types is None or task_type in request.types
+        }
+        if not capped:
+            return request
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", TYPE_CAPS_LOCK)
+        rows = await connection.fetch(_RUNNING_BY_TYPE, sorted(capped))
+        running = {row["task_type"]: row["count"] for row in rows}
+        for entry in batch.changes:
+            task = entry.task
+            if task.task_type in capped and task.status is TaskStatus.RUNNING:
+                running[task.task_type] = running.get(task.task_type, 0) + 1
+        limits = dict(request.limits)
+        for task_type, cap in capped.items():
+            left = cap - running.get(task_type, 0)
+            limits[task_type] = min(limits.get(task_type, left), left)
+        return dataclasses.replace(request, limits=limits)
 
     def _pick(self, candidates: list[Task], request: Claim) -> list[Task]:
         """Up to `request.count` of the candidates (in dispatch order), at most
@@ -1087,6 +1117,15 @@ def _seq_code(batch: _Batch, task: Task) -> int:
     """The task's seq, or (negative) the offset of the change creating it in this batch."""
     created = batch.created.get(task.task_id)
     return -created if created is not None else task.seq
+
+
+# Taken by every claim of a capped task type, until its transaction ends: the count of
+# running attempts it reads stays true until its own claims are committed.
+TYPE_CAPS_LOCK = 0x636F6E76  # "conv"
+_RUNNING_BY_TYPE = (
+    "SELECT task_type, count(*) AS count FROM conveyor_tasks "
+    f"WHERE status = {RUNNING} AND task_type = ANY($1::text[]) GROUP BY task_type"
+)
 
 
 def _claim_query(request: Claim, full: list[str], touched: list[str]) -> tuple[str, list[Any]]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Taken (pg_advisory_lock) while the schema is read and upgraded: "conv" in hex.
 MIGRATION_LOCK = 0x636F6E76
 CREATED = int(TaskStatus.CREATED)
+RUNNING = int(TaskStatus.RUNNING)
 
 # The queue's tables change at every step of every task: a fifth of each page is left free
 # so that an update that touches no indexed column (a lease renewed, progress) stays on its
@@ -66,6 +67,8 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE status = {CREATED};
     CREATE INDEX conveyor_tasks_queue_by_type ON conveyor_tasks (task_type, dispatch_key, seq)
         WHERE status = {CREATED};
+    CREATE INDEX conveyor_tasks_running ON conveyor_tasks (task_type)  -- the per-type caps
+        WHERE status = {RUNNING};
     CREATE TABLE conveyor_changes (
         revision bigint PRIMARY KEY,
         kind smallint NOT NULL,
