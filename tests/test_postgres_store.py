@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from conveyord.model import Change, Task, TaskFilter, TaskStatus
+from conveyord.store import store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
 from conveyord.store.postgres import PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
@@ -216,3 +217,24 @@ async def test_a_store_whose_connections_are_killed_carries_on(
     assert await store.changes_since(done.revision, TaskFilter()) == []
     assert [c.revision for c in seen] == [1, running.revision, done.revision]
     assert await store.get(task.task_id) == done
+
+
+async def test_the_url_s_pool_size_is_conveyord_s_and_the_rest_goes_to_the_database(
+    postgres_url: str,
+) -> None:
+    store = store_from_url(f"{postgres_url}?pool_size=2&application_name=replica-a")
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    try:
+        await create_one(store, new_task())
+        names = await sql(
+            postgres_url,
+            "SELECT array_agg(DISTINCT application_name) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name <> ''",
+        )
+        assert names == ["replica-a"]
+    finally:
+        await store.close()
+    for wrong in ("0", "two", "1&pool_size=2"):
+        with pytest.raises(ValueError, match="pool_size must be a whole number"):
+            store_from_url(f"{postgres_url}?pool_size={wrong}")

@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         "CONVEYORD_STORE",
         "where tasks live: sqlite:PATH, sqlite (the file "
-        f"{default_store_path()}), or memory (forgotten at exit)",
+        f"{default_store_path()}), memory (forgotten at exit), or a PostgreSQL database "
+        "that several conveyord share: postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
+        "(?pool_size=N: connections to it, 4 by default)",
         default="sqlite",
     )
     option(
