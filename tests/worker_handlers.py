@@ -3,6 +3,7 @@ package only (`from conveyor import ...`), as a team's worker would be."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -82,3 +83,12 @@ def ask(ctx: TaskContext) -> dict[str, Any]:
 @handler("remote.collect")
 async def collect(ctx: TaskContext) -> list[dict[str, Any]]:
     return await control_handlers.collect(ctx)
+
+
+@handler("remote.brief")
+async def brief(ctx: TaskContext) -> int:
+    """Records its attempt, then takes a few milliseconds (long enough to be under way when
+    its server dies)."""
+    _record(ctx)
+    await asyncio.sleep(float(ctx.parameters.get("seconds", 0.02)))
+    return ctx.attempt

@@ -1,0 +1,181 @@
+"""Several conveyord replicas on one PostgreSQL database, as real processes: a task created
+on one is watched on another and run by a worker connected to a third; a Cancel reaches an
+attempt leased on another replica; and kill -9 of a replica under load loses nothing that
+was acknowledged, leaves no task RUNNING, runs no attempt twice, and its watcher resumes on
+another replica with no gap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.task_pb2 import TaskFilter
+from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from tests.processes import Conveyord
+from tests.support import CANCELLED, COMPLETED, TERMINAL, create, final, result_of, task_request
+from tests.test_worker import StartWorker
+from tests.test_worker import start_worker as start_worker  # the fixture
+
+if TYPE_CHECKING:
+    from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+
+Replicas = Callable[..., list[Conveyord]]
+HANDLERS = ("--handlers", "tests.worker_handlers")
+CHANGED = pb.WATCH_EVENT_TYPE_CHANGED
+
+
+@pytest.fixture
+def replicas(
+    conveyord: Callable[..., Conveyord], postgres_url: str
+) -> Callable[..., list[Conveyord]]:
+    """Starts `count` conveyord processes on the test's database, each with `args`."""
+
+    def start(count: int, *args: str) -> list[Conveyord]:
+        return [conveyord("--store", postgres_url, *args) for _ in range(count)]
+
+    return start
+
+
+@contextlib.asynccontextmanager
+async def stubs(*servers: Conveyord) -> AsyncIterator[list[TaskServiceAsyncStub]]:
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+            for server in servers
+        ]
+        yield [TaskServiceStub(channel) for channel in channels]
+
+
+async def test_a_task_created_on_one_replica_is_watched_on_another_and_run_on_a_third(
+    replicas: Replicas, start_worker: StartWorker
+) -> None:
+    a, b, c = replicas(3, "--task-type", "remote.square")
+    worker = start_worker(c.address)
+    async with stubs(a, b) as (on_a, on_b):
+        task = await create(on_a, "remote.square", {"n": 7})
+        done = await final(on_b, task.task_id)
+    assert done.status == COMPLETED
+    assert result_of(done) == {"square": 49, "pid": worker.pid}
+
+
+async def test_a_cancel_on_one_replica_reaches_an_attempt_leased_on_another(
+    replicas: Replicas, start_worker: StartWorker
+) -> None:
+    a, b = replicas(2, "--task-type", "remote.blocking")
+    start_worker(b.address)
+    async with stubs(a, b) as (on_a, on_b):
+        task = await create(on_a, "remote.blocking", {"wait_cancel": True}, timeout_seconds=60)
+        async for response in on_a.Watch(pb.WatchRequest(task_id=task.task_id)):
+            if response.task.message == "waiting to be cancelled":  # run on b's worker
+                break
+        await on_a.Cancel(pb.CancelRequest(task_id=task.task_id, reason="from a"))
+        done = await final(on_b, task.task_id)
+    assert (done.status, done.error.message) == (CANCELLED, "from a")
+    assert done.attempt == 1
+
+
+class Load:
+    """What the clients were told while a replica was killed under them."""
+
+    def __init__(self) -> None:
+        self.acknowledged: dict[str, str] = {}  # request id: task id
+        self.unanswered: list[str] = []  # request ids whose Create got no answer
+        self.enough = asyncio.Event()
+
+
+def _brief(record: Path, request_id: str) -> pb.CreateRequest:
+    """A Create of a brief task that records its attempts in `record`."""
+    # Long enough that every replica runs as many as it can when one is killed.
+    parameters = {"record": str(record), "seconds": 0.3}
+    task = task_request("remote.brief", parameters, max_attempts=3)
+    return pb.CreateRequest(task=task, request_id=request_id)
+
+
+async def _creates(stub: TaskServiceAsyncStub, load: Load, count: int, record: Path) -> None:
+    """Create `count` brief tasks, each with a request id of its own, until the server dies."""
+    for _ in range(count):
+        request_id = str(uuid.uuid4())
+        request = _brief(record, request_id)
+        try:
+            response = await stub.Create(request, timeout=10)
+        except grpc.aio.AioRpcError:
+            load.unanswered.append(request_id)
+            return
+        load.acknowledged[request_id] = response.task.task_id
+        if len(load.acknowledged) >= 150:
+            load.enough.set()
+
+
+async def _watch(
+    stubs: list[TaskServiceAsyncStub], seen: list[tuple[int, str, int]], done: asyncio.Event
+) -> None:
+    """Watch every task from revision 0, on the first replica and, once it dies, resume on
+    the next from the last revision seen: (revision, task id, status) of every change."""
+    since = 0
+    for stub in stubs:
+        request = pb.WatchRequest(filter=TaskFilter(), since_revision=since)
+        try:
+            async for response in stub.Watch(request):
+                if response.type == CHANGED:
+                    seen.append((response.task.revision, response.task.task_id,
+                                 response.task.status))  # fmt: skip
+                    since = response.task.revision
+                if done.is_set() and response.revision >= since:
+                    return
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    raise AssertionError("every replica's watch ended")
+
+
+async def test_kill_9_of_a_replica_under_load_loses_nothing_and_leaves_nothing_running(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    record = tmp_path / "attempts"
+    servers = replicas(
+        3, *HANDLERS, "--local-lease", "1", "--concurrency", "8", "--retry-initial", "0.05"
+    )
+    doomed = servers[0]
+    load = Load()
+    seen: list[tuple[int, str, int]] = []
+    all_done = asyncio.Event()
+    async with stubs(*servers) as (on_doomed, *on_survivors):
+        watcher = asyncio.create_task(_watch([on_doomed, *on_survivors], seen, all_done))
+        clients = [
+            asyncio.create_task(_creates(stub, load, 100, record))
+            for stub in (on_doomed, *on_survivors)
+        ]
+        await load.enough.wait()
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait()
+        await asyncio.gather(*clients)
+        # Unanswered creates are sent again to a survivor, with the same request id.
+        for request_id in load.unanswered:
+            response = await on_survivors[0].Create(_brief(record, request_id))
+            load.acknowledged[request_id] = response.task.task_id
+        ended = [await final(on_survivors[0], task_id) for task_id in load.acknowledged.values()]
+        all_done.set()
+        await asyncio.wait_for(watcher, 30)
+    assert len(ended) == len(load.acknowledged) >= 150
+    assert {task.status for task in ended} == {COMPLETED}  # none lost, none left RUNNING
+    # The attempts the killed replica ran were run again once their leases ran out.
+    retried = [task for task in ended if task.attempt > 1]
+    assert {task.last_attempt_error.code for task in retried} == {"LEASE_EXPIRED"}
+    runs = record.read_text().split("\n")[:-1]
+    assert len(runs) == len(set(runs))  # no attempt ran twice
+    assert {tuple(run.split()[:2]) for run in runs} >= {
+        (task.task_id, str(task.attempt)) for task in ended
+    }
+    # The watcher, resumed on a survivor, missed nothing: each task's end, in revision order.
+    revisions = [revision for revision, _, _ in seen]
+    assert revisions == sorted(set(revisions))
+    finished = {task_id for _, task_id, status in seen if status in TERMINAL}
+    assert finished >= {task.task_id for task in ended}
