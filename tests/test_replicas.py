@@ -179,3 +179,32 @@ async def test_kill_9_of_a_replica_under_load_loses_nothing_and_leaves_nothing_r
     assert revisions == sorted(set(revisions))
     finished = {task_id for _, task_id, status in seen if status in TERMINAL}
     assert finished >= {task.task_id for task in ended}
+
+
+async def test_a_worker_whose_replica_dies_goes_on_with_another_and_keeps_its_attempt(
+    replicas: Replicas, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    a, b = replicas(2, "--task-type", "remote.until_file")
+    # As a client-side balancer over both replicas: a first, then b once a is gone.
+    worker = start_worker(f"ipv4:{a.address},{b.address}")
+    release, record = tmp_path / "release", tmp_path / "attempts"
+    parameters = {"path": str(release), "record": str(record)}
+    async with stubs(a, b) as (on_a, on_b):
+        task = await create(on_b, "remote.until_file", parameters, timeout_seconds=60)
+        async for response in on_b.Watch(pb.WatchRequest(task_id=task.task_id)):
+            if response.task.message == "waiting for the file":
+                break
+        assert (await _workers(on_a), await _workers(on_b)) == (1, 0)  # connected to a
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait()
+        release.touch()
+        done = await final(on_b, task.task_id)  # its end came to b: a was gone
+    assert (done.status, done.attempt, result_of(done)) == (COMPLETED, 1, 1)
+    assert record.read_text().split() == [task.task_id, "1", str(worker.pid)]
+
+
+async def _workers(stub: TaskServiceAsyncStub) -> int:
+    """How many workers connected to this replica serve remote.until_file."""
+    known = await stub.ListTaskTypes(pb.ListTaskTypesRequest())
+    (until_file,) = (t for t in known.task_types if t.task_type == "remote.until_file")
+    return len(until_file.workers)
