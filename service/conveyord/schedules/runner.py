@@ -222,13 +222,20 @@ class ScheduleRunner:
         await self._record(plan, made)
         return True
 
-    async def _record(self, plan: Plan, made: Sequence[tuple[Task, bool]]) -> Schedule:
-        """Record the plan with the runs it made anew (one made before is not counted again)."""
+    async def _record(
+        self, plan: Plan, made: Sequence[tuple[Task, bool]], *, spec: bool = True
+    ) -> Schedule:
+        """Record the plan with its runs: those it made anew and, for the runs of the spec
+        (not a trigger's or a backfill's, which may be asked for again), those it found made
+        once their time had fallen due: by another server that made the same plan (whose
+        record does not land, as only one record of a schedule's state does), or by this one
+        before it stopped. One found made before its time (a backfill ahead of it) was
+        counted then."""
         now = self.clock()
         runs = [
             Run(order.nominal, now, task.task_id)
             for order, (task, new) in zip(plan.runs, made, strict=True)
-            if new
+            if new or (spec and task.created_at >= order.nominal)
         ]
         return await self.book.update(
             plan.before.schedule_id, lambda current: rules.record(current, plan, runs, now)
@@ -297,4 +304,4 @@ class ScheduleRunner:
             if plan.cancel_running:
                 await self._cancel_runs(current)
             made = await self.make_runs(current, plan.runs)
-            return await self._record(plan, made), [task for task, _ in made]
+            return await self._record(plan, made, spec=False), [task for task, _ in made]
