@@ -2,26 +2,32 @@
 on one is watched on another and run by a worker connected to a third; a Cancel reaches an
 attempt leased on another replica; and kill -9 of a replica under load loses nothing that
 was acknowledged, leaves no task RUNNING, runs no attempt twice, and its watcher resumes on
-another replica with no gap."""
+another replica with no gap; a schedule that every replica fires makes one task for each of
+its times, none twice and none skipped, through a kill -9 of a replica."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
+from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1.schedule_service_pb2_grpc import ScheduleServiceStub
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from tests.processes import Conveyord
 from tests.support import CANCELLED, COMPLETED, TERMINAL, create, final, result_of, task_request
+from tests.test_schedules import NOMINAL, SCHEDULE, every
 from tests.test_worker import StartWorker
 from tests.test_worker import start_worker as start_worker  # the fixture
 
@@ -208,3 +214,68 @@ async def _workers(stub: TaskServiceAsyncStub) -> int:
     known = await stub.ListTaskTypes(pb.ListTaskTypesRequest())
     (until_file,) = (t for t in known.task_types if t.task_type == "remote.until_file")
     return len(until_file.workers)
+
+
+async def _runs(
+    stub: TaskServiceAsyncStub, schedule_id: str, runs: dict[str, set[str]], wanted: int
+) -> None:
+    """Watch the schedule's runs from the first until `runs` (nominal time: the ids of its
+    tasks) holds `wanted` nominal times."""
+    request = pb.WatchRequest(filter=TaskFilter(labels={SCHEDULE: schedule_id}), since_revision=0)
+    async for response in stub.Watch(request):
+        if response.type == CHANGED:
+            runs.setdefault(response.task.labels[NOMINAL], set()).add(response.task.task_id)
+            if len(runs) >= wanted:
+                return
+    raise AssertionError("the watch ended")
+
+
+def _one_task_per_second(runs: dict[str, set[str]]) -> list[float]:
+    """The nominal times, each of one task, one second apart from the first to the last."""
+    assert all(len(task_ids) == 1 for task_ids in runs.values()), runs
+    times = sorted(datetime.fromisoformat(nominal).timestamp() for nominal in runs)
+    assert [later - earlier for earlier, later in itertools.pairwise(times)] == [1.0] * (
+        len(times) - 1
+    ), sorted(runs)
+    return times
+
+
+async def test_a_schedule_fired_by_three_replicas_makes_one_task_per_time_through_a_kill_9(
+    replicas: Replicas,
+) -> None:
+    doomed, other, watched = replicas(3, "--task-type", "remote.tick")
+    request = every(1, "remote.tick", overlap=spb.OVERLAP_POLICY_ALLOW_ALL)  # runs pile up
+    runs: dict[str, set[str]] = {}
+    async with grpc.aio.insecure_channel(doomed.address) as channel:
+        made = await ScheduleServiceStub(channel).CreateSchedule(
+            spb.CreateScheduleRequest(schedule=request)
+        )
+    schedule_id = made.schedule.schedule_id
+    async with stubs(other, watched) as (on_other, on_watched):
+        await asyncio.wait_for(_runs(on_watched, schedule_id, runs, 4), 30)
+        _one_task_per_second(runs)
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait()
+        await asyncio.wait_for(_runs(on_watched, schedule_id, runs, len(runs) + 4), 30)
+        times = _one_task_per_second(runs)
+        # Every replica's List shows the same runs, and the schedule counts each once.
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            shown = await ScheduleServiceStub(channel).GetSchedule(
+                spb.GetScheduleRequest(schedule_id=schedule_id)
+            )
+        listed = await on_other.List(
+            pb.ListRequest(filter=TaskFilter(labels={SCHEDULE: schedule_id}), page_size=1000)
+        )
+    made_by_then = [
+        task for task in listed.tasks if task.labels[NOMINAL] <= _nominal(shown.schedule)
+    ]
+    assert shown.schedule.info.run_count == len(made_by_then) >= len(times) - 1
+    assert len({task.labels[NOMINAL] for task in listed.tasks}) == len(listed.tasks)
+    assert {task.labels[NOMINAL] for task in listed.tasks} >= set(runs)
+
+
+def _nominal(schedule: spb.Schedule) -> str:
+    """The nominal time of a schedule's last run, as its runs' label shows it."""
+    stamp = schedule.info.last_run.nominal_time
+    moment = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+    return moment.isoformat().replace("+00:00", "Z")

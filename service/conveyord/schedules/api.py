@@ -80,7 +80,7 @@ class ScheduleServiceApi:
         return pb.CreateScheduleResponse(schedule=await self.message(made)).SerializeToString()
 
     async def get(self, request: pb.GetScheduleRequest) -> bytes:
-        schedule = self._get(requests.schedule_id(request.schedule_id))
+        schedule = await self._get(requests.schedule_id(request.schedule_id))
         return pb.GetScheduleResponse(schedule=await self.message(schedule)).SerializeToString()
 
     async def list(self, request: pb.ListSchedulesRequest) -> bytes:
@@ -105,7 +105,7 @@ class ScheduleServiceApi:
         return answer.SerializeToString()
 
     async def update(self, request: pb.UpdateScheduleRequest) -> bytes:
-        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
+        schedule_id = (await self._get(requests.schedule_id(request.schedule_id))).schedule_id
         now = self.clock()
         new = requests.schedule_request(request.schedule, self.known(), now)
 
@@ -119,11 +119,12 @@ class ScheduleServiceApi:
         return pb.UpdateScheduleResponse(schedule=await self.message(updated)).SerializeToString()
 
     async def delete(self, request: pb.DeleteScheduleRequest) -> bytes:
-        await self.book.delete(self._get(requests.schedule_id(request.schedule_id)).schedule_id)
+        schedule = await self._get(requests.schedule_id(request.schedule_id))
+        await self.book.delete(schedule.schedule_id)
         return pb.DeleteScheduleResponse().SerializeToString()
 
     async def pause(self, request: pb.PauseScheduleRequest) -> bytes:
-        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
+        schedule_id = (await self._get(requests.schedule_id(request.schedule_id))).schedule_id
         note, now = requests.note(request.note) or "paused by request", self.clock()
         await self.runner.fire(schedule_id)  # what fell due before the pause is made
         paused = await self.book.update(
@@ -132,7 +133,7 @@ class ScheduleServiceApi:
         return pb.PauseScheduleResponse(schedule=await self.message(paused)).SerializeToString()
 
     async def unpause(self, request: pb.UnpauseScheduleRequest) -> bytes:
-        schedule_id = self._get(requests.schedule_id(request.schedule_id)).schedule_id
+        schedule_id = (await self._get(requests.schedule_id(request.schedule_id))).schedule_id
         await self.runner.fire(schedule_id)  # what fell due while paused is counted missed
         now = self.clock()
         running = await self.book.update(
@@ -141,7 +142,7 @@ class ScheduleServiceApi:
         return pb.UnpauseScheduleResponse(schedule=await self.message(running)).SerializeToString()
 
     async def trigger(self, request: pb.TriggerScheduleRequest) -> bytes:
-        schedule = self._get(requests.schedule_id(request.schedule_id))
+        schedule = await self._get(requests.schedule_id(request.schedule_id))
         checker = Checker()
         overlap = requests.overlap_of(checker, request.overlap, Overlap.ALLOW_ALL)
         request_id = requests.request_id(checker, request.request_id)
@@ -159,7 +160,7 @@ class ScheduleServiceApi:
         return answer.SerializeToString()
 
     async def backfill(self, request: pb.BackfillScheduleRequest) -> bytes:
-        schedule = self._get(requests.schedule_id(request.schedule_id))
+        schedule = await self._get(requests.schedule_id(request.schedule_id))
         start, end = requests.window(request)
         checker = Checker()
         overlap = requests.overlap_of(checker, request.overlap, Overlap.ALLOW_ALL)
@@ -212,9 +213,10 @@ class ScheduleServiceApi:
             unfollow()
             self._watchers.discard(changes)
 
-    def _get(self, schedule_id: str) -> Schedule:
-        """The schedule, or NOT_FOUND (for another tenant's as for one that never was)."""
-        schedule = self.book.get(schedule_id)
+    async def _get(self, schedule_id: str) -> Schedule:
+        """The schedule, or NOT_FOUND (for another tenant's as for one that never was); one
+        just made on another server of a shared store is found."""
+        schedule = await self.book.find(schedule_id)
         if schedule is None or schedule.tenant != current_tenant():
             raise ScheduleNotFound(schedule_id)
         return schedule

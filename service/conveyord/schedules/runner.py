@@ -190,13 +190,21 @@ class ScheduleRunner:
         return True
 
     async def _release(self, schedule_id: str) -> None:
+        """Make the first buffered run if the previous one has ended. Until a record lands:
+        another server may have changed the schedule meanwhile (fired it, or released the
+        same run: then the next plan finds its run going, and there is nothing to do)."""
         async with self._lock(schedule_id):
-            schedule = self.book.get(schedule_id)
-            if schedule is None:
-                return
-            plan = rules.release(schedule, await self.running(schedule))
-            if plan is not None:
-                await self.carry_out(plan)
+            while (schedule := self.book.get(schedule_id)) is not None:
+                plan = rules.release(schedule, await self.running(schedule))
+                if plan is None:
+                    return
+                try:
+                    made = await self.make_runs(schedule, plan.runs)
+                except ConveyorError as error:  # the queue is full, the store failed, or stopping
+                    log.warning("schedule %s: a buffered run was not made: %s", schedule_id, error)
+                    return
+                if await self._record(plan, made) is not None:
+                    return
 
     def _lock(self, schedule_id: str) -> asyncio.Lock:
         return self._busy.setdefault(schedule_id, asyncio.Lock())
@@ -222,17 +230,32 @@ class ScheduleRunner:
         await self._record(plan, made)
         return True
 
-    async def _record(self, plan: Plan, made: Sequence[tuple[Task, bool]]) -> Schedule:
-        """Record the plan with the runs it made anew (one made before is not counted again)."""
+    async def _record(
+        self, plan: Plan, made: Sequence[tuple[Task, bool]], *, spec: bool = True
+    ) -> Schedule | None:
+        """Record the plan with its runs: those it made anew and, for the runs of the spec
+        (not a trigger's or a backfill's, which may be asked for again), those it found made
+        once their time had fallen due: by another server that made the same plan (whose
+        record does not land, as only one record of a schedule's state does), or by this one
+        before it stopped. One found made before its time (a backfill ahead of it) was
+        counted then. None if the record did not land (the schedule was no longer as the plan
+        found it)."""
         now = self.clock()
         runs = [
             Run(order.nominal, now, task.task_id)
             for order, (task, new) in zip(plan.runs, made, strict=True)
-            if new
+            if new or (spec and task.created_at >= order.nominal)
         ]
-        return await self.book.update(
-            plan.before.schedule_id, lambda current: rules.record(current, plan, runs, now)
-        )
+        landed = False
+
+        def record(current: Schedule) -> Schedule | None:
+            nonlocal landed
+            recorded = rules.record(current, plan, runs, now)
+            landed = recorded is not None
+            return recorded
+
+        after = await self.book.update(plan.before.schedule_id, record)
+        return after if landed else None
 
     async def make_runs(
         self, schedule: Schedule, orders: Sequence[RunOrder]
@@ -290,11 +313,20 @@ class ScheduleRunner:
         self, schedule: Schedule, times: Sequence[float], keys: Sequence[str], overlap: Overlap
     ) -> tuple[Schedule, list[Task]]:
         """Runs beside the spec (a trigger, a backfill), under `overlap`: the schedule after
-        them, and their tasks (none for a run skipped or buffered)."""
+        them, and their tasks (none for a run skipped or buffered). Planned again until its
+        record lands (another server may fire the schedule meanwhile); a run made in an
+        earlier round counts as made anew."""
+        fresh: set[str] = set()  # the runs' tasks made anew, in any round
         async with self._lock(schedule.schedule_id):
-            current = self.book.get(schedule.schedule_id) or schedule
-            plan = rules.plan_extra(current, times, keys, overlap, await self.running(current))
-            if plan.cancel_running:
-                await self._cancel_runs(current)
-            made = await self.make_runs(current, plan.runs)
-            return await self._record(plan, made), [task for task, _ in made]
+            while True:
+                current = self.book.get(schedule.schedule_id) or schedule
+                running = await self.running(current)
+                plan = rules.plan_extra(current, times, keys, overlap, running)
+                if plan.cancel_running:
+                    await self._cancel_runs(current)
+                made = await self.make_runs(current, plan.runs)
+                fresh.update(task.task_id for task, new in made if new)
+                made = [(task, task.task_id in fresh) for task, _ in made]
+                recorded = await self._record(plan, made, spec=False)
+                if recorded is not None:
+                    return recorded, [task for task, _ in made]

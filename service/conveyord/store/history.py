@@ -1,14 +1,17 @@
 """The change history that a Watch resumes from: every committed change after a revision,
 bounded by count and by age.
 
-The history holds one change for each revision after `compacted`, in order, so that
-history[i] is revision compacted + 1 + i. A change carries the revision of the same task's
-change before it (`previous`), so one task's changes are found by following that chain
-back from its latest, not by reading the whole history.
+The history holds the task changes after `compacted`, in revision order: one for each
+revision, so that history[i] is revision compacted + 1 + i, unless the store gives revisions
+to changes that are not the tasks' (a shared store's schedule changes), which leave gaps; a
+change is then found by bisection. A change carries the revision of the same task's change
+before it (`previous`), so one task's changes are found by following that chain back from
+its latest, not by reading the whole history.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -60,7 +63,7 @@ class ChangeHistory:
             raise RevisionOutOfRange(revision, self.compacted, latest)
         if task_filter.task_id:  # one task's changes: its own, not the whole history's
             return self._chain(self._latest.get(task_filter.task_id), revision)
-        tail = itertools.islice(self._changes, revision - self.compacted, None)
+        tail = itertools.islice(self._changes, self._after(revision), None)
         return [change for change in tail if task_filter.matches(change.task)]
 
     def restore(self, changes: Iterable[Change], revision: int) -> None:
@@ -79,7 +82,20 @@ class ChangeHistory:
             previous = change.previous
             change = None
             if previous > self.compacted:
-                change = self._changes[previous - self.compacted - 1]
-                assert change.revision == previous, "the history has a gap"
+                change = self._changes[self._after(previous - 1)]
+                assert change.revision == previous, "a task's change is missing from the history"
         found.reverse()
         return found
+
+    def _after(self, revision: int) -> int:
+        """The index of the first change after `revision` (len: none): where it would be if
+        no revision were missing, or else found by bisection."""
+        changes = self._changes
+        index = revision - self.compacted
+        if index < len(changes) and changes[index].revision == revision + 1:
+            return index
+        return bisect.bisect_right(changes, revision, key=_revision_of)
+
+
+def _revision_of(change: Change) -> int:
+    return change.revision

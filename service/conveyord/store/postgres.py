@@ -9,6 +9,11 @@ revisions from a one-row counter whose lock orders the commits of every replica.
 reader per store reads the changes table in revision order, this replica's changes and the
 others', and applies each to the views and publishes it on the feed; a write is answered
 once the reader has delivered it, so a replica reads its own writes.
+
+Schedules are changed the same way: a change is an operation of the writer's, applied to
+the schedule's latest row, and written to the changes table with a revision of its own, from
+which every replica's reader applies it to its schedule book. The revisions of the task
+changes that the feed delivers then have gaps where schedules changed.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from conveyord.store.memory import (
     MemoryStore,
 )
 from conveyord.store.postgres_schema import CREATED, MIGRATIONS, RUNNING, fix_aging_rate, upgrade
-from conveyord.store.schedules import ScheduleBook
+from conveyord.store.schedules import ScheduleBook, ScheduleMutation, ScheduleNotFound
 from conveyord.store.schedules import decode as decode_schedule
 from conveyord.store.schedules import encode as encode_schedule
 
@@ -87,6 +92,10 @@ _LOST = (
     asyncpg.exceptions.OperatorInterventionError,  # the server shut down, or killed it
 )
 _TASK_ROW = "task_id, seq, revision, data"
+_SCHEDULE_ROW = "schedule_id, seq, revision, data"
+# The kinds of a schedule's changes in the changes table, beside the tasks' (ChangeKind).
+SCHEDULE_CHANGED = 16
+SCHEDULE_REMOVED = 17
 
 # --- the statements -----------------------------------------------------------------
 
@@ -149,9 +158,31 @@ WITH bump AS (
         $13::float8[], $14::float8[], $15::text[])
         AS u(task_id, seq, revision, status, dispatch_key, runnable_at, data)
     WHERE t.task_id = u.task_id
+), schedules AS (
+    UPDATE conveyor_schedules AS s SET
+        seq = CASE WHEN u.seq < 0 THEN base - u.seq ELSE u.seq END,
+        revision = base - u.revision, data = u.data
+    FROM bump, unnest($16::text[], $17::bigint[], $18::bigint[], $19::text[])
+        AS u(schedule_id, seq, revision, data)
+    WHERE s.schedule_id = u.schedule_id
 )
-SELECT base, pg_notify($16, (base + $1)::text)::text FROM bump
+SELECT base, pg_notify($20, (base + $1)::text)::text FROM bump
 """
+_LOCK_SCHEDULES = f"""
+SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])
+ORDER BY schedule_id FOR UPDATE
+"""
+# A new schedule's row, its request id taken first (the rest comes with the changes).
+_INSERT_SCHEDULE = """
+INSERT INTO conveyor_schedules (schedule_id, tenant, request_id, seq, revision, data)
+VALUES ($1, $2, $3, 0, 0, '')
+ON CONFLICT (tenant, request_id) WHERE request_id <> '' DO NOTHING
+RETURNING schedule_id
+"""
+_FIRST_SCHEDULE = f"""
+SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE tenant = $1 AND request_id = $2
+"""
+_DELETE_SCHEDULES = "DELETE FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])"
 _READ = """
 SELECT revision, kind, at, task_id, seq, task_revision, data, ended FROM conveyor_changes
 WHERE revision > $1 ORDER BY revision LIMIT $2
@@ -229,10 +260,45 @@ class _ClaimOp(_Op):
 
 @dataclasses.dataclass(eq=False)
 class _Rows(_Op):
-    """Task types to declare, and schedules' new rows (None: removed)."""
+    """Task types to declare."""
 
     task_types: AbstractSet[str] = frozenset()
-    schedules: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class _ScheduleOp(_Op):
+    """A change of one schedule (the id of a new one is its own)."""
+
+    schedule_id: str
+
+
+@dataclasses.dataclass(eq=False)
+class _ScheduleCreate(_ScheduleOp):
+    schedule: Schedule
+
+
+@dataclasses.dataclass(eq=False)
+class _ScheduleUpdate(_ScheduleOp):
+    mutation: ScheduleMutation
+
+
+@dataclasses.dataclass(eq=False)
+class _ScheduleDelete(_ScheduleOp):
+    pass
+
+
+@dataclasses.dataclass(eq=False)
+class _StagedSchedule:
+    """A schedule's change a batch made: its new state (its last, if removed), with a
+    provisional revision until the batch's revisions are known."""
+
+    schedule: Schedule
+    removed: bool
+    at: float
+    created: bool
+    offset: int = 0  # its place among the batch's changes, once the tasks' are all staged
+    stamped: Schedule | None = None  # with its seq and revision, once they are known
+    revision: int = 0  # the change's, once known
 
 
 @dataclasses.dataclass(eq=False)
@@ -264,7 +330,48 @@ class _Batch:
         self.answers: list[tuple[_Op, Answer | None, BaseException | None]] = []
         self.deferred: list[_Op] = []  # to run in the next batch
         self.task_types: set[str] = set()
-        self.schedules: dict[str, str | None] = {}
+        # Each schedule's latest state (None: not there), and the schedules' changes.
+        self.schedules: dict[str, Schedule | None] = {}
+        self.schedule_changes: list[_StagedSchedule] = []
+        self.schedule_created: dict[str, _StagedSchedule] = {}
+        self.last_revision = 0  # that of the batch's last change, once written
+
+    def adopt_schedule(self, record: asyncpg.Record, book: ScheduleBook) -> Schedule:
+        """A schedule's row as a Schedule: the book's if it is the same."""
+        schedule_id, revision = record["schedule_id"], record["revision"]
+        cached = book.get(schedule_id)
+        if cached is not None and cached.revision == revision:
+            schedule = cached
+        else:
+            schedule = decode_schedule(record["data"]).evolve(seq=record["seq"], revision=revision)
+        self.schedules[schedule_id] = schedule
+        self.seen = max(self.seen, revision)
+        return schedule
+
+    def stage_schedule(self, schedule: Schedule, at: float, *, removed: bool = False) -> Answer:
+        """Stage a schedule's change; its answer (the schedule once stamped). A new state
+        is given a provisional revision of its own (negative), so that a later mutation in
+        the batch that expects the state before it (rules.record) does not match it."""
+        created = not removed and self.schedules.get(schedule.schedule_id) is None
+        if not removed:
+            schedule = schedule.evolve(revision=-1 - len(self.schedule_changes))
+        entry = _StagedSchedule(schedule, removed, at, created)
+        self.schedule_changes.append(entry)
+        if created:
+            self.schedule_created[schedule.schedule_id] = entry
+        self.schedules[schedule.schedule_id] = None if removed else schedule
+        return lambda: entry.stamped
+
+    def made(self, schedule: Schedule) -> _StagedSchedule:
+        """The change of this batch that made a schedule's state (its revision provisional)."""
+        return self.schedule_changes[-1 - schedule.revision]
+
+    def schedule_answer(self, schedule: Schedule) -> Answer:
+        """What to answer with a schedule the batch found (maybe changed earlier in it)."""
+        if schedule.revision >= 0:
+            return lambda: schedule
+        entry = self.made(schedule)
+        return lambda: entry.stamped
 
     def adopt(self, record: asyncpg.Record) -> Task:
         """A row read from the database as a Task: the cached one if it is the same."""
@@ -347,7 +454,8 @@ class PostgresStore(MemoryStore):
         self._trimmed = 0  # changes up to this revision were deleted from the table
         self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
         self._turns = itertools.count(1)
-        self.schedules = ScheduleBook(self._persist_schedule)
+        self._own_schedules: dict[int, Schedule] = {}  # as _own, for schedules' changes
+        self.schedules = ScheduleBook(decide=_SharedSchedules(self))
 
     # -- opening and closing ---------------------------------------------------------
 
@@ -390,13 +498,13 @@ class PostgresStore(MemoryStore):
                 "SELECT task_id, data FROM conveyor_attempts ORDER BY task_id, revision"
             )
             types = await connection.fetch("SELECT task_type FROM conveyor_task_types")
-            schedules = await connection.fetch("SELECT data FROM conveyor_schedules")
+            schedules = await connection.fetch(f"SELECT {_SCHEDULE_ROW} FROM conveyor_schedules")
         try:
             self._declared = {row[0] for row in types}
-            self.schedules.load([decode_schedule(row[0]) for row in schedules])
+            self.schedules.load([_schedule_of(row, row["revision"]) for row in schedules])
             self._restore(
                 [_task_of(row) for row in tasks],
-                [_change_of(row) for row in changes],
+                [_change_of(row) for row in changes if row["kind"] < SCHEDULE_CHANGED],
                 revision,
                 revision,
                 [(row[0], decode_attempt(row[1])) for row in attempts],
@@ -549,11 +657,6 @@ class PostgresStore(MemoryStore):
     async def _persist_task_types(self, task_types: AbstractSet[str]) -> None:
         await self._submit(_Rows(task_types=frozenset(task_types)))
 
-    async def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> None:
-        """Write a schedule's new row (None: its removal) in the next batch's transaction."""
-        data = None if schedule is None else encode_schedule(schedule)
-        await self._submit(_Rows(schedules={schedule_id: data}))
-
     async def _submit(self, op: _Op) -> Any:
         """Queue an operation for the writer and wait for its answer."""
         if self._failure is not None:
@@ -574,12 +677,11 @@ class PostgresStore(MemoryStore):
                 self._fail(error, ops)
                 return
             self._pending[:0] = batch.deferred
-            if self.on_commit is not None and (batch.changes or batch.schedules):
-                written = len(batch.changes) + len(batch.schedules)
+            written = len(batch.changes) + len(batch.schedule_changes)
+            if self.on_commit is not None and written:
                 self.on_commit(written, time.perf_counter() - began)
             self._wake.set()
-            last = batch.changes[-1].change if batch.changes else None
-            revision = max(batch.seen, last.revision if last is not None else 0)
+            revision = max(batch.seen, batch.last_revision)
             answered = functools.partial(_answer, batch.answers)
             self._delivered(revision).add_done_callback(answered)
 
@@ -629,6 +731,8 @@ class PostgresStore(MemoryStore):
         for entry in batch.changes:
             if entry.change is not None:
                 self._own.pop(entry.change.revision, None)
+        for staged in batch.schedule_changes:
+            self._own_schedules.pop(staged.revision, None)
 
     async def _run(self, batch: _Batch, connection: Connection, ops: list[_Op]) -> None:
         """Lock the rows the operations change, then apply the operations: creates first
@@ -639,6 +743,12 @@ class PostgresStore(MemoryStore):
                 batch.adopt(record)
             for task_id in ids:
                 batch.latest.setdefault(task_id, None)
+        locked = sorted({
+            op.schedule_id for op in ops if isinstance(op, _ScheduleUpdate | _ScheduleDelete)
+        })  # fmt: skip
+        if locked:
+            for record in await connection.fetch(_LOCK_SCHEDULES, locked):
+                batch.adopt_schedule(record, self.schedules)
         await self._create(batch, connection, [op for op in ops if isinstance(op, _Create)])
         for op in ops:
             if isinstance(op, _Create):
@@ -650,6 +760,8 @@ class PostgresStore(MemoryStore):
             except Exception as error:  # the operation's own: it alone fails
                 batch.answers.append((op, None, error))
                 continue
+            if batch.deferred and batch.deferred[-1] is op:
+                continue  # answered by a later batch
             batch.answers.append((op, answer, None))
             batch.apply(staged)
 
@@ -679,10 +791,58 @@ class PostgresStore(MemoryStore):
             return _remove_finished(batch, op, at)
         if isinstance(op, _ClaimOp):
             return await self._claim(batch, connection, op.request, at)
+        if isinstance(op, _ScheduleOp):
+            return await self._change_schedule(batch, connection, op, at), []
         assert isinstance(op, _Rows)
         batch.task_types |= op.task_types
-        batch.schedules.update(op.schedules)
         return lambda: None, []
+
+    async def _change_schedule(
+        self, batch: _Batch, connection: Connection, op: _ScheduleOp, at: float
+    ) -> Answer:
+        """Apply a schedule's change to its latest state (its row, locked by `_run`)."""
+        if isinstance(op, _ScheduleCreate):
+            return await self._create_schedule(batch, connection, op, at)
+        current = batch.schedules.get(op.schedule_id)
+        if current is None:
+            raise ScheduleNotFound(op.schedule_id)
+        if isinstance(op, _ScheduleDelete):
+            answer = batch.schedule_answer(current)
+            batch.stage_schedule(current, at, removed=True)
+            return answer
+        assert isinstance(op, _ScheduleUpdate)
+        new = op.mutation(current)
+        if new is None or new is current:
+            return batch.schedule_answer(current)
+        return batch.stage_schedule(new, at)
+
+    async def _create_schedule(
+        self, batch: _Batch, connection: Connection, op: _ScheduleCreate, at: float
+    ) -> Answer:
+        """A new schedule, its request id taken in the database first: one another replica
+        (or an earlier batch) took gives back the first schedule, or RequestIdReused; one
+        that a create earlier in this batch takes waits for the next batch."""
+        schedule = op.schedule
+        key = (schedule.tenant, schedule.request_id)
+        if schedule.request_id and any(
+            (staged.schedule.tenant, staged.schedule.request_id) == key
+            for staged in batch.schedule_created.values()
+        ):
+            batch.deferred.append(op)
+            return lambda: None  # never used: the operation is answered by the next batch
+        inserted = await connection.fetchval(
+            _INSERT_SCHEDULE, schedule.schedule_id, schedule.tenant, schedule.request_id
+        )
+        if inserted is None:
+            row = await connection.fetchrow(_FIRST_SCHEDULE, *key)
+            if row is None:  # the holder was removed between the insert and the look-up
+                raise StoreFailed(f"request_id {schedule.request_id!r} was taken and freed at once")
+            first = batch.adopt_schedule(row, self.schedules)
+            if first.request_hash != schedule.request_hash:
+                raise RequestIdReused(schedule.request_id, first.schedule_id)
+            return lambda: (first, False)
+        made = batch.stage_schedule(schedule, at)
+        return lambda: (made(), True)
 
     async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
         """Stage the new tasks of every create: a request id known to the cache, or taken in
@@ -819,9 +979,13 @@ class PostgresStore(MemoryStore):
                 "INSERT INTO conveyor_task_types SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
                 sorted(batch.task_types),
             )
-        if batch.schedules:
-            await _write_schedules(connection, batch.schedules)
-        if not batch.changes:
+        gone = sorted({
+            staged.schedule.schedule_id for staged in batch.schedule_changes
+            if staged.removed and batch.schedules.get(staged.schedule.schedule_id) is None
+        })  # fmt: skip
+        if gone:
+            await connection.execute(_DELETE_SCHEDULES, gone)
+        if not (batch.changes or batch.schedule_changes):
             return
         removed = sorted({
             entry.task.task_id for entry in batch.changes
@@ -851,6 +1015,21 @@ class PostgresStore(MemoryStore):
             )  # fmt: skip
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
+        for offset, staged in enumerate(batch.schedule_changes, len(changes) + 1):
+            staged.offset = offset
+            schedule = staged.schedule
+            if not staged.removed:
+                kind, revision = SCHEDULE_CHANGED, -offset
+            elif schedule.revision < 0:  # removed after a change of this batch: that one's
+                kind, revision = SCHEDULE_REMOVED, -batch.made(schedule).offset
+            else:
+                kind, revision = SCHEDULE_REMOVED, schedule.revision
+            values = (
+                kind, staged.at, schedule.schedule_id, _schedule_seq_code(batch, schedule),
+                revision, encode_schedule(schedule), None,
+            )  # fmt: skip
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
         tasks: list[list[Any]] = [[] for _ in range(7)]
         for task_id, offset in batch.last.items():
             latest = batch.latest[task_id]
@@ -864,7 +1043,17 @@ class PostgresStore(MemoryStore):
             )  # fmt: skip
             for column, value in zip(tasks, row, strict=True):
                 column.append(value)
-        return [len(changes), *columns, *tasks, CHANNEL]
+        schedules: list[list[Any]] = [[] for _ in range(4)]
+        for schedule_id, state in batch.schedules.items():
+            if state is None or state.revision >= 0:
+                continue  # removed, or not changed
+            offset = batch.made(state).offset
+            data = encode_schedule(state)
+            kept = (schedule_id, _schedule_seq_code(batch, state), -offset, data)
+            for column, cell in zip(schedules, kept, strict=True):
+                column.append(cell)
+        total = len(changes) + len(batch.schedule_changes)
+        return [total, *columns, *tasks, *schedules, CHANNEL]
 
     def _stamp(self, batch: _Batch, base: int) -> None:
         """Give the batch's tasks their revisions and seqs, and keep its changes for the
@@ -880,6 +1069,16 @@ class PostgresStore(MemoryStore):
             previous = base - entry.previous if entry.previous < 0 else entry.previous
             entry.change = Change(revision, entry.kind, task, entry.at, previous, entry.ended)
             self._own[revision] = entry.change
+        for staged in batch.schedule_changes:
+            staged.revision = base + staged.offset
+            schedule = staged.schedule
+            if schedule.revision < 0:  # a state this batch made: this change's, or before
+                first = batch.schedule_created.get(schedule.schedule_id)
+                seq = base + first.offset if first is not None else schedule.seq
+                schedule = schedule.evolve(seq=seq, revision=base + batch.made(schedule).offset)
+            staged.stamped = schedule
+            self._own_schedules[staged.revision] = schedule
+        batch.last_revision = base + len(batch.changes) + len(batch.schedule_changes)
 
     # -- the change reader -------------------------------------------------------------
 
@@ -926,6 +1125,9 @@ class PostgresStore(MemoryStore):
                 f"the store's changes jump from revision {self._revision} to {revision}: the "
                 "changes between were deleted before this server read them"
             )
+        if row["kind"] >= SCHEDULE_CHANGED:
+            self._apply_schedule(row)
+            return
         change = self._own.pop(revision, None)
         if change is None or change.task.task_id != row["task_id"]:
             change = _change_of(row)
@@ -935,6 +1137,15 @@ class PostgresStore(MemoryStore):
         self._commit_one(
             change if change.previous == previous else change._replace(previous=previous)
         )
+
+    def _apply_schedule(self, row: asyncpg.Record) -> None:
+        """Apply a schedule's change read back to the book (not the feed: no task changed)."""
+        revision = row["revision"]
+        schedule = self._own_schedules.pop(revision, None)
+        if schedule is None or schedule.schedule_id != row["task_id"]:
+            schedule = _schedule_of(row, row["task_revision"])
+        self._revision = self._staged_revision = revision
+        self.schedules.apply(schedule, row["kind"] == SCHEDULE_REMOVED)
 
     async def _reconnect(self, error: BaseException) -> bool:
         """Connect the reader again after its connection failed; False (the store failed)
@@ -1030,6 +1241,40 @@ def _change_of(row: asyncpg.Record) -> Change:
     task.seq, task.revision = row["seq"], row["task_revision"]
     ended = decode_attempt(row["ended"]) if row["ended"] else None
     return Change(row["revision"], ChangeKind(row["kind"]), task, row["at"], 0, ended)
+
+
+def _schedule_of(row: asyncpg.Record, revision: int) -> Schedule:
+    return decode_schedule(row["data"]).evolve(seq=row["seq"], revision=revision)
+
+
+def _schedule_seq_code(batch: _Batch, schedule: Schedule) -> int:
+    """The schedule's seq, or (negative) the offset of the change creating it in this batch."""
+    created = batch.schedule_created.get(schedule.schedule_id)
+    return -created.offset if created is not None else schedule.seq
+
+
+class _SharedSchedules:
+    """How a PostgresStore's schedule book makes its changes: through the store's writer."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
+        made: tuple[Schedule, bool] = await self._store._submit(
+            _ScheduleCreate(schedule.schedule_id, schedule)
+        )
+        return made
+
+    async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
+        changed: Schedule = await self._store._submit(_ScheduleUpdate(schedule_id, mutation))
+        return changed
+
+    async def delete(self, schedule_id: str) -> Schedule:
+        removed: Schedule = await self._store._submit(_ScheduleDelete(schedule_id))
+        return removed
+
+    async def catch_up(self) -> None:
+        await self._store._catch_up()
 
 
 def _answer(
@@ -1162,18 +1407,3 @@ async def _trim_attempts(batch: _Batch, connection: Connection) -> None:
     if new:
         keep = [max(MAX_KEPT_ATTEMPTS - count, 0) for count in new.values()]
         await connection.execute(_TRIM_ATTEMPTS, list(new), keep)
-
-
-async def _write_schedules(connection: Connection, rows: Mapping[str, str | None]) -> None:
-    kept = [(key, data) for key, data in rows.items() if data is not None]
-    if kept:
-        await connection.executemany(
-            "INSERT INTO conveyor_schedules (schedule_id, data) VALUES ($1, $2) "
-            "ON CONFLICT (schedule_id) DO UPDATE SET data = excluded.data",
-            kept,
-        )
-    gone = [key for key, data in rows.items() if data is None]
-    if gone:
-        await connection.execute(
-            "DELETE FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])", gone
-        )

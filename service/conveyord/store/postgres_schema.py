@@ -69,13 +69,13 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE status = {CREATED};
     CREATE INDEX conveyor_tasks_running ON conveyor_tasks (task_type)  -- the per-type caps
         WHERE status = {RUNNING};
-    CREATE TABLE conveyor_changes (
+    CREATE TABLE conveyor_changes (        -- the tasks' changes, and the schedules'
         revision bigint PRIMARY KEY,
         kind smallint NOT NULL,
         at double precision NOT NULL,
-        task_id text NOT NULL,
+        task_id text NOT NULL,             -- or the schedule's id, for a schedule's change
         seq bigint NOT NULL,               -- the task's, and its revision (that of a
-        task_revision bigint NOT NULL,     -- removal is its last change's)
+        task_revision bigint NOT NULL,     -- removal is its last change's); a schedule's too
         data text NOT NULL,
         ended text                         -- the attempt the change ended, if any
     ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
@@ -86,7 +86,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, revision)
     );
     CREATE TABLE conveyor_task_types (task_type text PRIMARY KEY);
-    CREATE TABLE conveyor_schedules (schedule_id text PRIMARY KEY, data text NOT NULL);
+    CREATE TABLE conveyor_schedules (
+        schedule_id text PRIMARY KEY,
+        tenant text NOT NULL,
+        request_id text NOT NULL,
+        seq bigint NOT NULL,               -- the revision of the change that created it
+        revision bigint NOT NULL,          -- its latest change's
+        data text NOT NULL                 -- the schedule (store/schedules.py)
+    );
+    CREATE UNIQUE INDEX conveyor_schedules_request ON conveyor_schedules (tenant, request_id)
+        WHERE request_id <> '';
     """,
 )
 

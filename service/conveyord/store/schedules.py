@@ -1,9 +1,13 @@
 """Where schedules live: a small book beside the tasks, in the same store.
 
-A change is a mutation of the latest state, as for tasks: it is applied at once (so that
-the next change builds on it), then made durable (`persist`, which a durable store batches:
-many schedules firing together make one write), and only then answered and heard of by the
-book's listeners.
+A change is a mutation of the latest state, as for tasks. In a store of one server's own,
+the book holds the latest state: a change is applied to it at once (so that the next change
+builds on it), then made durable (`persist`, which a durable store batches: many schedules
+firing together make one write), and only then answered and heard of by the book's
+listeners. In a store that several servers share, the latest state is the store's: the book
+hands each change to the store (`Decide`), which applies it to the latest state there, and
+the book learns of it (`apply`), as every server's book does, in the order of the store's
+changes; the change is answered once this server's book has it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -23,6 +27,24 @@ ScheduleMutation = Callable[[Schedule], Schedule | None]
 # Makes a schedule's new state durable, or its removal (None) by id.
 Persist = Callable[[str, Schedule | None], Awaitable[None]]
 Listener = Callable[[Schedule, bool], None]  # a schedule's new state; True: it was removed
+
+
+class Decide(Protocol):
+    """How a store shared with other servers makes a schedule change: against the latest
+    state in the store, answered once the change (or, if none, the state it found) is in
+    this server's book."""
+
+    async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
+        """As ScheduleBook.create, the seq and revision the store's."""
+
+    async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
+        """As ScheduleBook.update."""
+
+    async def delete(self, schedule_id: str) -> Schedule:
+        """As ScheduleBook.delete."""
+
+    async def catch_up(self) -> None:
+        """Wait (a bounded time) until the book has every change the store holds now."""
 
 
 class ScheduleNotFound(StoreError):
@@ -44,8 +66,9 @@ async def _in_memory(schedule_id: str, schedule: Schedule | None) -> None:
 class ScheduleBook:
     """The schedules by id, in creation order, with their request ids."""
 
-    def __init__(self, persist: Persist = _in_memory) -> None:
+    def __init__(self, persist: Persist = _in_memory, *, decide: Decide | None = None) -> None:
         self._persist = persist
+        self._decide = decide  # a shared store's: it makes the changes, `apply` learns them
         self._schedules: dict[str, Schedule] = {}
         self._request_ids: dict[tuple[str, str], str] = {}  # (tenant, request id): id
         self._last_seq = 0
@@ -69,6 +92,8 @@ class ScheduleBook:
     async def create(self, schedule: Schedule) -> tuple[Schedule, bool]:
         """Keep a new schedule (its seq and revision stamped); a known request id returns
         the schedule first made with it and False (RequestIdReused for another request)."""
+        if self._decide is not None:
+            return await self._decide.create(schedule)
         key = (schedule.tenant, schedule.request_id)
         if schedule.request_id and key in self._request_ids:
             first = self._schedules[self._request_ids[key]]
@@ -83,6 +108,15 @@ class ScheduleBook:
     def get(self, schedule_id: str) -> Schedule | None:
         return self._schedules.get(schedule_id)
 
+    async def find(self, schedule_id: str) -> Schedule | None:
+        """As `get`; a schedule not there may have just been made on another server of a
+        shared store: the book catches up with the store first."""
+        schedule = self._schedules.get(schedule_id)
+        if schedule is None and self._decide is not None:
+            await self._decide.catch_up()
+            schedule = self._schedules.get(schedule_id)
+        return schedule
+
     def all(self) -> list[Schedule]:
         """Every schedule, oldest first (the order they were kept in: by seq)."""
         return list(self._schedules.values())
@@ -95,6 +129,8 @@ class ScheduleBook:
 
     async def update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule:
         """Apply `mutation` to the latest state (None: no change); ScheduleNotFound."""
+        if self._decide is not None:
+            return await self._decide.update(schedule_id, mutation)
         current = self._schedules.get(schedule_id)
         if current is None:
             raise ScheduleNotFound(schedule_id)
@@ -104,6 +140,8 @@ class ScheduleBook:
         return await self._commit(new)
 
     async def delete(self, schedule_id: str) -> Schedule:
+        if self._decide is not None:
+            return await self._decide.delete(schedule_id)
         current = self._schedules.pop(schedule_id, None)
         if current is None:
             raise ScheduleNotFound(schedule_id)
@@ -112,6 +150,24 @@ class ScheduleBook:
         for listener in list(self._listeners):
             listener(current, True)
         return current
+
+    def apply(self, schedule: Schedule, removed: bool) -> None:
+        """Take a change that a shared store made (this server's or another's), in the
+        order of the store's changes, and tell the listeners."""
+        schedule_id = schedule.schedule_id
+        if removed:
+            current = self._schedules.pop(schedule_id, None)
+            if current is None:
+                return
+            self._request_ids.pop((current.tenant, current.request_id), None)
+        else:
+            if schedule_id not in self._schedules and schedule.request_id:
+                self._request_ids[(schedule.tenant, schedule.request_id)] = schedule_id
+            self._schedules[schedule_id] = schedule
+            self._last_seq = max(self._last_seq, schedule.seq)
+            self._revision = max(self._revision, schedule.revision)
+        for listener in list(self._listeners):
+            listener(schedule, removed)
 
     async def _commit(self, schedule: Schedule) -> Schedule:
         """Apply a change at once, then wait until it is durable, then tell the listeners."""
