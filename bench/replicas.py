@@ -199,7 +199,7 @@ class Store:
 
 
 async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, Any]:
-    creates, batches, tasks, rounds = (500, 3, 1000, 2) if quick else (1500, 6, 1500, 4)
+    creates, batches, tasks, rounds = (500, 3, 1000, 2) if quick else (1000, 5, 1000, 5)
     backlog_tasks = 500 if quick else 1000
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in stores}
 
@@ -316,7 +316,7 @@ async def scaling(
     meters: Mapping[int, Meter],
     quick: bool,
 ) -> dict[str, Any]:
-    tasks, rounds = (1000, 1) if quick else (3000, 3)
+    tasks, rounds = (1000, 1) if quick else (2000, 3)
     rates: dict[int, list[float]] = {count: [] for count in stubs}
     cpus: dict[int, list[dict[str, Any]]] = {count: [] for count in stubs}
     for replicas in stubs.values():  # warm-up
