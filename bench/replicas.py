@@ -474,11 +474,14 @@ def table(results: dict[str, Any]) -> list[list[str]]:
     ]  # fmt: skip
     for count, figures in spread.items():
         servers = ", ".join(micros(value) for value in figures["server_cpu_per_task"])
+        database = figures["postgres_cpu_per_task"]
+        total = sum(figures["server_cpu_per_task"]) + database
+        replicas = f"{count} replica" + ("s" if count != "1" else "")
         rows += [
-            [f"{count} replica(s): no-op tasks/s end to end, creates round-robin, one watcher "
-             "on the first counting all", rate(figures["tasks_per_second"]), *blank, ""],
-            [f"  CPU per task: each conveyord {servers}; PostgreSQL "
-             f"{micros(figures['postgres_cpu_per_task'])}; load generator "
+            [f"{replicas}: no-op tasks/s end to end, creates round-robin, one watcher on the "
+             "first counting all", rate(figures["tasks_per_second"]), *blank, ""],
+            [f"  CPU per task: each conveyord {servers}; PostgreSQL {micros(database)} "
+             f"(the servers' core: {micros(total)}); load generator "
              f"{micros(figures['client_cpu_per_task'])}", "", *blank, ""],
             ["  the servers' core busy", f"{figures['server_core_busy']:.0%}", *blank, ""],
         ]  # fmt: skip
