@@ -6,13 +6,13 @@ watcher on another, and one, two and three replicas on one database.
    tasks 2 at once (as the batch section), and no-op tasks end to end, Create to COMPLETED
    seen by a watcher, created one at a time (64 at once) and 100 to a BatchCreate (as the
    end_to_end section). The parked tasks stay queued, and on PostgreSQL such a backlog
-   slows every claim: the no-op tasks run on a second server with a store of its own, and
-   once at the end on the first, behind its backlog. Every server is up at once and they
-   are measured in turns, the medians counting (as the observability section). The
-   headline PostgreSQL server keeps PostgreSQL's durability (fsync, synchronous_commit and
-   full_page_writes on: a commit is answered once its WAL is on disk), as the SQLite store
-   keeps its own (WAL, synchronous FULL); a second one with the three off, as the tests
-   run it, takes the same turns.
+   slows every claim: the no-op tasks run on a second server with a store of its own (and
+   no cap on parked tasks), and once at the end on the first, behind its backlog. Every
+   server is up at once and they are measured in turns, the medians counting (as the
+   observability section). The headline PostgreSQL server keeps PostgreSQL's durability
+   (fsync, synchronous_commit and full_page_writes on: a commit is answered once its WAL is
+   on disk), as the SQLite store keeps its own (WAL, synchronous FULL); a second one with
+   the three off, as the tests run it, takes the same turns.
 2. A change made on one replica to a watcher on another, at light load: two replicas on one
    database; tasks created on A at 100 a second (of a type no worker runs: creating is the
    only change); one watcher on B and one on A. The delay is from the task's created_at
@@ -68,9 +68,13 @@ from tests.postgres import DURABLE_SETTINGS, TEST_SETTINGS, PostgresServer
 if TYPE_CHECKING:
     from conveyor.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
-# Tasks of type `parked` stay queued (Create alone is measured); `noop` ones run at once, and
-# the watcher that counts them may fall behind in a burst without being let go.
-SERVER_FLAGS = (*PARKED, "--concurrency", "32", "--watch-buffer", "1000000")
+# As the end_to_end section's server: `noop` tasks run at once, and the watcher that counts
+# them may fall behind in a burst without being let go.
+SERVER_FLAGS = ("--concurrency", "32", "--max-queued", "10000000", "--watch-buffer", "1000000")
+# The server that creates tasks of type `parked`, which stay queued (Create alone is
+# measured). Its cap on them holds across replicas on PostgreSQL, so that every claim there
+# takes a lock of the whole database: the other servers have none.
+CREATES_FLAGS = (*SERVER_FLAGS, *PARKED)
 UNRUN = "bench.unrun"  # a type for workers outside the server: none comes, the tasks stay
 DURABLE, FAST, SQLITE = "PostgreSQL, fsync on", "PostgreSQL, fsync off", "SQLite"
 STORES = (DURABLE, FAST, SQLITE)
@@ -353,8 +357,9 @@ async def run(quick: bool) -> dict[str, Any]:
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
 
         async def server(store: str, *flags: str) -> tuple[TaskServiceAsyncStub, int]:
+            """A conveyord on `store` with `flags` (SERVER_FLAGS where none), and its pid."""
             process = await stack.enter_async_context(
-                quiet_conveyord(*SERVER_FLAGS, "--store", store, *flags)
+                quiet_conveyord(*(flags or SERVER_FLAGS), "--store", store)
             )
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(process.address))
             return TaskServiceStub(channel), process.pid
@@ -369,15 +374,15 @@ async def run(quick: bool) -> dict[str, Any]:
 
         stores: dict[str, Store] = {}
         for name in STORES:
-            creates, creates_pid = await server(store_of(name, "creates"))
+            creates, creates_pid = await server(store_of(name, "creates"), *CREATES_FLAGS)
             tasks, tasks_pid = await server(store_of(name, "tasks"))
             meters = (Meter([pid], postmasters[name]) for pid in (creates_pid, tasks_pid))
             stores[name] = Store(creates, tasks, *meters)
         single = await single_servers(stores, quick)
         # 2.
         shared = durable.create_database()
-        on_a, _ = await server(shared, "--task-type", UNRUN)
-        on_b, _ = await server(shared, "--task-type", UNRUN)
+        on_a, _ = await server(shared, *SERVER_FLAGS, "--task-type", UNRUN)
+        on_b, _ = await server(shared, *SERVER_FLAGS, "--task-type", UNRUN)
         across = await cross_replica(on_a, on_b, quick)
         # 3.
         replicas: dict[int, list[TaskServiceAsyncStub]] = {}
