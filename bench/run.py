@@ -20,6 +20,7 @@ from bench import (
     memory,
     observability,
     postgres_drivers,
+    replicas,
     rpc,
     schedules,
     scheduling,
@@ -46,6 +47,7 @@ SECTIONS = {
     "tenants": tenants,
     "observability": observability,
     "postgres_drivers": postgres_drivers,
+    "replicas": replicas,
 }
 
 

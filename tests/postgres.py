@@ -42,6 +42,9 @@ DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
 # A throwaway cluster needs no durability: with these, a test's commits do not wait for the
 # disk. A caller's settings go over these.
 TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# What a production database has (PostgreSQL's defaults): a commit is answered once its WAL
+# is flushed to disk. For a benchmark whose figures must stand for such a database.
+DURABLE_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 
 
 class PostgresNotFound(RuntimeError):
@@ -123,13 +126,19 @@ class PostgresServer:
 
     `url` is the superuser's connection to its `postgres` database; `create_database` gives
     a fresh database and its URL. `cpus`, where given, are the cores the server's processes
-    run on (the benchmark keeps it off its own)."""
+    run on (the benchmark keeps it off its own). `durable` keeps PostgreSQL's own durability
+    (DURABLE_SETTINGS) in place of the tests' (TEST_SETTINGS)."""
 
     def __init__(
-        self, settings: Mapping[str, str] | None = None, cpus: Collection[int] | None = None
+        self,
+        settings: Mapping[str, str] | None = None,
+        cpus: Collection[int] | None = None,
+        *,
+        durable: bool = False,
     ) -> None:
         self.bindir = find_bindir()
-        self.settings = {**TEST_SETTINGS, **(settings or {})}
+        self.durable = durable
+        self.settings = {**(DURABLE_SETTINGS if durable else TEST_SETTINGS), **(settings or {})}
         self.cpus = set(cpus) if cpus is not None else None
         self.account = Account.unprivileged()
         self.directory: Path | None = None

@@ -93,6 +93,19 @@ def test_stopping_leaves_nothing() -> None:
     server.stop()  # again: nothing to do
 
 
+def test_the_fixture_server_does_not_wait_for_the_disk(postgres_server: PostgresServer) -> None:
+    for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+        assert postgres_server.sql(f"SHOW {setting}") == "off"
+
+
+@pytest.mark.postgresql  # a server of its own, not the fixture's
+def test_a_durable_server_flushes_its_commits_to_disk() -> None:
+    """What a benchmark measures as a production database: PostgreSQL's own durability."""
+    with PostgresServer(durable=True) as server:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            assert server.sql(f"SHOW {setting}") == "on"
+
+
 def test_without_postgresql_it_says_how_to_install_it_or_leave_the_tests_out(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
