@@ -465,8 +465,9 @@ class PostgresStore(MemoryStore):
         try:
             self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_SECONDS
-            )
+                self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_SECONDS,
+                reset=_rolled_back,
+            )  # fmt: skip
             async with self._pool.acquire() as connection:
                 await upgrade(connection, self.where, self._migrations)
                 await fix_aging_rate(connection, self.where, self._aging_rate)
@@ -1002,6 +1003,7 @@ class PostgresStore(MemoryStore):
         """The arguments of the final statement: the changes' columns, then the rows'."""
         changes = batch.changes
         columns: list[list[Any]] = [[] for _ in range(7)]
+        encoded: dict[int, str] = {}  # a task's latest state is its change's: encoded once
         for entry in changes:
             task = entry.task
             if entry.kind is ChangeKind.REMOVED:
@@ -1009,9 +1011,10 @@ class PostgresStore(MemoryStore):
                 revision = -before if before else task.revision
             else:
                 revision = -entry.offset
+            data = encoded[id(task)] = encode(task)
             values = (
                 int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
-                encode(task), None if entry.ended is None else encode_attempt(entry.ended),
+                data, None if entry.ended is None else encode_attempt(entry.ended),
             )  # fmt: skip
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
@@ -1039,7 +1042,7 @@ class PostgresStore(MemoryStore):
             row = (
                 task_id, _seq_code(batch, task), -offset, int(task.status),
                 self._aging_rate * task.queued_since - task.priority, task.next_attempt_at,
-                encode(task),
+                encoded.get(id(task)) or encode(task),
             )  # fmt: skip
             for column, value in zip(tasks, row, strict=True):
                 column.append(value)
@@ -1364,9 +1367,16 @@ def _seq_code(batch: _Batch, task: Task) -> int:
     return -created if created is not None else task.seq
 
 
+async def _rolled_back(connection: asyncpg.Connection) -> None:
+    """How a connection goes back to the pool: out of any transaction. (asyncpg's own reset
+    also drops session state, which this store never sets: a round trip for every batch.)"""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
 # Taken by every claim of a capped task type, until its transaction ends: the count of
 # running attempts it reads stays true until its own claims are committed.
-TYPE_CAPS_LOCK = 0x636F6E76  # "conv"
+TYPE_CAPS_LOCK = 0x63617073  # "caps" (the schema's migration lock is another)
 _RUNNING_BY_TYPE = (
     "SELECT task_type, count(*) AS count FROM conveyor_tasks "
     f"WHERE status = {RUNNING} AND task_type = ANY($1::text[]) GROUP BY task_type"
