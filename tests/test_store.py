@@ -300,6 +300,23 @@ async def test_claim_keeps_to_the_types_and_limits_asked(store: TaskStore) -> No
     assert sorted(t.task_type for t in await store.claim(_claim())) == ["a", "c"]
 
 
+async def test_a_claim_of_several_types_takes_the_best_of_them_all_in_order(
+    store: TaskStore,
+) -> None:
+    priorities = {"a": (1, 7), "b": (9, 3), "c": (5,), "full": (10,)}
+    made = {
+        (task_type, priority): (await create_one(store, new_task(task_type=task_type,
+                                                                 priority=priority)))[0]
+        for task_type, each in priorities.items() for priority in each
+    }  # fmt: skip
+    asked = frozenset({"a", "b", "c", "full"})
+    claimed = await store.claim(_claim(count=4, types=asked, limits={"full": 0}))
+    # The best four of a, b and c across the types, in dispatch order; none of the full type.
+    best = [("b", 9), ("a", 7), ("c", 5), ("b", 3)]
+    assert [t.task_id for t in claimed] == [made[key].task_id for key in best]
+    assert await store.claim(_claim(types=frozenset({"full"}), limits={"full": 0})) == []
+
+
 async def test_update_where_changes_every_match_at_once(store: TaskStore) -> None:
     tasks = [(await create_one(store, new_task()))[0] for _ in range(3)]
     await store.claim(_claim(count=2))

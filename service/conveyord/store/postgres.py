@@ -905,8 +905,8 @@ class PostgresStore(MemoryStore):
         turns are applied to what was fetched."""
         request = await self._capped(batch, connection, request)
         full = [task_type for task_type, limit in request.limits.items() if limit <= 0]
-        query, args = _claim_query(request, full, sorted(batch.latest))
-        rows = await connection.fetch(query, *args)
+        query = _claim_query(request, full, sorted(batch.latest))
+        rows = [] if query is None else await connection.fetch(query[0], *query[1])
         candidates = [batch.adopt(row) for row in rows]
         staged: list[tuple[ChangeKind, Task, Any]] = []
         for task in self._pick(candidates, request):
@@ -1383,28 +1383,51 @@ _RUNNING_BY_TYPE = (
 )
 
 
-def _claim_query(request: Claim, full: list[str], touched: list[str]) -> tuple[str, list[Any]]:
+def _claim_query(
+    request: Claim, full: list[str], touched: list[str]
+) -> tuple[str, list[Any]] | None:
     """The claim's SELECT: runnable tasks in dispatch order, of the request's types and
-    tenant, none this batch already holds, a few more than asked, locked."""
+    tenant, none this batch already holds, a few more than asked, locked (None: no type of
+    the request has room).
+
+    Each wanted type is read from its own part of the `(task_type, dispatch_key, seq)`
+    index, in order, as far as the limit and no further; a scan of many types at once
+    would read and sort every queued task of them (and of a full type) for each claim."""
     args: list[Any] = [request.now, touched, 2 * request.count + CLAIM_EXTRA]
     where = [
         f"status = {CREATED}", "(runnable_at IS NULL OR runnable_at <= $1)",
         "NOT (task_id = ANY($2::text[]))",
     ]  # fmt: skip
-    if request.types is not None:
-        args.append(sorted(request.types))
-        where.append(f"task_type = ANY(${len(args)}::text[])")
-    if full:
-        args.append(full)
-        where.append(f"NOT (task_type = ANY(${len(args)}::text[]))")
     if request.tenant is not None:
         args.append(request.tenant)
         where.append(f"tenant = ${len(args)}")
+    if request.types is None:  # any type: the queue's own order, less the full types
+        if full:
+            args.append(full)
+            where.append(f"NOT (task_type = ANY(${len(args)}::text[]))")
+        return _locked_in_order(where), args
+    wanted = sorted(request.types.difference(full))
+    if not wanted:
+        return None
+    if len(wanted) == 1:
+        args.append(wanted[0])
+        return _locked_in_order([*where, f"task_type = ${len(args)}"]), args
+    args.append(wanted)
+    each = _locked_in_order([*where, "task_type = wanted.task_type"], f"{_TASK_ROW}, dispatch_key")
     query = (
-        f"SELECT {_TASK_ROW} FROM conveyor_tasks WHERE {' AND '.join(where)} "
-        "ORDER BY dispatch_key, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+        f"SELECT picked.* FROM unnest(${len(args)}::text[]) AS wanted(task_type), "
+        f"LATERAL ({each}) AS picked ORDER BY picked.dispatch_key, picked.seq LIMIT $3"
     )
     return query, args
+
+
+def _locked_in_order(where: list[str], columns: str = _TASK_ROW) -> str:
+    """The best queued rows that `where` allows, up to the claim's limit ($3), locked, and
+    skipping those another transaction holds."""
+    return (
+        f"SELECT {columns} FROM conveyor_tasks WHERE {' AND '.join(where)} "
+        "ORDER BY dispatch_key, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+    )
 
 
 async def _trim_attempts(batch: _Batch, connection: Connection) -> None:
