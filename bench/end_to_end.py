@@ -4,8 +4,10 @@ that a task ended, against a client that polls."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,12 +23,23 @@ if TYPE_CHECKING:
 
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
 POLL_INTERVAL = 0.5  # what a polling client commonly waits between two Gets
+WATCH_TIMEOUT = 120.0  # seconds a watcher may take to see every task, before the run fails
 
 
 async def throughput(stub: TaskServiceAsyncStub, tasks: int, batch: int = 1) -> float:
     """No-op tasks per second, from the first Create to the last COMPLETED seen by a watcher;
     created one Create at a time (64 at once), or `batch` to a BatchCreate (4 at once)."""
-    stream = stub.Watch(pb.WatchRequest(filter=TaskFilter(task_type="noop", statuses=[COMPLETED])))
+    return await spread_throughput([stub], tasks, batch)
+
+
+async def spread_throughput(
+    stubs: Sequence[TaskServiceAsyncStub], tasks: int, batch: int = 1
+) -> float:
+    """`throughput` over several servers (replicas on one store): the tasks are created on
+    each in turn, and counted by a watcher on the first."""
+    stream = stubs[0].Watch(
+        pb.WatchRequest(filter=TaskFilter(task_type="noop", statuses=[COMPLETED]))
+    )
     seen = 0
     began = time.perf_counter()
 
@@ -39,14 +52,19 @@ async def throughput(stub: TaskServiceAsyncStub, tasks: int, batch: int = 1) -> 
         raise RuntimeError("the watch ended")
 
     counter = asyncio.create_task(count())
+    turns = itertools.cycle(stubs)
     request = pb.CreateRequest(task=task_pb2.TaskRequest(task_type="noop"))
     if batch == 1:
-        await closed_loop(lambda: stub.Create(request), concurrency=64, calls=tasks)
+        await closed_loop(lambda: next(turns).Create(request), concurrency=64, calls=tasks)
     else:
         many = pb.BatchCreateRequest(requests=[request] * batch)
-        await closed_loop(lambda: stub.BatchCreate(many), concurrency=4, calls=tasks // batch)
-    ended = await counter
-    stream.cancel()
+        await closed_loop(
+            lambda: next(turns).BatchCreate(many), concurrency=4, calls=tasks // batch
+        )
+    try:
+        ended = await asyncio.wait_for(counter, WATCH_TIMEOUT)
+    finally:
+        stream.cancel()
     return tasks / (ended - began)
 
 

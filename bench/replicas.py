@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import os
 import statistics
 import tempfile
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from bench.batch import batch_request
-from bench.end_to_end import COMPLETED
+from bench.end_to_end import WATCH_TIMEOUT, spread_throughput, throughput
 from bench.harness import (
     SERVER_CORES,
     Load,
@@ -81,7 +80,6 @@ STORES = (DURABLE, FAST, SQLITE)
 REPLICAS = (1, 2, 3)
 LIGHT_LOAD = 100.0  # tasks a second, in part 2
 BATCH = 1000  # tasks to a BatchCreate, in part 1's BatchCreate figure
-WATCH_TIMEOUT = 120.0  # seconds a watcher may take to see every task, before the run fails
 TARGETS = {
     "tasks_per_second": 1000.0,  # end to end, one replica, PostgreSQL
     "tasks_ratio": 0.5,  # the same, to SQLite's in the same run
@@ -146,41 +144,6 @@ class Meter:
         }
 
 
-async def throughput(stubs: Sequence[TaskServiceAsyncStub], tasks: int, batch: int = 1) -> float:
-    """No-op tasks per second, from the first Create to the last COMPLETED seen by a watcher
-    on the first replica; created round-robin over the replicas, one Create at a time (64 at
-    once) or `batch` to a BatchCreate (4 at once). (bench.end_to_end's, spread.)"""
-    stream = stubs[0].Watch(
-        pb.WatchRequest(filter=TaskFilter(task_type="noop", statuses=[COMPLETED]))
-    )
-    seen = 0
-    began = time.perf_counter()
-
-    async def count() -> float:
-        nonlocal seen
-        async for _ in stream:
-            seen += 1
-            if seen == tasks:
-                return time.perf_counter()
-        raise RuntimeError("the watch ended")
-
-    counter = asyncio.create_task(count())
-    turns = itertools.cycle(stubs)
-    request = pb.CreateRequest(task=task_pb2.TaskRequest(task_type="noop"))
-    if batch == 1:
-        await closed_loop(lambda: next(turns).Create(request), concurrency=64, calls=tasks)
-    else:
-        many = pb.BatchCreateRequest(requests=[request] * batch)
-        await closed_loop(
-            lambda: next(turns).BatchCreate(many), concurrency=4, calls=tasks // batch
-        )
-    try:
-        ended = await asyncio.wait_for(counter, WATCH_TIMEOUT)
-    finally:
-        stream.cancel()
-    return tasks / (ended - began)
-
-
 # --- 1. one server on each store, in turns -------------------------------------------
 
 
@@ -214,7 +177,7 @@ async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, 
     for store in stores.values():
         await closed_loop(create_call(store.creates, 200), concurrency=16, calls=200)
         await store.creates.BatchCreate(batch_request())
-        await throughput([store.tasks], 500)
+        await throughput(store.tasks, 500)
     for _ in range(rounds):  # one server after another: the host's drift hits all alike
         for name, store in stores.items():
             call = create_call(store.creates, creates)
@@ -226,12 +189,12 @@ async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, 
             load = await closed_loop(call, concurrency=2, calls=batches)
             keep(name, "batch_per_second", load.rate * BATCH)
             keep(name, "batch_p50", load.percentile(0.5))
-            rate, cpu = await store.tasks_meter.measure(throughput([store.tasks], tasks), tasks)
+            rate, cpu = await store.tasks_meter.measure(throughput(store.tasks, tasks), tasks)
             keep(name, "tasks_per_second", rate)
             keep(name, "server_cpu_per_task", cpu["server_cpu_per_task"][0])
             keep(name, "postgres_cpu_per_task", cpu["postgres_cpu_per_task"])
             keep(name, "server_core_busy", cpu["server_core_busy"])
-            batched = await throughput([store.tasks], tasks, batch=100)
+            batched = await throughput(store.tasks, tasks, batch=100)
             keep(name, "tasks_per_second_batched", batched)
     results: dict[str, Any] = {
         name: {figure: statistics.median(values) for figure, values in figures.items()}
@@ -239,7 +202,7 @@ async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, 
     }
     # Once, at the end: end to end on the server whose store holds the parked tasks.
     for name, store in stores.items():
-        work = throughput([store.creates], backlog_tasks)
+        work = throughput(store.creates, backlog_tasks)
         rate, cpu = await store.creates_meter.measure(work, backlog_tasks)
         results[name]["backlog_tasks_per_second"] = rate
         results[name]["backlog_postgres_cpu_per_task"] = cpu["postgres_cpu_per_task"]
@@ -324,10 +287,10 @@ async def scaling(
     rates: dict[int, list[float]] = {count: [] for count in stubs}
     cpus: dict[int, list[dict[str, Any]]] = {count: [] for count in stubs}
     for replicas in stubs.values():  # warm-up
-        await throughput(replicas, 500)
+        await spread_throughput(replicas, 500)
     for _ in range(rounds):
         for count, replicas in stubs.items():
-            rate, cpu = await meters[count].measure(throughput(replicas, tasks), tasks)
+            rate, cpu = await meters[count].measure(spread_throughput(replicas, tasks), tasks)
             rates[count].append(rate)
             cpus[count].append(cpu)
     results: dict[str, Any] = {}

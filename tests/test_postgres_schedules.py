@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,28 +20,12 @@ from conveyord.schedules.model import Overlap, Policy, Run, Schedule
 from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused
 from conveyord.store.history import ChangeHistory
-from conveyord.store.postgres import PostgresStore
 from conveyord.store.schedules import ScheduleBook, ScheduleNotFound
+from tests.test_postgres_store import Opener
+from tests.test_postgres_store import opened as opened  # the fixture
 from tests.test_store import complete, create_one, new_task, start
 
-Opener = Callable[..., Any]
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-async def opened(postgres_url: str) -> AsyncIterator[Opener]:
-    """Opens stores on the test's database, and closes them all at the end."""
-    stores: list[PostgresStore] = []
-
-    async def make(**options: Any) -> PostgresStore:
-        store = PostgresStore(postgres_url, **options)
-        await store.open()
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
 
 
 def new_schedule(request_id: str = "", request_hash: bytes = b"h", **fields: Any) -> Schedule:
