@@ -147,11 +147,9 @@ def _pairs(items: Fields) -> str:
 
 def _text(value: Any) -> str:
     """A value as key=value writes it: plain if it can be, else quoted as JSON quotes it
-    (numbers and plain strings take the quick way: a line has several per task)."""
+    (`_pairs` writes plain strings and numbers itself; an IntEnum is its number here)."""
     if isinstance(value, str):
         return value if _PLAIN.fullmatch(value) else json.dumps(value)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(value)
     text = json.dumps(value, default=str)
     return text if _PLAIN.fullmatch(text) else json.dumps(text)
 

@@ -34,7 +34,7 @@ from conveyord.limits import INPUT_LIMITS
 from conveyord.model import Task, TaskFilter, TaskInput, TaskStatus
 from conveyord.store.base import StoreFailed, TaskStore
 from conveyord.tenants import Tenants
-from conveyord.worker.local import LOCAL_HOLDER, LocalWorker, shared_holder
+from conveyord.worker.local import LocalWorker, shared_holder
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ class SchedulerConfig:
         return self.retry_policy.delay(failed_attempt)
 
 
-_OWN = (LOCAL_HOLDER, None)  # the local worker's holder and lease time on a store of its own
-
-
 class QueueFull(ConveyorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "QUEUE_FULL"
@@ -127,9 +124,10 @@ class Scheduler:
             self.config.cancel_grace,
         )
         self.dispatcher = Dispatcher(store, limits, self.config.retry_policy, clock)
-        # On a shared store, its leases are its own and run out unless renewed.
-        holder, lease = (shared_holder(), self.config.local_lease) if store.shared else _OWN
-        self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency, holder, lease)
+        self.worker = LocalWorker(registry, self.dispatcher, self.config.concurrency)
+        if store.shared:  # its leases are its own, and run out unless renewed
+            self.worker.holder = shared_holder()
+            self.worker.lease_seconds = self.config.local_lease
         # What Create accepts: the local handlers' types, those declared in the
         # configuration, and those that remote workers declared when they connected.
         self.task_types = frozenset(registry.task_types) | self.config.worker_types

@@ -12,7 +12,6 @@ that were restored leased). Each line's fields are keys in JSON and key=value in
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from conveyor.logs import Fields, LineWriter, line_writer
@@ -25,12 +24,13 @@ class TaskLog:
     """The feed follower (of its steps: each change with the task as it stood before it)
     that logs tasks' transitions to the `conveyord.tasks` logger."""
 
+    def __init__(self) -> None:
+        # Straight to conveyor.logs' handler when logging is its alone, else as records.
+        self._write: LineWriter = line_writer(log) or _record
+
     @staticmethod
     def wanted() -> bool:
-        """Whether its lines would be written (decided once: it is not followed otherwise);
-        if so, how they are written is decided too."""
-        global _write
-        _write = line_writer(log) or _record
+        """Whether its lines would be written (decided once: it is not followed otherwise)."""
         return log.isEnabledFor(logging.INFO)
 
     def __call__(self, change: Change, before: Task | None) -> None:
@@ -38,11 +38,11 @@ class TaskLog:
         if change.kind is not ChangeKind.CHANGED:
             return
         if before is None:
-            _line("task created", task, priority=task.priority)
+            self._line("task created", task, priority=task.priority)
         held = before.lease_id if before is not None else ""
         if task.lease_id:  # an attempt holds the task: a new one if its lease is new
             if task.lease_id != held:
-                _line("task started", task, worker=task.lease_holder)
+                self._line("task started", task, worker=task.lease_holder)
             return
         if task.terminal:
             if before is None or not before.terminal:
@@ -54,12 +54,11 @@ class TaskLog:
         ):
             self._retried(task, before)
 
-    @staticmethod
-    def _retried(task: Task, started: Task) -> None:
+    def _retried(self, task: Task, started: Task) -> None:
         """A failed (or interrupted) attempt, and the task queued for its next one."""
         error = task.error
         runnable_at = task.next_attempt_at or task.updated_at
-        _line(
+        self._line(
             "task retried",
             task,
             attempt=started.attempt,
@@ -69,15 +68,25 @@ class TaskLog:
             **_error_fields(error),
         )
 
-    @staticmethod
-    def _ended(task: Task) -> None:
+    def _ended(self, task: Task) -> None:
         fields: dict[str, Any] = {"status": task.status.name}
         fields.update(_error_fields(task.error))
         end = task.finished_at or task.updated_at
         fields["duration_seconds"] = round(end - task.created_at, 6)
         if task.started_at is not None:  # the last attempt's run
             fields["run_seconds"] = round(end - task.started_at, 6)
-        _line("task ended", task, **fields)
+        self._line("task ended", task, **fields)
+
+    def _line(self, message: str, task: Task, **fields: Any) -> None:
+        """Log one transition of `task` at INFO, with the task's own fields first."""
+        line = {
+            "task_id": task.task_id,
+            "task_type": task.task_type,
+            "tenant": task.tenant,
+            "attempt": task.attempt,
+        }
+        line.update(fields)
+        self._write(message, line.items())
 
 
 def _error_fields(error: TaskError | None) -> dict[str, str]:
@@ -93,36 +102,7 @@ def _error_fields(error: TaskError | None) -> dict[str, str]:
     return fields
 
 
-def _line(message: str, task: Task, **fields: Any) -> None:
-    """Log one transition of `task` at INFO, with the task's own fields first."""
-    line = {
-        "task_id": task.task_id,
-        "task_type": task.task_type,
-        "tenant": task.tenant,
-        "attempt": task.attempt,
-    }
-    line.update(fields)
-    _write(message, line.items())
-
-
 def _record(message: str, items: Fields) -> None:
-    """Log a line as a record of its own (when logging is set up otherwise than by
-    conveyor.logs.configure, which writes them without: `line_writer`)."""
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    attributes = record.__dict__
-    attributes.update(_TEMPLATE)
-    now = time.time()
-    attributes["created"] = now
-    attributes["msecs"] = (now - int(now)) * 1000
-    attributes["relativeCreated"] = (now - _STARTED) * 1000
-    attributes["msg"] = message
-    attributes.update(items)
-    log.handle(record)
-
-
-# A record is made from a copy of this record's attributes (then its time, message and
-# fields), not by logging's makeRecord: a busy server logs thousands a second, and making
-# each afresh (the caller's frame, the process, the thread ...) was a quarter of its cost.
-_TEMPLATE = vars(log.makeRecord(log.name, logging.INFO, "", 0, "", (), None))
-_STARTED = time.time() - _TEMPLATE["relativeCreated"] / 1000
-_write: LineWriter = _record
+    """Log a line as a record (when logging is set up otherwise than by
+    conveyor.logs.configure, whose handler takes it without one: `line_writer`)."""
+    log.info(message, extra=dict(items))

@@ -19,6 +19,7 @@ changes that the feed delivers then have gaps where schedules changed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -36,7 +37,7 @@ import asyncpg
 
 from conveyord import lifecycle
 from conveyord.lifecycle import Lease, new_lease_id
-from conveyord.model import Change, ChangeKind, Task, TaskFilter, TaskStatus
+from conveyord.model import Change, ChangeKind, Task, TaskFilter
 from conveyord.schedules.model import Schedule
 from conveyord.store.base import (
     Claim,
@@ -295,7 +296,6 @@ class _StagedSchedule:
     schedule: Schedule
     removed: bool
     at: float
-    created: bool
     offset: int = 0  # its place among the batch's changes, once the tasks' are all staged
     stamped: Schedule | None = None  # with its seq and revision, once they are known
     revision: int = 0  # the change's, once known
@@ -334,6 +334,7 @@ class _Batch:
         self.schedules: dict[str, Schedule | None] = {}
         self.schedule_changes: list[_StagedSchedule] = []
         self.schedule_created: dict[str, _StagedSchedule] = {}
+        self.claimed: collections.Counter[str] = collections.Counter()  # claims by type, so far
         self.last_revision = 0  # that of the batch's last change, once written
 
     def adopt_schedule(self, record: asyncpg.Record, book: ScheduleBook) -> Schedule:
@@ -343,7 +344,7 @@ class _Batch:
         if cached is not None and cached.revision == revision:
             schedule = cached
         else:
-            schedule = decode_schedule(record["data"]).evolve(seq=record["seq"], revision=revision)
+            schedule = _schedule_of(record, revision)
         self.schedules[schedule_id] = schedule
         self.seen = max(self.seen, revision)
         return schedule
@@ -355,7 +356,7 @@ class _Batch:
         created = not removed and self.schedules.get(schedule.schedule_id) is None
         if not removed:
             schedule = schedule.evolve(revision=-1 - len(self.schedule_changes))
-        entry = _StagedSchedule(schedule, removed, at, created)
+        entry = _StagedSchedule(schedule, removed, at)
         self.schedule_changes.append(entry)
         if created:
             self.schedule_created[schedule.schedule_id] = entry
@@ -394,12 +395,10 @@ class _Batch:
         previous = -before if before else (0 if old is None else old.revision)
         return kind, task, (at, ended, previous)
 
-    def apply(self, staged: Iterable[tuple[ChangeKind, Task, Any]]) -> list[_Staged]:
-        made: list[_Staged] = []
+    def apply(self, staged: Iterable[tuple[ChangeKind, Task, Any]]) -> None:
         for kind, task, (at, ended, previous) in staged:
             entry = _Staged(kind, task, at, ended, len(self.changes) + 1, previous)
             self.changes.append(entry)
-            made.append(entry)
             if kind is ChangeKind.REMOVED:
                 self.latest[task.task_id] = None
             else:
@@ -407,7 +406,6 @@ class _Batch:
                     self.created.setdefault(task.task_id, entry.offset)
                 self.latest[task.task_id] = task
                 self.last[task.task_id] = entry.offset
-        return made
 
 
 class _Retry(Exception):
@@ -416,7 +414,9 @@ class _Retry(Exception):
 
 class PostgresStore(MemoryStore):
     """A MemoryStore whose every change is decided by a PostgreSQL database that several
-    stores share, and read back from it in revision order."""
+    stores share, and read back from it in revision order. (Its `queued` counts come from
+    memory: what other replicas queued or took in the last few milliseconds and this one has
+    not read back yet is not counted, or still counted.)"""
 
     shared = True
 
@@ -579,16 +579,6 @@ class PostgresStore(MemoryStore):
         self._declared |= {row[0] for row in rows}
         return frozenset(self._declared)
 
-    @property
-    def queued(self) -> int:
-        """From memory: what other replicas queued or took in the last few milliseconds,
-        not yet read back, is not counted (or still counted)."""
-        return self._index.queued
-
-    def queued_of(self, tenant: str) -> int:
-        """From memory, as approximate as `queued`."""
-        return self._index.queued_by_tenant.get(tenant, 0)
-
     async def _catch_up(self) -> None:
         """Wait (a bounded time) until the reader has delivered what the database holds now."""
         if self._failure is not None or self._pool is None:
@@ -616,8 +606,8 @@ class PostgresStore(MemoryStore):
         self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
     ) -> list[tuple[Task, bool]]:
         known = [self._known_request(task) for task in tasks]
-        admit([task for task, first in zip(tasks, known, strict=True) if first is None])
         new = [task for task, first in zip(tasks, known, strict=True) if first is None]
+        admit(new)
         created: list[tuple[Task, bool]] = await self._submit(_Create(new)) if new else []
         made = iter(created)
         return [next(made) if first is None else (first, False) for first in known]
@@ -915,6 +905,7 @@ class PostgresStore(MemoryStore):
             started = lifecycle.claim(task, lease, request.now)
             if started is not None:
                 staged.append(batch.stage(ChangeKind.CHANGED, started, at))
+                batch.claimed[started.task_type] += 1
         claimed = [task for _, task, _ in staged]
         return lambda: claimed, staged
 
@@ -935,13 +926,9 @@ class PostgresStore(MemoryStore):
         await connection.execute("SELECT pg_advisory_xact_lock($1)", TYPE_CAPS_LOCK)
         rows = await connection.fetch(_RUNNING_BY_TYPE, sorted(capped))
         running = {row["task_type"]: row["count"] for row in rows}
-        for entry in batch.changes:
-            task = entry.task
-            if task.task_type in capped and task.status is TaskStatus.RUNNING:
-                running[task.task_type] = running.get(task.task_type, 0) + 1
         limits = dict(request.limits)
         for task_type, cap in capped.items():
-            left = cap - running.get(task_type, 0)
+            left = cap - running.get(task_type, 0) - batch.claimed[task_type]
             limits[task_type] = min(limits.get(task_type, left), left)
         return dataclasses.replace(request, limits=limits)
 
