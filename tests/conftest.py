@@ -17,6 +17,7 @@ from conveyor.v1 import task_service_pb2_grpc
 from conveyord.handlers import HandlerRegistry
 from conveyord.scheduler import SchedulerConfig
 from conveyord.server import Server, ServerConfig
+from conveyord.store.postgres import PostgresStore
 from tests.postgres import PostgresNotFound, PostgresServer
 from tests.processes import Conveyord
 
@@ -210,6 +211,26 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+PostgresOpener = Callable[..., Any]  # opens a PostgresStore on the test's database
+
+
+@pytest.fixture
+async def opened(postgres_url: str) -> AsyncIterator[PostgresOpener]:
+    """Opens PostgreSQL stores (as several replicas would) on the test's database, and
+    closes them all at the end."""
+    stores: list[PostgresStore] = []
+
+    async def make(**options: Any) -> PostgresStore:
+        store = PostgresStore(postgres_url, **options)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,6 +5,7 @@ with their task and attempt, as JSON and as text; and no opentelemetry without -
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import io
 import json
@@ -326,3 +327,12 @@ async def test_a_line_written_without_a_record_is_the_line_a_record_gives(
         assert line_writer(log) is None
     finally:
         parent.removeHandler(handler)
+
+
+def test_a_number_of_an_enum_is_written_as_its_number_in_text_and_json() -> None:
+    class Shade(enum.IntEnum):
+        DARK = 4
+
+    fields = [("shade", Shade.DARK), ("flag", True)]
+    assert TextFormatter().render(0.0, "INFO", "x", "m", fields).endswith(" m shade=4 flag=true")
+    assert json.loads(JsonFormatter().render(0.0, "INFO", "x", "m", fields))["shade"] == 4

@@ -21,8 +21,7 @@ from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused
 from conveyord.store.history import ChangeHistory
 from conveyord.store.schedules import ScheduleBook, ScheduleNotFound
-from tests.test_postgres_store import Opener
-from tests.test_postgres_store import opened as opened  # the fixture
+from tests.conftest import PostgresOpener as Opener
 from tests.test_store import complete, create_one, new_task, start
 
 NOW = 1_800_000_000.0

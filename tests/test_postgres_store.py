@@ -5,7 +5,6 @@ killed under one."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -16,25 +15,10 @@ from conveyord.store import store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
 from conveyord.store.postgres import PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
+from tests.conftest import PostgresOpener
 from tests.test_store import admit, complete, create_one, new_task, start
 
-Opener = Callable[..., Any]
-
-
-@pytest.fixture
-async def opened(postgres_url: str) -> AsyncIterator[Opener]:
-    """Opens stores on the test's database, and closes them all at the end."""
-    stores: list[PostgresStore] = []
-
-    async def make(**options: Any) -> PostgresStore:
-        store = PostgresStore(postgres_url, **options)
-        await store.open()
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
+Opener = PostgresOpener
 
 
 async def sql(url: str, statement: str, *args: Any) -> Any:

@@ -140,8 +140,11 @@ def test_a_create_that_makes_nothing_spends_none_of_the_tenant_s_rate(limited: A
     # Refused for the tenant's full queue: nothing made, no token spent.
     assert a.refused(lambda: a.create()) == ("max_queued", 1.0)
     a.tasks.Cancel(tpb.CancelRequest(task_id=first.task.task_id), metadata=a.metadata)
-    a.create()  # the burst's second token was still there
+    queued = a.create()  # the burst's second token was still there
     clock.now += 1.0  # one more token: the queue is full again, and still costs none
+    assert a.refused(lambda: a.create()) == ("max_queued", 1.0)
+    a.tasks.Cancel(tpb.CancelRequest(task_id=queued.task.task_id), metadata=a.metadata)
+    a.create()  # that token, which the refusal left
     assert a.refused(lambda: a.create()) == ("max_queued", 1.0)
 
 
