@@ -176,14 +176,16 @@ async def _running(
 async def _logged(
     process: asyncio.subprocess.Process, log: Path, pattern: re.Pattern[str]
 ) -> re.Match[str]:
-    """The first match of `pattern` in a line of the process's log, read as it grows."""
-    written = b""
+    """The first match of `pattern` in a line of the process's log, read as it grows (a
+    line is looked at once it is whole: a port half written is not a port)."""
+    rest, written = b"", b""
     with log.open("rb") as lines:
         while True:
             chunk = lines.read()
             written += chunk
-            for line in written.decode(errors="replace").splitlines():
-                if match := pattern.search(line):
+            *whole, rest = (rest + chunk).split(b"\n")
+            for line in whole:
+                if match := pattern.search(line.decode(errors="replace")):
                     return match
             if not chunk:
                 if process.returncode is not None:
@@ -191,10 +193,19 @@ async def _logged(
                 await asyncio.sleep(0.01)
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) that process `pid` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """The CPU time (user and system) that process `pid` has used so far; with `children`,
+    that of the children it has reaped too."""
+    fields = stat_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the process's name (which may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def machine() -> str:

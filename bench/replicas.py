@@ -56,6 +56,7 @@ from bench.harness import (
     ms,
     quiet_conveyord,
     ratio,
+    stat_fields,
 )
 from bench.rpc import PARKED, create_call
 from conveyor.v1 import task_pb2
@@ -91,23 +92,13 @@ TARGETS = {
 def postgres_cpu_seconds(postmaster: int) -> float:
     """The CPU time PostgreSQL has used so far: its postmaster's, that of the children it
     has reaped (backends that ended), and that of its processes that run now."""
-    used = _stat_cpu(postmaster, children=True)
+    used = cpu_seconds(postmaster, children=True)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == postmaster:
-                    used += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                if int(stat_fields(int(entry.name))[1]) == postmaster:
+                    used += cpu_seconds(int(entry.name))
     return used
-
-
-def _stat_cpu(pid: int, children: bool = False) -> float:
-    """The process's user and system time; with `children`, that of its reaped children too."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Meter:
