@@ -1,10 +1,15 @@
 """How a durable store writes a task and an ended attempt: each as compact JSON text, the
-same in a SQLite file and in a PostgreSQL database."""
+same in a SQLite file and in a PostgreSQL database.
+
+A task's fields that hold their defaults are left out (most of them, for most of a task's
+life): the text is less than half as long, and quicker to write, store and read back. A
+record that has them all, as earlier versions wrote, reads the same."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from typing import Any
 
 from conveyord.model import (
@@ -18,20 +23,34 @@ from conveyord.model import (
 )
 
 _ERROR_FIELDS = ("error", "last_attempt_error")
+_REQUIRED = object()  # a field with no default: always written
+_DEFAULTS = tuple(
+    _REQUIRED if field.default is dataclasses.MISSING else field.default
+    for field in dataclasses.fields(Task)
+    if field.init
+)
+_fields_of = operator.attrgetter(*TASK_FIELDS)
 
 
 def encode(task: Task) -> str:
-    """A task as a JSON object of its fields (its latest error once, when the last
-    attempt's error is the same)."""
-    record: dict[str, Any] = {name: getattr(task, name) for name in TASK_FIELDS}
+    """A task as a JSON object of its fields but those at their defaults (its latest error
+    once, when the last attempt's error is the same)."""
+    record: dict[str, Any] = {
+        name: value
+        for name, value, default in zip(TASK_FIELDS, _fields_of(task), _DEFAULTS, strict=True)
+        if value is not default and value != default
+    }
     record["status"] = int(task.status)
     record["request_hash"] = task.request_hash.hex()
-    record["error"] = _error_row(task.error)
-    if task.error is not None and task.last_attempt_error is task.error:
-        record["last_attempt_error"] = True  # the same as `error`: a traceback written once
-    else:
-        record["last_attempt_error"] = _error_row(task.last_attempt_error)
-    record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
+    if task.error is not None:
+        record["error"] = _error_row(task.error)
+    if task.last_attempt_error is not None:
+        if task.last_attempt_error is task.error:
+            record["last_attempt_error"] = True  # the same as `error`: a traceback written once
+        else:
+            record["last_attempt_error"] = _error_row(task.last_attempt_error)
+    if task.inputs:
+        record["inputs"] = [dataclasses.astuple(sent) for sent in task.inputs]
     return json.dumps(record, separators=(",", ":"))
 
 
