@@ -104,18 +104,9 @@ _LOCK = f"""
 SELECT {_TASK_ROW} FROM conveyor_tasks WHERE task_id = ANY($1::text[])
 ORDER BY task_id FOR UPDATE
 """
-# New tasks, their request ids taken first (the rest of each row comes with the changes):
-# a request id another replica took meanwhile is a conflict, and no row.
-_INSERT = f"""
-INSERT INTO conveyor_tasks (task_id, seq, tenant, request_id, request_hash, task_type, status,
-    dispatch_key, revision, data)
-SELECT task_id, 0, tenant, request_id, request_hash, task_type, {CREATED}, 0, 0, ''
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
-    AS n(task_id, tenant, request_id, request_hash, task_type)
-ORDER BY tenant, request_id
-ON CONFLICT (tenant, request_id) WHERE request_id <> '' DO NOTHING
-RETURNING task_id
-"""
+# The tasks that hold the request ids new tasks ask for. A new task's row is written with
+# the batch's changes: if another replica takes its request id meanwhile, that insert fails
+# on the unique index, and the batch is run again, to find the first task here.
 _FIRSTS = f"""
 SELECT t.tenant, t.request_id, {", ".join("t." + c for c in _TASK_ROW.split(", "))}
 FROM conveyor_tasks t JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id)
@@ -131,43 +122,55 @@ WHERE a.task_id = t.task_id AND a.revision <= (
     ORDER BY b.revision DESC OFFSET t.keep LIMIT 1)
 """
 # The end of a batch, in one statement while the counter's row is locked: the revisions
-# taken, the changes, the ended attempts and the tasks' rows written, the readers told. A
-# negative seq or revision is an offset from the first revision taken (base + 1 is -1).
+# taken, the changes, the ended attempts, the new tasks' rows and the changed ones, the
+# schedules' rows, the readers told. A negative seq or revision is an offset from the first
+# revision taken (base + 1 is -1). Each row's data is that of its latest change (`n`, the
+# change's place in the batch): sent once, with the changes.
 _WRITE = """
 WITH bump AS (
     UPDATE conveyor_state SET revision = revision + $1 WHERE id = 1
     RETURNING revision - $1 AS base
+), c AS (
+    SELECT * FROM unnest($2::smallint[], $3::float8[], $4::text[], $5::bigint[],
+        $6::bigint[], $7::text[], $8::text[]) WITH ORDINALITY
+        AS c(kind, at, task_id, seq, task_revision, data, ended, n)
 ), written AS (
     INSERT INTO conveyor_changes (revision, kind, at, task_id, seq, task_revision, data, ended)
     SELECT base + n, kind, at, task_id,
         CASE WHEN seq < 0 THEN base - seq ELSE seq END,
         CASE WHEN task_revision < 0 THEN base - task_revision ELSE task_revision END,
         data, ended
-    FROM bump, unnest($2::smallint[], $3::float8[], $4::text[], $5::bigint[], $6::bigint[],
-        $7::text[], $8::text[]) WITH ORDINALITY
-        AS c(kind, at, task_id, seq, task_revision, data, ended, n)
-    RETURNING revision, task_id, ended
+    FROM bump, c
 ), attempts AS (
     INSERT INTO conveyor_attempts (task_id, revision, data)
-    SELECT task_id, revision, ended FROM written WHERE ended IS NOT NULL
+    SELECT task_id, base + n, ended FROM bump, c WHERE ended IS NOT NULL
+), made AS (
+    INSERT INTO conveyor_tasks (task_id, seq, tenant, request_id, request_hash, task_type,
+        status, dispatch_key, runnable_at, revision, data)
+    SELECT u.task_id, base + u.created, u.tenant, u.request_id, u.request_hash, u.task_type,
+        u.status, u.dispatch_key, u.runnable_at, base + u.n, c.data
+    FROM bump, unnest($9::text[], $10::bigint[], $11::bigint[], $12::smallint[],
+        $13::float8[], $14::float8[], $15::text[], $16::text[], $17::bytea[], $18::text[])
+        AS u(task_id, created, n, status, dispatch_key, runnable_at, tenant, request_id,
+            request_hash, task_type)
+    JOIN c ON c.n = u.n
 ), tasks AS (
     UPDATE conveyor_tasks AS t SET
-        seq = CASE WHEN u.seq < 0 THEN base - u.seq ELSE u.seq END,
-        revision = base - u.revision, status = u.status, dispatch_key = u.dispatch_key,
-        runnable_at = u.runnable_at, data = u.data
-    FROM bump, unnest($9::text[], $10::bigint[], $11::bigint[], $12::smallint[],
-        $13::float8[], $14::float8[], $15::text[])
-        AS u(task_id, seq, revision, status, dispatch_key, runnable_at, data)
+        revision = base + u.n, status = u.status, dispatch_key = u.dispatch_key,
+        runnable_at = u.runnable_at, data = c.data
+    FROM bump, unnest($19::text[], $20::bigint[], $21::smallint[], $22::float8[],
+        $23::float8[]) AS u(task_id, n, status, dispatch_key, runnable_at)
+    JOIN c ON c.n = u.n
     WHERE t.task_id = u.task_id
 ), schedules AS (
     UPDATE conveyor_schedules AS s SET
         seq = CASE WHEN u.seq < 0 THEN base - u.seq ELSE u.seq END,
-        revision = base - u.revision, data = u.data
-    FROM bump, unnest($16::text[], $17::bigint[], $18::bigint[], $19::text[])
-        AS u(schedule_id, seq, revision, data)
+        revision = base + u.n, data = c.data
+    FROM bump, unnest($24::text[], $25::bigint[], $26::bigint[]) AS u(schedule_id, seq, n)
+    JOIN c ON c.n = u.n
     WHERE s.schedule_id = u.schedule_id
 )
-SELECT base, pg_notify($20, (base + $1)::text)::text FROM bump
+SELECT base, pg_notify($27, (base + $1)::text)::text FROM bump
 """
 _LOCK_SCHEDULES = f"""
 SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])
@@ -184,9 +187,16 @@ _FIRST_SCHEDULE = f"""
 SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE tenant = $1 AND request_id = $2
 """
 _DELETE_SCHEDULES = "DELETE FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])"
+# The changes after a revision, in order; those of this replica's batches not yet read back
+# (the ranges $3 to $4) without their data, which it keeps.
 _READ = """
-SELECT revision, kind, at, task_id, seq, task_revision, data, ended FROM conveyor_changes
-WHERE revision > $1 ORDER BY revision LIMIT $2
+SELECT c.revision, kind, at, task_id, seq, task_revision,
+    CASE WHEN r.first IS NULL THEN data END AS data,
+    CASE WHEN r.first IS NULL THEN ended END AS ended
+FROM conveyor_changes c
+    LEFT JOIN unnest($3::bigint[], $4::bigint[]) AS r(first, last)
+    ON c.revision BETWEEN r.first AND r.last
+WHERE c.revision > $1 ORDER BY c.revision LIMIT $2
 """
 _TRIM_CHANGES = """
 DELETE FROM conveyor_changes WHERE revision IN (
@@ -455,6 +465,7 @@ class PostgresStore(MemoryStore):
         self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
         self._turns = itertools.count(1)
         self._own_schedules: dict[int, Schedule] = {}  # as _own, for schedules' changes
+        self._own_batches: dict[int, int] = {}  # the last revision of each: the first
         self.schedules = ScheduleBook(decide=_SharedSchedules(self))
 
     # -- opening and closing ---------------------------------------------------------
@@ -494,7 +505,7 @@ class PostgresStore(MemoryStore):
         ):
             revision = await connection.fetchval("SELECT revision FROM conveyor_state")
             tasks = await connection.fetch(f"SELECT {_TASK_ROW} FROM conveyor_tasks")
-            changes = await connection.fetch(_READ, 0, None)
+            changes = await connection.fetch(_READ, 0, None, [], [])
             attempts = await connection.fetch(
                 "SELECT task_id, data FROM conveyor_attempts ORDER BY task_id, revision"
             )
@@ -724,6 +735,7 @@ class PostgresStore(MemoryStore):
                 self._own.pop(entry.change.revision, None)
         for staged in batch.schedule_changes:
             self._own_schedules.pop(staged.revision, None)
+        self._own_batches.pop(batch.last_revision, None)
 
     async def _run(self, batch: _Batch, connection: Connection, ops: list[_Op]) -> None:
         """Lock the rows the operations change, then apply the operations: creates first
@@ -836,9 +848,9 @@ class PostgresStore(MemoryStore):
         return lambda: (made(), True)
 
     async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
-        """Stage the new tasks of every create: a request id known to the cache, or taken in
-        the database by another replica meanwhile, gives back the first task (or fails the
-        create with RequestIdReused); one asked for twice in this batch waits for the next."""
+        """Stage the new tasks of every create: a request id that another replica took
+        gives back the first task (or fails the create with RequestIdReused); one asked
+        for twice in this batch waits for the next. The rows are written at the end."""
         taken: dict[tuple[str, str], _Create] = {}
         inserting: list[_Create] = []
         for op in ops:
@@ -848,42 +860,28 @@ class PostgresStore(MemoryStore):
                 continue
             taken.update(dict.fromkeys(keys, op))
             inserting.append(op)
-        new = [task for op in inserting for task in op.tasks]
-        if not new:
-            return
-        inserted = {
-            row[0]
-            for row in await connection.fetch(
-                _INSERT,
-                [t.task_id for t in new], [t.tenant for t in new], [t.request_id for t in new],
-                [t.request_hash for t in new], [t.task_type for t in new],
-            )
-        }  # fmt: skip
-        conflicts = [task for task in new if task.task_id not in inserted]
-        firsts = await self._firsts(batch, connection, conflicts)
-        refused: list[str] = []
+        firsts = await self._firsts(
+            batch, connection, [task for op in inserting for task in op.tasks if task.request_id]
+        )
         at = self._clock()
         for op in inserting:
             try:
-                results = _created(op.tasks, inserted, firsts)
+                results = _created(op.tasks, firsts)
             except Exception as error:
                 batch.answers.append((op, None, error))
-                refused.extend(t.task_id for t in op.tasks if t.task_id in inserted)
                 continue
             staged = [batch.stage(ChangeKind.CHANGED, task, at) for task, new in results if new]
             batch.apply(staged)
             batch.answers.append((op, functools.partial(list, results), None))
-        if refused:
-            await connection.execute(_DELETE_TASKS, refused)
 
     async def _firsts(
-        self, batch: _Batch, connection: Connection, conflicts: list[Task]
+        self, batch: _Batch, connection: Connection, keyed: list[Task]
     ) -> dict[tuple[str, str], Task]:
-        """The tasks that hold the request ids the new ones could not take."""
-        if not conflicts:
+        """The tasks that hold the request ids that new ones ask for."""
+        if not keyed:
             return {}
         rows = await connection.fetch(
-            _FIRSTS, [t.tenant for t in conflicts], [t.request_id for t in conflicts]
+            _FIRSTS, [t.tenant for t in keyed], [t.request_id for t in keyed]
         )
         return {(row["tenant"], row["request_id"]): batch.adopt(row) for row in rows}
 
@@ -987,63 +985,44 @@ class PostgresStore(MemoryStore):
         self._stamp(batch, base)
 
     def _arrays(self, batch: _Batch) -> list[Any]:
-        """The arguments of the final statement: the changes' columns, then the rows'."""
-        changes = batch.changes
-        columns: list[list[Any]] = [[] for _ in range(7)]
-        encoded: dict[int, str] = {}  # a task's latest state is its change's: encoded once
-        for entry in changes:
-            task = entry.task
-            if entry.kind is ChangeKind.REMOVED:
-                before = _offset_before(batch, entry)
-                revision = -before if before else task.revision
-            else:
-                revision = -entry.offset
-            data = encoded[id(task)] = encode(task)
-            values = (
-                int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
-                data, None if entry.ended is None else encode_attempt(entry.ended),
-            )  # fmt: skip
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        for offset, staged in enumerate(batch.schedule_changes, len(changes) + 1):
+        """The arguments of the final statement: the changes' columns (the tasks', then the
+        schedules'), the new tasks', the changed tasks', the changed schedules'."""
+        changes = [_change_row(batch, entry) for entry in batch.changes]
+        first = len(changes) + 1
+        for offset, staged in enumerate(batch.schedule_changes, first):
             staged.offset = offset
-            schedule = staged.schedule
-            if not staged.removed:
-                kind, revision = SCHEDULE_CHANGED, -offset
-            elif schedule.revision < 0:  # removed after a change of this batch: that one's
-                kind, revision = SCHEDULE_REMOVED, -batch.made(schedule).offset
-            else:
-                kind, revision = SCHEDULE_REMOVED, schedule.revision
-            values = (
-                kind, staged.at, schedule.schedule_id, _schedule_seq_code(batch, schedule),
-                revision, encode_schedule(schedule), None,
-            )  # fmt: skip
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        tasks: list[list[Any]] = [[] for _ in range(7)]
+            changes.append(_schedule_change_row(batch, staged))
+        made, updated = self._task_rows(batch)
+        schedules = [
+            (schedule_id, _schedule_seq_code(batch, state), batch.made(state).offset)
+            for schedule_id, state in batch.schedules.items()
+            if state is not None and state.revision < 0  # changed, not removed
+        ]
+        return [
+            len(changes), *_columns(changes, 7), *_columns(made, 10), *_columns(updated, 5),
+            *_columns(schedules, 3), CHANNEL,
+        ]  # fmt: skip
+
+    def _task_rows(self, batch: _Batch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The rows of the tasks the batch made, and of those it changed: each its latest
+        state's queue columns and the place of its latest change (whose data it takes)."""
+        made: list[tuple[Any, ...]] = []
+        updated: list[tuple[Any, ...]] = []
         for task_id, offset in batch.last.items():
-            latest = batch.latest[task_id]
-            if latest is None:
+            task = batch.latest[task_id]
+            if task is None:
                 continue
-            task = latest
-            row = (
-                task_id, _seq_code(batch, task), -offset, int(task.status),
-                self._aging_rate * task.queued_since - task.priority, task.next_attempt_at,
-                encoded.get(id(task)) or encode(task),
+            queue = (
+                int(task.status), self._aging_rate * task.queued_since - task.priority,
+                task.next_attempt_at,
             )  # fmt: skip
-            for column, value in zip(tasks, row, strict=True):
-                column.append(value)
-        schedules: list[list[Any]] = [[] for _ in range(4)]
-        for schedule_id, state in batch.schedules.items():
-            if state is None or state.revision >= 0:
-                continue  # removed, or not changed
-            offset = batch.made(state).offset
-            data = encode_schedule(state)
-            kept = (schedule_id, _schedule_seq_code(batch, state), -offset, data)
-            for column, cell in zip(schedules, kept, strict=True):
-                column.append(cell)
-        total = len(changes) + len(batch.schedule_changes)
-        return [total, *columns, *tasks, *schedules, CHANNEL]
+            created = batch.created.get(task_id)
+            if created is None:
+                updated.append((task_id, offset, *queue))
+            else:
+                identity = (task.tenant, task.request_id, task.request_hash, task.task_type)
+                made.append((task_id, created, offset, *queue, *identity))
+        return made, updated
 
     def _stamp(self, batch: _Batch, base: int) -> None:
         """Give the batch's tasks their revisions and seqs, and keep its changes for the
@@ -1069,6 +1048,8 @@ class PostgresStore(MemoryStore):
             staged.stamped = schedule
             self._own_schedules[staged.revision] = schedule
         batch.last_revision = base + len(batch.changes) + len(batch.schedule_changes)
+        if batch.last_revision > base:
+            self._own_batches[batch.last_revision] = base + 1
 
     # -- the change reader -------------------------------------------------------------
 
@@ -1094,10 +1075,15 @@ class PostgresStore(MemoryStore):
     async def _read(self) -> None:
         assert self._listener is not None
         while True:
-            rows = await self._listener.fetch(_READ, self._revision, READ_LIMIT)
+            own = self._own_batches
+            rows = await self._listener.fetch(
+                _READ, self._revision, READ_LIMIT, list(own.values()), list(own)
+            )
             for row in rows:
                 self._apply(row)
             if rows:
+                for last in [last for last in own if last <= self._revision]:
+                    del own[last]
                 self._history.trim()
                 self._settle()
             if len(rows) < READ_LIMIT:
@@ -1120,7 +1106,7 @@ class PostgresStore(MemoryStore):
             return
         change = self._own.pop(revision, None)
         if change is None or change.task.task_id != row["task_id"]:
-            change = _change_of(row)
+            change = _change_of(_with_data(row))
         old = self._set_working(change.kind, change.task)
         self._staged_revision = revision
         previous = 0 if old is None else old.revision
@@ -1133,7 +1119,7 @@ class PostgresStore(MemoryStore):
         revision = row["revision"]
         schedule = self._own_schedules.pop(revision, None)
         if schedule is None or schedule.schedule_id != row["task_id"]:
-            schedule = _schedule_of(row, row["task_revision"])
+            schedule = _schedule_of(_with_data(row), row["task_revision"])
         self._revision = self._staged_revision = revision
         self.schedules.apply(schedule, row["kind"] == SCHEDULE_REMOVED)
 
@@ -1226,6 +1212,14 @@ def _task_of(row: asyncpg.Record) -> Task:
     return task
 
 
+def _with_data(row: asyncpg.Record) -> asyncpg.Record:
+    """A change read back with its data: this replica's own are read without, as it keeps
+    them until then."""
+    if row["data"] is None:
+        raise StoreFailed(f"this server's change at revision {row['revision']} was not kept")
+    return row
+
+
 def _change_of(row: asyncpg.Record) -> Change:
     task = decode(row["data"])
     task.seq, task.revision = row["seq"], row["task_revision"]
@@ -1284,21 +1278,19 @@ def _answer(
 
 
 def _created(
-    tasks: Sequence[Task], inserted: AbstractSet[str], firsts: Mapping[tuple[str, str], Task]
+    tasks: Sequence[Task], firsts: Mapping[tuple[str, str], Task]
 ) -> list[tuple[Task, bool]]:
     """Each task of a create, new (True) or the first with its request id (False);
     RequestIdReused if that one came from a different request."""
     results: list[tuple[Task, bool]] = []
     for task in tasks:
-        if task.task_id in inserted:
+        first = firsts.get((task.tenant, task.request_id)) if task.request_id else None
+        if first is None:
             results.append((task, True))
-            continue
-        first = firsts.get((task.tenant, task.request_id))
-        if first is None:  # the holder was removed between the insert and the look-up
-            raise StoreFailed(f"request_id {task.request_id!r} was taken and freed at once")
-        if first.request_hash != task.request_hash:
+        elif first.request_hash != task.request_hash:
             raise RequestIdReused(task.request_id, first.task_id)
-        results.append((first, False))
+        else:
+            results.append((first, False))
     return results
 
 
@@ -1338,6 +1330,41 @@ def _change_made(batch: _Batch, task_id: str) -> Change:
         if entry.task.task_id == task_id and entry.change is not None:
             return entry.change
     raise AssertionError(f"no change of {task_id} in the batch")
+
+
+def _change_row(batch: _Batch, entry: _Staged) -> tuple[Any, ...]:
+    """A task's change as the changes' columns."""
+    task = entry.task
+    if entry.kind is ChangeKind.REMOVED:
+        before = _offset_before(batch, entry)
+        revision = -before if before else task.revision
+    else:
+        revision = -entry.offset
+    ended = None if entry.ended is None else encode_attempt(entry.ended)
+    return (
+        int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
+        encode(task), ended,
+    )  # fmt: skip
+
+
+def _schedule_change_row(batch: _Batch, staged: _StagedSchedule) -> tuple[Any, ...]:
+    """A schedule's change as the changes' columns."""
+    schedule = staged.schedule
+    if not staged.removed:
+        kind, revision = SCHEDULE_CHANGED, -staged.offset
+    elif schedule.revision < 0:  # removed after a change of this batch: that one's
+        kind, revision = SCHEDULE_REMOVED, -batch.made(schedule).offset
+    else:
+        kind, revision = SCHEDULE_REMOVED, schedule.revision
+    return (
+        kind, staged.at, schedule.schedule_id, _schedule_seq_code(batch, schedule), revision,
+        encode_schedule(schedule), None,
+    )  # fmt: skip
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[Sequence[Any]]:
+    """Rows as columns: the arrays a statement unnests."""
+    return list(zip(*rows, strict=True)) if rows else [()] * width
 
 
 def _offset_before(batch: _Batch, entry: _Staged) -> int:
