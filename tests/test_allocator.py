@@ -5,6 +5,7 @@ nothing happens."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -109,3 +110,12 @@ def test_nothing_happens_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert allocator.tune_allocator() is False
     assert allocator.trim() is False
     asyncio.run(asyncio.wait_for(allocator.trim_when_idle(0.01), 1))  # returns at once
+
+
+def test_the_young_generation_is_collected_every_10_000_new_objects() -> None:
+    before = gc.get_threshold()
+    try:
+        allocator.tune_collector()
+        assert gc.get_threshold() == (10_000, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)

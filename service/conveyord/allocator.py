@@ -25,13 +25,22 @@ frees, with whatever the frames hold, such as the request (api.py aborts outside
 block, without the request, for that reason); and pymalloc keeps an arena of small objects
 as long as one of them lives.
 
-Everything here is a no-op where the C library is not glibc.
+Everything above is a no-op where the C library is not glibc.
+
+`tune_collector` makes Python's cyclic garbage collector look at the young generation every
+10,000 new container objects rather than every 700. Creating a task makes dozens of them,
+and the collections of the older generations walk every task the store keeps in memory.
+Timed with gc.callbacks, in 42 BatchCreates of 1,000 tasks into a PostgreSQL store: with
+the defaults, a dozen collections to a BatchCreate, taking a fifth of the server's time;
+with the young generation at 10,000, a twentieth. Young garbage cycles (an aborted RPC's,
+above) are still collected within 10,000 allocations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import time
@@ -45,6 +54,7 @@ M_ARENA_MAX = -8
 DEFAULT_MMAP_THRESHOLD = 1024 * 1024  # a block of 1 MiB or more is always mmapped
 DEFAULT_ARENA_MAX = 2
 DEFAULT_TRIM_INTERVAL = 5.0  # seconds
+YOUNG_GENERATION = 10_000  # new container objects between collections of the youngest
 QUIET_CPU = 0.01  # of one CPU, over an interval: below it, the server is quiet
 
 # An operator's own setting wins over ours: the environment variable, or any GLIBC_TUNABLES
@@ -91,6 +101,13 @@ def tune_allocator(
         if not _set_by_operator(parameter):
             accepted = _LIBC.mallopt(ctypes.c_int(parameter), ctypes.c_int(value)) == 1 and accepted
     return accepted
+
+
+def tune_collector(young: int = YOUNG_GENERATION) -> None:
+    """Collect the youngest generation every `young` new container objects (the older
+    generations' thresholds are kept: they count collections of the one below)."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old)
 
 
 def trim() -> bool:

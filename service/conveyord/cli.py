@@ -20,7 +20,7 @@ from conveyor.handlers import (
     import_from_cwd,
 )
 from conveyor.logs import LOG_FORMATS, LOG_LEVELS
-from conveyord.allocator import tune_allocator
+from conveyord.allocator import tune_allocator, tune_collector
 from conveyord.auth import JwtSettings
 from conveyord.handlers import HandlerLoadError
 from conveyord.high_water import DEFAULT_HIGH_WATER
@@ -571,6 +571,7 @@ def _start_tracing() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()  # before gRPC starts its threads: see conveyord/allocator.py
+    tune_collector()
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     import_from_cwd()
