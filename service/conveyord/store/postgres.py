@@ -597,8 +597,12 @@ class PostgresStore(MemoryStore):
         return frozenset(self._declared)
 
     async def _catch_up(self) -> None:
-        """Wait (a bounded time) until the reader has delivered what the database holds now."""
-        if self._failure is not None or self._pool is None:
+        """Wait (a bounded time) until the reader has delivered what the database holds now;
+        StoreFailed once the store has failed (its view no longer follows the database: a
+        task it does not know may be in the changes it missed)."""
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped: {self._failure}")
+        if self._pool is None:
             return
         try:
             current = await self._pool.fetchval("SELECT revision FROM conveyor_state")
