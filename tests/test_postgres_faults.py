@@ -3,6 +3,9 @@
 A replica whose unread changes were deleted from the changes table fails loudly (a conveyord
 exits, naming the gap) rather than skip them or answer from a view with a hole in it; a
 replica a little behind keeps every change it has not read, whatever another replica trims.
+A connection lost while COMMIT is in flight fails the store, written or not (it cannot
+tell), and a restart reads what the database holds: the write there once, or not at all.
+One lost before COMMIT is run again, and answered as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from grpc_status import rpc_status
@@ -21,7 +25,7 @@ from conveyor.v1 import task_service_pb2 as pb
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
 from conveyord.model import Change, Task, TaskFilter
 from conveyord.store.base import StoreFailed
-from conveyord.store.postgres import KEEP_CHANGES_SECONDS, TRIM_EVERY, PostgresStore
+from conveyord.store.postgres import CHANNEL, KEEP_CHANGES_SECONDS, TRIM_EVERY, PostgresStore
 from tests.conftest import ManualClock, PostgresOpener
 from tests.processes import Conveyord
 from tests.proxy import Proxy
@@ -205,3 +209,148 @@ def _assert_refused_by_a_failed_store(error: grpc.aio.AioRpcError) -> None:
     assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
     if rpc_status.from_call(error) is not None:
         assert error_reason(error) == "STORE_FAILED"
+
+
+# --- a connection lost under a write ---------------------------------------------------
+
+HELD = "held"  # the request id of the task whose write the database kills
+
+
+async def _kill_first_write(url: str, when: str) -> None:
+    """Make the database end the connection of the write of the task whose request id is
+    HELD, the first time it gets there: at its insert (`before` its COMMIT), or as COMMIT
+    runs the transaction's deferred triggers (`during` it), before it is committed. The
+    `held_writes` sequence counts the times a write got there."""
+    trigger = {
+        "before": "CREATE TRIGGER kill_held AFTER INSERT ON conveyor_tasks",
+        "during": "CREATE CONSTRAINT TRIGGER kill_held AFTER INSERT ON conveyor_tasks "
+        "DEFERRABLE INITIALLY DEFERRED",
+    }[when]
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f"""
+            CREATE SEQUENCE held_writes;
+            CREATE FUNCTION kill_held() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('held_writes') = 1 THEN
+                    PERFORM pg_terminate_backend(pg_backend_pid());
+                END IF;
+                RETURN NULL;
+            END $$;
+            {trigger} FOR EACH ROW WHEN (NEW.request_id = '{HELD}') EXECUTE FUNCTION kill_held();
+        """)  # fmt: skip
+    finally:
+        await connection.close()
+
+
+async def _held_writes(url: str) -> int:
+    """How many times a write of the HELD task got to the trigger."""
+    value: int = await sql(
+        url, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM held_writes"
+    )
+    return value
+
+
+async def _rows_of(url: str, request_id: str) -> list[str]:
+    """The ids of the tasks in the database with this request id."""
+    ids: list[str] = await sql(
+        url, "SELECT coalesce(array_agg(task_id), '{}') FROM conveyor_tasks WHERE request_id = $1",
+        request_id,
+    )  # fmt: skip
+    return ids
+
+
+async def test_a_connection_killed_during_commit_fails_the_store_and_nothing_is_written(
+    postgres_url: str, opened: PostgresOpener
+) -> None:
+    """The database ends the writer's connection as it runs COMMIT (nothing committed): the
+    store cannot know that, so it fails rather than answer or try again; every call of the
+    batch gets StoreFailed, and so does every later change. A restart finds no trace of the
+    write, and the create sent again makes the task once."""
+    store = await opened()
+    failures = Failures(store)
+    await _kill_first_write(postgres_url, "during")
+    held, other = new_task(HELD), new_task("other")
+    results = await asyncio.gather(
+        create_one(store, held), create_one(store, other), return_exceptions=True
+    )
+    assert [type(result) for result in results] == [StoreFailed, StoreFailed]
+    error = await failures.first()
+    assert "terminating connection due to administrator command" in str(error)
+    assert await _held_writes(postgres_url) == 1  # its COMMIT was sent once, never again
+    with pytest.raises(StoreFailed):
+        await create_one(store, new_task())
+    assert await _rows_of(postgres_url, HELD) == await _rows_of(postgres_url, "other") == []
+    restarted = await opened()
+    assert await restarted.get(held.task_id) is None
+    made, created = await create_one(restarted, new_task(HELD))
+    assert created
+    assert await _rows_of(postgres_url, HELD) == [made.task_id]
+
+
+async def test_a_connection_lost_after_its_commit_went_fails_the_store_and_a_restart_has_it(
+    postgres_url: str, opened: PostgresOpener, by_proxy: ByProxy
+) -> None:
+    """The writer's COMMIT reaches the database, which commits, and the connection breaks
+    before the answer comes back: the store fails (the caller gets StoreFailed, not the
+    task); a restart has the task, once, and the create sent again with its request id gets
+    that task, not a second one."""
+    proxy, open_through = by_proxy
+    store = await open_through()
+    failures = Failures(store)
+    committed = asyncio.Event()
+    listener = await asyncpg.connect(postgres_url)  # hears each commit of the store's
+    await listener.add_listener(CHANNEL, lambda *_: committed.set())
+    try:
+        sent = proxy.hold_answer(b"COMMIT")
+        held = new_task(HELD)
+        creating = asyncio.ensure_future(create_one(store, held))
+        await asyncio.wait_for(committed.wait(), 30)
+        assert await asyncio.to_thread(sent.wait, 30)  # the COMMIT went through the proxy
+        assert not creating.done()  # and no answer came back
+        proxy.cut()
+        with pytest.raises(StoreFailed):
+            await creating
+    finally:
+        await listener.close()
+    error = await failures.first()
+    assert isinstance(error, asyncpg.InterfaceError | asyncpg.PostgresConnectionError), error
+    assert await _rows_of(postgres_url, HELD) == [held.task_id]
+    restarted = await opened()
+    found = await restarted.get(held.task_id)
+    assert found is not None and found.request_id == HELD
+    again, created = await create_one(restarted, new_task(HELD))
+    assert (again.task_id, created) == (held.task_id, False)
+    assert await _rows_of(postgres_url, HELD) == [held.task_id]
+
+
+async def test_a_connection_killed_before_commit_is_written_once_on_the_next_try(
+    postgres_url: str, opened: PostgresOpener
+) -> None:
+    """The database ends the writer's connection in the middle of a batch (a create and an
+    update), before its COMMIT: the batch is run again on another connection and committed
+    once; both calls are answered as if nothing had happened, and neither change is made
+    twice."""
+    store = await opened()
+    failures = Failures(store)
+    existing, _ = await create_one(store, new_task())
+    await _kill_first_write(postgres_url, "before")
+    batches: list[int] = []
+    store.on_commit = lambda changes, seconds: batches.append(changes)
+    held = new_task(HELD)
+    (made, created), bumped = await asyncio.gather(
+        create_one(store, held), store.update(existing.task_id, _bump)
+    )
+    assert await _held_writes(postgres_url) == 2  # killed at the first try, written at the next
+    assert batches == [2]  # one commit, of both changes
+    assert (made.task_id, created) == (held.task_id, True)
+    assert bumped.progress == pytest.approx(0.1)  # bumped once
+    assert await _rows_of(postgres_url, HELD) == [held.task_id]
+    restarted = await opened()
+    assert await restarted.get(held.task_id) == made
+    assert await restarted.get(existing.task_id) == bumped
+    assert failures.errors == []
+
+
+def _bump(task: Task) -> Task:
+    return task.evolve(progress=task.progress + 0.1)
