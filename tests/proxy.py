@@ -3,7 +3,9 @@
 It can cut every live connection (a real TCP break), hold new connections off until it is
 released, and drop the server's answer to the next request by closing the connection at
 the moment that answer starts: it reads the server's bytes as HTTP/2 frames and, when
-armed, closes both sockets instead of forwarding the first HEADERS frame of a stream.
+armed, closes both sockets instead of forwarding the first HEADERS frame of a stream. Of any
+protocol, it can let a request through and hold back everything the server answers after it
+(`hold_answer`), until the connection is cut.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class _Link:
     def __init__(self, client: socket.socket, server: socket.socket) -> None:
         self.flowing = threading.Event()  # cleared: nothing is forwarded (Proxy.stall)
         self.flowing.set()
+        self.answering = threading.Event()  # cleared: nothing more reaches the client
+        self.answering.set()
         self.client = client
         self.server = server
         self._closed = threading.Event()
@@ -32,6 +36,7 @@ class _Link:
             return
         self._closed.set()
         self.flowing.set()  # a stalled pump wakes, and finds its socket closed
+        self.answering.set()
         for sock in (self.client, self.server):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -57,6 +62,7 @@ class Proxy:
 
         self._closing = False
         self._drop_armed = False
+        self._hold: tuple[bytes, threading.Event] | None = None
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._threads: list[threading.Thread] = []
@@ -97,6 +103,15 @@ class Proxy:
         """Close the connection that carries the next answer, just before it reaches the client."""
         with self._lock:
             self._drop_armed = True
+
+    def hold_answer(self, request: bytes) -> threading.Event:
+        """Forward the next bytes a client sends that contain `request`, and from then on
+        nothing the server sends back on that connection, as if the network failed just as
+        the request went; `cut` closes it. The event is set once the request went on."""
+        sent = threading.Event()
+        with self._lock:
+            self._hold = (request, sent)
+        return sent
 
     def close(self) -> None:
         self._closing = True
@@ -150,14 +165,20 @@ class Proxy:
     def _pump_to_server(self, link: _Link) -> None:
         while data := _receive(link.client):
             link.flowing.wait()
+            held = self._take_hold(data)
+            if held is not None:  # before the request goes, so that no answer to it slips by
+                link.answering.clear()
             if not _send(link.server, data):
                 break
+            if held is not None:
+                held.set()
         link.close()
 
     def _pump_to_client(self, link: _Link) -> None:
         pending = b""
         while data := _receive(link.server):
             link.flowing.wait()
+            link.answering.wait()
             pending += data
             if self._opaque:
                 forward, pending, drop = pending, b"", False
@@ -183,6 +204,14 @@ class Proxy:
                 return data[:offset], b"", True
             offset = end
         return data[:offset], data[offset:], False
+
+    def _take_hold(self, data: bytes) -> threading.Event | None:
+        with self._lock:
+            if self._hold is None or self._hold[0] not in data:
+                return None
+            _, sent = self._hold
+            self._hold = None
+            return sent
 
     def _take_drop(self) -> bool:
         with self._lock:

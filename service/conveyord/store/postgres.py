@@ -74,6 +74,10 @@ RECONNECT_SECONDS = 10.0  # the reader's connection is tried again this long, th
 RETRIES = 3  # a batch that fails before its COMMIT is run again this many times
 MAX_BATCH = 1000  # operations in one transaction
 TRIM_EVERY = 1000  # changes left behind the history before they are deleted from the table
+# A change stays in the table at least this long (by its `at`), whatever the history of the
+# replica that trims: another replica whose reader is less far behind (paused, on a slow
+# host, its connection being made again) still reads it; one further behind finds the gap.
+KEEP_CHANGES_SECONDS = 60.0
 CLAIM_EXTRA = 16  # rows a claim fetches beyond twice its count, for its limits and turns
 DEFAULT_POOL_SIZE = 4
 
@@ -200,7 +204,8 @@ WHERE c.revision > $1 ORDER BY c.revision LIMIT $2
 """
 _TRIM_CHANGES = """
 DELETE FROM conveyor_changes WHERE revision IN (
-    SELECT revision FROM conveyor_changes WHERE revision <= $1 ORDER BY revision LIMIT 10000)
+    SELECT revision FROM conveyor_changes WHERE revision <= $1 AND at < $2
+    ORDER BY revision LIMIT 10000)
 """
 
 
@@ -461,7 +466,8 @@ class PostgresStore(MemoryStore):
         self._waiter_ids = itertools.count()
         self._own: dict[int, Change] = {}  # revision: this store's change, not yet read back
         self._failure: Exception | None = None
-        self._trimmed = 0  # changes up to this revision were deleted from the table
+        self._trimmed = 0  # changes up to this revision were trimmed from the table (but
+        # those younger than KEEP_CHANGES_SECONDS, which a later trim deletes)
         self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
         self._turns = itertools.count(1)
         self._own_schedules: dict[int, Schedule] = {}  # as _own, for schedules' changes
@@ -591,8 +597,12 @@ class PostgresStore(MemoryStore):
         return frozenset(self._declared)
 
     async def _catch_up(self) -> None:
-        """Wait (a bounded time) until the reader has delivered what the database holds now."""
-        if self._failure is not None or self._pool is None:
+        """Wait (a bounded time) until the reader has delivered what the database holds now;
+        StoreFailed once the store has failed (its view no longer follows the database: a
+        task it does not know may be in the changes it missed)."""
+        if self._failure is not None:
+            raise StoreFailed(f"the store stopped: {self._failure}")
+        if self._pool is None:
             return
         try:
             current = await self._pool.fetchval("SELECT revision FROM conveyor_state")
@@ -1090,7 +1100,7 @@ class PostgresStore(MemoryStore):
                 break
         if self._history.compacted - self._trimmed >= TRIM_EVERY and self._pool is not None:
             compacted = self._history.compacted
-            await self._pool.execute(_TRIM_CHANGES, compacted)
+            await self._pool.execute(_TRIM_CHANGES, compacted, self._clock() - KEEP_CHANGES_SECONDS)
             self._trimmed = compacted
 
     def _apply(self, row: asyncpg.Record) -> None:
