@@ -118,18 +118,12 @@ FROM conveyor_tasks t JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_i
 """
 _DELETE_TASKS = "DELETE FROM conveyor_tasks WHERE task_id = ANY($1::text[])"
 _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[])"
-# Make room for a task's new attempts: keep its latest MAX_KEPT_ATTEMPTS - k.
-_TRIM_ATTEMPTS = """
-DELETE FROM conveyor_attempts a USING unnest($1::text[], $2::int[]) AS t(task_id, keep)
-WHERE a.task_id = t.task_id AND a.revision <= (
-    SELECT b.revision FROM conveyor_attempts b WHERE b.task_id = t.task_id
-    ORDER BY b.revision DESC OFFSET t.keep LIMIT 1)
-"""
 # The end of a batch, in one statement while the counter's row is locked: the revisions
-# taken, the changes, the ended attempts, the new tasks' rows and the changed ones, the
-# schedules' rows, the readers told. A negative seq or revision is an offset from the first
-# revision taken (base + 1 is -1). Each row's data is that of its latest change (`n`, the
-# change's place in the batch): sent once, with the changes.
+# taken, the changes, the ended attempts (each task keeping its latest MAX_KEPT_ATTEMPTS:
+# the `keep` latest before, which the DELETE sees, and the new ones), the new tasks' rows
+# and the changed ones, the schedules' rows, the readers told. A negative seq or revision is
+# an offset from the first revision taken (base + 1 is -1). Each row's data is that of its
+# latest change (`n`, the change's place in the batch): sent once, with the changes.
 _WRITE = """
 WITH bump AS (
     UPDATE conveyor_state SET revision = revision + $1 WHERE id = 1
@@ -148,6 +142,11 @@ WITH bump AS (
 ), attempts AS (
     INSERT INTO conveyor_attempts (task_id, revision, data)
     SELECT task_id, base + n, ended FROM bump, c WHERE ended IS NOT NULL
+), trimmed AS (
+    DELETE FROM conveyor_attempts a USING unnest($27::text[], $28::int[]) AS t(task_id, keep)
+    WHERE a.task_id = t.task_id AND a.revision <= (
+        SELECT b.revision FROM conveyor_attempts b WHERE b.task_id = t.task_id
+        ORDER BY b.revision DESC OFFSET t.keep LIMIT 1)
 ), made AS (
     INSERT INTO conveyor_tasks (task_id, seq, tenant, request_id, request_hash, task_type,
         status, dispatch_key, runnable_at, revision, data)
@@ -174,7 +173,7 @@ WITH bump AS (
     JOIN c ON c.n = u.n
     WHERE s.schedule_id = u.schedule_id
 )
-SELECT base, pg_notify($27, (base + $1)::text)::text FROM bump
+SELECT base, pg_notify($29, (base + $1)::text)::text FROM bump
 """
 _LOCK_SCHEDULES = f"""
 SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])
@@ -967,9 +966,9 @@ class PostgresStore(MemoryStore):
         return picked
 
     async def _write_changes(self, batch: _Batch, connection: Connection) -> None:
-        """Write what the batch changed: the removed rows and trimmed attempts first, then
-        in one statement under the counter's lock the revisions, changes, attempts and
-        task rows, and the notification."""
+        """Write what the batch changed: the removed rows first, then in one statement
+        under the counter's lock the revisions, changes, attempts and task rows, and the
+        notification."""
         if batch.task_types:
             await connection.execute(
                 "INSERT INTO conveyor_task_types SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -990,7 +989,6 @@ class PostgresStore(MemoryStore):
         if removed:
             await connection.execute(_DELETE_TASKS, removed)
             await connection.execute(_DELETE_ATTEMPTS, removed)
-        await _trim_attempts(batch, connection)
         base = await connection.fetchval(_WRITE, *self._arrays(batch))
         self._stamp(batch, base)
 
@@ -1010,7 +1008,7 @@ class PostgresStore(MemoryStore):
         ]
         return [
             len(changes), *_columns(changes, 7), *_columns(made, 10), *_columns(updated, 5),
-            *_columns(schedules, 3), CHANNEL,
+            *_columns(schedules, 3), *_columns(_trims(batch), 2), CHANNEL,
         ]  # fmt: skip
 
     def _task_rows(self, batch: _Batch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -1454,13 +1452,11 @@ def _locked_in_order(where: list[str], columns: str = _TASK_ROW) -> str:
     )
 
 
-async def _trim_attempts(batch: _Batch, connection: Connection) -> None:
-    """Make room for the batch's ended attempts: each task keeps its latest
-    MAX_KEPT_ATTEMPTS."""
+def _trims(batch: _Batch) -> list[tuple[str, int]]:
+    """Each task that ended attempts in the batch, and how many of its attempts before to
+    keep (so that it keeps its latest MAX_KEPT_ATTEMPTS)."""
     new: dict[str, int] = {}
     for entry in batch.changes:
         if entry.ended is not None and batch.latest.get(entry.task.task_id) is not None:
             new[entry.task.task_id] = new.get(entry.task.task_id, 0) + 1
-    if new:
-        keep = [max(MAX_KEPT_ATTEMPTS - count, 0) for count in new.values()]
-        await connection.execute(_TRIM_ATTEMPTS, list(new), keep)
+    return [(task_id, max(MAX_KEPT_ATTEMPTS - count, 0)) for task_id, count in new.items()]
