@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor import Client, TaskStatus
+from conveyor import Client, Task, TaskStatus
 from tests.processes import ROOT, Conveyord
 
 IMAGE = f"localhost/conveyor:test-{os.getpid()}"
@@ -128,24 +128,32 @@ def test_conveyord_from_the_image_serves_a_task(root_fs: Path, config: dict[str,
     assert server.process.returncode == 0, log
 
 
-def test_a_worker_from_the_image_runs_tasks(root_fs: Path, config: dict[str, object]) -> None:
-    server = Conveyord("--no-builtin-handlers", "--task-type", "echo")
-    command = ["conveyor-worker", "--server", server.address]
-    worker = subprocess.Popen(
-        in_image(root_fs, config, *command, "--handlers", "conveyord.builtin_handlers"),
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def run_by_worker(
+    command: list[str], server: Conveyord, task_type: str, parameters: dict[str, object]
+) -> tuple[Task, str]:
+    """Run one task through a worker started by `command` (from an image) for a host
+    server: the task once ended, and the worker's log. The worker must stop cleanly on
+    SIGTERM."""
+    worker = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         with Client(server.address) as client:
-            task = client.create("echo", {"from": "the image"})
+            task = client.create(task_type, parameters)
             done = client.wait(task.task_id, timeout=30)
-        assert (done.status, done.result) == (TaskStatus.COMPLETED, {"from": "the image"})
     finally:
         worker.send_signal(signal.SIGTERM)
         _, log = worker.communicate(timeout=30)
         server.process.kill()
         stopped(server)
     assert worker.returncode == 0, log
+    return done, log
+
+
+def test_a_worker_from_the_image_runs_tasks(root_fs: Path, config: dict[str, object]) -> None:
+    server = Conveyord("--no-builtin-handlers", "--task-type", "echo")
+    command = ["conveyor-worker", "--server", server.address]
+    command += ["--handlers", "conveyord.builtin_handlers"]
+    done, _ = run_by_worker(in_image(root_fs, config, *command), server, "echo", {"from": "it"})
+    assert (done.status, done.result) == (TaskStatus.COMPLETED, {"from": "it"})
 
 
 HANDLERS_PROJECT = {
@@ -200,19 +208,7 @@ def test_an_image_from_it_adds_handlers_that_its_worker_finds_by_entry_point(
     derived_fs: Path, config: dict[str, object]
 ) -> None:
     server = Conveyord("--task-type", "image.shout")
-    worker = subprocess.Popen(
-        in_image(derived_fs, config, "conveyor-worker", "--server", server.address),
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        with Client(server.address) as client:
-            task = client.create("image.shout", {"text": "found"})
-            done = client.wait(task.task_id, timeout=30)
-        assert (done.status, done.result) == (TaskStatus.COMPLETED, "FOUND")
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        _, log = worker.communicate(timeout=30)
-        server.process.kill()
-        stopped(server)
-    assert worker.returncode == 0, log
+    command = in_image(derived_fs, config, "conveyor-worker", "--server", server.address)
+    done, log = run_by_worker(command, server, "image.shout", {"text": "found"})
+    assert (done.status, done.result) == (TaskStatus.COMPLETED, "FOUND")
     assert "image.shout from image_handlers" in log

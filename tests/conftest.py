@@ -39,19 +39,21 @@ class ManualClock:
 
 class ServerThread:
     """Runs a `Server` on a loop of its own, so that tests may block without stalling it.
-    With a ManualClock, `advance` moves the server's time."""
+    With a ManualClock, `advance` moves the server's time. Its own worker runs the handlers
+    of `handler_modules`."""
 
     def __init__(
         self,
         config: ServerConfig,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         clock: ManualClock | None = None,
+        handler_modules: Sequence[str] = (TEST_HANDLERS,),
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.clock = clock
-        registry = HandlerRegistry.from_modules([TEST_HANDLERS])
+        registry = HandlerRegistry.from_modules(list(handler_modules))
         self.server: Server = self.call(self._make(config, registry, interceptors, clock))
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conveyor import AsyncClient, NotFound, TaskStatus
 from conveyor.handlers import HandlerRegistry
 from conveyor.worker import Worker
-from conveyord.server import Server, ServerConfig
 from conveyord.store.sqlite import SqliteStore
 from tests import observed_handlers
-from tests.conftest import TEST_HANDLERS, ManualClock, ServerThread, server_config
+from tests.conftest import TEST_HANDLERS, ServerThread, server_config
 from tests.test_store import create_one, new_task
 
 CREATE = "conveyor.v1.TaskService/Create"
@@ -43,24 +41,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
     _exporter.clear()
 
 
-class TracedServer(ServerThread):
-    """A server with tracing on, whose own worker also runs the observed handlers."""
-
-    @staticmethod
-    async def _make(
-        config: ServerConfig,
-        registry: HandlerRegistry,
-        interceptors: Sequence[grpc.aio.ServerInterceptor],
-        clock: ManualClock | None,
-    ) -> Server:
-        registry = HandlerRegistry.from_modules([TEST_HANDLERS, observed_handlers.__name__])
-        traced = dataclasses.replace(config, tracing=True)
-        return Server(traced, registry=registry, interceptors=interceptors, clock=time.time)
-
-
 @pytest.fixture
-def server() -> Iterator[TracedServer]:
-    running = TracedServer(server_config(worker_types=frozenset({REMOTE})))
+def server() -> Iterator[ServerThread]:
+    """A server with tracing on, whose own worker also runs the observed handlers."""
+    config = dataclasses.replace(server_config(worker_types=frozenset({REMOTE})), tracing=True)
+    running = ServerThread(config, handler_modules=(TEST_HANDLERS, observed_handlers.__name__))
     yield running
     running.stop()
 
@@ -76,7 +61,7 @@ def chain(spans: Sequence[ReadableSpan], start: ReadableSpan) -> list[str]:
     return names
 
 
-async def _traced_run(server: TracedServer, task_type: str) -> tuple[str, list[ReadableSpan]]:
+async def _traced_run(server: ServerThread, task_type: str) -> tuple[str, list[ReadableSpan]]:
     """Create a task inside a caller's span and wait for its end; its id and the spans."""
     async with AsyncClient(server.address) as client:
         with trace.get_tracer(__name__).start_as_current_span("caller"):
@@ -87,7 +72,7 @@ async def _traced_run(server: TracedServer, task_type: str) -> tuple[str, list[R
 
 @pytest.mark.parametrize("task_type", ["observed.traced", "observed.traced_blocking"])
 async def test_a_local_handler_s_span_is_a_descendant_of_the_caller_s_create(
-    server: TracedServer, spans: InMemorySpanExporter, task_type: str
+    server: ServerThread, spans: InMemorySpanExporter, task_type: str
 ) -> None:
     task_id, finished = await _traced_run(server, task_type)
     (work,) = [span for span in finished if span.name == "handler work"]
@@ -107,7 +92,7 @@ async def test_a_local_handler_s_span_is_a_descendant_of_the_caller_s_create(
 
 
 async def test_a_python_worker_s_handler_span_is_a_descendant_of_the_caller_s_create(
-    server: TracedServer, spans: InMemorySpanExporter
+    server: ServerThread, spans: InMemorySpanExporter
 ) -> None:
     registry = HandlerRegistry({REMOTE: observed_handlers.traced})
     worker = Worker(server.address, registry, worker_id="traced-worker")
@@ -125,7 +110,7 @@ async def test_a_python_worker_s_handler_span_is_a_descendant_of_the_caller_s_cr
 
 
 async def test_an_rpc_span_carries_its_status_code_and_an_untraced_create_roots_the_run(
-    server: TracedServer, spans: InMemorySpanExporter
+    server: ServerThread, spans: InMemorySpanExporter
 ) -> None:
     async with AsyncClient(server.address) as client:
         with pytest.raises(NotFound):
