@@ -15,6 +15,7 @@ from conveyord.store import store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
 from conveyord.store.postgres import PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
+from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants
 from tests.conftest import PostgresOpener
 from tests.test_store import admit, complete, create_one, new_task, start
 
@@ -26,6 +27,15 @@ async def sql(url: str, statement: str, *args: Any) -> Any:
     connection = await asyncpg.connect(url)
     try:
         return await connection.fetchval(statement, *args)
+    finally:
+        await connection.close()
+
+
+async def rows(url: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one query on its own connection; its rows, as tuples."""
+    connection = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await connection.fetch(statement, *args)]
     finally:
         await connection.close()
 
@@ -180,6 +190,47 @@ async def test_changes_since_on_another_store_resumes_without_a_gap(opened: Open
     assert [c.revision for c in changes] == list(range(resume_at + 1, latest + 1))
     assert [c.task.task_id for c in changes] == [first.task_id, second.task_id, first.task_id]
     assert [c.revision for c in await b.changes_since(resume_at, TaskFilter())] == [2, 3, 4]
+
+
+async def test_a_tenant_s_rate_is_one_bucket_for_every_store(
+    postgres_url: str, opened: Opener
+) -> None:
+    a, b = await opened(), await opened()
+    limits = TenantLimits(rate=0.01, burst=3)  # a token every 100 s: none comes back here
+    rates_a, rates_b = Tenants(limits), Tenants(limits)  # each server's, alike
+    await a.create([new_task(tenant="t"), new_task(tenant="t")], admit, rates_a)
+    await b.create([new_task(tenant="t")], admit, rates_b)  # the burst's last token
+    told: list[float] = []
+    for store, rates in ((a, rates_a), (b, rates_b)):
+        with pytest.raises(TenantLimitReached) as refused:
+            await store.create([new_task(tenant="t")], admit, rates)
+        told.append(refused.value.retry_after)
+    # The next token comes in 100 s: the first refused is told so, the second (on the
+    # other store) to come after it.
+    assert told == [pytest.approx(100, abs=1), pytest.approx(200, abs=1)]
+    await b.create([new_task(tenant="u")], admit, rates_b)  # another tenant's is its own
+    await a.create([new_task(tenant="free")], admit, Tenants())  # no rate: no bucket
+    counts = "SELECT tenant, count(*) FROM conveyor_tasks GROUP BY tenant ORDER BY tenant"
+    assert await rows(postgres_url, counts) == [("free", 1), ("t", 3), ("u", 1)]
+    buckets = "SELECT tenant FROM conveyor_tenant_buckets ORDER BY tenant"
+    assert await rows(postgres_url, buckets) == [("t",), ("u",)]
+
+
+async def test_a_request_id_another_store_took_meanwhile_costs_no_token(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    limits = TenantLimits(rate=0.01, burst=2)
+    rates_a, rates_b = Tenants(limits), Tenants(limits)
+    # Sent to both at once, before either knows it: each inserts, the database keeps one.
+    made = await asyncio.gather(
+        a.create([new_task("nightly")], admit, rates_a),
+        b.create([new_task("nightly")], admit, rates_b),
+    )
+    ((first, new_a),), ((second, new_b),) = made
+    assert first.task_id == second.task_id
+    assert sorted([new_a, new_b]) == [False, True]
+    await b.create([new_task()], admit, rates_b)  # the second token was left
+    with pytest.raises(TenantLimitReached):
+        await a.create([new_task()], admit, rates_a)
 
 
 async def test_a_store_whose_connections_are_killed_carries_on(

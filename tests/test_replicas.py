@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
@@ -33,6 +35,7 @@ from tests.support import (
     CREATED,
     RUNNING,
     create,
+    error_info,
     final,
     result_of,
     task_request,
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 Replicas = Callable[..., list[Conveyord]]
 HANDLERS = ("--handlers", "tests.worker_handlers")
 CHANGED = pb.WATCH_EVENT_TYPE_CHANGED
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture
@@ -292,3 +296,57 @@ def _nominal(schedule: spb.Schedule) -> str:
     """The nominal time of a schedule's last run, as its runs' label shows it."""
     stamp = schedule.info.last_run.nominal_time
     return nominal_text(stamp.seconds + stamp.nanos / 1e9)
+
+
+# A tenant's rate on every replica: a burst of 10, and a token every 100 s after it (none
+# comes back during a test).
+SLOW_RATE = ("--tenant-rate", "0.01", "--tenant-burst", "10")
+
+
+def _refusal(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, float]:
+    """A refused call's code, the limit its ErrorInfo names, and its RetryInfo's delay."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    retry = error_details_pb2.RetryInfo()
+    (delay,) = [
+        retry.retry_delay.ToTimedelta().total_seconds()
+        for detail in status.details
+        if detail.Unpack(retry)
+    ]
+    return error.code(), error_info(error).metadata["limit"], delay
+
+
+async def test_a_tenant_s_rate_is_one_bucket_for_every_replica(replicas: Replicas) -> None:
+    a, b = replicas(2, "--task-type", "remote.square", *SLOW_RATE)
+    made: list[str] = []
+    refusals: list[tuple[grpc.StatusCode, str, float]] = []
+    async with stubs(a, b) as (on_a, on_b):
+        for number in range(30):  # by turns on each replica
+            stub = on_a if number % 2 else on_b
+            try:
+                made.append((await create(stub, "remote.square", {"n": number})).task_id)
+            except grpc.aio.AioRpcError as error:
+                refusals.append(_refusal(error))
+        listed = await on_a.List(pb.ListRequest(page_size=100))
+    assert len(made) == 10  # the one burst: each replica's own bucket would have let 20
+    assert {(code, limit) for code, limit, _ in refusals} == {(EXHAUSTED, "rate")}
+    # The next token is 100 s away: each refused caller, on either replica, is told to come
+    # back after those refused before it.
+    assert [round(delay / 100) for _, _, delay in refusals] == list(range(1, 21))
+    assert sorted(task.task_id for task in listed.tasks) == sorted(made)  # refused: none made
+
+
+async def test_a_request_id_taken_on_one_replica_costs_no_token_on_another(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas(2, "--task-type", "remote.square", *SLOW_RATE)
+    async with stubs(a, b) as (on_a, on_b):
+        first = await create(on_a, "remote.square", {"n": 1}, request_id="nightly")
+        for _ in range(5):  # replayed on the other replica: the same task, for free
+            again = await create(on_b, "remote.square", {"n": 1}, request_id="nightly")
+            assert again.task_id == first.task_id
+        for number in range(9):  # the burst's other nine tokens, on both replicas
+            await create(on_b if number % 2 else on_a, "remote.square", {"n": number})
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await create(on_b, "remote.square", {"n": 10})
+    assert _refusal(refused.value)[:2] == (EXHAUSTED, "rate")

@@ -14,14 +14,15 @@ anything changes. The counts are this server's: with one store per server they a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -30,6 +31,9 @@ from google.rpc import error_details_pb2
 
 from conveyord.errors import ConveyorError
 from conveyord.watched_file import WatchedFile
+
+if TYPE_CHECKING:
+    from conveyord.model import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +148,7 @@ class TenantLimitReached(ConveyorError):
 _CRUMB = 1e-6  # seconds: what a clock's rounding (of times near 2e9 s) may leave a caller short
 
 
-class _Bucket:
+class Bucket:
     """A token bucket kept as the generic cell rate algorithm does: `full_at`, the time at
     which the bucket is full again (up to `size` tokens may be taken while it lies at most
     `size / rate` ahead).
@@ -154,9 +158,9 @@ class _Bucket:
     another, each in its turn, rather than all at the moment of the next token.
     """
 
-    def __init__(self, now: float) -> None:
-        self.full_at = now
-        self.told = -math.inf  # when the latest refused caller was told to come back
+    def __init__(self, full_at: float, told: float = -math.inf) -> None:
+        self.full_at = full_at  # a new bucket is full: at the time it is made, or before
+        self.told = told  # when the latest refused caller was told to come back
 
     def take(self, count: int, rate: float, size: float, now: float) -> float:
         """Take `count` tokens; 0.0 if taken, else the seconds until they are there."""
@@ -184,7 +188,7 @@ class Tenants:
             LimitsFile(limits_file, self.defaults, clock) if limits_file is not None else None
         )
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, Bucket] = {}
         self.watches: dict[str, int] = {}
         self.workers: dict[str, int] = {}
 
@@ -193,15 +197,34 @@ class Tenants:
             return self.defaults
         return self._file.limits_of(tenant)
 
+    def charge(self, tasks: Sequence[Task]) -> None:
+        """Count new tasks against their tenants' rates (this server's buckets), or refuse
+        them (a create's tasks are one tenant's: schedules' runs, of several, are not
+        charged)."""
+        for tenant, count in collections.Counter(task.tenant for task in tasks).items():
+            self.take(tenant, count)
+
     def take(self, tenant: str, count: int) -> None:
         """Count `count` new tasks against the tenant's rate, or refuse them all."""
-        limits = self.limits(tenant)
-        if limits.rate is None or count == 0:
+        if not self.rated(tenant) or count == 0:
             return
         now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(now)
+            bucket = self._buckets[tenant] = Bucket(now)
+        self.take_from(bucket, tenant, count, now)
+
+    def rated(self, tenant: str) -> bool:
+        """Whether the tenant has a rate (a bucket to take new tasks' tokens from)."""
+        return self.limits(tenant).rate is not None
+
+    def take_from(self, bucket: Bucket, tenant: str, count: int, now: float) -> None:
+        """Take `count` tokens from the tenant's bucket as it stands at `now`, or refuse them
+        all: this server's bucket at its clock, or one that a shared store keeps (its row,
+        at the database's clock, locked by the transaction that stores the tasks)."""
+        limits = self.limits(tenant)
+        if limits.rate is None or count == 0:
+            return
         wait = bucket.take(count, limits.rate, limits.bucket, now)
         if wait:
             raise TenantLimitReached(

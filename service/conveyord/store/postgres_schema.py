@@ -97,6 +97,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX conveyor_schedules_request ON conveyor_schedules (tenant, request_id)
         WHERE request_id <> '';
     """,
+    # 2: each rated tenant's token bucket, one for every replica (tenants.Bucket's state),
+    # in seconds of the database's clock; a new row is a full bucket.
+    """
+    CREATE TABLE conveyor_tenant_buckets (
+        tenant text PRIMARY KEY,
+        full_at double precision NOT NULL DEFAULT '-infinity',  -- when it is full again
+        told double precision NOT NULL DEFAULT '-infinity'  -- when its last refused comes back
+    );
+    """,
 )
 
 _VERSION_TABLE = """
