@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf import duration_pb2
@@ -174,6 +174,16 @@ class Bucket:
         return self.told - now
 
 
+class Usage(NamedTuple):
+    """What a tenant has open on a server, of what its limits count."""
+
+    watches: int
+    workers: int
+
+
+IDLE = Usage(0, 0)
+
+
 class Tenants:
     """Each tenant's limits, and what it uses of them now (its buckets, watches, workers)."""
 
@@ -189,8 +199,10 @@ class Tenants:
         )
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
-        self.watches: dict[str, int] = {}
-        self.workers: dict[str, int] = {}
+        self.watches: dict[str, int] = {}  # this server's open watches, by tenant
+        self.workers: dict[str, int] = {}  # and its connected workers
+        # The other servers' (on a shared store, as last read: store/postgres_usage.py).
+        self.elsewhere: Mapping[str, Usage] = {}
 
     def limits(self, tenant: str) -> TenantLimits:
         if self._file is None:
@@ -248,24 +260,34 @@ class Tenants:
     @contextlib.contextmanager
     def watching(self, tenant: str) -> Iterator[None]:
         """Count an open Watch stream of the tenant while it lasts, or refuse it."""
-        with self._counted(self.watches, tenant, self.limits(tenant).max_watches, "watches"):
+        limit, elsewhere = self.limits(tenant).max_watches, self.elsewhere.get(tenant, IDLE)
+        with self._counted(self.watches, tenant, limit, "watches", elsewhere.watches):
             yield
 
     @contextlib.contextmanager
     def connected(self, tenant: str) -> Iterator[None]:
         """Count a connected worker of the tenant while it stays, or refuse it."""
-        with self._counted(self.workers, tenant, self.limits(tenant).max_workers, "workers"):
+        limit, elsewhere = self.limits(tenant).max_workers, self.elsewhere.get(tenant, IDLE)
+        with self._counted(self.workers, tenant, limit, "workers", elsewhere.workers):
             yield
+
+    def usage(self) -> dict[str, Usage]:
+        """This server's open watches and connected workers, of each tenant that has any."""
+        tenants = self.watches.keys() | self.workers.keys()
+        return {t: Usage(self.watches.get(t, 0), self.workers.get(t, 0)) for t in tenants}
 
     @staticmethod
     @contextlib.contextmanager
     def _counted(
-        counts: dict[str, int], tenant: str, limit: int | None, what: str
+        counts: dict[str, int], tenant: str, limit: int | None, what: str, elsewhere: int
     ) -> Iterator[None]:
         count = counts.get(tenant, 0)
-        if limit is not None and count >= limit:
+        if limit is not None and count + elsewhere >= limit:
+            others = f" ({elsewhere} on other servers)" if elsewhere else ""
             raise TenantLimitReached(
-                f"the tenant has {count} open {what}; at most {limit}", f"max_{what}", 1.0
+                f"the tenant has {count + elsewhere} open {what}{others}; at most {limit}",
+                f"max_{what}",
+                1.0,
             )
         counts[tenant] = count + 1
         try:

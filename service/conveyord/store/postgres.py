@@ -616,6 +616,13 @@ class PostgresStore(MemoryStore):
         if delivered.done():
             delivered.result()  # StoreFailed, if the store failed meanwhile
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The store's connections, for what a replica keeps in the database beside the
+        tasks (its usage of the tenants' limits: postgres_usage.py); StoreFailed once the
+        store failed."""
+        return self._usable_pool()
+
     def _usable_pool(self) -> asyncpg.Pool:
         if self._failure is not None:
             raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
