@@ -9,7 +9,19 @@ default.
 
 Over a limit, a call is refused with RESOURCE_EXHAUSTED and a RetryInfo saying when to try
 again (for the rate, when the bucket will hold enough; for the others, a second), before
-anything changes. The counts are this server's: with one store per server they are exact.
+anything changes.
+
+With one store per server (memory, SQLite) every count is this server's, and exact. On a
+store that several servers share (PostgreSQL), each limit holds across all of them:
+- the rate exactly: a tenant has one bucket, a row in the database that each create takes
+  its tokens from in its own transaction, by the database's clock (store/postgres.py);
+- the queue cap as of this server's copy of the queue, which trails the others' commits by
+  the few milliseconds of the change feed: a burst may overshoot by what the other servers
+  admit meanwhile;
+- the watches and workers as this server's own count, exact, plus the other servers' as
+  last published (`elsewhere`, store/postgres_usage.py): up to two seconds old, so a tenant
+  may overshoot by what it opened on other servers in that time, or be refused that much
+  longer after it closed them there.
 """
 
 from __future__ import annotations
