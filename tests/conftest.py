@@ -220,12 +220,12 @@ PostgresOpener = Callable[..., Any]  # opens a PostgresStore on the test's datab
 
 @pytest.fixture
 async def opened(postgres_url: str) -> AsyncIterator[PostgresOpener]:
-    """Opens PostgreSQL stores (as several replicas would) on the test's database, and
-    closes them all at the end."""
+    """Opens PostgreSQL stores (as several replicas would) on the test's database (or at
+    another `url` of it), and closes them all at the end."""
     stores: list[PostgresStore] = []
 
-    async def make(**options: Any) -> PostgresStore:
-        store = PostgresStore(postgres_url, **options)
+    async def make(url: str = postgres_url, **options: Any) -> PostgresStore:
+        store = PostgresStore(url, **options)
         await store.open()
         stores.append(store)
         return store

@@ -1,11 +1,12 @@
 """A TCP proxy for tests: forwards to a server, and breaks connections when told to.
 
-It can cut every live connection (a real TCP break), hold new connections off until it is
-released, and drop the server's answer to the next request by closing the connection at
-the moment that answer starts: it reads the server's bytes as HTTP/2 frames and, when
-armed, closes both sockets instead of forwarding the first HEADERS frame of a stream. Of any
-protocol, it can let a request through and hold back everything the server answers after it
-(`hold_answer`), until the connection is cut.
+It can cut every live connection (a real TCP break), hold new connections off or refuse
+them (as a server that is down would) until it is released, and drop the server's answer
+to the next request by closing the connection at the moment that answer starts: it reads
+the server's bytes as HTTP/2 frames and, when armed, closes both sockets instead of
+forwarding the first HEADERS frame of a stream. Of any protocol, it can let a request
+through and hold back everything the server answers after it (`hold_answer`), until the
+connection is cut.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Proxy:
         self.dropped_answers = 0
         self._open = threading.Event()
         self._open.set()
+        self._refusing = False
 
         self._closing = False
         self._drop_armed = False
@@ -79,7 +81,14 @@ class Proxy:
         """Accept new connections but forward nothing until `release`."""
         self._open.clear()
 
+    def refuse(self) -> None:
+        """Cut every live connection and close each new one at once, as a server that is
+        down would, until `release`."""
+        self._refusing = True
+        self.cut()
+
     def release(self) -> None:
+        self._refusing = False
         self._open.set()
 
     def stall(self) -> None:
@@ -148,6 +157,9 @@ class Proxy:
 
     def _connect(self, client: socket.socket) -> None:
         self._open.wait()
+        if self._refusing:
+            client.close()
+            return
         try:
             server = socket.create_connection(self._upstream)
         except OSError:

@@ -5,6 +5,10 @@ killed under one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -15,7 +19,10 @@ from conveyord.store import store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
 from conveyord.store.postgres import PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
+from conveyord.store.postgres_usage import SharedUsage
+from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants, Usage
 from tests.conftest import PostgresOpener
+from tests.proxy import Proxy
 from tests.test_store import admit, complete, create_one, new_task, start
 
 Opener = PostgresOpener
@@ -26,6 +33,15 @@ async def sql(url: str, statement: str, *args: Any) -> Any:
     connection = await asyncpg.connect(url)
     try:
         return await connection.fetchval(statement, *args)
+    finally:
+        await connection.close()
+
+
+async def rows(url: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one query on its own connection; its rows, as tuples."""
+    connection = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await connection.fetch(statement, *args)]
     finally:
         await connection.close()
 
@@ -180,6 +196,128 @@ async def test_changes_since_on_another_store_resumes_without_a_gap(opened: Open
     assert [c.revision for c in changes] == list(range(resume_at + 1, latest + 1))
     assert [c.task.task_id for c in changes] == [first.task_id, second.task_id, first.task_id]
     assert [c.revision for c in await b.changes_since(resume_at, TaskFilter())] == [2, 3, 4]
+
+
+async def test_a_tenant_s_rate_is_one_bucket_for_every_store(
+    postgres_url: str, opened: Opener
+) -> None:
+    a, b = await opened(), await opened()
+    limits = TenantLimits(rate=0.01, burst=3)  # a token every 100 s: none comes back here
+    rates_a, rates_b = Tenants(limits), Tenants(limits)  # each server's, alike
+    await a.create([new_task(tenant="t"), new_task(tenant="t")], admit, rates_a)
+    await b.create([new_task(tenant="t")], admit, rates_b)  # the burst's last token
+    told: list[float] = []
+    for store, rates in ((a, rates_a), (b, rates_b)):
+        with pytest.raises(TenantLimitReached) as refused:
+            await store.create([new_task(tenant="t")], admit, rates)
+        told.append(refused.value.retry_after)
+    # The next token comes in 100 s: the first refused is told so, the second (on the
+    # other store) to come after it.
+    assert told == [pytest.approx(100, abs=1), pytest.approx(200, abs=1)]
+    await b.create([new_task(tenant="u")], admit, rates_b)  # another tenant's is its own
+    await a.create([new_task(tenant="free")], admit, Tenants())  # no rate: no bucket
+    counts = "SELECT tenant, count(*) FROM conveyor_tasks GROUP BY tenant ORDER BY tenant"
+    assert await rows(postgres_url, counts) == [("free", 1), ("t", 3), ("u", 1)]
+    buckets = "SELECT tenant FROM conveyor_tenant_buckets ORDER BY tenant"
+    assert await rows(postgres_url, buckets) == [("t",), ("u",)]
+
+
+async def test_a_request_id_another_store_took_meanwhile_costs_no_token(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    limits = TenantLimits(rate=0.01, burst=2)
+    rates_a, rates_b = Tenants(limits), Tenants(limits)
+    # Sent to both at once, before either knows it: each inserts, the database keeps one.
+    made = await asyncio.gather(
+        a.create([new_task("nightly")], admit, rates_a),
+        b.create([new_task("nightly")], admit, rates_b),
+    )
+    ((first, new_a),), ((second, new_b),) = made
+    assert first.task_id == second.task_id
+    assert sorted([new_a, new_b]) == [False, True]
+    await b.create([new_task()], admit, rates_b)  # the second token was left
+    with pytest.raises(TenantLimitReached):
+        await a.create([new_task()], admit, rates_a)
+
+
+async def test_each_replica_counts_the_watches_and_workers_the_others_published(
+    opened: Opener,
+) -> None:
+    a, b = await opened(), await opened()
+    limits = TenantLimits(max_watches=2, max_workers=1)
+    on_a, on_b = Tenants(limits), Tenants(limits)
+    usage_a, usage_b = SharedUsage(a, on_a, "a"), SharedUsage(b, on_b, "b")
+    with on_a.watching("t"), on_a.connected("t"), on_b.watching("t"):
+        assert await usage_a.publish()
+        assert await usage_b.publish()  # b's written, a's read
+        assert on_b.elsewhere == {"t": Usage(watches=1, workers=1)}
+        with pytest.raises(TenantLimitReached, match=r"2 open watches \(1 on other servers\)"):
+            _enter(on_b.watching("t"))
+        with pytest.raises(TenantLimitReached, match="1 open workers"):
+            _enter(on_b.connected("t"))
+        _enter(on_b.watching("u"))  # another tenant's counts are its own
+        assert await usage_a.publish()
+        assert on_a.elsewhere == {"t": Usage(watches=1, workers=0)}
+    assert await usage_a.publish()  # a closed them: once it says so, b counts none
+    assert await usage_b.publish()
+    assert on_b.elsewhere == {}
+    _enter(on_b.connected("t"))
+
+
+async def test_a_replica_taken_for_dead_writes_its_counts_again(opened: Opener) -> None:
+    a, b = await opened(), await opened()
+    on_a, on_b = Tenants(), Tenants()
+    usage_a, usage_b = SharedUsage(a, on_a, "a"), SharedUsage(b, on_b, "b")
+    hasty = SharedUsage(b, Tenants(), "hasty", stale=0.0)  # any replica not in its round
+    with on_a.watching("t"):
+        assert await usage_a.publish()
+        assert await hasty.publish()  # takes a for dead, and deletes its rows
+        assert await usage_b.publish()
+        assert on_b.elsewhere == {}
+        assert await usage_a.publish()  # a finds itself gone, and says everything again
+        assert await usage_b.publish()
+        assert on_b.elsewhere == {"t": Usage(watches=1, workers=0)}
+
+
+async def test_a_replica_that_cannot_reach_the_database_keeps_the_counts_it_last_read(
+    postgres_url: str, opened: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = urllib.parse.urlsplit(postgres_url)
+    with Proxy(f"{parts.hostname}:{parts.port}", opaque=True) as proxy:
+        a = await opened()
+        b = await opened(url=parts._replace(netloc=f"{parts.username}@{proxy.address}").geturl())
+        on_a, on_b = Tenants(), Tenants()
+        usage_a, usage_b = SharedUsage(a, on_a, "a"), SharedUsage(b, on_b, "b")
+        with on_a.watching("t"):
+            assert await usage_a.publish()
+            assert await usage_b.publish()
+        assert await usage_a.publish()  # a has closed it, but b cannot read that
+        proxy.refuse()
+        with caplog.at_level(logging.WARNING, "conveyord.store.postgres_usage"):
+            assert not await usage_b.publish()
+            assert not await usage_b.publish()
+        warnings = [r.getMessage() for r in caplog.records if r.name.endswith("postgres_usage")]
+        assert len(warnings) == 1  # said once
+        assert "counting the other replicas' as last read" in warnings[0]
+        assert on_b.elsewhere == {"t": Usage(watches=1, workers=0)}
+        proxy.release()
+        assert await _eventually(usage_b.publish)  # once its pool connects again
+        assert on_b.elsewhere == {}
+
+
+def _enter(context: contextlib.AbstractContextManager[None]) -> None:
+    """Enter a context and leave it at once: a limit's check alone."""
+    with context:
+        pass
+
+
+async def _eventually(attempt: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
+    """Whether `attempt` returns True within `seconds`, tried again every tenth of one."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await attempt():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 async def test_a_store_whose_connections_are_killed_carries_on(

@@ -3,7 +3,9 @@ on one is watched on another and run by a worker connected to a third; a Cancel 
 attempt leased on another replica; and kill -9 of a replica under load loses nothing that
 was acknowledged, leaves no task RUNNING, runs no attempt twice, and its watcher resumes on
 another replica with no gap; a schedule that every replica fires makes one task for each of
-its times, none twice and none skipped, through a kill -9 of a replica."""
+its times, none twice and none skipped, through a kill -9 of a replica; and a tenant's
+limits hold across replicas: its rate is one bucket, and its watches and workers on one
+replica count on the others (until it dies)."""
 
 from __future__ import annotations
 
@@ -12,19 +14,23 @@ import contextlib
 import itertools
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_service_pb2 as pb
+from conveyor.v1 import worker_service_pb2 as wpb
 from conveyor.v1.schedule_service_pb2_grpc import ScheduleServiceStub
 from conveyor.v1.task_pb2 import TaskFilter
 from conveyor.v1.task_service_pb2_grpc import TaskServiceStub
+from conveyor.v1.worker_service_pb2_grpc import WorkerServiceStub
 from conveyord.schedules.rules import nominal_text
 from tests.processes import Conveyord
 from tests.support import (
@@ -33,7 +39,9 @@ from tests.support import (
     CREATED,
     RUNNING,
     create,
+    error_info,
     final,
+    read,
     result_of,
     task_request,
 )  # fmt: skip
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
 Replicas = Callable[..., list[Conveyord]]
 HANDLERS = ("--handlers", "tests.worker_handlers")
 CHANGED = pb.WATCH_EVENT_TYPE_CHANGED
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture
@@ -292,3 +301,112 @@ def _nominal(schedule: spb.Schedule) -> str:
     """The nominal time of a schedule's last run, as its runs' label shows it."""
     stamp = schedule.info.last_run.nominal_time
     return nominal_text(stamp.seconds + stamp.nanos / 1e9)
+
+
+# A tenant's rate on every replica: a burst of 10, and a token every 100 s after it (none
+# comes back during a test).
+SLOW_RATE = ("--tenant-rate", "0.01", "--tenant-burst", "10")
+
+
+def _refusal(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, float]:
+    """A refused call's code, the limit its ErrorInfo names, and its RetryInfo's delay."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    retry = error_details_pb2.RetryInfo()
+    (delay,) = [
+        retry.retry_delay.ToTimedelta().total_seconds()
+        for detail in status.details
+        if detail.Unpack(retry)
+    ]
+    return error.code(), error_info(error).metadata["limit"], delay
+
+
+async def test_a_tenant_s_rate_is_one_bucket_for_every_replica(replicas: Replicas) -> None:
+    a, b = replicas(2, "--task-type", "remote.square", *SLOW_RATE)
+    made: list[str] = []
+    refusals: list[tuple[grpc.StatusCode, str, float]] = []
+    async with stubs(a, b) as (on_a, on_b):
+        for number in range(30):  # by turns on each replica
+            stub = on_a if number % 2 else on_b
+            try:
+                made.append((await create(stub, "remote.square", {"n": number})).task_id)
+            except grpc.aio.AioRpcError as error:
+                refusals.append(_refusal(error))
+        listed = await on_a.List(pb.ListRequest(page_size=100))
+    assert len(made) == 10  # the one burst: each replica's own bucket would have let 20
+    assert {(code, limit) for code, limit, _ in refusals} == {(EXHAUSTED, "rate")}
+    # The next token is 100 s away: each refused caller, on either replica, is told to come
+    # back after those refused before it.
+    assert [round(delay / 100) for _, _, delay in refusals] == list(range(1, 21))
+    assert sorted(task.task_id for task in listed.tasks) == sorted(made)  # refused: none made
+
+
+async def test_a_request_id_taken_on_one_replica_costs_no_token_on_another(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas(2, "--task-type", "remote.square", *SLOW_RATE)
+    async with stubs(a, b) as (on_a, on_b):
+        first = await create(on_a, "remote.square", {"n": 1}, request_id="nightly")
+        for _ in range(5):  # replayed on the other replica: the same task, for free
+            again = await create(on_b, "remote.square", {"n": 1}, request_id="nightly")
+            assert again.task_id == first.task_id
+        for number in range(9):  # the burst's other nine tokens, on both replicas
+            await create(on_b if number % 2 else on_a, "remote.square", {"n": number})
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await create(on_b, "remote.square", {"n": 10})
+    assert _refusal(refused.value)[:2] == (EXHAUSTED, "rate")
+
+
+async def _refused(call: Any, limit: str) -> bool:
+    """Whether a Watch or Connect stream is refused at its tenant's `limit` (False: it was
+    taken; it is ended at once)."""
+    try:
+        await call.read()
+    except grpc.aio.AioRpcError as error:
+        assert _refusal(error)[:2] == (EXHAUSTED, limit)
+        return True
+    finally:
+        call.cancel()
+    return False
+
+
+async def _not(attempt: Awaitable[bool]) -> bool:
+    return not await attempt
+
+
+async def _until(attempt: Callable[[], Awaitable[bool]], seconds: float = 20.0) -> None:
+    """Try `attempt` every tenth of a second until it returns True; fail after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await attempt():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {seconds} s"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_tenant_s_watches_and_workers_count_on_every_replica(replicas: Replicas) -> None:
+    a, b = replicas(
+        2, "--task-type", "remote.square", "--tenant-max-watches", "1", "--tenant-max-workers", "1"
+    )
+    hello = wpb.ConnectRequest(worker_id="w", task_types=["remote.square"], slots=1)
+    async with (
+        grpc.aio.insecure_channel(a.address) as to_a,
+        grpc.aio.insecure_channel(b.address) as to_b,
+    ):
+        on_a, on_b = TaskServiceStub(to_a), TaskServiceStub(to_b)
+        workers_a, workers_b = WorkerServiceStub(to_a), WorkerServiceStub(to_b)
+        task = await create(on_a, "remote.square", {"n": 1})
+        watch = pb.WatchRequest(task_id=task.task_id)
+        watching = on_a.Watch(watch)
+        assert (await read(watching)).type == pb.WATCH_EVENT_TYPE_CURRENT
+        connected = workers_a.Connect(hello)  # held open until a dies
+        welcome = await connected.read()
+        assert isinstance(welcome, wpb.ConnectResponse)
+        assert welcome.WhichOneof("message") == "welcome"
+        # Once a has published them, b counts a's watch and worker.
+        await _until(lambda: _refused(on_b.Watch(watch), "max_watches"))
+        await _until(lambda: _refused(workers_b.Connect(hello), "max_workers"))
+        watching.cancel()  # and once a has published that it closed it, b takes one
+        await _until(lambda: _not(_refused(on_b.Watch(watch), "max_watches")))
+        # a dies with its worker connected: its rows go stale, and b no longer counts it.
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait()
+        await _until(lambda: _not(_refused(workers_b.Connect(hello), "max_workers")))

@@ -31,8 +31,11 @@ from conveyord.store.base import (
 from conveyord.store.memory import MAX_KEPT_ATTEMPTS, MemoryStore
 from conveyord.store.postgres import PostgresStore
 from conveyord.store.sqlite import SqliteStore
+from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants
 
 Opener = Callable[..., TaskStore]
+# Two tokens, and one more every 100 s: none comes back during a test.
+SLOW_RATE = TenantLimits(rate=0.01, burst=2)
 DurableStore = (SqliteStore, PostgresStore)
 
 
@@ -124,6 +127,25 @@ async def test_a_refused_admission_stores_nothing(store: TaskStore) -> None:
         await create_one(store, new_task(), full)
     assert (await store.revision()) == 0
     assert (await store.list(TaskFilter(), 0, 10))[0] == []
+
+
+async def test_a_create_is_charged_the_tasks_it_makes_and_a_refused_one_makes_none(
+    store: TaskStore,
+) -> None:
+    rates = Tenants(SLOW_RATE)
+    first, _ = (await store.create([new_task("r1")], admit, rates))[0]
+    for _ in range(3):  # a known request id makes no task, and costs no token
+        assert (await store.create([new_task("r1")], admit, rates))[0] == (first, False)
+    await store.create([new_task()], admit, rates)  # the second token
+    with pytest.raises(TenantLimitReached) as refused:
+        await store.create([new_task(), new_task()], admit, rates)
+    assert refused.value.limit == "rate"
+    assert refused.value.retry_after == pytest.approx(200, abs=1)  # two tokens, 100 s each
+    await store.create([new_task(tenant="other")], admit, rates)  # its bucket is its own
+    assert (await store.revision()) == 3
+    assert [task.tenant for task in (await store.list(TaskFilter(), 0, 10))[0]] == [
+        "", "", "other",
+    ]  # fmt: skip
 
 
 async def test_update_applies_the_mutation_to_the_latest_state(store: TaskStore) -> None:

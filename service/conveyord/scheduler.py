@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import logging
 import sys
 import time
@@ -187,30 +186,27 @@ class Scheduler:
         self._refusal = reason
         self._accepting = False
 
-    def _admit(self, tasks: Sequence[Task], charge: bool = True) -> None:
-        """Raise unless the queue, and each tenant's, has room for `tasks` and, if they are
-        to be charged, the tenant's rate allows them (the store asks before storing, with
-        the new tasks only: a replayed request_id, or a refused call, costs nothing)."""
+    def _admit(self, tasks: Sequence[Task]) -> None:
+        """Raise unless the queue, and each tenant's, has room for `tasks` (the store asks
+        before storing, with the new tasks only: a replayed request_id costs nothing)."""
         if not self._accepting:
             raise self._refusal or ShuttingDown()
         if self.queued + len(tasks) > self.config.max_queued:
             raise QueueFull(len(tasks), self.config.max_queued)
         # One tenant, but for schedules' runs.
-        per_tenant = collections.Counter(task.tenant for task in tasks).items()
-        for tenant, count in per_tenant:
+        for tenant, count in collections.Counter(task.tenant for task in tasks).items():
             self.tenants.check_queue(tenant, count, self.store.queued_of(tenant))
-        if charge:  # the last check: the tokens taken are then spent on tasks made
-            for tenant, count in per_tenant:
-                self.tenants.take(tenant, count)
 
     async def create(self, tasks: Sequence[Task], charge: bool = True) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, for dispatch to run; each comes back with False if
         its request_id was known already (it is then the task first created with it). The
-        new ones count against their tenant's rate if `charge` (not a schedule's runs)."""
+        new ones count against their tenant's rate if `charge` (not a schedule's runs): the
+        store charges those it stores, last (a refused call costs nothing), and a shared
+        store charges every server's in one bucket."""
         if not self._accepting:
             raise self._refusal or ShuttingDown()
-        admit = self._admit if charge else functools.partial(self._admit, charge=False)
-        return await self.store.create(tasks, admit=admit)
+        rates = self.tenants if charge else None
+        return await self.store.create(tasks, admit=self._admit, rates=rates)
 
     async def cancel(self, task_id: str, reason: str) -> Task:
         """Cancel a task: at once if queued; if running, its holder is told (by dispatch,

@@ -38,6 +38,8 @@ from conveyord.schedules.api import method_handlers as schedule_method_handlers
 from conveyord.schedules.runner import RunRequest, ScheduleRunner
 from conveyord.store import DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_SIZE, store_from_url
 from conveyord.store.base import StoreFailed, TaskStore
+from conveyord.store.postgres import PostgresStore
+from conveyord.store.postgres_usage import SharedUsage
 from conveyord.task_log import TaskLog
 from conveyord.tenants import TenantLimits, Tenants
 from conveyord.tls import CertificateFiles, TlsFiles, check_exposure
@@ -136,6 +138,12 @@ class Server:
         self.scheduler = Scheduler(
             self.store, self.registry, config.scheduler, clock=clock, tenants=self.tenants
         )
+        # On a store shared with other servers, their watches and workers count too.
+        self.usage = (
+            SharedUsage(self.store, self.tenants, self.scheduler.worker.holder)
+            if isinstance(self.store, PostgresStore)
+            else None
+        )
         self.scheduler.worker.tracing = config.tracing
         self.schedules = ScheduleRunner(self.store, self._make_runs, clock)
         self._schedule_api = ScheduleServiceApi(
@@ -204,6 +212,8 @@ class Server:
         self.watchdog.start()  # before the scheduler, so that recovered tasks are tracked
         await self.scheduler.start()
         self.schedules.start()
+        if self.usage is not None:
+            await self.usage.start()
         await server.start()
         for service in ("", SERVICE_NAME, WORKER_SERVICE_NAME, SCHEDULE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -233,6 +243,8 @@ class Server:
         self.hub.close()
         await self.hub.wait_closed(timeout=1.0)
         await self._grpc.stop(grace=1.0)
+        if self.usage is not None:
+            await self.usage.stop()
         await self.store.close()
         await self.watchdog.stop()
         if self.metrics is not None:

@@ -9,19 +9,32 @@ default.
 
 Over a limit, a call is refused with RESOURCE_EXHAUSTED and a RetryInfo saying when to try
 again (for the rate, when the bucket will hold enough; for the others, a second), before
-anything changes. The counts are this server's: with one store per server they are exact.
+anything changes.
+
+With one store per server (memory, SQLite) every count is this server's, and exact. On a
+store that several servers share (PostgreSQL), each limit holds across all of them:
+- the rate exactly: a tenant has one bucket, a row in the database that each create takes
+  its tokens from in its own transaction, by the database's clock (store/postgres.py);
+- the queue cap as of this server's copy of the queue, which trails the others' commits by
+  the few milliseconds of the change feed: a burst may overshoot by what the other servers
+  admit meanwhile;
+- the watches and workers as this server's own count, exact, plus the other servers' as
+  last published (`elsewhere`, store/postgres_usage.py): up to two seconds old, so a tenant
+  may overshoot by what it opened on other servers in that time, or be refused that much
+  longer after it closed them there.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf import duration_pb2
@@ -30,6 +43,9 @@ from google.rpc import error_details_pb2
 
 from conveyord.errors import ConveyorError
 from conveyord.watched_file import WatchedFile
+
+if TYPE_CHECKING:
+    from conveyord.model import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +160,7 @@ class TenantLimitReached(ConveyorError):
 _CRUMB = 1e-6  # seconds: what a clock's rounding (of times near 2e9 s) may leave a caller short
 
 
-class _Bucket:
+class Bucket:
     """A token bucket kept as the generic cell rate algorithm does: `full_at`, the time at
     which the bucket is full again (up to `size` tokens may be taken while it lies at most
     `size / rate` ahead).
@@ -154,9 +170,9 @@ class _Bucket:
     another, each in its turn, rather than all at the moment of the next token.
     """
 
-    def __init__(self, now: float) -> None:
-        self.full_at = now
-        self.told = -math.inf  # when the latest refused caller was told to come back
+    def __init__(self, full_at: float, told: float = -math.inf) -> None:
+        self.full_at = full_at  # a new bucket is full: at the time it is made, or before
+        self.told = told  # when the latest refused caller was told to come back
 
     def take(self, count: int, rate: float, size: float, now: float) -> float:
         """Take `count` tokens; 0.0 if taken, else the seconds until they are there."""
@@ -168,6 +184,16 @@ class _Bucket:
             return 0.0
         self.told = max(fits_at, self.told + min(count, size) / rate)
         return self.told - now
+
+
+class Usage(NamedTuple):
+    """What a tenant has open on a server, of what its limits count."""
+
+    watches: int
+    workers: int
+
+
+IDLE = Usage(0, 0)
 
 
 class Tenants:
@@ -184,24 +210,45 @@ class Tenants:
             LimitsFile(limits_file, self.defaults, clock) if limits_file is not None else None
         )
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
-        self.watches: dict[str, int] = {}
-        self.workers: dict[str, int] = {}
+        self._buckets: dict[str, Bucket] = {}
+        self.watches: dict[str, int] = {}  # this server's open watches, by tenant
+        self.workers: dict[str, int] = {}  # and its connected workers
+        # The other servers' (on a shared store, as last read: store/postgres_usage.py).
+        self.elsewhere: Mapping[str, Usage] = {}
 
     def limits(self, tenant: str) -> TenantLimits:
         if self._file is None:
             return self.defaults
         return self._file.limits_of(tenant)
 
+    def charge(self, tasks: Sequence[Task]) -> None:
+        """Count new tasks against their tenants' rates (this server's buckets), or refuse
+        them (a create's tasks are one tenant's: schedules' runs, of several, are not
+        charged)."""
+        for tenant, count in collections.Counter(task.tenant for task in tasks).items():
+            self.take(tenant, count)
+
     def take(self, tenant: str, count: int) -> None:
         """Count `count` new tasks against the tenant's rate, or refuse them all."""
-        limits = self.limits(tenant)
-        if limits.rate is None or count == 0:
+        if not self.rated(tenant) or count == 0:
             return
         now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(now)
+            bucket = self._buckets[tenant] = Bucket(now)
+        self.take_from(bucket, tenant, count, now)
+
+    def rated(self, tenant: str) -> bool:
+        """Whether the tenant has a rate (a bucket to take new tasks' tokens from)."""
+        return self.limits(tenant).rate is not None
+
+    def take_from(self, bucket: Bucket, tenant: str, count: int, now: float) -> None:
+        """Take `count` tokens from the tenant's bucket as it stands at `now`, or refuse them
+        all: this server's bucket at its clock, or one that a shared store keeps (its row,
+        at the database's clock, locked by the transaction that stores the tasks)."""
+        limits = self.limits(tenant)
+        if limits.rate is None or count == 0:
+            return
         wait = bucket.take(count, limits.rate, limits.bucket, now)
         if wait:
             raise TenantLimitReached(
@@ -225,24 +272,34 @@ class Tenants:
     @contextlib.contextmanager
     def watching(self, tenant: str) -> Iterator[None]:
         """Count an open Watch stream of the tenant while it lasts, or refuse it."""
-        with self._counted(self.watches, tenant, self.limits(tenant).max_watches, "watches"):
+        limit, elsewhere = self.limits(tenant).max_watches, self.elsewhere.get(tenant, IDLE)
+        with self._counted(self.watches, tenant, limit, "watches", elsewhere.watches):
             yield
 
     @contextlib.contextmanager
     def connected(self, tenant: str) -> Iterator[None]:
         """Count a connected worker of the tenant while it stays, or refuse it."""
-        with self._counted(self.workers, tenant, self.limits(tenant).max_workers, "workers"):
+        limit, elsewhere = self.limits(tenant).max_workers, self.elsewhere.get(tenant, IDLE)
+        with self._counted(self.workers, tenant, limit, "workers", elsewhere.workers):
             yield
+
+    def usage(self) -> dict[str, Usage]:
+        """This server's open watches and connected workers, of each tenant that has any."""
+        tenants = self.watches.keys() | self.workers.keys()
+        return {t: Usage(self.watches.get(t, 0), self.workers.get(t, 0)) for t in tenants}
 
     @staticmethod
     @contextlib.contextmanager
     def _counted(
-        counts: dict[str, int], tenant: str, limit: int | None, what: str
+        counts: dict[str, int], tenant: str, limit: int | None, what: str, elsewhere: int
     ) -> Iterator[None]:
         count = counts.get(tenant, 0)
-        if limit is not None and count >= limit:
+        if limit is not None and count + elsewhere >= limit:
+            others = f" ({elsewhere} on other servers)" if elsewhere else ""
             raise TenantLimitReached(
-                f"the tenant has {count} open {what}; at most {limit}", f"max_{what}", 1.0
+                f"the tenant has {count + elsewhere} open {what}{others}; at most {limit}",
+                f"max_{what}",
+                1.0,
             )
         counts[tenant] = count + 1
         try:

@@ -20,6 +20,7 @@ from conveyord.model import Attempt, Change, Task, TaskFilter, TaskStatus
 
 if TYPE_CHECKING:
     from conveyord.store.schedules import ScheduleBook
+    from conveyord.tenants import Tenants
 
 # Given a task's latest state, returns its next state, made with `Task.evolve` (a record no
 # one else holds yet: the store stamps its revision on it), or None for no change.
@@ -136,7 +137,10 @@ class TaskStore(Protocol):
         ...
 
     async def create(
-        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
+        self,
+        tasks: Sequence[Task],
+        admit: Callable[[Sequence[Task]], None],
+        rates: Tenants | None = None,
     ) -> list[tuple[Task, bool]]:
         """Store new tasks, all or none, and return each with its revision, its `seq`, and
         `True`. The records given become the store's (it stamps their seq and revision).
@@ -145,6 +149,12 @@ class TaskStore(Protocol):
         first created with it comes back with `False`; if that task was created from a
         different request, RequestIdReused is raised and nothing is stored. Before storing,
         `admit(the new tasks)` is called, which raises to refuse them (a full queue).
+
+        With `rates`, the tasks it stores count against their tenants' rates, last: a
+        tenant over its rate is TenantLimitReached, and nothing is stored. A shared store
+        takes their tokens from buckets in its database, in the transaction that stores
+        them, so that every server takes from the same and a request id that another
+        server took meanwhile costs nothing.
         """
         ...
 

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING
 
 from conveyord import lifecycle
 from conveyord.feed import ChangeFeed
@@ -30,6 +31,9 @@ from conveyord.store.base import (
 from conveyord.store.history import ChangeHistory
 from conveyord.store.index import DispatchIndex, ListIndex, TaskCounts
 from conveyord.store.schedules import ScheduleBook
+
+if TYPE_CHECKING:
+    from conveyord.tenants import Tenants
 
 DEFAULT_HISTORY_SIZE = 100_000
 DEFAULT_HISTORY_AGE = 600.0
@@ -110,10 +114,16 @@ class MemoryStore:
     # -- writes ------------------------------------------------------------------
 
     async def create(
-        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
+        self,
+        tasks: Sequence[Task],
+        admit: Callable[[Sequence[Task]], None],
+        rates: Tenants | None = None,
     ) -> list[tuple[Task, bool]]:
         known = [self._known_request(task) for task in tasks]
-        admit([task for task, first in zip(tasks, known, strict=True) if first is None])
+        unknown = [task for task, first in zip(tasks, known, strict=True) if first is None]
+        admit(unknown)
+        if rates is not None:  # the last check: the tokens taken are spent on tasks made
+            rates.charge(unknown)
         changes: list[Change] = []
         for task, first in zip(tasks, known, strict=True):
             if first is None:

@@ -59,6 +59,7 @@ from conveyord.store.postgres_schema import CREATED, MIGRATIONS, RUNNING, fix_ag
 from conveyord.store.schedules import ScheduleBook, ScheduleMutation, ScheduleNotFound
 from conveyord.store.schedules import decode as decode_schedule
 from conveyord.store.schedules import encode as encode_schedule
+from conveyord.tenants import Bucket, Tenants
 
 if TYPE_CHECKING:
     from conveyord.store.postgres_schema import Connection
@@ -228,6 +229,7 @@ class _Op:
 @dataclasses.dataclass(eq=False)
 class _Create(_Op):
     tasks: Sequence[Task]  # the tasks not known to the cache when the call came
+    rates: Tenants | None = None  # what its new tasks are charged to (None: not charged)
 
 
 @dataclasses.dataclass(eq=False)
@@ -614,6 +616,13 @@ class PostgresStore(MemoryStore):
         if delivered.done():
             delivered.result()  # StoreFailed, if the store failed meanwhile
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The store's connections, for what a replica keeps in the database beside the
+        tasks (its usage of the tenants' limits: postgres_usage.py); StoreFailed once the
+        store failed."""
+        return self._usable_pool()
+
     def _usable_pool(self) -> asyncpg.Pool:
         if self._failure is not None:
             raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
@@ -623,12 +632,17 @@ class PostgresStore(MemoryStore):
     # -- writes ------------------------------------------------------------------------
 
     async def create(
-        self, tasks: Sequence[Task], admit: Callable[[Sequence[Task]], None]
+        self,
+        tasks: Sequence[Task],
+        admit: Callable[[Sequence[Task]], None],
+        rates: Tenants | None = None,
     ) -> list[tuple[Task, bool]]:
+        """As MemoryStore's, the tokens of the tenants' rates taken from the buckets in the
+        database (`_charge`)."""
         known = [self._known_request(task) for task in tasks]
         new = [task for task, first in zip(tasks, known, strict=True) if first is None]
         admit(new)
-        created: list[tuple[Task, bool]] = await self._submit(_Create(new)) if new else []
+        created: list[tuple[Task, bool]] = await self._submit(_Create(new, rates)) if new else []
         made = iter(created)
         return [next(made) if first is None else (first, False) for first in known]
 
@@ -859,7 +873,8 @@ class PostgresStore(MemoryStore):
     async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
         """Stage the new tasks of every create: a request id that another replica took
         gives back the first task (or fails the create with RequestIdReused); one asked
-        for twice in this batch waits for the next. The rows are written at the end."""
+        for twice in this batch waits for the next. The rows are written at the end. The
+        tasks it makes are charged to their tenants' rates (`_charge`)."""
         taken: dict[tuple[str, str], _Create] = {}
         inserting: list[_Create] = []
         for op in ops:
@@ -872,16 +887,19 @@ class PostgresStore(MemoryStore):
         firsts = await self._firsts(
             batch, connection, [task for op in inserting for task in op.tasks if task.request_id]
         )
+        buckets = await _lock_buckets(connection, inserting, firsts)
         at = self._clock()
         for op in inserting:
             try:
                 results = _created(op.tasks, firsts)
+                _charge(op, results, buckets)
             except Exception as error:
                 batch.answers.append((op, None, error))
                 continue
             staged = [batch.stage(ChangeKind.CHANGED, task, at) for task, new in results if new]
             batch.apply(staged)
             batch.answers.append((op, functools.partial(list, results), None))
+        await _keep_buckets(connection, buckets)
 
     async def _firsts(
         self, batch: _Batch, connection: Connection, keyed: list[Task]
@@ -1387,6 +1405,62 @@ def _seq_code(batch: _Batch, task: Task) -> int:
     """The task's seq, or (negative) the offset of the change creating it in this batch."""
     created = batch.created.get(task.task_id)
     return -created if created is not None else task.seq
+
+
+# The tenants' buckets (tenants.Bucket) that creates take tokens from, made (full) if new,
+# locked in tenant order (so that two replicas never wait on each other), each with the
+# database's clock once it is locked: every replica's arithmetic on a bucket uses that one.
+_LOCK_BUCKETS = """
+INSERT INTO conveyor_tenant_buckets AS b (tenant)
+SELECT tenant FROM unnest($1::text[]) AS n(tenant) ORDER BY tenant
+ON CONFLICT (tenant) DO UPDATE SET full_at = b.full_at
+RETURNING tenant, full_at, told, extract(epoch FROM clock_timestamp())::float8 AS now
+"""
+_KEEP_BUCKETS = """
+UPDATE conveyor_tenant_buckets AS b SET full_at = k.full_at, told = k.told
+FROM unnest($1::text[], $2::float8[], $3::float8[]) AS k(tenant, full_at, told)
+WHERE b.tenant = k.tenant
+"""
+_Buckets = dict[str, tuple[Bucket, float]]  # tenant: its bucket, and the database's time
+
+
+async def _lock_buckets(
+    connection: Connection, creates: Sequence[_Create], firsts: Mapping[tuple[str, str], Task]
+) -> _Buckets:
+    """The buckets of the rated tenants of the tasks that the creates make (not those whose
+    request ids `firsts` holds), locked until the transaction ends (none, and no statement,
+    if no such tenant has a rate)."""
+    tenants: set[str] = set()
+    for op in creates:
+        if op.rates is not None:
+            made = {t.tenant for t in op.tasks if (t.tenant, t.request_id) not in firsts}
+            tenants.update(tenant for tenant in made if op.rates.rated(tenant))
+    if not tenants:
+        return {}
+    rows = await connection.fetch(_LOCK_BUCKETS, sorted(tenants))
+    return {row["tenant"]: (Bucket(row["full_at"], row["told"]), row["now"]) for row in rows}
+
+
+def _charge(op: _Create, results: list[tuple[Task, bool]], buckets: _Buckets) -> None:
+    """Take the tokens of the tasks the create makes (not those another create made with
+    their request ids) from their tenants' buckets; TenantLimitReached if one has too few
+    (the create is then refused, and makes nothing)."""
+    if op.rates is None:
+        return
+    made = collections.Counter(task.tenant for task, new in results if new)
+    for tenant, count in made.items():
+        if tenant in buckets:
+            bucket, now = buckets[tenant]
+            op.rates.take_from(bucket, tenant, count, now)
+
+
+async def _keep_buckets(connection: Connection, buckets: _Buckets) -> None:
+    """Write back what the creates took from the buckets (and the refusals' turns)."""
+    if buckets:
+        states = [bucket for bucket, _ in buckets.values()]
+        await connection.execute(
+            _KEEP_BUCKETS, list(buckets), [b.full_at for b in states], [b.told for b in states]
+        )
 
 
 async def _rolled_back(connection: asyncpg.Connection) -> None:

@@ -97,6 +97,30 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX conveyor_schedules_request ON conveyor_schedules (tenant, request_id)
         WHERE request_id <> '';
     """,
+    # 2: each rated tenant's token bucket, one for every replica (tenants.Bucket's state),
+    # in seconds of the database's clock; a new row is a full bucket.
+    """
+    CREATE TABLE conveyor_tenant_buckets (
+        tenant text PRIMARY KEY,
+        full_at double precision NOT NULL DEFAULT '-infinity',  -- when it is full again
+        told double precision NOT NULL DEFAULT '-infinity'  -- when its last refused comes back
+    );
+    """,
+    # 3: what each replica has open of the tenants' limits of watches and workers, so that
+    # every replica counts them all (store/postgres_usage.py).
+    """
+    CREATE TABLE conveyor_replicas (
+        replica text PRIMARY KEY,          -- the holder of its local worker's leases
+        seen_at double precision NOT NULL  -- its latest round, by the database's clock
+    );
+    CREATE TABLE conveyor_usage (          -- a row for each tenant with anything open
+        replica text NOT NULL REFERENCES conveyor_replicas ON DELETE CASCADE,
+        tenant text NOT NULL,
+        watches integer NOT NULL,
+        workers integer NOT NULL,
+        PRIMARY KEY (replica, tenant)
+    );
+    """,
 )
 
 _VERSION_TABLE = """
