@@ -32,11 +32,15 @@ class _Link:
         self.server = server
         self._closed = threading.Event()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
         if self._closed.is_set():
             return
-        self._closed.set()
-        self.flowing.set()  # a stalled pump wakes, and finds its socket closed
+        self._closed.set()  # first: a pump woken below forwards nothing (see _pump_*)
+        self.flowing.set()  # a stalled or held pump wakes, and stops
         self.answering.set()
         for sock in (self.client, self.server):
             with contextlib.suppress(OSError):
@@ -116,7 +120,8 @@ class Proxy:
     def hold_answer(self, request: bytes) -> threading.Event:
         """Forward the next bytes a client sends that contain `request`, and from then on
         nothing the server sends back on that connection, as if the network failed just as
-        the request went; `cut` closes it. The event is set once the request went on."""
+        the request went; `cut` closes it, and what was held back never reaches the client.
+        The event is set once the request went on."""
         sent = threading.Event()
         with self._lock:
             self._hold = (request, sent)
@@ -177,6 +182,8 @@ class Proxy:
     def _pump_to_server(self, link: _Link) -> None:
         while data := _receive(link.client):
             link.flowing.wait()
+            if link.closed:  # stalled until the cut: what came meanwhile never goes
+                break
             held = self._take_hold(data)
             if held is not None:  # before the request goes, so that no answer to it slips by
                 link.answering.clear()
@@ -191,6 +198,11 @@ class Proxy:
         while data := _receive(link.server):
             link.flowing.wait()
             link.answering.wait()
+            # Woken by the cut (close sets the events to end this thread): what was stalled
+            # or held back never reaches the client, though its socket is still open until
+            # close shuts it down a moment later.
+            if link.closed:
+                break
             pending += data
             if self._opaque:
                 forward, pending, drop = pending, b"", False
