@@ -113,6 +113,13 @@ async def test_a_known_request_id_returns_the_first_task(store: TaskStore) -> No
     assert (await store.revision()) == 1
 
 
+async def test_a_task_is_found_by_its_tenant_and_request_id(store: TaskStore) -> None:
+    first, _ = await create_one(store, new_task("r1", tenant="acme"))
+    assert await store.get_by_request("acme", "r1") == first
+    assert await store.get_by_request("", "r1") is None  # another tenant's request id
+    assert await store.get_by_request("acme", "r2") is None
+
+
 async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskStore) -> None:
     results = await asyncio.gather(*(create_one(store, new_task("same")) for _ in range(20)))
     assert len({task.task_id for task, _ in results}) == 1
