@@ -3,7 +3,7 @@ runner, on a clock that moves only when told. Whatever each replica's view of th
 run, each nominal time is decided once (a run, a skip or a buffer) and its run made once; a
 buffered run is released once, in order; Trigger and Backfill keep to their overlap policy
 though the other replica fires the schedule meanwhile; a run decided by a replica that stops
-before making it is made by the other.
+before making it is made by the other, and one the queue refuses to a Trigger is taken back.
 
 One replica's view of the tasks trails the database by a few milliseconds; a test makes that
 lag certain (`Replica.unseen`: the ends it has not read yet) and makes one replica wait for
@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import schedule_service_pb2 as spb
@@ -23,6 +24,7 @@ from conveyor.v1 import task_pb2
 from conveyord.api import new_task_id
 from conveyord.errors import ShuttingDown
 from conveyord.model import Task, TaskFilter
+from conveyord.scheduler import QueueFull
 from conveyord.schedules import rules
 from conveyord.schedules.model import SCHEDULE_LABEL, Overlap, Policy, Schedule
 from conveyord.schedules.runner import RETRY_AFTER, RunRequest, ScheduleRunner
@@ -326,3 +328,25 @@ async def test_a_run_decided_by_a_replica_that_stops_before_making_it_is_made_by
     runs = await b.runs(schedule_id)
     assert [nominal(task) for task in runs] == [at(NOW + EVERY)] and made.pending == ()
     stopped(b)
+
+
+async def test_a_trigger_whose_run_the_queue_refuses_is_taken_back(opened: Opener) -> None:
+    a, b = await replicas(opened)
+    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule = await a.store.schedules.find(schedule_id)
+    assert schedule is not None
+
+    async def full() -> None:
+        raise QueueFull(1, 0)
+
+    a.before_make = full
+    key = f"schedule:{schedule_id}:trigger:t-1"
+    with pytest.raises(QueueFull):
+        await a.runner.extra(schedule, [NOW], [key], Overlap.SKIP)
+    latest = await a.latest(schedule_id)
+    assert (latest.pending, latest.run_count, latest.skipped) == ((), 0, 0)
+    assert await a.runs(schedule_id) == []
+    _, made = await a.runner.extra(latest, [NOW], [key], Overlap.SKIP)  # with room, it runs
+    assert [task.task_id for task in made] == [task.task_id for task in await a.runs(schedule_id)]
+    assert (await a.latest(schedule_id)).run_count == 1
+    stopped(a, b)

@@ -337,7 +337,7 @@ class ScheduleRunner:
         is (another server may fire the schedule meanwhile: the decision that lands first
         holds, and a later round plans from it); a run made before (the same trigger or
         backfill asked again) is answered, not decided again. ConveyorError if its runs
-        could not be made now (they stay pending, and are made soon)."""
+        could not be made (the queue is full): the decision is then taken back."""
         schedule_id, tenant = schedule.schedule_id, schedule.tenant
         found: dict[str, Task] = {}
 
@@ -357,7 +357,8 @@ class ScheduleRunner:
             try:
                 await self._settle([schedule_id], planner, decided)
             except ConveyorError:
-                self._retry([schedule_id])
+                if not await self._withdraw(decided.get(schedule_id)):
+                    self._retry([schedule_id])
                 raise
         ours = {order.key for order in decided[schedule_id][1].pending} if decided else set()
         tasks = [
@@ -367,3 +368,21 @@ class ScheduleRunner:
         ]
         after = self.book.get(schedule_id) or schedule
         return after, [task for task in tasks if task is not None]
+
+    async def _withdraw(self, decision: Decision | None) -> bool:
+        """Take back a trigger's or backfill's decision whose runs could not be made, if the
+        schedule is still as it left it (no server recorded them made meanwhile); whether it
+        was taken back. If not, its runs are made later, as a fire's are. (One that another
+        server made in the same milliseconds, and had not recorded, would stay uncounted.)"""
+        if decision is None:
+            return False
+        before, recorded = decision
+        withdrawn = False
+
+        def withdraw(current: Schedule) -> Schedule | None:
+            nonlocal withdrawn
+            withdrawn = current.revision == recorded.revision
+            return before if withdrawn else None
+
+        await self._update(before.schedule_id, withdraw)
+        return withdrawn
