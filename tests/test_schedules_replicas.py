@@ -4,6 +4,7 @@ run, each nominal time is decided once (a run, a skip or a buffer) and its run m
 buffered run is released once, in order; Trigger and Backfill keep to their overlap policy
 though the other replica fires the schedule meanwhile; a run decided by a replica that stops
 before making it is made by the other, and one the queue refuses to a Trigger is taken back.
+Last, Trigger and Backfill through two servers.
 
 One replica's view of the tasks trails the database by a few milliseconds; a test makes that
 lag certain (`Replica.unseen`: the ends it has not read yet) and makes one replica wait for
@@ -16,11 +17,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from conveyor.v1 import schedule_service_pb2 as spb
 from conveyor.v1 import task_pb2
+from conveyor.v1 import task_service_pb2 as pb
 from conveyord.api import new_task_id
 from conveyord.errors import ShuttingDown
 from conveyord.model import Task, TaskFilter
@@ -33,7 +36,19 @@ from conveyord.store.postgres import PostgresStore
 from conveyord.validation import NewTask
 from tests.conftest import ManualClock
 from tests.conftest import PostgresOpener as Opener
+from tests.support import RUNNING, wait_until
 from tests.test_postgres_schedules import Heard
+from tests.test_schedules import (
+    NOMINAL,
+    START,
+    StartServer,
+    Stubs,
+    every,
+    get,
+    make,
+    runs,
+    stamp,
+)
 from tests.test_store import complete, start
 
 NOW = 1_800_000_000.0
@@ -350,3 +365,48 @@ async def test_a_trigger_whose_run_the_queue_refuses_is_taken_back(opened: Opene
     assert [task.task_id for task in made] == [task.task_id for task in await a.runs(schedule_id)]
     assert (await a.latest(schedule_id)).run_count == 1
     stopped(a, b)
+
+
+# -- through two servers ---------------------------------------------------------------------
+
+
+async def test_trigger_and_backfill_through_two_servers_keep_to_skip_and_run_once(
+    start_server: StartServer, postgres_url: str
+) -> None:
+    clock = ManualClock(START)
+    one, two = (start_server(store=postgres_url, clock=clock) for _ in range(2))
+    async with (
+        grpc.aio.insecure_channel(one.address) as first,
+        grpc.aio.insecure_channel(two.address) as second,
+    ):
+        on_one, on_two = Stubs(first), Stubs(second)
+        schedule = await make(on_one, every(3600, "cooperative_blocking"))  # SKIP
+        schedule_id = schedule.schedule_id
+        trigger = spb.TriggerScheduleRequest(
+            schedule_id=schedule_id, request_id="t-1", overlap=spb.OVERLAP_POLICY_SKIP
+        )
+        made = (await on_one.schedules.TriggerSchedule(trigger)).task
+        again = await on_two.schedules.TriggerSchedule(trigger)  # the same, on the other
+        assert again.task.task_id == made.task_id and again.schedule.info.run_count == 1
+        await wait_until(on_two.tasks, made.task_id, lambda t: t.status == RUNNING)
+        window = spb.BackfillScheduleRequest(
+            schedule_id=schedule_id, start_at=stamp(START - 3 * 3600), end_at=stamp(START),
+            overlap=spb.OVERLAP_POLICY_SKIP,
+        )  # fmt: skip
+        skipped = await on_two.schedules.BackfillSchedule(window)  # the trigger's run goes
+        assert not skipped.tasks and skipped.schedule.info.skipped == 3
+        window.overlap = spb.OVERLAP_POLICY_ALLOW_ALL
+        filled = await asyncio.gather(*(
+            stubs.schedules.BackfillSchedule(window) for stubs in (on_one, on_two)
+        ))  # fmt: skip
+        assert [t.task_id for t in filled[0].tasks] == [t.task_id for t in filled[1].tasks]
+        made_runs = await runs(on_one, schedule_id)
+        assert sorted(t.labels[NOMINAL] for t in made_runs) == [
+            "2026-03-28T08:00:00Z",
+            "2026-03-28T09:00:00Z",
+            "2026-03-28T10:00:00Z",
+            made.labels[NOMINAL],
+        ]
+        assert (await get(on_two, schedule_id)).info.run_count == 4
+        for task in made_runs:
+            await on_one.tasks.Cancel(pb.CancelRequest(task_id=task.task_id))
