@@ -114,8 +114,8 @@ async def replicas(opened: Opener) -> tuple[Replica, Replica]:
     return pair
 
 
-async def new_schedule(replica: Replica, overlap: Overlap) -> str:
-    """A schedule every minute from NOW, known to both replicas once this returns."""
+async def new_schedule(a: Replica, b: Replica, overlap: Overlap) -> str:
+    """A schedule every minute from NOW, made on `a`, and known to `b` once this returns."""
     request = spb.ScheduleRequest(
         spec=spb.ScheduleSpec(interval=spb.IntervalSpec(every=Duration(seconds=int(EVERY)))),
         task=task_pb2.TaskRequest(task_type="echo"),
@@ -125,7 +125,8 @@ async def new_schedule(replica: Replica, overlap: Overlap) -> str:
         spec=Spec(every=EVERY), policy=Policy(overlap), created_at=NOW, updated_at=NOW,
         cursor=NOW, tenant="acme",
     )  # fmt: skip
-    made, _ = await replica.store.schedules.create(schedule)
+    made, _ = await a.store.schedules.create(schedule)
+    assert await b.store.schedules.find(made.schedule_id) == made
     return made.schedule_id
 
 
@@ -169,7 +170,7 @@ async def test_skip_is_decided_once_though_the_replicas_see_the_previous_run_dif
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule_id = await new_schedule(a, b, Overlap.SKIP)
     previous = await first_run(a, b, schedule_id)
     b.unseen.add(previous.task_id)  # b has not read that it ended; a has
     await a.end(previous.task_id)
@@ -185,7 +186,7 @@ async def test_a_buffer_decided_on_a_lagging_replica_is_released_by_the_other(
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.BUFFER_ONE)
+    schedule_id = await new_schedule(a, b, Overlap.BUFFER_ONE)
     previous = await first_run(a, b, schedule_id)
     b.unseen.add(previous.task_id)
     await a.end(previous.task_id)
@@ -204,7 +205,7 @@ async def test_a_run_one_replica_makes_while_the_other_buffers_it_is_made_and_co
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.BUFFER_ONE)
+    schedule_id = await new_schedule(a, b, Overlap.BUFFER_ONE)
     previous = await first_run(a, b, schedule_id)
     b.unseen.add(previous.task_id)
     await a.end(previous.task_id)
@@ -221,7 +222,7 @@ async def test_buffered_runs_are_released_once_each_in_order_by_two_replicas(
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.BUFFER_ALL)
+    schedule_id = await new_schedule(a, b, Overlap.BUFFER_ALL)
     previous = await first_run(a, b, schedule_id)
     for minutes in (2, 3, 4):
         a.clock.now = NOW + minutes * EVERY
@@ -248,7 +249,7 @@ async def test_a_trigger_s_run_made_while_the_other_replica_fires_is_answered_an
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.ALLOW_ALL)
+    schedule_id = await new_schedule(a, b, Overlap.ALLOW_ALL)
     schedule = await a.store.schedules.find(schedule_id)
     assert schedule is not None
     a.clock.now = NOW + EVERY  # the first time falls due as the trigger's run is made
@@ -267,7 +268,7 @@ async def test_a_trigger_under_skip_on_one_replica_while_the_other_fires_makes_o
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule_id = await new_schedule(a, b, Overlap.SKIP)
     schedule = await b.store.schedules.find(schedule_id)
     assert schedule is not None
     a.clock.now = NOW + EVERY
@@ -285,7 +286,7 @@ async def test_a_backfill_under_skip_while_the_other_replica_fires_makes_one_run
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule_id = await new_schedule(a, b, Overlap.SKIP)
     schedule = await b.store.schedules.find(schedule_id)
     assert schedule is not None
     a.clock.now = NOW + EVERY
@@ -304,7 +305,7 @@ async def test_one_backfill_asked_of_both_replicas_at_once_makes_each_run_once(
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.ALLOW_ALL)
+    schedule_id = await new_schedule(a, b, Overlap.ALLOW_ALL)
     times = [NOW - m * EVERY for m in range(5, 0, -1)]
     keys = [rules.run_key(schedule_id, t) for t in times]
     answers: list[Any] = []
@@ -327,7 +328,7 @@ async def test_a_run_decided_by_a_replica_that_stops_before_making_it_is_made_by
     opened: Opener,
 ) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule_id = await new_schedule(a, b, Overlap.SKIP)
 
     async def stop() -> None:
         a.runner.stop()
@@ -347,7 +348,7 @@ async def test_a_run_decided_by_a_replica_that_stops_before_making_it_is_made_by
 
 async def test_a_trigger_whose_run_the_queue_refuses_is_taken_back(opened: Opener) -> None:
     a, b = await replicas(opened)
-    schedule_id = await new_schedule(a, Overlap.SKIP)
+    schedule_id = await new_schedule(a, b, Overlap.SKIP)
     schedule = await a.store.schedules.find(schedule_id)
     assert schedule is not None
 
