@@ -1,9 +1,9 @@
 """Schedules in the PostgreSQL store, shared by several stores on one database (as several
 conveyord replicas share it): a change made through one store reaches every store's book and
 its listeners, in the order of the store's changes; each change is applied to the schedule's
-latest state in the database; a request id makes one schedule; two stores recording the same
-fire leave one state; and the task changes' revisions, with gaps where schedules changed,
-still resume a Watch."""
+latest state in the database; a request id makes one schedule; two stores deciding the same
+fire leave one decision, recorded made once; and the task changes' revisions, with gaps where
+schedules changed, still resume a Watch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from conveyord.model import Change, ChangeKind, TaskFilter
 from conveyord.schedules import rules
-from conveyord.schedules.model import Overlap, Policy, Run, Schedule
+from conveyord.schedules.model import Overlap, Policy, Schedule
 from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused
 from conveyord.store.history import ChangeHistory
@@ -131,7 +131,7 @@ async def test_a_request_id_raced_from_two_stores_makes_one_schedule(opened: Ope
         await b.schedules.create(new_schedule(request_id="once", request_hash=b"other"))
 
 
-async def test_two_stores_recording_the_same_fire_at_once_leave_one_state(
+async def test_two_stores_deciding_the_same_fire_at_once_leave_one_decision_made_once(
     opened: Opener,
 ) -> None:
     a, b = await opened(), await opened()
@@ -140,16 +140,26 @@ async def test_two_stores_recording_the_same_fire_at_once_leave_one_state(
     plan = rules.plan(made, NOW + 3.5, False, 0.0)  # three runs fell due
     assert plan is not None and len(plan.runs) == 3
 
+    def decide(current: Schedule) -> Schedule | None:
+        return rules.decide(current, plan, (), NOW + 4)
+
+    decided = await asyncio.gather(*(
+        store.schedules.update(made.schedule_id, decide) for _ in range(5) for store in (a, b)
+    ))  # fmt: skip
+    assert len({schedule.revision for schedule in decided}) == 1  # one decision landed
+    (state,) = {schedule for schedule in decided}
+    assert (state.pending, state.spec_runs, state.cursor) == (plan.runs, 3, NOW + 3)
+    tasks = {order.key: new_task(created_at=NOW + 4) for order in plan.runs}
+
     def record(current: Schedule) -> Schedule | None:
-        runs = [Run(order.nominal, NOW + 4, f"task-{order.nominal}") for order in plan.runs]
-        return rules.record(current, plan, runs, NOW + 4)
+        return rules.made(current, tasks, NOW + 4)
 
     recorded = await asyncio.gather(*(
         store.schedules.update(made.schedule_id, record) for _ in range(5) for store in (a, b)
     ))  # fmt: skip
-    assert len({schedule.revision for schedule in recorded}) == 1  # one record landed
+    assert len({schedule.revision for schedule in recorded}) == 1  # recorded made once
     (state,) = {schedule for schedule in recorded}
-    assert (state.run_count, state.spec_runs, state.cursor) == (3, 3, NOW + 3)
+    assert (state.pending, state.run_count, state.spec_runs) == ((), 3, 3)
     assert state.last_run is not None and state.last_run.nominal == NOW + 3
     for store in (a, b):
         await store.changes_since(await store.revision(), TaskFilter())

@@ -13,6 +13,7 @@ import pytest
 from conveyord.schedules import rules
 from conveyord.schedules.model import Overlap, Policy, Run, Schedule
 from conveyord.schedules.spec import Spec, SpecError, daily_cron
+from tests.test_store import new_task
 
 BERLIN = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=BERLIN).timestamp()  # a Monday, noon
@@ -175,15 +176,36 @@ def test_max_runs_ends_the_schedule() -> None:
     assert rules.wake_at(allowed.after) is None and rules.next_times(allowed.after) == []
 
 
-def test_a_record_lands_only_on_the_state_it_was_planned_from() -> None:
+def test_a_decision_lands_only_on_the_state_it_was_planned_from_and_is_made_once() -> None:
     start = schedule(EVERY_MINUTE)
     plan = rules.plan(start, T0 + 60, running=False, started_at=T0)
     assert plan is not None
-    run = Run(T0 + 60, T0 + 60, "t-1")
-    recorded = rules.record(start, plan, [run], T0 + 61)
-    assert recorded is not None and (recorded.run_count, recorded.last_run) == (1, run)
-    moved_on = start.evolve(revision=start.revision + 1)  # another server recorded it
-    assert rules.record(moved_on, plan, [run], T0 + 61) is None
+    decided = rules.decide(start, plan, (), T0 + 60)
+    assert decided is not None and (decided.pending, decided.run_count) == (plan.runs, 0)
+    moved_on = start.evolve(revision=start.revision + 1)  # another server decided it
+    assert rules.decide(moved_on, plan, (), T0 + 60) is None
+    task = new_task(created_at=T0 + 61)
+    made = rules.made(decided, {plan.runs[0].key: task}, T0 + 61)
+    assert made is not None and (made.pending, made.run_count) == ((), 1)
+    assert made.last_run == Run(T0 + 60, T0 + 61, task.task_id)
+    assert rules.made(made, {plan.runs[0].key: task}, T0 + 62) is None  # recorded once
+
+
+def test_a_run_made_before_its_decision_is_not_made_or_counted_again() -> None:
+    plan = rules.plan(schedule(EVERY_MINUTE), T0 + 60, running=False, started_at=T0)
+    assert plan is not None
+    ahead = rules.decide(plan.before, plan, {plan.runs[0].key}, T0 + 60)  # a backfill made it
+    assert ahead is not None and ahead.pending == () and ahead.cursor == T0 + 60
+
+
+def test_a_run_that_cancels_the_others_says_so_until_it_is_made() -> None:
+    busy = schedule(EVERY_MINUTE, policy=Policy(overlap=Overlap.CANCEL_OTHER))
+    plan = rules.plan(busy, T0 + 60, running=True, started_at=T0)
+    assert plan is not None and plan.cancel_running
+    decided = rules.decide(busy, plan, (), T0 + 60)
+    assert decided is not None and decided.cancelling
+    made = rules.made(decided, {plan.runs[0].key: new_task()}, T0 + 61)
+    assert made is not None and not made.cancelling
 
 
 def test_the_time_just_after_a_moment_is_found_to_the_microsecond() -> None:

@@ -21,6 +21,8 @@ from conveyord.model import (
     TaskFilter,
     TaskStatus,
 )
+from conveyord.schedules.model import Policy, RunOrder, Schedule
+from conveyord.schedules.spec import Spec
 from conveyord.store.base import (
     Claim,
     RequestIdReused,
@@ -111,6 +113,13 @@ async def test_a_known_request_id_returns_the_first_task(store: TaskStore) -> No
     with pytest.raises(RequestIdReused):
         await create_one(store, new_task("r1", request_hash=b"other"))
     assert (await store.revision()) == 1
+
+
+async def test_a_task_is_found_by_its_tenant_and_request_id(store: TaskStore) -> None:
+    first, _ = await create_one(store, new_task("r1", tenant="acme"))
+    assert await store.get_by_request("acme", "r1") == first
+    assert await store.get_by_request("", "r1") is None  # another tenant's request id
+    assert await store.get_by_request("acme", "r2") is None
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_task(store: TaskStore) -> None:
@@ -235,6 +244,26 @@ async def test_changes_since_replays_the_history(store: TaskStore) -> None:
     with pytest.raises(RevisionOutOfRange):
         await store.changes_since(4, TaskFilter())
     assert b.revision == 2
+
+
+async def test_a_schedule_s_runs_pending_are_kept(open_store: Opener) -> None:
+    store = open_store()
+    await store.open()
+    schedule = Schedule(
+        schedule_id=str(uuid.uuid4()), seq=0, request=b"", spec=Spec(every=60.0),
+        policy=Policy(), created_at=1.0, updated_at=1.0, cursor=1.0,
+    )  # fmt: skip
+    made, _ = await store.schedules.create(schedule)
+    orders = (RunOrder(61.0, "schedule:a:61"), RunOrder(121.0, "schedule:a:121"))
+    pending = await store.schedules.update(
+        made.schedule_id, lambda s: s.evolve(pending=orders, cancelling=True)
+    )
+    await store.close()
+    if isinstance(store, DurableStore):
+        store = open_store()
+        await store.open()
+        assert store.schedules.get(made.schedule_id) == pending
+        await store.close()
 
 
 async def test_the_history_is_bounded(open_store: Opener) -> None:

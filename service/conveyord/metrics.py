@@ -192,9 +192,12 @@ class Metrics:
         self._commit_size.observe(changes)
 
     def schedule_changed(self, schedule: Schedule, removed: bool) -> None:
-        """A schedule's new state (a schedule book's listener): count what it did since."""
+        """A schedule's new state (a schedule book's listener): count what it did since,
+        once the runs it decided are made (their lateness is known then)."""
         if removed:
             self._schedules.pop(schedule.schedule_id, None)
+            return
+        if schedule.pending:
             return
         now = _schedule_counts(schedule)
         runs, skipped, dropped, missed, spec_runs = now

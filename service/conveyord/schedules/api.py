@@ -176,14 +176,15 @@ class ScheduleServiceApi:
         return answer.SerializeToString()
 
     async def watch(self, request: pb.WatchSchedulesRequest) -> AsyncIterator[bytes]:
-        """Every schedule as it stands, then each change, with heartbeats."""
+        """Every schedule as it stands, then each change, with heartbeats. A state whose
+        runs are decided but not made yet is not shown: its runs show when they are made."""
         changes: asyncio.Queue[tuple[Schedule, bool] | None] = asyncio.Queue(WATCH_BUFFER)
         overflowed = False
         tenant = current_tenant()
 
         def listen(schedule: Schedule, removed: bool) -> None:
             nonlocal overflowed
-            if schedule.tenant != tenant:
+            if schedule.tenant != tenant or (schedule.pending and not removed):
                 return
             try:
                 changes.put_nowait((schedule, removed))

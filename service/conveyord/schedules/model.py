@@ -41,6 +41,15 @@ class Policy:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RunOrder:
+    """A run to make: the time it stands for, and its task's request id (its idempotency
+    key: the same for every server that makes it)."""
+
+    nominal: float
+    key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Run:
     """A run a schedule made: the time it stands for, when it was made, its task."""
 
@@ -67,6 +76,9 @@ class Schedule:
     paused: bool = False
     note: str = ""
     buffer: tuple[float, ...] = ()  # nominal times waiting for the previous run to end
+    # Runs decided (in order) whose making is not recorded yet: any server makes them.
+    pending: tuple[RunOrder, ...] = ()
+    cancelling: bool = False  # the pending runs cancel the earlier ones (CANCEL_OTHER)
     spec_runs: int = 0  # runs made from the spec (for max_runs)
     run_count: int = 0  # all runs made: from the spec, triggers and backfills
     skipped: int = 0

@@ -1,38 +1,33 @@
 """What a schedule does when its times fall due: pure functions from a schedule's state to a
 plan (the runs to make, and the schedule once they are made), tested without a server.
 
-A plan is made, then its runs are made (each a task whose request id is its idempotency
-key: the schedule and the nominal time), then the plan's state is recorded only if the
-schedule is still as the plan found it. A server that stops between the two, or two
-servers that plan the same times, make each run once: the second make finds the task the
-first made, and only one record lands.
+A plan is made from the schedule's state and the server's view of its previous run, then
+decided: recorded, with its runs pending, only if the schedule is still as the plan found it
+(in a shared store, as the database has it). Only then are its runs made (each a task whose
+request id is its idempotency key: the schedule and the nominal time), and recorded made.
+Two servers that plan the same times, even from different views of the previous run, decide
+them once: the second decision does not land, and that server finds the first one's runs
+pending, and makes them rather than deciding again. A server that stops between a decision
+and its record leaves the runs pending for another to make.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
-from conveyord.schedules.model import MAX_BUFFER, Overlap, Run, Schedule
+from conveyord.model import Task
+from conveyord.schedules.model import MAX_BUFFER, Overlap, Run, RunOrder, Schedule
 
 MAX_STEPS = 10_000  # nominal times dealt with in one plan; the next plan goes on from there
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RunOrder:
-    """A run to make: the time it stands for, and its task's request id (its idempotency
-    key: the same for every server that makes it)."""
-
-    nominal: float
-    key: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
-    """The runs to make now (in order), whether to cancel the schedule's running runs
-    first, and the schedule as it stands once they are made (`after`, run counts aside)."""
+    """The runs to make now (in order), whether they cancel the schedule's running runs,
+    and the schedule as it stands once they are decided (`after`, before rules.decide)."""
 
     before: Schedule
     runs: tuple[RunOrder, ...]
@@ -117,15 +112,34 @@ def release(schedule: Schedule, running: bool) -> Plan | None:
     return Plan(schedule, (order,), False, after)
 
 
-def record(current: Schedule, done: Plan, made: Iterable[Run], now: float) -> Schedule | None:
-    """The plan's state, with the runs made, if the schedule is still as the plan found it
-    (else None: another server recorded the same times, or the schedule changed)."""
+def decide(
+    current: Schedule, done: Plan, made_before: Collection[str], now: float
+) -> Schedule | None:
+    """The plan's state, its runs pending, if the schedule is still as the plan found it
+    (else None: another server decided the same times, or the schedule changed). A run
+    whose key is in `made_before` (a backfill made it ahead of its time, or the same trigger
+    was asked for again) is not made or counted again."""
     if current.revision != done.before.revision:
         return None
-    runs = list(made)
+    runs = tuple(order for order in done.runs if order.key not in made_before)
     return done.after.evolve(
-        run_count=done.after.run_count + len(runs),
-        last_run=runs[-1] if runs else done.after.last_run,
+        pending=runs, cancelling=done.cancel_running and bool(runs), updated_at=now
+    )
+
+
+def made(current: Schedule, tasks: Mapping[str, Task], now: float) -> Schedule | None:
+    """The schedule once the pending runs of `tasks` (by key) are made: counted, the last
+    of them its last run. None if none of them is pending (another server recorded them)."""
+    done = [order for order in current.pending if order.key in tasks]
+    if not done:
+        return None
+    rest = tuple(order for order in current.pending if order.key not in tasks)
+    last = tasks[done[-1].key]
+    return current.evolve(
+        pending=rest,
+        cancelling=current.cancelling and bool(rest),
+        run_count=current.run_count + len(done),
+        last_run=Run(done[-1].nominal, last.created_at, last.task_id),
         updated_at=now,
     )
 

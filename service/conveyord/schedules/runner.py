@@ -1,10 +1,13 @@
 """The schedule runner: makes each schedule's runs as their times fall due.
 
 One timer serves every schedule (a heap of their next wake-up times). When it rings, each
-schedule that is due is planned (rules.plan), its runs are made as tasks (idempotent by
-their key), and the plan is recorded. The runner follows the task feed: when a schedule's
-run ends, a run it buffered is made. Several runners on one store (replicas, or a restart
-that overlaps) make each run once, with no leader: see rules.py.
+schedule that is due is planned (rules.plan), the plan is decided (recorded with its runs
+pending), then the runs are made as tasks (idempotent by their key) and recorded made. A
+release of a buffered run, a trigger and a backfill take the same path. The runner follows
+the task feed and the schedules: when a schedule's run ends, or a buffer is decided behind a
+run that has ended, a buffered run is released; runs left pending by a server that stopped
+are made by another. Several runners on one store (replicas, or a restart that overlaps)
+decide each time once and make each run once, with no leader: see rules.py.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from conveyord import lifecycle
 from conveyord.errors import ConveyorError
 from conveyord.model import UNFINISHED, Change, Task, TaskFilter
 from conveyord.schedules import rules
-from conveyord.schedules.model import NOMINAL_LABEL, SCHEDULE_LABEL, Overlap, Run, Schedule
-from conveyord.schedules.rules import Plan, RunOrder
+from conveyord.schedules.model import NOMINAL_LABEL, SCHEDULE_LABEL, Overlap, RunOrder, Schedule
+from conveyord.schedules.rules import Plan
 from conveyord.store.base import RequestIdReused, TaskStore
+from conveyord.store.schedules import ScheduleMutation, ScheduleNotFound
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,10 @@ FIRE_BATCH = 200  # schedules fired together (their runs one batch of tasks): a 
 RunRequest = tuple[tpb.CreateRequest, str]
 # Makes tasks from RunRequests: each task, and whether it is new.
 MakeTasks = Callable[[Sequence[RunRequest]], Awaitable[list[tuple[Task, bool]]]]
+# What to decide for a schedule as it stands (None: nothing): a fire, a release, a trigger.
+Planner = Callable[[Schedule], Awaitable[Plan | None]]
+# A decision that landed: the schedule's state before it, and the state it recorded.
+Decision = tuple[Schedule, Schedule]
 
 
 class ScheduleRunner:
@@ -58,7 +66,7 @@ class ScheduleRunner:
             self.store.feed.follow(self._task_changed),
         ]
         for schedule in self.book.all():
-            self._plan_wake(schedule)
+            self._look_at(schedule)
         self._arm()
 
     def stop(self) -> None:
@@ -77,7 +85,13 @@ class ScheduleRunner:
     # -- what falls due ---------------------------------------------------------------
 
     def _plan_wake(self, schedule: Schedule) -> None:
+        """Wake when its next time falls due; soon, if it has runs pending that no call of
+        this runner is making (another server decided them, and may stop before it makes
+        them)."""
         when = rules.wake_at(schedule)
+        if schedule.pending and not self._lock(schedule.schedule_id).locked():
+            soon = self.clock() + RETRY_AFTER
+            when = soon if when is None else min(when, soon)
         if when is not None:
             heapq.heappush(self._heap, (when, schedule.schedule_id))
 
@@ -103,9 +117,16 @@ class ScheduleRunner:
 
     def _schedule_changed(self, schedule: Schedule, removed: bool) -> None:
         if not removed and self._active:
-            self._plan_wake(schedule)
+            self._look_at(schedule)
             if self._heap and self._heap[0][1] == schedule.schedule_id:
                 self._arm()
+
+    def _look_at(self, schedule: Schedule) -> None:
+        """Plan its wake-up; a buffer may be released at once: it may have been decided
+        behind a run that had ended (by a server that had not read the end yet)."""
+        self._plan_wake(schedule)
+        if schedule.buffer and not schedule.pending:
+            self._in_background(self._release(schedule.schedule_id))
 
     def _task_changed(self, change: Change) -> None:
         """A run that ended frees its schedule's buffer."""
@@ -120,150 +141,145 @@ class ScheduleRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # -- firing -----------------------------------------------------------------------
+    # -- deciding and making runs -----------------------------------------------------------
 
     async def fire(self, schedule_id: str) -> None:
-        """Make the runs that fell due for one schedule, until none is left."""
+        """Make the runs that fell due for one schedule (and any left pending), until none
+        is left."""
         async with self._lock(schedule_id):
-            while (schedule := self.book.get(schedule_id)) is not None:
-                running = await self.running(schedule)
-                plan = rules.plan(schedule, self.clock(), running, self.started_at)
-                if plan is None:
-                    return
-                if not await self.carry_out(plan):
-                    heapq.heappush(self._heap, (self.clock() + RETRY_AFTER, schedule_id))
-                    self._arm()
-                    return
+            await self._settle_or_retry([schedule_id], self._due)
 
     async def _fire_together(self, schedule_ids: list[str]) -> None:
-        """Fire the schedules that fell due at one moment: their runs are made as one batch
-        of tasks (as a BatchCreate: one write for all), then each schedule records its plan.
-        A schedule being fired by a call of its own is left to that call."""
-        while schedule_ids:
-            plans: list[Plan] = []
-            held: list[asyncio.Lock] = []
-            for schedule_id in schedule_ids:
-                lock, schedule = self._lock(schedule_id), self.book.get(schedule_id)
-                if lock.locked() or schedule is None:
-                    continue
-                await lock.acquire()  # free, so taken at once
-                held.append(lock)
-                running = await self.running(schedule)
-                plan = rules.plan(schedule, self.clock(), running, self.started_at)
-                if plan is not None:
-                    plans.append(plan)
-            try:
-                if not await self._carry_out_together(plans):
-                    for plan in plans:
-                        heapq.heappush(
-                            self._heap, (self.clock() + RETRY_AFTER, plan.before.schedule_id)
-                        )
-                    self._arm()
-                    return
-            finally:
-                for lock in held:
-                    lock.release()
-            now = self.clock()
-            schedule_ids = [
-                plan.before.schedule_id
-                for plan in plans
-                if (latest := self.book.get(plan.before.schedule_id)) is not None
-                and rules.due(latest, now)
-            ]  # those with more times due than one plan deals with
-
-    async def _carry_out_together(self, plans: Sequence[Plan]) -> bool:
-        for plan in plans:
-            if plan.cancel_running:
-                await self._cancel_runs(plan.before)
-        requests = [self._run_requests(plan.before, plan.runs) for plan in plans]
+        """Fire the schedules that fell due at one moment: their decisions are recorded
+        together, and their runs made as one batch of tasks (as a BatchCreate: one write for
+        all). A schedule being fired by a call of its own is left to that call."""
+        held = [i for i in dict.fromkeys(schedule_ids) if not self._lock(i).locked()]
+        for schedule_id in held:
+            await self._lock(schedule_id).acquire()  # free, so taken at once
         try:
-            made = await self._make([request for each in requests for request in each])
-        except ConveyorError as error:  # the queue is full, the store failed, or shutting down
-            log.warning("%d schedules: their runs could not be made: %s", len(plans), error)
-            return False
-        start = 0
-        records = []
-        for plan, each in zip(plans, requests, strict=True):
-            records.append(self._record(plan, made[start : start + len(each)]))
-            start += len(each)
-        await asyncio.gather(*records)
-        return True
+            await self._settle_or_retry(held, self._due)
+        finally:
+            for schedule_id in held:
+                self._lock(schedule_id).release()
 
     async def _release(self, schedule_id: str) -> None:
-        """Make the first buffered run if the previous one has ended. Until a record lands:
-        another server may have changed the schedule meanwhile (fired it, or released the
-        same run: then the next plan finds its run going, and there is nothing to do)."""
+        """Make the first buffered run if the previous one has ended."""
         async with self._lock(schedule_id):
-            while (schedule := self.book.get(schedule_id)) is not None:
-                plan = rules.release(schedule, await self.running(schedule))
-                if plan is None:
-                    return
-                try:
-                    made = await self.make_runs(schedule, plan.runs)
-                except ConveyorError as error:  # the queue is full, the store failed, or stopping
-                    log.warning("schedule %s: a buffered run was not made: %s", schedule_id, error)
-                    return
-                if await self._record(plan, made) is not None:
-                    return
+            await self._settle_or_retry([schedule_id], self._released)
+
+    async def _due(self, schedule: Schedule) -> Plan | None:
+        return rules.plan(schedule, self.clock(), await self.running(schedule), self.started_at)
+
+    async def _released(self, schedule: Schedule) -> Plan | None:
+        return rules.release(schedule, await self.running(schedule))
 
     def _lock(self, schedule_id: str) -> asyncio.Lock:
         return self._busy.setdefault(schedule_id, asyncio.Lock())
 
     async def running(self, schedule: Schedule) -> bool:
-        """Whether the schedule's latest run has not ended."""
+        """Whether the schedule's latest run has not ended (a run decided and perhaps not
+        made yet has not)."""
+        if schedule.pending:
+            return True
         if schedule.last_run is None:
             return False
         task = await self.store.get(schedule.last_run.task_id)
         return task is not None and not task.terminal
 
-    async def carry_out(self, plan: Plan) -> bool:
-        """Cancel the running runs if the plan says so, make its runs, record it; False if
-        the runs could not be made (they are tried again: the plan was not recorded)."""
-        schedule = plan.before
-        if plan.cancel_running:
-            await self._cancel_runs(schedule)
+    async def _settle_or_retry(self, schedule_ids: list[str], planner: Planner) -> None:
+        """Settle the schedules; if their runs could not be made, try again soon."""
         try:
-            made = await self.make_runs(schedule, plan.runs)
-        except ConveyorError as error:  # the queue is full, the store failed, or shutting down
-            log.warning("schedule %s: its runs could not be made: %s", schedule.schedule_id, error)
-            return False
-        await self._record(plan, made)
-        return True
+            await self._settle(schedule_ids, planner)
+        except ConveyorError as error:  # the queue is full, the store failed, or stopping
+            log.warning("%d schedules: their runs could not be made: %s", len(schedule_ids), error)
+            self._retry(schedule_ids)
 
-    async def _record(
-        self, plan: Plan, made: Sequence[tuple[Task, bool]], *, spec: bool = True
-    ) -> Schedule | None:
-        """Record the plan with its runs: those it made anew and, for the runs of the spec
-        (not a trigger's or a backfill's, which may be asked for again), those it found made
-        once their time had fallen due: by another server that made the same plan (whose
-        record does not land, as only one record of a schedule's state does), or by this one
-        before it stopped. One found made before its time (a backfill ahead of it) was
-        counted then. None if the record did not land (the schedule was no longer as the plan
-        found it)."""
-        now = self.clock()
-        runs = [
-            Run(order.nominal, now, task.task_id)
-            for order, (task, new) in zip(plan.runs, made, strict=True)
-            if new or (spec and task.created_at >= order.nominal)
+    def _retry(self, schedule_ids: Sequence[str]) -> None:
+        for schedule_id in schedule_ids:
+            heapq.heappush(self._heap, (self.clock() + RETRY_AFTER, schedule_id))
+        self._arm()
+
+    async def _settle(
+        self,
+        schedule_ids: Sequence[str],
+        planner: Planner,
+        decided: dict[str, Decision] | None = None,
+    ) -> None:
+        """Decide and make runs for schedules whose locks this runner holds, until none has
+        anything left: each round decides (together) for those with no runs pending, then
+        makes every pending run (one batch) and records them made. Given `decided`, each
+        decision that lands goes there, and that schedule is not planned again.
+        ConveyorError if runs could not be made (they stay pending)."""
+        active = list(dict.fromkeys(schedule_ids))
+        while active:
+            plans = []
+            for schedule_id in active:
+                schedule = self.book.get(schedule_id)
+                if schedule is None or schedule.pending or schedule_id in (decided or {}):
+                    continue
+                plan = await planner(schedule)
+                if plan is not None:
+                    plans.append(plan)
+            states = await asyncio.gather(*(self._decide(plan) for plan in plans))
+            if decided is not None:
+                for plan, state in zip(plans, states, strict=True):
+                    if state is not None:
+                        decided[state.schedule_id] = (plan.before, state)
+            pending = [s for i in active if (s := self.book.get(i)) is not None and s.pending]
+            await self._carry_out(pending)
+            again = [plan.before.schedule_id for plan in plans]
+            active = list(dict.fromkeys(again + [s.schedule_id for s in pending]))
+
+    async def _decide(self, plan: Plan) -> Schedule | None:
+        """Record the plan with its runs pending, if the schedule is still as it found it:
+        the state recorded, or None. A run already made is left out (rules.decide): this
+        runner has read every run made before the state the plan found, as that state came
+        after them."""
+        schedule = plan.before
+        made_before = [
+            order.key
+            for order in plan.runs
+            if await self.store.get_by_request(schedule.tenant, order.key) is not None
         ]
+        now = self.clock()
         landed = False
 
-        def record(current: Schedule) -> Schedule | None:
+        def decide(current: Schedule) -> Schedule | None:
             nonlocal landed
-            recorded = rules.record(current, plan, runs, now)
-            landed = recorded is not None
-            return recorded
+            state = rules.decide(current, plan, made_before, now)
+            landed = state is not None
+            return state
 
-        after = await self.book.update(plan.before.schedule_id, record)
+        after = await self._update(schedule.schedule_id, decide)
         return after if landed else None
 
-    async def make_runs(
-        self, schedule: Schedule, orders: Sequence[RunOrder]
-    ) -> list[tuple[Task, bool]]:
-        """The runs' tasks, made from the schedule's template (or found, if made before:
-        then with False; also when made from another template, or at another moment, such as
-        a repeated trigger)."""
-        return await self._make(self._run_requests(schedule, orders))
+    async def _carry_out(self, schedules: Sequence[Schedule]) -> None:
+        """Make the schedules' pending runs (one batch of tasks), cancel the runs before them
+        of those that cancel (CANCEL_OTHER: the new run is made first, so that a server
+        late to carry the same decision out cannot cancel a run decided after it), and
+        record them made. ConveyorError if they could not be made."""
+        requests = [self._run_requests(schedule, schedule.pending) for schedule in schedules]
+        made = await self._make([request for each in requests for request in each])
+        start, records = 0, []
+        for schedule in schedules:
+            tasks = [task for task, _ in made[start : start + len(schedule.pending)]]
+            start += len(schedule.pending)
+            if schedule.cancelling:
+                await self._cancel_before(schedule, tasks)
+            by_key = {order.key: task for order, task in zip(schedule.pending, tasks, strict=True)}
+            records.append(self._record_made(schedule.schedule_id, by_key))
+        await asyncio.gather(*records)
+
+    async def _record_made(self, schedule_id: str, tasks: dict[str, Task]) -> None:
+        now = self.clock()
+        await self._update(schedule_id, lambda current: rules.made(current, tasks, now))
+
+    async def _update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule | None:
+        """Change the schedule: its latest state; None if it was deleted meanwhile."""
+        try:
+            return await self.book.update(schedule_id, mutation)
+        except ScheduleNotFound:
+            return None
 
     def _run_requests(self, schedule: Schedule, orders: Sequence[RunOrder]) -> list[RunRequest]:
         """The CreateRequests of a schedule's runs: its template, labelled, with their keys;
@@ -299,34 +315,74 @@ class ScheduleRunner:
             return found, False
         return task, new
 
-    async def _cancel_runs(self, schedule: Schedule) -> None:
+    async def _cancel_before(self, schedule: Schedule, runs: Sequence[Task]) -> None:
+        """Cancel the schedule's unfinished runs made before `runs` (CANCEL_OTHER)."""
         now = self.clock()
+        first, ours = min(run.seq for run in runs), {run.task_id for run in runs}
         reason = f"cancelled by schedule {schedule.schedule_id}: a new run is due (CANCEL_OTHER)"
-        runs = TaskFilter(labels={SCHEDULE_LABEL: schedule.schedule_id}, statuses=UNFINISHED)
+        unfinished = TaskFilter(labels={SCHEDULE_LABEL: schedule.schedule_id}, statuses=UNFINISHED)
 
         def cancel(task: Task) -> Task | None:
-            return None if task.terminal else lifecycle.cancel(task, reason, now)
+            if task.terminal or task.seq >= first or task.task_id in ours:
+                return None
+            return lifecycle.cancel(task, reason, now)
 
-        await self.store.update_where(runs, cancel)
+        await self.store.update_where(unfinished, cancel)
 
     async def extra(
         self, schedule: Schedule, times: Sequence[float], keys: Sequence[str], overlap: Overlap
     ) -> tuple[Schedule, list[Task]]:
         """Runs beside the spec (a trigger, a backfill), under `overlap`: the schedule after
-        them, and their tasks (none for a run skipped or buffered). Planned again until its
-        record lands (another server may fire the schedule meanwhile); a run made in an
-        earlier round counts as made anew."""
-        fresh: set[str] = set()  # the runs' tasks made anew, in any round
-        async with self._lock(schedule.schedule_id):
-            while True:
-                current = self.book.get(schedule.schedule_id) or schedule
-                running = await self.running(current)
-                plan = rules.plan_extra(current, times, keys, overlap, running)
-                if plan.cancel_running:
-                    await self._cancel_runs(current)
-                made = await self.make_runs(current, plan.runs)
-                fresh.update(task.task_id for task, new in made if new)
-                made = [(task, task.task_id in fresh) for task, _ in made]
-                recorded = await self._record(plan, made, spec=False)
-                if recorded is not None:
-                    return recorded, [task for task, _ in made]
+        them, and their tasks (none for a run skipped or buffered). Decided once as a fire
+        is (another server may fire the schedule meanwhile: the decision that lands first
+        holds, and a later round plans from it); a run made before (the same trigger or
+        backfill asked again) is answered, not decided again. ConveyorError if its runs
+        could not be made (the queue is full): the decision is then taken back."""
+        schedule_id, tenant = schedule.schedule_id, schedule.tenant
+        found: dict[str, Task] = {}
+
+        async def planner(current: Schedule) -> Plan | None:
+            for key in keys:
+                if key not in found and (task := await self.store.get_by_request(tenant, key)):
+                    found[key] = task
+            rest = [(t, k) for t, k in zip(times, keys, strict=True) if k not in found]
+            if not rest:
+                return None
+            rest_times, rest_keys = [t for t, _ in rest], [k for _, k in rest]
+            running = await self.running(current)
+            return rules.plan_extra(current, rest_times, rest_keys, overlap, running)
+
+        decided: dict[str, Decision] = {}
+        async with self._lock(schedule_id):
+            try:
+                await self._settle([schedule_id], planner, decided)
+            except ConveyorError:
+                if not await self._withdraw(decided.get(schedule_id)):
+                    self._retry([schedule_id])
+                raise
+        ours = {order.key for order in decided[schedule_id][1].pending} if decided else set()
+        tasks = [
+            found.get(key) or await self.store.get_by_request(tenant, key)
+            for key in keys
+            if key in found or key in ours
+        ]
+        after = self.book.get(schedule_id) or schedule
+        return after, [task for task in tasks if task is not None]
+
+    async def _withdraw(self, decision: Decision | None) -> bool:
+        """Take back a trigger's or backfill's decision whose runs could not be made, if the
+        schedule is still as it left it (no server recorded them made meanwhile); whether it
+        was taken back. If not, its runs are made later, as a fire's are. (One that another
+        server made in the same milliseconds, and had not recorded, would stay uncounted.)"""
+        if decision is None:
+            return False
+        before, recorded = decision
+        withdrawn = False
+
+        def withdraw(current: Schedule) -> Schedule | None:
+            nonlocal withdrawn
+            withdrawn = current.revision == recorded.revision
+            return before if withdrawn else None
+
+        await self._update(before.schedule_id, withdraw)
+        return withdrawn

@@ -162,6 +162,11 @@ class TaskStore(Protocol):
         """The task's latest committed state, or None."""
         ...
 
+    async def get_by_request(self, tenant: str, request_id: str) -> Task | None:
+        """The task first created with this request id, or None: as far as this store has
+        read (a shared store's view of the database may trail another server's creates)."""
+        ...
+
     async def attempts(self, task_id: str) -> Sequence[Attempt]:
         """The task's ended attempts, oldest first (the latest 100): each is added by the
         committed change that ended it (Change.ended), and they go with the task."""

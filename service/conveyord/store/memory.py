@@ -138,6 +138,10 @@ class MemoryStore:
         new = iter(changes)
         return [(next(new).task, True) if first is None else (first, False) for first in known]
 
+    async def get_by_request(self, tenant: str, request_id: str) -> Task | None:
+        task_id = self._request_ids.get((tenant, request_id))
+        return None if task_id is None else self._working.get(task_id)
+
     def _known_request(self, task: Task) -> Task | None:
         """The task first created with this task's request_id, if any (RequestIdReused if
         it came from a different request)."""

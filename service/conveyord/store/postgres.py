@@ -368,7 +368,7 @@ class _Batch:
     def stage_schedule(self, schedule: Schedule, at: float, *, removed: bool = False) -> Answer:
         """Stage a schedule's change; its answer (the schedule once stamped). A new state
         is given a provisional revision of its own (negative), so that a later mutation in
-        the batch that expects the state before it (rules.record) does not match it."""
+        the batch that expects the state before it (rules.decide) does not match it."""
         created = not removed and self.schedules.get(schedule.schedule_id) is None
         if not removed:
             schedule = schedule.evolve(revision=-1 - len(self.schedule_changes))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from conveyord.schedules.model import Overlap, Policy, Run, Schedule
+from conveyord.schedules.model import Overlap, Policy, Run, RunOrder, Schedule
 from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused, StoreError
 
@@ -192,6 +192,10 @@ def encode(schedule: Schedule) -> str:
     record["buffer"] = list(schedule.buffer)
     last = schedule.last_run
     record["last_run"] = None if last is None else [last.nominal, last.made_at, last.task_id]
+    if schedule.pending:
+        record["pending"] = [[order.nominal, order.key] for order in schedule.pending]
+    else:  # left out, as in the rows of the versions before it
+        del record["pending"], record["cancelling"]
     return json.dumps(record, separators=(",", ":"))
 
 
@@ -204,6 +208,7 @@ def decode(data: str) -> Schedule:
     record["policy"] = Policy(Overlap(overlap), window, limit)
     record["buffer"] = tuple(record["buffer"])
     record["last_run"] = Run(*record["last_run"]) if record["last_run"] else None
+    record["pending"] = tuple(RunOrder(*order) for order in record.get("pending", ()))
     return Schedule(**record)
 
 
