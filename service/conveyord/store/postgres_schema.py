@@ -121,6 +121,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (replica, tenant)
     );
     """,
+    # 4: a schedule's data may hold the runs decided for it and not yet made (`pending`),
+    # which a server of an earlier schema cannot read: this version keeps such servers out.
+    """
+    COMMENT ON TABLE conveyor_schedules IS
+        'data may hold pending runs (decided, not yet made): read by schema 4 and later';
+    """,
 )
 
 _VERSION_TABLE = """
