@@ -8,7 +8,9 @@ to the task's latest state, claims with FOR UPDATE SKIP LOCKED, and last takes t
 revisions from a one-row counter whose lock orders the commits of every replica. One change
 reader per store reads the changes table in revision order, this replica's changes and the
 others', and applies each to the views and publishes it on the feed; a write is answered
-once the reader has delivered it, so a replica reads its own writes.
+once it is delivered, so a replica reads its own writes. (When a batch's revisions come
+right after every one delivered, as they do unless another replica committed meanwhile, the
+writer delivers them itself at its commit, and the reader passes over them.)
 
 Schedules are changed the same way: a change is an operation of the writer's, applied to
 the schedule's latest row, and written to the changes table with a revision of its own, from
@@ -705,7 +707,8 @@ class PostgresStore(MemoryStore):
             written = len(batch.changes) + len(batch.schedule_changes)
             if self.on_commit is not None and written:
                 self.on_commit(written, time.perf_counter() - began)
-            self._wake.set()
+            if not self._deliver_own(batch):
+                self._wake.set()
             revision = max(batch.seen, batch.last_revision)
             answered = functools.partial(_answer, batch.answers)
             self._delivered(revision).add_done_callback(answered)
@@ -1080,6 +1083,11 @@ class PostgresStore(MemoryStore):
     # -- the change reader -------------------------------------------------------------
 
     def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        """A commit's notification, with its last revision: the reader reads, unless this
+        server has delivered that far (its own commit, delivered by the writer)."""
+        with contextlib.suppress(ValueError, TypeError):
+            if int(str(payload)) <= self._revision:
+                return
         self._wake.set()
 
     async def _read_forever(self) -> None:
@@ -1106,7 +1114,8 @@ class PostgresStore(MemoryStore):
                 _READ, self._revision, READ_LIMIT, list(own.values()), list(own)
             )
             for row in rows:
-                self._apply(row)
+                if row["revision"] > self._revision:  # else the writer delivered it
+                    self._apply(row)
             if rows:
                 for last in [last for last in own if last <= self._revision]:
                     del own[last]
@@ -1128,11 +1137,18 @@ class PostgresStore(MemoryStore):
                 "changes between were deleted before this server read them"
             )
         if row["kind"] >= SCHEDULE_CHANGED:
-            self._apply_schedule(row)
+            schedule = self._own_schedules.pop(revision, None)
+            if schedule is None or schedule.schedule_id != row["task_id"]:
+                schedule = _schedule_of(_with_data(row), row["task_revision"])
+            self._apply_schedule(revision, schedule, row["kind"] == SCHEDULE_REMOVED)
             return
         change = self._own.pop(revision, None)
         if change is None or change.task.task_id != row["task_id"]:
             change = _change_of(_with_data(row))
+        self._apply_change(revision, change)
+
+    def _apply_change(self, revision: int, change: Change) -> None:
+        """Apply a task's change, the next revision, to both views, and publish it."""
         old = self._set_working(change.kind, change.task)
         self._staged_revision = revision
         previous = 0 if old is None else old.revision
@@ -1140,14 +1156,31 @@ class PostgresStore(MemoryStore):
             change if change.previous == previous else change._replace(previous=previous)
         )
 
-    def _apply_schedule(self, row: asyncpg.Record) -> None:
-        """Apply a schedule's change read back to the book (not the feed: no task changed)."""
-        revision = row["revision"]
-        schedule = self._own_schedules.pop(revision, None)
-        if schedule is None or schedule.schedule_id != row["task_id"]:
-            schedule = _schedule_of(_with_data(row), row["task_revision"])
+    def _apply_schedule(self, revision: int, schedule: Schedule, removed: bool) -> None:
+        """Apply a schedule's change, the next revision, to the book (not the feed: no task
+        changed)."""
         self._revision = self._staged_revision = revision
-        self.schedules.apply(schedule, row["kind"] == SCHEDULE_REMOVED)
+        self.schedules.apply(schedule, removed)
+
+    def _deliver_own(self, batch: _Batch) -> bool:
+        """Deliver a committed batch's changes at once, as the reader would, if they are the
+        next revisions (every one before them delivered): no round trip to read them back,
+        and the reader passes over them. Whether they were (else the reader delivers them)."""
+        count = len(batch.changes) + len(batch.schedule_changes)
+        if not count or self._revision != batch.last_revision - count:
+            return False
+        removed = {staged.revision: staged.removed for staged in batch.schedule_changes}
+        for revision in range(batch.last_revision - count + 1, batch.last_revision + 1):
+            change = self._own.pop(revision, None)
+            if change is not None:
+                self._apply_change(revision, change)
+            else:
+                schedule = self._own_schedules.pop(revision)
+                self._apply_schedule(revision, schedule, removed[revision])
+        self._own_batches.pop(batch.last_revision, None)
+        self._history.trim()
+        self._settle()
+        return True
 
     async def _reconnect(self, error: BaseException) -> bool:
         """Connect the reader again after its connection failed; False (the store failed)
