@@ -707,8 +707,8 @@ class PostgresStore(MemoryStore):
             written = len(batch.changes) + len(batch.schedule_changes)
             if self.on_commit is not None and written:
                 self.on_commit(written, time.perf_counter() - began)
-            if not self._deliver_own(batch):
-                self._wake.set()
+            # Delivered in the loop's next turn, while the next batch waits on the database.
+            asyncio.get_running_loop().call_soon(self._deliver_own, batch)
             revision = max(batch.seen, batch.last_revision)
             answered = functools.partial(_answer, batch.answers)
             self._delivered(revision).add_done_callback(answered)
@@ -1162,25 +1162,25 @@ class PostgresStore(MemoryStore):
         self._revision = self._staged_revision = revision
         self.schedules.apply(schedule, removed)
 
-    def _deliver_own(self, batch: _Batch) -> bool:
-        """Deliver a committed batch's changes at once, as the reader would, if they are the
-        next revisions (every one before them delivered): no round trip to read them back,
-        and the reader passes over them. Whether they were (else the reader delivers them)."""
+    def _deliver_own(self, batch: _Batch) -> None:
+        """Deliver a committed batch's changes, as the reader would, if they are the next
+        revisions (every one before them delivered): no round trip to read them back, and
+        the reader passes over them. The reader is woken for what is left to read."""
         count = len(batch.changes) + len(batch.schedule_changes)
-        if not count or self._revision != batch.last_revision - count:
-            return False
-        removed = {staged.revision: staged.removed for staged in batch.schedule_changes}
-        for revision in range(batch.last_revision - count + 1, batch.last_revision + 1):
-            change = self._own.pop(revision, None)
-            if change is not None:
-                self._apply_change(revision, change)
-            else:
-                schedule = self._own_schedules.pop(revision)
-                self._apply_schedule(revision, schedule, removed[revision])
-        self._own_batches.pop(batch.last_revision, None)
-        self._history.trim()
-        self._settle()
-        return True
+        if count and self._revision == batch.last_revision - count:
+            removed = {staged.revision: staged.removed for staged in batch.schedule_changes}
+            for revision in range(batch.last_revision - count + 1, batch.last_revision + 1):
+                change = self._own.pop(revision, None)
+                if change is not None:
+                    self._apply_change(revision, change)
+                else:
+                    schedule = self._own_schedules.pop(revision)
+                    self._apply_schedule(revision, schedule, removed[revision])
+            self._own_batches.pop(batch.last_revision, None)
+            self._history.trim()
+            self._settle()
+        if self._revision < max(batch.seen, batch.last_revision):
+            self._wake.set()
 
     async def _reconnect(self, error: BaseException) -> bool:
         """Connect the reader again after its connection failed; False (the store failed)
