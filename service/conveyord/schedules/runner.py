@@ -220,7 +220,10 @@ class ScheduleRunner:
                 plan = await planner(schedule)
                 if plan is not None:
                     plans.append(plan)
-            states = await asyncio.gather(*(self._decide(plan) for plan in plans))
+            if self.store.shared:  # each decision a write of its own: they wait together
+                states = list(await asyncio.gather(*(self._decide(plan) for plan in plans)))
+            else:  # decided in memory: no task apiece to wait for, the runs made at once
+                states = [await self._decide(plan) for plan in plans]
             if decided is not None:
                 for plan, state in zip(plans, states, strict=True):
                     if state is not None:
