@@ -220,18 +220,12 @@ class ScheduleRunner:
                 plan = await planner(schedule)
                 if plan is not None:
                     plans.append(plan)
-            if self.store.shared:  # each decision a write of its own: they wait together
-                states = list(await asyncio.gather(*(self._decide(plan) for plan in plans)))
-            else:  # decided in memory: no task apiece to wait for, the runs made at once
-                states = [await self._decide(plan) for plan in plans]
+            states = await asyncio.gather(*(self._decide(plan) for plan in plans))
             if decided is not None:
                 for plan, state in zip(plans, states, strict=True):
                     if state is not None:
                         decided[state.schedule_id] = (plan.before, state)
-            if self.store.shared:
-                pending = [s for i in active if (s := self.book.get(i)) is not None and s.pending]
-            else:  # decided in memory (_decide)
-                pending = [state for state in states if state is not None and state.pending]
+            pending = [s for i in active if (s := self.book.get(i)) is not None and s.pending]
             await self._carry_out(pending)
             again = [plan.before.schedule_id for plan in plans]
             active = list(dict.fromkeys(again + [s.schedule_id for s in pending]))
@@ -248,10 +242,6 @@ class ScheduleRunner:
             if await self.store.get_by_request(schedule.tenant, order.key) is not None
         ]
         now = self.clock()
-        if not self.store.shared:  # no other runner decides its times: see _record_made
-            state = rules.decide(schedule, plan, made_before, now)
-            if state is not None and state.pending:
-                return state
         landed = False
 
         def decide(current: Schedule) -> Schedule | None:
@@ -277,23 +267,12 @@ class ScheduleRunner:
             if schedule.cancelling:
                 await self._cancel_before(schedule, tasks)
             by_key = {order.key: task for order, task in zip(schedule.pending, tasks, strict=True)}
-            records.append(self._record_made(schedule, by_key))
+            records.append(self._record_made(schedule.schedule_id, by_key))
         await asyncio.gather(*records)
 
-    async def _record_made(self, schedule: Schedule, tasks: dict[str, Task]) -> None:
-        """Record the pending runs of `schedule` made. On a store of this server's own, no
-        other runner decides the same times: a decision with runs is not written ahead
-        (`schedule` holds it, in memory), but with its runs made, in one write, if the
-        schedule is still as it was decided from (a fire costs one write, not two)."""
+    async def _record_made(self, schedule_id: str, tasks: dict[str, Task]) -> None:
         now = self.clock()
-
-        def record(current: Schedule) -> Schedule | None:
-            if self.store.shared:
-                return rules.made(current, tasks, now)
-            unchanged = current.revision == schedule.revision
-            return rules.made(schedule, tasks, now) if unchanged else None
-
-        await self._update(schedule.schedule_id, record)
+        await self._update(schedule_id, lambda current: rules.made(current, tasks, now))
 
     async def _update(self, schedule_id: str, mutation: ScheduleMutation) -> Schedule | None:
         """Change the schedule: its latest state; None if it was deleted meanwhile."""
