@@ -319,8 +319,16 @@ def _create(
         )
     _labels(checker, task.labels, f"{field}labels")
     _start(checker, task, field, now)
-    if len(request.request_id) > MAX_REQUEST_ID:
-        checker.fail(f"{prefix}request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    check_request_id(checker, request.request_id, f"{prefix}request_id")
+
+
+def check_request_id(checker: Checker, value: str, field: str = "request_id") -> None:
+    """A request id: at most MAX_REQUEST_ID characters, and no NUL (which a database's text
+    cannot hold)."""
+    if len(value) > MAX_REQUEST_ID:
+        checker.fail(field, f"is longer than {MAX_REQUEST_ID} characters")
+    elif "\x00" in value:
+        checker.fail(field, "holds a NUL character")
 
 
 _MAX_WAIT = f"{MAX_WAIT_SECONDS:.0f} seconds (366 days)"
@@ -583,8 +591,7 @@ class InputQuery:
 def send_input_request(request: task_service_pb2.SendInputRequest) -> InputQuery:
     checker = Checker()
     task = task_id_in(checker, request.task_id, "task_id")
-    if len(request.request_id) > MAX_REQUEST_ID:
-        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    check_request_id(checker, request.request_id)
     size = request.input.ByteSize()
     if size > MAX_INPUT_BYTES:
         checker.fail("input", f"is {size} bytes encoded; at most {MAX_INPUT_BYTES} are allowed")
@@ -598,8 +605,7 @@ def rerun_request(request: task_service_pb2.RerunRequest) -> tuple[str, str]:
     """The id of the task to rerun, and the request id of the rerun."""
     checker = Checker()
     task = task_id_in(checker, request.task_id, "task_id")
-    if len(request.request_id) > MAX_REQUEST_ID:
-        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    check_request_id(checker, request.request_id)
     checker.done()
     return task, request.request_id
 

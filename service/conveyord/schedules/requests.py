@@ -19,12 +19,12 @@ from conveyord.validation import (
     MAX_DESCRIPTION,
     MAX_PAGE_SIZE,
     MAX_REASON,
-    MAX_REQUEST_ID,
     Checker,
     KnownTypes,
     after_page_token,
     check_create,
     check_labels,
+    check_request_id,
     task_id_in,
 )
 
@@ -152,8 +152,7 @@ def schedule_id(value: str, field: str = "schedule_id") -> str:
 
 
 def request_id(checker: Checker, value: str) -> str:
-    if len(value) > MAX_REQUEST_ID:
-        checker.fail("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+    check_request_id(checker, value)
     return value
 
 
