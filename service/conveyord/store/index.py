@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -24,9 +24,13 @@ from conveyord.queue import ReadyQueue
 class DispatchIndex:
     """The ready queue, the waiting tasks, the leases and the active tasks of a store."""
 
-    def __init__(self, aging_rate: float) -> None:
-        """`aging_rate` is in priority levels per second of waiting (0: strict priority)."""
-        self.ready = ReadyQueue(aging_rate)
+    def __init__(self, aging_rate: float, *, ready_queue: bool = True) -> None:
+        """`aging_rate` is in priority levels per second of waiting (0: strict priority).
+        Without a `ready_queue` (a store whose claims the database makes), nothing is kept
+        to `pick` from: only `pick` would ever take its entries out again."""
+        self.ready: ReadyQueue | _NoReadyQueue = (
+            ReadyQueue(aging_rate) if ready_queue else _NoReadyQueue()
+        )
         self._waiting: list[tuple[float, str]] = []  # (runnable at, task_id)
         self._leases = Deadlines()  # of attempts that hold one, tagged with the lease id
         self._waits = Deadlines()  # of queued tasks' start deadlines, and input deadlines
@@ -357,3 +361,26 @@ class TaskCounts:
                     continue
                 found[(task_type, status)] = found.get((task_type, status), 0) + count
         return found
+
+
+class _NoReadyQueue:
+    """The ready queue of a store that does not pick in memory: it keeps nothing."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, task_id: object) -> bool:
+        return False
+
+    def push(
+        self, task_id: str, task_type: str, priority: int, queued_at: float, tenant: str = ""
+    ) -> None:
+        pass
+
+    def discard(self, task_id: str) -> bool:
+        return False
+
+    def pop(
+        self, has_room: Callable[[str], bool], tenant: str | None = None
+    ) -> tuple[str, str] | None:
+        return None

@@ -69,7 +69,7 @@ class MemoryStore:
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}
-        self._index = DispatchIndex(aging_rate)
+        self._index = DispatchIndex(aging_rate, ready_queue=not self.shared)  # shared: in SQL
         self._staged_revision = 0
         self._last_seq = 0  # creation order; never reused, so that page tokens stay right
         # The committed view: what readers see.

@@ -204,9 +204,12 @@ FROM conveyor_changes c
     ON c.revision BETWEEN r.first AND r.last
 WHERE c.revision > $1 ORDER BY c.revision LIMIT $2
 """
+# Only an unbroken run from the oldest change: `at` is each writer's own clock, not in
+# revision order across replicas, and a hole would fail a replica reading past it.
 _TRIM_CHANGES = """
 DELETE FROM conveyor_changes WHERE revision IN (
-    SELECT revision FROM conveyor_changes WHERE revision <= $1 AND at < $2
+    SELECT revision FROM conveyor_changes WHERE revision <= $1 AND revision < coalesce(
+        (SELECT min(revision) FROM conveyor_changes WHERE at >= $2), $1 + 1)
     ORDER BY revision LIMIT 10000)
 """
 
@@ -741,6 +744,7 @@ class PostgresStore(MemoryStore):
                     committing = True
                     await transaction.commit()
                 except BaseException:
+                    self._forget(batch)  # before another replica may take its revisions
                     if not committing:
                         with contextlib.suppress(Exception):  # the first error tells
                             await transaction.rollback()
@@ -1009,8 +1013,9 @@ class PostgresStore(MemoryStore):
         })  # fmt: skip
         if removed:
             await connection.execute(_DELETE_TASKS, removed)
-            await connection.execute(_DELETE_ATTEMPTS, removed)
         base = await connection.fetchval(_WRITE, *self._arrays(batch))
+        if removed:  # after the write, which adds the attempts the batch ended
+            await connection.execute(_DELETE_ATTEMPTS, removed)
         self._stamp(batch, base)
 
     def _arrays(self, batch: _Batch) -> list[Any]:
@@ -1394,11 +1399,8 @@ def _change_made(batch: _Batch, task_id: str) -> Change:
 def _change_row(batch: _Batch, entry: _Staged) -> tuple[Any, ...]:
     """A task's change as the changes' columns."""
     task = entry.task
-    if entry.kind is ChangeKind.REMOVED:
-        before = _offset_before(batch, entry)
-        revision = -before if before else task.revision
-    else:
-        revision = -entry.offset
+    # A removal's is that of the task's change before it (of this batch: an offset).
+    revision = entry.previous if entry.kind is ChangeKind.REMOVED else -entry.offset
     ended = None if entry.ended is None else encode_attempt(entry.ended)
     return (
         int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
@@ -1424,14 +1426,6 @@ def _schedule_change_row(batch: _Batch, staged: _StagedSchedule) -> tuple[Any, .
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[Sequence[Any]]:
     """Rows as columns: the arrays a statement unnests."""
     return list(zip(*rows, strict=True)) if rows else [()] * width
-
-
-def _offset_before(batch: _Batch, entry: _Staged) -> int:
-    """The offset of the same task's change before `entry` in the batch (0: none)."""
-    for earlier in reversed(batch.changes[: entry.offset - 1]):
-        if earlier.task.task_id == entry.task.task_id:
-            return earlier.offset if earlier.kind is not ChangeKind.REMOVED else 0
-    return 0
 
 
 def _seq_code(batch: _Batch, task: Task) -> int:
