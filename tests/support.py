@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -74,6 +75,18 @@ async def wait_until(
         if condition(response.task):
             return response.task
     raise AssertionError(f"task {task_id} ended without meeting the condition")
+
+
+async def eventually(attempt: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
+    """Whether `attempt` returns True within `seconds`, tried again every tenth of one (for
+    a state other processes or replicas reach without telling: a refusal that comes, a
+    database that is reachable again)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await attempt():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 async def wait_status(

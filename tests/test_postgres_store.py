@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -23,6 +22,7 @@ from conveyord.store.postgres_usage import SharedUsage
 from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants, Usage
 from tests.conftest import PostgresOpener
 from tests.proxy import Proxy
+from tests.support import eventually
 from tests.test_store import admit, complete, create_one, new_task, start
 
 Opener = PostgresOpener
@@ -300,7 +300,7 @@ async def test_a_replica_that_cannot_reach_the_database_keeps_the_counts_it_last
         assert "counting the other replicas' as last read" in warnings[0]
         assert on_b.elsewhere == {"t": Usage(watches=1, workers=0)}
         proxy.release()
-        assert await _eventually(usage_b.publish)  # once its pool connects again
+        assert await eventually(usage_b.publish)  # once its pool connects again
         assert on_b.elsewhere == {}
 
 
@@ -308,16 +308,6 @@ def _enter(context: contextlib.AbstractContextManager[None]) -> None:
     """Enter a context and leave it at once: a limit's check alone."""
     with context:
         pass
-
-
-async def _eventually(attempt: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
-    """Whether `attempt` returns True within `seconds`, tried again every tenth of one."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await attempt():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 async def test_a_store_whose_connections_are_killed_carries_on(
@@ -360,3 +350,13 @@ async def test_the_url_s_pool_size_is_conveyord_s_and_the_rest_goes_to_the_datab
     for wrong in ("0", "two", "1&pool_size=2"):
         with pytest.raises(ValueError, match="pool_size must be a whole number"):
             store_from_url(f"{postgres_url}?pool_size={wrong}")
+
+
+async def test_a_store_that_claims_in_the_database_keeps_no_ready_queue(opened: Opener) -> None:
+    """Its claims are made in SQL: a ready queue in memory would only ever grow (entries
+    leave it only when picked)."""
+    store = await opened()
+    for _ in range(20):
+        await create_one(store, new_task())
+    assert store.queued == 20
+    assert len(store._index.ready) == 0
