@@ -52,6 +52,7 @@ class MemoryStore:
     """Tasks in dictionaries, a revision counter, and a bounded change history."""
 
     shared = False  # this server's alone
+    claims_in_memory = True  # from its ready queue (a database's store claims in SQL)
 
     def __init__(
         self,
@@ -69,7 +70,7 @@ class MemoryStore:
         # The working view: the latest staged state of every task.
         self._working: dict[str, Task] = {}
         self._request_ids: dict[tuple[str, str], str] = {}
-        self._index = DispatchIndex(aging_rate, ready_queue=not self.shared)  # shared: in SQL
+        self._index = DispatchIndex(aging_rate, ready_queue=self.claims_in_memory)
         self._staged_revision = 0
         self._last_seq = 0  # creation order; never reused, so that page tokens stay right
         # The committed view: what readers see.

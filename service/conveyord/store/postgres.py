@@ -440,6 +440,7 @@ class PostgresStore(MemoryStore):
     not read back yet is not counted, or still counted.)"""
 
     shared = True
+    claims_in_memory = False
 
     def __init__(
         self,
