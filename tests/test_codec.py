@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
-from conveyord.model import TASK_FIELDS, Task, TaskError, TaskInput, TaskStatus
-from conveyord.store.codec import decode, encode
+from conveyord.model import (
+    TASK_FIELDS,
+    Attempt,
+    AttemptOutcome,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskStatus,
+)  # fmt: skip
+from conveyord.store.codec import decode, decode_attempt, encode, encode_attempt
 
 
 def fresh_task() -> Task:
@@ -67,3 +76,26 @@ def test_a_record_with_every_field_as_written_before_reads_the_same() -> None:
     full |= {"status": 1, "request_hash": "0102", "error": None, "last_attempt_error": None}
     full["inputs"] = []
     assert decode(json.dumps(full)) == task
+
+
+def test_numbers_that_json_has_no_words_for_come_back() -> None:
+    """NaN and the infinities (a Struct's number may be either) are kept, not made null."""
+    task = dataclasses.replace(
+        fresh_task(), parameters={"nan": math.nan, "big": math.inf, "low": -math.inf}
+    )
+    back = decode(encode(task)).parameters
+    assert math.isnan(back["nan"]) and back["big"] == math.inf and back["low"] == -math.inf
+
+
+def test_null_a_lone_surrogate_and_other_scripts_come_back() -> None:
+    task = dataclasses.replace(
+        fresh_task(),
+        parameters={"none": None, "text": "naïve 東京 \x00\x1f"},
+        error=TaskError("HANDLER_ERROR", "boom", "OSError", "File '/tmp/\udcff', line 1"),
+    )
+    assert decode(encode(task)) == task
+
+
+def test_an_attempt_comes_back_equal() -> None:
+    attempt = Attempt(2, 10.0, 11.5, "worker-\udcff", AttemptOutcome.FAILED, TaskError("E", "m"))
+    assert decode_attempt(encode_attempt(attempt)) == attempt
