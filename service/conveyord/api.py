@@ -80,7 +80,8 @@ class TaskServiceApi:
             scheduler.default_attempts,
         )  # fmt: skip
         tenant, trace = current_tenant(), create_trace.get()
-        tasks = [new.to_task(new_task_id(), now, tenant, trace) for new in batch]
+        ids = new_task_ids(len(batch))
+        tasks = [new.to_task(id_, now, tenant, trace) for new, id_ in zip(batch, ids, strict=True)]
         created = await self.scheduler.create(tasks)
         return tasks_message(task for task, _ in created)
 
@@ -266,6 +267,20 @@ def new_task_id() -> str:
     raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
     digits = raw.hex()
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def new_task_ids(count: int) -> list[str]:
+    """`count` new_task_id()s, from one read of the system's randomness: a BatchCreate's
+    ids cost 1 µs each rather than 2."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(byte & 0x0F | 0x40 for byte in raw[6::16])  # version 4
+    raw[8::16] = bytes(byte & 0x3F | 0x80 for byte in raw[8::16])  # the RFC 4122 variant
+    hexed = raw.hex()
+    return [
+        f"{hexed[i : i + 8]}-{hexed[i + 8 : i + 12]}-{hexed[i + 12 : i + 16]}-"
+        f"{hexed[i + 16 : i + 20]}-{hexed[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]
 
 
 def _ends_watch(query: WatchQuery, change: Change) -> bool:
