@@ -17,7 +17,7 @@ import pytest
 from conveyord.model import Change, Task, TaskFilter, TaskStatus
 from conveyord.store import store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
-from conveyord.store.postgres import PostgresStore
+from conveyord.store.postgres import _FIRSTS, PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
 from conveyord.store.postgres_usage import SharedUsage
 from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants, Usage
@@ -219,6 +219,21 @@ async def test_the_next_batch_is_made_while_the_one_before_waits_for_its_commit(
     assert found.task_id == made.task_id
     assert [made.revision, other.revision] == [1, 2]
     assert "trying again" not in caplog.text  # no batch failed on the request id
+
+
+async def test_request_ids_are_looked_up_by_their_index_not_by_reading_the_table(
+    postgres_url: str, opened: Opener
+) -> None:
+    """A create's look-up of the tasks that hold its request ids uses the index of request
+    ids (a partial index, which the query must name the condition of): reading the whole
+    table instead costs every batch of creates the size of the queue."""
+    store = await opened()
+    await store.create([new_task(f"r{n}") for n in range(5000)], admit)
+    await sql(postgres_url, "ANALYZE conveyor_tasks")
+    keys = [f"r{n}" for n in range(0, 5000, 500)]
+    plan = await sql(postgres_url, f"EXPLAIN (FORMAT JSON) {_FIRSTS}", [""] * len(keys), keys)
+    assert "conveyor_tasks_request" in plan
+    assert "Seq Scan" not in plan
 
 
 async def test_changes_since_on_another_store_resumes_without_a_gap(opened: Opener) -> None:

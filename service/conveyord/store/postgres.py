@@ -111,13 +111,16 @@ _LOCK = f"""
 SELECT {_TASK_ROW} FROM conveyor_tasks WHERE task_id = ANY($1::text[])
 ORDER BY task_id FOR UPDATE
 """
-# The tasks that hold the request ids new tasks ask for. A new task's row is written with
-# the batch's changes: if another replica takes its request id meanwhile, that insert fails
-# on the unique index, and the batch is run again, to find the first task here.
+# The tasks that hold the request ids new tasks ask for, found by the index of request ids
+# (the WHERE repeats its condition, without which the planner reads the whole table). A new
+# task's row is written with the batch's changes: if another replica takes its request id
+# meanwhile, that insert fails on the unique index, and the batch is run again, to find the
+# first task here.
 _FIRSTS = f"""
 SELECT t.tenant, t.request_id, {", ".join("t." + c for c in _TASK_ROW.split(", "))}
 FROM conveyor_tasks t JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id)
     USING (tenant, request_id)
+WHERE t.request_id <> ''
 """
 _DELETE_TASKS = "DELETE FROM conveyor_tasks WHERE task_id = ANY($1::text[])"
 _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[])"
