@@ -2,16 +2,18 @@
 
 A change is a mutation of the latest state, as for tasks. In a store of one server's own,
 the book holds the latest state: a change is applied to it at once (so that the next change
-builds on it), then made durable (`persist`, which a durable store batches: many schedules
-firing together make one write), and only then answered and heard of by the book's
-listeners. In a store that several servers share, the latest state is the store's: the book
-hands each change to the store (`Decide`), which applies it to the latest state there, and
-the book learns of it (`apply`), as every server's book does, in the order of the store's
-changes; the change is answered once this server's book has it.
+builds on it) and its write staged, then made durable (`persist`, which a durable store
+batches: many schedules firing together make one write, and writes reach the disk in the
+order they were staged, the tasks' with the schedules'), and only then answered and heard
+of by the book's listeners. In a store that several servers share, the latest state is the
+store's: the book hands each change to the store (`Decide`), which applies it to the latest
+state there, and the book learns of it (`apply`), as every server's book does, in the order
+of the store's changes; the change is answered once this server's book has it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +26,9 @@ from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused, StoreError
 
 ScheduleMutation = Callable[[Schedule], Schedule | None]
-# Makes a schedule's new state durable, or its removal (None) by id.
+# Makes a schedule's new state durable, or its removal (None) by id: the write is staged when
+# it is called (a write staged after it does not reach the disk before it), and the awaitable
+# is done once it is durable.
 Persist = Callable[[str, Schedule | None], Awaitable[None]]
 Listener = Callable[[Schedule, bool], None]  # a schedule's new state; True: it was removed
 
@@ -139,6 +143,26 @@ class ScheduleBook:
             return current
         return await self._commit(new)
 
+    def update_at_once(
+        self, schedule_id: str, mutation: ScheduleMutation
+    ) -> tuple[Schedule, asyncio.Future[Schedule]]:
+        """As `update`, in a book of this server's own store only (not shared): the change is
+        applied to the latest state, and its write staged, before this returns, so that a
+        write staged after it (a task made on the strength of it) is not durable before it.
+        The latest state, and its write: done once the change is durable and the listeners
+        were told (in the order of the changes, as `update`'s), to be awaited."""
+        assert self._decide is None, "a shared store's changes are the store's to apply"
+        current = self._schedules.get(schedule_id)
+        if current is None:
+            raise ScheduleNotFound(schedule_id)
+        new = mutation(current)
+        if new is None or new is current:
+            unchanged = asyncio.get_running_loop().create_future()
+            unchanged.set_result(current)
+            return current, unchanged
+        stamped, write = self._apply(new)
+        return stamped, asyncio.ensure_future(self._told(stamped, write))
+
     async def delete(self, schedule_id: str) -> Schedule:
         if self._decide is not None:
             return await self._decide.delete(schedule_id)
@@ -171,10 +195,18 @@ class ScheduleBook:
 
     async def _commit(self, schedule: Schedule) -> Schedule:
         """Apply a change at once, then wait until it is durable, then tell the listeners."""
+        return await self._told(*self._apply(schedule))
+
+    def _apply(self, schedule: Schedule) -> tuple[Schedule, Awaitable[None]]:
+        """Apply a change at once and stage its write: the state, and its write."""
         self._revision += 1
         stamped = schedule.evolve(revision=self._revision)
         self._schedules[stamped.schedule_id] = stamped
-        await self._persist(stamped.schedule_id, stamped)
+        return stamped, self._persist(stamped.schedule_id, stamped)
+
+    async def _told(self, stamped: Schedule, write: Awaitable[None]) -> Schedule:
+        """Wait until a change applied is durable, then tell the listeners."""
+        await write
         for listener in list(self._listeners):
             listener(stamped, False)
         return stamped
