@@ -235,7 +235,7 @@ class ScheduleRunner:
 
     async def _decide_all(
         self, plans: Sequence[Plan]
-    ) -> tuple[list[Schedule | None], list[Awaitable[Schedule]]]:
+    ) -> tuple[list[Schedule | None], list[Awaitable[object]]]:
         """Decide the plans (_decide): the state each recorded (None: it did not land), and
         the writes still to wait for (to be awaited, whatever happens meanwhile).
 
@@ -251,22 +251,14 @@ class ScheduleRunner:
         after every batch of the burst is decided and written."""
         if self.store.shared:
             return list(await asyncio.gather(*(self._decide(plan) for plan in plans))), []
-        states: list[Schedule | None] = []
-        writes: list[Awaitable[Schedule]] = []
-        try:
-            for plan in plans:
-                decide = await self._decision(plan)
-                try:
-                    after, write = self.book.update_at_once(plan.before.schedule_id, decide)
-                except ScheduleNotFound:  # deleted meanwhile
-                    states.append(None)
-                    continue
-                writes.append(write)
-                states.append(after if decide.state is not None else None)
-        except BaseException:  # the store failed: the writes staged fail too
-            await asyncio.gather(*writes, return_exceptions=True)
-            raise
-        return states, writes
+        decisions = [await self._decision(plan) for plan in plans]
+        changes = [(plan.before.schedule_id, d) for plan, d in zip(plans, decisions, strict=True)]
+        after, writes = self.book.update_at_once(changes)
+        states = [
+            state if decision.state is not None else None
+            for state, decision in zip(after, decisions, strict=True)
+        ]
+        return states, [writes]
 
     async def _decide(self, plan: Plan) -> Schedule | None:
         """Record the plan with its runs pending, if the schedule is still as it found it:

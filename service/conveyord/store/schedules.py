@@ -144,24 +144,27 @@ class ScheduleBook:
         return await self._commit(new)
 
     def update_at_once(
-        self, schedule_id: str, mutation: ScheduleMutation
-    ) -> tuple[Schedule, asyncio.Future[Schedule]]:
-        """As `update`, in a book of this server's own store only (not shared): the change is
-        applied to the latest state, and its write staged, before this returns, so that a
-        write staged after it (a task made on the strength of it) is not durable before it.
-        The latest state, and its write: done once the change is durable and the listeners
-        were told (in the order of the changes, as `update`'s), to be awaited."""
+        self, changes: Sequence[tuple[str, ScheduleMutation]]
+    ) -> tuple[list[Schedule | None], asyncio.Future[None]]:
+        """As `update` for each (schedule id, mutation), in order, in a book of this server's
+        own store only (not shared): each change is applied to the latest state, and its
+        write staged, before this returns, so that a write staged after them (a task made on
+        the strength of them) is not durable before them. Each schedule's latest state
+        (None: not found), and their writes: done once they are durable and the listeners
+        were told of each (in the order of the changes, as `update`'s), to be awaited."""
         assert self._decide is None, "a shared store's changes are the store's to apply"
-        current = self._schedules.get(schedule_id)
-        if current is None:
-            raise ScheduleNotFound(schedule_id)
-        new = mutation(current)
-        if new is None or new is current:
-            unchanged = asyncio.get_running_loop().create_future()
-            unchanged.set_result(current)
-            return current, unchanged
-        stamped, write = self._apply(new)
-        return stamped, asyncio.ensure_future(self._told(stamped, write))
+        states: list[Schedule | None] = []
+        applied: list[tuple[Schedule, Awaitable[None]]] = []
+        for schedule_id, mutation in changes:
+            current = self._schedules.get(schedule_id)
+            new = None if current is None else mutation(current)
+            if new is None or new is current:
+                states.append(current)
+                continue
+            stamped, write = self._apply(new)
+            states.append(stamped)
+            applied.append((stamped, write))
+        return states, asyncio.ensure_future(self._all_told(applied))
 
     async def delete(self, schedule_id: str) -> Schedule:
         if self._decide is not None:
@@ -210,6 +213,10 @@ class ScheduleBook:
         for listener in list(self._listeners):
             listener(stamped, False)
         return stamped
+
+    async def _all_told(self, applied: Sequence[tuple[Schedule, Awaitable[None]]]) -> None:
+        for stamped, write in applied:
+            await self._told(stamped, write)
 
 
 def encode(schedule: Schedule) -> str:
