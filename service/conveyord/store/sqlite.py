@@ -82,7 +82,9 @@ class SqliteStore(MemoryStore):
         self._failure: Exception | None = None
         self._file_identity: tuple[int, int] | None = None
         self.schedules = ScheduleBook(self._persist_schedule)
-        self._schedule_rows: dict[str, str | None] = {}  # schedule_id: its row (None: removed)
+        # The schedules' states to write (None: removed), encoded as the batch is written (a
+        # state replaced before then, such as a decision by its runs made, is never encoded).
+        self._schedule_rows: dict[str, Schedule | None] = {}
 
     # -- opening -----------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class SqliteStore(MemoryStore):
         """Stage a schedule's new state (None: its removal) in the batch being gathered (one
         transaction for the tasks' and the schedules' changes, batches written in order):
         done once it is on disk."""
-        self._schedule_rows[schedule_id] = None if schedule is None else encode_schedule(schedule)
+        self._schedule_rows[schedule_id] = schedule
         return self._into_batch([])
 
     def _load_attempts(self) -> list[tuple[str, Attempt]]:
@@ -232,7 +234,10 @@ class SqliteStore(MemoryStore):
         self.on_failure(error)
 
     def _write(
-        self, batch: list[Change], state: tuple[int, int, int], schedules: dict[str, str | None]
+        self,
+        batch: list[Change],
+        state: tuple[int, int, int],
+        schedules: dict[str, Schedule | None],
     ) -> None:
         """One transaction: the tasks' new rows, the changes, the counters, the trimmed
         history, and the schedules' new rows."""
@@ -302,10 +307,10 @@ class SqliteStore(MemoryStore):
         self._writer.shutdown(wait=True)
 
 
-def _write_schedules(connection: sqlite3.Connection, rows: dict[str, str | None]) -> None:
+def _write_schedules(connection: sqlite3.Connection, rows: dict[str, Schedule | None]) -> None:
     connection.executemany(
         "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
-        [(key, data) for key, data in rows.items() if data is not None],
+        [(key, encode_schedule(data)) for key, data in rows.items() if data is not None],
     )
     connection.executemany(
         "DELETE FROM schedules WHERE schedule_id = ?",
