@@ -2,11 +2,13 @@
 runner decides a time in the store's book at once and makes its runs before the decision
 is on disk. A second runner on the store at the worst moment (the run made, not recorded)
 counts the run once, and a crash at that moment leaves the decision on disk with the run,
-so that the next start counts it once."""
+so that the next start counts it once; a write of decisions that fails leaves their
+schedules to be fired again."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -137,3 +139,22 @@ async def test_a_crash_once_the_runs_are_made_leaves_them_decided_and_counted_at
         made_once(again.schedules.get(schedule_id), await runs(again, schedule_id))
     finally:
         await again.close()
+
+
+async def test_decisions_whose_write_fails_leave_their_schedules_to_be_fired_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock(NOW + EVERY)
+    store = sqlite(tmp_path)
+    await store.open()
+    schedule_ids = [await new_schedule(store) for _ in range(3)]
+    (tmp_path / "tasks.db").unlink()  # the next write fails: the file is no longer the store's
+    failed: list[Exception] = []
+    store.on_failure = failed.append
+    runner = ScheduleRunner(store, Maker(store, clock), clock)
+    with caplog.at_level(logging.WARNING, logger="conveyord.schedules.runner"):
+        await runner._fire_together(schedule_ids)  # decided and made in one write, which fails
+    await store.close()
+    assert len(failed) == 1
+    assert "3 schedules: their runs could not be made: writing to the store failed" in caplog.text
+    assert sorted(schedule_id for _, schedule_id in runner._heap) == sorted(schedule_ids)

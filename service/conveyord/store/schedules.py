@@ -215,8 +215,12 @@ class ScheduleBook:
         return stamped
 
     async def _all_told(self, applied: Sequence[tuple[Schedule, Awaitable[None]]]) -> None:
-        for stamped, write in applied:
-            await self._told(stamped, write)
+        """Wait until changes applied are durable (every one: a failed write fails them
+        all), then tell the listeners of each, in order."""
+        await asyncio.gather(*(write for _, write in applied))
+        for stamped, _ in applied:
+            for listener in list(self._listeners):
+                listener(stamped, False)
 
 
 def encode(schedule: Schedule) -> str:
