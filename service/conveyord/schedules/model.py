@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import operator
 from typing import Any
 
 from conveyor.v1 import schedule_service_pb2 as spb
@@ -60,7 +61,7 @@ class Run:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Schedule:
-    """One schedule at one revision. Every change makes a new one (`dataclasses.replace`)."""
+    """One schedule at one revision. Every change makes a new one (`evolve`)."""
 
     schedule_id: str
     seq: int  # creation order, the key List pages by
@@ -102,4 +103,12 @@ class Schedule:
         return _parsed(self.request)
 
     def evolve(self, **changes: Any) -> Schedule:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, as `dataclasses.replace` makes it at twice the cost: a
+        schedule changes half a dozen times each time it fires."""
+        copy = Schedule(*_all_fields(self))
+        for name, value in changes.items():
+            object.__setattr__(copy, name, value)  # a copy no one else holds yet
+        return copy
+
+
+_all_fields = operator.attrgetter(*(field.name for field in dataclasses.fields(Schedule)))

@@ -220,38 +220,65 @@ class ScheduleRunner:
                 plan = await planner(schedule)
                 if plan is not None:
                     plans.append(plan)
-            states = await asyncio.gather(*(self._decide(plan) for plan in plans))
+            states, writes = await self._decide_all(plans)
             if decided is not None:
                 for plan, state in zip(plans, states, strict=True):
                     if state is not None:
                         decided[state.schedule_id] = (plan.before, state)
             pending = [s for i in active if (s := self.book.get(i)) is not None and s.pending]
-            await self._carry_out(pending)
+            try:
+                await self._carry_out(pending)
+            finally:
+                await asyncio.gather(*writes)
             again = [plan.before.schedule_id for plan in plans]
             active = list(dict.fromkeys(again + [s.schedule_id for s in pending]))
 
+    async def _decide_all(
+        self, plans: Sequence[Plan]
+    ) -> tuple[list[Schedule | None], list[Awaitable[object]]]:
+        """Decide the plans (_decide): the state each recorded (None: it did not land), and
+        the writes still to wait for (to be awaited, whatever happens meanwhile).
+
+        In a shared store, each decision is the database's, and its runs are made once it is
+        recorded there: the decisions are written together, and waited for. In a store of
+        this server's own, the book is where every runner on the store decides (a second
+        runner, or an API call): a decision applied to it (at once, checked against the state
+        the plan found) holds for every runner from then on, durable or not. Its runs are
+        made at once, without waiting for the write: the store writes in the order of
+        staging, so the decision is on disk with its runs or before them (a crash may leave
+        it pending, to be made and counted; never its runs made but not decided). A burst of
+        schedules firing then makes each batch's runs as soon as it is planned, rather than
+        after every batch of the burst is decided and written."""
+        if self.store.shared:
+            return list(await asyncio.gather(*(self._decide(plan) for plan in plans))), []
+        decisions = [await self._decision(plan) for plan in plans]
+        changes = [(plan.before.schedule_id, d) for plan, d in zip(plans, decisions, strict=True)]
+        after, writes = self.book.update_at_once(changes)
+        states = [
+            state if decision.state is not None else None
+            for state, decision in zip(after, decisions, strict=True)
+        ]
+        return states, [writes]
+
     async def _decide(self, plan: Plan) -> Schedule | None:
         """Record the plan with its runs pending, if the schedule is still as it found it:
-        the state recorded, or None. A run already made is left out (rules.decide): this
-        runner has read every run made before the state the plan found, as that state came
-        after them."""
+        the state recorded, or None."""
+        decide = await self._decision(plan)
+        after = await self._update(plan.before.schedule_id, decide)
+        return after if decide.state is not None else None
+
+    async def _decision(self, plan: Plan) -> _Decision:
+        """The mutation that decides the plan (rules.decide). A run already made is left out:
+        this runner has read every run made before the state the plan found, as that state
+        came after them (a run another runner made under a decision of its own came after
+        that decision, which the plan would have found, and so not landed on)."""
         schedule = plan.before
         made_before = [
             order.key
             for order in plan.runs
             if await self.store.get_by_request(schedule.tenant, order.key) is not None
         ]
-        now = self.clock()
-        landed = False
-
-        def decide(current: Schedule) -> Schedule | None:
-            nonlocal landed
-            state = rules.decide(current, plan, made_before, now)
-            landed = state is not None
-            return state
-
-        after = await self._update(schedule.schedule_id, decide)
-        return after if landed else None
+        return _Decision(plan, made_before, self.clock())
 
     async def _carry_out(self, schedules: Sequence[Schedule]) -> None:
         """Make the schedules' pending runs (one batch of tasks), cancel the runs before them
@@ -386,3 +413,16 @@ class ScheduleRunner:
 
         await self._update(before.schedule_id, withdraw)
         return withdrawn
+
+
+class _Decision:
+    """A mutation that decides a plan (rules.decide), and the state it recorded (None: it did
+    not land)."""
+
+    def __init__(self, plan: Plan, made_before: Sequence[str], now: float) -> None:
+        self.plan, self.made_before, self.now = plan, made_before, now
+        self.state: Schedule | None = None
+
+    def __call__(self, current: Schedule) -> Schedule | None:
+        self.state = rules.decide(current, self.plan, self.made_before, self.now)
+        return self.state

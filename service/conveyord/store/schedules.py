@@ -2,16 +2,18 @@
 
 A change is a mutation of the latest state, as for tasks. In a store of one server's own,
 the book holds the latest state: a change is applied to it at once (so that the next change
-builds on it), then made durable (`persist`, which a durable store batches: many schedules
-firing together make one write), and only then answered and heard of by the book's
-listeners. In a store that several servers share, the latest state is the store's: the book
-hands each change to the store (`Decide`), which applies it to the latest state there, and
-the book learns of it (`apply`), as every server's book does, in the order of the store's
-changes; the change is answered once this server's book has it.
+builds on it) and its write staged, then made durable (`persist`, which a durable store
+batches: many schedules firing together make one write, and writes reach the disk in the
+order they were staged, the tasks' with the schedules'), and only then answered and heard
+of by the book's listeners. In a store that several servers share, the latest state is the
+store's: the book hands each change to the store (`Decide`), which applies it to the latest
+state there, and the book learns of it (`apply`), as every server's book does, in the order
+of the store's changes; the change is answered once this server's book has it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +26,9 @@ from conveyord.schedules.spec import Spec
 from conveyord.store.base import RequestIdReused, StoreError
 
 ScheduleMutation = Callable[[Schedule], Schedule | None]
-# Makes a schedule's new state durable, or its removal (None) by id.
+# Makes a schedule's new state durable, or its removal (None) by id: the write is staged when
+# it is called (a write staged after it does not reach the disk before it), and the awaitable
+# is done once it is durable.
 Persist = Callable[[str, Schedule | None], Awaitable[None]]
 Listener = Callable[[Schedule, bool], None]  # a schedule's new state; True: it was removed
 
@@ -139,6 +143,29 @@ class ScheduleBook:
             return current
         return await self._commit(new)
 
+    def update_at_once(
+        self, changes: Sequence[tuple[str, ScheduleMutation]]
+    ) -> tuple[list[Schedule | None], asyncio.Future[None]]:
+        """As `update` for each (schedule id, mutation), in order, in a book of this server's
+        own store only (not shared): each change is applied to the latest state, and its
+        write staged, before this returns, so that a write staged after them (a task made on
+        the strength of them) is not durable before them. Each schedule's latest state
+        (None: not found), and their writes: done once they are durable and the listeners
+        were told of each (in the order of the changes, as `update`'s), to be awaited."""
+        assert self._decide is None, "a shared store's changes are the store's to apply"
+        states: list[Schedule | None] = []
+        applied: list[tuple[Schedule, Awaitable[None]]] = []
+        for schedule_id, mutation in changes:
+            current = self._schedules.get(schedule_id)
+            new = None if current is None else mutation(current)
+            if new is None or new is current:
+                states.append(current)
+                continue
+            stamped, write = self._apply(new)
+            states.append(stamped)
+            applied.append((stamped, write))
+        return states, asyncio.ensure_future(self._all_told(applied))
+
     async def delete(self, schedule_id: str) -> Schedule:
         if self._decide is not None:
             return await self._decide.delete(schedule_id)
@@ -171,13 +198,29 @@ class ScheduleBook:
 
     async def _commit(self, schedule: Schedule) -> Schedule:
         """Apply a change at once, then wait until it is durable, then tell the listeners."""
+        return await self._told(*self._apply(schedule))
+
+    def _apply(self, schedule: Schedule) -> tuple[Schedule, Awaitable[None]]:
+        """Apply a change at once and stage its write: the state, and its write."""
         self._revision += 1
         stamped = schedule.evolve(revision=self._revision)
         self._schedules[stamped.schedule_id] = stamped
-        await self._persist(stamped.schedule_id, stamped)
+        return stamped, self._persist(stamped.schedule_id, stamped)
+
+    async def _told(self, stamped: Schedule, write: Awaitable[None]) -> Schedule:
+        """Wait until a change applied is durable, then tell the listeners."""
+        await write
         for listener in list(self._listeners):
             listener(stamped, False)
         return stamped
+
+    async def _all_told(self, applied: Sequence[tuple[Schedule, Awaitable[None]]]) -> None:
+        """Wait until changes applied are durable (every one: a failed write fails them
+        all), then tell the listeners of each, in order."""
+        await asyncio.gather(*(write for _, write in applied))
+        for stamped, _ in applied:
+            for listener in list(self._listeners):
+                listener(stamped, False)
 
 
 def encode(schedule: Schedule) -> str:

@@ -21,7 +21,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,9 @@ class SqliteStore(MemoryStore):
         self._failure: Exception | None = None
         self._file_identity: tuple[int, int] | None = None
         self.schedules = ScheduleBook(self._persist_schedule)
-        self._schedule_rows: dict[str, str | None] = {}  # schedule_id: its row (None: removed)
+        # The schedules' states to write (None: removed), encoded as the batch is written (a
+        # state replaced before then, such as a decision by its runs made, is never encoded).
+        self._schedule_rows: dict[str, Schedule | None] = {}
 
     # -- opening -----------------------------------------------------------------
 
@@ -129,12 +131,12 @@ class SqliteStore(MemoryStore):
                 f"store file {self.path} has a corrupt schedule: {error}"
             ) from error
 
-    async def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> None:
-        """Write a schedule's new state (None: its removal) with the batch being gathered
-        (one transaction for the tasks' and the schedules' changes), and wait until it is on
-        disk."""
-        self._schedule_rows[schedule_id] = None if schedule is None else encode_schedule(schedule)
-        await self._persist([])
+    def _persist_schedule(self, schedule_id: str, schedule: Schedule | None) -> Awaitable[None]:
+        """Stage a schedule's new state (None: its removal) in the batch being gathered (one
+        transaction for the tasks' and the schedules' changes, batches written in order):
+        done once it is on disk."""
+        self._schedule_rows[schedule_id] = schedule
+        return self._into_batch([])
 
     def _load_attempts(self) -> list[tuple[str, Attempt]]:
         assert self._connection is not None
@@ -172,6 +174,10 @@ class SqliteStore(MemoryStore):
 
     async def _persist(self, changes: list[Change]) -> None:
         """Add the changes to the batch being gathered and wait until it is on disk."""
+        await self._into_batch(changes)
+
+    def _into_batch(self, changes: list[Change]) -> asyncio.Future[None]:
+        """Add the changes to the batch being gathered: done once it is on disk."""
         if self._failure is not None:
             raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
         if self._batch_done is None:
@@ -182,7 +188,7 @@ class SqliteStore(MemoryStore):
             self._in_flight[change.task.task_id] = done
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write_batches())
-        await asyncio.shield(done)
+        return asyncio.shield(done)
 
     async def _settled(self, task_id: str) -> None:
         done = self._in_flight.get(task_id)
@@ -228,7 +234,10 @@ class SqliteStore(MemoryStore):
         self.on_failure(error)
 
     def _write(
-        self, batch: list[Change], state: tuple[int, int, int], schedules: dict[str, str | None]
+        self,
+        batch: list[Change],
+        state: tuple[int, int, int],
+        schedules: dict[str, Schedule | None],
     ) -> None:
         """One transaction: the tasks' new rows, the changes, the counters, the trimmed
         history, and the schedules' new rows."""
@@ -298,10 +307,10 @@ class SqliteStore(MemoryStore):
         self._writer.shutdown(wait=True)
 
 
-def _write_schedules(connection: sqlite3.Connection, rows: dict[str, str | None]) -> None:
+def _write_schedules(connection: sqlite3.Connection, rows: dict[str, Schedule | None]) -> None:
     connection.executemany(
         "INSERT OR REPLACE INTO schedules (schedule_id, data) VALUES (?, ?)",
-        [(key, data) for key, data in rows.items() if data is not None],
+        [(key, encode_schedule(data)) for key, data in rows.items() if data is not None],
     )
     connection.executemany(
         "DELETE FROM schedules WHERE schedule_id = ?",
