@@ -221,20 +221,6 @@ async def test_the_next_batch_is_made_while_the_one_before_waits_for_its_commit(
     assert "trying again" not in caplog.text  # no batch failed on the request id
 
 
-async def test_a_batch_changes_at_most_a_thousand_rows(opened: Opener) -> None:
-    """Two large creates that come together are written as two batches (the second made
-    while the first is written), a small one after them joins the second."""
-    store = await opened()
-    batches: list[int] = []
-    store.on_commit = lambda changes, seconds: batches.append(changes)
-    await asyncio.gather(
-        store.create([new_task() for _ in range(600)], admit),
-        store.create([new_task() for _ in range(600)], admit),
-        store.create([new_task() for _ in range(400)], admit),
-    )
-    assert batches == [600, 1000]
-
-
 async def test_request_ids_are_looked_up_by_their_index_not_by_reading_the_table(
     postgres_url: str, opened: Opener
 ) -> None:

@@ -75,10 +75,7 @@ CATCH_UP_SECONDS = 5.0  # the longest a read waits for the reader to reach the d
 CONNECT_SECONDS = 10.0
 RECONNECT_SECONDS = 10.0  # the reader's connection is tried again this long, then it fails
 RETRIES = 3  # a batch that fails before its COMMIT is run again this many times
-# Rows that one transaction changes at most (an operation counts its tasks; one operation
-# always goes): two BatchCreates of 1,000 are two batches, one made while the other is
-# written, rather than one that makes this server and then the database wait in turn.
-MAX_BATCH = 1000
+MAX_BATCH = 1000  # operations in one transaction
 TRIM_EVERY = 1000  # changes left behind the history before they are deleted from the table
 # A change stays in the table at least this long (by its `at`), whatever the history of the
 # replica that trims: another replica whose reader is less far behind (paused, on a slow
@@ -236,18 +233,11 @@ class _Op:
         """The ids of the tasks whose rows it changes (claims and creates find their own)."""
         return ()
 
-    def rows(self) -> int:
-        """About how many rows it changes, for the size of a batch."""
-        return max(1, len(tuple(self.locks())))
-
 
 @dataclasses.dataclass(eq=False)
 class _Create(_Op):
     tasks: Sequence[Task]  # the tasks not known to the cache when the call came
     rates: Tenants | None = None  # what its new tasks are charged to (None: not charged)
-
-    def rows(self) -> int:
-        return len(self.tasks)
 
 
 @dataclasses.dataclass(eq=False)
@@ -291,9 +281,6 @@ class _RemoveFinished(_Op):
 @dataclasses.dataclass(eq=False)
 class _ClaimOp(_Op):
     request: Claim
-
-    def rows(self) -> int:
-        return max(1, self.request.count)
 
 
 @dataclasses.dataclass(eq=False)
@@ -746,23 +733,11 @@ class PostgresStore(MemoryStore):
             await self._room_for_a_batch()
             if not self._pending or self._failure is not None:
                 return
-            ops = self._take_batch()
+            ops, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             turn = _Turn()
             previous = self._under_way[-1] if self._under_way else None
             self._under_way.append(turn)
             turn.task = asyncio.create_task(self._write_turn(ops, turn, previous))
-
-    def _take_batch(self) -> list[_Op]:
-        """The pending operations of the next batch, in order: at least one, and no more
-        than MAX_BATCH rows."""
-        rows, taken = 0, 0
-        for op in self._pending:
-            rows += op.rows()
-            if rows > MAX_BATCH and taken:
-                break
-            taken += 1
-        ops, self._pending = self._pending[:taken], self._pending[taken:]
-        return ops
 
     async def _room_for_a_batch(self) -> None:
         """Wait until a batch may begin: the newest one under way is ready, and the one
