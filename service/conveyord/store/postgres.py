@@ -560,8 +560,11 @@ class PostgresStore(MemoryStore):
     async def close(self) -> None:
         """Finish the writes under way and their answers, stop reading, and disconnect;
         safe to call twice."""
-        while writing := self._writers():  # a batch under way may hand back operations
-            await asyncio.wait(writing)
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+        under_way = {turn.task for turn in self._under_way if turn.task is not None}
+        if under_way:
+            await asyncio.wait(under_way)
         waiting = [future for _, _, future in self._waiters if not future.done()]
         if waiting and self._reading is not None and not self._reading.done():
             await asyncio.wait(waiting, timeout=CATCH_UP_SECONDS)
@@ -573,13 +576,6 @@ class PostgresStore(MemoryStore):
                 task.cancel()
             self._reading = None
         await self._release()
-
-    def _writers(self) -> set[asyncio.Task[None]]:
-        """The writer's tasks that have not ended: its loop, and the batches under way."""
-        tasks = {turn.task for turn in self._under_way if turn.task is not None}
-        if self._writing is not None:
-            tasks.add(self._writing)
-        return {task for task in tasks if not task.done()}
 
     async def _release(self) -> None:
         listener, pool, self._listener, self._pool = self._listener, self._pool, None, None
