@@ -29,8 +29,8 @@ from conveyord.store.postgres import CHANNEL, KEEP_CHANGES_SECONDS, TRIM_EVERY, 
 from tests.conftest import ManualClock, PostgresOpener
 from tests.processes import Conveyord
 from tests.proxy import Proxy
-from tests.support import error_reason, eventually, revision
-from tests.test_postgres_store import holding_the_counter, sql, waiting_on_the_counter
+from tests.support import error_reason, revision
+from tests.test_postgres_store import sql
 from tests.test_store import admit, create_one, new_task
 
 STORE_FAILED_EXIT = 1
@@ -219,18 +219,13 @@ HELD = "held"  # the request id of the task whose write the database kills
 async def _kill_first_write(url: str, when: str) -> None:
     """Make the database end the connection of the write of the task whose request id is
     HELD, the first time it gets there: at its insert (`before` its COMMIT), or as COMMIT
-    runs the transaction's deferred triggers (`during` it), before it is committed; or
-    refuse that COMMIT there (`refused`: an error, the connection kept). The `held_writes`
-    sequence counts the times a write got there."""
-    deferred = "CREATE CONSTRAINT TRIGGER kill_held AFTER INSERT ON conveyor_tasks "
+    runs the transaction's deferred triggers (`during` it), before it is committed. The
+    `held_writes` sequence counts the times a write got there."""
     trigger = {
         "before": "CREATE TRIGGER kill_held AFTER INSERT ON conveyor_tasks",
-        "during": deferred + "DEFERRABLE INITIALLY DEFERRED",
-        "refused": deferred + "DEFERRABLE INITIALLY DEFERRED",
+        "during": "CREATE CONSTRAINT TRIGGER kill_held AFTER INSERT ON conveyor_tasks "
+        "DEFERRABLE INITIALLY DEFERRED",
     }[when]
-    action = {
-        "refused": "RAISE EXCEPTION 'held: refused at its commit'",
-    }.get(when, "PERFORM pg_terminate_backend(pg_backend_pid())")
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(f"""
@@ -238,7 +233,7 @@ async def _kill_first_write(url: str, when: str) -> None:
             CREATE FUNCTION kill_held() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 IF nextval('held_writes') = 1 THEN
-                    {action};
+                    PERFORM pg_terminate_backend(pg_backend_pid());
                 END IF;
                 RETURN NULL;
             END $$;
@@ -354,36 +349,6 @@ async def test_a_connection_killed_before_commit_is_written_once_on_the_next_try
     restarted = await opened()
     assert await restarted.get(held.task_id) == made
     assert await restarted.get(existing.task_id) == bumped
-    assert failures.errors == []
-
-
-async def test_a_commit_refused_while_the_next_batch_waits_is_written_after_that_one(
-    postgres_url: str, opened: PostgresOpener
-) -> None:
-    """The database refuses a batch's COMMIT while the store's next batch waits for the
-    revision counter: that batch commits first, on the revisions the refused one had, and
-    the refused one is run again after it. Each call is answered once, with the revision its
-    task was written at, and the feed delivers both, in order."""
-    store = await opened()
-    failures = Failures(store)
-    await _kill_first_write(postgres_url, "refused")
-    followed: list[Change] = []
-    store.feed.follow(followed.append)
-    async with holding_the_counter(postgres_url):
-        held = asyncio.create_task(create_one(store, new_task(HELD)))
-        assert await eventually(lambda: waiting_on_the_counter(postgres_url, 1))
-        other = asyncio.create_task(create_one(store, new_task("other")))
-        assert await eventually(lambda: waiting_on_the_counter(postgres_url, 2))
-    (made, created), (other_made, other_created) = await asyncio.gather(held, other)
-    assert await _held_writes(postgres_url) == 2  # refused at the first try
-    assert (created, other_created) == (True, True)
-    assert (other_made.revision, made.revision) == (1, 2)
-    assert [(c.revision, c.task.task_id) for c in followed] == [
-        (1, other_made.task_id), (2, made.task_id)
-    ]  # fmt: skip
-    restarted = await opened()
-    assert await restarted.get(made.task_id) == made
-    assert await restarted.get(other_made.task_id) == other_made
     assert failures.errors == []
 
 

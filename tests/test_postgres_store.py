@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -45,29 +44,6 @@ async def rows(url: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await connection.fetch(statement, *args)]
     finally:
         await connection.close()
-
-
-@contextlib.asynccontextmanager
-async def holding_the_counter(url: str) -> AsyncIterator[None]:
-    """Hold the lock of the database's revision counter (as a replica's batch does until its
-    commit): every write waits for it meanwhile."""
-    holder = await asyncpg.connect(url)
-    try:
-        async with holder.transaction():
-            await holder.execute("SELECT revision FROM conveyor_state WHERE id = 1 FOR UPDATE")
-            yield
-    finally:
-        await holder.close()
-
-
-async def waiting_on_the_counter(url: str, count: int) -> bool:
-    """Whether `count` writes wait for the revision counter's lock."""
-    waiting = await sql(
-        url,
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%UPDATE conveyor_state SET revision%'",
-    )
-    return bool(waiting == count)
 
 
 def claim_of(holder: str, count: int, now: float = 5.0) -> Claim:
@@ -199,26 +175,6 @@ async def test_a_request_id_raced_from_two_stores_makes_one_task(opened: Opener)
     results = await asyncio.gather(*creates)
     assert len({task.task_id for task, _ in results}) == 1
     assert [created for _, created in results].count(True) == 1
-
-
-async def test_the_next_batch_is_made_while_the_one_before_waits_for_its_commit(
-    postgres_url: str, opened: Opener, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A store writes its next batch while the database has the one before (the revision
-    counter orders their commits); a create whose request id the batch before is creating
-    waits for a later batch, rather than fail on the unique index and run again."""
-    store = await opened()
-    async with holding_the_counter(postgres_url):
-        first = asyncio.create_task(create_one(store, new_task("twice")))
-        assert await eventually(lambda: waiting_on_the_counter(postgres_url, 1))
-        second = asyncio.create_task(create_one(store, new_task()))
-        again = asyncio.create_task(create_one(store, new_task("twice")))
-        assert await eventually(lambda: waiting_on_the_counter(postgres_url, 2))  # both at once
-    (made, new), (other, other_new), (found, found_new) = await asyncio.gather(first, second, again)
-    assert (new, other_new, found_new) == (True, True, False)
-    assert found.task_id == made.task_id
-    assert [made.revision, other.revision] == [1, 2]
-    assert "trying again" not in caplog.text  # no batch failed on the request id
 
 
 async def test_request_ids_are_looked_up_by_their_index_not_by_reading_the_table(

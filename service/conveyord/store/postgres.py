@@ -436,20 +436,6 @@ class _Retry(Exception):
     """A batch failed before its COMMIT was sent: nothing of it was written."""
 
 
-class _Turn:
-    """A batch under way, as the batch after it sees it. That one begins once this one is
-    ready (it has locked every row it changes and sends its final statement, so neither can
-    wait for a lock that the other holds) and the one before has ended; the revision
-    counter's lock then orders their commits. The next batch leaves to a later one the
-    creates that ask for a request id this one is creating (it could not see them yet)."""
-
-    def __init__(self) -> None:
-        self.ready = asyncio.Event()  # its final statement goes next (or it ended)
-        self.ended = asyncio.Event()  # committed, or failed
-        self.creating: set[tuple[str, str]] = set()  # (tenant, request_id) of its new tasks
-        self.task: asyncio.Task[None] | None = None
-
-
 class PostgresStore(MemoryStore):
     """A MemoryStore whose every change is decided by a PostgreSQL database that several
     stores share, and read back from it in revision order. (Its `queued` counts come from
@@ -483,7 +469,6 @@ class PostgresStore(MemoryStore):
         self._listener: asyncpg.Connection | None = None
         self._pending: list[_Op] = []
         self._writing: asyncio.Task[None] | None = None
-        self._under_way: list[_Turn] = []  # the batches being written, oldest first (two at most)
         self._reading: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -562,9 +547,6 @@ class PostgresStore(MemoryStore):
         safe to call twice."""
         if self._writing is not None and not self._writing.done():
             await asyncio.wait({self._writing})
-        under_way = {turn.task for turn in self._under_way if turn.task is not None}
-        if under_way:
-            await asyncio.wait(under_way)
         waiting = [future for _, _, future in self._waiters if not future.done()]
         if waiting and self._reading is not None and not self._reading.done():
             await asyncio.wait(waiting, timeout=CATCH_UP_SECONDS)
@@ -714,65 +696,34 @@ class PostgresStore(MemoryStore):
         if self._failure is not None:
             raise StoreFailed(f"the store stopped after a failed write: {self._failure}")
         self._pending.append(op)
-        self._keep_writing()
-        return await asyncio.shield(op.future)
-
-    def _keep_writing(self) -> None:
-        """Have the writer take the pending operations, if it is not running."""
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write_batches())
+        return await asyncio.shield(op.future)
 
     async def _write_batches(self) -> None:
-        """Start a batch of the pending operations whenever one may begin, until none is
-        left: this server makes the next batch while the database writes the one before."""
+        """Write the pending operations, a batch at a time, until none is left."""
         while self._pending and self._failure is None:
-            await self._room_for_a_batch()
-            if not self._pending or self._failure is not None:
-                return
             ops, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            turn = _Turn()
-            previous = self._under_way[-1] if self._under_way else None
-            self._under_way.append(turn)
-            turn.task = asyncio.create_task(self._write_turn(ops, turn, previous))
-
-    async def _room_for_a_batch(self) -> None:
-        """Wait until a batch may begin: the newest one under way is ready, and the one
-        before it has ended (see _Turn)."""
-        while self._under_way:
-            if len(self._under_way) > 1:
-                await self._under_way[0].ended.wait()
-            elif not self._under_way[-1].ready.is_set():
-                await self._under_way[-1].ready.wait()
-            else:
+            began = time.perf_counter()
+            try:
+                batch = await self._write_with_retries(ops)
+            except Exception as error:
+                self._fail(error, ops)
                 return
+            self._pending[:0] = batch.deferred
+            written = len(batch.changes) + len(batch.schedule_changes)
+            if self.on_commit is not None and written:
+                self.on_commit(written, time.perf_counter() - began)
+            # Delivered in the loop's next turn, while the next batch waits on the database.
+            asyncio.get_running_loop().call_soon(self._deliver_own, batch)
+            revision = max(batch.seen, batch.last_revision)
+            answered = functools.partial(_answer, batch.answers)
+            self._delivered(revision).add_done_callback(answered)
 
-    async def _write_turn(self, ops: list[_Op], turn: _Turn, previous: _Turn | None) -> None:
-        """Write one batch, and have its operations answered once it is delivered."""
-        began = time.perf_counter()
-        try:
-            batch = await self._write_with_retries(ops, turn, previous)
-        except Exception as error:
-            self._fail(error, ops)
-            return
-        finally:
-            turn.ready.set()
-            turn.ended.set()
-            self._under_way.remove(turn)
-        written = len(batch.changes) + len(batch.schedule_changes)
-        if self.on_commit is not None and written:
-            self.on_commit(written, time.perf_counter() - began)
-        # Delivered in the loop's next turn, while the next batch waits on the database.
-        asyncio.get_running_loop().call_soon(self._deliver_own, batch)
-        revision = max(batch.seen, batch.last_revision)
-        answered = functools.partial(_answer, batch.answers)
-        self._delivered(revision).add_done_callback(answered)
-
-    async def _write_with_retries(
-        self, ops: list[_Op], turn: _Turn, previous: _Turn | None
-    ) -> _Batch:
+    async def _write_with_retries(self, ops: list[_Op]) -> _Batch:
         for attempt in itertools.count():
             try:
-                return await self._write_batch(ops, turn, previous)
+                return await self._write_batch(ops)
             except _Retry as retry:
                 if attempt >= RETRIES:
                     raise retry.__cause__ or retry from None
@@ -783,27 +734,17 @@ class PostgresStore(MemoryStore):
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _write_batch(self, ops: list[_Op], turn: _Turn, previous: _Turn | None) -> _Batch:
-        """Run the operations as one transaction; _Retry if it failed before its COMMIT.
-        The operations it leaves to a later batch go back to the pending ones (and out of
-        `ops`) once it is ready."""
+    async def _write_batch(self, ops: list[_Op]) -> _Batch:
+        """Run the operations as one transaction; _Retry if it failed before its COMMIT."""
         batch = _Batch(self._tasks)
         committing = False
-
-        def ready() -> None:
-            if batch.deferred:
-                self._pending[:0] = batch.deferred
-                ops[:] = [op for op in ops if op not in batch.deferred]
-                self._keep_writing()
-            turn.ready.set()
-
         try:
             async with self._usable_pool().acquire() as connection:
                 transaction = connection.transaction()
                 await transaction.start()
                 try:
-                    await self._run(batch, connection, ops, turn, previous)
-                    await self._write_changes(batch, connection, ready)
+                    await self._run(batch, connection, ops)
+                    await self._write_changes(batch, connection)
                     committing = True
                     await transaction.commit()
                 except BaseException:
@@ -822,25 +763,15 @@ class PostgresStore(MemoryStore):
         return batch
 
     def _forget(self, batch: _Batch) -> None:
-        """Drop the changes of a batch that was not committed from what the reader reuses
-        (only its own: the batch after it may have taken the same revisions since)."""
+        """Drop the changes of a batch that was not committed from what the reader reuses."""
         for entry in batch.changes:
-            if entry.change is not None and self._own.get(entry.change.revision) is entry.change:
-                del self._own[entry.change.revision]
+            if entry.change is not None:
+                self._own.pop(entry.change.revision, None)
         for staged in batch.schedule_changes:
-            stamped = staged.stamped
-            if stamped is not None and self._own_schedules.get(staged.revision) is stamped:
-                del self._own_schedules[staged.revision]
-        self._own_batches.pop(batch.last_revision, None)  # at worst, the next reads data back
+            self._own_schedules.pop(staged.revision, None)
+        self._own_batches.pop(batch.last_revision, None)
 
-    async def _run(
-        self,
-        batch: _Batch,
-        connection: Connection,
-        ops: list[_Op],
-        turn: _Turn,
-        previous: _Turn | None,
-    ) -> None:
+    async def _run(self, batch: _Batch, connection: Connection, ops: list[_Op]) -> None:
         """Lock the rows the operations change, then apply the operations: creates first
         (none of the others can name a task that is being created), the others in order."""
         ids = sorted({task_id for op in ops for task_id in op.locks()})
@@ -855,8 +786,7 @@ class PostgresStore(MemoryStore):
         if locked:
             for record in await connection.fetch(_LOCK_SCHEDULES, locked):
                 batch.adopt_schedule(record, self.schedules)
-        creates = [op for op in ops if isinstance(op, _Create)]
-        await self._create(batch, connection, creates, turn, previous)
+        await self._create(batch, connection, [op for op in ops if isinstance(op, _Create)])
         for op in ops:
             if isinstance(op, _Create):
                 continue
@@ -951,30 +881,20 @@ class PostgresStore(MemoryStore):
         made = batch.stage_schedule(schedule, at)
         return lambda: (made(), True)
 
-    async def _create(
-        self,
-        batch: _Batch,
-        connection: Connection,
-        ops: list[_Create],
-        turn: _Turn,
-        previous: _Turn | None,
-    ) -> None:
+    async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
         """Stage the new tasks of every create: a request id that another replica took
         gives back the first task (or fails the create with RequestIdReused); one asked
-        for twice in this batch, or that the batch before is creating, waits for a later
-        batch. The rows are written at the end. The tasks it makes are charged to their
-        tenants' rates (`_charge`)."""
-        ahead = set() if previous is None or previous.ended.is_set() else previous.creating
-        taken: set[tuple[str, str]] = set()
+        for twice in this batch waits for the next. The rows are written at the end. The
+        tasks it makes are charged to their tenants' rates (`_charge`)."""
+        taken: dict[tuple[str, str], _Create] = {}
         inserting: list[_Create] = []
         for op in ops:
-            keys = {(task.tenant, task.request_id) for task in op.tasks if task.request_id}
-            if not keys.isdisjoint(taken) or not keys.isdisjoint(ahead):
+            keys = [(task.tenant, task.request_id) for task in op.tasks if task.request_id]
+            if any(key in taken for key in keys):
                 batch.deferred.append(op)
                 continue
-            taken |= keys
+            taken.update(dict.fromkeys(keys, op))
             inserting.append(op)
-        turn.creating |= taken
         firsts = await self._firsts(
             batch, connection, [task for op in inserting for task in op.tasks if task.request_id]
         )
@@ -1074,12 +994,10 @@ class PostgresStore(MemoryStore):
             self._served[tenant] = next(self._turns)
         return picked
 
-    async def _write_changes(
-        self, batch: _Batch, connection: Connection, ready: Callable[[], None]
-    ) -> None:
-        """Write what the batch changed: the removed rows first, then (`ready` called just
-        before it) in one statement under the counter's lock the revisions, changes,
-        attempts and task rows, and the notification."""
+    async def _write_changes(self, batch: _Batch, connection: Connection) -> None:
+        """Write what the batch changed: the removed rows first, then in one statement
+        under the counter's lock the revisions, changes, attempts and task rows, and the
+        notification."""
         if batch.task_types:
             await connection.execute(
                 "INSERT INTO conveyor_task_types SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -1092,7 +1010,6 @@ class PostgresStore(MemoryStore):
         if gone:
             await connection.execute(_DELETE_SCHEDULES, gone)
         if not (batch.changes or batch.schedule_changes):
-            ready()
             return
         removed = sorted({
             entry.task.task_id for entry in batch.changes
@@ -1100,9 +1017,7 @@ class PostgresStore(MemoryStore):
         })  # fmt: skip
         if removed:
             await connection.execute(_DELETE_TASKS, removed)
-        arguments = self._arrays(batch)
-        ready()
-        base = await connection.fetchval(_WRITE, *arguments)
+        base = await connection.fetchval(_WRITE, *self._arrays(batch))
         if removed:  # after the write, which adds the attempts the batch ended
             await connection.execute(_DELETE_ATTEMPTS, removed)
         self._stamp(batch, base)
