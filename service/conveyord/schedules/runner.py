@@ -152,8 +152,11 @@ class ScheduleRunner:
     async def _fire_together(self, schedule_ids: list[str]) -> None:
         """Fire the schedules that fell due at one moment: their decisions are recorded
         together, and their runs made as one batch of tasks (as a BatchCreate: one write for
-        all). A schedule being fired by a call of its own is left to that call."""
+        all). A schedule that another call holds is fired on its own once that call is done
+        (which may have planned before this moment, and so left its times due)."""
         held = [i for i in dict.fromkeys(schedule_ids) if not self._lock(i).locked()]
+        for schedule_id in set(schedule_ids).difference(held):
+            self._in_background(self.fire(schedule_id))
         for schedule_id in held:
             await self._lock(schedule_id).acquire()  # free, so taken at once
         try:
