@@ -106,7 +106,7 @@ def dumps(value: Any) -> str:
     try:
         text = orjson.dumps(value)
     except orjson.JSONEncodeError:
-        return json.dumps(value, separators=(",", ":"))
+        text = b"null"
     if b"null" in text:
         return json.dumps(value, separators=(",", ":"))
     return text.decode()

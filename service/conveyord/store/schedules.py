@@ -198,7 +198,9 @@ class ScheduleBook:
 
     async def _commit(self, schedule: Schedule) -> Schedule:
         """Apply a change at once, then wait until it is durable, then tell the listeners."""
-        return await self._told(*self._apply(schedule))
+        stamped, write = self._apply(schedule)
+        await self._all_told([(stamped, write)])
+        return stamped
 
     def _apply(self, schedule: Schedule) -> tuple[Schedule, Awaitable[None]]:
         """Apply a change at once and stage its write: the state, and its write."""
@@ -206,13 +208,6 @@ class ScheduleBook:
         stamped = schedule.evolve(revision=self._revision)
         self._schedules[stamped.schedule_id] = stamped
         return stamped, self._persist(stamped.schedule_id, stamped)
-
-    async def _told(self, stamped: Schedule, write: Awaitable[None]) -> Schedule:
-        """Wait until a change applied is durable, then tell the listeners."""
-        await write
-        for listener in list(self._listeners):
-            listener(stamped, False)
-        return stamped
 
     async def _all_told(self, applied: Sequence[tuple[Schedule, Awaitable[None]]]) -> None:
         """Wait until changes applied are durable (every one: a failed write fails them
