@@ -100,9 +100,10 @@ async def _trim_past(trimmer: PostgresStore, clock: ManualClock, task_type: str)
     await trimmer.create(burst(task_type), admit)
     clock.now += KEEP_CHANGES_SECONDS + 1
     await trimmer.create(burst(task_type), admit)
-    # Delivered by the trimmer's reader in its next read, once the trim of the one before
-    # (which read the second burst) is done.
     last, _ = await create_one(trimmer, new_task(task_type=task_type))
+    # Its reader trims too, once it has read past TRIM_EVERY changes, but when is its own
+    # affair: this trim is done when it returns.
+    await trimmer.trim_changes()
     return last
 
 
@@ -143,6 +144,32 @@ async def test_a_store_whose_unread_changes_were_trimmed_fails_and_skips_none(
     with pytest.raises(StoreFailed):
         await create_one(behind, new_task())
     assert len(failures.errors) == 1
+
+
+async def test_a_store_trims_the_changes_its_history_passed_once_they_are_old(
+    postgres_url: str, opened: PostgresOpener
+) -> None:
+    """With no one asking, a store's reader deletes from the table the changes its history
+    (10 here) has passed and that are older than the table keeps: the first burst, not the
+    second, which is younger."""
+    clock = ManualClock()
+    trimmer = await opened(history_size=10, clock=clock)
+    trims: asyncio.Queue[None] = asyncio.Queue()  # one for each trim the reader has done
+    trim = trimmer.trim_changes
+
+    async def heard_trim() -> None:
+        await trim()
+        trims.put_nowait(None)
+
+    trimmer.trim_changes = heard_trim
+    await trimmer.create(burst(), admit)
+    clock.now += KEEP_CHANGES_SECONDS + 1
+    await trimmer.create(burst(), admit)
+    kept = 1
+    while kept <= BURST:  # a trim may be begun before the second burst is written
+        await asyncio.wait_for(trims.get(), 30)
+        kept = await sql(postgres_url, "SELECT min(revision) FROM conveyor_changes")
+    assert kept == BURST + 1  # the first of the second burst
 
 
 async def test_a_store_a_little_behind_keeps_what_it_has_not_read_through_another_s_trim(

@@ -1132,10 +1132,18 @@ class PostgresStore(MemoryStore):
                 self._settle()
             if len(rows) < READ_LIMIT:
                 break
-        if self._history.compacted - self._trimmed >= TRIM_EVERY and self._pool is not None:
-            compacted = self._history.compacted
-            await self._pool.execute(_TRIM_CHANGES, compacted, self._clock() - KEEP_CHANGES_SECONDS)
-            self._trimmed = compacted
+        if self._history.compacted - self._trimmed >= TRIM_EVERY:
+            await self.trim_changes()
+
+    async def trim_changes(self) -> None:
+        """Delete from the changes table those this store's history has passed and that are
+        older than KEEP_CHANGES_SECONDS (an unbroken run from the oldest). The reader does it
+        every TRIM_EVERY changes."""
+        if self._pool is None:
+            return
+        compacted = self._history.compacted
+        await self._pool.execute(_TRIM_CHANGES, compacted, self._clock() - KEEP_CHANGES_SECONDS)
+        self._trimmed = max(self._trimmed, compacted)
 
     def _apply(self, row: asyncpg.Record) -> None:
         """Apply one change read back, the next revision, to both views, and publish it."""
