@@ -177,6 +177,61 @@ async def test_a_request_id_raced_from_two_stores_makes_one_task(opened: Opener)
     assert [created for _, created in results].count(True) == 1
 
 
+class LookUps:
+    """Counts a store's look-ups of request ids in the database."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.count = 0
+        self.done = asyncio.Event()  # a look-up has been answered
+        self._firsts = store._firsts
+        store._firsts = self._counted  # type: ignore[method-assign]
+
+    async def _counted(self, *args: Any) -> Any:
+        self.count += 1
+        found = await self._firsts(*args)
+        self.done.set()
+        return found
+
+
+async def test_a_store_that_knows_every_task_looks_up_no_request_id(opened: Opener) -> None:
+    """A store whose view is up to date knows which request ids are taken: it neither asks
+    the database, batch after batch, nor makes a second task for one asked again."""
+    store = await opened()
+    look_ups = LookUps(store)
+    first, _ = await create_one(store, new_task("once"))
+    made = await asyncio.gather(*(store.create([new_task(f"r{n}")], admit) for n in range(20)))
+    assert all(created for ((_, created),) in made)
+    assert await create_one(store, new_task("once")) == (first, False)
+    assert look_ups.count == 0
+
+
+async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_and_given_back(
+    opened: Opener,
+) -> None:
+    """Another store's task holds the request id, and this store has not read it (its reader
+    waits): the new task's row fails the write on the unique index, and the batch is run
+    again, looking the request id up, at once: the first task comes back, and nothing is
+    made twice."""
+    a, b = await opened(), await opened()
+    first, _ = await create_one(a, new_task("nightly"))
+    reading = asyncio.Event()
+    read = b._read
+
+    async def held() -> None:
+        await reading.wait()
+        await read()
+
+    b._read = held  # type: ignore[method-assign]
+    b._behind = lambda: False  # type: ignore[method-assign]  # as if no notice had come yet
+    look_ups = LookUps(b)
+    again = asyncio.ensure_future(create_one(b, new_task("nightly")))
+    await asyncio.wait_for(look_ups.done.wait(), 30)
+    reading.set()  # the answer waits for the reader to deliver the first task
+    assert await again == (first, False)
+    assert look_ups.count == 1
+    assert await b.list(TaskFilter(), 0, 10) == ([first], await b.revision())
+
+
 async def test_request_ids_are_looked_up_by_their_index_not_by_reading_the_table(
     postgres_url: str, opened: Opener
 ) -> None:

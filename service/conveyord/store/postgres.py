@@ -476,6 +476,7 @@ class PostgresStore(MemoryStore):
         self._waiter_ids = itertools.count()
         self._own: dict[int, Change] = {}  # revision: this store's change, not yet read back
         self._failure: Exception | None = None
+        self._heard = 0  # the latest revision a commit's notification named
         self._trimmed = 0  # changes up to this revision were trimmed from the table (but
         # those younger than KEEP_CHANGES_SECONDS, which a later trim deletes)
         self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
@@ -721,21 +722,37 @@ class PostgresStore(MemoryStore):
             self._delivered(revision).add_done_callback(answered)
 
     async def _write_with_retries(self, ops: list[_Op]) -> _Batch:
-        for attempt in itertools.count():
+        """Write the batch, run again on a failure before its COMMIT (at once, looking up
+        the request ids, when one of its new tasks asked for one that another replica's
+        task holds)."""
+        look_up = False
+        attempt = 0
+        while True:
             try:
-                return await self._write_batch(ops)
+                return await self._write_batch(ops, look_up)
             except _Retry as retry:
+                if not look_up and _took_request_id(retry.__cause__):
+                    look_up = True  # the view missed the task that holds it: at once
+                    continue
+                look_up = True
                 if attempt >= RETRIES:
                     raise retry.__cause__ or retry from None
+                attempt += 1
                 log.warning(
                     "store %s: a write failed before its commit, trying again: %s",
                     self.where, retry.__cause__,
                 )  # fmt: skip
-                await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(0.05 * 2 ** (attempt - 1))
 
-    async def _write_batch(self, ops: list[_Op]) -> _Batch:
-        """Run the operations as one transaction; _Retry if it failed before its COMMIT."""
+    def _behind(self) -> bool:
+        """Whether the view may not know a task in the database: the reader was told of
+        changes it has not read, or a batch of this server's is not yet delivered."""
+        return bool(self._own_batches) or self._heard > self._revision
+
+    async def _write_batch(self, ops: list[_Op], look_up: bool) -> _Batch:
+        """Run the operations as one transaction; _Retry if it failed before its COMMIT.
+        `look_up`: find the tasks that hold the new tasks' request ids in the database even
+        if the view seems to know them all."""
         batch = _Batch(self._tasks)
         committing = False
         try:
@@ -743,7 +760,7 @@ class PostgresStore(MemoryStore):
                 transaction = connection.transaction()
                 await transaction.start()
                 try:
-                    await self._run(batch, connection, ops)
+                    await self._run(batch, connection, ops, look_up)
                     await self._write_changes(batch, connection)
                     committing = True
                     await transaction.commit()
@@ -771,7 +788,9 @@ class PostgresStore(MemoryStore):
             self._own_schedules.pop(staged.revision, None)
         self._own_batches.pop(batch.last_revision, None)
 
-    async def _run(self, batch: _Batch, connection: Connection, ops: list[_Op]) -> None:
+    async def _run(
+        self, batch: _Batch, connection: Connection, ops: list[_Op], look_up: bool
+    ) -> None:
         """Lock the rows the operations change, then apply the operations: creates first
         (none of the others can name a task that is being created), the others in order."""
         ids = sorted({task_id for op in ops for task_id in op.locks()})
@@ -786,7 +805,8 @@ class PostgresStore(MemoryStore):
         if locked:
             for record in await connection.fetch(_LOCK_SCHEDULES, locked):
                 batch.adopt_schedule(record, self.schedules)
-        await self._create(batch, connection, [op for op in ops if isinstance(op, _Create)])
+        creates = [op for op in ops if isinstance(op, _Create)]
+        await self._create(batch, connection, creates, look_up)
         for op in ops:
             if isinstance(op, _Create):
                 continue
@@ -881,11 +901,19 @@ class PostgresStore(MemoryStore):
         made = batch.stage_schedule(schedule, at)
         return lambda: (made(), True)
 
-    async def _create(self, batch: _Batch, connection: Connection, ops: list[_Create]) -> None:
+    async def _create(
+        self, batch: _Batch, connection: Connection, ops: list[_Create], look_up: bool
+    ) -> None:
         """Stage the new tasks of every create: a request id that another replica took
         gives back the first task (or fails the create with RequestIdReused); one asked
         for twice in this batch waits for the next. The rows are written at the end. The
-        tasks it makes are charged to their tenants' rates (`_charge`)."""
+        tasks it makes are charged to their tenants' rates (`_charge`).
+
+        The holders of request ids are looked up in the database only if `look_up` or the
+        view is behind it: the view knows every task but those of changes not yet read,
+        and a new task's row whose request id one of those holds fails the write on the
+        unique index (the batch is then run again, looking up). Most batches save the
+        look-up's round trip, and the database an index search for every request id."""
         taken: dict[tuple[str, str], _Create] = {}
         inserting: list[_Create] = []
         for op in ops:
@@ -895,9 +923,10 @@ class PostgresStore(MemoryStore):
                 continue
             taken.update(dict.fromkeys(keys, op))
             inserting.append(op)
-        firsts = await self._firsts(
-            batch, connection, [task for op in inserting for task in op.tasks if task.request_id]
-        )
+        keyed = [task for op in inserting for task in op.tasks if task.request_id]
+        firsts = {}
+        if look_up or self._behind():  # (after BEGIN: the batch before is delivered)
+            firsts = await self._firsts(batch, connection, keyed)
         buckets = await _lock_buckets(connection, inserting, firsts)
         at = self._clock()
         for op in inserting:
@@ -1095,7 +1124,9 @@ class PostgresStore(MemoryStore):
         """A commit's notification, with its last revision: the reader reads, unless this
         server has delivered that far (its own commit, delivered by the writer)."""
         with contextlib.suppress(ValueError, TypeError):
-            if int(str(payload)) <= self._revision:
+            revision = int(str(payload))
+            self._heard = max(self._heard, revision)
+            if revision <= self._revision:
                 return
         self._wake.set()
 
@@ -1554,6 +1585,14 @@ def _claim_query(
         f"LATERAL ({each}) AS picked ORDER BY picked.dispatch_key, picked.seq LIMIT $3"
     )
     return query, args
+
+
+def _took_request_id(error: BaseException | None) -> bool:
+    """Whether a write failed because a new task's request id is another task's."""
+    return (
+        isinstance(error, asyncpg.UniqueViolationError)
+        and error.constraint_name == "conveyor_tasks_request"
+    )
 
 
 def _locked_in_order(where: list[str], columns: str = _TASK_ROW) -> str:
