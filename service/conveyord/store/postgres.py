@@ -149,37 +149,36 @@ WITH bump AS (
     INSERT INTO conveyor_attempts (task_id, revision, data)
     SELECT task_id, base + n, ended FROM bump, c WHERE ended IS NOT NULL
 ), trimmed AS (
-    DELETE FROM conveyor_attempts a USING unnest($27::text[], $28::int[]) AS t(task_id, keep)
+    DELETE FROM conveyor_attempts a USING unnest($25::text[], $26::int[]) AS t(task_id, keep)
     WHERE a.task_id = t.task_id AND a.revision <= (
         SELECT b.revision FROM conveyor_attempts b WHERE b.task_id = t.task_id
         ORDER BY b.revision DESC OFFSET t.keep LIMIT 1)
 ), made AS (
     INSERT INTO conveyor_tasks (task_id, seq, tenant, request_id, request_hash, task_type,
         status, dispatch_key, runnable_at, revision, data)
-    SELECT u.task_id, base + u.created, u.tenant, u.request_id, u.request_hash, u.task_type,
+    SELECT c.task_id, base - c.seq, u.tenant, u.request_id, u.request_hash, u.task_type,
         u.status, u.dispatch_key, u.runnable_at, base + u.n, c.data
-    FROM bump, unnest($9::text[], $10::bigint[], $11::bigint[], $12::smallint[],
-        $13::float8[], $14::float8[], $15::text[], $16::text[], $17::bytea[], $18::text[])
-        AS u(task_id, created, n, status, dispatch_key, runnable_at, tenant, request_id,
-            request_hash, task_type)
+    FROM bump, unnest($9::bigint[], $10::smallint[], $11::float8[], $12::float8[],
+        $13::text[], $14::text[], $15::bytea[], $16::text[])
+        AS u(n, status, dispatch_key, runnable_at, tenant, request_id, request_hash, task_type)
     JOIN c ON c.n = u.n
 ), tasks AS (
     UPDATE conveyor_tasks AS t SET
         revision = base + u.n, status = u.status, dispatch_key = u.dispatch_key,
         runnable_at = u.runnable_at, data = c.data
-    FROM bump, unnest($19::text[], $20::bigint[], $21::smallint[], $22::float8[],
-        $23::float8[]) AS u(task_id, n, status, dispatch_key, runnable_at)
+    FROM bump, unnest($17::text[], $18::bigint[], $19::smallint[], $20::float8[],
+        $21::float8[]) AS u(task_id, n, status, dispatch_key, runnable_at)
     JOIN c ON c.n = u.n
     WHERE t.task_id = u.task_id
 ), schedules AS (
     UPDATE conveyor_schedules AS s SET
         seq = CASE WHEN u.seq < 0 THEN base - u.seq ELSE u.seq END,
         revision = base + u.n, data = c.data
-    FROM bump, unnest($24::text[], $25::bigint[], $26::bigint[]) AS u(schedule_id, seq, n)
+    FROM bump, unnest($22::text[], $23::bigint[], $24::bigint[]) AS u(schedule_id, seq, n)
     JOIN c ON c.n = u.n
     WHERE s.schedule_id = u.schedule_id
 )
-SELECT base, pg_notify($29, (base + $1)::text)::text FROM bump
+SELECT base, pg_notify($27, (base + $1)::text)::text FROM bump
 """
 _LOCK_SCHEDULES = f"""
 SELECT {_SCHEDULE_ROW} FROM conveyor_schedules WHERE schedule_id = ANY($1::text[])
@@ -1066,7 +1065,7 @@ class PostgresStore(MemoryStore):
             if state is not None and state.revision < 0  # changed, not removed
         ]
         return [
-            len(changes), *_columns(changes, 7), *_columns(made, 10), *_columns(updated, 5),
+            len(changes), *_columns(changes, 7), *_columns(made, 8), *_columns(updated, 5),
             *_columns(schedules, 3), *_columns(_trims(batch), 2), CHANNEL,
         ]  # fmt: skip
 
@@ -1083,12 +1082,11 @@ class PostgresStore(MemoryStore):
                 int(task.status), self._aging_rate * task.queued_since - task.priority,
                 task.next_attempt_at,
             )  # fmt: skip
-            created = batch.created.get(task_id)
-            if created is None:
+            if task_id not in batch.created:
                 updated.append((task_id, offset, *queue))
             else:
                 identity = (task.tenant, task.request_id, task.request_hash, task.task_type)
-                made.append((task_id, created, offset, *queue, *identity))
+                made.append((offset, *queue, *identity))  # its id and seq: its change's
         return made, updated
 
     def _stamp(self, batch: _Batch, base: int) -> None:
