@@ -184,7 +184,7 @@ class LookUps:
         self.count = 0
         self.done = asyncio.Event()  # a look-up has been answered
         self._firsts = store._firsts
-        store._firsts = self._counted  # type: ignore[method-assign]
+        store._firsts = self._counted  # type: ignore[method-assign,assignment]
 
     async def _counted(self, *args: Any) -> Any:
         self.count += 1
@@ -221,8 +221,8 @@ async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_a
         await reading.wait()
         await read()
 
-    b._read = held  # type: ignore[method-assign]
-    b._behind = lambda: False  # type: ignore[method-assign]  # as if no notice had come yet
+    b._read = held
+    b._behind = lambda: False  # as if no notice had come yet
     look_ups = LookUps(b)
     again = asyncio.ensure_future(create_one(b, new_task("nightly")))
     await asyncio.wait_for(look_ups.done.wait(), 30)
