@@ -236,6 +236,9 @@ class _Op:
 @dataclasses.dataclass(eq=False)
 class _Create(_Op):
     tasks: Sequence[Task]  # the tasks not known to the cache when the call came
+    # Each task's data (codec.encode), made by the call rather than by the writer: while
+    # the database writes one batch, the calls of the next are made ready beside it.
+    encoded: Sequence[str]
     rates: Tenants | None = None  # what its new tasks are charged to (None: not charged)
 
 
@@ -359,6 +362,7 @@ class _Batch:
         self.schedule_created: dict[str, _StagedSchedule] = {}
         self.claimed: collections.Counter[str] = collections.Counter()  # claims by type, so far
         self.last_revision = 0  # that of the batch's last change, once written
+        self.encoded: dict[str, tuple[Task, str]] = {}  # task_id: a state, and its data
 
     def adopt_schedule(self, record: asyncpg.Record, book: ScheduleBook) -> Schedule:
         """A schedule's row as a Schedule: the book's if it is the same."""
@@ -651,7 +655,9 @@ class PostgresStore(MemoryStore):
         known = [self._known_request(task) for task in tasks]
         new = [task for task, first in zip(tasks, known, strict=True) if first is None]
         admit(new)
-        created: list[tuple[Task, bool]] = await self._submit(_Create(new, rates)) if new else []
+        created: list[tuple[Task, bool]] = (
+            await self._submit(_Create(new, [encode(task) for task in new], rates)) if new else []
+        )
         made = iter(created)
         return [next(made) if first is None else (first, False) for first in known]
 
@@ -936,6 +942,10 @@ class PostgresStore(MemoryStore):
                 batch.answers.append((op, None, error))
                 continue
             staged = [batch.stage(ChangeKind.CHANGED, task, at) for task, new in results if new]
+            batch.encoded.update(
+                (task.task_id, (task, data))
+                for task, data in zip(op.tasks, op.encoded, strict=True)
+            )
             batch.apply(staged)
             batch.answers.append((op, functools.partial(list, results), None))
         await _keep_buckets(connection, buckets)
@@ -1443,9 +1453,10 @@ def _change_row(batch: _Batch, entry: _Staged) -> tuple[Any, ...]:
     # A removal's is that of the task's change before it (of this batch: an offset).
     revision = entry.previous if entry.kind is ChangeKind.REMOVED else -entry.offset
     ended = None if entry.ended is None else encode_attempt(entry.ended)
+    encoded = batch.encoded.get(task.task_id)
+    data = encoded[1] if encoded is not None and encoded[0] is task else encode(task)
     return (
-        int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision,
-        encode(task), ended,
+        int(entry.kind), entry.at, task.task_id, _seq_code(batch, task), revision, data, ended,
     )  # fmt: skip
 
 
