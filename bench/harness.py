@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The code under test is this tree's, even where the installed package points at another
 # checkout (as when an older commit is measured from a worktree beside this one).
+READY_SECONDS = 30.0
+LISTEN_TRIES = 3
+CANNOT_LISTEN_EXIT = 3  # conveyord's exit status when it cannot listen on its address
 SOURCE_PATH = os.pathsep.join(str(ROOT / part) for part in ("service", "client", "."))
 
 # On a machine of 2 cores or more, the load generator (this process) runs on core 0 and the
@@ -135,19 +138,47 @@ async def server_process(
 @contextlib.asynccontextmanager
 async def quiet_conveyord(*args: str) -> AsyncIterator[Process]:
     """A conveyord that logs warnings only (no line per task, nor the one naming its port):
-    on a port chosen here, ready once a channel to it is."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    command = ["-m", "conveyord", "--listen", address, "--store", "memory"]
-    flags = ["--handlers", "bench.handlers", "--log-level", "warning", *args]
-    async with (
-        _running([*command, *flags], on_server_cores=True) as (process, _),
-        grpc.aio.insecure_channel(address) as channel,
-    ):
-        await asyncio.wait_for(channel.channel_ready(), timeout=30)
-        yield Process(address, process.pid)
+    on a port chosen here, ready once a channel to it is. The port was free when chosen, but
+    a client's connection may take it as its own before conveyord listens: conveyord then
+    exits, and another port is chosen."""
+    for _ in range(LISTEN_TRIES):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        command = ["-m", "conveyord", "--listen", address, "--store", "memory"]
+        flags = ["--handlers", "bench.handlers", "--log-level", "warning", *args]
+        async with (
+            _running([*command, *flags], on_server_cores=True) as (process, log),
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            if await _ready_or_exited(channel, process):
+                yield Process(address, process.pid)
+                return
+            if process.returncode != CANNOT_LISTEN_EXIT:
+                raise RuntimeError(
+                    f"conveyord exited ({process.returncode}) before it was ready: "
+                    f"{log.read_text(errors='replace')[-2000:]}"
+                )
+    raise RuntimeError(f"conveyord could not listen on a free port, {LISTEN_TRIES} times")
+
+
+async def _ready_or_exited(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> bool:
+    """True once the channel is ready, False if the process exits first."""
+    ready = asyncio.ensure_future(channel.channel_ready())
+    exited = asyncio.ensure_future(process.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {ready, exited}, timeout=READY_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        ready.cancel()
+        exited.cancel()
+    if ready in done:
+        return True
+    if exited in done:
+        return False
+    raise TimeoutError(f"conveyord was not ready in {READY_SECONDS:.0f} s")
 
 
 @contextlib.asynccontextmanager
