@@ -213,7 +213,6 @@ async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_a
     again, looking the request id up, at once: the first task comes back, and nothing is
     made twice."""
     a, b = await opened(), await opened()
-    first, _ = await create_one(a, new_task("nightly"))
     reading = asyncio.Event()
     read = b._read
 
@@ -221,8 +220,9 @@ async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_a
         await reading.wait()
         await read()
 
-    b._read = held
-    b._behind = lambda: False  # as if no notice had come yet
+    b._read = held  # before a's create, whose notice would wake it
+    b._behind = lambda: False  # as if that notice had not come yet
+    first, _ = await create_one(a, new_task("nightly"))
     look_ups = LookUps(b)
     again = asyncio.ensure_future(create_one(b, new_task("nightly")))
     await asyncio.wait_for(look_ups.done.wait(), 30)
