@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The code under test is this tree's, even where the installed package points at another
 # checkout (as when an older commit is measured from a worktree beside this one).
-READY_SECONDS = 30.0
-LISTEN_TRIES = 3
-CANNOT_LISTEN_EXIT = 3  # conveyord's exit status when it cannot listen on its address
 SOURCE_PATH = os.pathsep.join(str(ROOT / part) for part in ("service", "client", "."))
 
 # On a machine of 2 cores or more, the load generator (this process) runs on core 0 and the
@@ -133,6 +130,12 @@ async def server_process(
         match = await _logged(process, log, re.compile(ready))
         address = f"127.0.0.1:{match.group(1)}" if match.groups() else ""
         yield Process(address, process.pid)
+
+
+# A quiet conveyord: how long it may take to be ready, and how often a port is tried.
+READY_SECONDS = 30.0
+LISTEN_TRIES = 3
+CANNOT_LISTEN_EXIT = 3  # conveyord's exit status when it cannot listen on its address
 
 
 @contextlib.asynccontextmanager

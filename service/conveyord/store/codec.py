@@ -34,24 +34,19 @@ def _fields_but_defaults() -> Callable[[Task], dict[str, Any]]:
     of the time of a loop over the fields, and a task is written at every change."""
     fields = [field for field in dataclasses.fields(Task) if field.name in TASK_FIELDS]
     required = [field.name for field in fields if field.default is dataclasses.MISSING]
-    defaults = {
-        f"_{field.name}": field.default
-        for field in fields
-        if field.default is not dataclasses.MISSING
-    }
+    optional = [field for field in fields if field.default is not dataclasses.MISSING]
     lines = [
         "def fields_but_defaults(task):",
         "    record = {" + ", ".join(f"{name!r}: task.{name}" for name in required) + "}",
     ]
-    for default in defaults:
-        name = default[1:]
+    for field in optional:  # each compared with its default, named _<field> in the source
         lines += [
-            f"    value = task.{name}",
-            f"    if value is not {default} and value != {default}:",
-            f"        record[{name!r}] = value",
+            f"    value = task.{field.name}",
+            f"    if value is not _{field.name} and value != _{field.name}:",
+            f"        record[{field.name!r}] = value",
         ]
     lines.append("    return record")
-    namespace: dict[str, Any] = dict(defaults)
+    namespace: dict[str, Any] = {f"_{field.name}": field.default for field in optional}
     exec("\n".join(lines), namespace)  # our own source, of the field names alone
     made: Callable[[Task], dict[str, Any]] = namespace["fields_but_defaults"]
     return made
