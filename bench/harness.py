@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from tests.postgres import on_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The code under test is this tree's, even where the installed package points at another
@@ -34,12 +36,6 @@ def pin_load_generator() -> None:
     """Keep this process (and what it starts, unless told otherwise) on LOAD_CORES."""
     if hasattr(os, "sched_setaffinity") and SERVER_CORES != LOAD_CORES:
         os.sched_setaffinity(0, LOAD_CORES)
-
-
-def _on_server_cores() -> None:
-    """Run in a child before it starts: move it to the servers' cores."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, SERVER_CORES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +191,9 @@ async def _running(
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as folder:
         log = Path(folder) / "stderr.log"
         with log.open("wb") as stderr:
+            pin = on_cpus(SERVER_CORES if on_server_cores else None)
             process = await asyncio.create_subprocess_exec(
-                sys.executable, *args, cwd=ROOT, env=environment, stderr=stderr,
-                preexec_fn=_on_server_cores if on_server_cores else None,
+                *pin, sys.executable, *args, cwd=ROOT, env=environment, stderr=stderr,
             )  # fmt: skip
         try:
             yield process, log

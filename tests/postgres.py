@@ -99,7 +99,7 @@ class Account:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         environment |= {"LC_ALL": "C", "TZ": "UTC"}
         return subprocess.run(
-            [str(part) for part in command],
+            [*on_cpus(cpus), *(str(part) for part in command)],
             cwd=cwd,
             env=environment,
             capture_output=True,
@@ -108,9 +108,15 @@ class Account:
             user=self.uid,
             group=self.gid,
             extra_groups=None if self.uid is None else [],  # not root's groups
-            # After the switch of user, before the program: what it forks inherits it.
-            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
+
+
+def on_cpus(cpus: Collection[int] | None) -> list[str]:
+    """The prefix of a command that runs it on `cpus` (what it forks inherits them), or
+    none. taskset rather than a preexec_fn: Python code between fork and exec runs in a
+    child that gRPC's fork handlers may have given a poller thread, whose epoll descriptor
+    the closing of inherited descriptors then pulls away (the child aborts)."""
+    return [] if cpus is None else ["taskset", "--cpu-list", ",".join(map(str, sorted(cpus)))]
 
 
 def free_port() -> int:
