@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from conveyord.model import Change, Task, TaskFilter, TaskStatus
-from conveyord.store import store_from_url
+from conveyord.store import postgres, store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
 from conveyord.store.postgres import _FIRSTS, PostgresStore
 from conveyord.store.postgres_schema import MIGRATIONS
@@ -193,6 +193,21 @@ class LookUps:
         return found
 
 
+class Reads:
+    """Counts a store's reads of the changes table."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.count = 0
+        self.done = asyncio.Event()  # a read has ended
+        self._read = store._read
+        store._read = self._counted  # type: ignore[method-assign]
+
+    async def _counted(self) -> None:
+        self.count += 1
+        await self._read()
+        self.done.set()
+
+
 async def test_a_store_that_knows_every_task_looks_up_no_request_id(opened: Opener) -> None:
     """A store whose view is up to date knows which request ids are taken: it neither asks
     the database, batch after batch, nor makes a second task for one asked again."""
@@ -203,6 +218,25 @@ async def test_a_store_that_knows_every_task_looks_up_no_request_id(opened: Open
     assert all(created for ((_, created),) in made)
     assert await create_one(store, new_task("once")) == (first, False)
     assert look_ups.count == 0
+
+
+async def test_a_store_reads_back_none_of_its_own_commits(
+    opened: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit's notification reaches the store's own reader too, often before the
+    writer has delivered the commit: the reader leaves those to the writer rather than read
+    each change again from the database. Another store's commits it reads."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # no read but on a wake-up
+    store, other = await opened(), await opened()
+    reads = Reads(store)
+    made = await asyncio.gather(*(create_one(store, new_task(f"r{n}")) for n in range(20)))
+    for task, _ in made[:5]:
+        await store.update(task.task_id, start)
+        await store.update(task.task_id, complete)
+    assert reads.count == 0
+    theirs, _ = await create_one(other, new_task("theirs"))
+    await asyncio.wait_for(reads.done.wait(), 30)
+    assert await store.get(theirs.task_id) == theirs
 
 
 async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_and_given_back(

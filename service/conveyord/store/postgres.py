@@ -479,7 +479,8 @@ class PostgresStore(MemoryStore):
         self._waiter_ids = itertools.count()
         self._own: dict[int, Change] = {}  # revision: this store's change, not yet read back
         self._failure: Exception | None = None
-        self._heard = 0  # the latest revision a commit's notification named
+        self._heard = 0  # the latest revision known to be committed (a notification's, or
+        # one that a batch of this store's or a catch-up saw): the reader reads up to it
         self._trimmed = 0  # changes up to this revision were trimmed from the table (but
         # those younger than KEEP_CHANGES_SECONDS, which a later trim deletes)
         self._served: dict[str, int] = {}  # tenant: the turn of claims it was last served at
@@ -623,6 +624,7 @@ class PostgresStore(MemoryStore):
         except _DB_ERRORS as error:
             log.warning("store %s: cannot read the revision: %s", self.where, error)
             return
+        self._heard = max(self._heard, current)
         self._wake.set()
         delivered = self._delivered(current)
         await asyncio.wait({delivered}, timeout=CATCH_UP_SECONDS)
@@ -1131,28 +1133,54 @@ class PostgresStore(MemoryStore):
     def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
         """A commit's notification, with its last revision: the reader reads, unless this
         server has delivered that far (its own commit, delivered by the writer)."""
-        with contextlib.suppress(ValueError, TypeError):
+        try:
             revision = int(str(payload))
-            self._heard = max(self._heard, revision)
-            if revision <= self._revision:
-                return
-        self._wake.set()
+        except (ValueError, TypeError):  # not a store's: a read tells what is new
+            revision = self._revision + 1
+        self._heard = max(self._heard, revision)
+        if revision > self._revision:
+            self._wake.set()
 
     async def _read_forever(self) -> None:
-        """Read the changes as they come: on each notification, each wake-up from this
-        store's writer, and at least every POLL_SECONDS."""
+        """Read the changes as they come: when woken with a revision not yet delivered (a
+        notification's; the writer's, or a catch-up's), and at least every POLL_SECONDS. A
+        wake-up for a commit that the writer has delivered meanwhile (its own, whose
+        notification came first) reads nothing, nor one for a commit of its own that the
+        writer is about to deliver."""
+        must_read = False  # (the listener was in place before the snapshot was read)
         while not self._stopping:
-            await _woken(self._wake, POLL_SECONDS)
+            if not must_read:
+                woken = await _woken(self._wake, POLL_SECONDS)
+                must_read = not woken or not self._own_up_to(self._heard)
             if self._stopping:
                 return
+            if not must_read:
+                continue
+            must_read = False
             try:
                 await self._read()
             except _DB_ERRORS as error:
                 if not await self._reconnect(error):
                     return
+                must_read = True  # notifications may have been missed
             except Exception as error:
                 self._fail(error, [])
                 return
+
+    def _own_up_to(self, revision: int) -> bool:
+        """Whether every revision after the delivered one, up to `revision`, is of this
+        store's own batches (committed or committing, in revision order), which the writer
+        delivers itself."""
+        after = self._revision
+        for last, first in self._own_batches.items():
+            if after >= revision:
+                break
+            if last <= after:
+                continue
+            if first > after + 1:
+                return False
+            after = last
+        return after >= revision
 
     async def _read(self) -> None:
         assert self._listener is not None
@@ -1235,7 +1263,8 @@ class PostgresStore(MemoryStore):
             self._own_batches.pop(batch.last_revision, None)
             self._history.trim()
             self._settle()
-        if self._revision < max(batch.seen, batch.last_revision):
+        self._heard = max(self._heard, batch.seen, batch.last_revision)
+        if self._revision < self._heard:
             self._wake.set()
 
     async def _reconnect(self, error: BaseException) -> bool:
@@ -1250,7 +1279,6 @@ class PostgresStore(MemoryStore):
             try:
                 self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
                 await self._listener.add_listener(CHANNEL, self._notified)
-                self._wake.set()
                 return True
             except _DB_ERRORS as again:
                 if asyncio.get_running_loop().time() > deadline:
@@ -1308,17 +1336,19 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-async def _woken(event: asyncio.Event, timeout: float) -> None:
-    """Wait until `event` is set or `timeout` passes, then clear it (asyncio.wait rather
-    than wait_for, which in Python 3.11 may swallow a cancellation that comes as the event
-    is set)."""
+async def _woken(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` passes, then clear it; whether it was set
+    (asyncio.wait rather than wait_for, which in Python 3.11 may swallow a cancellation that
+    comes as the event is set)."""
     if not event.is_set():
         waiting = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait({waiting}, timeout=timeout)
         finally:
             waiting.cancel()
+    woken = event.is_set()
     event.clear()
+    return woken
 
 
 def _task_of(row: asyncpg.Record) -> Task:
