@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -16,7 +18,7 @@ import pytest
 from conveyord.model import Change, Task, TaskFilter, TaskStatus
 from conveyord.store import postgres, store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
-from conveyord.store.postgres import _FIRSTS, PostgresStore
+from conveyord.store.postgres import _FIRSTS, _WRITE, PostgresStore, _Batch
 from conveyord.store.postgres_schema import MIGRATIONS
 from conveyord.store.postgres_usage import SharedUsage
 from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants, Usage
@@ -279,6 +281,34 @@ async def test_request_ids_are_looked_up_by_their_index_not_by_reading_the_table
     plan = await sql(postgres_url, f"EXPLAIN (FORMAT JSON) {_FIRSTS}", [""] * len(keys), keys)
     assert "conveyor_tasks_request" in plan
     assert "Seq Scan" not in plan
+
+
+async def test_a_batch_finds_the_rows_it_changes_by_index_as_the_table_grows(
+    postgres_url: str, opened: Opener
+) -> None:
+    """The statement that writes a batch is prepared once per connection, and its generic
+    plan made with the statistics of the moment: analyzed while the table was small (as
+    autovacuum does after its first 50 rows), a plan that reads the whole table to join the
+    tasks it changes is the cheapest, and it would go on reading it, for every batch, as
+    the table grows. It must find them through their key."""
+    store = await opened()
+    await store.create([new_task(f"r{n}") for n in range(50)], admit)
+    await sql(postgres_url, "ANALYZE")
+    async with store.pool.acquire() as connection, connection.transaction():
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = await connection.fetchval(
+            f"EXPLAIN (FORMAT JSON) {_WRITE}", *store._arrays(_Batch({}))
+        )
+    nodes = list(plan_nodes(json.loads(plan)[0]["Plan"]))
+    assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
+    assert any(node.get("Index Name") == "conveyor_tasks_pkey" for node in nodes)
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A plan's node and every node under it."""
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
 
 
 async def test_changes_since_on_another_store_resumes_without_a_gap(opened: Opener) -> None:

@@ -130,6 +130,11 @@ _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[]
 # and the changed ones, the schedules' rows, the readers told. A negative seq or revision is
 # an offset from the first revision taken (base + 1 is -1). Each row's data is that of its
 # latest change (`n`, the change's place in the batch): sent once, with the changes.
+# The store's statements find their rows by key, through an index. A prepared statement's
+# generic plan, made once while the table is small (before its first ANALYZE, PostgreSQL
+# takes it for ten pages), would otherwise join by reading the whole table, and go on doing
+# so for every batch as the table grows: no sequential scan where an index serves.
+_SESSION_SETTINGS = {"enable_seqscan": "off"}
 _WRITE = """
 WITH bump AS (
     UPDATE conveyor_state SET revision = revision + $1 WHERE id = 1
@@ -498,7 +503,7 @@ class PostgresStore(MemoryStore):
             self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_SECONDS,
-                reset=_rolled_back,
+                reset=_rolled_back, server_settings=_SESSION_SETTINGS,
             )  # fmt: skip
             async with self._pool.acquire() as connection:
                 await upgrade(connection, self.where, self._migrations)
