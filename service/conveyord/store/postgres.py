@@ -133,7 +133,8 @@ _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[]
 # The store's statements find their rows by key, through an index. A prepared statement's
 # generic plan, made once while the table is small (before its first ANALYZE, PostgreSQL
 # takes it for ten pages), would otherwise join by reading the whole table, and go on doing
-# so for every batch as the table grows: no sequential scan where an index serves.
+# so for every batch as the table grows: no sequential scan where an index serves (but
+# for the snapshot that reads whole tables, `_load`).
 _SESSION_SETTINGS = {"enable_seqscan": "off"}
 _WRITE = """
 WITH bump AS (
@@ -529,6 +530,7 @@ class PostgresStore(MemoryStore):
             self._pool.acquire() as connection,
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
+            await connection.execute("SET LOCAL enable_seqscan = on")  # whole tables
             revision = await connection.fetchval("SELECT revision FROM conveyor_state")
             tasks = await connection.fetch(f"SELECT {_TASK_ROW} FROM conveyor_tasks")
             changes = await connection.fetch(_READ, 0, None, [], [])
