@@ -18,7 +18,7 @@ import pytest
 from conveyord.model import Change, Task, TaskFilter, TaskStatus
 from conveyord.store import postgres, store_from_url
 from conveyord.store.base import Claim, StoreOpenError, StoreTooNew
-from conveyord.store.postgres import _FIRSTS, _WRITE, PostgresStore, _Batch
+from conveyord.store.postgres import _FIRSTS, _READ, _WRITE, READ_LIMIT, PostgresStore, _Batch
 from conveyord.store.postgres_schema import MIGRATIONS
 from conveyord.store.postgres_usage import SharedUsage
 from conveyord.tenants import TenantLimitReached, TenantLimits, Tenants, Usage
@@ -294,14 +294,37 @@ async def test_a_batch_finds_the_rows_it_changes_by_index_as_the_table_grows(
     store = await opened()
     await store.create([new_task(f"r{n}") for n in range(50)], admit)
     await sql(postgres_url, "ANALYZE")
-    async with store.pool.acquire() as connection, connection.transaction():
-        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        plan = await connection.fetchval(
-            f"EXPLAIN (FORMAT JSON) {_WRITE}", *store._arrays(_Batch({}))
-        )
-    nodes = list(plan_nodes(json.loads(plan)[0]["Plan"]))
+    async with store.pool.acquire() as connection:
+        nodes = await generic_plan(connection, _WRITE, *store._arrays(_Batch({})))
     assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
     assert any(node.get("Index Name") == "conveyor_tasks_pkey" for node in nodes)
+
+
+async def test_the_reader_finds_the_changes_after_its_revision_by_index_as_the_table_grows(
+    postgres_url: str, opened: Opener
+) -> None:
+    """As a batch's statement, the reader's (on a connection of its own): a plan that reads
+    the whole changes table would do so at every read."""
+    store = await opened()
+    store._read = nothing  # its connection is the test's
+    await store.create([new_task(f"r{n}") for n in range(50)], admit)
+    await sql(postgres_url, "ANALYZE")
+    assert store._listener is not None
+    nodes = await generic_plan(store._listener, _READ, 10, READ_LIMIT, [], [])
+    assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
+    assert any(node.get("Index Name") == "conveyor_changes_pkey" for node in nodes)
+
+
+async def nothing() -> None:
+    pass
+
+
+async def generic_plan(connection: Any, statement: str, *args: Any) -> list[dict[str, Any]]:
+    """The nodes of the plan that a prepared statement settles on (its generic plan)."""
+    async with connection.transaction():
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
+    return list(plan_nodes(json.loads(plan)[0]["Plan"]))
 
 
 def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -131,10 +131,11 @@ _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[]
 # an offset from the first revision taken (base + 1 is -1). Each row's data is that of its
 # latest change (`n`, the change's place in the batch): sent once, with the changes.
 # The store's statements find their rows by key, through an index. A prepared statement's
-# generic plan, made once while the table is small (before its first ANALYZE, PostgreSQL
-# takes it for ten pages), would otherwise join by reading the whole table, and go on doing
-# so for every batch as the table grows: no sequential scan where an index serves (but
-# for the snapshot that reads whole tables, `_load`).
+# generic plan, made once with the statistics of the moment (a table analyzed while small),
+# would otherwise read the whole table (the tasks a batch changes, the changes after a
+# revision), and go on doing so at every batch and every read as the table grows: no
+# sequential scan where an index serves (but for the snapshot that reads whole tables,
+# `_load`).
 _SESSION_SETTINGS = {"enable_seqscan": "off"}
 _WRITE = """
 WITH bump AS (
@@ -501,7 +502,7 @@ class PostgresStore(MemoryStore):
         """Connect, bring the schema up to date, load a consistent snapshot, and start
         reading the changes that come after it."""
         try:
-            self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
+            self._listener = await self._connect_listener()
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self._pool_size, timeout=CONNECT_SECONDS,
                 reset=_rolled_back, server_settings=_SESSION_SETTINGS,
@@ -522,6 +523,13 @@ class PostgresStore(MemoryStore):
             "store %s: %d tasks, revision %d, %d changes of history",
             self.where, len(self._tasks), self._revision, len(self._history),
         )  # fmt: skip
+
+    async def _connect_listener(self) -> asyncpg.Connection:
+        """The connection that listens for the commits' notifications and reads the
+        changes."""
+        return await asyncpg.connect(
+            self.url, timeout=CONNECT_SECONDS, server_settings=_SESSION_SETTINGS
+        )
 
     async def _load(self) -> None:
         """Fill the views from one REPEATABLE READ snapshot of the database."""
@@ -1284,7 +1292,7 @@ class PostgresStore(MemoryStore):
                 self._listener.terminate()
                 self._listener = None
             try:
-                self._listener = await asyncpg.connect(self.url, timeout=CONNECT_SECONDS)
+                self._listener = await self._connect_listener()
                 await self._listener.add_listener(CHANNEL, self._notified)
                 return True
             except _DB_ERRORS as again:
