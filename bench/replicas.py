@@ -5,9 +5,7 @@ watcher on another, and one, two and three replicas on one database.
    Create of parked tasks 16 at once (as the rpc section), BatchCreate of 1,000 parked
    tasks 2 at once (as the batch section), and no-op tasks end to end, Create to COMPLETED
    seen by a watcher, created one at a time (64 at once) and 100 to a BatchCreate (as the
-   end_to_end section). BatchCreate is measured once more on a PostgreSQL server that has a
-   core of its own (the load generator's, which waits on its two calls), as a database has
-   a machine of its own where it is deployed. The parked tasks stay queued, and on
+   end_to_end section). The parked tasks stay queued, and on
    PostgreSQL such a backlog slows every claim: the no-op tasks run on a second server with
    a store of its own (and no cap on parked tasks), and once at the end on the first,
    behind its backlog. Every server is up at once and they are measured in turns, the
@@ -15,6 +13,10 @@ watcher on another, and one, two and three replicas on one database.
    PostgreSQL's durability (fsync, synchronous_commit and full_page_writes on: a commit is
    answered once its WAL is on disk), as the SQLite store keeps its own (WAL, synchronous
    FULL); a second one with the three off, as the tests run it, takes the same turns.
+0. Before them, BatchCreate alone: a PostgreSQL server that has a core of its own (the load
+   generator's, which waits on its two calls), as a database has a machine of its own where
+   it is deployed, against SQLite, with no other server up (in part 1, the other servers'
+   databases vacuum and checkpoint on the servers' core meanwhile), in turns.
 2. A change made on one replica to a watcher on another, at light load: two replicas on one
    database; tasks created on A at 100 a second (of a type no worker runs: creating is the
    only change); one watcher on B and one on A. The delay is from the task's created_at
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
@@ -86,6 +89,7 @@ STORES = (DURABLE, FAST, SQLITE)
 REPLICAS = (1, 2, 3)
 LIGHT_LOAD = 100.0  # tasks a second, in part 2
 BATCH = 1000  # tasks to a BatchCreate, in part 1's BatchCreate figure
+BATCHES = 20  # BatchCreates to a measurement of its rate, in each round
 TARGETS = {
     "tasks_per_second": 1000.0,  # end to end, one replica, PostgreSQL
     "tasks_ratio": 0.5,  # the same, to SQLite's in the same run
@@ -140,9 +144,6 @@ class Meter:
         }
 
 
-# --- 1. one server on each store, in turns -------------------------------------------
-
-
 def batch_call(stub: TaskServiceAsyncStub, count: int) -> Callable[[], Awaitable[object]]:
     """BatchCreates of BATCH parked tasks each, made before the clock starts."""
     requests = iter([batch_request() for _ in range(count)])
@@ -161,12 +162,69 @@ class Store:
     tasks_meter: Meter
 
 
-async def single_servers(
-    stores: Mapping[str, Store], own_core: tuple[TaskServiceAsyncStub, Meter], quick: bool
-) -> dict[str, Any]:
-    creates, batches, tasks, rounds = (500, 3, 1000, 2) if quick else (1000, 5, 1000, 5)
+def batches_of(quick: bool) -> int:
+    """BatchCreates to a measurement of their rate, 2 at once: the first and the last run
+    alone (no call overlaps them), which over 5 calls cut the rate by a fifth or more."""
+    return 6 if quick else BATCHES
+
+
+async def batch_create(
+    keep: Callable[[str, float], None], stub: TaskServiceAsyncStub, meter: Meter, quick: bool
+) -> None:
+    """BatchCreates of BATCH parked tasks, 2 at once: the rate, a call's p50 and the CPU of
+    conveyord per task, to `keep` (figure, value)."""
+    batches = batches_of(quick)
+    load, cpu = await meter.measure(
+        closed_loop(batch_call(stub, batches), concurrency=2, calls=batches), batches * BATCH
+    )
+    keep("batch_per_second", load.rate * BATCH)
+    keep("batch_p50", load.percentile(0.5))
+    keep("batch_server_cpu_per_task", cpu["server_cpu_per_task"][0])
+
+
+# --- 0. BatchCreate alone ----------------------------------------------------------------
+
+
+async def batch_alone(quick: bool) -> dict[str, Any]:
+    """BatchCreate on PostgreSQL with a core of its own, and on SQLite, nothing else up."""
+    rounds = 2 if quick else 5
+    samples: dict[str, dict[str, list[float]]] = {OWN_CORE: {}, SQLITE: {}}
+
+    def keep(name: str, figure: str, value: float) -> None:
+        samples[name].setdefault(figure, []).append(value)
+
+    async with contextlib.AsyncExitStack() as stack:
+        own = stack.enter_context(PostgresServer(cpus=LOAD_CORES, durable=True))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
+        servers: dict[str, tuple[TaskServiceAsyncStub, Meter]] = {}
+        for name, store in ((OWN_CORE, own.create_database()), (SQLITE, f"sqlite:{folder}/b.db")):
+            process = await stack.enter_async_context(
+                quiet_conveyord(*CREATES_FLAGS, "--store", store)
+            )
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(process.address))
+            servers[name] = (TaskServiceStub(channel), Meter([process.pid], None))
+            await servers[name][0].BatchCreate(batch_request())  # warm-up
+        for _ in range(rounds):
+            for name, (stub, meter) in servers.items():
+                await batch_create(functools.partial(keep, name), stub, meter, quick)
+    results = {
+        name: {figure: statistics.median(values) for figure, values in figures.items()}
+        for name, figures in samples.items()
+    }
+    results[OWN_CORE]["batch_per_second_to_sqlite"] = (
+        results[OWN_CORE]["batch_per_second"] / results[SQLITE]["batch_per_second"]
+    )
+    return results
+
+
+# --- 1. one server on each store, in turns -------------------------------------------
+
+
+async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, Any]:
+    creates, tasks, rounds = (500, 1000, 2) if quick else (1000, 1000, 5)
+    batches = batches_of(quick)
     backlog_tasks = 500 if quick else 1000
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in (*stores, OWN_CORE)}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in stores}
 
     def keep(name: str, figure: str, value: float) -> None:
         samples[name].setdefault(figure, []).append(value)
@@ -176,16 +234,6 @@ async def single_servers(
         await closed_loop(create_call(store.creates, 200), concurrency=16, calls=200)
         await store.creates.BatchCreate(batch_request())
         await throughput(store.tasks, 500)
-    await own_core[0].BatchCreate(batch_request())
-
-    async def batch_create(name: str, stub: TaskServiceAsyncStub, meter: Meter) -> None:
-        load, cpu = await meter.measure(
-            closed_loop(batch_call(stub, batches), concurrency=2, calls=batches),
-            batches * BATCH,
-        )
-        keep(name, "batch_per_second", load.rate * BATCH)
-        keep(name, "batch_p50", load.percentile(0.5))
-        keep(name, "batch_server_cpu_per_task", cpu["server_cpu_per_task"][0])
 
     for _ in range(rounds):  # one server after another: the host's drift hits all alike
         for name, store in stores.items():
@@ -194,7 +242,9 @@ async def single_servers(
             keep(name, "create_per_second", load.rate)
             keep(name, "create_p50", load.percentile(0.5))
             keep(name, "create_p99", load.percentile(0.99))
-            await batch_create(name, store.creates, store.creates_meter)
+            await batch_create(
+                functools.partial(keep, name), store.creates, store.creates_meter, quick
+            )
             rate, cpu = await store.tasks_meter.measure(throughput(store.tasks, tasks), tasks)
             keep(name, "tasks_per_second", rate)
             keep(name, "server_cpu_per_task", cpu["server_cpu_per_task"][0])
@@ -202,7 +252,6 @@ async def single_servers(
             keep(name, "server_core_busy", cpu["server_core_busy"])
             batched = await throughput(store.tasks, tasks, batch=100)
             keep(name, "tasks_per_second_batched", batched)
-        await batch_create(OWN_CORE, *own_core)
     results: dict[str, Any] = {
         name: {figure: statistics.median(values) for figure, values in figures.items()}
         for name, figures in samples.items()
@@ -214,9 +263,6 @@ async def single_servers(
         results[name]["backlog_tasks_per_second"] = rate
         results[name]["backlog_postgres_cpu_per_task"] = cpu["postgres_cpu_per_task"]
         results[name]["backlog"] = warm_up + rounds * (creates + batches * BATCH) - 1
-    results[OWN_CORE]["batch_per_second_to_sqlite"] = (
-        results[OWN_CORE]["batch_per_second"] / results[SQLITE]["batch_per_second"]
-    )
     for name in stores:
         for figure in (
             "create_per_second", "batch_per_second", "tasks_per_second",
@@ -324,9 +370,9 @@ async def scaling(
 
 
 async def run(quick: bool) -> dict[str, Any]:
+    alone = await batch_alone(quick)  # 0.
     async with contextlib.AsyncExitStack() as stack:
         durable = stack.enter_context(PostgresServer(cpus=SERVER_CORES, durable=True))
-        own = stack.enter_context(PostgresServer(cpus=LOAD_CORES, durable=True))
         fast = stack.enter_context(PostgresServer(cpus=SERVER_CORES))
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
 
@@ -352,8 +398,7 @@ async def run(quick: bool) -> dict[str, Any]:
             tasks, tasks_pid = await server(store_of(name, "tasks"))
             meters = (Meter([pid], postmasters[name]) for pid in (creates_pid, tasks_pid))
             stores[name] = Store(creates, tasks, *meters)
-        batches, batches_pid = await server(own.create_database(), *CREATES_FLAGS)
-        single = await single_servers(stores, (batches, Meter([batches_pid], None)), quick)
+        single = await single_servers(stores, quick)
         # 2.
         shared = durable.create_database()
         on_a, _ = await server(shared, *SERVER_FLAGS, "--task-type", UNRUN)
@@ -372,6 +417,7 @@ async def run(quick: bool) -> dict[str, Any]:
     return {
         "postgres_version": version,
         "postgres_settings": {DURABLE: DURABLE_SETTINGS, FAST: TEST_SETTINGS},
+        "alone": alone,
         "single": single,
         "cross_replica": across,
         "replicas": spread,
@@ -414,16 +460,18 @@ def table(results: dict[str, Any]) -> list[list[str]]:
     )  # fmt: skip
     line("  a BatchCreate's p50", "batch_p50", ms)
     line("  conveyord's CPU per task", "batch_server_cpu_per_task", micros)
-    own = single[OWN_CORE]
+    own, alone = results["alone"][OWN_CORE], results["alone"][SQLITE]
     rows.append([
-        "  the same, PostgreSQL on a core of its own (fsync on)",
-        rate(own["batch_per_second"]), "", "", ratio(own["batch_per_second_to_sqlite"]),
+        "  the same alone, PostgreSQL on a core of its own (fsync on), against SQLite alone",
+        rate(own["batch_per_second"]), "", rate(alone["batch_per_second"]),
+        ratio(own["batch_per_second_to_sqlite"]),
         f">= {targets['batch_per_second']:,.0f}: "
         + _met(own["batch_per_second"], targets["batch_per_second"]),
     ])  # fmt: skip
     rows.append([
         "    its p50; conveyord's CPU per task",
-        f"{ms(own['batch_p50'])}; {micros(own['batch_server_cpu_per_task'])}", "", "", "", "",
+        f"{ms(own['batch_p50'])}; {micros(own['batch_server_cpu_per_task'])}", "",
+        f"{ms(alone['batch_p50'])}; {micros(alone['batch_server_cpu_per_task'])}", "", "",
     ])  # fmt: skip
     tasks_met = (
         durable["tasks_per_second"] >= targets["tasks_per_second"]
