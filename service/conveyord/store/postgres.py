@@ -124,12 +124,6 @@ WHERE t.request_id <> ''
 """
 _DELETE_TASKS = "DELETE FROM conveyor_tasks WHERE task_id = ANY($1::text[])"
 _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[])"
-# The end of a batch, in one statement while the counter's row is locked: the revisions
-# taken, the changes, the ended attempts (each task keeping its latest MAX_KEPT_ATTEMPTS:
-# the `keep` latest before, which the DELETE sees, and the new ones), the new tasks' rows
-# and the changed ones, the schedules' rows, the readers told. A negative seq or revision is
-# an offset from the first revision taken (base + 1 is -1). Each row's data is that of its
-# latest change (`n`, the change's place in the batch): sent once, with the changes.
 # The store's statements find their rows by key, through an index. A prepared statement's
 # generic plan, made once with the statistics of the moment (a table analyzed while small),
 # would otherwise read the whole table (the tasks a batch changes, the changes after a
@@ -137,6 +131,12 @@ _DELETE_ATTEMPTS = "DELETE FROM conveyor_attempts WHERE task_id = ANY($1::text[]
 # sequential scan where an index serves (but for the snapshot that reads whole tables,
 # `_load`).
 _SESSION_SETTINGS = {"enable_seqscan": "off"}
+# The end of a batch, in one statement while the counter's row is locked: the revisions
+# taken, the changes, the ended attempts (each task keeping its latest MAX_KEPT_ATTEMPTS:
+# the `keep` latest before, which the DELETE sees, and the new ones), the new tasks' rows
+# and the changed ones, the schedules' rows, the readers told. A negative seq or revision is
+# an offset from the first revision taken (base + 1 is -1). Each row's data is that of its
+# latest change (`n`, the change's place in the batch): sent once, with the changes.
 _WRITE = """
 WITH bump AS (
     UPDATE conveyor_state SET revision = revision + $1 WHERE id = 1
