@@ -1,22 +1,22 @@
 """conveyord on PostgreSQL: one server against one on SQLite, a change from one replica to a
 watcher on another, and one, two and three replicas on one database.
 
+0. First, BatchCreate alone: a PostgreSQL server that has a core of its own (the load
+   generator's, which waits on its two calls), as a database has a machine of its own where
+   it is deployed, against SQLite, with no other server up (in part 1, the other servers'
+   databases vacuum and checkpoint on the servers' core meanwhile), in turns.
 1. One conveyord on PostgreSQL against one on SQLite (a file of its own), in the same run:
    Create of parked tasks 16 at once (as the rpc section), BatchCreate of 1,000 parked
    tasks 2 at once (as the batch section), and no-op tasks end to end, Create to COMPLETED
    seen by a watcher, created one at a time (64 at once) and 100 to a BatchCreate (as the
-   end_to_end section). The parked tasks stay queued, and on
-   PostgreSQL such a backlog slows every claim: the no-op tasks run on a second server with
-   a store of its own (and no cap on parked tasks), and once at the end on the first,
-   behind its backlog. Every server is up at once and they are measured in turns, the
-   medians counting (as the observability section). The headline PostgreSQL server keeps
-   PostgreSQL's durability (fsync, synchronous_commit and full_page_writes on: a commit is
-   answered once its WAL is on disk), as the SQLite store keeps its own (WAL, synchronous
-   FULL); a second one with the three off, as the tests run it, takes the same turns.
-0. Before them, BatchCreate alone: a PostgreSQL server that has a core of its own (the load
-   generator's, which waits on its two calls), as a database has a machine of its own where
-   it is deployed, against SQLite, with no other server up (in part 1, the other servers'
-   databases vacuum and checkpoint on the servers' core meanwhile), in turns.
+   end_to_end section). The parked tasks stay queued, and on PostgreSQL such a backlog
+   slows every claim: the no-op tasks run on a second server with a store of its own (and
+   no cap on parked tasks), and once at the end on the first, behind its backlog. Every
+   server is up at once and they are measured in turns, the medians counting (as the
+   observability section). The headline PostgreSQL server keeps PostgreSQL's durability
+   (fsync, synchronous_commit and full_page_writes on: a commit is answered once its WAL is
+   on disk), as the SQLite store keeps its own (WAL, synchronous FULL); a second one with
+   the three off, as the tests run it, takes the same turns.
 2. A change made on one replica to a watcher on another, at light load: two replicas on one
    database; tasks created on A at 100 a second (of a type no worker runs: creating is the
    only change); one watcher on B and one on A. The delay is from the task's created_at
@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import os
 import statistics
 import tempfile
@@ -162,6 +161,24 @@ class Store:
     tasks_meter: Meter
 
 
+class Samples:
+    """Figures measured round after round, by server: kept, then their medians."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, dict[str, list[float]]] = {}
+
+    def keeper(self, name: str) -> Callable[[str, float], None]:
+        """What keeps a figure of server `name`: keep(figure, value)."""
+        figures = self._kept.setdefault(name, {})
+        return lambda figure, value: figures.setdefault(figure, []).append(value)
+
+    def medians(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {figure: statistics.median(values) for figure, values in figures.items()}
+            for name, figures in self._kept.items()
+        }
+
+
 def batches_of(quick: bool) -> int:
     """BatchCreates to a measurement of their rate, 2 at once: the first and the last run
     alone (no call overlaps them), which over 5 calls cut the rate by a fifth or more."""
@@ -188,11 +205,7 @@ async def batch_create(
 async def batch_alone(quick: bool) -> dict[str, Any]:
     """BatchCreate on PostgreSQL with a core of its own, and on SQLite, nothing else up."""
     rounds = 2 if quick else 5
-    samples: dict[str, dict[str, list[float]]] = {OWN_CORE: {}, SQLITE: {}}
-
-    def keep(name: str, figure: str, value: float) -> None:
-        samples[name].setdefault(figure, []).append(value)
-
+    samples = Samples()
     async with contextlib.AsyncExitStack() as stack:
         own = stack.enter_context(PostgresServer(cpus=LOAD_CORES, durable=True))
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
@@ -206,11 +219,8 @@ async def batch_alone(quick: bool) -> dict[str, Any]:
             await servers[name][0].BatchCreate(batch_request())  # warm-up
         for _ in range(rounds):
             for name, (stub, meter) in servers.items():
-                await batch_create(functools.partial(keep, name), stub, meter, quick)
-    results = {
-        name: {figure: statistics.median(values) for figure, values in figures.items()}
-        for name, figures in samples.items()
-    }
+                await batch_create(samples.keeper(name), stub, meter, quick)
+    results = samples.medians()
     results[OWN_CORE]["batch_per_second_to_sqlite"] = (
         results[OWN_CORE]["batch_per_second"] / results[SQLITE]["batch_per_second"]
     )
@@ -224,10 +234,7 @@ async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, 
     creates, tasks, rounds = (500, 1000, 2) if quick else (1000, 1000, 5)
     batches = batches_of(quick)
     backlog_tasks = 500 if quick else 1000
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in stores}
-
-    def keep(name: str, figure: str, value: float) -> None:
-        samples[name].setdefault(figure, []).append(value)
+    samples = Samples()
 
     warm_up = 200 + BATCH
     for store in stores.values():
@@ -239,23 +246,19 @@ async def single_servers(stores: Mapping[str, Store], quick: bool) -> dict[str, 
         for name, store in stores.items():
             call = create_call(store.creates, creates)
             load = await closed_loop(call, concurrency=16, calls=creates)
-            keep(name, "create_per_second", load.rate)
-            keep(name, "create_p50", load.percentile(0.5))
-            keep(name, "create_p99", load.percentile(0.99))
-            await batch_create(
-                functools.partial(keep, name), store.creates, store.creates_meter, quick
-            )
+            keep = samples.keeper(name)
+            keep("create_per_second", load.rate)
+            keep("create_p50", load.percentile(0.5))
+            keep("create_p99", load.percentile(0.99))
+            await batch_create(keep, store.creates, store.creates_meter, quick)
             rate, cpu = await store.tasks_meter.measure(throughput(store.tasks, tasks), tasks)
-            keep(name, "tasks_per_second", rate)
-            keep(name, "server_cpu_per_task", cpu["server_cpu_per_task"][0])
-            keep(name, "postgres_cpu_per_task", cpu["postgres_cpu_per_task"])
-            keep(name, "server_core_busy", cpu["server_core_busy"])
+            keep("tasks_per_second", rate)
+            keep("server_cpu_per_task", cpu["server_cpu_per_task"][0])
+            keep("postgres_cpu_per_task", cpu["postgres_cpu_per_task"])
+            keep("server_core_busy", cpu["server_core_busy"])
             batched = await throughput(store.tasks, tasks, batch=100)
-            keep(name, "tasks_per_second_batched", batched)
-    results: dict[str, Any] = {
-        name: {figure: statistics.median(values) for figure, values in figures.items()}
-        for name, figures in samples.items()
-    }
+            keep("tasks_per_second_batched", batched)
+    results = samples.medians()
     # Once, at the end: end to end on the server whose store holds the parked tasks.
     for name, store in stores.items():
         work = throughput(store.creates, backlog_tasks)

@@ -179,42 +179,28 @@ async def test_a_request_id_raced_from_two_stores_makes_one_task(opened: Opener)
     assert [created for _, created in results].count(True) == 1
 
 
-class LookUps:
-    """Counts a store's look-ups of request ids in the database."""
+class Calls:
+    """Counts the calls of one of a store's async methods (its look-ups of request ids,
+    its reads of the changes table)."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, method: str) -> None:
         self.count = 0
-        self.done = asyncio.Event()  # a look-up has been answered
-        self._firsts = store._firsts
-        store._firsts = self._counted  # type: ignore[method-assign,assignment]
+        self.done = asyncio.Event()  # a call has been answered
+        self._method = getattr(store, method)
+        setattr(store, method, self._counted)
 
     async def _counted(self, *args: Any) -> Any:
         self.count += 1
-        found = await self._firsts(*args)
+        answer = await self._method(*args)
         self.done.set()
-        return found
-
-
-class Reads:
-    """Counts a store's reads of the changes table."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self.count = 0
-        self.done = asyncio.Event()  # a read has ended
-        self._read = store._read
-        store._read = self._counted  # type: ignore[method-assign]
-
-    async def _counted(self) -> None:
-        self.count += 1
-        await self._read()
-        self.done.set()
+        return answer
 
 
 async def test_a_store_that_knows_every_task_looks_up_no_request_id(opened: Opener) -> None:
     """A store whose view is up to date knows which request ids are taken: it neither asks
     the database, batch after batch, nor makes a second task for one asked again."""
     store = await opened()
-    look_ups = LookUps(store)
+    look_ups = Calls(store, "_firsts")
     first, _ = await create_one(store, new_task("once"))
     made = await asyncio.gather(*(store.create([new_task(f"r{n}")], admit) for n in range(20)))
     assert all(created for ((_, created),) in made)
@@ -230,7 +216,7 @@ async def test_a_store_reads_back_none_of_its_own_commits(
     each change again from the database. Another store's commits it reads."""
     monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # no read but on a wake-up
     store, other = await opened(), await opened()
-    reads = Reads(store)
+    reads = Calls(store, "_read")
     made = await asyncio.gather(*(create_one(store, new_task(f"r{n}")) for n in range(20)))
     for task, _ in made[:5]:
         await store.update(task.task_id, start)
@@ -259,7 +245,7 @@ async def test_a_request_id_taken_by_a_task_the_view_has_not_read_is_looked_up_a
     b._read = held  # before a's create, whose notice would wake it
     b._behind = lambda: False  # as if that notice had not come yet
     first, _ = await create_one(a, new_task("nightly"))
-    look_ups = LookUps(b)
+    look_ups = Calls(b, "_firsts")
     again = asyncio.ensure_future(create_one(b, new_task("nightly")))
     await asyncio.wait_for(look_ups.done.wait(), 30)
     reading.set()  # the answer waits for the reader to deliver the first task
@@ -296,8 +282,7 @@ async def test_a_batch_finds_the_rows_it_changes_by_index_as_the_table_grows(
     await sql(postgres_url, "ANALYZE")
     async with store.pool.acquire() as connection:
         nodes = await generic_plan(connection, _WRITE, *store._arrays(_Batch({})))
-    assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
-    assert any(node.get("Index Name") == "conveyor_tasks_pkey" for node in nodes)
+    assert_found_by(nodes, "conveyor_tasks_pkey")
 
 
 async def test_the_reader_finds_the_changes_after_its_revision_by_index_as_the_table_grows(
@@ -311,8 +296,7 @@ async def test_the_reader_finds_the_changes_after_its_revision_by_index_as_the_t
     await sql(postgres_url, "ANALYZE")
     assert store._listener is not None
     nodes = await generic_plan(store._listener, _READ, 10, READ_LIMIT, [], [])
-    assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
-    assert any(node.get("Index Name") == "conveyor_changes_pkey" for node in nodes)
+    assert_found_by(nodes, "conveyor_changes_pkey")
 
 
 async def nothing() -> None:
@@ -325,6 +309,12 @@ async def generic_plan(connection: Any, statement: str, *args: Any) -> list[dict
         await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         plan = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
     return list(plan_nodes(json.loads(plan)[0]["Plan"]))
+
+
+def assert_found_by(nodes: list[dict[str, Any]], index: str) -> None:
+    """The plan reads no table whole, and uses `index`."""
+    assert [node for node in nodes if node["Node Type"] == "Seq Scan"] == []
+    assert any(node.get("Index Name") == index for node in nodes)
 
 
 def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -1146,8 +1146,8 @@ class PostgresStore(MemoryStore):
     # -- the change reader -------------------------------------------------------------
 
     def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
-        """A commit's notification, with its last revision: the reader reads, unless this
-        server has delivered that far (its own commit, delivered by the writer)."""
+        """A commit's notification, with its last revision: the reader is woken, unless
+        this server has delivered that far (its own commit, delivered by the writer)."""
         try:
             revision = int(str(payload))
         except (ValueError, TypeError):  # not a store's: a read tells what is new
